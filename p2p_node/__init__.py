@@ -1,0 +1,36 @@
+"""p2p-node: a peer-to-peer network of symmetric nodes that run ONNX models.
+
+The process layer: configuration, identity, the libp2p host and wire protocols,
+the ONNX executor, and their composition into a `Node`.
+"""
+
+from scheduler import ErrorCode as ErrorCode
+from scheduler import InferenceRequest as InferenceRequest
+from scheduler import InferenceResult as InferenceResult
+from scheduler import JobError as JobError
+
+from ._client import Client as Client
+from ._config import ConfigError as ConfigError
+from ._config import ExecutorConfig as ExecutorConfig
+from ._config import NodeConfig as NodeConfig
+from ._config import load_bootstrap_file as load_bootstrap_file
+from ._node import Node as Node
+from ._node import open_node as open_node
+from ._repository import RepositoryError as RepositoryError
+from ._repository import bundled_models_dir as bundled_models_dir
+
+__all__ = [
+    "Client",
+    "ConfigError",
+    "ErrorCode",
+    "ExecutorConfig",
+    "InferenceRequest",
+    "InferenceResult",
+    "JobError",
+    "Node",
+    "NodeConfig",
+    "RepositoryError",
+    "bundled_models_dir",
+    "load_bootstrap_file",
+    "open_node",
+]

@@ -1,0 +1,103 @@
+"""Node configuration: one frozen value, read once at the entry point."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import multiaddr
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is unusable; the message says which and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorConfig:
+    """How this node runs models.
+
+    `workers` bounds concurrent ONNX runs, `intra_op_threads` the threads each run
+    may use: keep workers x intra_op_threads near the cores this node may use so
+    that several nodes on one machine do not oversubscribe it. `queue_limit`
+    bounds admitted requests (running + waiting); past it a request is answered
+    OVERLOADED at once.
+    """
+
+    workers: int = 2
+    intra_op_threads: int = 1
+    queue_limit: int = 64
+    use_gpu: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "intra_op_threads", "queue_limit"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    data_dir: Path
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    models_dir: Path | None = None  # None: the bundled example models
+    serve_models: frozenset[str] | None = None  # None: every model in models_dir
+    bootstrap: tuple[str, ...] = ()
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    max_request_bytes: int = 16 * 1024 * 1024
+    max_reply_bytes: int = 16 * 1024 * 1024
+    max_concurrent_inbound: int = 256
+    dial_timeout: float = 5.0
+    models_query_timeout: float = 5.0
+    shutdown_grace: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            raise ConfigError("a node needs at least one listen address")
+        for addr in self.listen:
+            parse_multiaddr(addr)
+        for addr in self.bootstrap:
+            parse_peer_multiaddr(addr)
+        if self.max_request_bytes < 1024 or self.max_reply_bytes < 1024:
+            raise ConfigError("message size limits must be at least 1024 bytes")
+
+
+def parse_multiaddr(text: str) -> multiaddr.Multiaddr:
+    try:
+        return multiaddr.Multiaddr(text)
+    except Exception as error:  # multiaddr raises several unrelated types
+        raise ConfigError(f"{text!r} is not a multiaddr: {error}") from None
+
+
+def parse_peer_multiaddr(text: str) -> multiaddr.Multiaddr:
+    """A multiaddr that names its peer: `/ip4/10.0.0.2/tcp/4001/p2p/12D3KooW...`."""
+    addr = parse_multiaddr(text)
+    try:
+        peer_id = addr.get_peer_id()
+    except Exception:
+        peer_id = None
+    if not peer_id:
+        raise ConfigError(f"{text!r} does not end in /p2p/<peer id>")
+    return addr
+
+
+def load_bootstrap_file(path: Path) -> tuple[str, ...]:
+    """The `peers` list of a bootstrap file (format: see bootstrap_peers.toml)."""
+    try:
+        with path.open("rb") as f:
+            document = tomllib.load(f)
+    except OSError as error:
+        raise ConfigError(f"cannot read bootstrap file {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"bootstrap file {path} is not valid TOML: {error}") from None
+    unknown = set(document) - {"peers"}
+    if unknown:
+        raise ConfigError(f"bootstrap file {path}: unknown keys {sorted(unknown)}")
+    peers = document.get("peers", [])
+    if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
+        raise ConfigError(f"bootstrap file {path}: `peers` must be a list of multiaddr strings")
+    for peer in peers:
+        try:
+            parse_peer_multiaddr(peer)
+        except ConfigError as error:
+            raise ConfigError(f"bootstrap file {path}: {error}") from None
+    return tuple(peers)

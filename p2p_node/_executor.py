@@ -1,0 +1,210 @@
+"""Runs ONNX models: validated inputs, bounded admission, worker threads."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import trio
+
+from gossip import ModelDescriptor, TensorSpec
+from scheduler import ErrorCode, JobError, Tensors
+
+from ._config import ExecutorConfig
+from ._repository import ModelCard, RepositoryError
+
+logger = logging.getLogger(__name__)
+
+# onnxruntime's type strings for the tensor element types we carry on the wire.
+_ORT_DTYPES = {
+    "tensor(bool)": "bool",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+    "tensor(float16)": "float16",
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+}
+GPU_PROVIDERS = ("CUDAExecutionProvider",)
+UNNAMED_INPUT = ""  # the only input of a single-input model, named by the executor
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    outputs: dict[str, np.ndarray[Any, Any]]
+    queue_ms: float
+    compute_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    descriptor: ModelDescriptor
+    session: ort.InferenceSession
+
+
+def choose_providers(available: Iterable[str], use_gpu: bool) -> list[str]:
+    """GPU providers first when wanted and present; the CPU provider always."""
+    available = list(available)
+    chosen = [p for p in GPU_PROVIDERS if use_gpu and p in available]
+    return [*chosen, "CPUExecutionProvider"]
+
+
+def load_model(card: ModelCard, config: ExecutorConfig) -> LoadedModel:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = config.intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    providers = choose_providers(ort.get_available_providers(), config.use_gpu)
+    try:
+        session = ort.InferenceSession(str(card.onnx_path), options, providers=providers)
+    except Exception as error:  # onnxruntime raises its own unrelated types
+        raise RepositoryError(f"{card.onnx_path}: onnxruntime cannot load it: {error}") from None
+    descriptor = ModelDescriptor(
+        id=card.id,
+        version=card.version,
+        sha256=card.sha256,
+        task_type=card.task_type,
+        subtypes=card.subtypes,
+        languages=card.languages,
+        max_input_length=card.max_input_length,
+        accuracy=card.accuracy,
+        cost=card.cost,
+        description=card.description,
+        inputs=tuple(_spec(card, node) for node in session.get_inputs()),
+        outputs=tuple(_spec(card, node) for node in session.get_outputs()),
+    )
+    return LoadedModel(descriptor, session)
+
+
+def _spec(card: ModelCard, node: Any) -> TensorSpec:
+    dtype = _ORT_DTYPES.get(node.type)
+    if dtype is None:
+        raise RepositoryError(
+            f"{card.onnx_path}: {node.name!r} has type {node.type}; only tensors are served "
+            "(convert classifiers with zipmap disabled)"
+        )
+    shape = tuple(d if isinstance(d, int) else None for d in node.shape)
+    return TensorSpec(node.name, dtype, shape)
+
+
+def validate_inputs(model: ModelDescriptor, inputs: Tensors) -> dict[str, np.ndarray[Any, Any]]:
+    """The feeds for `model`, or INVALID_INPUT naming what was expected and what came.
+
+    A single input may come unnamed (name ""). An input is converted to the
+    declared dtype when numpy calls that a same-kind cast (int to float, float64
+    to float32); other dtypes and any shape mismatch are refused.
+    """
+    if set(inputs) == {UNNAMED_INPUT} and len(model.inputs) == 1:
+        inputs = {model.inputs[0].name: inputs[UNNAMED_INPUT]}
+    expected = {spec.name: spec for spec in model.inputs}
+    if set(inputs) != set(expected):
+        raise JobError(
+            ErrorCode.INVALID_INPUT,
+            f"model {model.id} takes inputs {_describe(model.inputs)}; "
+            f"got {sorted(inputs) or 'none'}",
+        )
+    feeds = {}
+    for name, spec in expected.items():
+        array = np.asarray(inputs[name])
+        shape_ok = len(array.shape) == len(spec.shape) and all(
+            want is None or want == got for want, got in zip(spec.shape, array.shape, strict=True)
+        )
+        if not shape_ok or not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
+            got = TensorSpec(name, array.dtype.name, tuple(array.shape)).describe()
+            raise JobError(
+                ErrorCode.INVALID_INPUT,
+                f"model {model.id} expects {spec.describe()}; got {got}",
+            )
+        if 0 in array.shape:
+            raise JobError(ErrorCode.INVALID_INPUT, f"model {model.id}: input {name!r} is empty")
+        feeds[name] = array.astype(spec.dtype, copy=False)
+    return feeds
+
+
+def _describe(specs: Sequence[TensorSpec]) -> str:
+    return ", ".join(s.describe() for s in specs)
+
+
+class Executor:
+    """Runs this node's models. At most `queue_limit` requests are admitted at once.
+
+    Admitted requests wait for one of `workers` thread slots, then run in a
+    worker thread. A request cancelled while it waits never starts; one
+    cancelled while it runs finishes its (short) ONNX call first.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[LoadedModel],
+        config: ExecutorConfig,
+        *,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> None:
+        self._models: Mapping[str, LoadedModel] = {m.descriptor.id: m for m in models}
+        self._config = config
+        self._limiter = limiter or trio.CapacityLimiter(config.workers)
+        self._admitted = 0
+
+    @property
+    def descriptors(self) -> tuple[ModelDescriptor, ...]:
+        return tuple(m.descriptor for m in self._models.values())
+
+    @property
+    def in_flight(self) -> int:
+        return self._admitted
+
+    def serves(self, model_id: str) -> bool:
+        return model_id in self._models
+
+    async def run(self, model_id: str, inputs: Tensors) -> Execution:
+        model = self._models.get(model_id)
+        if model is None:
+            raise JobError(
+                ErrorCode.UNKNOWN_MODEL,
+                f"this node does not serve model {model_id!r}; it serves {sorted(self._models)}",
+            )
+        feeds = validate_inputs(model.descriptor, inputs)
+        if self._admitted >= self._config.queue_limit:
+            raise JobError(
+                ErrorCode.OVERLOADED,
+                f"{self._admitted} requests admitted, queue limit {self._config.queue_limit}",
+            )
+        self._admitted += 1
+        try:
+            admitted_at = time.perf_counter()
+            outputs, started, finished = await trio.to_thread.run_sync(
+                _compute, model, feeds, limiter=self._limiter
+            )
+        finally:
+            self._admitted -= 1
+        return Execution(
+            outputs=outputs,
+            queue_ms=(started - admitted_at) * 1e3,
+            compute_ms=(finished - started) * 1e3,
+        )
+
+
+def _compute(
+    model: LoadedModel, feeds: dict[str, np.ndarray[Any, Any]]
+) -> tuple[dict[str, np.ndarray[Any, Any]], float, float]:
+    """Runs in a worker thread. onnxruntime errors become typed JobErrors here."""
+    started = time.perf_counter()
+    try:
+        values = model.session.run(None, feeds)
+    except Exception as error:  # onnxruntime's pybind error types share no useful base
+        kind = type(error).__name__
+        code = ErrorCode.INVALID_INPUT if kind == "InvalidArgument" else ErrorCode.INTERNAL
+        raise JobError(code, f"model {model.descriptor.id} failed: {kind}: {error}") from None
+    finished = time.perf_counter()
+    names = [spec.name for spec in model.descriptor.outputs]
+    return dict(zip(names, values, strict=True)), started, finished

@@ -1,0 +1,120 @@
+"""The model repository on disk: `<root>/<model_id>/model.onnx` + `model.toml`."""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+
+class RepositoryError(ValueError):
+    """A model directory or its model.toml is unusable; the message names the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCard:
+    """What model.toml says about a model, plus where its ONNX file is."""
+
+    id: str
+    version: str
+    task_type: str
+    subtypes: tuple[str, ...]
+    languages: tuple[str, ...]
+    max_input_length: int
+    accuracy: float
+    cost: float
+    description: str
+    onnx_path: Path
+    sha256: str
+
+
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "id": str,
+    "version": str,
+    "task_type": str,
+    "max_input_length": int,
+    "accuracy": (int, float),
+    "cost": (int, float),
+}
+_OPTIONAL: dict[str, type | tuple[type, ...]] = {
+    "subtypes": list,
+    "languages": list,
+    "description": str,
+    "latency_us": (int, float),
+    "training": dict,
+}
+
+
+def bundled_models_dir() -> Path:
+    """The example models that ship inside the package."""
+    return Path(str(resources.files("p2p_node") / "bundled_models"))
+
+
+def read_repository(root: Path, only: frozenset[str] | None = None) -> tuple[ModelCard, ...]:
+    """Every model under `root` (or only the ids in `only`), sorted by id."""
+    if not root.is_dir():
+        raise RepositoryError(f"model directory {root} does not exist")
+    cards = [
+        read_model_card(d)
+        for d in sorted(root.iterdir())
+        if (d / "model.toml").is_file() and (only is None or d.name in only)
+    ]
+    if only is not None:
+        missing = only - {c.id for c in cards}
+        if missing:
+            raise RepositoryError(f"{root} has no models {sorted(missing)}")
+    return tuple(cards)
+
+
+def read_model_card(model_dir: Path) -> ModelCard:
+    toml_path = model_dir / "model.toml"
+    onnx_path = model_dir / "model.onnx"
+    try:
+        with toml_path.open("rb") as f:
+            meta = tomllib.load(f)
+    except tomllib.TOMLDecodeError as error:
+        raise RepositoryError(f"{toml_path} is not valid TOML: {error}") from None
+    _check_fields(toml_path, meta)
+    if meta["id"] != model_dir.name:
+        raise RepositoryError(
+            f"{toml_path}: id {meta['id']!r} must match its directory name {model_dir.name!r}"
+        )
+    if not onnx_path.is_file():
+        raise RepositoryError(f"{model_dir} has model.toml but no model.onnx")
+    return ModelCard(
+        id=meta["id"],
+        version=meta["version"],
+        task_type=meta["task_type"],
+        subtypes=tuple(meta.get("subtypes", ())),
+        languages=tuple(meta.get("languages", ())),
+        max_input_length=meta["max_input_length"],
+        accuracy=float(meta["accuracy"]),
+        cost=float(meta["cost"]),
+        description=meta.get("description", ""),
+        onnx_path=onnx_path,
+        sha256=_sha256(onnx_path),
+    )
+
+
+def _check_fields(path: Path, meta: dict[str, Any]) -> None:
+    missing = sorted(set(_REQUIRED) - set(meta))
+    unknown = sorted(set(meta) - set(_REQUIRED) - set(_OPTIONAL))
+    if missing or unknown:
+        raise RepositoryError(f"{path}: missing fields {missing}, unknown fields {unknown}")
+    for name, kind in {**_REQUIRED, **_OPTIONAL}.items():
+        if name in meta and not isinstance(meta[name], kind):
+            raise RepositoryError(f"{path}: {name} has the wrong type {type(meta[name]).__name__}")
+    for name in ("subtypes", "languages"):
+        if not all(isinstance(item, str) for item in meta.get(name, ())):
+            raise RepositoryError(f"{path}: {name} must be a list of strings")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,316 @@
+"""Wire messages of the infer, job and models protocols: values and a strict codec.
+
+Pure: bytes in, values out (or a `WireError`), no trio, no libp2p. Every message
+is a msgpack map with a version `v` and a `kind`; decoders reject unknown
+versions, missing or extra fields, wrong types and oversize tensors. Tensors are
+`{"dtype", "shape", "data"}` read back with `numpy.frombuffer`: no copies and
+never pickle.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from gossip import (
+    MAX_RANK,
+    TENSOR_DTYPES,
+    ModelDescriptor,
+    SchemaError,
+    descriptor_from_wire,
+    descriptor_to_wire,
+    expect_list,
+    expect_map,
+)
+from scheduler import ErrorCode, JobError, Tensors
+
+VERSION = 1
+MAX_TENSORS = 64
+MAX_ID_LENGTH = 128
+MAX_MESSAGE_LENGTH = 4096
+MAX_TIMEOUT_MS = 3_600_000
+
+
+class WireError(JobError):
+    """Bytes that are not a valid message of this protocol version."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    """Run `model_id` on `inputs`. Sent on both the job and the infer protocol."""
+
+    job_id: str
+    model_id: str
+    inputs: Tensors
+    timeout_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunReply:
+    job_id: str
+    model_id: str
+    outputs: Tensors
+    executor: str
+    queue_ms: float
+    compute_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    code: ErrorCode
+    message: str
+    peer: str
+
+    @classmethod
+    def from_error(cls, error: JobError, peer: str) -> ErrorReply:
+        return cls(error.code, error.message, error.peer or peer)
+
+    def to_error(self) -> JobError:
+        return JobError(self.code, self.message, peer=self.peer or None)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelsRequest:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ModelsReply:
+    peer_id: str
+    models: tuple[ModelDescriptor, ...]
+
+
+Request = RunRequest | ModelsRequest
+Reply = RunReply | ModelsReply | ErrorReply
+
+
+# --- encoding --------------------------------------------------------------------------
+
+
+def encode(message: Request | Reply) -> bytes:
+    body: dict[str, Any]
+    match message:
+        case RunRequest():
+            body = {
+                "kind": "run",
+                "job_id": message.job_id,
+                "model_id": message.model_id,
+                "inputs": _tensors_to_wire(message.inputs),
+                "timeout_ms": message.timeout_ms,
+            }
+        case RunReply():
+            body = {
+                "kind": "result",
+                "job_id": message.job_id,
+                "model_id": message.model_id,
+                "outputs": _tensors_to_wire(message.outputs),
+                "executor": message.executor,
+                "queue_ms": float(message.queue_ms),
+                "compute_ms": float(message.compute_ms),
+            }
+        case ErrorReply():
+            body = {
+                "kind": "error",
+                "code": int(message.code),
+                "message": message.message[:MAX_MESSAGE_LENGTH],
+                "peer": message.peer,
+            }
+        case ModelsRequest():
+            body = {"kind": "models?"}
+        case ModelsReply():
+            body = {
+                "kind": "models",
+                "peer_id": message.peer_id,
+                "models": [descriptor_to_wire(m) for m in message.models],
+            }
+    body["v"] = VERSION
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return packed
+
+
+def _tensors_to_wire(tensors: Tensors) -> dict[str, Any]:
+    wire = {}
+    for name, array in tensors.items():
+        array = np.asarray(array)
+        if array.dtype.name not in TENSOR_DTYPES:
+            raise JobError(
+                ErrorCode.INVALID_INPUT,
+                f"tensor {name!r} has dtype {array.dtype.name}; "
+                f"supported: {', '.join(sorted(TENSOR_DTYPES))}",
+            )
+        little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        wire[name] = {
+            "dtype": array.dtype.name,
+            "shape": list(array.shape),
+            "data": np.ascontiguousarray(little).tobytes(),
+        }
+    return wire
+
+
+# --- decoding --------------------------------------------------------------------------
+
+_REQUEST_KINDS = {"run": RunRequest, "models?": ModelsRequest}
+_REPLY_KINDS = {"result": RunReply, "error": ErrorReply, "models": ModelsReply}
+_KEYS = {
+    "run": frozenset({"v", "kind", "job_id", "model_id", "inputs", "timeout_ms"}),
+    "result": frozenset(
+        {"v", "kind", "job_id", "model_id", "outputs", "executor", "queue_ms", "compute_ms"}
+    ),
+    "error": frozenset({"v", "kind", "code", "message", "peer"}),
+    "models?": frozenset({"v", "kind"}),
+    "models": frozenset({"v", "kind", "peer_id", "models"}),
+}
+_TENSOR_KEYS = frozenset({"dtype", "shape", "data"})
+
+
+def decode_request(payload: bytes) -> Request:
+    """Decode a request; raises `WireError` on anything but a valid one."""
+    message = _decode(payload, _REQUEST_KINDS)
+    assert isinstance(message, RunRequest | ModelsRequest)
+    return message
+
+
+def decode_reply(payload: bytes) -> Reply:
+    """Decode a reply; raises `WireError` on anything but a valid one."""
+    message = _decode(payload, _REPLY_KINDS)
+    assert isinstance(message, RunReply | ModelsReply | ErrorReply)
+    return message
+
+
+def _decode(payload: bytes, kinds: Mapping[str, type]) -> Request | Reply:
+    try:
+        raw = msgpack.unpackb(
+            payload, raw=False, strict_map_key=True, use_list=True, ext_hook=_no_ext
+        )
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as error:
+        raise WireError(ErrorCode.MALFORMED_MESSAGE, f"not a msgpack message: {error}") from None
+    if not isinstance(raw, dict):
+        raise WireError(ErrorCode.MALFORMED_MESSAGE, "message must be a msgpack map")
+    if raw.get("v") != VERSION:
+        raise WireError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"message version {raw.get('v')!r} is not supported; this node speaks {VERSION}",
+        )
+    kind = raw.get("kind")
+    if not isinstance(kind, str) or kind not in kinds:
+        raise WireError(
+            ErrorCode.MALFORMED_MESSAGE,
+            f"unexpected message kind {kind!r}; expected one of {sorted(kinds)}",
+        )
+    try:
+        fields = expect_map(raw, _KEYS[kind], f"{kind!r} message")
+        message: Request | Reply = _BUILDERS[kind](fields)
+        return message
+    except SchemaError as error:
+        raise WireError(ErrorCode.MALFORMED_MESSAGE, str(error)) from None
+
+
+def _no_ext(code: int, data: bytes) -> object:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
+def _run_request(f: Mapping[str, Any]) -> RunRequest:
+    timeout_ms = _int(f["timeout_ms"], "timeout_ms")
+    if not 0 < timeout_ms <= MAX_TIMEOUT_MS:
+        raise SchemaError(f"timeout_ms must be in (0, {MAX_TIMEOUT_MS}], got {timeout_ms}")
+    return RunRequest(
+        job_id=_text(f["job_id"], "job_id"),
+        model_id=_text(f["model_id"], "model_id"),
+        inputs=_tensors_from_wire(f["inputs"]),
+        timeout_ms=timeout_ms,
+    )
+
+
+def _run_reply(f: Mapping[str, Any]) -> RunReply:
+    return RunReply(
+        job_id=_text(f["job_id"], "job_id"),
+        model_id=_text(f["model_id"], "model_id"),
+        outputs=_tensors_from_wire(f["outputs"]),
+        executor=_text(f["executor"], "executor"),
+        queue_ms=_millis(f["queue_ms"], "queue_ms"),
+        compute_ms=_millis(f["compute_ms"], "compute_ms"),
+    )
+
+
+def _error_reply(f: Mapping[str, Any]) -> ErrorReply:
+    raw_code = _int(f["code"], "code")
+    try:
+        code = ErrorCode(raw_code)
+    except ValueError:
+        # A newer peer may know codes we do not: keep the message, call it internal.
+        code = ErrorCode.INTERNAL
+    message = _text(f["message"], "message", MAX_MESSAGE_LENGTH, allow_empty=True)
+    return ErrorReply(code, message, _text(f["peer"], "peer", allow_empty=True))
+
+
+def _models_reply(f: Mapping[str, Any]) -> ModelsReply:
+    models = tuple(descriptor_from_wire(m) for m in expect_list(f["models"], "models", 1024))
+    return ModelsReply(_text(f["peer_id"], "peer_id"), models)
+
+
+_BUILDERS: Mapping[str, Any] = {
+    "run": _run_request,
+    "result": _run_reply,
+    "error": _error_reply,
+    "models?": lambda f: ModelsRequest(),
+    "models": _models_reply,
+}
+
+
+def _tensors_from_wire(raw: object) -> dict[str, np.ndarray[Any, Any]]:
+    if not isinstance(raw, dict):
+        raise SchemaError(f"tensors must be a map of name to tensor, got {type(raw).__name__}")
+    if len(raw) > MAX_TENSORS:
+        raise SchemaError(f"{len(raw)} tensors > limit {MAX_TENSORS}")
+    return {
+        _text(name, "tensor name", allow_empty=True): _tensor_from_wire(name, t)
+        for name, t in raw.items()
+    }
+
+
+def _tensor_from_wire(name: str, raw: object) -> np.ndarray[Any, Any]:
+    f = expect_map(raw, _TENSOR_KEYS, f"tensor {name!r}")
+    dtype_name, shape, data = f["dtype"], f["shape"], f["data"]
+    if dtype_name not in TENSOR_DTYPES:
+        raise SchemaError(f"tensor {name!r}: unsupported dtype {dtype_name!r}")
+    dims = expect_list(shape, f"tensor {name!r} shape", MAX_RANK)
+    if any(type(d) is not int or d < 0 for d in dims):
+        raise SchemaError(f"tensor {name!r}: shape must be non-negative ints, got {dims}")
+    if not isinstance(data, bytes):
+        raise SchemaError(f"tensor {name!r}: data must be bytes")
+    dtype = np.dtype(dtype_name).newbyteorder("<")
+    expected = math.prod(dims) * dtype.itemsize
+    if expected != len(data):
+        raise SchemaError(
+            f"tensor {name!r}: {dtype_name} {dims} needs {expected} bytes, got {len(data)}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(dims)
+
+
+def _text(
+    value: object, what: str, limit: int = MAX_ID_LENGTH, *, allow_empty: bool = False
+) -> str:
+    if type(value) is not str:
+        raise SchemaError(f"{what} must be a string, got {type(value).__name__}")
+    if len(value) > limit or (not value and not allow_empty):
+        raise SchemaError(f"{what} must be 1 to {limit} characters")
+    return value
+
+
+def _int(value: object, what: str) -> int:
+    if type(value) is not int:
+        raise SchemaError(f"{what} must be an integer, got {type(value).__name__}")
+    return value
+
+
+def _millis(value: object, what: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise SchemaError(f"{what} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise SchemaError(f"{what} must be a finite number >= 0, got {value!r}")
+    return float(value)

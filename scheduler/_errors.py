@@ -1,0 +1,53 @@
+"""One error vocabulary for every protocol. Numbers are stable and never reused."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ErrorCode(IntEnum):
+    INTERNAL = 1
+    MALFORMED_MESSAGE = 2
+    UNSUPPORTED_VERSION = 3
+    MESSAGE_TOO_LARGE = 4
+    UNKNOWN_MODEL = 5
+    INVALID_INPUT = 6
+    OVERLOADED = 7
+    DEADLINE_EXCEEDED = 8
+    PEER_UNREACHABLE = 9
+    NO_CAPABLE_PEER = 10
+    SHUTTING_DOWN = 11
+
+    @property
+    def retryable(self) -> bool:
+        """Whether another attempt (maybe on another peer) can succeed.
+
+        INTERNAL is retryable once; that policy belongs to the caller.
+        """
+        return self in _RETRYABLE
+
+
+_RETRYABLE = frozenset(
+    {
+        ErrorCode.INTERNAL,
+        ErrorCode.OVERLOADED,
+        ErrorCode.DEADLINE_EXCEEDED,
+        ErrorCode.PEER_UNREACHABLE,
+        ErrorCode.SHUTTING_DOWN,
+    }
+)
+
+
+class JobError(Exception):
+    """A job or inference request failed. `peer` is where it failed, when known."""
+
+    def __init__(self, code: ErrorCode, message: str, *, peer: str | None = None) -> None:
+        where = f" (peer {peer})" if peer else ""
+        super().__init__(f"{code.name}: {message}{where}")
+        self.code = code
+        self.message = message
+        self.peer = peer
+
+    @property
+    def retryable(self) -> bool:
+        return self.code.retryable

@@ -1,0 +1,44 @@
+"""A request to run one model, and what comes back."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+Tensors = Mapping[str, npt.NDArray[np.generic]]
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceRequest:
+    """Run `model_id` on `inputs` within `timeout` seconds."""
+
+    model_id: str
+    inputs: Tensors
+    timeout: float = 30.0
+    job_id: str = field(default_factory=new_job_id)
+
+    def __post_init__(self) -> None:
+        if not self.model_id:
+            raise ValueError("model_id must not be empty")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout must be > 0, got {self.timeout}")
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceResult:
+    """Outputs of one run and where the time went. `executor` is a peer id."""
+
+    job_id: str
+    model_id: str
+    outputs: Tensors
+    executor: str
+    queue_ms: float
+    compute_ms: float
