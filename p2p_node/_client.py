@@ -11,6 +11,7 @@ from gossip import ModelDescriptor
 from scheduler import InferenceRequest, InferenceResult, Tensors
 
 from ._config import parse_peer_multiaddr
+from ._errors import unwrap_single_errors
 from ._rpc import (
     JOB_PROTOCOL,
     MODELS_PROTOCOL,
@@ -58,9 +59,10 @@ class Client:
         )
         # Nodes ask every new connection for its models; a client serves none.
         rpc.serve(MODELS_PROTOCOL, _serve_no_models(rpc.peer_id))
-        async with host.run([]):
-            peer_id = await rpc.connect(target, timeout)
-            yield cls(rpc, peer_id)
+        with unwrap_single_errors():
+            async with host.run([]):
+                peer_id = await rpc.connect(target, timeout)
+                yield cls(rpc, peer_id)
 
     async def submit(
         self, model_id: str, inputs: Tensors, *, timeout: float = 30.0, job_id: str | None = None

@@ -18,6 +18,7 @@ from gossip import ModelDescriptor, PeerEntry, PeerView
 from scheduler import ErrorCode, JobError
 
 from ._config import NodeConfig, parse_multiaddr, parse_peer_multiaddr
+from ._errors import unwrap_single_errors
 from ._executor import Executor, load_model
 from ._identity import load_or_create_identity, lock_data_dir
 from ._repository import bundled_models_dir, read_repository
@@ -262,8 +263,9 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     """Start a node; on exit, answer what was admitted, then close the host."""
     lock = lock_data_dir(config.data_dir)
     try:
-        async with _open_node(config) as node:
-            yield node
+        with unwrap_single_errors():
+            async with _open_node(config) as node:
+                yield node
     finally:
         os.close(lock)
 

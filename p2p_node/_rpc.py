@@ -18,12 +18,14 @@ from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.request_response import (
     MessageTooLargeError,
     ProtocolNotSupportedError,
     RequestContext,
+    RequestEncodeError,
     RequestResponse,
     RequestResponseCodec,
     RequestResponseConfig,
@@ -58,11 +60,20 @@ def new_libp2p_host(key_pair: KeyPair) -> IHost:
     security = {
         NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
     }
+    connections = ConnectionConfig(
+        # libp2p's auto-connector dials peerstore entries until it holds 50
+        # connections; which peers a node talks to is ours to decide.
+        min_connections=0,
+        low_watermark=0,
+        outbound_stream_protocol_negotiation_timeout=NEGOTIATE_TIMEOUT_S,
+        inbound_stream_protocol_negotiation_timeout=NEGOTIATE_TIMEOUT_S,
+    )
     return new_host(
         key_pair=key_pair,
         sec_opt=security,
         muxer_preference="YAMUX",
         negotiate_timeout=NEGOTIATE_TIMEOUT_S,
+        connection_config=connections,
     )
 
 
@@ -140,6 +151,11 @@ class Rpc:
                 ID.from_base58(peer_id), [protocol], request, _CODEC, config
             )
             return reply
+        except RequestEncodeError as error:
+            # Our own encoder refused the request (e.g. a tensor dtype the wire lacks).
+            if isinstance(error.__cause__, JobError):
+                raise error.__cause__ from None
+            raise
         except RequestTimeoutError:
             raise JobError(
                 ErrorCode.DEADLINE_EXCEEDED, f"no reply within {timeout:g} s", peer=peer_id

@@ -1,0 +1,191 @@
+"""System: real `p2p-node` processes, driven through the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from p2p_node import bundled_models_dir
+
+SCRIPT = Path(sys.executable).with_name("p2p-node")
+CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "p2p_node"]
+DEADLINE_S = 30.0
+
+
+def p2p_node(*args: str, timeout: float = DEADLINE_S) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@contextmanager
+def running_node(data_dir: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A `p2p-node start` process and the first address it prints; SIGTERM on exit."""
+    proc = subprocess.Popen(
+        [*CLI, "start", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir", str(data_dir), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc, _first_address(proc)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=DEADLINE_S)
+
+
+def _first_address(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout=DEADLINE_S):
+            raise AssertionError("node printed no address in time")
+    line = proc.stdout.readline()
+    assert line.startswith("listening on /ip4/127.0.0.1/tcp/"), line + _stderr(proc)
+    return line.removeprefix("listening on ").strip()
+
+
+def _stderr(proc: subprocess.Popen[str]) -> str:
+    if proc.poll() is not None and proc.stderr is not None:
+        return proc.stderr.read()
+    return ""
+
+
+def submit_until_placed(peer: str, model: str, input_file: Path) -> dict:
+    """Submit until the entry node has learned who serves `model` (it learns on connect)."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        done = p2p_node(
+            "submit", "--peer", peer, "--model", model, "--input", str(input_file), "--json"
+        )
+        if done.returncode == 0:
+            return json.loads(done.stdout)
+        assert "NO_CAPABLE_PEER" in done.stderr, done.stderr
+        assert time.monotonic() < deadline, "the entry node never learned its peer's models"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def digits_npy(tmp_path: Path) -> Path:
+    path = tmp_path / "digits.npy"
+    np.save(path, np.load(bundled_models_dir() / "heldout" / "digits.npz")["x"][:3])
+    return path
+
+
+@pytest.mark.system
+def test_two_processes_run_each_others_models(tmp_path: Path, digits_npy: Path) -> None:
+    with running_node(tmp_path / "a", "--serve", "digits-logreg") as (a, a_addr):
+        with running_node(tmp_path / "b", "--serve", "digits-mlp", "--bootstrap", a_addr) as (
+            b,
+            b_addr,
+        ):
+            on_b = submit_until_placed(a_addr, "digits-mlp", digits_npy)
+            on_a = submit_until_placed(b_addr, "digits-logreg", digits_npy)
+            text = p2p_node(
+                "submit", "--peer", a_addr, "--model", "digits-mlp", "--input", str(digits_npy)
+            )
+            listed = json.loads(p2p_node("models", "--peer", b_addr, "--json").stdout)
+    assert on_b["executor"] == b_addr.rsplit("/", 1)[1]
+    assert on_a["executor"] == a_addr.rsplit("/", 1)[1]
+    assert on_b["outputs"]["label"]["shape"] == [3]
+    assert f"executed by {on_b['executor']}" in text.stdout
+    assert [m["id"] for m in listed] == ["digits-mlp"]
+    assert a.returncode == 0 and b.returncode == 0  # SIGTERM is a clean shutdown
+
+
+@pytest.mark.system
+def test_a_restarted_node_keeps_its_peer_id(tmp_path: Path) -> None:
+    with running_node(tmp_path / "a") as (_, first):
+        pass
+    with running_node(tmp_path / "a") as (_, second):
+        pass
+    assert first.rsplit("/", 1)[1] == second.rsplit("/", 1)[1]
+    assert (tmp_path / "a" / "identity.ed25519").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.system
+def test_a_second_node_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    with running_node(tmp_path / "a"):
+        second = p2p_node(
+            "start", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir", str(tmp_path / "a")
+        )
+    assert second.returncode == 1
+    assert "in use by another node" in second.stderr
+
+
+@pytest.mark.system
+def test_user_errors_are_one_line_without_traceback(tmp_path: Path, digits_npy: Path) -> None:
+    bad_shape = tmp_path / "bad.json"
+    bad_shape.write_text(json.dumps({"input": [[1.0, 2.0]]}))
+    with running_node(tmp_path / "a", "--serve", "digits-mlp") as (_, addr):
+        cases = {
+            "unknown model": (
+                "submit",
+                "--peer",
+                addr,
+                "--model",
+                "nope",
+                "--input",
+                str(digits_npy),
+            ),
+            "bad shape": (
+                "submit",
+                "--peer",
+                addr,
+                "--model",
+                "digits-mlp",
+                "--input",
+                str(bad_shape),
+            ),
+            "unreadable input": (
+                "submit",
+                "--peer",
+                addr,
+                "--model",
+                "digits-mlp",
+                "--input",
+                str(tmp_path / "missing.npy"),
+            ),
+            "not an address": ("models", "--peer", "not-a-multiaddr"),
+            "unreachable peer": ("models", "--peer", _closed_port_address(addr)),
+        }
+        results = {name: p2p_node(*args) for name, args in cases.items()}
+    for name, done in results.items():
+        assert done.returncode == 1, name
+        assert done.stdout == "", name
+        assert len(done.stderr.strip().splitlines()) == 1, (name, done.stderr)
+        assert "Traceback" not in done.stderr, name
+    assert "NO_CAPABLE_PEER" in results["unknown model"].stderr
+    assert "INVALID_INPUT" in results["bad shape"].stderr
+    assert "input float32 [N, 64]" in results["bad shape"].stderr
+    assert "PEER_UNREACHABLE" in results["unreachable peer"].stderr
+
+
+def _closed_port_address(live: str) -> str:
+    """The live node's peer id at a port nobody listens on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"/ip4/127.0.0.1/tcp/{port}/p2p/{live.rsplit('/', 1)[1]}"
+
+
+def test_demo_shows_a_table_with_several_executing_peers() -> None:
+    done = p2p_node("demo", "--nodes", "3", timeout=120)
+    assert done.returncode == 0, done.stderr
+    header, *rows = done.stdout.strip().splitlines()
+    assert header.split()[:3] == ["job", "entry", "peer"]
+    executors = {row.split()[2] for row in rows}
+    assert len(rows) == 7 and len(executors) >= 2
+    assert os.linesep.join(rows).count("right") >= 6

@@ -1,0 +1,154 @@
+"""Integration: real libp2p hosts (TCP + Noise + Yamux) on loopback, real onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.io.msgio import VarIntLengthMsgReadWriter
+from libp2p.peer.id import ID
+from mesh import open_mesh
+
+from p2p_node import Client, ErrorCode, JobError, bundled_models_dir
+from p2p_node._rpc import INFER_PROTOCOL, JOB_PROTOCOL, new_libp2p_host
+from p2p_node._wire import ErrorReply, decode_reply
+
+# Node 0 serves cancer-logreg, node 1 digits-logreg, node 2 (only) digits-mlp.
+SHARES = [["cancer-logreg"], ["digits-logreg"], ["digits-mlp"]]
+
+
+def direct_onnx(model_id: str, x: np.ndarray) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(str(bundled_models_dir() / model_id / "model.onnx"))
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {"input": x}), strict=True))
+
+
+async def test_job_is_forwarded_to_the_only_peer_serving_the_model(tmp_path: Path, digits) -> None:
+    x, _ = digits
+    with trio.fail_after(30):
+        async with open_mesh(tmp_path, SHARES) as (a, _b, c):
+            async with Client.connect(a.addrs[0]) as client:
+                result = await client.submit("digits-mlp", {"input": x[:5]})
+    assert result.executor == c.peer_id
+    expected = direct_onnx("digits-mlp", x[:5])
+    np.testing.assert_array_equal(result.outputs["label"], expected["label"])
+    np.testing.assert_allclose(
+        result.outputs["probabilities"], expected["probabilities"], rtol=1e-6
+    )
+    assert result.queue_ms >= 0 and result.compute_ms > 0
+
+
+async def test_job_runs_on_the_entry_node_when_it_serves_the_model(tmp_path: Path, digits) -> None:
+    x, _ = digits
+    with trio.fail_after(30):
+        async with open_mesh(tmp_path, SHARES) as (_a, b, _c):
+            async with Client.connect(b.addrs[0]) as client:
+                result = await client.submit("digits-logreg", {"": x[:1]})
+    assert result.executor == b.peer_id
+
+
+@pytest.mark.parametrize(
+    ("model_id", "inputs", "code", "in_message"),
+    [
+        (
+            "no-such-model",
+            {"input": np.zeros((1, 64), np.float32)},
+            ErrorCode.NO_CAPABLE_PEER,
+            "digits-mlp",
+        ),
+        (
+            "digits-mlp",
+            {"input": np.zeros((1, 63), np.float32)},
+            ErrorCode.INVALID_INPUT,
+            "input float32 [N, 64]",
+        ),
+        (
+            "digits-mlp",
+            {"pixels": np.zeros((1, 64), np.float32)},
+            ErrorCode.INVALID_INPUT,
+            "pixels",
+        ),
+        (
+            "digits-mlp",
+            {"input": np.zeros((1, 64), np.complex64)},
+            ErrorCode.INVALID_INPUT,
+            "complex64",
+        ),
+    ],
+    ids=["unknown-model", "wrong-shape", "wrong-name", "unsupported-dtype"],
+)
+async def test_bad_jobs_get_one_typed_error_and_the_node_keeps_serving(
+    tmp_path: Path, digits, model_id: str, inputs, code: ErrorCode, in_message: str
+) -> None:
+    x, _ = digits
+    with trio.fail_after(30):
+        async with open_mesh(tmp_path, SHARES) as (a, _b, c):
+            async with Client.connect(a.addrs[0]) as client:
+                with pytest.raises(JobError) as caught:
+                    await client.submit(model_id, inputs)
+                good = await client.submit("digits-mlp", {"input": x[:1]})
+    assert caught.value.code == code
+    assert in_message in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert good.executor == c.peer_id
+
+
+@pytest.mark.parametrize("protocol", [JOB_PROTOCOL, INFER_PROTOCOL])
+@pytest.mark.parametrize(
+    "payload", [b"\xff\x00garbage", b"\x81\xa1v\x01", b"\x93\x01\x02"], ids=["bytes", "map", "list"]
+)
+async def test_garbage_bytes_get_a_typed_error(
+    tmp_path: Path, digits, protocol, payload: bytes
+) -> None:
+    x, _ = digits
+    with trio.fail_after(30):
+        async with open_mesh(tmp_path, SHARES[:1] + SHARES[2:]) as (a, c):
+            raw = new_libp2p_host(create_new_key_pair())
+            async with raw.run([]):
+                await raw.connect(_peer_info(a.addrs[0]))
+                stream = await raw.new_stream(ID.from_base58(a.peer_id), [protocol])
+                framed = VarIntLengthMsgReadWriter(stream, 1 << 20)
+                await framed.write_msg(payload)
+                reply = decode_reply(await framed.read_msg())
+                await stream.close()
+            async with Client.connect(a.addrs[0]) as client:
+                good = await client.submit("digits-mlp", {"input": x[:1]})
+    assert isinstance(reply, ErrorReply)
+    assert reply.code in (ErrorCode.MALFORMED_MESSAGE, ErrorCode.UNSUPPORTED_VERSION)
+    assert reply.peer == a.peer_id
+    assert good.executor == c.peer_id
+
+
+async def test_a_departed_peer_leaves_the_view_and_its_models_become_unavailable(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(30):
+        async with open_mesh(tmp_path, SHARES[:2]) as (a, b):
+            async with Client.connect(b.addrs[0]) as client:
+                assert (await client.submit("cancer-logreg", _cancer_row())).executor == a.peer_id
+                await a_closes(a, b)
+                with pytest.raises(JobError) as caught:
+                    await client.submit("cancer-logreg", _cancer_row())
+    assert caught.value.code == ErrorCode.NO_CAPABLE_PEER
+
+
+async def a_closes(a, b) -> None:
+    """Close `a`'s host abruptly and wait until `b` notices."""
+    await a._rpc.host.close()
+    await b.view.wait_until(lambda view: a.peer_id not in view.peers)
+
+
+def _cancer_row() -> dict[str, np.ndarray]:
+    data = np.load(bundled_models_dir() / "heldout" / "cancer.npz")
+    return {"input": data["x"][:1]}
+
+
+def _peer_info(addr: str):
+    import multiaddr
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    return info_from_p2p_addr(multiaddr.Multiaddr(addr))

@@ -1,0 +1,72 @@
+"""The public names of each package: a change here is a change users see."""
+
+import gossip
+import p2p_node
+import scheduler
+import selection
+
+
+def test_public_names() -> None:
+    assert sorted(p2p_node.__all__) == [
+        "Client",
+        "ConfigError",
+        "ErrorCode",
+        "ExecutorConfig",
+        "InferenceRequest",
+        "InferenceResult",
+        "JobError",
+        "Node",
+        "NodeConfig",
+        "RepositoryError",
+        "bundled_models_dir",
+        "load_bootstrap_file",
+        "open_node",
+    ]
+    assert sorted(scheduler.__all__) == [
+        "ErrorCode",
+        "InferenceRequest",
+        "InferenceResult",
+        "JobError",
+        "Tensors",
+        "new_job_id",
+    ]
+    assert "PeerView" in gossip.__all__ and "ModelDescriptor" in gossip.__all__
+    assert selection.__all__ == []
+    for package in (p2p_node, scheduler, gossip, selection):
+        for name in package.__all__:
+            assert hasattr(package, name), f"{package.__name__}.{name}"
+
+
+def test_error_codes_are_stable() -> None:
+    codes = {code.name: int(code) for code in scheduler.ErrorCode}
+    assert codes == {
+        "INTERNAL": 1,
+        "MALFORMED_MESSAGE": 2,
+        "UNSUPPORTED_VERSION": 3,
+        "MESSAGE_TOO_LARGE": 4,
+        "UNKNOWN_MODEL": 5,
+        "INVALID_INPUT": 6,
+        "OVERLOADED": 7,
+        "DEADLINE_EXCEEDED": 8,
+        "PEER_UNREACHABLE": 9,
+        "NO_CAPABLE_PEER": 10,
+        "SHUTTING_DOWN": 11,
+    }
+    retryable = {c.name for c in scheduler.ErrorCode if c.retryable}
+    assert retryable == {
+        "INTERNAL",
+        "OVERLOADED",
+        "DEADLINE_EXCEEDED",
+        "PEER_UNREACHABLE",
+        "SHUTTING_DOWN",
+    }
+
+
+def test_lower_layers_never_import_p2p_node() -> None:
+    import pathlib
+
+    root = pathlib.Path(__file__).parent.parent
+    for package in ("gossip", "scheduler", "selection"):
+        for source in (root / package).rglob("*.py"):
+            text = source.read_text()
+            assert "import p2p_node" not in text and "from p2p_node" not in text, source
