@@ -48,9 +48,9 @@ class TensorSpec:
 
     def __post_init__(self) -> None:
         _check_text("tensor name", self.name, MAX_ID_LENGTH)
-        if self.dtype not in TENSOR_DTYPES:
+        if type(self.dtype) is not str or self.dtype not in TENSOR_DTYPES:
             raise SchemaError(f"tensor {self.name!r}: unsupported dtype {self.dtype!r}")
-        if len(self.shape) > MAX_RANK:
+        if type(self.shape) is not tuple or len(self.shape) > MAX_RANK:
             raise SchemaError(f"tensor {self.name!r}: rank {len(self.shape)} > {MAX_RANK}")
         for dim in self.shape:
             if dim is not None and (type(dim) is not int or dim < 0):
@@ -84,7 +84,11 @@ class ModelDescriptor:
         _check_text("version", self.version, MAX_ID_LENGTH)
         _check_text("task_type", self.task_type, MAX_ID_LENGTH)
         _check_text("description", self.description, MAX_TEXT_LENGTH, allow_empty=True)
-        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
+        if (
+            type(self.sha256) is not str
+            or len(self.sha256) != 64
+            or any(c not in "0123456789abcdef" for c in self.sha256)
+        ):
             raise SchemaError(f"model {self.id!r}: sha256 must be 64 lowercase hex digits")
         for label, items in (("subtypes", self.subtypes), ("languages", self.languages)):
             if len(items) > MAX_LIST_LENGTH:

@@ -87,7 +87,7 @@ def load_bootstrap_file(path: Path) -> tuple[str, ...]:
             document = tomllib.load(f)
     except OSError as error:
         raise ConfigError(f"cannot read bootstrap file {path}: {error.strerror}") from None
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"bootstrap file {path} is not valid TOML: {error}") from None
     unknown = set(document) - {"peers"}
     if unknown:

@@ -120,7 +120,7 @@ def validate_inputs(model: ModelDescriptor, inputs: Tensors) -> dict[str, np.nda
             want is None or want == got for want, got in zip(spec.shape, array.shape, strict=True)
         )
         if not shape_ok or not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
-            got = TensorSpec(name, array.dtype.name, tuple(array.shape)).describe()
+            got = f"{name} {array.dtype.name} [{', '.join(map(str, array.shape))}]"
             raise JobError(
                 ErrorCode.INVALID_INPUT,
                 f"model {model.id} expects {spec.describe()}; got {got}",

@@ -75,7 +75,7 @@ def read_model_card(model_dir: Path) -> ModelCard:
     try:
         with toml_path.open("rb") as f:
             meta = tomllib.load(f)
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise RepositoryError(f"{toml_path} is not valid TOML: {error}") from None
     _check_fields(toml_path, meta)
     if meta["id"] != model_dir.name:
@@ -105,7 +105,8 @@ def _check_fields(path: Path, meta: dict[str, Any]) -> None:
     if missing or unknown:
         raise RepositoryError(f"{path}: missing fields {missing}, unknown fields {unknown}")
     for name, kind in {**_REQUIRED, **_OPTIONAL}.items():
-        if name in meta and not isinstance(meta[name], kind):
+        value = meta.get(name)
+        if name in meta and (not isinstance(value, kind) or isinstance(value, bool)):
             raise RepositoryError(f"{path}: {name} has the wrong type {type(meta[name]).__name__}")
     for name in ("subtypes", "languages"):
         if not all(isinstance(item, str) for item in meta.get(name, ())):

@@ -34,6 +34,7 @@ MAX_TENSORS = 64
 MAX_ID_LENGTH = 128
 MAX_MESSAGE_LENGTH = 4096
 MAX_TIMEOUT_MS = 3_600_000
+MAX_DIM = 2**31 - 1
 
 
 class WireError(JobError):
@@ -191,10 +192,11 @@ def _decode(payload: bytes, kinds: Mapping[str, type]) -> Request | Reply:
         raise WireError(ErrorCode.MALFORMED_MESSAGE, f"not a msgpack message: {error}") from None
     if not isinstance(raw, dict):
         raise WireError(ErrorCode.MALFORMED_MESSAGE, "message must be a msgpack map")
-    if raw.get("v") != VERSION:
+    version = raw.get("v")
+    if type(version) is not int or version != VERSION:
         raise WireError(
             ErrorCode.UNSUPPORTED_VERSION,
-            f"message version {raw.get('v')!r} is not supported; this node speaks {VERSION}",
+            f"message version {version!r} is not supported; this node speaks {VERSION}",
         )
     kind = raw.get("kind")
     if not isinstance(kind, str) or kind not in kinds:
@@ -276,11 +278,11 @@ def _tensors_from_wire(raw: object) -> dict[str, np.ndarray[Any, Any]]:
 def _tensor_from_wire(name: str, raw: object) -> np.ndarray[Any, Any]:
     f = expect_map(raw, _TENSOR_KEYS, f"tensor {name!r}")
     dtype_name, shape, data = f["dtype"], f["shape"], f["data"]
-    if dtype_name not in TENSOR_DTYPES:
+    if type(dtype_name) is not str or dtype_name not in TENSOR_DTYPES:
         raise SchemaError(f"tensor {name!r}: unsupported dtype {dtype_name!r}")
     dims = expect_list(shape, f"tensor {name!r} shape", MAX_RANK)
-    if any(type(d) is not int or d < 0 for d in dims):
-        raise SchemaError(f"tensor {name!r}: shape must be non-negative ints, got {dims}")
+    if any(type(d) is not int or not 0 <= d <= MAX_DIM for d in dims):
+        raise SchemaError(f"tensor {name!r}: dims must be ints in [0, {MAX_DIM}], got {dims}")
     if not isinstance(data, bytes):
         raise SchemaError(f"tensor {name!r}: data must be bytes")
     dtype = np.dtype(dtype_name).newbyteorder("<")
