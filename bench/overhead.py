@@ -53,7 +53,8 @@ def measure_direct(model_id: str, row: np.ndarray, jobs: int) -> Figures:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(
-        str(bundled_models_dir() / model_id / "model.onnx"), options,
+        str(bundled_models_dir() / model_id / "model.onnx"),
+        options,
         providers=["CPUExecutionProvider"],
     )
     for _ in range(50):
@@ -70,8 +71,9 @@ def measure_direct(model_id: str, row: np.ndarray, jobs: int) -> Figures:
     return Figures(percentile(samples, 50), percentile(samples, 99), per_s)
 
 
-async def measure_jobs(addr: str, model_id: str, row: np.ndarray, jobs: int,
-                       concurrency: int) -> Figures:
+async def measure_jobs(
+    addr: str, model_id: str, row: np.ndarray, jobs: int, concurrency: int
+) -> Figures:
     inputs = {"input": row}
     async with Client.connect(addr) as client:
         for _ in range(20):  # warm up: connection, streams, sessions
@@ -98,9 +100,19 @@ async def measure_jobs(addr: str, model_id: str, row: np.ndarray, jobs: int,
 @contextmanager
 def node_process(data_dir: Path, *args: str) -> Iterator[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "p2p_node", "start", "--listen", "/ip4/127.0.0.1/tcp/0",
-         "--data-dir", str(data_dir), *args],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "p2p_node",
+            "start",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--data-dir",
+            str(data_dir),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -162,10 +174,20 @@ def main(argv: list[str] | None = None) -> None:
                 run(wait_for_forwarding, b, args.model, row)
                 local = run(measure_jobs, a, args.model, row, args.jobs, args.concurrency)
                 forwarded = run(measure_jobs, b, args.model, row, args.jobs, args.concurrency)
-    print(f"model {args.model}, {args.jobs} jobs at concurrency 1, "
-          f"throughput at concurrency {args.concurrency}; x = ratio to the direct call")
-    print(table([("direct onnxruntime", direct), ("job run by entry node", local),
-                 ("job forwarded 1 hop", forwarded)], direct))
+    print(
+        f"model {args.model}, {args.jobs} jobs at concurrency 1, "
+        f"throughput at concurrency {args.concurrency}; x = ratio to the direct call"
+    )
+    print(
+        table(
+            [
+                ("direct onnxruntime", direct),
+                ("job run by entry node", local),
+                ("job forwarded 1 hop", forwarded),
+            ],
+            direct,
+        )
+    )
     print(f"forwarding adds {forwarded.p50_ms - local.p50_ms:.2f} ms p50 over a local job")
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from gossip import ModelDescriptor, SchemaError, TensorSpec
+from gossip import ModelDescriptor, TensorSpec
 from p2p_node._executor import GPU_PROVIDERS, choose_providers, validate_inputs
 from scheduler import ErrorCode, JobError
 
