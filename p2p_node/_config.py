@@ -22,17 +22,24 @@ class ExecutorConfig:
     that several nodes on one machine do not oversubscribe it. `queue_limit`
     bounds admitted requests (running + waiting); past it a request is answered
     OVERLOADED at once.
+
+    A model whose recent runs took under `inline_below_ms` runs on the event
+    loop's own thread: for a small model the hop to a worker thread and back
+    costs more than the run itself (see bench/overhead.py). 0 turns that off.
     """
 
     workers: int = 2
     intra_op_threads: int = 1
     queue_limit: int = 64
     use_gpu: bool = True
+    inline_below_ms: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("workers", "intra_op_threads", "queue_limit"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.inline_below_ms >= 0:
+            raise ConfigError(f"inline_below_ms must be >= 0, got {self.inline_below_ms}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ _ORT_DTYPES = {
     "tensor(double)": "float64",
 }
 GPU_PROVIDERS = ("CUDAExecutionProvider",)
+COMPUTE_EWMA_ALPHA = 0.2
 UNNAMED_INPUT = ""  # the only input of a single-input model, named by the executor
 
 
@@ -139,8 +141,9 @@ class Executor:
     """Runs this node's models. At most `queue_limit` requests are admitted at once.
 
     Admitted requests wait for one of `workers` thread slots, then run in a
-    worker thread. A request cancelled while it waits never starts; one
-    cancelled while it runs finishes its (short) ONNX call first.
+    worker thread (or inline, for models that have run fast: see ExecutorConfig).
+    A request cancelled while it waits never starts; one cancelled while it
+    runs finishes its ONNX call first.
     """
 
     def __init__(
@@ -154,6 +157,8 @@ class Executor:
         self._config = config
         self._limiter = limiter or trio.CapacityLimiter(config.workers)
         self._admitted = 0
+        # Recent compute time per model (ms, EWMA); decides inline vs worker thread.
+        self._compute_ms: dict[str, float] = {}
 
     @property
     def descriptors(self) -> tuple[ModelDescriptor, ...]:
@@ -182,15 +187,20 @@ class Executor:
         self._admitted += 1
         try:
             admitted_at = time.perf_counter()
-            outputs, started, finished = await trio.to_thread.run_sync(
-                _compute, model, feeds, limiter=self._limiter
-            )
+            if self._compute_ms.get(model_id, math.inf) < self._config.inline_below_ms:
+                await trio.lowlevel.checkpoint()
+                outputs, started, finished = _compute(model, feeds)
+            else:
+                outputs, started, finished = await trio.to_thread.run_sync(
+                    _compute, model, feeds, limiter=self._limiter
+                )
         finally:
             self._admitted -= 1
+        compute_ms = (finished - started) * 1e3
+        previous = self._compute_ms.get(model_id, compute_ms)
+        self._compute_ms[model_id] = previous + COMPUTE_EWMA_ALPHA * (compute_ms - previous)
         return Execution(
-            outputs=outputs,
-            queue_ms=(started - admitted_at) * 1e3,
-            compute_ms=(finished - started) * 1e3,
+            outputs=outputs, queue_ms=(started - admitted_at) * 1e3, compute_ms=compute_ms
         )
 
 

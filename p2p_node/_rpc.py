@@ -1,44 +1,44 @@
-"""The libp2p edge: host construction and request/response over our wire codec.
+"""The libp2p edge: host construction, and request/reply exchanges on kept streams.
 
 This module only moves bytes. Everything libp2p can raise is translated here,
 once, into `JobError`s with an `ErrorCode`; nothing above it sees a libp2p
 exception.
+
+Each exchange is one varint-framed request and one framed reply on a libp2p
+stream, as with libp2p's request_response; but a stream is not closed after its
+reply. It goes back to a per-peer pool and carries the next request, which
+saves the stream open and multistream negotiation that dominate a small job
+(see bench/overhead.py). A stream carries one exchange at a time, so
+concurrency is the number of streams; nothing is multiplexed by request id.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from typing import Any
 
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.host.exceptions import StreamFailure
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
-from libp2p.request_response import (
-    MessageTooLargeError,
-    ProtocolNotSupportedError,
-    RequestContext,
-    RequestEncodeError,
-    RequestResponse,
-    RequestResponseCodec,
-    RequestResponseConfig,
-    RequestResponseError,
-    RequestTimeoutError,
-    ResponseDecodeError,
-)
+from libp2p.protocol_muxer.exceptions import MultiselectClientError
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
 from scheduler import ErrorCode, JobError
 
 from . import _wire
+from ._framing import FrameBuffer, FrameError, encode_frame
 from ._wire import ErrorReply, Reply, Request, WireError
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,22 @@ MODELS_PROTOCOL = TProtocol("/p2p-node/models/1.0.0")
 NEGOTIATE_TIMEOUT_S = 5
 # How long past a request's own deadline we wait for the peer's DEADLINE_EXCEEDED.
 REPLY_GRACE_S = 2.0
+# A caller drops a pooled stream idle this long; a server closes one idle longer,
+# so a caller never reuses a stream the server is closing.
+CLIENT_IDLE_S = 30.0
+SERVER_IDLE_S = 60.0
+MAX_IDLE_STREAMS_PER_PEER = 64
+READ_CHUNK = 64 * 1024
+
+# What a broken or vanished peer looks like from a stream.
+_TRANSPORT_ERRORS = (
+    StreamError,
+    StreamFailure,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    OSError,
+    EOFError,
+)
 
 Handler = Callable[[Request, str], Awaitable[Reply]]
 
@@ -77,32 +93,49 @@ def new_libp2p_host(key_pair: KeyPair) -> IHost:
     )
 
 
-class _Codec:
-    """libp2p's codec interface over our wire format.
+class _Channel:
+    """One libp2p stream carrying frames, with what has been read but not consumed."""
 
-    Request decoding never raises: a malformed request becomes a `WireError`
-    value so that the handler can answer it with a typed error instead of
-    libp2p resetting the stream.
-    """
+    def __init__(self, stream: INetStream, max_frame: int) -> None:
+        self.stream = stream
+        self.frames = FrameBuffer(max_frame)
+        self.idle_since = trio.current_time()
 
-    def encode_request(self, request: Request) -> bytes:
-        return _wire.encode(request)
+    async def send(self, payload: bytes) -> None:
+        await self.stream.write(encode_frame(payload))
 
-    def decode_request(self, payload: bytes) -> Request | WireError:
-        try:
-            return _wire.decode_request(payload)
-        except WireError as error:
-            return error
+    async def receive(self) -> bytes:
+        """The next frame. Raises EOFError-like transport errors when the peer hangs up."""
+        while (frame := self.frames.next_frame()) is None:
+            await self.fill()
+        return frame
 
-    def encode_response(self, response: Reply) -> bytes:
-        return _wire.encode(response)
+    async def fill(self) -> None:
+        data = await self.stream.read(READ_CHUNK)
+        if not data:
+            raise EOFError("stream closed by the peer")
+        self.frames.feed(data)
 
-    def decode_response(self, payload: bytes) -> Reply:
-        return _wire.decode_reply(payload)
+    async def discard(self) -> None:
+        """Reset the stream; it is never used again. Safe to call while cancelled."""
+        with trio.CancelScope(shield=True), trio.move_on_after(1), suppress(*_TRANSPORT_ERRORS):
+            await self.stream.reset()
 
 
-# Typed with Any for the request: we send `Request`s but decode `Request | WireError`.
-_CODEC: RequestResponseCodec[Any, Reply] = _Codec()
+class _InboundSession:
+    """What the reader of an inbound stream tells the task answering it."""
+
+    def __init__(self) -> None:
+        self.work = trio.CancelScope()
+        self.hung_up = False
+
+    def hang_up(self) -> None:
+        self.hung_up = True
+        self.work.cancel()
+
+
+class _Stale(Exception):
+    """A pooled stream died before the request got an answer: try a fresh one."""
 
 
 class Rpc:
@@ -118,10 +151,10 @@ class Rpc:
     ) -> None:
         self.host = host
         self.peer_id = str(host.get_id())
-        self._rr = RequestResponse(host)
         self._max_request_bytes = max_request_bytes
         self._max_reply_bytes = max_reply_bytes
-        self._max_concurrent_inbound = max_concurrent_inbound
+        self._inbound_slots = trio.Semaphore(max_concurrent_inbound)
+        self._idle: dict[tuple[str, TProtocol], list[_Channel]] = {}
 
     async def connect(self, addr: multiaddr.Multiaddr, timeout: float) -> str:
         """Dial a peer by its full multiaddr; returns its peer id."""
@@ -137,73 +170,206 @@ class Rpc:
             raise JobError(ErrorCode.PEER_UNREACHABLE, f"cannot reach {addr}: {error}") from None
         return str(info.peer_id)
 
+    # --- calling ----------------------------------------------------------------
+
     async def call(
         self, peer_id: str, protocol: TProtocol, request: Request, timeout: float
     ) -> Reply:
-        """One request/response exchange. Transport failures raise `JobError`."""
-        config = RequestResponseConfig(
-            timeout=timeout,
-            max_request_size=self._max_request_bytes,
-            max_response_size=self._max_reply_bytes,
-        )
-        try:
-            reply: Reply = await self._rr.send_request(
-                ID.from_base58(peer_id), [protocol], request, _CODEC, config
+        """One exchange with `peer_id`. Every failure raises `JobError`."""
+        payload = _wire.encode(request)
+        if len(payload) > self._max_request_bytes:
+            raise JobError(
+                ErrorCode.MESSAGE_TOO_LARGE,
+                f"request of {len(payload)} bytes exceeds the limit of {self._max_request_bytes}",
             )
-            return reply
-        except RequestEncodeError as error:
-            # Our own encoder refused the request (e.g. a tensor dtype the wire lacks).
-            if isinstance(error.__cause__, JobError):
-                raise error.__cause__ from None
-            raise
-        except RequestTimeoutError:
+        try:
+            with trio.fail_after(timeout):
+                reply = await self._exchange(peer_id, protocol, payload)
+        except trio.TooSlowError:
             raise JobError(
                 ErrorCode.DEADLINE_EXCEEDED, f"no reply within {timeout:g} s", peer=peer_id
             ) from None
-        except MessageTooLargeError as error:
-            raise JobError(ErrorCode.MESSAGE_TOO_LARGE, str(error), peer=peer_id) from None
-        except ProtocolNotSupportedError:
+        try:
+            return _wire.decode_reply(reply)
+        except WireError as error:
+            raise JobError(error.code, f"bad reply: {error.message}", peer=peer_id) from None
+
+    async def _exchange(self, peer_id: str, protocol: TProtocol, payload: bytes) -> bytes:
+        key = (peer_id, protocol)
+        pooled = self._take_idle(key)
+        if pooled is not None:
+            try:
+                return await self._round_trip(key, pooled, payload, reused=True)
+            except _Stale:
+                logger.debug("pooled stream to %s was dead; opening a new one", peer_id)
+        channel = await self._open(peer_id, protocol)
+        return await self._round_trip(key, channel, payload, reused=False)
+
+    async def _round_trip(
+        self, key: tuple[str, TProtocol], channel: _Channel, payload: bytes, *, reused: bool
+    ) -> bytes:
+        try:
+            await channel.send(payload)
+            reply = await channel.receive()
+        except FrameError as error:
+            await channel.discard()
+            code = ErrorCode.MESSAGE_TOO_LARGE if error.too_large else ErrorCode.MALFORMED_MESSAGE
+            raise JobError(code, f"bad reply: {error}", peer=key[0]) from None
+        except _TRANSPORT_ERRORS as error:
+            await channel.discard()
+            if reused and not len(channel.frames):
+                raise _Stale from None
             raise JobError(
-                ErrorCode.PEER_UNREACHABLE, f"peer does not speak {protocol}", peer=peer_id
+                ErrorCode.PEER_UNREACHABLE,
+                f"stream broke: {error or type(error).__name__}",
+                peer=key[0],
             ) from None
-        except ResponseDecodeError as error:
-            cause = error.__cause__
-            message = cause.message if isinstance(cause, WireError) else str(error)
+        except BaseException:  # cancelled: the stream's state is unknown
+            await channel.discard()
+            raise
+        channel.idle_since = trio.current_time()
+        idle = self._idle.setdefault(key, [])
+        if len(idle) < MAX_IDLE_STREAMS_PER_PEER:
+            idle.append(channel)
+        else:
+            await channel.discard()
+        return reply
+
+    def _take_idle(self, key: tuple[str, TProtocol]) -> _Channel | None:
+        idle = self._idle.get(key)
+        now = trio.current_time()
+        while idle:
+            channel = idle.pop()
+            if now - channel.idle_since < CLIENT_IDLE_S:
+                return channel
+            # Too old to trust; the server may be closing it. Dropped, not reset:
+            # a reset here would need an await, and the server reaps it anyway.
+        return None
+
+    async def _open(self, peer_id: str, protocol: TProtocol) -> _Channel:
+        try:
+            stream = await self.host.new_stream(ID.from_base58(peer_id), [protocol])
+        except StreamFailure as error:
+            if isinstance(error.__cause__, MultiselectClientError):
+                message = f"peer does not speak {protocol}"
+            else:
+                message = f"cannot open a stream: {error}"
+            raise JobError(ErrorCode.PEER_UNREACHABLE, message, peer=peer_id) from None
+        except Exception as error:  # dialing raises many unrelated libp2p types
             raise JobError(
-                ErrorCode.MALFORMED_MESSAGE, f"bad reply: {message}", peer=peer_id
+                ErrorCode.PEER_UNREACHABLE, f"cannot reach the peer: {error}", peer=peer_id
             ) from None
-        except RequestResponseError as error:
-            raise JobError(ErrorCode.PEER_UNREACHABLE, str(error), peer=peer_id) from None
+        return _Channel(stream, self._max_reply_bytes)
+
+    # --- serving ----------------------------------------------------------------
 
     def serve(self, protocol: TProtocol, handler: Handler) -> None:
         """Answer `protocol` with `handler`; every failure becomes an ErrorReply."""
 
-        async def answer(request: Request | WireError, context: RequestContext) -> Reply:
-            if isinstance(request, WireError):
-                logger.info(
-                    "malformed %s request from %s: %s", protocol, context.peer_id, request.message
-                )
-                return ErrorReply.from_error(request, self.peer_id)
+        async def on_stream(stream: INetStream) -> None:
+            channel = _Channel(stream, self._max_request_bytes)
+            peer = str(stream.muxed_conn.peer_id)
             try:
-                return await handler(request, str(context.peer_id))
-            except JobError as error:
-                return ErrorReply.from_error(error, self.peer_id)
+                self._inbound_slots.acquire_nowait()
+            except trio.WouldBlock:
+                await self._refuse(channel, "too many open streams to this node")
+                return
+            try:
+                await self._serve_channel(channel, peer, protocol, handler)
+            except _TRANSPORT_ERRORS as error:
+                logger.debug("stream from %s for %s ended: %r", peer, protocol, error)
             except Exception:
-                # A node never crashes on what a peer sends: log the bug, answer INTERNAL.
-                logger.exception(
-                    "handler for %s failed on a request from %s", protocol, context.peer_id
-                )
-                return ErrorReply(
-                    ErrorCode.INTERNAL, "internal error; see the node's log", self.peer_id
-                )
+                # A node never crashes on what a peer sends: log the bug, drop the stream.
+                logger.exception("serving %s to %s failed", protocol, peer)
+            finally:
+                self._inbound_slots.release()
+                await channel.discard()
 
-        config = RequestResponseConfig(
-            timeout=_wire.MAX_TIMEOUT_MS / 1000 + REPLY_GRACE_S,
-            max_request_size=self._max_request_bytes,
-            max_response_size=self._max_reply_bytes,
-            max_concurrent_inbound=self._max_concurrent_inbound,
-        )
-        self._rr.set_handler(protocol, answer, _CODEC, config)
+        self.host.set_stream_handler(protocol, on_stream)
+
+    async def _serve_channel(
+        self, channel: _Channel, peer: str, protocol: TProtocol, handler: Handler
+    ) -> None:
+        """Answer the requests on one stream in order, until the caller leaves or idles.
+
+        A reader task reads the stream all along: it is waiting for the next
+        request anyway, so it also sees a hang-up (reset, close, a cancelled
+        caller) while a request is being answered, and cancels that work.
+        """
+        session = _InboundSession()
+        send, receive = trio.open_memory_channel[bytes | FrameError](0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_requests, channel, send, session)
+            while True:
+                with trio.move_on_after(SERVER_IDLE_S):
+                    try:
+                        payload = await receive.receive()
+                    except trio.EndOfChannel:
+                        break
+                    if isinstance(payload, FrameError):
+                        # The stream cannot be resynchronised: answer once, then drop it.
+                        code = (
+                            ErrorCode.MESSAGE_TOO_LARGE
+                            if payload.too_large
+                            else ErrorCode.MALFORMED_MESSAGE
+                        )
+                        await self._send_reply(
+                            channel, ErrorReply(code, str(payload), self.peer_id)
+                        )
+                        break
+                    with trio.CancelScope() as session.work:
+                        reply = await self._dispatch(payload, peer, protocol, handler)
+                    if session.hung_up:
+                        break
+                    await self._send_reply(channel, reply)
+                    continue
+                break  # idle too long
+            nursery.cancel_scope.cancel()
+
+    async def _read_requests(
+        self,
+        channel: _Channel,
+        requests: trio.MemorySendChannel[bytes | FrameError],
+        session: _InboundSession,
+    ) -> None:
+        async with requests:
+            try:
+                while True:
+                    await requests.send(await channel.receive())
+            except FrameError as error:
+                await requests.send(error)
+            except _TRANSPORT_ERRORS:
+                session.hang_up()
+
+    async def _dispatch(
+        self, payload: bytes, peer: str, protocol: TProtocol, handler: Handler
+    ) -> Reply:
+        try:
+            request = _wire.decode_request(payload)
+        except WireError as error:
+            logger.info("malformed %s request from %s: %s", protocol, peer, error.message)
+            return ErrorReply.from_error(error, self.peer_id)
+        try:
+            return await handler(request, peer)
+        except JobError as error:
+            return ErrorReply.from_error(error, self.peer_id)
+        except Exception:
+            logger.exception("handler for %s failed on a request from %s", protocol, peer)
+            return ErrorReply(
+                ErrorCode.INTERNAL, "internal error; see the node's log", self.peer_id
+            )
+
+    async def _send_reply(self, channel: _Channel, reply: Reply) -> None:
+        payload = _wire.encode(reply)
+        if len(payload) > self._max_reply_bytes:
+            message = f"reply of {len(payload)} bytes exceeds the limit of {self._max_reply_bytes}"
+            payload = _wire.encode(ErrorReply(ErrorCode.MESSAGE_TOO_LARGE, message, self.peer_id))
+        await channel.send(payload)
+
+    async def _refuse(self, channel: _Channel, why: str) -> None:
+        with suppress(*_TRANSPORT_ERRORS):
+            await self._send_reply(channel, ErrorReply(ErrorCode.OVERLOADED, why, self.peer_id))
+        await channel.discard()
 
 
 def expect_reply(reply: Reply, kind: type[Any], peer_id: str) -> Any:

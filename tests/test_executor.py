@@ -84,3 +84,30 @@ async def test_a_request_cancelled_while_queued_never_runs(digits, autojump_cloc
         assert ex.in_flight == 0
         assert limiter.borrowed_tokens == 1  # only ours: the cancelled run never took a slot
         limiter.release()
+
+
+async def test_a_model_that_runs_fast_runs_inline_without_a_worker_slot(
+    digits, autojump_clock
+) -> None:
+    x, _ = digits
+    limiter = trio.CapacityLimiter(1)
+    ex = executor(ExecutorConfig(workers=1, inline_below_ms=1000.0), limiter)
+    with trio.fail_after(10):
+        await ex.run("digits-logreg", {"input": x[:1]})  # first run: a worker thread
+        await limiter.acquire()  # no worker slot left
+        execution = await ex.run("digits-logreg", {"input": x[:1]})
+        limiter.release()
+    assert execution.queue_ms < 1000.0
+
+
+async def test_with_inline_off_every_run_needs_a_worker_slot(digits, autojump_clock) -> None:
+    x, _ = digits
+    limiter = trio.CapacityLimiter(1)
+    ex = executor(ExecutorConfig(workers=1, inline_below_ms=0.0), limiter)
+    with trio.fail_after(10):
+        await ex.run("digits-logreg", {"input": x[:1]})
+        await limiter.acquire()
+        with trio.move_on_after(1) as waited:
+            await ex.run("digits-logreg", {"input": x[:1]})
+        limiter.release()
+    assert waited.cancelled_caught
