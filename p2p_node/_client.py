@@ -20,6 +20,7 @@ from ._rpc import (
     Rpc,
     expect_reply,
     new_libp2p_host,
+    run_host,
 )
 from ._wire import ModelsReply, ModelsRequest, Reply, Request, RunReply, RunRequest
 
@@ -60,7 +61,7 @@ class Client:
         # Nodes ask every new connection for its models; a client serves none.
         rpc.serve(MODELS_PROTOCOL, _serve_no_models(rpc.peer_id))
         with unwrap_single_errors():
-            async with host.run([]):
+            async with run_host(host, []):
                 peer_id = await rpc.connect(target, timeout)
                 yield cls(rpc, peer_id)
 

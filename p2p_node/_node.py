@@ -30,6 +30,7 @@ from ._rpc import (
     Rpc,
     expect_reply,
     new_libp2p_host,
+    run_host,
 )
 from ._wire import ModelsReply, ModelsRequest, Request, RunReply, RunRequest
 
@@ -284,7 +285,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
     )
     listen = [parse_multiaddr(a) for a in config.listen]
     events_send, events_receive = trio.open_memory_channel[tuple[bool, str]](4096)
-    async with host.run(listen), trio.open_nursery() as nursery:
+    async with run_host(host, listen), trio.open_nursery() as nursery:
         node = Node(config, rpc, executor, nursery)
         rpc.serve(JOB_PROTOCOL, node._on_job)
         rpc.serve(INFER_PROTOCOL, node._on_infer)

@@ -15,8 +15,8 @@ concurrency is the number of streams; nothing is multiplexed by request id.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from contextlib import suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import multiaddr
@@ -77,8 +77,6 @@ def new_libp2p_host(key_pair: KeyPair) -> IHost:
         NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
     }
     connections = ConnectionConfig(
-        # libp2p's auto-connector dials peerstore entries until it holds 50
-        # connections; which peers a node talks to is ours to decide.
         min_connections=0,
         low_watermark=0,
         outbound_stream_protocol_negotiation_timeout=NEGOTIATE_TIMEOUT_S,
@@ -91,6 +89,19 @@ def new_libp2p_host(key_pair: KeyPair) -> IHost:
         negotiate_timeout=NEGOTIATE_TIMEOUT_S,
         connection_config=connections,
     )
+
+
+@asynccontextmanager
+async def run_host(host: IHost, listen: Sequence[multiaddr.Multiaddr]) -> AsyncIterator[None]:
+    """`host.run(listen)` without libp2p's auto-connector.
+
+    The auto-connector dials peerstore entries until the host holds ~150
+    connections; which peers a node talks to is ours to decide.
+    """
+    async with host.run(listen):
+        network: Any = host.get_network()  # the Swarm; its interface lacks the connector
+        await network.auto_connector.stop()
+        yield
 
 
 class _Channel:
@@ -115,6 +126,11 @@ class _Channel:
         if not data:
             raise EOFError("stream closed by the peer")
         self.frames.feed(data)
+
+    async def close(self) -> None:
+        """Close our side gracefully, so that what we wrote is still read."""
+        with trio.CancelScope(shield=True), trio.move_on_after(1), suppress(*_TRANSPORT_ERRORS):
+            await self.stream.close()
 
     async def discard(self) -> None:
         """Reset the stream; it is never used again. Safe to call while cancelled."""
@@ -196,7 +212,7 @@ class Rpc:
 
     async def _exchange(self, peer_id: str, protocol: TProtocol, payload: bytes) -> bytes:
         key = (peer_id, protocol)
-        pooled = self._take_idle(key)
+        pooled = await self._take_idle(key)
         if pooled is not None:
             try:
                 return await self._round_trip(key, pooled, payload, reused=True)
@@ -235,15 +251,14 @@ class Rpc:
             await channel.discard()
         return reply
 
-    def _take_idle(self, key: tuple[str, TProtocol]) -> _Channel | None:
+    async def _take_idle(self, key: tuple[str, TProtocol]) -> _Channel | None:
         idle = self._idle.get(key)
         now = trio.current_time()
         while idle:
             channel = idle.pop()
             if now - channel.idle_since < CLIENT_IDLE_S:
                 return channel
-            # Too old to trust; the server may be closing it. Dropped, not reset:
-            # a reset here would need an await, and the server reaps it anyway.
+            await channel.discard()  # too old to trust: the server may be closing it
         return None
 
     async def _open(self, peer_id: str, protocol: TProtocol) -> _Channel:
@@ -278,12 +293,15 @@ class Rpc:
                 await self._serve_channel(channel, peer, protocol, handler)
             except _TRANSPORT_ERRORS as error:
                 logger.debug("stream from %s for %s ended: %r", peer, protocol, error)
+                await channel.discard()
             except Exception:
                 # A node never crashes on what a peer sends: log the bug, drop the stream.
                 logger.exception("serving %s to %s failed", protocol, peer)
+                await channel.discard()
+            else:
+                await channel.close()
             finally:
                 self._inbound_slots.release()
-                await channel.discard()
 
         self.host.set_stream_handler(protocol, on_stream)
 
@@ -369,7 +387,7 @@ class Rpc:
     async def _refuse(self, channel: _Channel, why: str) -> None:
         with suppress(*_TRANSPORT_ERRORS):
             await self._send_reply(channel, ErrorReply(ErrorCode.OVERLOADED, why, self.peer_id))
-        await channel.discard()
+        await channel.close()
 
 
 def expect_reply(reply: Reply, kind: type[Any], peer_id: str) -> Any:

@@ -14,7 +14,7 @@ from libp2p.peer.id import ID
 from mesh import open_mesh
 
 from p2p_node import Client, ErrorCode, JobError, bundled_models_dir
-from p2p_node._rpc import INFER_PROTOCOL, JOB_PROTOCOL, new_libp2p_host
+from p2p_node._rpc import INFER_PROTOCOL, JOB_PROTOCOL, new_libp2p_host, run_host
 from p2p_node._wire import ErrorReply, decode_reply
 
 # Node 0 serves cancer-logreg, node 1 digits-logreg, node 2 (only) digits-mlp.
@@ -108,7 +108,7 @@ async def test_garbage_bytes_get_a_typed_error(
     with trio.fail_after(30):
         async with open_mesh(tmp_path, SHARES[:1] + SHARES[2:]) as (a, c):
             raw = new_libp2p_host(create_new_key_pair())
-            async with raw.run([]):
+            async with run_host(raw, []):
                 await raw.connect(_peer_info(a.addrs[0]))
                 stream = await raw.new_stream(ID.from_base58(a.peer_id), [protocol])
                 framed = VarIntLengthMsgReadWriter(stream, 1 << 20)

@@ -1,0 +1,134 @@
+"""Exchanges on kept streams between two real libp2p hosts on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import multiaddr
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.io.msgio import VarIntLengthMsgReadWriter
+from libp2p.peer.id import ID
+
+from p2p_node import ErrorCode, JobError
+from p2p_node._rpc import MODELS_PROTOCOL, Handler, Rpc, new_libp2p_host, run_host
+from p2p_node._wire import ErrorReply, ModelsReply, ModelsRequest, Reply, Request, decode_reply
+
+LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
+
+
+@asynccontextmanager
+async def rpc_pair(handler: Handler, **limits: int) -> AsyncIterator[tuple[Rpc, Rpc]]:
+    """(caller, server): the server answers MODELS_PROTOCOL with `handler`."""
+    sizes = {"max_request_bytes": 4096, "max_reply_bytes": 4096, "max_concurrent_inbound": 8}
+    sizes.update(limits)
+    server = Rpc(new_libp2p_host(create_new_key_pair()), **sizes)
+    caller = Rpc(new_libp2p_host(create_new_key_pair()), **sizes)
+    server.serve(MODELS_PROTOCOL, handler)
+    async with run_host(server.host, [LOOPBACK]), run_host(caller.host, []):
+        await caller.connect(server.host.get_addrs()[0], timeout=5)
+        yield caller, server
+
+
+def answering(peer_id: str = "answer") -> Handler:
+    async def handler(request: Request, sender: str) -> Reply:
+        return ModelsReply(peer_id, ())
+
+    return handler
+
+
+async def test_sequential_calls_reuse_one_stream() -> None:
+    with trio.fail_after(20):
+        async with rpc_pair(answering()) as (caller, server):
+            for _ in range(5):
+                reply = await caller.call(server.peer_id, MODELS_PROTOCOL, ModelsRequest(), 5)
+                assert reply == ModelsReply("answer", ())
+            assert len(_our_streams(caller, server)) == 1
+
+
+async def test_a_pooled_stream_that_died_is_replaced_transparently() -> None:
+    with trio.fail_after(20):
+        async with rpc_pair(answering()) as (caller, server):
+            await caller.call(server.peer_id, MODELS_PROTOCOL, ModelsRequest(), 5)
+            (stream,) = _our_streams(caller, server)
+            await stream.reset()
+            reply = await caller.call(server.peer_id, MODELS_PROTOCOL, ModelsRequest(), 5)
+    assert reply == ModelsReply("answer", ())
+
+
+async def test_a_caller_that_hangs_up_cancels_the_work() -> None:
+    started, cancelled = trio.Event(), trio.Event()
+
+    async def slow(request: Request, sender: str) -> Reply:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    with trio.fail_after(20):
+        async with rpc_pair(slow) as (caller, server), trio.open_nursery() as nursery:
+            nursery.start_soon(caller.call, server.peer_id, MODELS_PROTOCOL, ModelsRequest(), 60)
+            await started.wait()
+            nursery.cancel_scope.cancel()
+        await cancelled.wait()
+
+
+async def test_an_oversize_request_is_refused_before_sending() -> None:
+    with trio.fail_after(20):
+        async with rpc_pair(answering(), max_request_bytes=1024) as (caller, server):
+            with pytest.raises(JobError) as caught:
+                await caller.call(server.peer_id, MODELS_PROTOCOL, _padded_request(2048), 5)
+            assert (await caller.call(server.peer_id, MODELS_PROTOCOL, ModelsRequest(), 5)) == (
+                ModelsReply("answer", ())
+            )
+    assert caught.value.code == ErrorCode.MESSAGE_TOO_LARGE
+    assert "limit of 1024" in caught.value.message
+
+
+async def test_a_peer_announcing_an_oversize_frame_gets_a_typed_error() -> None:
+    with trio.fail_after(20):
+        async with rpc_pair(answering(), max_request_bytes=1024) as (caller, server):
+            stream = await caller.host.new_stream(ID.from_base58(server.peer_id), [MODELS_PROTOCOL])
+            await stream.write(b"\xff\xff\x7f")  # a 2 MiB frame follows, supposedly
+            reply = decode_reply(await VarIntLengthMsgReadWriter(stream, 1 << 20).read_msg())
+    assert isinstance(reply, ErrorReply)
+    assert reply.code == ErrorCode.MESSAGE_TOO_LARGE
+
+
+async def test_past_the_inbound_stream_limit_a_caller_is_told_overloaded() -> None:
+    entered, release = trio.Event(), trio.Event()
+
+    async def held(request: Request, sender: str) -> Reply:
+        entered.set()
+        await release.wait()
+        return ModelsReply("held", ())
+
+    with trio.fail_after(20):
+        async with rpc_pair(held, max_concurrent_inbound=1) as (caller, server):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    caller.call, server.peer_id, MODELS_PROTOCOL, ModelsRequest(), 10
+                )
+                await entered.wait()
+                refused = await caller.call(server.peer_id, MODELS_PROTOCOL, ModelsRequest(), 10)
+                release.set()
+    assert isinstance(refused, ErrorReply)
+    assert refused.code == ErrorCode.OVERLOADED
+    assert "too many open streams" in refused.message
+
+
+def _padded_request(size: int) -> Request:
+    import numpy as np
+
+    from p2p_node._wire import RunRequest
+
+    return RunRequest("job", "model", {"x": np.zeros(size, np.uint8)}, 1000)
+
+
+def _our_streams(caller: Rpc, server: Rpc) -> list:
+    """The caller's open streams to `server` on our protocol (identify has its own)."""
+    (conn,) = caller.host.get_network().connections[ID.from_base58(server.peer_id)]
+    return [s for s in conn.get_streams() if s.get_protocol() == MODELS_PROTOCOL]
