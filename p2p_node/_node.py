@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import multiaddr
@@ -37,7 +37,6 @@ from ._wire import ModelsReply, ModelsRequest, Request, RunReply, RunRequest
 logger = logging.getLogger(__name__)
 
 _BOOTSTRAP_BACKOFF_S = (0.25, 30.0)  # first retry, cap
-_RunFn = Callable[[RunRequest], Awaitable[RunReply]]
 
 
 class Node:
@@ -51,9 +50,6 @@ class Node:
         self._rpc = rpc
         self._executor = executor
         self._nursery = nursery
-        self._in_flight = 0
-        self._closing = False
-        self._drained = trio.Event()
 
     @property
     def peer_id(self) -> str:
@@ -70,8 +66,8 @@ class Node:
 
     @property
     def in_flight(self) -> int:
-        """Requests this node is answering right now (jobs and inferences)."""
-        return self._in_flight
+        """Requests this node is answering right now, on every protocol."""
+        return self._rpc.in_flight
 
     async def connect(self, addr: str) -> str:
         """Dial a peer by its full multiaddr and learn its models; returns its peer id."""
@@ -144,12 +140,10 @@ class Node:
     # --- protocol handlers ------------------------------------------------------
 
     async def _on_job(self, request: Request, sender: str) -> RunReply:
-        return await self._tracked(request, self.run_job)
+        return await self.run_job(_expect_run(request))
 
     async def _on_infer(self, request: Request, sender: str) -> RunReply:
-        return await self._tracked(request, self._run_here_within_deadline)
-
-    async def _run_here_within_deadline(self, request: RunRequest) -> RunReply:
+        request = _expect_run(request)
         with trio.move_on_after(request.timeout_ms / 1000):
             return await self._run_here(request)
         raise JobError(
@@ -160,29 +154,6 @@ class Node:
 
     async def _on_models(self, request: Request, sender: str) -> ModelsReply:
         return ModelsReply(self.peer_id, self.models)
-
-    async def _tracked(self, request: Request, run: _RunFn) -> RunReply:
-        if not isinstance(request, RunRequest):
-            raise JobError(ErrorCode.MALFORMED_MESSAGE, "expected a run request")
-        if self._closing:
-            raise JobError(ErrorCode.SHUTTING_DOWN, "this node is shutting down", peer=self.peer_id)
-        self._in_flight += 1
-        try:
-            return await run(request)
-        finally:
-            self._in_flight -= 1
-            if self._closing and self._in_flight == 0:
-                self._drained.set()
-
-    async def _drain(self) -> None:
-        """Refuse new requests and wait for the admitted ones to be answered."""
-        self._closing = True
-        if self._in_flight == 0:
-            self._drained.set()
-        with trio.move_on_after(self.config.shutdown_grace):
-            await self._drained.wait()
-        if self._in_flight:
-            logger.warning("shutting down with %d requests unanswered", self._in_flight)
 
     # --- peers ------------------------------------------------------------------
 
@@ -226,6 +197,12 @@ class Node:
                 )
             await trio.sleep(delay)
             delay = min(cap, delay * 2)
+
+
+def _expect_run(request: Request) -> RunRequest:
+    if not isinstance(request, RunRequest):
+        raise JobError(ErrorCode.MALFORMED_MESSAGE, "this protocol takes run requests")
+    return request
 
 
 class _ConnectionEvents(INotifee):
@@ -301,7 +278,9 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
             yield node
         finally:
             with trio.CancelScope(shield=True):
-                await node._drain()
+                unanswered = await rpc.drain(config.shutdown_grace)
+            if unanswered:
+                logger.warning("shut down with %d requests unanswered", unanswered)
             nursery.cancel_scope.cancel()
 
 

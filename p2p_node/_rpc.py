@@ -171,6 +171,26 @@ class Rpc:
         self._max_reply_bytes = max_reply_bytes
         self._inbound_slots = trio.Semaphore(max_concurrent_inbound)
         self._idle: dict[tuple[str, TProtocol], list[_Channel]] = {}
+        self._answering = 0
+        self._closing = False
+        self._all_answered = trio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being answered: from their arrival until their reply is sent."""
+        return self._answering
+
+    async def drain(self, grace: float) -> int:
+        """Answer new requests SHUTTING_DOWN; wait up to `grace` s for the others.
+
+        Returns how many were still unanswered.
+        """
+        self._closing = True
+        if self._answering == 0:
+            self._all_answered.set()
+        with trio.move_on_after(grace):
+            await self._all_answered.wait()
+        return self._answering
 
     async def connect(self, addr: multiaddr.Multiaddr, timeout: float) -> str:
         """Dial a peer by its full multiaddr; returns its peer id."""
@@ -335,14 +355,40 @@ class Rpc:
                             channel, ErrorReply(code, str(payload), self.peer_id)
                         )
                         break
-                    with trio.CancelScope() as session.work:
-                        reply = await self._dispatch(payload, peer, protocol, handler)
-                    if session.hung_up:
+                    if not await self._answer(channel, payload, peer, protocol, handler, session):
                         break
-                    await self._send_reply(channel, reply)
                     continue
                 break  # idle too long
             nursery.cancel_scope.cancel()
+
+    async def _answer(
+        self,
+        channel: _Channel,
+        payload: bytes,
+        peer: str,
+        protocol: TProtocol,
+        handler: Handler,
+        session: _InboundSession,
+    ) -> bool:
+        """Answer one request; False if the caller hung up before its reply."""
+        self._answering += 1
+        try:
+            reply: Reply
+            if self._closing:
+                reply = ErrorReply(
+                    ErrorCode.SHUTTING_DOWN, "this node is shutting down", self.peer_id
+                )
+            else:
+                with trio.CancelScope() as session.work:
+                    reply = await self._dispatch(payload, peer, protocol, handler)
+                if session.hung_up:
+                    return False
+            await self._send_reply(channel, reply)
+            return True
+        finally:
+            self._answering -= 1
+            if self._closing and self._answering == 0:
+                self._all_answered.set()
 
     async def _read_requests(
         self,

@@ -13,7 +13,7 @@ from libp2p.io.msgio import VarIntLengthMsgReadWriter
 from libp2p.peer.id import ID
 from mesh import open_mesh
 
-from p2p_node import Client, ErrorCode, JobError, bundled_models_dir
+from p2p_node import Client, ErrorCode, JobError, NodeConfig, bundled_models_dir, open_node
 from p2p_node._rpc import INFER_PROTOCOL, JOB_PROTOCOL, new_libp2p_host, run_host
 from p2p_node._wire import ErrorReply, decode_reply
 
@@ -152,3 +152,28 @@ def _peer_info(addr: str):
     from libp2p.peer.peerinfo import info_from_p2p_addr
 
     return info_from_p2p_addr(multiaddr.Multiaddr(addr))
+
+
+async def test_a_node_shutting_down_answers_the_requests_it_admitted(
+    tmp_path: Path, digits
+) -> None:
+    x, _ = digits
+    rows = np.repeat(x, 4, axis=0)  # a few hundred ms of SVM work
+    results = []
+
+    async def submit(addr: str) -> None:
+        async with Client.connect(addr) as client:
+            results.append(await client.submit("digits-svm", {"input": rows}))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            config = NodeConfig(data_dir=tmp_path / "a", serve_models=frozenset({"digits-svm"}))
+            async with open_node(config) as a:
+                nursery.start_soon(submit, a.addrs[0])
+                # Wait for the request to reach the node: a network event, no hook to await.
+                while a.in_flight == 0:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            # open_node has returned: the admitted request was answered before the host closed
+    (result,) = results
+    assert result.outputs["label"].shape == (len(rows),)
+    assert result.executor == a.peer_id
