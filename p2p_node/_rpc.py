@@ -78,6 +78,9 @@ def new_libp2p_host(key_pair: KeyPair) -> IHost:
     }
     connections = ConnectionConfig(
         min_connections=0,
+        # One connection per peer; with more allowed, a successful dial still waits
+        # out the 250 ms happy-eyeballs delay before returning.
+        max_connections_per_peer=1,
         low_watermark=0,
         outbound_stream_protocol_negotiation_timeout=NEGOTIATE_TIMEOUT_S,
         inbound_stream_protocol_negotiation_timeout=NEGOTIATE_TIMEOUT_S,
