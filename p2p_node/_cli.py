@@ -18,15 +18,24 @@ from gossip import ModelDescriptor
 from scheduler import InferenceResult, JobError
 
 from ._client import Client
-from ._config import ConfigError, ExecutorConfig, NodeConfig, load_bootstrap_file
+from ._config import (
+    DEFAULT_TARGET_DEGREE,
+    ConfigError,
+    ExecutorConfig,
+    GossipConfig,
+    NodeConfig,
+    load_bootstrap_file,
+)
 from ._executor import UNNAMED_INPUT
 from ._identity import IdentityError
 from ._node import open_node
 from ._repository import RepositoryError
+from ._wire import PeerReport
 
 DEFAULT_BOOTSTRAP_FILE = Path("bootstrap_peers.toml")
 DEFAULT_DATA_DIR = Path.home() / ".p2p-node"
 _DEFAULTS = ExecutorConfig()
+_GOSSIP_DEFAULTS = GossipConfig()
 
 
 class InputFileError(ValueError):
@@ -107,6 +116,24 @@ def _parser() -> argparse.ArgumentParser:
         default=_DEFAULTS.queue_limit,
         help="admitted requests before answering OVERLOADED",
     )
+    start.add_argument(
+        "--network",
+        default=_GOSSIP_DEFAULTS.network,
+        help="network name: nodes only gossip with the same name",
+    )
+    start.add_argument(
+        "--interval",
+        type=float,
+        default=_GOSSIP_DEFAULTS.interval,
+        help="seconds between records while the network is small",
+    )
+    start.add_argument(
+        "--degree",
+        type=int,
+        default=DEFAULT_TARGET_DEGREE,
+        help="connections to hold beyond the bootstrap peers",
+    )
+    start.add_argument("--mdns", action="store_true", help="discover peers on the LAN")
     start.set_defaults(run=_start)
 
     submit = commands.add_parser("submit", help="run a model on the network")
@@ -127,6 +154,11 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--peer", required=True, metavar="MADDR")
     models.add_argument("--json", action="store_true")
     models.set_defaults(run=_models)
+
+    peers = commands.add_parser("peers", help="show a node's view of the network")
+    peers.add_argument("--peer", required=True, metavar="MADDR")
+    peers.add_argument("--json", action="store_true")
+    peers.set_defaults(run=_peers)
 
     demo = commands.add_parser("demo", help="a local network answering jobs")
     demo.add_argument("--nodes", type=int, default=3)
@@ -175,6 +207,9 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         executor=ExecutorConfig(
             workers=args.workers, intra_op_threads=args.threads, queue_limit=args.queue_limit
         ),
+        gossip=GossipConfig(network=args.network, interval=args.interval),
+        target_degree=args.degree,
+        mdns=args.mdns,
     )
 
 
@@ -288,6 +323,59 @@ def format_table(rows: Sequence[Sequence[str]]) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in rows
     )
+
+
+async def _peers(args: argparse.Namespace) -> int:
+    async with Client.connect(args.peer) as client:
+        peers = await client.peers()
+    if args.json:
+        print(json.dumps([_peer_json(p) for p in peers]))
+    else:
+        print(_peers_table(peers) if peers else "no peers known")
+    return 0
+
+
+def _peer_json(report: PeerReport) -> dict[str, Any]:
+    record = report.record
+    return {
+        "peer_id": record.peer_id,
+        "state": report.state,
+        "record_age_s": round(report.age_s, 3),
+        "addrs": list(record.addrs),
+        "interval_s": record.interval,
+        "load": {
+            "in_flight": record.load.in_flight,
+            "queue_length": record.load.queue_length,
+            "cpu_percent": record.load.cpu_percent,
+            "memory_available_mb": record.load.memory_available_mb,
+            "gpu_utilization": list(record.load.gpu_utilization),
+        },
+        "models": [
+            {"id": m.descriptor.id, "loaded": m.loaded, "task_type": m.descriptor.task_type}
+            for m in record.models
+        ],
+        "gpus": [{"name": g.name, "memory_mb": g.memory_mb} for g in record.capabilities.gpus],
+        "cpu_count": record.capabilities.cpu_count,
+        "providers": list(record.capabilities.providers),
+    }
+
+
+def _peers_table(peers: Sequence[PeerReport]) -> str:
+    rows = [("peer", "state", "age", "load", "models", "gpus", "addresses")]
+    for report in peers:
+        r = report.record
+        rows.append(
+            (
+                r.peer_id,
+                report.state,
+                f"{report.age_s:.1f}s",
+                f"{r.load.in_flight} in flight, {r.load.cpu_percent:.0f}% cpu",
+                ",".join(m.descriptor.id for m in r.models) or "-",
+                ",".join(g.name for g in r.capabilities.gpus) or "-",
+                " ".join(r.addrs),
+            )
+        )
+    return format_table(rows)
 
 
 # --- demo -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from ._errors import unwrap_single_errors
 from ._rpc import (
     JOB_PROTOCOL,
     MODELS_PROTOCOL,
+    PEERS_PROTOCOL,
     REPLY_GRACE_S,
     Handler,
     Rpc,
@@ -22,7 +23,17 @@ from ._rpc import (
     new_libp2p_host,
     run_host,
 )
-from ._wire import ModelsReply, ModelsRequest, Reply, Request, RunReply, RunRequest
+from ._wire import (
+    ModelsReply,
+    ModelsRequest,
+    PeerReport,
+    PeersReply,
+    PeersRequest,
+    Reply,
+    Request,
+    RunReply,
+    RunRequest,
+)
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -95,6 +106,12 @@ class Client:
             queue_ms=result.queue_ms,
             compute_ms=result.compute_ms,
         )
+
+    async def peers(self, *, timeout: float = 10.0) -> tuple[PeerReport, ...]:
+        """The connected node's view of the network: each peer's record, age and state."""
+        reply = await self._rpc.call(self.peer_id, PEERS_PROTOCOL, PeersRequest(), timeout)
+        peers: PeersReply = expect_reply(reply, PeersReply, self.peer_id)
+        return peers.peers
 
     async def models(self, *, timeout: float = 10.0) -> tuple[ModelDescriptor, ...]:
         """The models the connected node serves itself."""

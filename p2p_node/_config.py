@@ -8,6 +8,10 @@ from pathlib import Path
 
 import multiaddr
 
+from gossip import Capabilities
+
+DEFAULT_TARGET_DEGREE = 6
+
 
 class ConfigError(ValueError):
     """A configuration file or value is unusable; the message says which and why."""
@@ -43,6 +47,32 @@ class ExecutorConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GossipConfig:
+    network: str = "default"
+    interval: float = 1.0  # publish interval while the network is small
+    budget: float = 200.0  # records/s for the whole network; the interval grows to fit
+    degree: int = 6
+    degree_low: int = 4
+    degree_high: int = 12
+    heartbeat_s: int = 1  # py-libp2p takes whole seconds
+    ttl_factor: float = 3.0  # a peer silent for ttl_factor x its interval is dead
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.network) <= 64 or "/" in self.network:
+            raise ConfigError(f"network name must be 1-64 characters without '/': {self.network!r}")
+        if not (self.interval > 0 and self.budget > 0 and self.heartbeat_s >= 1):
+            raise ConfigError("interval, budget and heartbeat must be positive")
+        if not self.ttl_factor > 1:
+            raise ConfigError(f"ttl_factor must be > 1, got {self.ttl_factor}")
+        if not 0 < self.degree_low <= self.degree <= self.degree_high:
+            raise ConfigError("need 0 < degree_low <= degree <= degree_high")
+
+    @property
+    def topic(self) -> str:
+        return f"/p2p-node/{self.network}/records/1"
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     data_dir: Path
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
@@ -50,11 +80,14 @@ class NodeConfig:
     serve_models: frozenset[str] | None = None  # None: every model in models_dir
     bootstrap: tuple[str, ...] = ()
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    target_degree: int = DEFAULT_TARGET_DEGREE  # connections sought beyond bootstrap peers
+    mdns: bool = False
+    capabilities: Capabilities | None = None  # announce these instead of probing the machine
     max_request_bytes: int = 16 * 1024 * 1024
     max_reply_bytes: int = 16 * 1024 * 1024
     max_concurrent_inbound: int = 256
     dial_timeout: float = 5.0
-    models_query_timeout: float = 5.0
     shutdown_grace: float = 10.0
 
     def __post_init__(self) -> None:
@@ -64,6 +97,8 @@ class NodeConfig:
             parse_multiaddr(addr)
         for addr in self.bootstrap:
             parse_peer_multiaddr(addr)
+        if self.target_degree < 0:
+            raise ConfigError(f"target_degree must be >= 0, got {self.target_degree}")
         if self.max_request_bytes < 1024 or self.max_reply_bytes < 1024:
             raise ConfigError("message size limits must be at least 1024 bytes")
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import trio
 
-from gossip import ModelDescriptor, TensorSpec
+from gossip import ModelDescriptor, ModelPerformance, TensorSpec
 from scheduler import ErrorCode, JobError, Tensors
 
 from ._config import ExecutorConfig
@@ -159,6 +159,7 @@ class Executor:
         self._admitted = 0
         # Recent compute time per model (ms, EWMA); decides inline vs worker thread.
         self._compute_ms: dict[str, float] = {}
+        self._stats: dict[str, _ModelStats] = {}
 
     @property
     def descriptors(self) -> tuple[ModelDescriptor, ...]:
@@ -167,6 +168,18 @@ class Executor:
     @property
     def in_flight(self) -> int:
         return self._admitted
+
+    @property
+    def queue_length(self) -> int:
+        """Admitted requests still waiting for a worker slot."""
+        return max(0, self._admitted - int(self._limiter.total_tokens))
+
+    def performance(self) -> tuple[ModelPerformance, ...]:
+        """Per model: EWMA of latency (queue + compute) and of success, and run count."""
+        return tuple(
+            ModelPerformance(model_id, stats.latency_ms, stats.success_rate, stats.samples)
+            for model_id, stats in sorted(self._stats.items())
+        )
 
     def serves(self, model_id: str) -> bool:
         return model_id in self._models
@@ -185,8 +198,9 @@ class Executor:
                 f"{self._admitted} requests admitted, queue limit {self._config.queue_limit}",
             )
         self._admitted += 1
+        stats = self._stats.setdefault(model_id, _ModelStats())
+        admitted_at = time.perf_counter()
         try:
-            admitted_at = time.perf_counter()
             if self._compute_ms.get(model_id, math.inf) < self._config.inline_below_ms:
                 await trio.lowlevel.checkpoint()
                 outputs, started, finished = _compute(model, feeds)
@@ -194,14 +208,35 @@ class Executor:
                 outputs, started, finished = await trio.to_thread.run_sync(
                     _compute, model, feeds, limiter=self._limiter
                 )
+        except JobError:
+            stats.record(ok=False, latency_ms=(time.perf_counter() - admitted_at) * 1e3)
+            raise
         finally:
             self._admitted -= 1
+        stats.record(ok=True, latency_ms=(finished - admitted_at) * 1e3)
         compute_ms = (finished - started) * 1e3
         previous = self._compute_ms.get(model_id, compute_ms)
         self._compute_ms[model_id] = previous + COMPUTE_EWMA_ALPHA * (compute_ms - previous)
         return Execution(
             outputs=outputs, queue_ms=(started - admitted_at) * 1e3, compute_ms=compute_ms
         )
+
+
+class _ModelStats:
+    """EWMAs of one model's latency and success on this node."""
+
+    __slots__ = ("latency_ms", "samples", "success_rate")
+
+    def __init__(self) -> None:
+        self.latency_ms = 0.0
+        self.success_rate = 1.0
+        self.samples = 0
+
+    def record(self, *, ok: bool, latency_ms: float) -> None:
+        alpha = 1.0 if self.samples == 0 else COMPUTE_EWMA_ALPHA
+        self.latency_ms += alpha * (latency_ms - self.latency_ms)
+        self.success_rate += COMPUTE_EWMA_ALPHA * ((1.0 if ok else 0.0) - self.success_rate)
+        self.samples += 1
 
 
 def _compute(

@@ -1,11 +1,14 @@
-"""The node process: identity, host, executor and protocols wired together."""
+"""The node process: identity, host, executor, protocols, gossip and membership wired together."""
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
-from collections.abc import AsyncIterator
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 
 import multiaddr
@@ -14,42 +17,58 @@ import trio
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.peer.id import ID
 
-from gossip import ModelDescriptor, PeerEntry, PeerView
+from gossip import Departure, Load, ModelDescriptor, ModelEntry, PeerRecord, PeerView
 from scheduler import ErrorCode, JobError
 
 from ._config import NodeConfig, parse_multiaddr, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
 from ._executor import Executor, load_model
+from ._gossip import Gossip, open_gossip
+from ._hardware import Gpus, capabilities
 from ._identity import load_or_create_identity, lock_data_dir
+from ._membership import Membership
 from ._repository import bundled_models_dir, read_repository
 from ._rpc import (
     INFER_PROTOCOL,
     JOB_PROTOCOL,
     MODELS_PROTOCOL,
+    PEERS_PROTOCOL,
     REPLY_GRACE_S,
     Rpc,
     expect_reply,
     new_libp2p_host,
     run_host,
 )
-from ._wire import ModelsReply, ModelsRequest, Request, RunReply, RunRequest
+from ._wire import (
+    ModelsReply,
+    PeerReport,
+    PeersReply,
+    Request,
+    RunReply,
+    RunRequest,
+)
 
 logger = logging.getLogger(__name__)
 
-_BOOTSTRAP_BACKOFF_S = (0.25, 30.0)  # first retry, cap
+MAX_ANNOUNCED_ADDRS = 16
 
 
 class Node:
     """A running node. Get one from `open_node(config)`."""
 
-    def __init__(
-        self, config: NodeConfig, rpc: Rpc, executor: Executor, nursery: trio.Nursery
-    ) -> None:
+    def __init__(self, config: NodeConfig, rpc: Rpc, executor: Executor, gpus: Gpus) -> None:
         self.config = config
-        self.view = PeerView()
+        self.view = PeerView(config.gossip.ttl_factor)
+        self.boot_id = uuid.uuid4().hex[:16]
         self._rpc = rpc
         self._executor = executor
-        self._nursery = nursery
+        self._gpus = gpus
+        self._capabilities = config.capabilities or capabilities(gpus)
+        self._seq = 0
+        self._announced_in_flight = 0
+        # Set by open_node once gossip and membership run.
+        self.gossip: Gossip
+        self.membership: Membership
 
     @property
     def peer_id(self) -> str:
@@ -69,11 +88,54 @@ class Node:
         """Requests this node is answering right now, on every protocol."""
         return self._rpc.in_flight
 
+    def connected_peers(self) -> frozenset[str]:
+        """Peer ids this node holds a connection to (clients included)."""
+        network = self._rpc.host.get_network()
+        return frozenset(str(peer) for peer, conns in network.connections.items() if conns)
+
     async def connect(self, addr: str) -> str:
-        """Dial a peer by its full multiaddr and learn its models; returns its peer id."""
-        peer_id = await self._rpc.connect(parse_peer_multiaddr(addr), self.config.dial_timeout)
-        await self._learn_models(peer_id)
-        return peer_id
+        """Dial a peer by its full multiaddr; returns its peer id. Its record follows by gossip."""
+        return await self._rpc.connect(parse_peer_multiaddr(addr), self.config.dial_timeout)
+
+    async def block(self, peer_ids: Collection[str]) -> None:
+        """Cut and refuse connections to these peers (the harness's partitions)."""
+        self.membership.block(peer_ids)
+        for peer_id in set(peer_ids) & self.connected_peers():
+            await self._rpc.host.disconnect(ID.from_base58(peer_id))
+
+    def unblock_all(self) -> None:
+        self.membership.unblock_all()
+
+    def make_record(self, interval: float, departed: tuple[Departure, ...]) -> PeerRecord:
+        """This node's record as of now; gossip calls it at each publish."""
+        self._seq += 1
+        self._announced_in_flight = self._executor.in_flight
+        memory = psutil.virtual_memory()
+        return PeerRecord(
+            peer_id=self.peer_id,
+            boot_id=self.boot_id,
+            seq=self._seq,
+            issued_at=time.time(),
+            interval=interval,
+            addrs=tuple(self.addrs[:MAX_ANNOUNCED_ADDRS]),
+            capabilities=self._capabilities,
+            models=tuple(ModelEntry(m, loaded=True) for m in self.models),
+            load=Load(
+                in_flight=self._executor.in_flight,
+                queue_length=self._executor.queue_length,
+                cpu_percent=psutil.cpu_percent(interval=None),
+                memory_available_mb=int(memory.available) // (1 << 20),
+                gpu_utilization=self._gpus.utilization(),
+            ),
+            performance=self._executor.performance(),
+            departed=departed,
+        )
+
+    def _note_load(self) -> None:
+        """Publish early when the load moved a lot since the last record."""
+        now, then = self._executor.in_flight, self._announced_in_flight
+        if abs(now - then) >= max(2, then // 2):
+            self.gossip.changed()
 
     async def run_job(self, request: RunRequest) -> RunReply:
         """Coordinate one job: run it here if this node serves the model, else forward it."""
@@ -140,10 +202,19 @@ class Node:
     # --- protocol handlers ------------------------------------------------------
 
     async def _on_job(self, request: Request, sender: str) -> RunReply:
-        return await self.run_job(_expect_run(request))
+        return await self._with_load_notes(self.run_job, _expect_run(request))
 
     async def _on_infer(self, request: Request, sender: str) -> RunReply:
-        request = _expect_run(request)
+        return await self._with_load_notes(self._run_here_within_deadline, _expect_run(request))
+
+    async def _with_load_notes(self, run: _RunFn, request: RunRequest) -> RunReply:
+        self._note_load()
+        try:
+            return await run(request)
+        finally:
+            self._note_load()
+
+    async def _run_here_within_deadline(self, request: RunRequest) -> RunReply:
         with trio.move_on_after(request.timeout_ms / 1000):
             return await self._run_here(request)
         raise JobError(
@@ -155,48 +226,25 @@ class Node:
     async def _on_models(self, request: Request, sender: str) -> ModelsReply:
         return ModelsReply(self.peer_id, self.models)
 
-    # --- peers ------------------------------------------------------------------
+    async def _on_peers(self, request: Request, sender: str) -> PeersReply:
+        now = trio.current_time()
+        reports = tuple(
+            PeerReport(known.record, max(0.0, now - known.received_at), str(known.state))
+            for _, known in sorted(self.view.snapshot().peers.items())
+        )
+        return PeersReply(self.peer_id, reports)
 
-    async def _learn_models(self, peer_id: str) -> None:
-        """Ask a peer which models it serves and put the answer in the view."""
-        try:
-            reply = await self._rpc.call(
-                peer_id, MODELS_PROTOCOL, ModelsRequest(), timeout=self.config.models_query_timeout
-            )
-            models: ModelsReply = expect_reply(reply, ModelsReply, peer_id)
-        except JobError as error:
-            # Clients and peers of other protocol versions do not answer: not an error.
-            logger.debug("peer %s did not list its models: %s", peer_id, error)
-            return
-        if models.peer_id != peer_id:
-            logger.warning("peer %s answered with another peer id %s", peer_id, models.peer_id)
-            return
-        if not models.models:
-            return  # a client, or a node that serves nothing: no work can go there
-        addrs = tuple(str(a) for a in self._rpc.host.get_peerstore().addrs(ID.from_base58(peer_id)))
-        self.view.update(PeerEntry(peer_id, addrs, models.models))
+    async def _watch_connections(self, events: trio.MemoryReceiveChannel[tuple[bool, str]]) -> None:
+        async for connected, peer_id in events:
+            if connected:
+                if self.membership.is_blocked(peer_id):
+                    await self._rpc.host.disconnect(ID.from_base58(peer_id))
+            elif peer_id not in self.connected_peers():
+                self.gossip.connection_lost(peer_id)
+                self.membership.kick()
 
-    async def _track_peers(self, events: trio.MemoryReceiveChannel[tuple[bool, str]]) -> None:
-        async with trio.open_nursery() as nursery:
-            async for connected, peer_id in events:
-                if connected:
-                    nursery.start_soon(self._learn_models, peer_id)
-                elif not self._rpc.host.get_network().connections.get(ID.from_base58(peer_id)):
-                    self.view.remove(peer_id)
 
-    async def _dial_bootstrap(self, addr: str) -> None:
-        delay, cap = _BOOTSTRAP_BACKOFF_S
-        while True:
-            try:
-                await self.connect(addr)
-                logger.info("connected to bootstrap peer %s", addr)
-                return
-            except JobError as error:
-                logger.warning(
-                    "bootstrap peer %s: %s; retrying in %.2g s", addr, error.message, delay
-                )
-            await trio.sleep(delay)
-            delay = min(cap, delay * 2)
+_RunFn = Callable[[RunRequest], Awaitable[RunReply]]
 
 
 def _expect_run(request: Request) -> RunRequest:
@@ -253,7 +301,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
     key_pair = load_or_create_identity(config.data_dir)
     cards = read_repository(config.models_dir or bundled_models_dir(), config.serve_models)
     executor = Executor([load_model(c, config.executor) for c in cards], config.executor)
-    host = new_libp2p_host(key_pair)
+    host = new_libp2p_host(key_pair, mdns=config.mdns)
     rpc = Rpc(
         host,
         max_request_bytes=config.max_request_bytes,
@@ -262,26 +310,43 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
     )
     listen = [parse_multiaddr(a) for a in config.listen]
     events_send, events_receive = trio.open_memory_channel[tuple[bool, str]](4096)
-    async with run_host(host, listen), trio.open_nursery() as nursery:
-        node = Node(config, rpc, executor, nursery)
-        rpc.serve(JOB_PROTOCOL, node._on_job)
-        rpc.serve(INFER_PROTOCOL, node._on_infer)
-        rpc.serve(MODELS_PROTOCOL, node._on_models)
-        host.get_network().register_notifee(_ConnectionEvents(events_send))
-        nursery.start_soon(node._track_peers, events_receive)
-        for addr in config.bootstrap:
-            nursery.start_soon(node._dial_bootstrap, addr)
-        logger.info(
-            "node %s serving %s on %s", node.peer_id, [m.id for m in node.models], node.addrs
-        )
-        try:
-            yield node
-        finally:
-            with trio.CancelScope(shield=True):
-                unanswered = await rpc.drain(config.shutdown_grace)
-            if unanswered:
-                logger.warning("shut down with %d requests unanswered", unanswered)
-            nursery.cancel_scope.cancel()
+    gpus = Gpus()
+    try:
+        async with run_host(host, listen), trio.open_nursery() as nursery:
+            node = Node(config, rpc, executor, gpus)
+            rpc.serve(JOB_PROTOCOL, node._on_job)
+            rpc.serve(INFER_PROTOCOL, node._on_infer)
+            rpc.serve(MODELS_PROTOCOL, node._on_models)
+            rpc.serve(PEERS_PROTOCOL, node._on_peers)
+            host.get_network().register_notifee(_ConnectionEvents(events_send))
+            async with open_gossip(host, node.view, config.gossip, node.make_record) as gossip:
+                node.gossip = gossip
+                node.membership = Membership(
+                    dial=node.connect,
+                    connected=node.connected_peers,
+                    view=node.view,
+                    bootstrap=config.bootstrap,
+                    target_degree=config.target_degree,
+                    rng=random.Random(),
+                )
+                nursery.start_soon(node._watch_connections, events_receive)
+                nursery.start_soon(node.membership.run)
+                logger.info(
+                    "node %s serving %s on %s",
+                    node.peer_id,
+                    [m.id for m in node.models],
+                    node.addrs,
+                )
+                try:
+                    yield node
+                finally:
+                    with trio.CancelScope(shield=True):
+                        unanswered = await rpc.drain(config.shutdown_grace)
+                    if unanswered:
+                        logger.warning("shut down with %d requests unanswered", unanswered)
+                    nursery.cancel_scope.cancel()
+    finally:
+        gpus.close()
 
 
 def _expand_wildcards(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:

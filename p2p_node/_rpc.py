@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 INFER_PROTOCOL = TProtocol("/p2p-node/infer/1.0.0")
 JOB_PROTOCOL = TProtocol("/p2p-node/job/1.0.0")
 MODELS_PROTOCOL = TProtocol("/p2p-node/models/1.0.0")
+PEERS_PROTOCOL = TProtocol("/p2p-node/peers/1.0.0")
 
 # Multistream negotiation of a new stream; libp2p's default is 30 s.
 NEGOTIATE_TIMEOUT_S = 5
@@ -71,8 +72,8 @@ _TRANSPORT_ERRORS = (
 Handler = Callable[[Request, str], Awaitable[Reply]]
 
 
-def new_libp2p_host(key_pair: KeyPair) -> IHost:
-    """A host that speaks TCP + Noise + Yamux and nothing weaker."""
+def new_libp2p_host(key_pair: KeyPair, *, mdns: bool = False) -> IHost:
+    """A host that speaks TCP + Noise + Yamux and nothing weaker; mDNS on a LAN if asked."""
     security = {
         NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
     }
@@ -91,6 +92,7 @@ def new_libp2p_host(key_pair: KeyPair) -> IHost:
         muxer_preference="YAMUX",
         negotiate_timeout=NEGOTIATE_TIMEOUT_S,
         connection_config=connections,
+        enable_mDNS=mdns,
     )
 
 

@@ -21,9 +21,13 @@ from gossip import (
     MAX_RANK,
     TENSOR_DTYPES,
     ModelDescriptor,
+    PeerRecord,
+    RecordError,
     SchemaError,
+    decode_record,
     descriptor_from_wire,
     descriptor_to_wire,
+    encode_record,
     expect_list,
     expect_map,
 )
@@ -86,8 +90,28 @@ class ModelsReply:
     models: tuple[ModelDescriptor, ...]
 
 
-Request = RunRequest | ModelsRequest
-Reply = RunReply | ModelsReply | ErrorReply
+@dataclass(frozen=True, slots=True)
+class PeersRequest:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class PeerReport:
+    """One entry of a node's view, as `p2p-node peers` shows it."""
+
+    record: PeerRecord
+    age_s: float  # since the record arrived
+    state: str  # "alive" or "suspect"
+
+
+@dataclass(frozen=True, slots=True)
+class PeersReply:
+    peer_id: str
+    peers: tuple[PeerReport, ...]
+
+
+Request = RunRequest | ModelsRequest | PeersRequest
+Reply = RunReply | ModelsReply | PeersReply | ErrorReply
 
 
 # --- encoding --------------------------------------------------------------------------
@@ -123,6 +147,17 @@ def encode(message: Request | Reply) -> bytes:
             }
         case ModelsRequest():
             body = {"kind": "models?"}
+        case PeersRequest():
+            body = {"kind": "peers?"}
+        case PeersReply():
+            body = {
+                "kind": "peers",
+                "peer_id": message.peer_id,
+                "peers": [
+                    {"record": encode_record(p.record), "age_s": p.age_s, "state": p.state}
+                    for p in message.peers
+                ],
+            }
         case ModelsReply():
             body = {
                 "kind": "models",
@@ -155,8 +190,13 @@ def _tensors_to_wire(tensors: Tensors) -> dict[str, Any]:
 
 # --- decoding --------------------------------------------------------------------------
 
-_REQUEST_KINDS = {"run": RunRequest, "models?": ModelsRequest}
-_REPLY_KINDS = {"result": RunReply, "error": ErrorReply, "models": ModelsReply}
+_REQUEST_KINDS = {"run": RunRequest, "models?": ModelsRequest, "peers?": PeersRequest}
+_REPLY_KINDS = {
+    "result": RunReply,
+    "error": ErrorReply,
+    "models": ModelsReply,
+    "peers": PeersReply,
+}
 _KEYS = {
     "run": frozenset({"v", "kind", "job_id", "model_id", "inputs", "timeout_ms"}),
     "result": frozenset(
@@ -165,7 +205,11 @@ _KEYS = {
     "error": frozenset({"v", "kind", "code", "message", "peer"}),
     "models?": frozenset({"v", "kind"}),
     "models": frozenset({"v", "kind", "peer_id", "models"}),
+    "peers?": frozenset({"v", "kind"}),
+    "peers": frozenset({"v", "kind", "peer_id", "peers"}),
 }
+_PEER_REPORT_KEYS = frozenset({"record", "age_s", "state"})
+MAX_PEERS = 100_000
 _TENSOR_KEYS = frozenset({"dtype", "shape", "data"})
 
 
@@ -255,12 +299,28 @@ def _models_reply(f: Mapping[str, Any]) -> ModelsReply:
     return ModelsReply(_text(f["peer_id"], "peer_id"), models)
 
 
+def _peers_reply(f: Mapping[str, Any]) -> PeersReply:
+    reports = []
+    for raw in expect_list(f["peers"], "peers", MAX_PEERS):
+        entry = expect_map(raw, _PEER_REPORT_KEYS, "peer report")
+        if not isinstance(entry["record"], bytes) or entry["state"] not in ("alive", "suspect"):
+            raise SchemaError("peer report: record must be bytes, state alive or suspect")
+        try:
+            record = decode_record(entry["record"])
+        except RecordError as error:
+            raise SchemaError(f"peer report: {error}") from None
+        reports.append(PeerReport(record, _millis(entry["age_s"], "age_s"), entry["state"]))
+    return PeersReply(_text(f["peer_id"], "peer_id"), tuple(reports))
+
+
 _BUILDERS: Mapping[str, Any] = {
     "run": _run_request,
     "result": _run_reply,
     "error": _error_reply,
     "models?": lambda f: ModelsRequest(),
     "models": _models_reply,
+    "peers?": lambda f: PeersRequest(),
+    "peers": _peers_reply,
 }
 
 

@@ -1,0 +1,181 @@
+"""The GossipSub adapter: publish this node's record, validate and apply everyone else's.
+
+py-libp2p 0.8 defaults that would hurt us, all set explicitly here (see
+DESIGN.md): a 120 s heartbeat, adaptive gossip (which can stretch the heartbeat
+to a minute), spam protection capped at 10 messages/s per topic, eclipse
+protection that wants 3 distinct IPs in a mesh (never true on loopback), and
+unsigned test defaults. Records are signed (strict signing) and validated by
+`gossip.check_record` before GossipSub forwards them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+
+from gossip import (
+    MAX_DEPARTED,
+    Departure,
+    PeerRecord,
+    PeerView,
+    PublishPacer,
+    RecordError,
+    Rejection,
+    check_record,
+    decode_record,
+    encode_record,
+    expire_forever,
+    publish_interval,
+)
+
+from ._config import GossipConfig
+
+logger = logging.getLogger(__name__)
+
+
+RecordMaker = Callable[[float, tuple[Departure, ...]], PeerRecord]
+
+
+class Gossip:
+    """This node's side of the records topic. Built by `open_gossip`."""
+
+    def __init__(
+        self, pubsub: Pubsub, view: PeerView, config: GossipConfig, make_record: RecordMaker
+    ) -> None:
+        self.view = view
+        self.config = config
+        self.rejects: Counter[Rejection] = Counter()
+        self.published = 0
+        self._pubsub = pubsub
+        self._make_record = make_record
+        self._my_id = str(pubsub.my_id)
+        self._wake = trio.Event()
+        self._dirty = False
+        self._silent_until = -float("inf")
+        self._departures: dict[str, tuple[Departure, float]] = {}
+
+    def changed(self) -> None:
+        """Something significant changed: publish soon (at once if the pacer allows)."""
+        self._dirty = True
+        self._wake.set()
+
+    def connection_lost(self, peer_id: str) -> None:
+        """A peer we were connected to is gone: it is suspect here, and we tell the others."""
+        known = self.view.snapshot().peers.get(peer_id)
+        if known is None:
+            return  # a client, or a peer we never heard from
+        self.view.suspect(peer_id)
+        departure = Departure(peer_id, known.record.boot_id, known.record.seq)
+        self._departures[peer_id] = (departure, trio.current_time())
+        self.changed()
+
+    def silence(self, seconds: float) -> None:
+        """Publish nothing for `seconds` (the harness's stall: alive but silent)."""
+        self._silent_until = trio.current_time() + seconds
+
+    # --- validation, receiving, publishing, expiry ------------------------------------
+
+    def validate(self, forwarder: ID, msg: Any) -> bool:
+        """GossipSub topic validator: only well-formed, signer-owned, newer records pass."""
+        try:
+            signer = ID(msg.from_id).to_base58()
+            check_record(msg.data, signer, self.view.last_record(signer))
+        except RecordError as error:
+            self.rejects[error.reason] += 1
+            logger.debug("rejected a record forwarded by %s: %s", forwarder, error)
+            return False
+        except Exception as error:  # a from_id that is not a peer id, and the like
+            self.rejects[Rejection.MALFORMED] += 1
+            logger.debug("rejected a message forwarded by %s: %r", forwarder, error)
+            return False
+        return True
+
+    async def receive(self, subscription: Any) -> None:
+        while True:
+            msg = await subscription.get()
+            try:
+                record = decode_record(msg.data)  # validated already; decoding is cheap
+            except RecordError:
+                continue
+            if record.peer_id == self._my_id:
+                continue
+            self.view.apply(record, trio.current_time())
+            self._departures.pop(record.peer_id, None)
+            for gone in record.departed:
+                if gone.peer_id != self._my_id:
+                    self.view.depart(gone.peer_id, gone.boot_id, gone.seq)
+
+    async def publish_forever(self) -> None:
+        pacer = PublishPacer()
+        announced = self.config.interval
+        while True:
+            now = trio.current_time()
+            interval = publish_interval(
+                len(self.view.snapshot()), self.config.interval, self.config.budget
+            )
+            if abs(interval - announced) > 0.25 * announced:
+                # Peers expire us by the interval we announced: tell them it moved.
+                self._dirty = True
+                announced = interval
+            if now >= self._silent_until and pacer.due(now, interval, self._dirty):
+                self._dirty = False
+                await self._publish(interval, now)
+                pacer.published(now, interval)
+            wake_at = pacer.next_due(now, interval, self._dirty)
+            if now < self._silent_until:
+                wake_at = max(wake_at, self._silent_until)
+            with trio.move_on_at(wake_at):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    async def _publish(self, interval: float, now: float) -> None:
+        ttl = self.view.ttl_factor * interval
+        for peer_id, (_, since) in list(self._departures.items()):
+            if now - since > ttl:
+                del self._departures[peer_id]
+        departed = tuple(d for d, _ in self._departures.values())[-MAX_DEPARTED:]
+        data = encode_record(self._make_record(interval, departed))
+        await self._pubsub.publish(self.config.topic, data)
+        self.published += 1
+
+
+@asynccontextmanager
+async def open_gossip(
+    host: IHost, view: PeerView, config: GossipConfig, make_record: RecordMaker
+) -> AsyncIterator[Gossip]:
+    """Join the records topic: validate, receive, publish and expire until exit."""
+    router = GossipSub(
+        [PROTOCOL_ID_V11, PROTOCOL_ID],
+        degree=config.degree,
+        degree_low=config.degree_low,
+        degree_high=config.degree_high,
+        heartbeat_interval=config.heartbeat_s,
+        heartbeat_initial_delay=0.1,
+        adaptive_gossip_enabled=False,
+        spam_protection_enabled=False,  # validation and the record budget bound the rate
+        eclipse_protection_enabled=False,
+    )
+    pubsub = Pubsub(host, router, strict_signing=True)
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(background_trio_service(pubsub))
+        await stack.enter_async_context(background_trio_service(router))
+        await pubsub.wait_until_ready()
+        gossip = Gossip(pubsub, view, config, make_record)
+        pubsub.set_topic_validator(config.topic, gossip.validate, False)
+        subscription = await pubsub.subscribe(config.topic)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gossip.receive, subscription)
+            nursery.start_soon(gossip.publish_forever)
+            nursery.start_soon(expire_forever, view, config.interval)
+            yield gossip
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,174 @@
+"""A swarm of real nodes in one trio process: for tests, benchmarks and experiments.
+
+Every node is a full `p2p_node` node (libp2p host on loopback with TCP, Noise
+and Yamux, GossipSub, onnxruntime); only the process is shared. ::
+
+    async with open_swarm(10, topology="random", degree=4) as swarm:
+        await swarm.wait_converged()
+        await swarm.kill(3)                 # abrupt: its connections drop
+        swarm.stall(4, seconds=2.0)         # alive but silent
+        await swarm.partition([range(0, 5), range(5, 10)])
+        await swarm.heal()
+        await swarm.wait_converged()
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import trio
+
+from gossip import Capabilities, PeerState, ViewSnapshot
+
+from ._config import GossipConfig, NodeConfig
+from ._node import Node, open_node
+
+if TYPE_CHECKING:
+    # libp2p pulls in trio-typing, whose trio stubs shadow trio's own annotations.
+    from trio_typing import TaskStatus
+
+Topology = Literal["full", "ring", "random"]
+
+__all__ = ["Swarm", "Topology", "edges", "open_swarm"]
+
+
+def edges(n: int, topology: Topology, degree: int = 4, seed: int = 0) -> set[tuple[int, int]]:
+    """Undirected edges (i, j) with j < i: who dials whom when the swarm starts."""
+    if topology == "full":
+        return {(i, j) for i in range(n) for j in range(i)}
+    if topology == "ring":
+        return {(i, i - 1) for i in range(1, n)} | ({(n - 1, 0)} if n > 2 else set())
+    if topology == "random":
+        rng = random.Random(seed)
+        out = set()
+        for i in range(1, n):
+            for j in rng.sample(range(i), min(i, max(1, degree // 2))):
+                out.add((i, j))
+        return out
+    raise ValueError(f"unknown topology {topology!r}; use full, ring or random")
+
+
+class Swarm:
+    """Handles on a running swarm. Indices are stable; killed nodes stay dead."""
+
+    def __init__(self, nodes: list[Node], scopes: list[trio.CancelScope]) -> None:
+        self.nodes = nodes
+        self._scopes = scopes
+        self.dead: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __getitem__(self, i: int) -> Node:
+        return self.nodes[i]
+
+    @property
+    def live(self) -> list[int]:
+        return [i for i in range(len(self.nodes)) if i not in self.dead]
+
+    async def kill(self, i: int) -> None:
+        """Stop node i abruptly: its host closes (peers see the connections drop)."""
+        self.dead.add(i)
+        await self.nodes[i]._rpc.host.close()
+        self._scopes[i].cancel()
+
+    def stall(self, i: int, seconds: float) -> None:
+        """Node i stays up but publishes no record for `seconds`."""
+        self.nodes[i].gossip.silence(seconds)
+
+    async def partition(self, groups: Iterable[Iterable[int]]) -> None:
+        """Cut every connection between groups, and keep them cut until `heal()`."""
+        member = {i: g for g, group in enumerate(groups) for i in group}
+        for i in self.live:
+            others = [self.nodes[j].peer_id for j in self.live if member.get(j) != member.get(i)]
+            await self.nodes[i].block(others)
+
+    async def heal(self) -> None:
+        for i in self.live:
+            self.nodes[i].unblock_all()
+
+    def converged(self) -> bool:
+        return all(self._complete(i) for i in self.live)
+
+    async def wait_converged(self) -> None:
+        """Until every live node sees every other live node alive, and no dead one."""
+        for i in self.live:
+            await self.nodes[i].view.wait_until(partial(self._complete_view, i))
+
+    def _complete(self, i: int) -> bool:
+        return self._complete_view(i, self.nodes[i].view.snapshot())
+
+    def _complete_view(self, i: int, view: ViewSnapshot) -> bool:
+        peers = view.peers
+        want = {self.nodes[j].peer_id for j in self.live if j != i}
+        alive = {p for p, known in peers.items() if known.state is PeerState.ALIVE}
+        return alive == want
+
+
+@asynccontextmanager
+async def open_swarm(
+    n: int,
+    *,
+    topology: Topology = "full",
+    degree: int = 4,
+    seed: int = 0,
+    models: Sequence[frozenset[str] | None] | None = None,
+    capabilities: Sequence[Capabilities | None] | None = None,
+    gossip: GossipConfig | None = None,
+    base: NodeConfig | None = None,
+    data_root: Path | None = None,
+) -> AsyncIterator[Swarm]:
+    """Start n real nodes on loopback, dialing each other per `topology`.
+
+    `models[i]` limits node i to some of the repository's models (None: all),
+    `capabilities[i]` replaces what node i announces (e.g. a fake GPU). `base`
+    is the NodeConfig every node starts from (data_dir is set per node).
+    Yields as soon as all nodes run; call `wait_converged()` to wait for views.
+    """
+    if n < 1:
+        raise ValueError("a swarm needs at least one node")
+    links = edges(n, topology, degree, seed)
+    with tempfile.TemporaryDirectory(prefix="p2p-node-swarm-") as tmp:
+        root = data_root or Path(tmp)
+        template = base or NodeConfig(data_dir=root, shutdown_grace=1.0, target_degree=0)
+        if gossip is not None:
+            template = replace(template, gossip=gossip)
+        async with AsyncExitStack() as stack:
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            nodes: list[Node] = []
+            scopes: list[trio.CancelScope] = []
+            for i in range(n):
+                config = replace(
+                    template,
+                    data_dir=root / f"node{i}",
+                    serve_models=models[i] if models else template.serve_models,
+                    capabilities=capabilities[i] if capabilities else template.capabilities,
+                    bootstrap=tuple(nodes[j].addrs[0] for (a, j) in sorted(links) if a == i),
+                )
+                scope = trio.CancelScope()
+                node = await nursery.start(_run_node, config, scope)
+                nodes.append(node)
+                scopes.append(scope)
+            try:
+                yield Swarm(nodes, scopes)
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+async def _run_node(
+    config: NodeConfig,
+    scope: trio.CancelScope,
+    *,
+    task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with scope:
+        async with open_node(config) as node:
+            task_status.started(node)
+            await trio.sleep_forever()
