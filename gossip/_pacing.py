@@ -24,6 +24,10 @@ interval, a change is published at once while a token is there, and after one
 the next periodic publish comes when the bucket has refilled, at most
 `burst` x interval after the last publish (keep burst below the ttl factor, 3).
 
+The default burst, 1.5, keeps a node's longest silence at half its ttl (so a
+slow event loop does not turn into a false death) while a change waits at most
+half an interval, and none at all after a quiet half interval.
+
 Pure: no clock reads, no I/O. Times are floats in seconds from the caller's clock.
 """
 
@@ -33,7 +37,7 @@ import math
 
 DEFAULT_INTERVAL = 1.0
 DEFAULT_BUDGET = 200.0  # records per second, whole network
-DEFAULT_BURST = 2.0
+DEFAULT_BURST = 1.5
 
 
 def _check_positive(name: str, value: float) -> None:

@@ -10,12 +10,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
+from typing import Any
 
 import multiaddr
 import psutil
 import trio
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.peer.id import ID
+from libp2p.peer.peerstore import PeerStoreError
 
 from gossip import Departure, Load, ModelDescriptor, ModelEntry, PeerRecord, PeerView
 from scheduler import ErrorCode, JobError
@@ -66,6 +68,7 @@ class Node:
         self._capabilities = config.capabilities or capabilities(gpus)
         self._seq = 0
         self._announced_in_flight = 0
+        self._gate = _AddressGate.install(rpc.host)
         # Set by open_node once gossip and membership run.
         self.gossip: Gossip
         self.membership: Membership
@@ -98,13 +101,32 @@ class Node:
         return await self._rpc.connect(parse_peer_multiaddr(addr), self.config.dial_timeout)
 
     async def block(self, peer_ids: Collection[str]) -> None:
-        """Cut and refuse connections to these peers (the harness's partitions)."""
+        """Cut connections to these peers and dial them no more (the harness's partitions).
+
+        Dials are refused at libp2p's connection gate, by address, so that no
+        component (pubsub redials lost peers) reconnects behind our back. Two
+        nodes that block each other stay apart.
+        """
+        for peer_id in peer_ids:
+            self._gate.blocked |= self._known_addresses(peer_id)
         self.membership.block(peer_ids)
         for peer_id in set(peer_ids) & self.connected_peers():
             await self._rpc.host.disconnect(ID.from_base58(peer_id))
 
     def unblock_all(self) -> None:
+        self._gate.blocked.clear()
         self.membership.unblock_all()
+
+    def _known_addresses(self, peer_id: str) -> set[str]:
+        try:
+            stored = self._rpc.host.get_peerstore().addrs(ID.from_base58(peer_id))
+        except PeerStoreError:
+            stored = []
+        addrs = {str(a) for a in stored}
+        record = self.view.last_record(peer_id)
+        if record is not None:
+            addrs |= {a.split("/p2p/")[0] for a in record.addrs}
+        return addrs
 
     def make_record(self, interval: float, departed: tuple[Departure, ...]) -> PeerRecord:
         """This node's record as of now; gossip calls it at each publish."""
@@ -245,6 +267,30 @@ class Node:
 
 
 _RunFn = Callable[[RunRequest], Awaitable[RunReply]]
+
+
+class _AddressGate:
+    """libp2p's connection gate plus a set of refused addresses (blocked peers)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.blocked: set[str] = set()
+
+    @classmethod
+    def install(cls, host: Any) -> _AddressGate:
+        network = host.get_network()
+        gate = cls(network.connection_gate)
+        network.connection_gate = gate
+        return gate
+
+    async def is_allowed(self, addr: multiaddr.Multiaddr) -> bool:
+        if str(addr).split("/p2p/")[0] in self.blocked:
+            return False
+        allowed: bool = await self._inner.is_allowed(addr)
+        return allowed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 def _expect_run(request: Request) -> RunRequest:

@@ -150,11 +150,11 @@ def test_periodic_cadence_is_the_interval_when_nothing_changes(interval: float) 
 
 
 def test_change_after_idle_spell_is_immediate() -> None:
-    pacer = PublishPacer()
+    pacer = PublishPacer(burst=2.0)
     pacer.published(0.0, 1.0)
     assert pacer.next_due(0.3, 1.0, changed=False) == 1.0
     assert pacer.due(0.3, 1.0, changed=True)
-    run = drive(PublishPacer(), [10.5], until=20.0)
+    run = drive(PublishPacer(burst=2.0), [10.5], until=20.0)
     assert run.waits == [0.0]
     assert 10.5 in run.publishes
 
@@ -162,7 +162,7 @@ def test_change_after_idle_spell_is_immediate() -> None:
 def test_rare_changes_are_always_immediate() -> None:
     # One change every few intervals: the periodic publishes leave the reserve token alone.
     changes = [5.37 * k + 0.01 for k in range(1, 50)]
-    run = drive(PublishPacer(), changes, until=300.0)
+    run = drive(PublishPacer(burst=2.0), changes, until=300.0)
     assert run.waits == [0.0] * len(changes)
     assert len(run.publishes) <= 300 + 2
 
@@ -254,3 +254,18 @@ def test_long_run_bound_under_a_changing_interval(
     run = drive(PublishPacer(), changes, until=60.0, schedule=schedule)
     assert len(run.publishes) <= 60.0 / min(intervals) + 2 + 1e-6
     assert max(run.waits, default=0.0) <= max(intervals) * (1 + 1e-9)
+
+
+def test_the_default_burst_bounds_silence_and_change_delay_by_fractions_of_an_interval() -> None:
+    """Default burst 1.5: never silent past 1.5 intervals (half the ttl of 3), even in a
+    change storm; an isolated change waits at most half an interval, and none after
+    half an interval of quiet."""
+    storm = drive(PublishPacer(), [0.37 * k for k in range(1, 300)], until=120.0)
+    gaps = [b - a for a, b in zip(storm.publishes, storm.publishes[1:], strict=False)]
+    assert max(gaps) <= 1.5 + 1e-9
+    isolated = drive(PublishPacer(), [2.3 * k + 0.1 for k in range(1, 40)], until=100.0)
+    assert max(isolated.waits) <= 0.5 + 1e-9
+    pacer = PublishPacer()
+    pacer.published(0.0, 1.0)
+    assert not pacer.due(0.3, 1.0, changed=True)
+    assert pacer.due(0.5, 1.0, changed=True)

@@ -1,0 +1,205 @@
+"""Integration: gossip among 10+ real nodes in one process (p2p_node.testing)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import multiaddr
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+
+from gossip import EventKind, PeerState, Rejection, encode_record
+from p2p_node import NodeConfig
+from p2p_node._rpc import new_libp2p_host, run_host
+from p2p_node.testing import Swarm, edges, open_swarm
+
+N = 10
+TOPIC = "/p2p-node/default/records/1"
+
+
+def alive_everywhere(swarm: Swarm, peer_id: str) -> bool:
+    return any(peer_id in {p.peer_id for p in swarm[i].view.snapshot().alive()} for i in swarm.live)
+
+
+@pytest.mark.parametrize("topology", ["full", "ring", "random"])
+def test_topologies_are_connected_graphs(topology) -> None:
+    links = edges(12, topology, degree=4, seed=1)
+    reached, frontier = {0}, [0]
+    while frontier:
+        node = frontier.pop()
+        for a, b in links:
+            for x, y in ((a, b), (b, a)):
+                if x == node and y not in reached:
+                    reached.add(y)
+                    frontier.append(y)
+    assert reached == set(range(12))
+    if topology == "ring":
+        assert len(links) == 12
+
+
+async def test_ten_nodes_converge_and_views_carry_the_records() -> None:
+    with trio.fail_after(60):
+        async with open_swarm(N, topology="random", degree=4, seed=3) as swarm:
+            await swarm.wait_converged()
+            view = swarm[0].view.snapshot()
+    other = view.peers[swarm[5].peer_id].record
+    assert other.addrs and other.addrs[0].endswith(swarm[5].peer_id)
+    assert {m.descriptor.id for m in other.models} == {m.id for m in swarm[5].models}
+    assert other.capabilities.cpu_count >= 1 and other.interval == 1.0
+
+
+async def test_a_killed_node_leaves_every_view() -> None:
+    with trio.fail_after(60):
+        async with open_swarm(N, topology="random", degree=4, seed=4) as swarm:
+            await swarm.wait_converged()
+            victim = swarm[7].peer_id
+            await swarm.kill(7)
+            for i in swarm.live:
+                await swarm[i].view.wait_until(
+                    lambda v: victim not in {p.peer_id for p in v.alive()}
+                )
+            assert not alive_everywhere(swarm, victim)
+
+
+async def test_a_stall_shorter_than_the_ttl_kills_no_one() -> None:
+    with trio.fail_after(60):
+        async with open_swarm(N, topology="random", degree=4, seed=5) as swarm:
+            await swarm.wait_converged()
+            events = [swarm[i].view.subscribe() for i in swarm.live]
+            stalled = swarm[2]
+            # Silence of at most 1.5 intervals (the pacer) + 0.5 s stays under the 3 s ttl.
+            seq_before = stalled._seq
+            swarm.stall(2, 0.5)
+            await stalled.view.wait_until(lambda v: stalled._seq > seq_before)  # published again
+            for i in swarm.live:
+                if i != 2:
+                    await swarm[i].view.wait_until(
+                        lambda v: v.peers[stalled.peer_id].record.seq > seq_before
+                    )
+    deaths = [
+        event
+        for channel in events
+        for event in _drain(channel)
+        if event.kind in (EventKind.LEFT, EventKind.SUSPECT)
+    ]
+    assert deaths == []
+
+
+async def test_a_partition_splits_the_views_and_healing_reconverges() -> None:
+    left, right = range(0, 5), range(5, 10)
+    with trio.fail_after(90):
+        async with open_swarm(N, topology="random", degree=4, seed=6) as swarm:
+            await swarm.wait_converged()
+            await swarm.partition([left, right])
+            for side, other in ((left, right), (right, left)):
+                gone = {swarm[j].peer_id for j in other}
+                for i in side:
+                    await swarm[i].view.wait_until(
+                        lambda v, gone=gone: not gone & {p.peer_id for p in v.alive()}
+                    )
+            await swarm.heal()
+            await swarm.wait_converged()
+
+
+async def test_membership_dials_peers_it_learns_from_records() -> None:
+    """A ring (degree 2) whose nodes want 3 connections grows chords from the records."""
+    base = NodeConfig(data_dir=Path("unused"), target_degree=3, shutdown_grace=1.0)
+    with trio.fail_after(60):
+        async with open_swarm(6, topology="ring", base=base) as swarm:
+            await swarm.wait_converged()
+            while not all(_degree(swarm, i) >= 3 for i in swarm.live):  # noqa: ASYNC110
+                await trio.sleep(0.05)  # connections are not view events: poll them
+
+
+def _degree(swarm: Swarm, i: int) -> int:
+    nodes = {swarm[j].peer_id for j in swarm.live}
+    return len(swarm[i].connected_peers() & nodes)
+
+
+@asynccontextmanager
+async def rogue_publisher(target_addr: str) -> AsyncIterator[tuple[Pubsub, str]]:
+    """A peer that signs what it publishes but validates nothing: the attacker's stack."""
+    key_pair = create_new_key_pair()
+    host = new_libp2p_host(key_pair)
+    router = GossipSub(
+        [PROTOCOL_ID_V11],
+        degree=6,
+        degree_low=4,
+        degree_high=12,
+        heartbeat_interval=1,
+        adaptive_gossip_enabled=False,
+        spam_protection_enabled=False,
+        eclipse_protection_enabled=False,
+    )
+    pubsub = Pubsub(host, router, strict_signing=True)
+    async with run_host(host, [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        async with background_trio_service(pubsub), background_trio_service(router):
+            await pubsub.wait_until_ready()
+            await pubsub.subscribe(TOPIC)
+            await host.connect(info_from_p2p_addr(multiaddr.Multiaddr(target_addr)))
+            yield pubsub, str(host.get_id())
+
+
+async def test_forged_replayed_oversize_and_garbage_records_are_rejected_and_counted() -> None:
+    with trio.fail_after(60):
+        async with open_swarm(3, topology="full") as swarm:
+            await swarm.wait_converged()
+            victim, honest = swarm[1], swarm[2]
+            template = victim.make_record(1.0, ())
+            async with rogue_publisher(swarm[0].addrs[0]) as (pubsub, rogue_id):
+                await _published_once_subscribed(pubsub, swarm[0].peer_id)
+                own = replace(template, peer_id=rogue_id, boot_id="rogue", models=())
+                for data in (
+                    encode_record(replace(template, seq=10**6)),  # forged: victim's id
+                    b"\x93garbage",
+                    b"\x00" * (20 * 1024),  # oversize
+                    encode_record(replace(own, seq=5)),
+                    encode_record(replace(own, seq=3)),  # replayed
+                    encode_record(replace(own, seq=9)),
+                ):
+                    await pubsub.publish(TOPIC, data)
+                # The rogue's last, valid record arrives after all the others (one stream).
+                await swarm[0].view.wait_until(
+                    lambda v: rogue_id in v.peers and v.peers[rogue_id].record.seq == 9
+                )
+                rejects = dict(swarm[0].gossip.rejects)
+                victim_record = swarm[0].view.snapshot().peers[victim.peer_id].record
+            # Honest records still flow afterwards.
+            before = honest._seq
+            honest.gossip.changed()
+            await swarm[0].view.wait_until(lambda v: v.peers[honest.peer_id].record.seq > before)
+    assert rejects.get(Rejection.FORGED, 0) >= 1
+    assert rejects.get(Rejection.MALFORMED, 0) >= 1
+    assert rejects.get(Rejection.OVERSIZE, 0) >= 1
+    assert rejects.get(Rejection.REPLAYED, 0) >= 1
+    assert victim_record.seq < 10**6  # the forgery never reached the view
+
+
+async def _published_once_subscribed(pubsub: Pubsub, peer_id: str) -> None:
+    """Wait until the node's subscription to the topic has reached the rogue."""
+    from libp2p.peer.id import ID
+
+    target = ID.from_base58(peer_id)
+    while target not in pubsub.peer_topics.get(TOPIC, set()):  # noqa: ASYNC110
+        await trio.sleep(0.01)  # libp2p exposes no event for a peer's subscription
+
+
+def _drain(channel: trio.MemoryReceiveChannel) -> list:
+    out = []
+    while True:
+        try:
+            out.append(channel.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return out
+
+
+def test_the_state_enum_is_what_the_cli_prints() -> None:
+    assert [str(s) for s in PeerState] == ["alive", "suspect"]
