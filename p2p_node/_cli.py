@@ -172,10 +172,16 @@ def _configure_logging(level: str, *, quiet_libp2p: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if quiet_libp2p and level != "debug":
+    if level == "debug":
+        return
+    if quiet_libp2p:
         # A client's failures are reported as one line by us; libp2p's own
         # multi-line error logs would only repeat them.
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    else:
+        # A node's pubsub tries every new connection, clients included, and logs
+        # an error each time a client does not speak GossipSub.
+        logging.getLogger("libp2p.host.basic_host").setLevel(logging.CRITICAL)
 
 
 # --- start ---------------------------------------------------------------------------

@@ -95,11 +95,19 @@ def test_two_processes_run_each_others_models(tmp_path: Path, digits_npy: Path) 
                 "submit", "--peer", a_addr, "--model", "digits-mlp", "--input", str(digits_npy)
             )
             listed = json.loads(p2p_node("models", "--peer", b_addr, "--json").stdout)
+            view = json.loads(p2p_node("peers", "--peer", a_addr, "--json").stdout)
+            table = p2p_node("peers", "--peer", a_addr).stdout
     assert on_b["executor"] == b_addr.rsplit("/", 1)[1]
     assert on_a["executor"] == a_addr.rsplit("/", 1)[1]
     assert on_b["outputs"]["label"]["shape"] == [3]
     assert f"executed by {on_b['executor']}" in text.stdout
     assert [m["id"] for m in listed] == ["digits-mlp"]
+    (b_seen,) = view
+    assert b_seen["peer_id"] == b_addr.rsplit("/", 1)[1]
+    assert b_seen["state"] == "alive" and b_seen["record_age_s"] < 10
+    assert [m["id"] for m in b_seen["models"]] == ["digits-mlp"]
+    assert b_seen["gpus"] == [] and b_seen["load"]["in_flight"] >= 0
+    assert b_seen["peer_id"] in table and "alive" in table
     assert a.returncode == 0 and b.returncode == 0  # SIGTERM is a clean shutdown
 
 

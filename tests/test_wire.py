@@ -630,3 +630,12 @@ def test_single_byte_mutations_of_a_run_request_decode_or_raise_wire_error(
     payload = bytearray(_RUN_PAYLOAD)
     payload[index] = byte
     _valid_or_wire_error(decode_request, bytes(payload), (RunRequest, ModelsRequest))
+
+
+def test_every_message_kind_round_trips_through_its_decoder() -> None:
+    """Each request and reply kind is accepted by its decoder (a new kind must be added)."""
+    from p2p_node._wire import PeersReply, PeersRequest
+
+    for message in (ModelsRequest(), PeersRequest()):
+        assert decode_request(encode(message)) == message
+    assert decode_reply(encode(PeersReply("peer", ()))) == PeersReply("peer", ())
