@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import sys
 import time
@@ -264,46 +265,64 @@ async def measure_kill(swarm: Swarm, run: Run, rng: random.Random, timeout: floa
     victim = rng.choice(swarm.live)
     victim_id = swarm[victim].peer_id
     survivors = [j for j in swarm.live if j != victim]
-    run.kill.expected = len(survivors)
-    with trio.move_on_after(timeout) as scope:
+    # Only a survivor that sees the victim alive can see it drop.
+    observers = [j for j in survivors if not _not_alive(victim_id, swarm[j].view.snapshot())]
+    run.kill.expected = len(observers)
+    kill_call: list[float] = []
+    with trio.move_on_after(timeout):
         async with trio.open_nursery() as nursery:
             t0 = trio.current_time()
             nursery.start_soon(
-                _watch_all, swarm, survivors, partial(_not_alive, victim_id), t0, run.kill.samples
+                _watch_all, swarm, observers, partial(_not_alive, victim_id), t0, run.kill.samples
             )
             await swarm.kill(victim)
-    run.kill.complete = not scope.cancelled_caught
+            kill_call.append(trio.current_time() - t0)
+    run.kill.complete = len(run.kill.samples) == len(observers)
     if note := run.kill.note("kill"):
         run.notes.append(note)
+    if len(observers) < len(survivors):
+        run.notes.append(f"kill: {len(observers)}/{len(survivors)} survivors saw it alive before")
+    if not kill_call:
+        run.notes.append(f"kill: swarm.kill({victim}) had not returned after {timeout:g} s")
+    elif kill_call[0] > 1.0:
+        run.notes.append(f"kill: swarm.kill({victim}) took {kill_call[0]:.1f} s to return")
 
 
 async def measure_stall(
     swarm: Swarm, run: Run, rng: random.Random, ttl: float, timeout: float
 ) -> None:
     j = rng.choice(swarm.live)
+    stalled = swarm[j].peer_id
     others = [i for i in swarm.live if i != j]
-    run.stall.expected = len(others)
-    with trio.move_on_after(timeout) as scope:
+    # Only a node that holds j's record can see it leave.
+    observers = [i for i in others if stalled in swarm[i].view.snapshot().peers]
+    run.stall.expected = len(observers)
+    with trio.move_on_after(timeout):
         t0 = trio.current_time()
         swarm.stall(j, seconds=2 * ttl)
-        await _watch_all(swarm, others, partial(_gone, swarm[j].peer_id), t0, run.stall.samples)
-    run.stall.complete = not scope.cancelled_caught
+        await _watch_all(swarm, observers, partial(_gone, stalled), t0, run.stall.samples)
+    run.stall.complete = len(run.stall.samples) == len(observers)
     if note := run.stall.note("stall"):
         run.notes.append(note)
-    run.notes.append(f"stall: ttl {ttl:g} s, silent for {2 * ttl:g} s")
+    seen = "" if len(observers) == len(others) else f"; {len(observers)}/{len(others)} held it"
+    run.notes.append(f"stall: ttl {ttl:g} s, silent for {2 * ttl:g} s{seen}")
 
 
 async def measure_steady(swarm: Swarm, run: Run, seconds: float) -> None:
     live = set(_alive_ids(swarm))
     deaths: list[tuple[int, str, EventKind]] = []
+    applied = [0]  # records taken into a view (joined, updated, alive again)
     lags: list[float] = []
     dropped_before = sum(swarm[i].view.dropped_events for i in swarm.live)
     published_before = sum(swarm[i].gossip.published for i in swarm.live)
 
     async def drain(i: int, events: trio.MemoryReceiveChannel[ViewEvent]) -> None:
         async for event in events:
-            if event.kind in (EventKind.LEFT, EventKind.SUSPECT) and event.peer_id in live:
-                deaths.append((i, event.peer_id, event.kind))
+            if event.kind in (EventKind.LEFT, EventKind.SUSPECT):
+                if event.peer_id in live:
+                    deaths.append((i, event.peer_id, event.kind))
+            else:
+                applied[0] += 1
 
     async def lag() -> None:
         while True:
@@ -333,8 +352,10 @@ async def measure_steady(swarm: Swarm, run: Run, seconds: float) -> None:
     run.notes.append(
         f"steady {elapsed:.0f} s: process CPU {run.cpu_pct_total:.0f}% of one core, "
         f"{run.records_per_node_s:.2f} records/s published per node "
-        f"(every node receives ~{run.records_per_node_s * n:.0f}/s), "
-        f"loop lag p50/p99 {run.lag_p50 or 0:.3f}/{run.lag_p99 or 0:.3f} s"
+        f"(every node should take ~{run.records_per_node_s * (n - 1):.0f}/s, "
+        f"took {applied[0] / elapsed / n:.1f}/s), "
+        f"loop lag p50/p99 {run.lag_p50 or 0:.3f}/{run.lag_p99 or 0:.3f} s, "
+        f"machine load avg (1 min) {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
         + (
             f", false deaths {dict(kinds)} on {run.false_pairs} (observer, peer) pairs"
             if deaths
@@ -366,15 +387,15 @@ async def bench_one(n: int, args: argparse.Namespace) -> Run:
             await measure_converge(swarm, run, timeout)
             log(f"N={n}: converge {_fmt(run.converge_s)} s; changes")
             await measure_changes(swarm, run, rng, timeout, per_change=max(15.0, 5 * ttl))
-            await settle(swarm, run, "the changes", timeout)
+            await settle(swarm, run, "the changes", args.settle_timeout)
             log(f"N={n}: change {run.change_last.cell(False)} s; kill")
             await measure_kill(swarm, run, rng, timeout)
-            await settle(swarm, run, "the kill", timeout)
+            await settle(swarm, run, "the kill", args.settle_timeout)
             log(f"N={n}: kill {run.kill.cell()} s; stall")
             await measure_stall(swarm, run, rng, ttl, timeout)
             # The stalled node comes back after 2 x ttl; let every view take it back.
             await trio.sleep(ttl)
-            await settle(swarm, run, "the stall", timeout)
+            await settle(swarm, run, "the stall", args.settle_timeout)
             log(f"N={n}: stall {run.stall.cell()} s; steady {args.steady_seconds:g} s")
             await measure_steady(swarm, run, args.steady_seconds)
             for node in swarm.nodes:
@@ -399,6 +420,7 @@ class Trial:
     cpu_pct_total: float | None = None
     lag_p99: float | None = None
     wall_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def holds(self) -> bool:
@@ -424,6 +446,7 @@ async def trial(n: int, args: argparse.Namespace) -> Trial:
                 out.cpu_pct_total = run.cpu_pct_total
                 out.lag_p99 = run.lag_p99
     out.wall_s = time.perf_counter() - wall0
+    out.notes = run.notes
     log(
         f"find-max N={n}: converge {_fmt(out.converge_s)} s, false deaths "
         f"{_fmt(out.false_deaths)}, {out.wall_s:.0f} s"
@@ -460,6 +483,10 @@ async def find_max(args: argparse.Namespace) -> None:
         print(f"result: every N tried held, up to {held[-1]} (raise --find-max-limit)")
     else:
         print(f"result: largest N that held: {held[-1]} (first to fail: {trials[-1].n})")
+    print("notes:")
+    for t in trials:
+        for note in t.notes:
+            print(f"  N={t.n}: {note}")
 
 
 # --- printing ------------------------------------------------------------------------------
@@ -571,6 +598,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-n", type=int, help="also run this N (e.g. what --find-max found)")
     parser.add_argument("--steady-seconds", type=float, default=120.0)
     parser.add_argument("--step-timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--settle-timeout", type=float, default=30.0, help="reconverging between steps, s"
+    )
     parser.add_argument("--interval", type=float, default=1.0, help="gossip interval, s")
     parser.add_argument("--quick", action="store_true", help="smoke run: N=10, steady 10 s")
     parser.add_argument("--find-max", action="store_true", help="find the largest N that holds")

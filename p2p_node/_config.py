@@ -9,6 +9,7 @@ from pathlib import Path
 import multiaddr
 
 from gossip import Capabilities
+from scheduler import DistributionStrategy
 
 DEFAULT_TARGET_DEGREE = 6
 
@@ -84,6 +85,7 @@ class NodeConfig:
     target_degree: int = DEFAULT_TARGET_DEGREE  # connections sought beyond bootstrap peers
     mdns: bool = False
     capabilities: Capabilities | None = None  # announce these instead of probing the machine
+    strategy: DistributionStrategy = DistributionStrategy.LEAST_LOADED  # for jobs naming none
     max_request_bytes: int = 16 * 1024 * 1024
     max_reply_bytes: int = 16 * 1024 * 1024
     max_concurrent_inbound: int = 256

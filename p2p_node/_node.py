@@ -19,8 +19,25 @@ from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.peer.id import ID
 from libp2p.peer.peerstore import PeerStoreError
 
-from gossip import Departure, Load, ModelDescriptor, ModelEntry, PeerRecord, PeerView
-from scheduler import ErrorCode, JobError
+from gossip import (
+    Departure,
+    EventKind,
+    Load,
+    ModelDescriptor,
+    ModelEntry,
+    PeerRecord,
+    PeerView,
+    ViewEvent,
+)
+from scheduler import (
+    DistributedModelOrchestrator,
+    ErrorCode,
+    InferenceRequest,
+    InferenceResult,
+    JobError,
+    NodeIndex,
+    NodeInfo,
+)
 
 from ._config import NodeConfig, parse_multiaddr, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
@@ -35,6 +52,7 @@ from ._rpc import (
     JOB_PROTOCOL,
     MODELS_PROTOCOL,
     PEERS_PROTOCOL,
+    PLACE_PROTOCOL,
     REPLY_GRACE_S,
     Rpc,
     expect_reply,
@@ -45,6 +63,8 @@ from ._wire import (
     ModelsReply,
     PeerReport,
     PeersReply,
+    PlaceReply,
+    PlaceRequest,
     Request,
     RunReply,
     RunRequest,
@@ -69,6 +89,11 @@ class Node:
         self._seq = 0
         self._announced_in_flight = 0
         self._gate = _AddressGate.install(rpc.host)
+        self._index = NodeIndex(())
+        self._index_source: object = None
+        self.orchestrator = DistributedModelOrchestrator(
+            rpc.peer_id, self.node_index, self._send_infer, self._run_local
+        )
         # Set by open_node once gossip and membership run.
         self.gossip: Gossip
         self.membership: Membership
@@ -160,16 +185,17 @@ class Node:
             self.gossip.changed()
 
     async def run_job(self, request: RunRequest) -> RunReply:
-        """Coordinate one job: run it here if this node serves the model, else forward it."""
-        with trio.move_on_after(request.timeout_ms / 1000) as scope:
-            if self._executor.serves(request.model_id):
-                return await self._run_here(request)
-            return await self._forward(request)
-        assert scope.cancelled_caught
-        raise JobError(
-            ErrorCode.DEADLINE_EXCEEDED,
-            f"job {request.job_id} on model {request.model_id} took over {request.timeout_ms} ms",
-            peer=self.peer_id,
+        """Coordinate one job: place it on the view (this node included), run it there,
+        fail over on retryable errors, all within its deadline."""
+        strategy = request.strategy or self.config.strategy
+        result = await self.orchestrator.run_distributed_inference(_to_inference(request), strategy)
+        return RunReply(
+            job_id=request.job_id,
+            model_id=result.model_id,
+            outputs=result.outputs,
+            executor=result.executor,
+            queue_ms=result.queue_ms,
+            compute_ms=result.compute_ms,
         )
 
     async def _run_here(self, request: RunRequest) -> RunReply:
@@ -183,39 +209,57 @@ class Node:
             compute_ms=execution.compute_ms,
         )
 
-    async def _forward(self, request: RunRequest) -> RunReply:
-        """Send the job to the peers that serve its model, in view order, until one answers."""
-        candidates = self.view.snapshot().serving(request.model_id)
-        if not candidates:
-            raise JobError(
-                ErrorCode.NO_CAPABLE_PEER,
-                f"no known peer serves model {request.model_id!r}; "
-                f"served here and by known peers: {sorted(self.served_model_ids())}",
-                peer=self.peer_id,
-            )
-        last_error: JobError | None = None
-        for entry in candidates:
-            try:
-                reply = await self._rpc.call(
-                    entry.peer_id,
-                    INFER_PROTOCOL,
-                    request,
-                    timeout=request.timeout_ms / 1000 + REPLY_GRACE_S,
-                )
-                result: RunReply = expect_reply(reply, RunReply, entry.peer_id)
-                return result
-            except JobError as error:
-                if not error.retryable:
-                    raise
-                logger.info(
-                    "job %s failed on %s, trying the next peer: %s",
-                    request.job_id,
-                    entry.peer_id,
-                    error,
-                )
-                last_error = error
-        assert last_error is not None
-        raise last_error
+    # --- the orchestrator's view of the world ------------------------------------
+
+    def node_index(self) -> NodeIndex:
+        """Alive peers plus this node, rebuilt when the view changes."""
+        snapshot = self.view.snapshot()
+        if self._index_source is not snapshot:
+            nodes = [NodeInfo.from_record(p.record) for p in snapshot.alive()]
+            nodes.append(self._self_info())
+            self._index, self._index_source = NodeIndex(nodes), snapshot
+        return self._index
+
+    def _self_info(self) -> NodeInfo:
+        caps = self._capabilities
+        return NodeInfo(
+            peer_id=self.peer_id,
+            models_loaded=frozenset(m.id for m in self.models),
+            in_flight=self._executor.in_flight,
+            queue_length=self._executor.queue_length,
+            cpu_count=caps.cpu_count,
+            memory_mb=caps.memory_mb,
+            memory_available_mb=int(psutil.virtual_memory().available) // (1 << 20),
+            gpu_count=len(caps.gpus),
+            gpu_memory_mb=sum(g.memory_mb for g in caps.gpus),
+            providers=frozenset(caps.providers),
+            latency_ms={p.model_id: p.latency_ms for p in self._executor.performance()},
+            is_local=True,
+        )
+
+    async def _send_infer(
+        self, peer_id: str, request: InferenceRequest, timeout: float
+    ) -> InferenceResult:
+        message = RunRequest(
+            request.job_id,
+            request.model_id,
+            request.inputs,
+            timeout_ms=max(1, round(timeout * 1000)),
+        )
+        reply = await self._rpc.call(peer_id, INFER_PROTOCOL, message, timeout + REPLY_GRACE_S)
+        result: RunReply = expect_reply(reply, RunReply, peer_id)
+        return _to_result(result)
+
+    async def _run_local(self, request: InferenceRequest) -> InferenceResult:
+        execution = await self._executor.run(request.model_id, request.inputs)
+        return InferenceResult(
+            request.job_id,
+            request.model_id,
+            execution.outputs,
+            self.peer_id,
+            execution.queue_ms,
+            execution.compute_ms,
+        )
 
     def served_model_ids(self) -> frozenset[str]:
         local = {m.id for m in self.models}
@@ -245,6 +289,14 @@ class Node:
             peer=self.peer_id,
         )
 
+    async def _on_place(self, request: Request, sender: str) -> PlaceReply:
+        if not isinstance(request, PlaceRequest):
+            raise JobError(ErrorCode.MALFORMED_MESSAGE, "this protocol takes place requests")
+        placement = self.orchestrator.placement(
+            request.model_id, request.strategy, request.requirements
+        )
+        return PlaceReply(self.peer_id, placement)
+
     async def _on_models(self, request: Request, sender: str) -> ModelsReply:
         return ModelsReply(self.peer_id, self.models)
 
@@ -264,6 +316,11 @@ class Node:
             elif peer_id not in self.connected_peers():
                 self.gossip.connection_lost(peer_id)
                 self.membership.kick()
+
+    async def _forget_departed(self, events: trio.MemoryReceiveChannel[ViewEvent]) -> None:
+        async for event in events:
+            if event.kind is EventKind.LEFT:
+                self.orchestrator.stats.forget(event.peer_id)
 
 
 _RunFn = Callable[[RunRequest], Awaitable[RunReply]]
@@ -291,6 +348,27 @@ class _AddressGate:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+
+def _to_inference(request: RunRequest) -> InferenceRequest:
+    return InferenceRequest(
+        model_id=request.model_id,
+        inputs=request.inputs,
+        timeout=request.timeout_ms / 1000,
+        job_id=request.job_id,
+        requirements=request.requirements,
+    )
+
+
+def _to_result(reply: RunReply) -> InferenceResult:
+    return InferenceResult(
+        reply.job_id,
+        reply.model_id,
+        reply.outputs,
+        reply.executor,
+        reply.queue_ms,
+        reply.compute_ms,
+    )
 
 
 def _expect_run(request: Request) -> RunRequest:
@@ -364,6 +442,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
             rpc.serve(INFER_PROTOCOL, node._on_infer)
             rpc.serve(MODELS_PROTOCOL, node._on_models)
             rpc.serve(PEERS_PROTOCOL, node._on_peers)
+            rpc.serve(PLACE_PROTOCOL, node._on_place)
             host.get_network().register_notifee(_ConnectionEvents(events_send))
             async with open_gossip(host, node.view, config.gossip, node.make_record) as gossip:
                 node.gossip = gossip
@@ -376,6 +455,8 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
                     rng=random.Random(),
                 )
                 nursery.start_soon(node._watch_connections, events_receive)
+                nursery.start_soon(node._forget_departed, node.view.subscribe())
+                token = node.orchestrator.activate()
                 nursery.start_soon(node.membership.run)
                 logger.info(
                     "node %s serving %s on %s",
@@ -386,6 +467,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
                 try:
                     yield node
                 finally:
+                    node.orchestrator.deactivate(token)
                     with trio.CancelScope(shield=True):
                         unanswered = await rpc.drain(config.shutdown_grace)
                     if unanswered:

@@ -31,7 +31,18 @@ from gossip import (
     expect_list,
     expect_map,
 )
-from scheduler import ErrorCode, JobError, Tensors
+from scheduler import (
+    NO_REQUIREMENTS,
+    Candidate,
+    DistributionStrategy,
+    ErrorCode,
+    Excluded,
+    GpuNeed,
+    JobError,
+    Placement,
+    Requirements,
+    Tensors,
+)
 
 VERSION = 1
 MAX_TENSORS = 64
@@ -53,6 +64,8 @@ class RunRequest:
     model_id: str
     inputs: Tensors
     timeout_ms: int
+    strategy: DistributionStrategy | None = None  # None: the coordinator's default
+    requirements: Requirements = NO_REQUIREMENTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +123,23 @@ class PeersReply:
     peers: tuple[PeerReport, ...]
 
 
-Request = RunRequest | ModelsRequest | PeersRequest
-Reply = RunReply | ModelsReply | PeersReply | ErrorReply
+@dataclass(frozen=True, slots=True)
+class PlaceRequest:
+    """Where would `model_id` run now? Answered with a ranking; nothing runs."""
+
+    model_id: str
+    strategy: DistributionStrategy
+    requirements: Requirements = NO_REQUIREMENTS
+
+
+@dataclass(frozen=True, slots=True)
+class PlaceReply:
+    peer_id: str
+    placement: Placement
+
+
+Request = RunRequest | ModelsRequest | PeersRequest | PlaceRequest
+Reply = RunReply | ModelsReply | PeersReply | PlaceReply | ErrorReply
 
 
 # --- encoding --------------------------------------------------------------------------
@@ -127,6 +155,25 @@ def encode(message: Request | Reply) -> bytes:
                 "model_id": message.model_id,
                 "inputs": _tensors_to_wire(message.inputs),
                 "timeout_ms": message.timeout_ms,
+                "strategy": message.strategy and str(message.strategy),
+                "requires": _requirements_to_wire(message.requirements),
+            }
+        case PlaceRequest():
+            body = {
+                "kind": "place?",
+                "model_id": message.model_id,
+                "strategy": str(message.strategy),
+                "requires": _requirements_to_wire(message.requirements),
+            }
+        case PlaceReply():
+            body = {
+                "kind": "place",
+                "peer_id": message.peer_id,
+                "model_id": message.placement.model_id,
+                "candidates": [
+                    [c.peer_id, c.score, c.reason] for c in message.placement.candidates
+                ],
+                "excluded": [[e.peer_id, e.reason] for e in message.placement.excluded],
             }
         case RunReply():
             body = {
@@ -190,15 +237,25 @@ def _tensors_to_wire(tensors: Tensors) -> dict[str, Any]:
 
 # --- decoding --------------------------------------------------------------------------
 
-_REQUEST_KINDS = {"run": RunRequest, "models?": ModelsRequest, "peers?": PeersRequest}
+_REQUEST_KINDS = {
+    "run": RunRequest,
+    "models?": ModelsRequest,
+    "peers?": PeersRequest,
+    "place?": PlaceRequest,
+}
 _REPLY_KINDS = {
     "result": RunReply,
     "error": ErrorReply,
     "models": ModelsReply,
     "peers": PeersReply,
+    "place": PlaceReply,
 }
 _KEYS = {
-    "run": frozenset({"v", "kind", "job_id", "model_id", "inputs", "timeout_ms"}),
+    "run": frozenset(
+        {"v", "kind", "job_id", "model_id", "inputs", "timeout_ms", "strategy", "requires"}
+    ),
+    "place?": frozenset({"v", "kind", "model_id", "strategy", "requires"}),
+    "place": frozenset({"v", "kind", "peer_id", "model_id", "candidates", "excluded"}),
     "result": frozenset(
         {"v", "kind", "job_id", "model_id", "outputs", "executor", "queue_ms", "compute_ms"}
     ),
@@ -265,7 +322,83 @@ def _run_request(f: Mapping[str, Any]) -> RunRequest:
         model_id=_text(f["model_id"], "model_id"),
         inputs=_tensors_from_wire(f["inputs"]),
         timeout_ms=timeout_ms,
+        strategy=None if f["strategy"] is None else _strategy(f["strategy"]),
+        requirements=_requirements_from_wire(f["requires"]),
     )
+
+
+def _place_request(f: Mapping[str, Any]) -> PlaceRequest:
+    return PlaceRequest(
+        model_id=_text(f["model_id"], "model_id"),
+        strategy=_strategy(f["strategy"]),
+        requirements=_requirements_from_wire(f["requires"]),
+    )
+
+
+def _place_reply(f: Mapping[str, Any]) -> PlaceReply:
+    candidates = []
+    for raw in expect_list(f["candidates"], "candidates", MAX_PEERS):
+        peer, score, reason = _triple(raw, "candidate")
+        candidates.append(
+            Candidate(
+                _text(peer, "peer"),
+                _number(score, "score"),
+                _text(reason, "reason", MAX_MESSAGE_LENGTH),
+            )
+        )
+    excluded = []
+    for raw in expect_list(f["excluded"], "excluded", MAX_PEERS):
+        if not isinstance(raw, list) or len(raw) != 2:
+            raise SchemaError("an excluded entry must be [peer, reason]")
+        excluded.append(
+            Excluded(_text(raw[0], "peer"), _text(raw[1], "reason", MAX_MESSAGE_LENGTH))
+        )
+    placement = Placement(_text(f["model_id"], "model_id"), tuple(candidates), tuple(excluded))
+    return PlaceReply(_text(f["peer_id"], "peer_id"), placement)
+
+
+def _triple(raw: object, what: str) -> list[Any]:
+    if not isinstance(raw, list) or len(raw) != 3:
+        raise SchemaError(f"a {what} must be a list of 3")
+    return raw
+
+
+def _strategy(raw: object) -> DistributionStrategy:
+    try:
+        return DistributionStrategy(_text(raw, "strategy"))
+    except ValueError:
+        known = ", ".join(s.value for s in DistributionStrategy)
+        raise SchemaError(f"unknown strategy {raw!r}; known: {known}") from None
+
+
+_REQUIREMENT_KEYS = frozenset({"min_memory_mb", "gpu", "provider"})
+
+
+def _requirements_to_wire(needs: Requirements) -> dict[str, Any]:
+    return {"min_memory_mb": needs.min_memory_mb, "gpu": str(needs.gpu), "provider": needs.provider}
+
+
+def _requirements_from_wire(raw: object) -> Requirements:
+    f = expect_map(raw, _REQUIREMENT_KEYS, "requirements")
+    memory = _int(f["min_memory_mb"], "min_memory_mb")
+    if memory < 0:
+        raise SchemaError("min_memory_mb must be >= 0")
+    try:
+        gpu = GpuNeed(f["gpu"])
+    except ValueError:
+        raise SchemaError(
+            f"gpu must be one of any, preferred, required; got {f['gpu']!r}"
+        ) from None
+    provider = f["provider"]
+    if provider is not None:
+        provider = _text(provider, "provider")
+    return Requirements(min_memory_mb=memory, gpu=gpu, provider=provider)
+
+
+def _number(value: object, what: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise SchemaError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _run_reply(f: Mapping[str, Any]) -> RunReply:
@@ -317,6 +450,8 @@ _BUILDERS: Mapping[str, Any] = {
     "models": _models_reply,
     "peers?": lambda f: PeersRequest(),
     "peers": _peers_reply,
+    "place?": _place_request,
+    "place": _place_reply,
 }
 
 

@@ -1,17 +1,62 @@
-"""Scheduler layer: requests, errors, and (soon) placement over a peer view."""
+"""Scheduler layer: distributed execution. Requests, the error vocabulary, placement
+strategies over a node's view, and the orchestrator that runs, retries and hedges."""
 
 from ._errors import ErrorCode as ErrorCode
 from ._errors import JobError as JobError
+from ._node_info import NO_REQUIREMENTS as NO_REQUIREMENTS
+from ._node_info import GpuNeed as GpuNeed
+from ._node_info import NodeIndex as NodeIndex
+from ._node_info import NodeInfo as NodeInfo
+from ._node_info import Requirements as Requirements
+from ._orchestrator import DistributedModelOrchestrator as DistributedModelOrchestrator
+from ._orchestrator import ModelOutcome as ModelOutcome
+from ._orchestrator import OrchestratorConfig as OrchestratorConfig
+from ._orchestrator import ParallelResult as ParallelResult
+from ._orchestrator import get_distributed_orchestrator as get_distributed_orchestrator
+from ._orchestrator import majority_vote as majority_vote
+from ._orchestrator import mean as mean
 from ._request import InferenceRequest as InferenceRequest
 from ._request import InferenceResult as InferenceResult
 from ._request import Tensors as Tensors
 from ._request import new_job_id as new_job_id
+from ._stats import PeerStats as PeerStats
+from ._stats import StatsConfig as StatsConfig
+from ._strategies import Candidate as Candidate
+from ._strategies import CoordinatorSnapshot as CoordinatorSnapshot
+from ._strategies import CoordinatorState as CoordinatorState
+from ._strategies import DistributionStrategy as DistributionStrategy
+from ._strategies import Excluded as Excluded
+from ._strategies import Placement as Placement
+from ._strategies import pick as pick
+from ._strategies import place as place
 
 __all__ = [
+    "NO_REQUIREMENTS",
+    "Candidate",
+    "CoordinatorSnapshot",
+    "CoordinatorState",
+    "DistributedModelOrchestrator",
+    "DistributionStrategy",
     "ErrorCode",
+    "Excluded",
+    "GpuNeed",
     "InferenceRequest",
     "InferenceResult",
     "JobError",
+    "ModelOutcome",
+    "NodeIndex",
+    "NodeInfo",
+    "OrchestratorConfig",
+    "ParallelResult",
+    "PeerStats",
+    "Placement",
+    "Requirements",
+    "StatsConfig",
     "Tensors",
+    "get_distributed_orchestrator",
+    "majority_vote",
+    "mean",
     "new_job_id",
+    "pick",
+    "place",
 ]

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from ._node_info import NO_REQUIREMENTS, Requirements
+
 Tensors = Mapping[str, npt.NDArray[np.generic]]
 
 
@@ -24,6 +26,7 @@ class InferenceRequest:
     inputs: Tensors
     timeout: float = 30.0
     job_id: str = field(default_factory=new_job_id)
+    requirements: Requirements = NO_REQUIREMENTS
 
     def __post_init__(self) -> None:
         if not self.model_id:

@@ -22,14 +22,38 @@ def test_public_names() -> None:
         "load_bootstrap_file",
         "open_node",
     ]
-    assert sorted(scheduler.__all__) == [
-        "ErrorCode",
-        "InferenceRequest",
-        "InferenceResult",
-        "JobError",
-        "Tensors",
-        "new_job_id",
-    ]
+    assert sorted(scheduler.__all__) == sorted(
+        [
+            "NO_REQUIREMENTS",
+            "Candidate",
+            "CoordinatorSnapshot",
+            "CoordinatorState",
+            "DistributedModelOrchestrator",
+            "DistributionStrategy",
+            "ErrorCode",
+            "Excluded",
+            "GpuNeed",
+            "InferenceRequest",
+            "InferenceResult",
+            "JobError",
+            "ModelOutcome",
+            "NodeIndex",
+            "NodeInfo",
+            "OrchestratorConfig",
+            "ParallelResult",
+            "PeerStats",
+            "Placement",
+            "Requirements",
+            "StatsConfig",
+            "Tensors",
+            "get_distributed_orchestrator",
+            "majority_vote",
+            "mean",
+            "new_job_id",
+            "pick",
+            "place",
+        ]
+    )
     assert "PeerView" in gossip.__all__ and "ModelDescriptor" in gossip.__all__
     assert selection.__all__ == []
     for package in (p2p_node, scheduler, gossip, selection):
@@ -70,3 +94,18 @@ def test_lower_layers_never_import_p2p_node() -> None:
         for source in (root / package).rglob("*.py"):
             text = source.read_text()
             assert "import p2p_node" not in text and "from p2p_node" not in text, source
+
+
+def test_the_distributed_execution_api_has_its_product_names() -> None:
+    strategies = {s.name for s in scheduler.DistributionStrategy}
+    assert strategies == {
+        "ROUND_ROBIN",
+        "LEAST_LOADED",
+        "MODEL_SPECIFIC",
+        "CAPABILITY_BASED",
+        "LATENCY_OPTIMIZED",
+    }
+    orchestrator = scheduler.DistributedModelOrchestrator
+    assert callable(orchestrator.run_distributed_inference)
+    assert callable(orchestrator.run_distributed_parallel_inference)
+    assert callable(scheduler.get_distributed_orchestrator)

@@ -93,6 +93,8 @@ def _run_body(**changes: Any) -> dict[str, Any]:
         "model_id": "m",
         "inputs": {"x": _wire_tensor()},
         "timeout_ms": 1000,
+        "strategy": None,
+        "requires": {"min_memory_mb": 0, "gpu": "any", "provider": None},
     }
     body.update(changes)
     return body
@@ -639,3 +641,40 @@ def test_every_message_kind_round_trips_through_its_decoder() -> None:
     for message in (ModelsRequest(), PeersRequest()):
         assert decode_request(encode(message)) == message
     assert decode_reply(encode(PeersReply("peer", ()))) == PeersReply("peer", ())
+
+
+@pytest.mark.parametrize(
+    ("changes", "in_message"),
+    [
+        ({"strategy": "fastest"}, "unknown strategy 'fastest'"),
+        ({"strategy": 3}, "unknown strategy 3"),
+        ({"requires": {"min_memory_mb": -1, "gpu": "any", "provider": None}}, "min_memory_mb"),
+        ({"requires": {"min_memory_mb": 0, "gpu": "lots", "provider": None}}, "gpu must be"),
+        ({"requires": {"min_memory_mb": 0, "gpu": "any"}}, "missing fields ['provider']"),
+    ],
+    ids=["unknown-strategy", "strategy-int", "negative-memory", "bad-gpu", "missing-provider"],
+)
+def test_placement_fields_of_a_run_request_are_checked(changes, in_message: str) -> None:
+    with pytest.raises(WireError) as caught:
+        decode_request(msgpack.packb(_run_body(**changes), use_bin_type=True))
+    assert caught.value.code == ErrorCode.MALFORMED_MESSAGE
+    assert in_message in caught.value.message
+
+
+def test_place_messages_round_trip() -> None:
+    from p2p_node._wire import PlaceReply, PlaceRequest
+    from scheduler import (
+        Candidate,
+        DistributionStrategy,
+        Excluded,
+        GpuNeed,
+        Placement,
+        Requirements,
+    )
+
+    request = PlaceRequest(
+        "m", DistributionStrategy.CAPABILITY_BASED, Requirements(512, GpuNeed.REQUIRED)
+    )
+    placement = Placement("m", (Candidate("a", -1.5, "capacity"),), (Excluded("b", "no GPU"),))
+    assert decode_request(encode(request)) == request
+    assert decode_reply(encode(PlaceReply("me", placement))) == PlaceReply("me", placement)
