@@ -15,7 +15,7 @@ import numpy as np
 import trio
 
 from gossip import ModelDescriptor
-from scheduler import InferenceResult, JobError
+from scheduler import DistributionStrategy, GpuNeed, InferenceResult, JobError, Requirements
 
 from ._client import Client
 from ._config import (
@@ -33,6 +33,7 @@ from ._repository import RepositoryError
 from ._wire import PeerReport
 
 DEFAULT_BOOTSTRAP_FILE = Path("bootstrap_peers.toml")
+STRATEGIES = [s.value for s in DistributionStrategy]
 DEFAULT_DATA_DIR = Path.home() / ".p2p-node"
 _DEFAULTS = ExecutorConfig()
 _GOSSIP_DEFAULTS = GossipConfig()
@@ -148,7 +149,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--timeout", type=float, default=30.0, help="seconds")
     submit.add_argument("--json", action="store_true", help="print one JSON object")
+    submit.add_argument("--strategy", choices=STRATEGIES, help="placement (node's default)")
+    submit.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="ROWS",
+        help="split the input's rows into jobs of this many rows",
+    )
+    submit.add_argument(
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="with --batch-size: .npy (first output) or .npz (all outputs)",
+    )
+    submit.add_argument("--concurrency", type=int, default=8, help="batch jobs at a time")
     submit.set_defaults(run=_submit)
+
+    place = commands.add_parser("place", help="rank where a model would run; runs nothing")
+    place.add_argument("--peer", required=True, metavar="MADDR")
+    place.add_argument("--model", required=True, metavar="ID")
+    place.add_argument("--strategy", choices=STRATEGIES, default="least_loaded")
+    place.add_argument("--min-memory-mb", type=int, default=0)
+    place.add_argument("--gpu", choices=[g.value for g in GpuNeed], default="any")
+    place.add_argument("--provider", help="an onnxruntime execution provider")
+    place.add_argument("--json", action="store_true")
+    place.set_defaults(run=_place)
 
     models = commands.add_parser("models", help="list the models a node serves")
     models.add_argument("--peer", required=True, metavar="MADDR")
@@ -224,14 +249,117 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
 
 async def _submit(args: argparse.Namespace) -> int:
     inputs = read_input_file(args.input)
+    strategy = DistributionStrategy(args.strategy) if args.strategy else None
+    if args.batch_size is not None:
+        return await _submit_batch(args, inputs, strategy)
+    if args.output is not None:
+        raise InputFileError("--output goes with --batch-size")
     async with Client.connect(args.peer) as client:
         started = trio.current_time()
-        result = await client.submit(args.model, inputs, timeout=args.timeout)
+        result = await client.submit(args.model, inputs, timeout=args.timeout, strategy=strategy)
         total_ms = (trio.current_time() - started) * 1e3
     if args.json:
         print(json.dumps(_result_json(result, total_ms)))
     else:
         print(_result_text(result, total_ms))
+    return 0
+
+
+async def _submit_batch(
+    args: argparse.Namespace,
+    inputs: dict[str, np.ndarray[Any, Any]],
+    strategy: DistributionStrategy | None,
+) -> int:
+    if args.output is None or args.output.suffix not in (".npy", ".npz"):
+        raise InputFileError("--batch-size needs --output FILE.npy or FILE.npz")
+    progress = _Progress(sys.stderr)
+    async with Client.connect(args.peer) as client:
+        started = trio.current_time()
+        batch = await client.submit_batch(
+            args.model,
+            inputs,
+            batch_size=args.batch_size,
+            strategy=strategy,
+            timeout=args.timeout,
+            concurrency=args.concurrency,
+            on_progress=progress,
+        )
+        seconds = trio.current_time() - started
+    progress.close()
+    if args.output.suffix == ".npz":
+        np.savez(args.output, **batch.outputs)  # type: ignore[arg-type]
+    else:
+        np.save(args.output, next(iter(batch.outputs.values())))
+    rows = len(next(iter(batch.outputs.values())))
+    summary = {
+        "model": args.model,
+        "rows": rows,
+        "chunks": batch.chunks,
+        "seconds": round(seconds, 3),
+        "chunks_by_executor": batch.chunks_by_executor,
+        "output": str(args.output),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{rows} rows in {batch.chunks} jobs, {seconds:.2f} s, written to {args.output}")
+        for peer, chunks in sorted(batch.chunks_by_executor.items()):
+            print(f"  {peer}: {chunks} jobs")
+    return 0
+
+
+class _Progress:
+    """A one-line progress bar on a terminal; nothing when stderr is not one."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._live = stream.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._live:
+            filled = round(30 * done / total)
+            bar = "#" * filled + "." * (30 - filled)
+            self._stream.write(f"\r[{bar}] {done}/{total} rows")
+            self._stream.flush()
+
+    def close(self) -> None:
+        if self._live:
+            self._stream.write("\n")
+
+
+async def _place(args: argparse.Namespace) -> int:
+    requirements = Requirements(args.min_memory_mb, GpuNeed(args.gpu), args.provider)
+    async with Client.connect(args.peer) as client:
+        placement = await client.place(
+            args.model, DistributionStrategy(args.strategy), requirements=requirements
+        )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": placement.model_id,
+                    "strategy": args.strategy,
+                    "candidates": [
+                        {"peer_id": c.peer_id, "score": c.score, "reason": c.reason}
+                        for c in placement.candidates
+                    ],
+                    "excluded": [
+                        {"peer_id": e.peer_id, "reason": e.reason} for e in placement.excluded
+                    ],
+                }
+            )
+        )
+        return 0
+    if not placement.candidates and not placement.excluded:
+        print(f"no known peer serves {args.model}")
+        return 0
+    rows = [("rank", "peer", "score", "reason")]
+    rows += [
+        (str(i + 1), c.peer_id, f"{c.score:.3g}", c.reason)
+        for i, c in enumerate(placement.candidates)
+    ]
+    rows += [("-", e.peer_id, "excluded", e.reason) for e in placement.excluded]
+    print(format_table(rows))
     return 0
 
 

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
+import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
 from gossip import ModelDescriptor
-from scheduler import InferenceRequest, InferenceResult, Tensors
+from scheduler import (
+    NO_REQUIREMENTS,
+    DistributionStrategy,
+    ErrorCode,
+    InferenceRequest,
+    InferenceResult,
+    JobError,
+    Placement,
+    Requirements,
+    Tensors,
+    new_job_id,
+)
 
 from ._config import parse_peer_multiaddr
 from ._errors import unwrap_single_errors
@@ -16,6 +32,7 @@ from ._rpc import (
     JOB_PROTOCOL,
     MODELS_PROTOCOL,
     PEERS_PROTOCOL,
+    PLACE_PROTOCOL,
     REPLY_GRACE_S,
     Handler,
     Rpc,
@@ -29,6 +46,8 @@ from ._wire import (
     PeerReport,
     PeersReply,
     PeersRequest,
+    PlaceReply,
+    PlaceRequest,
     Reply,
     Request,
     RunReply,
@@ -36,6 +55,28 @@ from ._wire import (
 )
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    outputs: dict[str, np.ndarray[Any, Any]]  # every chunk's outputs, in input order
+    chunks_by_executor: dict[str, int]  # peer id -> chunks it ran
+    chunks: int
+
+
+def _row_count(inputs: Tensors, batch_size: int) -> int:
+    if batch_size < 1:
+        raise JobError(ErrorCode.INVALID_INPUT, f"batch size must be >= 1, got {batch_size}")
+    counts = {np.asarray(a).shape[0] if np.ndim(a) else -1 for a in inputs.values()}
+    if len(counts) != 1 or -1 in counts:
+        raise JobError(
+            ErrorCode.INVALID_INPUT,
+            f"a batch needs every input to have the same number of rows, got {sorted(counts)}",
+        )
+    (rows,) = counts
+    if rows == 0:
+        raise JobError(ErrorCode.INVALID_INPUT, "a batch needs at least one row")
+    return rows
 
 
 class Client:
@@ -77,22 +118,32 @@ class Client:
                 yield cls(rpc, peer_id)
 
     async def submit(
-        self, model_id: str, inputs: Tensors, *, timeout: float = 30.0, job_id: str | None = None
+        self,
+        model_id: str,
+        inputs: Tensors,
+        *,
+        timeout: float = 30.0,
+        job_id: str | None = None,
+        strategy: DistributionStrategy | None = None,
+        requirements: Requirements = NO_REQUIREMENTS,
     ) -> InferenceResult:
-        """Run `model_id` on `inputs` somewhere in the network. Raises JobError on failure."""
-        request = (
-            InferenceRequest(model_id, inputs, timeout, job_id)
-            if job_id
-            else InferenceRequest(model_id, inputs, timeout)
-        )
-        return await self.run(request)
+        """Run `model_id` on `inputs` somewhere in the network. Raises JobError on failure.
 
-    async def run(self, request: InferenceRequest) -> InferenceResult:
+        The node placing the job uses `strategy`, or its own default when None.
+        """
+        request = InferenceRequest(model_id, inputs, timeout, job_id or new_job_id(), requirements)
+        return await self.run(request, strategy)
+
+    async def run(
+        self, request: InferenceRequest, strategy: DistributionStrategy | None = None
+    ) -> InferenceResult:
         message = RunRequest(
             job_id=request.job_id,
             model_id=request.model_id,
             inputs=request.inputs,
             timeout_ms=max(1, round(request.timeout * 1000)),
+            strategy=strategy,
+            requirements=request.requirements,
         )
         reply = await self._rpc.call(
             self.peer_id, JOB_PROTOCOL, message, timeout=request.timeout + REPLY_GRACE_S
@@ -106,6 +157,60 @@ class Client:
             queue_ms=result.queue_ms,
             compute_ms=result.compute_ms,
         )
+
+    async def submit_batch(
+        self,
+        model_id: str,
+        inputs: Tensors,
+        *,
+        batch_size: int,
+        strategy: DistributionStrategy | None = None,
+        timeout: float = 30.0,
+        concurrency: int = 8,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> BatchResult:
+        """Run many rows as chunks of `batch_size`, `concurrency` jobs at a time; the
+        node spreads them over every peer serving the model and redoes a chunk whose
+        peer fails elsewhere. Outputs come back in input order."""
+        rows = _row_count(inputs, batch_size)
+        bounds = [(start, min(start + batch_size, rows)) for start in range(0, rows, batch_size)]
+        results: list[InferenceResult | None] = [None] * len(bounds)
+        slots = trio.Semaphore(max(1, concurrency))
+        done = 0
+
+        async def one(i: int, start: int, end: int) -> None:
+            nonlocal done
+            async with slots:
+                chunk = {name: array[start:end] for name, array in inputs.items()}
+                results[i] = await self.submit(model_id, chunk, timeout=timeout, strategy=strategy)
+            done += end - start
+            if on_progress:
+                on_progress(done, rows)
+
+        with unwrap_single_errors():
+            async with trio.open_nursery() as nursery:
+                for i, (start, end) in enumerate(bounds):
+                    nursery.start_soon(one, i, start, end)
+        finished = [r for r in results if r is not None]
+        outputs = {
+            name: np.concatenate([r.outputs[name] for r in finished])
+            for name in finished[0].outputs
+        }
+        return BatchResult(outputs, dict(Counter(r.executor for r in finished)), len(bounds))
+
+    async def place(
+        self,
+        model_id: str,
+        strategy: DistributionStrategy = DistributionStrategy.LEAST_LOADED,
+        *,
+        requirements: Requirements = NO_REQUIREMENTS,
+        timeout: float = 10.0,
+    ) -> Placement:
+        """Where the connected node would run `model_id` now, best first, with reasons."""
+        request = PlaceRequest(model_id, strategy, requirements)
+        reply = await self._rpc.call(self.peer_id, PLACE_PROTOCOL, request, timeout)
+        placed: PlaceReply = expect_reply(reply, PlaceReply, self.peer_id)
+        return placed.placement
 
     async def peers(self, *, timeout: float = 10.0) -> tuple[PeerReport, ...]:
         """The connected node's view of the network: each peer's record, age and state."""

@@ -197,3 +197,69 @@ def test_demo_shows_a_table_with_several_executing_peers() -> None:
     executors = {row.split()[2] for row in rows}
     assert len(rows) == 7 and len(executors) >= 2
     assert os.linesep.join(rows).count("right") >= 6
+
+
+@pytest.mark.system
+def test_place_and_a_batch_job_spread_over_two_nodes(tmp_path: Path) -> None:
+    rows = np.load(bundled_models_dir() / "heldout" / "digits.npz")["x"][:300]
+    big = tmp_path / "big.npy"
+    np.save(big, rows)
+    out = tmp_path / "out.npz"
+    with running_node(tmp_path / "a", "--serve", "digits-mlp") as (_, a_addr):
+        with running_node(tmp_path / "b", "--serve", "digits-mlp", "--bootstrap", a_addr) as (
+            _,
+            b_addr,
+        ):
+            submit_until_placed(a_addr, "digits-mlp", big)  # a knows b's record by now
+            deadline = time.monotonic() + DEADLINE_S
+            while True:  # wait until a's view holds b (records, not connections)
+                ranked = json.loads(
+                    p2p_node(
+                        "place",
+                        "--peer",
+                        a_addr,
+                        "--model",
+                        "digits-mlp",
+                        "--strategy",
+                        "round_robin",
+                        "--json",
+                    ).stdout
+                )
+                if len(ranked["candidates"]) == 2 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            batch = p2p_node(
+                "submit",
+                "--peer",
+                a_addr,
+                "--model",
+                "digits-mlp",
+                "--input",
+                str(big),
+                "--batch-size",
+                "25",
+                "--output",
+                str(out),
+                "--strategy",
+                "round_robin",
+                "--json",
+            )
+    assert {c["peer_id"] for c in ranked["candidates"]} == {
+        a_addr.rsplit("/", 1)[1],
+        b_addr.rsplit("/", 1)[1],
+    }
+    assert all(c["reason"] for c in ranked["candidates"])
+    assert batch.returncode == 0, batch.stderr
+    summary = json.loads(batch.stdout)
+    assert summary["rows"] == 300 and summary["chunks"] == 12
+    assert len(summary["chunks_by_executor"]) == 2  # round robin used both nodes
+    saved = np.load(out)
+    expected = direct_labels(rows)
+    np.testing.assert_array_equal(saved["label"], expected)  # in input order
+
+
+def direct_labels(rows: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(bundled_models_dir() / "digits-mlp" / "model.onnx"))
+    return session.run(["label"], {"input": rows})[0]
