@@ -1,0 +1,145 @@
+"""Scheduling with real node processes on this machine (part 3 of bench.scheduler).
+
+- Throughput and p99 per strategy: 4 `p2p-node start` processes (one worker,
+  one ONNX thread each) serving digits-mlp; one client drives jobs at
+  concurrency 32 through node 0, which places each with the strategy.
+- Batch speed-up: the same compute-heavy batch (digits-svm) over 1 node and
+  over 2 nodes, each limited to one ONNX thread.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import trio
+
+from bench.overhead import node_process, percentile
+from p2p_node import Client, ErrorCode, JobError, bundled_models_dir
+from scheduler import DistributionStrategy
+
+ONE_THREAD = ("--workers", "1", "--threads", "1")
+
+
+async def wait_until_placeable(addr: str, model: str, rows: np.ndarray, peers: int) -> None:
+    """Until the entry node's view holds `peers` nodes serving `model`."""
+    with trio.fail_after(60):
+        async with Client.connect(addr) as client:
+            while len((await client.place(model)).candidates) < peers:  # noqa: ASYNC110
+                await trio.sleep(0.1)  # another process's view: polled over the wire
+            try:
+                await client.submit(model, {"input": rows[:1]})
+            except JobError as error:
+                if error.code is not ErrorCode.NO_CAPABLE_PEER:
+                    raise
+
+
+async def drive(
+    addr: str,
+    model: str,
+    rows: np.ndarray,
+    strategy: DistributionStrategy,
+    jobs: int,
+    concurrency: int,
+) -> tuple[float, float, dict[str, int]]:
+    latencies: list[float] = []
+    executors: dict[str, int] = {}
+    async with Client.connect(addr) as client:
+        slots = trio.Semaphore(concurrency)
+
+        async def one(k: int) -> None:
+            async with slots:
+                started = time.perf_counter()
+                result = await client.submit(
+                    model, {"input": rows[k % len(rows)][None]}, strategy=strategy
+                )
+                latencies.append((time.perf_counter() - started) * 1e3)
+                executors[result.executor] = executors.get(result.executor, 0) + 1
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for k in range(jobs):
+                nursery.start_soon(one, k)
+        seconds = time.perf_counter() - started
+    return jobs / seconds, percentile(latencies, 99), executors
+
+
+def strategies_under_load(jobs: int) -> list[tuple[str, float, float, int]]:
+    rows = np.load(bundled_models_dir() / "heldout" / "digits.npz")["x"]
+    out = []
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        first = stack.enter_context(
+            node_process(Path(tmp) / "n0", "--serve", "digits-mlp", *ONE_THREAD)
+        )
+        for i in range(1, 4):
+            stack.enter_context(
+                node_process(
+                    Path(tmp) / f"n{i}", "--serve", "digits-mlp", "--bootstrap", first, *ONE_THREAD
+                )
+            )
+        trio.run(wait_until_placeable, first, "digits-mlp", rows, 4)
+        for strategy in DistributionStrategy:
+            per_s, p99, executors = trio.run(drive, first, "digits-mlp", rows, strategy, jobs, 32)
+            out.append((strategy.value, per_s, p99, len(executors)))
+    return out
+
+
+def batch_speedup(rows: int, batch_size: int) -> tuple[float, float]:
+    data = np.load(bundled_models_dir() / "heldout" / "digits.npz")["x"]
+    big = np.resize(data, (rows, data.shape[1])).astype(np.float32)
+    seconds = []
+    for nodes in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+            first = stack.enter_context(
+                node_process(Path(tmp) / "n0", "--serve", "digits-svm", *ONE_THREAD)
+            )
+            for i in range(1, nodes):
+                stack.enter_context(
+                    node_process(
+                        Path(tmp) / f"n{i}",
+                        "--serve",
+                        "digits-svm",
+                        "--bootstrap",
+                        first,
+                        *ONE_THREAD,
+                    )
+                )
+            trio.run(wait_until_placeable, first, "digits-svm", big, nodes)
+            seconds.append(trio.run(_batch, first, big, batch_size))
+    return seconds[0], seconds[1]
+
+
+async def _batch(addr: str, big: np.ndarray, batch_size: int) -> float:
+    async with Client.connect(addr) as client:
+        started = time.perf_counter()
+        await client.submit_batch(
+            "digits-svm",
+            {"input": big},
+            batch_size=batch_size,
+            strategy=DistributionStrategy.LEAST_LOADED,
+            concurrency=4,
+        )
+        return time.perf_counter() - started
+
+
+def report(jobs: int = 2000, batch_rows: int = 20000, batch_size: int = 500) -> None:
+    print(
+        f"-- 4 node processes (1 worker, 1 ONNX thread each), digits-mlp, {jobs} jobs "
+        "at concurrency 32 through node 0 --"
+    )
+    print(f"{'strategy':<20}{'jobs/s':>10}{'p99 ms':>10}{'executors':>11}")
+    for name, per_s, p99, used in strategies_under_load(jobs):
+        print(f"{name:<20}{per_s:>10.0f}{p99:>10.1f}{used:>11}")
+    one, two = batch_speedup(batch_rows, batch_size)
+    print(
+        f"-- batch: {batch_rows} rows of digits-svm in jobs of {batch_size}, one ONNX thread "
+        "per node --"
+    )
+    print(f"1 node {one:.2f} s, 2 nodes {two:.2f} s: speed-up {one / two:.2f}x (target >= 1.8x)")
+
+
+if __name__ == "__main__":
+    report()
