@@ -20,7 +20,9 @@ degree=4)`, and in order:
    until j has left its view (expected: ttl after j's last record);
 5. steady: `--steady-seconds` with nothing injected. False deaths: LEFT or
    SUSPECT view events about live peers, over every node's view. Idle CPU: the
-   process's CPU time over the period / seconds / N, in % of one core;
+   process's CPU time over the period / seconds / N, in % of one core. The notes
+   also give records taken into views per node per second against what the
+   publish rate implies (below it: records are lost or late on the way);
 6. rejects: records refused by the topic validators over the run, per reason.
 
 Timings use trio's clock. A step that does not finish within `--step-timeout`
@@ -31,7 +33,8 @@ need more than that, records queue, peers expire and the figures degrade; the
 
 `--find-max` looks for the largest N one process holds: it tries 10, 20, 30,
 40, 60, 80, ... and stops at the first N that takes over 30 s to converge or
-shows a false death in a 20 s steady run.
+shows a false death in a 20 s steady run, then bisects between the last N that
+held and that one down to steps of 5.
 
 The record-rate law (bench.gossip_law, a simulation in virtual time) is printed
 after the real runs, for N up to 10,000.
@@ -439,17 +442,17 @@ async def trial(n: int, args: argparse.Namespace) -> Trial:
         ) as swarm:
             await measure_converge(swarm, run, FIND_MAX_CONVERGE_S)
             out.converge_s = run.converge_s
-            if out.converge_s is not None:
-                await measure_steady(swarm, run, FIND_MAX_STEADY_S)
-                out.false_deaths = run.false_deaths
-                out.cpu_pct_per_node = run.cpu_pct_per_node
-                out.cpu_pct_total = run.cpu_pct_total
-                out.lag_p99 = run.lag_p99
+            # Also after a failed convergence: its CPU and delivery figures say why.
+            await measure_steady(swarm, run, FIND_MAX_STEADY_S)
+            out.false_deaths = run.false_deaths
+            out.cpu_pct_per_node = run.cpu_pct_per_node
+            out.cpu_pct_total = run.cpu_pct_total
+            out.lag_p99 = run.lag_p99
     out.wall_s = time.perf_counter() - wall0
     out.notes = run.notes
     log(
         f"find-max N={n}: converge {_fmt(out.converge_s)} s, false deaths "
-        f"{_fmt(out.false_deaths)}, {out.wall_s:.0f} s"
+        f"{_fmt(out.false_deaths, '-')}, {out.wall_s:.0f} s"
     )
     return out
 
@@ -462,6 +465,15 @@ async def find_max(args: argparse.Namespace) -> None:
         trials.append(await trial(n, args))
         if not trials[-1].holds:
             break
+    # Between the last N that held and the first that did not, bisect down to steps of 5.
+    held = [t.n for t in trials if t.holds]
+    if held and not trials[-1].holds:
+        low, high = held[-1], trials[-1].n
+        while high - low > 5:
+            middle = (low + high) // 2
+            trials.append(await trial(middle, args))
+            low, high = (middle, high) if trials[-1].holds else (low, middle)
+    trials.sort(key=lambda t: t.n)
     print(
         f"largest N one process holds: converge within {FIND_MAX_CONVERGE_S:g} s and no "
         f"false death in a {FIND_MAX_STEADY_S:g} s steady run (interval {args.interval:g} s)"
@@ -472,17 +484,18 @@ async def find_max(args: argparse.Namespace) -> None:
     )
     for t in trials:
         print(
-            f"{t.n:>4} {_fmt(t.converge_s, 'timeout'):>11} {_fmt(t.false_deaths):>13} "
+            f"{t.n:>4} {_fmt(t.converge_s, 'timeout'):>11} {_fmt(t.false_deaths, '-'):>13} "
             f"{_fmt(t.cpu_pct_per_node, '-', 1):>11} {_fmt(t.cpu_pct_total, '-', 0):>12} "
             f"{_fmt(t.lag_p99, '-', 3):>10} {t.wall_s:>7.0f}  {'yes' if t.holds else 'NO'}"
         )
     held = [t.n for t in trials if t.holds]
+    failed = [t.n for t in trials if not t.holds]
     if not held:
         print("result: not even the smallest N held")
-    elif trials[-1].holds:
+    elif not failed:
         print(f"result: every N tried held, up to {held[-1]} (raise --find-max-limit)")
     else:
-        print(f"result: largest N that held: {held[-1]} (first to fail: {trials[-1].n})")
+        print(f"result: largest N that held: {held[-1]} (smallest that failed: {failed[0]})")
     print("notes:")
     for t in trials:
         for note in t.notes:

@@ -314,6 +314,7 @@ class Node:
                 if self.membership.is_blocked(peer_id):
                     await self._rpc.host.disconnect(ID.from_base58(peer_id))
             elif peer_id not in self.connected_peers():
+                self._rpc.peer_gone(peer_id)
                 self.gossip.connection_lost(peer_id)
                 self.membership.kick()
 

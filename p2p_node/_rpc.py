@@ -180,6 +180,7 @@ class Rpc:
         self._answering = 0
         self._closing = False
         self._all_answered = trio.Event()
+        self._calls: dict[str, set[trio.CancelScope]] = {}  # in-flight exchanges by peer
 
     @property
     def in_flight(self) -> int:
@@ -224,13 +225,24 @@ class Rpc:
                 ErrorCode.MESSAGE_TOO_LARGE,
                 f"request of {len(payload)} bytes exceeds the limit of {self._max_request_bytes}",
             )
+        lost = trio.CancelScope()  # cancelled by peer_gone
+        calls = self._calls.setdefault(peer_id, set())
+        calls.add(lost)
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_after(timeout), lost:
                 reply = await self._exchange(peer_id, protocol, payload)
         except trio.TooSlowError:
             raise JobError(
                 ErrorCode.DEADLINE_EXCEEDED, f"no reply within {timeout:g} s", peer=peer_id
             ) from None
+        finally:
+            calls.discard(lost)
+            if not calls:
+                self._calls.pop(peer_id, None)
+        if lost.cancelled_caught:
+            raise JobError(
+                ErrorCode.PEER_UNREACHABLE, "the connection to the peer was lost", peer=peer_id
+            )
         try:
             return _wire.decode_reply(reply)
         except WireError as error:
@@ -301,6 +313,17 @@ class Rpc:
                 ErrorCode.PEER_UNREACHABLE, f"cannot reach the peer: {error}", peer=peer_id
             ) from None
         return _Channel(stream, self._max_reply_bytes)
+
+    def peer_gone(self, peer_id: str) -> None:
+        """The connection to `peer_id` closed: fail its exchanges now, forget its streams.
+
+        A stream of a closed connection does not always see the close (a read can
+        wait on), so the caller would otherwise wait out its whole timeout.
+        """
+        for scope in self._calls.get(peer_id, ()):
+            scope.cancel()
+        for key in [k for k in self._idle if k[0] == peer_id]:
+            del self._idle[key]
 
     # --- serving ----------------------------------------------------------------
 

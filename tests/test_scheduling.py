@@ -66,7 +66,7 @@ async def test_five_hundred_jobs_with_a_node_killed_midway_are_all_answered_once
                 Client.connect(swarm[1].addrs[0]) as c1,
             ):
                 clients = [c0, c1]
-                jobs = trio.Semaphore(16)
+                jobs = trio.Semaphore(8)
 
                 async def job(k: int) -> None:
                     async with jobs:
