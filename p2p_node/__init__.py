@@ -12,6 +12,7 @@ from scheduler import JobError as JobError
 from ._client import Client as Client
 from ._config import ConfigError as ConfigError
 from ._config import ExecutorConfig as ExecutorConfig
+from ._config import GossipConfig as GossipConfig
 from ._config import NodeConfig as NodeConfig
 from ._config import load_bootstrap_file as load_bootstrap_file
 from ._node import Node as Node
@@ -24,6 +25,7 @@ __all__ = [
     "ConfigError",
     "ErrorCode",
     "ExecutorConfig",
+    "GossipConfig",
     "InferenceRequest",
     "InferenceResult",
     "JobError",

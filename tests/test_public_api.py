@@ -12,6 +12,7 @@ def test_public_names() -> None:
         "ConfigError",
         "ErrorCode",
         "ExecutorConfig",
+        "GossipConfig",
         "InferenceRequest",
         "InferenceResult",
         "JobError",
