@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from gossip import ModelDescriptor
+from gossip import ModelDescriptor, descriptor_to_wire
 from scheduler import DistributionStrategy, GpuNeed, InferenceResult, JobError, Requirements
 
 from ._client import Client
@@ -419,17 +419,9 @@ async def _models(args: argparse.Namespace) -> int:
 
 
 def _model_json(model: ModelDescriptor) -> dict[str, Any]:
+    """The wire descriptor, with specs written as people read them (`input float32 [N, 64]`)."""
     return {
-        "id": model.id,
-        "version": model.version,
-        "sha256": model.sha256,
-        "task_type": model.task_type,
-        "subtypes": list(model.subtypes),
-        "languages": list(model.languages),
-        "max_input_length": model.max_input_length,
-        "accuracy": model.accuracy,
-        "cost": model.cost,
-        "description": model.description,
+        **descriptor_to_wire(model),
         "inputs": [s.describe() for s in model.inputs],
         "outputs": [s.describe() for s in model.outputs],
     }
