@@ -125,7 +125,7 @@ async def _batch(addr: str, big: np.ndarray, batch_size: int) -> float:
         return time.perf_counter() - started
 
 
-def report(jobs: int = 2000, batch_rows: int = 20000, batch_size: int = 500) -> None:
+def report(jobs: int = 2000, batch_rows: int = 200_000, batch_size: int = 5000) -> None:
     print(
         f"-- 4 node processes (1 worker, 1 ONNX thread each), digits-mlp, {jobs} jobs "
         "at concurrency 32 through node 0 --"
