@@ -261,10 +261,6 @@ class Node:
             execution.compute_ms,
         )
 
-    def served_model_ids(self) -> frozenset[str]:
-        local = {m.id for m in self.models}
-        return frozenset(local) | self.view.snapshot().model_ids()
-
     # --- protocol handlers ------------------------------------------------------
 
     async def _on_job(self, request: Request, sender: str) -> RunReply:
