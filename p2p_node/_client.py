@@ -50,7 +50,6 @@ from ._wire import (
     PlaceRequest,
     Reply,
     Request,
-    RunReply,
     RunRequest,
 )
 
@@ -148,15 +147,8 @@ class Client:
         reply = await self._rpc.call(
             self.peer_id, JOB_PROTOCOL, message, timeout=request.timeout + REPLY_GRACE_S
         )
-        result: RunReply = expect_reply(reply, RunReply, self.peer_id)
-        return InferenceResult(
-            job_id=result.job_id,
-            model_id=result.model_id,
-            outputs=result.outputs,
-            executor=result.executor,
-            queue_ms=result.queue_ms,
-            compute_ms=result.compute_ms,
-        )
+        result: InferenceResult = expect_reply(reply, InferenceResult, self.peer_id)
+        return result
 
     async def submit_batch(
         self,

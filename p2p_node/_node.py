@@ -66,7 +66,6 @@ from ._wire import (
     PlaceReply,
     PlaceRequest,
     Request,
-    RunReply,
     RunRequest,
 )
 
@@ -184,30 +183,11 @@ class Node:
         if abs(now - then) >= max(2, then // 2):
             self.gossip.changed()
 
-    async def run_job(self, request: RunRequest) -> RunReply:
+    async def run_job(self, request: RunRequest) -> InferenceResult:
         """Coordinate one job: place it on the view (this node included), run it there,
         fail over on retryable errors, all within its deadline."""
         strategy = request.strategy or self.config.strategy
-        result = await self.orchestrator.run_distributed_inference(_to_inference(request), strategy)
-        return RunReply(
-            job_id=request.job_id,
-            model_id=result.model_id,
-            outputs=result.outputs,
-            executor=result.executor,
-            queue_ms=result.queue_ms,
-            compute_ms=result.compute_ms,
-        )
-
-    async def _run_here(self, request: RunRequest) -> RunReply:
-        execution = await self._executor.run(request.model_id, request.inputs)
-        return RunReply(
-            job_id=request.job_id,
-            model_id=request.model_id,
-            outputs=execution.outputs,
-            executor=self.peer_id,
-            queue_ms=execution.queue_ms,
-            compute_ms=execution.compute_ms,
-        )
+        return await self.orchestrator.run_distributed_inference(_to_inference(request), strategy)
 
     # --- the orchestrator's view of the world ------------------------------------
 
@@ -247,8 +227,8 @@ class Node:
             timeout_ms=max(1, round(timeout * 1000)),
         )
         reply = await self._rpc.call(peer_id, INFER_PROTOCOL, message, timeout + REPLY_GRACE_S)
-        result: RunReply = expect_reply(reply, RunReply, peer_id)
-        return _to_result(result)
+        result: InferenceResult = expect_reply(reply, InferenceResult, peer_id)
+        return result
 
     async def _run_local(self, request: InferenceRequest) -> InferenceResult:
         execution = await self._executor.run(request.model_id, request.inputs)
@@ -263,22 +243,22 @@ class Node:
 
     # --- protocol handlers ------------------------------------------------------
 
-    async def _on_job(self, request: Request, sender: str) -> RunReply:
+    async def _on_job(self, request: Request, sender: str) -> InferenceResult:
         return await self._with_load_notes(self.run_job, _expect_run(request))
 
-    async def _on_infer(self, request: Request, sender: str) -> RunReply:
+    async def _on_infer(self, request: Request, sender: str) -> InferenceResult:
         return await self._with_load_notes(self._run_here_within_deadline, _expect_run(request))
 
-    async def _with_load_notes(self, run: _RunFn, request: RunRequest) -> RunReply:
+    async def _with_load_notes(self, run: _RunFn, request: RunRequest) -> InferenceResult:
         self._note_load()
         try:
             return await run(request)
         finally:
             self._note_load()
 
-    async def _run_here_within_deadline(self, request: RunRequest) -> RunReply:
+    async def _run_here_within_deadline(self, request: RunRequest) -> InferenceResult:
         with trio.move_on_after(request.timeout_ms / 1000):
-            return await self._run_here(request)
+            return await self._run_local(_to_inference(request))
         raise JobError(
             ErrorCode.DEADLINE_EXCEEDED,
             f"model {request.model_id} did not finish within {request.timeout_ms} ms",
@@ -320,7 +300,7 @@ class Node:
                 self.orchestrator.stats.forget(event.peer_id)
 
 
-_RunFn = Callable[[RunRequest], Awaitable[RunReply]]
+_RunFn = Callable[[RunRequest], Awaitable[InferenceResult]]
 
 
 class _AddressGate:
@@ -354,17 +334,6 @@ def _to_inference(request: RunRequest) -> InferenceRequest:
         timeout=request.timeout_ms / 1000,
         job_id=request.job_id,
         requirements=request.requirements,
-    )
-
-
-def _to_result(reply: RunReply) -> InferenceResult:
-    return InferenceResult(
-        reply.job_id,
-        reply.model_id,
-        reply.outputs,
-        reply.executor,
-        reply.queue_ms,
-        reply.compute_ms,
     )
 
 

@@ -38,6 +38,7 @@ from scheduler import (
     ErrorCode,
     Excluded,
     GpuNeed,
+    InferenceResult,
     JobError,
     Placement,
     Requirements,
@@ -66,16 +67,6 @@ class RunRequest:
     timeout_ms: int
     strategy: DistributionStrategy | None = None  # None: the coordinator's default
     requirements: Requirements = NO_REQUIREMENTS
-
-
-@dataclass(frozen=True, slots=True)
-class RunReply:
-    job_id: str
-    model_id: str
-    outputs: Tensors
-    executor: str
-    queue_ms: float
-    compute_ms: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +130,7 @@ class PlaceReply:
 
 
 Request = RunRequest | ModelsRequest | PeersRequest | PlaceRequest
-Reply = RunReply | ModelsReply | PeersReply | PlaceReply | ErrorReply
+Reply = InferenceResult | ModelsReply | PeersReply | PlaceReply | ErrorReply
 
 
 # --- encoding --------------------------------------------------------------------------
@@ -175,7 +166,7 @@ def encode(message: Request | Reply) -> bytes:
                 ],
                 "excluded": [[e.peer_id, e.reason] for e in message.placement.excluded],
             }
-        case RunReply():
+        case InferenceResult():
             body = {
                 "kind": "result",
                 "job_id": message.job_id,
@@ -244,7 +235,7 @@ _REQUEST_KINDS = {
     "place?": PlaceRequest,
 }
 _REPLY_KINDS = {
-    "result": RunReply,
+    "result": InferenceResult,
     "error": ErrorReply,
     "models": ModelsReply,
     "peers": PeersReply,
@@ -401,8 +392,8 @@ def _number(value: object, what: str) -> float:
     return float(value)
 
 
-def _run_reply(f: Mapping[str, Any]) -> RunReply:
-    return RunReply(
+def _run_reply(f: Mapping[str, Any]) -> InferenceResult:
+    return InferenceResult(
         job_id=_text(f["job_id"], "job_id"),
         model_id=_text(f["model_id"], "model_id"),
         outputs=_tensors_from_wire(f["outputs"]),

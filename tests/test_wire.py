@@ -20,14 +20,13 @@ from p2p_node._wire import (
     ErrorReply,
     ModelsReply,
     ModelsRequest,
-    RunReply,
     RunRequest,
     WireError,
     decode_reply,
     decode_request,
     encode,
 )
-from scheduler import ErrorCode, JobError
+from scheduler import ErrorCode, InferenceResult, JobError
 
 MALFORMED = ErrorCode.MALFORMED_MESSAGE
 
@@ -67,8 +66,8 @@ def _run_request() -> RunRequest:
     )
 
 
-def _run_reply() -> RunReply:
-    return RunReply(
+def _run_reply() -> InferenceResult:
+    return InferenceResult(
         job_id="job-1",
         model_id="digits-mlp",
         outputs={"label": np.array([3, 1], dtype=np.int64)},
@@ -212,7 +211,7 @@ def test_run_request_with_several_tensors_round_trips() -> None:
 def test_run_reply_round_trips() -> None:
     reply = _run_reply()
     decoded = decode_reply(encode(reply))
-    assert isinstance(decoded, RunReply)
+    assert isinstance(decoded, InferenceResult)
     assert (decoded.job_id, decoded.model_id, decoded.executor) == (
         "job-1",
         "digits-mlp",
@@ -224,7 +223,7 @@ def test_run_reply_round_trips() -> None:
 
 def test_run_reply_with_integer_timings_decodes_as_floats() -> None:
     decoded = decode_reply(_pack(_result_body(queue_ms=0, compute_ms=3)))
-    assert isinstance(decoded, RunReply)
+    assert isinstance(decoded, InferenceResult)
     assert (decoded.queue_ms, decoded.compute_ms) == (0.0, 3.0)
     assert type(decoded.queue_ms) is float
 
@@ -615,7 +614,7 @@ def _valid_or_wire_error(decode: Any, payload: bytes, valid: tuple[type, ...]) -
 @given(payload=st.binary(max_size=512))
 def test_arbitrary_bytes_decode_or_raise_wire_error(payload: bytes) -> None:
     _valid_or_wire_error(decode_request, payload, (RunRequest, ModelsRequest))
-    _valid_or_wire_error(decode_reply, payload, (RunReply, ErrorReply, ModelsReply))
+    _valid_or_wire_error(decode_reply, payload, (InferenceResult, ErrorReply, ModelsReply))
 
 
 _RUN_PAYLOAD = _VALID["run"][1]
