@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +13,21 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.io.msgio import VarIntLengthMsgReadWriter
 from libp2p.peer.id import ID
-from mesh import open_mesh
 
-from p2p_node import Client, ErrorCode, JobError, NodeConfig, bundled_models_dir, open_node
+from p2p_node import Client, ErrorCode, JobError, Node, NodeConfig, bundled_models_dir, open_node
 from p2p_node._rpc import INFER_PROTOCOL, JOB_PROTOCOL, new_libp2p_host, run_host
 from p2p_node._wire import ErrorReply, decode_reply
+from p2p_node.testing import open_swarm
+
+
+@asynccontextmanager
+async def mesh(shares: list[list[str]]) -> AsyncIterator[list[Node]]:
+    """Real nodes in a full mesh, node i serving shares[i], once every view is complete."""
+    models = [frozenset(share) for share in shares]
+    async with open_swarm(len(shares), topology="full", models=models) as swarm:
+        await swarm.wait_converged()
+        yield swarm.nodes
+
 
 # Node 0 serves cancer-logreg, node 1 digits-logreg, node 2 (only) digits-mlp.
 SHARES = [["cancer-logreg"], ["digits-logreg"], ["digits-mlp"]]
@@ -27,10 +39,10 @@ def direct_onnx(model_id: str, x: np.ndarray) -> dict[str, np.ndarray]:
     return dict(zip(names, session.run(None, {"input": x}), strict=True))
 
 
-async def test_job_is_forwarded_to_the_only_peer_serving_the_model(tmp_path: Path, digits) -> None:
+async def test_job_is_forwarded_to_the_only_peer_serving_the_model(digits) -> None:
     x, _ = digits
     with trio.fail_after(30):
-        async with open_mesh(tmp_path, SHARES) as (a, _b, c):
+        async with mesh(SHARES) as (a, _b, c):
             async with Client.connect(a.addrs[0]) as client:
                 result = await client.submit("digits-mlp", {"input": x[:5]})
     assert result.executor == c.peer_id
@@ -42,10 +54,10 @@ async def test_job_is_forwarded_to_the_only_peer_serving_the_model(tmp_path: Pat
     assert result.queue_ms >= 0 and result.compute_ms > 0
 
 
-async def test_job_runs_on_the_entry_node_when_it_serves_the_model(tmp_path: Path, digits) -> None:
+async def test_job_runs_on_the_entry_node_when_it_serves_the_model(digits) -> None:
     x, _ = digits
     with trio.fail_after(30):
-        async with open_mesh(tmp_path, SHARES) as (_a, b, _c):
+        async with mesh(SHARES) as (_a, b, _c):
             async with Client.connect(b.addrs[0]) as client:
                 result = await client.submit("digits-logreg", {"": x[:1]})
     assert result.executor == b.peer_id
@@ -82,11 +94,11 @@ async def test_job_runs_on_the_entry_node_when_it_serves_the_model(tmp_path: Pat
     ids=["unknown-model", "wrong-shape", "wrong-name", "unsupported-dtype"],
 )
 async def test_bad_jobs_get_one_typed_error_and_the_node_keeps_serving(
-    tmp_path: Path, digits, model_id: str, inputs, code: ErrorCode, in_message: str
+    digits, model_id: str, inputs, code: ErrorCode, in_message: str
 ) -> None:
     x, _ = digits
     with trio.fail_after(30):
-        async with open_mesh(tmp_path, SHARES) as (a, _b, c):
+        async with mesh(SHARES) as (a, _b, c):
             async with Client.connect(a.addrs[0]) as client:
                 with pytest.raises(JobError) as caught:
                     await client.submit(model_id, inputs)
@@ -101,12 +113,10 @@ async def test_bad_jobs_get_one_typed_error_and_the_node_keeps_serving(
 @pytest.mark.parametrize(
     "payload", [b"\xff\x00garbage", b"\x81\xa1v\x01", b"\x93\x01\x02"], ids=["bytes", "map", "list"]
 )
-async def test_garbage_bytes_get_a_typed_error(
-    tmp_path: Path, digits, protocol, payload: bytes
-) -> None:
+async def test_garbage_bytes_get_a_typed_error(digits, protocol, payload: bytes) -> None:
     x, _ = digits
     with trio.fail_after(30):
-        async with open_mesh(tmp_path, SHARES[:1] + SHARES[2:]) as (a, c):
+        async with mesh(SHARES[:1] + SHARES[2:]) as (a, c):
             raw = new_libp2p_host(create_new_key_pair())
             async with run_host(raw, []):
                 await raw.connect(_peer_info(a.addrs[0]))
@@ -123,11 +133,9 @@ async def test_garbage_bytes_get_a_typed_error(
     assert good.executor == c.peer_id
 
 
-async def test_a_departed_peer_leaves_the_view_and_its_models_become_unavailable(
-    tmp_path: Path,
-) -> None:
+async def test_a_departed_peer_leaves_the_view_and_its_models_become_unavailable() -> None:
     with trio.fail_after(30):
-        async with open_mesh(tmp_path, SHARES[:2]) as (a, b):
+        async with mesh(SHARES[:2]) as (a, b):
             async with Client.connect(b.addrs[0]) as client:
                 assert (await client.submit("cancer-logreg", _cancer_row())).executor == a.peer_id
                 await a_closes(a, b)
