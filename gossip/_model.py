@@ -47,7 +47,7 @@ class TensorSpec:
     shape: tuple[int | None, ...]
 
     def __post_init__(self) -> None:
-        _check_text("tensor name", self.name, MAX_ID_LENGTH)
+        check_text("tensor name", self.name, MAX_ID_LENGTH)
         if type(self.dtype) is not str or self.dtype not in TENSOR_DTYPES:
             raise SchemaError(f"tensor {self.name!r}: unsupported dtype {self.dtype!r}")
         if type(self.shape) is not tuple or len(self.shape) > MAX_RANK:
@@ -80,10 +80,10 @@ class ModelDescriptor:
     outputs: tuple[TensorSpec, ...]
 
     def __post_init__(self) -> None:
-        _check_text("model id", self.id, MAX_ID_LENGTH)
-        _check_text("version", self.version, MAX_ID_LENGTH)
-        _check_text("task_type", self.task_type, MAX_ID_LENGTH)
-        _check_text("description", self.description, MAX_TEXT_LENGTH, allow_empty=True)
+        check_text("model id", self.id, MAX_ID_LENGTH)
+        check_text("version", self.version, MAX_ID_LENGTH)
+        check_text("task_type", self.task_type, MAX_ID_LENGTH)
+        check_text("description", self.description, MAX_TEXT_LENGTH, allow_empty=True)
         if (
             type(self.sha256) is not str
             or len(self.sha256) != 64
@@ -94,7 +94,7 @@ class ModelDescriptor:
             if len(items) > MAX_LIST_LENGTH:
                 raise SchemaError(f"model {self.id!r}: too many {label}")
             for item in items:
-                _check_text(label, item, MAX_ID_LENGTH)
+                check_text(label, item, MAX_ID_LENGTH)
         if type(self.max_input_length) is not int or self.max_input_length < 0:
             raise SchemaError(f"model {self.id!r}: max_input_length must be an int >= 0")
         if not (_is_number(self.accuracy) and 0.0 <= self.accuracy <= 1.0):
@@ -111,11 +111,14 @@ def _is_number(value: object) -> bool:
     return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
 
 
-def _check_text(label: str, value: object, limit: int, *, allow_empty: bool = False) -> None:
+def check_text(label: str, value: object, limit: int, *, allow_empty: bool = False) -> str:
+    """`value` if it is a string of at most `limit` characters (and not empty, unless
+    allowed); a SchemaError naming `label` otherwise. Shared by every schema here."""
     if type(value) is not str:
         raise SchemaError(f"{label} must be a string, got {type(value).__name__}")
     if len(value) > limit or (not value and not allow_empty):
-        raise SchemaError(f"{label} must be 1 to {limit} characters")
+        raise SchemaError(f"{label} must be {0 if allow_empty else 1} to {limit} characters")
+    return value
 
 
 # --- wire form: msgpack-ready maps with exactly these keys ---------------------------

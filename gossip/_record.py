@@ -20,6 +20,7 @@ from ._model import (
     MAX_ID_LENGTH,
     ModelDescriptor,
     SchemaError,
+    check_text,
     descriptor_from_wire,
     descriptor_to_wire,
     expect_list,
@@ -51,7 +52,7 @@ class GpuInfo:
     memory_mb: int
 
     def __post_init__(self) -> None:
-        _check_text("gpu name", self.name, MAX_ID_LENGTH)
+        check_text("gpu name", self.name, MAX_ID_LENGTH)
         _check_int(f"gpu {self.name!r} memory_mb", self.memory_mb)
 
 
@@ -67,12 +68,12 @@ class Capabilities:
 
     def __post_init__(self) -> None:
         _check_int("cpu_count", self.cpu_count)
-        _check_text("cpu_model", self.cpu_model, MAX_CPU_MODEL_LENGTH, allow_empty=True)
+        check_text("cpu_model", self.cpu_model, MAX_CPU_MODEL_LENGTH, allow_empty=True)
         _check_int("memory_mb", self.memory_mb)
         _check_items("gpus", self.gpus, GpuInfo, MAX_GPUS)
         _check_items("providers", self.providers, str, MAX_PROVIDERS)
         for provider in self.providers:
-            _check_text("provider", provider, MAX_ID_LENGTH)
+            check_text("provider", provider, MAX_ID_LENGTH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +122,7 @@ class ModelPerformance:
     samples: int
 
     def __post_init__(self) -> None:
-        _check_text("performance model_id", self.model_id, MAX_ID_LENGTH)
+        check_text("performance model_id", self.model_id, MAX_ID_LENGTH)
         latency = _check_float(f"{self.model_id!r} latency_ms", self.latency_ms, 0.0, math.inf)
         success = _check_float(f"{self.model_id!r} success_rate", self.success_rate, 0.0, 1.0)
         _set(self, "latency_ms", latency)
@@ -142,8 +143,8 @@ class Departure:
     seq: int
 
     def __post_init__(self) -> None:
-        _check_text("departed peer_id", self.peer_id, MAX_ID_LENGTH)
-        _check_text("departed boot_id", self.boot_id, MAX_BOOT_ID_LENGTH)
+        check_text("departed peer_id", self.peer_id, MAX_ID_LENGTH)
+        check_text("departed boot_id", self.boot_id, MAX_BOOT_ID_LENGTH)
         _check_int("departed seq", self.seq)
 
 
@@ -164,8 +165,8 @@ class PeerRecord:
     departed: tuple[Departure, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_text("peer_id", self.peer_id, MAX_ID_LENGTH)
-        _check_text("boot_id", self.boot_id, MAX_BOOT_ID_LENGTH)
+        check_text("peer_id", self.peer_id, MAX_ID_LENGTH)
+        check_text("boot_id", self.boot_id, MAX_BOOT_ID_LENGTH)
         _check_int("seq", self.seq)
         _set(self, "issued_at", _check_float("issued_at", self.issued_at, 0.0, math.inf))
         _set(self, "interval", _check_float("interval", self.interval, 0.0, MAX_INTERVAL))
@@ -173,7 +174,7 @@ class PeerRecord:
             raise SchemaError("interval must be > 0 seconds")
         _check_items("addrs", self.addrs, str, MAX_ADDRS)
         for addr in self.addrs:
-            _check_text("addr", addr, MAX_ADDR_LENGTH)
+            check_text("addr", addr, MAX_ADDR_LENGTH)
             if not addr.startswith("/"):
                 raise SchemaError(f"addr {addr!r} is not a multiaddr")
         if type(self.capabilities) is not Capabilities:
@@ -205,13 +206,6 @@ class PeerRecord:
 
 def _name(value: object) -> str:
     return type(value).__name__
-
-
-def _check_text(label: str, value: object, limit: int, *, allow_empty: bool = False) -> None:
-    if type(value) is not str:
-        raise SchemaError(f"{label} must be a string, got {_name(value)}")
-    if len(value) > limit or (not value and not allow_empty):
-        raise SchemaError(f"{label} must be {0 if allow_empty else 1} to {limit} characters")
 
 
 def _check_int(label: str, value: object) -> None:

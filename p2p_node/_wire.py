@@ -24,6 +24,7 @@ from gossip import (
     PeerRecord,
     RecordError,
     SchemaError,
+    check_text,
     decode_record,
     descriptor_from_wire,
     descriptor_to_wire,
@@ -479,11 +480,7 @@ def _tensor_from_wire(name: str, raw: object) -> np.ndarray[Any, Any]:
 def _text(
     value: object, what: str, limit: int = MAX_ID_LENGTH, *, allow_empty: bool = False
 ) -> str:
-    if type(value) is not str:
-        raise SchemaError(f"{what} must be a string, got {type(value).__name__}")
-    if len(value) > limit or (not value and not allow_empty):
-        raise SchemaError(f"{what} must be 1 to {limit} characters")
-    return value
+    return check_text(what, value, limit, allow_empty=allow_empty)
 
 
 def _int(value: object, what: str) -> int:
