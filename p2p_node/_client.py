@@ -112,9 +112,13 @@ class Client:
         # Nodes ask every new connection for its models; a client serves none.
         rpc.serve(MODELS_PROTOCOL, _serve_no_models(rpc.peer_id))
         with unwrap_single_errors():
-            async with run_host(host, []):
+            async with run_host(host, []), trio.open_nursery() as nursery:
+                rpc.watch_connections(nursery)
                 peer_id = await rpc.connect(target, timeout)
-                yield cls(rpc, peer_id)
+                try:
+                    yield cls(rpc, peer_id)
+                finally:
+                    nursery.cancel_scope.cancel()
 
     async def submit(
         self,

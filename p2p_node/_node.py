@@ -284,7 +284,9 @@ class Node:
         )
         return PeersReply(self.peer_id, reports)
 
-    async def _watch_connections(self, events: trio.MemoryReceiveChannel[tuple[bool, str]]) -> None:
+    async def _follow_connection_events(
+        self, events: trio.MemoryReceiveChannel[tuple[bool, str]]
+    ) -> None:
         async for connected, peer_id in events:
             if connected:
                 if self.membership.is_blocked(peer_id):
@@ -404,6 +406,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
     try:
         async with run_host(host, listen), trio.open_nursery() as nursery:
             node = Node(config, rpc, executor, gpus)
+            rpc.watch_connections(nursery)
             rpc.serve(JOB_PROTOCOL, node._on_job)
             rpc.serve(INFER_PROTOCOL, node._on_infer)
             rpc.serve(MODELS_PROTOCOL, node._on_models)
@@ -420,7 +423,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
                     target_degree=config.target_degree,
                     rng=random.Random(),
                 )
-                nursery.start_soon(node._watch_connections, events_receive)
+                nursery.start_soon(node._follow_connection_events, events_receive)
                 nursery.start_soon(node._forget_departed, node.view.subscribe())
                 token = node.orchestrator.activate()
                 nursery.start_soon(node.membership.run)

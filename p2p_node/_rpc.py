@@ -118,6 +118,11 @@ class _Channel:
         self.frames = FrameBuffer(max_frame)
         self.idle_since = trio.current_time()
 
+    @property
+    def connection_closing(self) -> bool:
+        closing = getattr(getattr(self.stream, "muxed_conn", None), "event_shutting_down", None)
+        return closing is not None and closing.is_set()
+
     async def send(self, payload: bytes) -> None:
         await self.stream.write(encode_frame(payload))
 
@@ -181,6 +186,8 @@ class Rpc:
         self._closing = False
         self._all_answered = trio.Event()
         self._calls: dict[str, set[trio.CancelScope]] = {}  # in-flight exchanges by peer
+        self._watcher: trio.Nursery | None = None
+        self._watched: set[object] = set()  # connections whose closing we wait for
 
     @property
     def in_flight(self) -> int:
@@ -294,7 +301,7 @@ class Rpc:
         now = trio.current_time()
         while idle:
             channel = idle.pop()
-            if now - channel.idle_since < CLIENT_IDLE_S:
+            if now - channel.idle_since < CLIENT_IDLE_S and not channel.connection_closing:
                 return channel
             await channel.discard()  # too old to trust: the server may be closing it
         return None
@@ -312,7 +319,33 @@ class Rpc:
             raise JobError(
                 ErrorCode.PEER_UNREACHABLE, f"cannot reach the peer: {error}", peer=peer_id
             ) from None
+        self._watch(stream, peer_id)
         return _Channel(stream, self._max_reply_bytes)
+
+    def watch_connections(self, nursery: trio.Nursery) -> None:
+        """Call `peer_gone` as soon as a connection we exchange on starts to close.
+
+        A stream of a closed connection does not always see the close (a read can
+        wait on), and the disconnect notification can come late or not at all, so
+        one task per connection waits on the connection's own shutdown event.
+        """
+        self._watcher = nursery
+
+    def _watch(self, stream: INetStream, peer_id: str) -> None:
+        conn = getattr(stream, "muxed_conn", None)
+        closing = getattr(conn, "event_shutting_down", None)
+        if self._watcher is None or closing is None or conn in self._watched:
+            return
+        self._watched.add(conn)
+
+        async def wait_for_close() -> None:
+            try:
+                await closing.wait()
+                self.peer_gone(peer_id)
+            finally:
+                self._watched.discard(conn)
+
+        self._watcher.start_soon(wait_for_close)
 
     def peer_gone(self, peer_id: str) -> None:
         """The connection to `peer_id` closed: fail its exchanges now, forget its streams.
