@@ -74,10 +74,15 @@ class Swarm:
         return [i for i in range(len(self.nodes)) if i not in self.dead]
 
     async def kill(self, i: int) -> None:
-        """Stop node i abruptly: its host closes (peers see the connections drop)."""
+        """Stop node i abruptly, as a SIGKILL would: its TCP sockets close at once, so
+        peers see the connections drop, then the node's tasks are cancelled."""
         self.dead.add(i)
-        await self.nodes[i]._rpc.host.close()
+        network = self.nodes[i]._rpc.host.get_network()
+        for conns in list(network.connections.values()):
+            for conn in conns:
+                _close_socket(conn)
         self._scopes[i].cancel()
+        await self.nodes[i]._rpc.host.close()
 
     def stall(self, i: int, seconds: float) -> None:
         """Node i stays up but publishes no record for `seconds`."""
@@ -160,6 +165,16 @@ async def open_swarm(
                 yield Swarm(nodes, scopes)
             finally:
                 nursery.cancel_scope.cancel()
+
+
+def _close_socket(conn: object) -> None:
+    """Close the TCP socket under a libp2p connection (SwarmConn > Yamux > Noise > TCP)."""
+    for name in ("muxed_conn", "secured_conn", "conn", "conn", "stream", "stream", "socket"):
+        if isinstance(conn, trio.socket.SocketType):
+            break
+        conn = getattr(conn, name, conn)
+    if isinstance(conn, trio.socket.SocketType):
+        conn.close()
 
 
 async def _run_node(
