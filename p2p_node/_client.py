@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +25,7 @@ from scheduler import (
     Tensors,
     new_job_id,
 )
+from selection import AdvancedModelSelectionStrategy, Selection
 
 from ._config import parse_peer_multiaddr
 from ._errors import unwrap_single_errors
@@ -34,6 +35,7 @@ from ._rpc import (
     PEERS_PROTOCOL,
     PLACE_PROTOCOL,
     REPLY_GRACE_S,
+    SELECT_PROTOCOL,
     Handler,
     Rpc,
     expect_reply,
@@ -41,6 +43,10 @@ from ._rpc import (
     run_host,
 )
 from ._wire import (
+    ContextValue,
+    FeedbackReply,
+    FeedbackRequest,
+    Learned,
     ModelsReply,
     ModelsRequest,
     PeerReport,
@@ -51,6 +57,8 @@ from ._wire import (
     Reply,
     Request,
     RunRequest,
+    SelectReply,
+    SelectRequest,
 )
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -136,6 +144,65 @@ class Client:
         """
         request = InferenceRequest(model_id, inputs, timeout, job_id or new_job_id(), requirements)
         return await self.run(request, strategy)
+
+    async def submit_task(
+        self,
+        task: str,
+        inputs: Tensors,
+        *,
+        selection: AdvancedModelSelectionStrategy | str | None = None,
+        context: Mapping[str, ContextValue] | None = None,
+        timeout: float = 30.0,
+        job_id: str | None = None,
+        strategy: DistributionStrategy | None = None,
+    ) -> InferenceResult:
+        """Run `inputs` on whichever model the node selects for `task` (with `selection`,
+        or its default, in `context`). `result.route` says which model answered how
+        many rows. Raises JobError: UNKNOWN_TASK, NO_FITTING_MODEL, INVALID_SELECTION..."""
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0, got {timeout}")
+        message = RunRequest(
+            job_id=job_id or new_job_id(),
+            model_id="",
+            inputs=inputs,
+            timeout_ms=max(1, round(timeout * 1000)),
+            strategy=strategy,
+            task=task,
+            selection=None if selection is None else str(selection),
+            context=dict(context or {}),
+        )
+        reply = await self._rpc.call(
+            self.peer_id, JOB_PROTOCOL, message, timeout=timeout + REPLY_GRACE_S
+        )
+        result: InferenceResult = expect_reply(reply, InferenceResult, self.peer_id)
+        return result
+
+    async def select(
+        self,
+        task: str,
+        strategy: AdvancedModelSelectionStrategy | str = AdvancedModelSelectionStrategy.HYBRID,
+        *,
+        context: Mapping[str, ContextValue] | None = None,
+        k: int | None = None,
+        timeout: float = 10.0,
+    ) -> tuple[Selection, tuple[Learned, ...]]:
+        """How the connected node would select models for `task` now, with scores and
+        reasons, and what it has learned about them. Runs nothing."""
+        request = SelectRequest(task, str(strategy), dict(context or {}), k)
+        reply = await self._rpc.call(self.peer_id, SELECT_PROTOCOL, request, timeout)
+        selected: SelectReply = expect_reply(reply, SelectReply, self.peer_id)
+        return selected.selection, selected.learned
+
+    async def feedback(
+        self, job_id: str, score: float, *, timeout: float = 10.0
+    ) -> tuple[str, ...]:
+        """Tell the node that coordinated `job_id` how good its answer was, in [0, 1].
+        Returns the models credited. Raises JobError UNKNOWN_JOB for a job it forgot."""
+        reply = await self._rpc.call(
+            self.peer_id, SELECT_PROTOCOL, FeedbackRequest(job_id, score), timeout
+        )
+        credited: FeedbackReply = expect_reply(reply, FeedbackReply, self.peer_id)
+        return credited.model_ids
 
     async def run(
         self, request: InferenceRequest, strategy: DistributionStrategy | None = None

@@ -10,6 +10,7 @@ import multiaddr
 
 from gossip import Capabilities
 from scheduler import DistributionStrategy
+from selection import AdvancedModelSelectionStrategy
 
 DEFAULT_TARGET_DEGREE = 6
 
@@ -86,6 +87,9 @@ class NodeConfig:
     mdns: bool = False
     capabilities: Capabilities | None = None  # announce these instead of probing the machine
     strategy: DistributionStrategy = DistributionStrategy.LEAST_LOADED  # for jobs naming none
+    # How a job that names a task type, not a model, gets its model (when it names none).
+    selection: AdvancedModelSelectionStrategy = AdvancedModelSelectionStrategy.HYBRID
+    tracker_save_interval: float = 10.0  # seconds between saves of what selection learned
     max_request_bytes: int = 16 * 1024 * 1024
     max_reply_bytes: int = 16 * 1024 * 1024
     max_concurrent_inbound: int = 256

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -137,13 +137,25 @@ def _describe(specs: Sequence[TensorSpec]) -> str:
     return ", ".join(s.describe() for s in specs)
 
 
+@dataclass(frozen=True, slots=True)
+class ExecutorCounters:
+    """Requests by how they ended, since the node started."""
+
+    admitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled_waiting: int = 0  # cancelled before its ONNX run began: used no compute
+    cancelled_running: int = 0  # cancelled mid-run: onnxruntime was told to terminate
+
+
 class Executor:
     """Runs this node's models. At most `queue_limit` requests are admitted at once.
 
     Admitted requests wait for one of `workers` thread slots, then run in a
     worker thread (or inline, for models that have run fast: see ExecutorConfig).
     A request cancelled while it waits never starts; one cancelled while it
-    runs finishes its ONNX call first.
+    runs is abandoned and onnxruntime is told to terminate it, which it does at
+    its next node boundary, and its thread slot is busy until then.
     """
 
     def __init__(
@@ -160,6 +172,8 @@ class Executor:
         # Recent compute time per model (ms, EWMA); decides inline vs worker thread.
         self._compute_ms: dict[str, float] = {}
         self._stats: dict[str, _ModelStats] = {}
+        self.counters = ExecutorCounters()
+        self._counted = trio.lowlevel.ParkingLot()
 
     @property
     def descriptors(self) -> tuple[ModelDescriptor, ...]:
@@ -184,6 +198,21 @@ class Executor:
     def serves(self, model_id: str) -> bool:
         return model_id in self._models
 
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        """The worker slots; holding them all makes this node's requests queue."""
+        return self._limiter
+
+    async def wait_counters(self, predicate: Callable[[ExecutorCounters], bool]) -> None:
+        """Until the counters satisfy `predicate` (tests and the harness use it)."""
+        while not predicate(self.counters):
+            await self._counted.park()
+
+    def _count(self, **increments: int) -> None:
+        counts = {name: getattr(self.counters, name) + n for name, n in increments.items()}
+        self.counters = replace(self.counters, **counts)
+        self._counted.unpark_all()
+
     async def run(self, model_id: str, inputs: Tensors) -> Execution:
         model = self._models.get(model_id)
         if model is None:
@@ -198,21 +227,34 @@ class Executor:
                 f"{self._admitted} requests admitted, queue limit {self._config.queue_limit}",
             )
         self._admitted += 1
+        self._count(admitted=1)
         stats = self._stats.setdefault(model_id, _ModelStats())
         admitted_at = time.perf_counter()
+        run = _Run()
         try:
             if self._compute_ms.get(model_id, math.inf) < self._config.inline_below_ms:
                 await trio.lowlevel.checkpoint()
-                outputs, started, finished = _compute(model, feeds)
+                outputs, started, finished = _compute(model, feeds, run)
             else:
                 outputs, started, finished = await trio.to_thread.run_sync(
-                    _compute, model, feeds, limiter=self._limiter
+                    _compute,
+                    model,
+                    feeds,
+                    run,
+                    limiter=self._limiter,
+                    abandon_on_cancel=True,  # type: ignore[call-arg]  # trio-typing stubs predate it
                 )
         except JobError:
+            self._count(failed=1)
             stats.record(ok=False, latency_ms=(time.perf_counter() - admitted_at) * 1e3)
+            raise
+        except trio.Cancelled:
+            run.options.terminate = True
+            self._count(**{"cancelled_running" if run.began else "cancelled_waiting": 1})
             raise
         finally:
             self._admitted -= 1
+        self._count(completed=1)
         stats.record(ok=True, latency_ms=(finished - admitted_at) * 1e3)
         compute_ms = (finished - started) * 1e3
         previous = self._compute_ms.get(model_id, compute_ms)
@@ -239,13 +281,25 @@ class _ModelStats:
         self.samples += 1
 
 
+class _Run:
+    """One run's handle, shared with its worker thread: setting `options.terminate`
+    stops onnxruntime at its next node boundary (or before it starts)."""
+
+    __slots__ = ("began", "options")
+
+    def __init__(self) -> None:
+        self.options = ort.RunOptions()
+        self.began = False
+
+
 def _compute(
-    model: LoadedModel, feeds: dict[str, np.ndarray[Any, Any]]
+    model: LoadedModel, feeds: dict[str, np.ndarray[Any, Any]], run: _Run
 ) -> tuple[dict[str, np.ndarray[Any, Any]], float, float]:
     """Runs in a worker thread. onnxruntime errors become typed JobErrors here."""
     started = time.perf_counter()
+    run.began = True
     try:
-        values = model.session.run(None, feeds)
+        values = model.session.run(None, feeds, run.options)
     except Exception as error:  # onnxruntime's pybind error types share no useful base
         kind = type(error).__name__
         code = ErrorCode.INVALID_INPUT if kind == "InvalidArgument" else ErrorCode.INTERNAL

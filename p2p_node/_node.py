@@ -38,6 +38,7 @@ from scheduler import (
     NodeIndex,
     NodeInfo,
 )
+from selection import EnhancedModelOrchestrator, ModelCatalog, PerformanceTracker, SelectionContext
 
 from ._config import NodeConfig, parse_multiaddr, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
@@ -54,12 +55,17 @@ from ._rpc import (
     PEERS_PROTOCOL,
     PLACE_PROTOCOL,
     REPLY_GRACE_S,
+    SELECT_PROTOCOL,
     Rpc,
     expect_reply,
     new_libp2p_host,
     run_host,
 )
+from ._tracker_store import load_tracker, save_periodically, save_tracker
 from ._wire import (
+    FeedbackReply,
+    FeedbackRequest,
+    Learned,
     ModelsReply,
     PeerReport,
     PeersReply,
@@ -67,6 +73,8 @@ from ._wire import (
     PlaceRequest,
     Request,
     RunRequest,
+    SelectReply,
+    SelectRequest,
 )
 
 logger = logging.getLogger(__name__)
@@ -77,7 +85,14 @@ MAX_ANNOUNCED_ADDRS = 16
 class Node:
     """A running node. Get one from `open_node(config)`."""
 
-    def __init__(self, config: NodeConfig, rpc: Rpc, executor: Executor, gpus: Gpus) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        rpc: Rpc,
+        executor: Executor,
+        gpus: Gpus,
+        tracker: PerformanceTracker | None = None,
+    ) -> None:
         self.config = config
         self.view = PeerView(config.gossip.ttl_factor)
         self.boot_id = uuid.uuid4().hex[:16]
@@ -92,6 +107,11 @@ class Node:
         self._index_source: object = None
         self.orchestrator = DistributedModelOrchestrator(
             rpc.peer_id, self.node_index, self._send_infer, self._run_local
+        )
+        self._catalog = ModelCatalog(())
+        self._catalog_source: object = None
+        self.selector = EnhancedModelOrchestrator(
+            self.orchestrator, self.catalog, tracker=tracker, distribution=config.strategy
         )
         # Set by open_node once gossip and membership run.
         self.gossip: Gossip
@@ -109,6 +129,10 @@ class Node:
     @property
     def models(self) -> tuple[ModelDescriptor, ...]:
         return self._executor.descriptors
+
+    @property
+    def executor(self) -> Executor:
+        return self._executor
 
     @property
     def in_flight(self) -> int:
@@ -184,10 +208,34 @@ class Node:
             self.gossip.changed()
 
     async def run_job(self, request: RunRequest) -> InferenceResult:
-        """Coordinate one job: place it on the view (this node included), run it there,
-        fail over on retryable errors, all within its deadline."""
+        """Coordinate one job: select its model when it names a task, place it on the
+        view (this node included), run it there, fail over on retryable errors, all
+        within its deadline."""
         strategy = request.strategy or self.config.strategy
-        return await self.orchestrator.run_distributed_inference(_to_inference(request), strategy)
+        if request.task is not None:
+            return await self.selector.run_task(
+                request.task,
+                request.inputs,
+                strategy=request.selection or self.config.selection,
+                context=request.context,
+                distribution=strategy,
+                timeout=request.timeout_ms / 1000,
+                job_id=request.job_id,
+            )
+        return await self.selector.run_model(_to_inference(request), strategy)
+
+    def catalog(self) -> ModelCatalog:
+        """Every model the view serves (this node's included), rebuilt when it changes."""
+        snapshot = self.view.snapshot()
+        if self._catalog_source is not snapshot:
+            self._catalog = ModelCatalog.from_records(
+                (p.record for p in snapshot.alive()),
+                local_peer_id=self.peer_id,
+                local_models=self.models,
+                local_latency_ms={p.model_id: p.latency_ms for p in self._executor.performance()},
+            )
+            self._catalog_source = snapshot
+        return self._catalog
 
     # --- the orchestrator's view of the world ------------------------------------
 
@@ -247,7 +295,13 @@ class Node:
         return await self._with_load_notes(self.run_job, _expect_run(request))
 
     async def _on_infer(self, request: Request, sender: str) -> InferenceResult:
-        return await self._with_load_notes(self._run_here_within_deadline, _expect_run(request))
+        run = _expect_run(request)
+        if run.task is not None:
+            raise JobError(
+                ErrorCode.MALFORMED_MESSAGE,
+                "the infer protocol runs a named model; submit task jobs on the job protocol",
+            )
+        return await self._with_load_notes(self._run_here_within_deadline, run)
 
     async def _with_load_notes(self, run: _RunFn, request: RunRequest) -> InferenceResult:
         self._note_load()
@@ -272,6 +326,35 @@ class Node:
             request.model_id, request.strategy, request.requirements
         )
         return PlaceReply(self.peer_id, placement)
+
+    async def _on_select(self, request: Request, sender: str) -> SelectReply | FeedbackReply:
+        if isinstance(request, FeedbackRequest):
+            models = self.selector.feedback(request.job_id, request.score)
+            return FeedbackReply(self.peer_id, request.job_id, models)
+        if not isinstance(request, SelectRequest):
+            raise JobError(ErrorCode.MALFORMED_MESSAGE, "this protocol takes select? and feedback")
+        chosen = self.selector.select_models_advanced(
+            request.task, request.strategy, SelectionContext.parse(request.context), k=request.k
+        )
+        learned = self.selector.tracker.describe(r.model_id for r in chosen.ranked)
+        return SelectReply(
+            self.peer_id,
+            chosen,
+            tuple(
+                Learned(
+                    model_id,
+                    bucket,
+                    facts["runs"],
+                    facts["failures"],
+                    facts["latency_ms"],
+                    facts["success_rate"],
+                    facts["quality"],
+                    facts["quality_weight"],
+                )
+                for model_id, buckets in sorted(learned.items())
+                for bucket, facts in sorted(buckets.items())
+            ),
+        )
 
     async def _on_models(self, request: Request, sender: str) -> ModelsReply:
         return ModelsReply(self.peer_id, self.models)
@@ -393,6 +476,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
     key_pair = load_or_create_identity(config.data_dir)
     cards = read_repository(config.models_dir or bundled_models_dir(), config.serve_models)
     executor = Executor([load_model(c, config.executor) for c in cards], config.executor)
+    tracker = load_tracker(config.data_dir)
     host = new_libp2p_host(key_pair, mdns=config.mdns)
     rpc = Rpc(
         host,
@@ -405,13 +489,14 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
     gpus = Gpus()
     try:
         async with run_host(host, listen), trio.open_nursery() as nursery:
-            node = Node(config, rpc, executor, gpus)
+            node = Node(config, rpc, executor, gpus, tracker)
             rpc.watch_connections(nursery)
             rpc.serve(JOB_PROTOCOL, node._on_job)
             rpc.serve(INFER_PROTOCOL, node._on_infer)
             rpc.serve(MODELS_PROTOCOL, node._on_models)
             rpc.serve(PEERS_PROTOCOL, node._on_peers)
             rpc.serve(PLACE_PROTOCOL, node._on_place)
+            rpc.serve(SELECT_PROTOCOL, node._on_select)
             host.get_network().register_notifee(_ConnectionEvents(events_send))
             async with open_gossip(host, node.view, config.gossip, node.make_record) as gossip:
                 node.gossip = gossip
@@ -426,7 +511,11 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
                 nursery.start_soon(node._follow_connection_events, events_receive)
                 nursery.start_soon(node._forget_departed, node.view.subscribe())
                 token = node.orchestrator.activate()
+                selector_token = node.selector.activate()
                 nursery.start_soon(node.membership.run)
+                nursery.start_soon(
+                    save_periodically, config.data_dir, tracker, config.tracker_save_interval
+                )
                 logger.info(
                     "node %s serving %s on %s",
                     node.peer_id,
@@ -436,12 +525,14 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
                 try:
                     yield node
                 finally:
+                    node.selector.deactivate(selector_token)
                     node.orchestrator.deactivate(token)
                     with trio.CancelScope(shield=True):
                         unanswered = await rpc.drain(config.shutdown_grace)
                     if unanswered:
                         logger.warning("shut down with %d requests unanswered", unanswered)
                     nursery.cancel_scope.cancel()
+                    save_tracker(config.data_dir, tracker.to_bytes())
     finally:
         gpus.close()
 

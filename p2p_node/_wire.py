@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import msgpack
@@ -45,6 +45,14 @@ from scheduler import (
     Requirements,
     Tensors,
 )
+from selection import (
+    MAX_CONTEXT_KEYS,
+    MAX_CONTEXT_TEXT,
+    AdvancedModelSelectionStrategy,
+    LeftOut,
+    RankedModel,
+    Selection,
+)
 
 VERSION = 1
 MAX_TENSORS = 64
@@ -52,6 +60,9 @@ MAX_ID_LENGTH = 128
 MAX_MESSAGE_LENGTH = 4096
 MAX_TIMEOUT_MS = 3_600_000
 MAX_DIM = 2**31 - 1
+MAX_LIST_LENGTH = 64
+
+ContextValue = str | int | float
 
 
 class WireError(JobError):
@@ -60,7 +71,12 @@ class WireError(JobError):
 
 @dataclass(frozen=True, slots=True)
 class RunRequest:
-    """Run `model_id` on `inputs`. Sent on both the job and the infer protocol."""
+    """Run `model_id` on `inputs`. Sent on both the job and the infer protocol.
+
+    A job may name a `task` type instead (with `model_id` empty): the coordinator
+    selects the model with `selection` (a strategy name; None: its default) in
+    `context`, then places it. The infer protocol always names a model.
+    """
 
     job_id: str
     model_id: str
@@ -68,6 +84,9 @@ class RunRequest:
     timeout_ms: int
     strategy: DistributionStrategy | None = None  # None: the coordinator's default
     requirements: Requirements = NO_REQUIREMENTS
+    task: str | None = None
+    selection: str | None = None
+    context: Mapping[str, ContextValue] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +149,62 @@ class PlaceReply:
     placement: Placement
 
 
-Request = RunRequest | ModelsRequest | PeersRequest | PlaceRequest
-Reply = InferenceResult | ModelsReply | PeersReply | PlaceReply | ErrorReply
+@dataclass(frozen=True, slots=True)
+class SelectRequest:
+    """How would the node select models for `task` in `context`? Nothing runs."""
+
+    task: str
+    strategy: str
+    context: Mapping[str, ContextValue] = field(default_factory=dict)
+    k: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Learned:
+    """What the node's tracker learned of one model in one context bucket."""
+
+    model_id: str
+    bucket: str
+    runs: int
+    failures: int
+    latency_ms: float | None
+    success_rate: float
+    quality: float | None
+    quality_weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class SelectReply:
+    peer_id: str
+    selection: Selection
+    learned: tuple[Learned, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackRequest:
+    """A quality score in [0, 1] for a job the receiving node coordinated."""
+
+    job_id: str
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackReply:
+    peer_id: str
+    job_id: str
+    model_ids: tuple[str, ...]  # the models the score was credited to
+
+
+Request = RunRequest | ModelsRequest | PeersRequest | PlaceRequest | SelectRequest | FeedbackRequest
+Reply = (
+    InferenceResult
+    | ModelsReply
+    | PeersReply
+    | PlaceReply
+    | SelectReply
+    | FeedbackReply
+    | ErrorReply
+)
 
 
 # --- encoding --------------------------------------------------------------------------
@@ -149,6 +222,50 @@ def encode(message: Request | Reply) -> bytes:
                 "timeout_ms": message.timeout_ms,
                 "strategy": message.strategy and str(message.strategy),
                 "requires": _requirements_to_wire(message.requirements),
+                "task": message.task,
+                "selection": message.selection,
+                "context": dict(message.context),
+            }
+        case SelectRequest():
+            body = {
+                "kind": "select?",
+                "task": message.task,
+                "strategy": message.strategy,
+                "context": dict(message.context),
+                "k": message.k,
+            }
+        case SelectReply():
+            chosen = message.selection
+            body = {
+                "kind": "select",
+                "peer_id": message.peer_id,
+                "task": chosen.task_type,
+                "strategy": str(chosen.strategy),
+                "bucket": chosen.bucket,
+                "ranked": [[r.model_id, r.score, list(r.reasons)] for r in chosen.ranked],
+                "excluded": [[x.model_id, x.reason] for x in chosen.excluded],
+                "learned": [
+                    [
+                        x.model_id,
+                        x.bucket,
+                        x.runs,
+                        x.failures,
+                        x.latency_ms,
+                        x.success_rate,
+                        x.quality,
+                        x.quality_weight,
+                    ]
+                    for x in message.learned
+                ],
+            }
+        case FeedbackRequest():
+            body = {"kind": "feedback", "job_id": message.job_id, "score": float(message.score)}
+        case FeedbackReply():
+            body = {
+                "kind": "feedback!",
+                "peer_id": message.peer_id,
+                "job_id": message.job_id,
+                "models": list(message.model_ids),
             }
         case PlaceRequest():
             body = {
@@ -176,6 +293,7 @@ def encode(message: Request | Reply) -> bytes:
                 "executor": message.executor,
                 "queue_ms": float(message.queue_ms),
                 "compute_ms": float(message.compute_ms),
+                "route": [[model, rows] for model, rows in message.route],
             }
         case ErrorReply():
             body = {
@@ -234,6 +352,8 @@ _REQUEST_KINDS = {
     "models?": ModelsRequest,
     "peers?": PeersRequest,
     "place?": PlaceRequest,
+    "select?": SelectRequest,
+    "feedback": FeedbackRequest,
 }
 _REPLY_KINDS = {
     "result": InferenceResult,
@@ -241,15 +361,45 @@ _REPLY_KINDS = {
     "models": ModelsReply,
     "peers": PeersReply,
     "place": PlaceReply,
+    "select": SelectReply,
+    "feedback!": FeedbackReply,
 }
 _KEYS = {
     "run": frozenset(
-        {"v", "kind", "job_id", "model_id", "inputs", "timeout_ms", "strategy", "requires"}
+        {
+            "v",
+            "kind",
+            "job_id",
+            "model_id",
+            "inputs",
+            "timeout_ms",
+            "strategy",
+            "requires",
+            "task",
+            "selection",
+            "context",
+        }
     ),
+    "select?": frozenset({"v", "kind", "task", "strategy", "context", "k"}),
+    "select": frozenset(
+        {"v", "kind", "peer_id", "task", "strategy", "bucket", "ranked", "excluded", "learned"}
+    ),
+    "feedback": frozenset({"v", "kind", "job_id", "score"}),
+    "feedback!": frozenset({"v", "kind", "peer_id", "job_id", "models"}),
     "place?": frozenset({"v", "kind", "model_id", "strategy", "requires"}),
     "place": frozenset({"v", "kind", "peer_id", "model_id", "candidates", "excluded"}),
     "result": frozenset(
-        {"v", "kind", "job_id", "model_id", "outputs", "executor", "queue_ms", "compute_ms"}
+        {
+            "v",
+            "kind",
+            "job_id",
+            "model_id",
+            "outputs",
+            "executor",
+            "queue_ms",
+            "compute_ms",
+            "route",
+        }
     ),
     "error": frozenset({"v", "kind", "code", "message", "peer"}),
     "models?": frozenset({"v", "kind"}),
@@ -309,13 +459,118 @@ def _run_request(f: Mapping[str, Any]) -> RunRequest:
     timeout_ms = _int(f["timeout_ms"], "timeout_ms")
     if not 0 < timeout_ms <= MAX_TIMEOUT_MS:
         raise SchemaError(f"timeout_ms must be in (0, {MAX_TIMEOUT_MS}], got {timeout_ms}")
+    task = None if f["task"] is None else _text(f["task"], "task")
+    model_id = _text(f["model_id"], "model_id", allow_empty=task is not None)
+    if task is not None and model_id:
+        raise SchemaError("a run request names a model_id or a task, not both")
+    selection = None if f["selection"] is None else _text(f["selection"], "selection")
     return RunRequest(
         job_id=_text(f["job_id"], "job_id"),
-        model_id=_text(f["model_id"], "model_id"),
+        model_id=model_id,
         inputs=_tensors_from_wire(f["inputs"]),
         timeout_ms=timeout_ms,
         strategy=None if f["strategy"] is None else _strategy(f["strategy"]),
         requirements=_requirements_from_wire(f["requires"]),
+        task=task,
+        selection=selection,
+        context=_context(f["context"]),
+    )
+
+
+def _context(raw: object) -> dict[str, ContextValue]:
+    """A selection context: a small map of short names to short strings or numbers.
+    What the keys mean is the selection layer's to check."""
+    if not isinstance(raw, dict):
+        raise SchemaError(f"context must be a map, got {type(raw).__name__}")
+    if len(raw) > MAX_CONTEXT_KEYS:
+        raise SchemaError(f"context: {len(raw)} keys > limit {MAX_CONTEXT_KEYS}")
+    out: dict[str, ContextValue] = {}
+    for key, value in raw.items():
+        name = _text(key, "context key", MAX_CONTEXT_TEXT)
+        if isinstance(value, str):
+            out[name] = _text(value, f"context {name}", MAX_CONTEXT_TEXT)
+        elif type(value) is int:
+            out[name] = value
+        else:
+            out[name] = _number(value, f"context {name}")
+    return out
+
+
+def _select_request(f: Mapping[str, Any]) -> SelectRequest:
+    k = f["k"]
+    if k is not None and (type(k) is not int or not 1 <= k <= MAX_LIST_LENGTH):
+        raise SchemaError(f"k must be an integer in [1, {MAX_LIST_LENGTH}] or nil, got {k!r}")
+    return SelectRequest(
+        task=_text(f["task"], "task"),
+        strategy=_text(f["strategy"], "strategy"),
+        context=_context(f["context"]),
+        k=k,
+    )
+
+
+def _select_reply(f: Mapping[str, Any]) -> SelectReply:
+    try:
+        strategy = AdvancedModelSelectionStrategy(_text(f["strategy"], "strategy"))
+    except ValueError:
+        raise SchemaError(f"unknown selection strategy {f['strategy']!r}") from None
+    ranked = []
+    for raw in expect_list(f["ranked"], "ranked", MAX_LIST_LENGTH * 4):
+        model, score, reasons = _triple(raw, "ranked model")
+        texts = expect_list(reasons, "reasons", 16)
+        ranked.append(
+            RankedModel(
+                _text(model, "model_id"),
+                _number(score, "score"),
+                tuple(_text(t, "reason", MAX_MESSAGE_LENGTH) for t in texts),
+            )
+        )
+    excluded = []
+    for raw in expect_list(f["excluded"], "excluded", MAX_LIST_LENGTH * 4):
+        if not isinstance(raw, list) or len(raw) != 2:
+            raise SchemaError("an excluded entry must be [model_id, reason]")
+        excluded.append(
+            LeftOut(_text(raw[0], "model_id"), _text(raw[1], "reason", MAX_MESSAGE_LENGTH))
+        )
+    learned = []
+    for raw in expect_list(f["learned"], "learned", 4096):
+        if not isinstance(raw, list) or len(raw) != 8:
+            raise SchemaError("a learned entry must be a list of 8")
+        model, bucket, runs, failures, latency, success, quality, weight = raw
+        learned.append(
+            Learned(
+                _text(model, "model_id"),
+                _text(bucket, "bucket"),
+                _int(runs, "runs"),
+                _int(failures, "failures"),
+                None if latency is None else _millis(latency, "latency_ms"),
+                _millis(success, "success_rate"),
+                None if quality is None else _millis(quality, "quality"),
+                _millis(weight, "quality_weight"),
+            )
+        )
+    selection = Selection(
+        strategy,
+        _text(f["task"], "task"),
+        _text(f["bucket"], "bucket"),
+        tuple(ranked),
+        tuple(excluded),
+    )
+    return SelectReply(_text(f["peer_id"], "peer_id"), selection, tuple(learned))
+
+
+def _feedback_request(f: Mapping[str, Any]) -> FeedbackRequest:
+    score = _number(f["score"], "score")
+    if not 0.0 <= score <= 1.0:
+        raise SchemaError(f"score must be in [0, 1], got {score}")
+    return FeedbackRequest(_text(f["job_id"], "job_id"), score)
+
+
+def _feedback_reply(f: Mapping[str, Any]) -> FeedbackReply:
+    models = expect_list(f["models"], "models", MAX_LIST_LENGTH)
+    return FeedbackReply(
+        _text(f["peer_id"], "peer_id"),
+        _text(f["job_id"], "job_id"),
+        tuple(_text(m, "model_id") for m in models),
     )
 
 
@@ -401,7 +656,17 @@ def _run_reply(f: Mapping[str, Any]) -> InferenceResult:
         executor=_text(f["executor"], "executor"),
         queue_ms=_millis(f["queue_ms"], "queue_ms"),
         compute_ms=_millis(f["compute_ms"], "compute_ms"),
+        route=tuple(_route(r) for r in expect_list(f["route"], "route")),
     )
+
+
+def _route(raw: object) -> tuple[str, int]:
+    if not isinstance(raw, list) or len(raw) != 2:
+        raise SchemaError("a route entry must be [model_id, rows]")
+    rows = _int(raw[1], "route rows")
+    if rows < 0:
+        raise SchemaError("route rows must be >= 0")
+    return _text(raw[0], "model_id"), rows
 
 
 def _error_reply(f: Mapping[str, Any]) -> ErrorReply:
@@ -444,6 +709,10 @@ _BUILDERS: Mapping[str, Any] = {
     "peers": _peers_reply,
     "place?": _place_request,
     "place": _place_reply,
+    "select?": _select_request,
+    "select": _select_reply,
+    "feedback": _feedback_request,
+    "feedback!": _feedback_reply,
 }
 
 

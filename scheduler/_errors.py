@@ -17,6 +17,11 @@ class ErrorCode(IntEnum):
     PEER_UNREACHABLE = 9
     NO_CAPABLE_PEER = 10
     SHUTTING_DOWN = 11
+    # 12 is UNAUTHORIZED (admission)
+    UNKNOWN_TASK = 13  # no model of the asked task type anywhere in the view
+    NO_FITTING_MODEL = 14  # models of the task exist, but none fits the request's context
+    INVALID_SELECTION = 15  # bad strategy, weights or context values
+    UNKNOWN_JOB = 16  # feedback for a job this node did not coordinate (or forgot)
 
     @property
     def retryable(self) -> bool:

@@ -37,7 +37,11 @@ class InferenceRequest:
 
 @dataclass(frozen=True, slots=True)
 class InferenceResult:
-    """Outputs of one run and where the time went. `executor` is a peer id."""
+    """Outputs of one run and where the time went. `executor` is a peer id.
+
+    `route` is set when a model was selected for a task: which model answered how
+    many rows (a cascade lists every stage, cheapest first).
+    """
 
     job_id: str
     model_id: str
@@ -45,3 +49,4 @@ class InferenceResult:
     executor: str
     queue_ms: float
     compute_ms: float
+    route: tuple[tuple[str, int], ...] = ()

@@ -94,6 +94,9 @@ def _run_body(**changes: Any) -> dict[str, Any]:
         "timeout_ms": 1000,
         "strategy": None,
         "requires": {"min_memory_mb": 0, "gpu": "any", "provider": None},
+        "task": None,
+        "selection": None,
+        "context": {},
     }
     body.update(changes)
     return body
@@ -109,6 +112,7 @@ def _result_body(**changes: Any) -> dict[str, Any]:
         "executor": "peer",
         "queue_ms": 0.5,
         "compute_ms": 2.0,
+        "route": [],
     }
     body.update(changes)
     return body

@@ -1,0 +1,268 @@
+"""What this node has learned about each model: latency, success and quality, per
+context bucket, with old evidence discounted so that the estimates follow drift.
+
+Pure and synchronous; the node saves it to its data dir (`to_bytes` / `from_bytes`)
+so that learning survives a restart. Memory is bounded: at most `max_entries`
+(model, bucket) pairs (the least recently updated go first) and `max_jobs`
+remembered jobs waiting for feedback.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from scheduler import ErrorCode, JobError
+
+ALL = "*"  # the bucket every observation also lands in
+FORMAT_VERSION = 1
+LATENCY_ALPHA = 0.2
+SUCCESS_ALPHA = 0.1
+PRIOR_STRENGTH = 2.0  # the announced accuracy counts as this many observations
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerConfig:
+    discount: float = 0.995  # per quality observation in the bucket: a memory of ~200
+    max_entries: int = 4096
+    max_jobs: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.discount <= 1.0:
+            raise ValueError(f"discount must be in (0, 1], got {self.discount}")
+        if self.max_entries < 1 or self.max_jobs < 1:
+            raise ValueError("max_entries and max_jobs must be >= 1")
+
+
+class Evidence:
+    """One model in one bucket. Quality counts are discounted by `discount` for every
+    quality observation made in the bucket since (lazily, at the next touch)."""
+
+    __slots__ = (
+        "failures",
+        "latency_ms",
+        "quality_n",
+        "quality_sum",
+        "runs",
+        "step",
+        "success_rate",
+    )
+
+    def __init__(self, step: int = 0) -> None:
+        self.runs = 0
+        self.failures = 0
+        self.latency_ms: float | None = None
+        self.success_rate = 1.0
+        self.quality_n = 0.0
+        self.quality_sum = 0.0
+        self.step = step
+
+    def catch_up(self, step: int, discount: float) -> None:
+        if step > self.step:
+            factor = discount ** (step - self.step)
+            self.quality_n *= factor
+            self.quality_sum *= factor
+            self.step = step
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "runs": self.runs,
+            "failures": self.failures,
+            "latency_ms": self.latency_ms,
+            "success_rate": self.success_rate,
+            "quality_n": self.quality_n,
+            "quality_sum": self.quality_sum,
+            "step": self.step,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Evidence:
+        evidence = cls(int(raw["step"]))
+        evidence.runs = int(raw["runs"])
+        evidence.failures = int(raw["failures"])
+        latency = raw["latency_ms"]
+        evidence.latency_ms = None if latency is None else float(latency)
+        evidence.success_rate = float(raw["success_rate"])
+        evidence.quality_n = float(raw["quality_n"])
+        evidence.quality_sum = float(raw["quality_sum"])
+        return evidence
+
+
+@dataclass(frozen=True, slots=True)
+class QualityEstimate:
+    """The posterior over a model's quality in a bucket: Beta(alpha, beta), its prior
+    being the announced accuracy worth PRIOR_STRENGTH observations."""
+
+    alpha: float
+    beta: float
+    observations: float  # discounted
+
+    @property
+    def mean(self) -> float:
+        return self.alpha / (self.alpha + self.beta)
+
+    def sample(self, rng: random.Random) -> float:
+        return rng.betavariate(self.alpha, self.beta)
+
+
+class PerformanceTracker:
+    def __init__(self, config: TrackerConfig = TrackerConfig()) -> None:
+        self.config = config
+        self._entries: OrderedDict[tuple[str, str], Evidence] = OrderedDict()
+        self._steps: dict[str, int] = {}
+        self._jobs: OrderedDict[str, tuple[tuple[str, ...], str]] = OrderedDict()
+
+    # --- observing ---------------------------------------------------------------
+
+    def record_run(self, model_id: str, bucket: str, *, ok: bool, latency_ms: float) -> None:
+        """A run finished (ok) or failed for a reason that is the model's or its peers'."""
+        for evidence in self._touch(model_id, bucket):
+            evidence.runs += 1
+            if ok:
+                previous = evidence.latency_ms
+                evidence.latency_ms = (
+                    latency_ms
+                    if previous is None
+                    else previous + LATENCY_ALPHA * (latency_ms - previous)
+                )
+            else:
+                evidence.failures += 1
+            evidence.success_rate += SUCCESS_ALPHA * (float(ok) - evidence.success_rate)
+
+    def record_quality(self, model_id: str, bucket: str, score: float) -> None:
+        """A quality observation in [0, 1]: a labelled outcome or a user's feedback."""
+        if not (math.isfinite(score) and 0.0 <= score <= 1.0):
+            raise JobError(ErrorCode.INVALID_SELECTION, f"score must be in [0, 1], got {score}")
+        for key_bucket in dict.fromkeys((bucket, ALL)):
+            self._steps[key_bucket] = self._steps.get(key_bucket, 0) + 1
+        for evidence in self._touch(model_id, bucket):
+            evidence.quality_n += 1.0
+            evidence.quality_sum += score
+
+    def remember_job(self, job_id: str, model_ids: Iterable[str], bucket: str) -> None:
+        """Keep which models answered `job_id`, so that feedback can find them."""
+        self._jobs[job_id] = (tuple(model_ids), bucket)
+        self._jobs.move_to_end(job_id)
+        while len(self._jobs) > self.config.max_jobs:
+            self._jobs.popitem(last=False)
+
+    def feedback(self, job_id: str, score: float) -> tuple[str, ...]:
+        """Credit `score` to the models that answered `job_id`; returns them."""
+        try:
+            model_ids, bucket = self._jobs[job_id]
+        except KeyError:
+            raise JobError(
+                ErrorCode.UNKNOWN_JOB,
+                f"job {job_id!r} is not among the last {self.config.max_jobs} jobs this node "
+                "coordinated; send feedback to the peer the job was submitted to",
+            ) from None
+        for model_id in model_ids:
+            self.record_quality(model_id, bucket, score)
+        return model_ids
+
+    # --- reading -----------------------------------------------------------------
+
+    def evidence(self, model_id: str, bucket: str = ALL) -> Evidence | None:
+        evidence = self._entries.get((model_id, bucket))
+        if evidence is not None:
+            evidence.catch_up(self._steps.get(bucket, 0), self.config.discount)
+        return evidence
+
+    def quality(self, model_id: str, bucket: str, prior: float) -> QualityEstimate:
+        """The quality posterior in `bucket`, falling back to all buckets when this one
+        has no quality evidence yet."""
+        evidence = self.evidence(model_id, bucket)
+        if (evidence is None or evidence.quality_n < 1e-9) and bucket != ALL:
+            evidence = self.evidence(model_id, ALL)
+        n, total = (0.0, 0.0) if evidence is None else (evidence.quality_n, evidence.quality_sum)
+        prior = min(max(prior, 0.01), 0.99)
+        return QualityEstimate(
+            PRIOR_STRENGTH * prior + total, PRIOR_STRENGTH * (1.0 - prior) + (n - total), n
+        )
+
+    def latency_ms(self, model_id: str, bucket: str = ALL) -> float | None:
+        for key_bucket in dict.fromkeys((bucket, ALL)):
+            evidence = self.evidence(model_id, key_bucket)
+            if evidence is not None and evidence.latency_ms is not None:
+                return evidence.latency_ms
+        return None
+
+    def success_rate(self, model_id: str, bucket: str = ALL) -> float:
+        evidence = self.evidence(model_id, bucket) or self.evidence(model_id, ALL)
+        return 1.0 if evidence is None else evidence.success_rate
+
+    def describe(self, model_ids: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """What was learned, per model and bucket, as plain values (`select --json`)."""
+        wanted = None if model_ids is None else set(model_ids)
+        out: dict[str, dict[str, Any]] = {}
+        for (model_id, bucket), _ in sorted(self._entries.items()):
+            if wanted is not None and model_id not in wanted:
+                continue
+            evidence = self.evidence(model_id, bucket)
+            assert evidence is not None
+            n = evidence.quality_n
+            out.setdefault(model_id, {})[bucket] = {
+                "runs": evidence.runs,
+                "failures": evidence.failures,
+                "latency_ms": evidence.latency_ms,
+                "success_rate": round(evidence.success_rate, 4),
+                "quality": round(evidence.quality_sum / n, 4) if n > 1e-9 else None,
+                "quality_weight": round(n, 2),
+            }
+        return out
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # --- persistence ---------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        data: bytes = msgpack.packb(
+            {
+                "v": FORMAT_VERSION,
+                "steps": self._steps,
+                "entries": [[m, b, e.as_dict()] for (m, b), e in self._entries.items()],
+                "jobs": [[j, list(ms), b] for j, (ms, b) in self._jobs.items()],
+            }
+        )
+        return data
+
+    @classmethod
+    def from_bytes(cls, data: bytes, config: TrackerConfig = TrackerConfig()) -> PerformanceTracker:
+        """Raises ValueError on anything that is not a tracker this version wrote."""
+        try:
+            raw = msgpack.unpackb(data, strict_map_key=True)
+            if raw["v"] != FORMAT_VERSION:
+                raise ValueError(f"tracker format {raw['v']!r}, expected {FORMAT_VERSION}")
+            tracker = cls(config)
+            tracker._steps = {str(b): int(s) for b, s in raw["steps"].items()}
+            for model_id, bucket, evidence in raw["entries"][-config.max_entries :]:
+                tracker._entries[(str(model_id), str(bucket))] = Evidence.from_dict(evidence)
+            for job_id, model_ids, bucket in raw["jobs"][-config.max_jobs :]:
+                tracker._jobs[str(job_id)] = (tuple(str(m) for m in model_ids), str(bucket))
+        except (KeyError, TypeError, ValueError, msgpack.UnpackException) as error:
+            raise ValueError(f"not a performance tracker: {error}") from None
+        return tracker
+
+    # --- internals -----------------------------------------------------------------
+
+    def _touch(self, model_id: str, bucket: str) -> list[Evidence]:
+        touched = []
+        for key_bucket in dict.fromkeys((bucket, ALL)):
+            key = (model_id, key_bucket)
+            step = self._steps.get(key_bucket, 0)
+            evidence = self._entries.get(key)
+            if evidence is None:
+                evidence = self._entries[key] = Evidence(step)
+            evidence.catch_up(step, self.config.discount)
+            self._entries.move_to_end(key)
+            touched.append(evidence)
+        while len(self._entries) > self.config.max_entries:
+            self._entries.popitem(last=False)
+        return touched
