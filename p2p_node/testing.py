@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import random
 import tempfile
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -87,6 +87,21 @@ class Swarm:
     def stall(self, i: int, seconds: float) -> None:
         """Node i stays up but publishes no record for `seconds`."""
         self.nodes[i].gossip.silence(seconds)
+
+    @contextmanager
+    def busy(self, i: int) -> Iterator[None]:
+        """Hold all of node i's worker slots: requests it admits wait until the block
+        ends (or are cancelled). Models that run inline on its event loop thread are
+        not held back: start the swarm with `ExecutorConfig(inline_below_ms=0)`."""
+        slots = self.nodes[i].executor.limiter
+        holders = [object() for _ in range(int(slots.total_tokens))]
+        for holder in holders:
+            slots.acquire_on_behalf_of_nowait(holder)
+        try:
+            yield
+        finally:
+            for holder in holders:
+                slots.release_on_behalf_of(holder)
 
     async def partition(self, groups: Iterable[Iterable[int]]) -> None:
         """Cut every connection between groups, and keep them cut until `heal()`."""

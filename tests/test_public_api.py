@@ -56,7 +56,33 @@ def test_public_names() -> None:
         ]
     )
     assert "PeerView" in gossip.__all__ and "ModelDescriptor" in gossip.__all__
-    assert selection.__all__ == []
+    assert sorted(selection.__all__) == sorted(
+        [
+            "ALL",
+            "CONTEXT_KEYS",
+            "MAX_CONTEXT_KEYS",
+            "MAX_CONTEXT_TEXT",
+            "AdvancedModelSelectionStrategy",
+            "CatalogEntry",
+            "EnhancedModelOrchestrator",
+            "Evidence",
+            "LeftOut",
+            "ModelCatalog",
+            "ModelOrchestrator",
+            "ModelRun",
+            "ModelStatus",
+            "OptimizedResult",
+            "PerformanceTracker",
+            "QualityEstimate",
+            "RankedModel",
+            "Selection",
+            "SelectionContext",
+            "TrackerConfig",
+            "Weights",
+            "get_enhanced_orchestrator",
+            "select",
+        ]
+    )
     for package in (p2p_node, scheduler, gossip, selection):
         for name in package.__all__:
             assert hasattr(package, name), f"{package.__name__}.{name}"
@@ -76,6 +102,10 @@ def test_error_codes_are_stable() -> None:
         "PEER_UNREACHABLE": 9,
         "NO_CAPABLE_PEER": 10,
         "SHUTTING_DOWN": 11,
+        "UNKNOWN_TASK": 13,
+        "NO_FITTING_MODEL": 14,
+        "INVALID_SELECTION": 15,
+        "UNKNOWN_JOB": 16,
     }
     retryable = {c.name for c in scheduler.ErrorCode if c.retryable}
     assert retryable == {
@@ -110,3 +140,14 @@ def test_the_distributed_execution_api_has_its_product_names() -> None:
     assert callable(orchestrator.run_distributed_inference)
     assert callable(orchestrator.run_distributed_parallel_inference)
     assert callable(scheduler.get_distributed_orchestrator)
+
+
+def test_the_enhanced_model_selection_api_has_its_product_names() -> None:
+    strategies = {s.name for s in selection.AdvancedModelSelectionStrategy}
+    assert strategies == {"MULTI_OBJECTIVE", "ADAPTIVE", "CONTEXT_AWARE", "HYBRID", "SPECIALIZED"}
+    assert issubclass(selection.EnhancedModelOrchestrator, selection.ModelOrchestrator)
+    enhanced = selection.EnhancedModelOrchestrator
+    assert callable(enhanced.select_models_advanced)
+    assert callable(enhanced.run_optimized_parallel_inference)
+    assert callable(selection.ModelOrchestrator.select_models)
+    assert callable(selection.get_enhanced_orchestrator)

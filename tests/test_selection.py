@@ -321,9 +321,7 @@ def test_tracker_round_trips_through_bytes() -> None:
     assert restored.feedback("job", 1.0) == ("m",)
 
 
-@pytest.mark.parametrize(
-    "data", [b"", b"\x00garbage", b"\x81\xa1v\x02", b"\x81\xa1v\x01"], ids=str
-)
+@pytest.mark.parametrize("data", [b"", b"\x00garbage", b"\x81\xa1v\x02", b"\x81\xa1v\x01"], ids=str)
 def test_tracker_refuses_bytes_it_did_not_write(data: bytes) -> None:
     with pytest.raises(ValueError, match="not a performance tracker"):
         PerformanceTracker.from_bytes(data)
