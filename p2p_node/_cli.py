@@ -16,6 +16,7 @@ import trio
 
 from gossip import ModelDescriptor, descriptor_to_wire
 from scheduler import DistributionStrategy, GpuNeed, InferenceResult, JobError, Requirements
+from selection import CONTEXT_KEYS, AdvancedModelSelectionStrategy, Selection
 
 from ._client import Client
 from ._config import (
@@ -30,10 +31,11 @@ from ._executor import UNNAMED_INPUT
 from ._identity import IdentityError
 from ._node import open_node
 from ._repository import RepositoryError
-from ._wire import PeerReport
+from ._wire import Learned, PeerReport
 
 DEFAULT_BOOTSTRAP_FILE = Path("bootstrap_peers.toml")
 STRATEGIES = [s.value for s in DistributionStrategy]
+SELECTIONS = [s.value for s in AdvancedModelSelectionStrategy]
 DEFAULT_DATA_DIR = Path.home() / ".p2p-node"
 _DEFAULTS = ExecutorConfig()
 _GOSSIP_DEFAULTS = GossipConfig()
@@ -137,9 +139,15 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--mdns", action="store_true", help="discover peers on the LAN")
     start.set_defaults(run=_start)
 
-    submit = commands.add_parser("submit", help="run a model on the network")
+    submit = commands.add_parser("submit", help="run a model (or a task) on the network")
     submit.add_argument("--peer", required=True, metavar="MADDR", help="node to send the job to")
-    submit.add_argument("--model", required=True, metavar="ID")
+    what = submit.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", metavar="ID")
+    what.add_argument("--task", metavar="TYPE", help="let the node select the model")
+    submit.add_argument(
+        "--selection", choices=SELECTIONS, help="with --task: how to select (node's default)"
+    )
+    _add_context_argument(submit)
     submit.add_argument(
         "--input",
         required=True,
@@ -175,6 +183,23 @@ def _parser() -> argparse.ArgumentParser:
     place.add_argument("--json", action="store_true")
     place.set_defaults(run=_place)
 
+    select = commands.add_parser(
+        "select", help="rank the models a node would select for a task; runs nothing"
+    )
+    select.add_argument("--peer", required=True, metavar="MADDR")
+    select.add_argument("--task", required=True, metavar="TYPE")
+    select.add_argument("--strategy", choices=SELECTIONS, default="hybrid")
+    select.add_argument("-k", type=int, help="at most this many models")
+    _add_context_argument(select)
+    select.add_argument("--json", action="store_true", help="with what the node learned")
+    select.set_defaults(run=_select)
+
+    feedback = commands.add_parser("feedback", help="score a job's answer, in [0, 1]")
+    feedback.add_argument("--peer", required=True, metavar="MADDR", help="the job's node")
+    feedback.add_argument("--job", required=True, metavar="ID")
+    feedback.add_argument("--score", required=True, type=float, help="1 right, 0 wrong")
+    feedback.set_defaults(run=_feedback)
+
     models = commands.add_parser("models", help="list the models a node serves")
     models.add_argument("--peer", required=True, metavar="MADDR")
     models.add_argument("--json", action="store_true")
@@ -189,6 +214,27 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--nodes", type=int, default=3)
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _add_context_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--context",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"selection context (repeatable); keys: {', '.join(CONTEXT_KEYS)}",
+    )
+
+
+def parse_context(pairs: Sequence[str]) -> dict[str, str]:
+    """`["language=en", "input_length=64"]` -> a context map (values checked by the node)."""
+    context = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputFileError(f"--context takes KEY=VALUE, got {pair!r}")
+        context[key.strip()] = value.strip()
+    return context
 
 
 def _configure_logging(level: str, *, quiet_libp2p: bool) -> None:
@@ -254,9 +300,23 @@ async def _submit(args: argparse.Namespace) -> int:
         return await _submit_batch(args, inputs, strategy)
     if args.output is not None:
         raise InputFileError("--output goes with --batch-size")
+    if args.task is None and (args.selection or args.context):
+        raise InputFileError("--selection and --context go with --task")
     async with Client.connect(args.peer) as client:
         started = trio.current_time()
-        result = await client.submit(args.model, inputs, timeout=args.timeout, strategy=strategy)
+        if args.task is not None:
+            result = await client.submit_task(
+                args.task,
+                inputs,
+                selection=args.selection,
+                context=parse_context(args.context),
+                timeout=args.timeout,
+                strategy=strategy,
+            )
+        else:
+            result = await client.submit(
+                args.model, inputs, timeout=args.timeout, strategy=strategy
+            )
         total_ms = (trio.current_time() - started) * 1e3
     if args.json:
         print(json.dumps(_result_json(result, total_ms)))
@@ -272,6 +332,8 @@ async def _submit_batch(
 ) -> int:
     if args.output is None or args.output.suffix not in (".npy", ".npz"):
         raise InputFileError("--batch-size needs --output FILE.npy or FILE.npz")
+    if args.model is None:
+        raise InputFileError("--batch-size goes with --model")
     progress = _Progress(sys.stderr)
     async with Client.connect(args.peer) as client:
         started = trio.current_time()
@@ -388,6 +450,7 @@ def _result_json(result: InferenceResult, total_ms: float) -> dict[str, Any]:
         "queue_ms": round(result.queue_ms, 3),
         "compute_ms": round(result.compute_ms, 3),
         "total_ms": round(total_ms, 3),
+        "route": [{"model": model, "rows": rows} for model, rows in result.route],
         "outputs": {
             name: {"dtype": a.dtype.name, "shape": list(a.shape), "data": a.tolist()}
             for name, a in result.outputs.items()
@@ -402,10 +465,66 @@ def _result_text(result: InferenceResult, total_ms: float) -> str:
         f"queue {result.queue_ms:.2f} ms, compute {result.compute_ms:.2f} ms, "
         f"total {total_ms:.2f} ms",
     ]
+    if result.route:
+        lines.insert(1, "selected " + ", ".join(f"{m} ({n} rows)" for m, n in result.route))
     for name, array in result.outputs.items():
         values = np.array2string(array, precision=4, threshold=40, suppress_small=True)
         lines.append(f"{name} {array.dtype.name} {list(array.shape)}: {values}")
     return "\n".join(lines)
+
+
+async def _select(args: argparse.Namespace) -> int:
+    async with Client.connect(args.peer) as client:
+        chosen, learned = await client.select(
+            args.task, args.strategy, context=parse_context(args.context), k=args.k
+        )
+    if args.json:
+        print(json.dumps(_selection_json(chosen, learned)))
+        return 0
+    rows = [("rank", "model", "score", "reasons")]
+    rows += [
+        (str(i + 1), r.model_id, f"{r.score:.4g}", "; ".join(r.reasons))
+        for i, r in enumerate(chosen.ranked)
+    ]
+    rows += [("-", x.model_id, "left out", x.reason) for x in chosen.excluded]
+    print(f"{chosen.strategy} for {chosen.task_type} (context {chosen.bucket})")
+    print(format_table(rows))
+    return 0
+
+
+def _selection_json(chosen: Selection, learned: Sequence[Learned]) -> dict[str, Any]:
+    return {
+        "task": chosen.task_type,
+        "strategy": str(chosen.strategy),
+        "bucket": chosen.bucket,
+        "ranked": [
+            {"model": r.model_id, "score": r.score, "reasons": list(r.reasons)}
+            for r in chosen.ranked
+        ],
+        "excluded": [{"model": x.model_id, "reason": x.reason} for x in chosen.excluded],
+        "learned": [
+            {
+                "model": x.model_id,
+                "bucket": x.bucket,
+                "runs": x.runs,
+                "failures": x.failures,
+                "latency_ms": x.latency_ms,
+                "success_rate": x.success_rate,
+                "quality": x.quality,
+                "quality_weight": x.quality_weight,
+            }
+            for x in learned
+        ],
+    }
+
+
+async def _feedback(args: argparse.Namespace) -> int:
+    if not 0.0 <= args.score <= 1.0:
+        raise InputFileError(f"--score must be in [0, 1], got {args.score}")
+    async with Client.connect(args.peer) as client:
+        credited = await client.feedback(args.job, args.score)
+    print(f"job {args.job}: score {args.score:g} credited to {', '.join(credited)}")
+    return 0
 
 
 async def _models(args: argparse.Namespace) -> int:

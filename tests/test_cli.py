@@ -263,3 +263,73 @@ def direct_labels(rows: np.ndarray) -> np.ndarray:
 
     session = ort.InferenceSession(str(bundled_models_dir() / "digits-mlp" / "model.onnx"))
     return session.run(["label"], {"input": rows})[0]
+
+
+@pytest.mark.system
+def test_submit_a_task_then_select_and_feedback_from_the_command_line(
+    tmp_path: Path, digits_npy: Path
+) -> None:
+    with running_node(tmp_path / "a", "--serve", "digits-logreg", "--serve", "digits-svm") as (
+        _,
+        addr,
+    ):
+        done = p2p_node(
+            "submit",
+            "--peer",
+            addr,
+            "--task",
+            "image-classification",
+            "--selection",
+            "hybrid",
+            "--context",
+            "confidence=0.95",
+            "--input",
+            str(digits_npy),
+            "--json",
+        )
+        assert done.returncode == 0, done.stderr
+        job = json.loads(done.stdout)
+        routed = {step["model"]: step["rows"] for step in job["route"]}
+        assert set(routed) <= {"digits-logreg", "digits-svm"}
+        assert sum(routed.values()) == len(job["outputs"]["label"]["data"])
+
+        scored = p2p_node("feedback", "--peer", addr, "--job", job["job_id"], "--score", "1")
+        assert scored.returncode == 0, scored.stderr
+        assert scored.stdout.startswith(f"job {job['job_id']}: score 1 credited to digits-logreg")
+
+        shown = p2p_node(
+            "select",
+            "--peer",
+            addr,
+            "--task",
+            "image-classification",
+            "--strategy",
+            "context_aware",
+            "--context",
+            "input_length=64",
+            "--json",
+        )
+        assert shown.returncode == 0, shown.stderr
+        ranking = json.loads(shown.stdout)
+        assert ranking["bucket"] == "len<=64"
+        assert {r["model"] for r in ranking["ranked"]} == {"digits-logreg", "digits-svm"}
+        assert all(r["reasons"] for r in ranking["ranked"])
+        assert any(x["runs"] and x["quality"] == 1.0 for x in ranking["learned"])
+
+        table = p2p_node("select", "--peer", addr, "--task", "image-classification")
+        assert table.returncode == 0 and "first stage: cheapest adequate model" in table.stdout
+
+        unknown = p2p_node("select", "--peer", addr, "--task", "speech")
+        assert unknown.returncode == 1
+        assert unknown.stderr.count("\n") == 1 and "UNKNOWN_TASK" in unknown.stderr
+        no_fit = p2p_node(
+            "select",
+            "--peer",
+            addr,
+            "--task",
+            "image-classification",
+            "--context",
+            "input_length=900",
+        )
+        assert no_fit.returncode == 1 and "NO_FITTING_MODEL" in no_fit.stderr
+        assert "input_length <= 64" in no_fit.stderr
