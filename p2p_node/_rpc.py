@@ -62,6 +62,8 @@ MAX_IDLE_STREAMS_PER_PEER = 64
 READ_CHUNK = 64 * 1024
 
 # What a broken or vanished peer looks like from a stream.
+SEND_TIMEOUT_S = 30.0
+OPEN_TIMEOUT_S = 10.0
 _TRANSPORT_ERRORS = (
     StreamError,
     StreamFailure,
@@ -125,7 +127,20 @@ class _Channel:
         return closing is not None and closing.is_set()
 
     async def send(self, payload: bytes) -> None:
-        await self.stream.write(encode_frame(payload))
+        """Write one frame, shielded from cancellation.
+
+        py-libp2p writes each muxer frame to the Noise channel in the caller's
+        task: a write cancelled halfway leaves a partial Noise message on the TCP
+        connection, the peer fails to decrypt it ("Failed authentication of
+        message") and the whole connection dies. So a frame, once started, is
+        finished; a cancellation takes effect right after. Bounded, so that a peer
+        that stops reading cannot hold us for ever.
+        """
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(SEND_TIMEOUT_S) as stuck:
+                await self.stream.write(encode_frame(payload))
+        if stuck.cancelled_caught:
+            raise trio.BrokenResourceError(f"peer did not take a frame in {SEND_TIMEOUT_S:g} s")
 
     async def receive(self) -> bytes:
         """The next frame. Raises EOFError-like transport errors when the peer hangs up."""
@@ -265,6 +280,11 @@ class Rpc:
             except _Stale:
                 logger.debug("pooled stream to %s was dead; opening a new one", peer_id)
         channel = await self._open(peer_id, protocol)
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except trio.Cancelled:  # opened for nothing: keep it for the next exchange
+            await self._keep_idle(key, channel)
+            raise
         return await self._round_trip(key, channel, payload, reused=False)
 
     async def _round_trip(
@@ -289,13 +309,16 @@ class Rpc:
         except BaseException:  # cancelled: the stream's state is unknown
             await channel.discard()
             raise
+        await self._keep_idle(key, channel)
+        return reply
+
+    async def _keep_idle(self, key: tuple[str, TProtocol], channel: _Channel) -> None:
         channel.idle_since = trio.current_time()
         idle = self._idle.setdefault(key, [])
         if len(idle) < MAX_IDLE_STREAMS_PER_PEER:
             idle.append(channel)
         else:
             await channel.discard()
-        return reply
 
     async def _take_idle(self, key: tuple[str, TProtocol]) -> _Channel | None:
         idle = self._idle.get(key)
@@ -308,8 +331,21 @@ class Rpc:
         return None
 
     async def _open(self, peer_id: str, protocol: TProtocol) -> _Channel:
+        """A new stream speaking `protocol`. Shielded from cancellation, like a frame
+        write (see `_Channel.send`): multistream-select's writes are frames too, and
+        one cut halfway kills the connection. Bounded by OPEN_TIMEOUT_S."""
         try:
-            stream = await self.host.new_stream(ID.from_base58(peer_id), [protocol])
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(OPEN_TIMEOUT_S) as stuck:
+                    stream = await self.host.new_stream(ID.from_base58(peer_id), [protocol])
+            if stuck.cancelled_caught:
+                raise JobError(
+                    ErrorCode.PEER_UNREACHABLE,
+                    f"no stream opened in {OPEN_TIMEOUT_S:g} s",
+                    peer=peer_id,
+                )
+        except JobError:
+            raise
         except StreamFailure as error:
             if isinstance(error.__cause__, MultiselectClientError):
                 message = f"peer does not speak {protocol}"
