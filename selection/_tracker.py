@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +29,20 @@ PRIOR_STRENGTH = 2.0  # the announced accuracy counts as this many observations
 
 @dataclass(frozen=True, slots=True)
 class TrackerConfig:
-    discount: float = 0.995  # per quality observation in the bucket: a memory of ~200
+    """How the tracker forgets. Two ways, one slow and one fast:
+
+    - every quality observation in a bucket discounts the bucket's older evidence
+      by `discount` (a memory of about 1 / (1 - discount) observations);
+    - a model whose last `drift_window` scores differ from its older ones by more
+      than `drift_sigmas` standard errors has drifted: the bucket keeps only that
+      model's recent scores, and a tenth of what it knew of the others, so that
+      they are tried again (after Cao et al., "Nearly optimal adaptive procedure
+      with change detection for piecewise-stationary bandit", AISTATS 2019).
+    """
+
+    discount: float = 0.999
+    drift_window: int = 50  # 0 turns change detection off
+    drift_sigmas: float = 3.0
     max_entries: int = 4096
     max_jobs: int = 10_000
 
@@ -38,6 +51,11 @@ class TrackerConfig:
             raise ValueError(f"discount must be in (0, 1], got {self.discount}")
         if self.max_entries < 1 or self.max_jobs < 1:
             raise ValueError("max_entries and max_jobs must be >= 1")
+        if self.drift_window < 0 or not self.drift_sigmas > 0:
+            raise ValueError("drift_window must be >= 0 and drift_sigmas > 0")
+
+
+FORGET_ON_DRIFT = 0.1  # what the other models of a drifted bucket keep of their evidence
 
 
 class Evidence:
@@ -49,6 +67,7 @@ class Evidence:
         "latency_ms",
         "quality_n",
         "quality_sum",
+        "recent",
         "runs",
         "step",
         "success_rate",
@@ -61,6 +80,7 @@ class Evidence:
         self.success_rate = 1.0
         self.quality_n = 0.0
         self.quality_sum = 0.0
+        self.recent: deque[float] = deque()  # the last scores, for change detection
         self.step = step
 
     def catch_up(self, step: int, discount: float) -> None:
@@ -78,6 +98,7 @@ class Evidence:
             "success_rate": self.success_rate,
             "quality_n": self.quality_n,
             "quality_sum": self.quality_sum,
+            "recent": list(self.recent),
             "step": self.step,
         }
 
@@ -91,7 +112,21 @@ class Evidence:
         evidence.success_rate = float(raw["success_rate"])
         evidence.quality_n = float(raw["quality_n"])
         evidence.quality_sum = float(raw["quality_sum"])
+        evidence.recent = deque(float(x) for x in raw["recent"])
         return evidence
+
+    def drifted(self, window: int, sigmas: float) -> bool:
+        """Do the last `window` scores differ from the older ones beyond chance?"""
+        if window == 0 or len(self.recent) < window:
+            return False
+        recent_sum = sum(self.recent)
+        older_n = self.quality_n - window
+        if older_n < window:
+            return False
+        older = (self.quality_sum - recent_sum) / older_n
+        pooled = min(max(self.quality_sum / self.quality_n, 0.02), 0.98)
+        error = math.sqrt(pooled * (1.0 - pooled) * (1.0 / window + 1.0 / older_n))
+        return abs(recent_sum / window - older) > sigmas * error
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +152,7 @@ class PerformanceTracker:
         self._entries: OrderedDict[tuple[str, str], Evidence] = OrderedDict()
         self._steps: dict[str, int] = {}
         self._jobs: OrderedDict[str, tuple[tuple[str, ...], str]] = OrderedDict()
+        self.drifts: dict[str, int] = {}  # change points detected, per bucket
 
     # --- observing ---------------------------------------------------------------
 
@@ -141,9 +177,32 @@ class PerformanceTracker:
             raise JobError(ErrorCode.INVALID_SELECTION, f"score must be in [0, 1], got {score}")
         for key_bucket in dict.fromkeys((bucket, ALL)):
             self._steps[key_bucket] = self._steps.get(key_bucket, 0) + 1
-        for evidence in self._touch(model_id, bucket):
+        for key_bucket, evidence in zip(
+            dict.fromkeys((bucket, ALL)), self._touch(model_id, bucket), strict=True
+        ):
             evidence.quality_n += 1.0
             evidence.quality_sum += score
+            evidence.recent.append(score)
+            while len(evidence.recent) > self.config.drift_window:
+                evidence.recent.popleft()
+            if evidence.drifted(self.config.drift_window, self.config.drift_sigmas):
+                self._forget(key_bucket, evidence)
+
+    def _forget(self, bucket: str, drifted: Evidence) -> None:
+        """A change point in `bucket`: keep the drifted model's recent scores only, and
+        a little of the others' evidence, so that every model is explored again."""
+        self.drifts[bucket] = self.drifts.get(bucket, 0) + 1
+        for (_, key_bucket), evidence in self._entries.items():
+            if key_bucket != bucket:
+                continue
+            if evidence is drifted:
+                evidence.quality_n = float(len(evidence.recent))
+                evidence.quality_sum = sum(evidence.recent)
+            else:
+                evidence.catch_up(self._steps.get(bucket, 0), self.config.discount)
+                evidence.quality_n *= FORGET_ON_DRIFT
+                evidence.quality_sum *= FORGET_ON_DRIFT
+                evidence.recent.clear()
 
     def remember_job(self, job_id: str, model_ids: Iterable[str], bucket: str) -> None:
         """Keep which models answered `job_id`, so that feedback can find them."""
@@ -227,6 +286,7 @@ class PerformanceTracker:
             {
                 "v": FORMAT_VERSION,
                 "steps": self._steps,
+                "drifts": self.drifts,
                 "entries": [[m, b, e.as_dict()] for (m, b), e in self._entries.items()],
                 "jobs": [[j, list(ms), b] for j, (ms, b) in self._jobs.items()],
             }
@@ -242,6 +302,7 @@ class PerformanceTracker:
                 raise ValueError(f"tracker format {raw['v']!r}, expected {FORMAT_VERSION}")
             tracker = cls(config)
             tracker._steps = {str(b): int(s) for b, s in raw["steps"].items()}
+            tracker.drifts = {str(b): int(n) for b, n in raw["drifts"].items()}
             for model_id, bucket, evidence in raw["entries"][-config.max_entries :]:
                 tracker._entries[(str(model_id), str(bucket))] = Evidence.from_dict(evidence)
             for job_id, model_ids, bucket in raw["jobs"][-config.max_jobs :]:

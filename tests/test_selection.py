@@ -286,7 +286,7 @@ def test_k_below_one_is_invalid() -> None:
 
 
 def test_tracker_learns_quality_latency_and_success_per_bucket() -> None:
-    tracker = PerformanceTracker()
+    tracker = PerformanceTracker(TrackerConfig(discount=0.995))
     tracker.record_run("m", "len<=64", ok=True, latency_ms=10.0)
     tracker.record_run("m", "len<=64", ok=False, latency_ms=99.0)
     tracker.record_quality("m", "len<=64", 1.0)
@@ -297,6 +297,32 @@ def test_tracker_learns_quality_latency_and_success_per_bucket() -> None:
     assert facts["len<=64"]["latency_ms"] == 10.0
     assert facts["len<=64"]["quality"] == pytest.approx(0.995 / 1.995, abs=1e-3)
     assert tracker.quality("m", "other-bucket", 0.5).observations == pytest.approx(1.995)
+
+
+def test_a_change_point_is_detected_and_the_bucket_explores_again() -> None:
+    tracker = PerformanceTracker(TrackerConfig(discount=1.0, drift_window=50, drift_sigmas=3.0))
+    for i in range(200):  # "a" is right 19 times in 20, "b" is rarely tried
+        tracker.record_quality("a", "x", 0.0 if i % 20 == 0 else 1.0)
+        if i % 10 == 0:
+            tracker.record_quality("b", "x", 1.0 if i % 20 else 0.0)
+    assert tracker.drifts == {}
+    before_b = tracker.quality("b", "x", 0.5).observations
+    for i in range(50):  # then "a" is right one time in two
+        tracker.record_quality("a", "x", float(i % 2))
+    assert tracker.drifts.get("x", 0) >= 1
+    a = tracker.quality("a", "x", 0.5)
+    assert a.observations < 100 and a.mean < 0.7  # its older scores were dropped
+    assert tracker.quality("b", "x", 0.5).observations < before_b / 5  # explore b again
+
+
+def test_a_stationary_model_rarely_raises_a_change_point() -> None:
+    # A 3-sigma test on every observation has false alarms; they must stay rare (a
+    # false alarm costs some exploration, nothing else).
+    tracker = PerformanceTracker(TrackerConfig(discount=1.0, drift_window=50, drift_sigmas=3.0))
+    rng = random.Random(7)
+    for _ in range(5000):
+        tracker.record_quality("a", "x", 1.0 if rng.random() < 0.9 else 0.0)
+    assert tracker.drifts.get("x", 0) <= 2
 
 
 def test_tracker_memory_is_bounded() -> None:
