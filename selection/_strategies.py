@@ -240,7 +240,8 @@ def _weighted(candidates: Sequence[_Candidate], context: SelectionContext) -> li
                 (
                     f"accuracy {c.quality.mean:.4f} ({_evidence(c.quality)})",
                     f"latency {c.latency_ms:.2f} ms"
-                    + ("" if c.latency_known else " (estimated from cost)"),
+                    if c.latency_known
+                    else "latency not measured yet (cost stands in)",
                     f"cost {c.cost:g}",
                     f"score {wa:.2f}x{accuracy[i]:.2f} + {wl:.2f}x{speed[i]:.2f} "
                     f"+ {wc:.2f}x{cheap[i]:.2f}",

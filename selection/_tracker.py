@@ -240,7 +240,7 @@ class PerformanceTracker:
         if (evidence is None or evidence.quality_n < 1e-9) and bucket != ALL:
             evidence = self.evidence(model_id, ALL)
         n, total = (0.0, 0.0) if evidence is None else (evidence.quality_n, evidence.quality_sum)
-        prior = min(max(prior, 0.01), 0.99)
+        prior = min(max(prior, 1e-3), 1.0 - 1e-3)  # a Beta needs both counts > 0
         return QualityEstimate(
             PRIOR_STRENGTH * prior + total, PRIOR_STRENGTH * (1.0 - prior) + (n - total), n
         )

@@ -133,9 +133,9 @@ def test_unknown_task_names_the_task_types_served() -> None:
         ({"accuracy_weight": 1, "latency_weight": 0, "cost_weight": 0}, "svm"),
         ({"accuracy_weight": 0, "latency_weight": 0, "cost_weight": 1}, "logreg"),
         ({"accuracy_weight": 0, "latency_weight": 1, "cost_weight": 0}, "logreg"),
-        ({"accuracy_weight": 0.6, "latency_weight": 0.2, "cost_weight": 0.2}, "mlp"),
+        ({"accuracy_weight": 2, "latency_weight": 1, "cost_weight": 1}, "mlp"),
     ],
-    ids=["accuracy", "cost", "latency", "default"],
+    ids=["accuracy", "cost", "latency", "balanced"],
 )
 def test_multi_objective_follows_the_weights(weights: dict[str, float], best: str) -> None:
     chosen = select(S.MULTI_OBJECTIVE, TASK, DIGITS, PerformanceTracker(), _ctx(weights))
