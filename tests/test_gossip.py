@@ -187,6 +187,56 @@ async def test_forged_replayed_oversize_and_garbage_records_are_rejected_and_cou
     assert victim_record.seq < 10**6  # the forgery never reached the view
 
 
+FLOOD = 400
+
+
+async def test_a_flood_of_forged_and_replayed_records_is_rejected_and_honest_ones_still_flow() -> (
+    None
+):
+    with trio.fail_after(90):
+        async with open_swarm(3, topology="full") as swarm:
+            await swarm.wait_converged()
+            target, victim, honest = swarm[0], swarm[1], swarm[2]
+            events = target.view.subscribe()
+            template = victim.make_record(1.0, ())
+            async with rogue_publisher(target.addrs[0]) as (pubsub, rogue_id):
+                await _published_once_subscribed(pubsub, target.peer_id)
+                own = replace(template, peer_id=rogue_id, boot_id="rogue", models=())
+
+                async def rogue_seen_at(seq: int) -> None:
+                    await pubsub.publish(TOPIC, encode_record(replace(own, seq=seq)))
+                    await target.view.wait_until(
+                        lambda v: rogue_id in v.peers and v.peers[rogue_id].record.seq == seq
+                    )
+
+                await rogue_seen_at(1)
+                before = honest._seq
+                async with trio.open_nursery() as nursery:
+
+                    async def flood() -> None:
+                        for i in range(FLOOD):
+                            forged = replace(template, seq=10**6 + i)  # the victim's id
+                            await pubsub.publish(TOPIC, encode_record(forged))
+                            await pubsub.publish(TOPIC, encode_record(replace(own, seq=1)))
+                            await trio.sleep(0.005)  # 400 msg/s: twice the whole network budget
+
+                    nursery.start_soon(flood)
+                    honest.gossip.changed()  # an honest change, mid-flood
+                    await target.view.wait_until(
+                        lambda v: v.peers[honest.peer_id].record.seq > before
+                    )
+                # One stream from the rogue: its next record comes after the whole flood.
+                await rogue_seen_at(2)
+                rejects = dict(target.gossip.rejects)
+                snapshot = target.view.snapshot()
+    # The rogue's own stack drops what its outbound queue cannot hold, so not every
+    # message of the flood arrives; every one that did was rejected.
+    assert rejects[Rejection.FORGED] >= FLOOD // 4 and rejects[Rejection.REPLAYED] >= FLOOD // 4
+    assert snapshot.peers[victim.peer_id].record.seq < 10**6  # no forgery got in
+    kinds = {e.kind for e in _drain(events) if e.peer_id in (victim.peer_id, honest.peer_id)}
+    assert EventKind.SUSPECT not in kinds and EventKind.LEFT not in kinds  # no false deaths
+
+
 async def _published_once_subscribed(pubsub: Pubsub, peer_id: str) -> None:
     """Wait until the node's subscription to the topic has reached the rogue."""
     from libp2p.peer.id import ID
