@@ -17,6 +17,7 @@ class ErrorCode(IntEnum):
     PEER_UNREACHABLE = 9
     NO_CAPABLE_PEER = 10
     SHUTTING_DOWN = 11
+    UNAUTHORIZED = 12  # the node does not take this request from this peer
 
     @property
     def retryable(self) -> bool:
@@ -39,14 +40,26 @@ _RETRYABLE = frozenset(
 
 
 class JobError(Exception):
-    """A job or inference request failed. `peer` is where it failed, when known."""
+    """A job or inference request failed. `peer` is where it failed, when known.
 
-    def __init__(self, code: ErrorCode, message: str, *, peer: str | None = None) -> None:
+    `retry_after` (seconds), when set, is how long the peer asks the caller to
+    wait before trying it again (an OVERLOADED rate limit, say).
+    """
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        peer: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         where = f" (peer {peer})" if peer else ""
         super().__init__(f"{code.name}: {message}{where}")
         self.code = code
         self.message = message
         self.peer = peer
+        self.retry_after = retry_after
 
     @property
     def retryable(self) -> bool:

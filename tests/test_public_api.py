@@ -76,6 +76,7 @@ def test_error_codes_are_stable() -> None:
         "PEER_UNREACHABLE": 9,
         "NO_CAPABLE_PEER": 10,
         "SHUTTING_DOWN": 11,
+        "UNAUTHORIZED": 12,
     }
     retryable = {c.name for c in scheduler.ErrorCode if c.retryable}
     assert retryable == {
