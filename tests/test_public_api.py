@@ -8,6 +8,7 @@ import selection
 
 def test_public_names() -> None:
     assert sorted(p2p_node.__all__) == [
+        "AdmissionConfig",
         "Client",
         "ConfigError",
         "ErrorCode",
@@ -18,10 +19,13 @@ def test_public_names() -> None:
         "JobError",
         "Node",
         "NodeConfig",
+        "PreSharedKey",
+        "PskError",
         "RepositoryError",
         "bundled_models_dir",
         "load_bootstrap_file",
         "open_node",
+        "read_psk_file",
     ]
     assert sorted(scheduler.__all__) == sorted(
         [
