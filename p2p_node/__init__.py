@@ -10,6 +10,7 @@ from scheduler import InferenceResult as InferenceResult
 from scheduler import JobError as JobError
 
 from ._client import Client as Client
+from ._config import AdmissionConfig as AdmissionConfig
 from ._config import ConfigError as ConfigError
 from ._config import ExecutorConfig as ExecutorConfig
 from ._config import GossipConfig as GossipConfig
@@ -17,10 +18,14 @@ from ._config import NodeConfig as NodeConfig
 from ._config import load_bootstrap_file as load_bootstrap_file
 from ._node import Node as Node
 from ._node import open_node as open_node
+from ._psk import PreSharedKey as PreSharedKey
+from ._psk import PskError as PskError
+from ._psk import read_psk_file as read_psk_file
 from ._repository import RepositoryError as RepositoryError
 from ._repository import bundled_models_dir as bundled_models_dir
 
 __all__ = [
+    "AdmissionConfig",
     "Client",
     "ConfigError",
     "ErrorCode",
@@ -31,8 +36,11 @@ __all__ = [
     "JobError",
     "Node",
     "NodeConfig",
+    "PreSharedKey",
+    "PskError",
     "RepositoryError",
     "bundled_models_dir",
     "load_bootstrap_file",
     "open_node",
+    "read_psk_file",
 ]

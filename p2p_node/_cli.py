@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,19 @@ from selection import CONTEXT_KEYS, AdvancedModelSelectionStrategy, Selection
 from ._client import Client
 from ._config import (
     DEFAULT_TARGET_DEGREE,
+    AdmissionConfig,
     ConfigError,
     ExecutorConfig,
     GossipConfig,
     NodeConfig,
+    check_peer_id,
     load_bootstrap_file,
+    load_client_allowlist,
 )
 from ._executor import UNNAMED_INPUT
-from ._identity import IdentityError
+from ._identity import IdentityError, create_identity_file, load_identity_file, peer_id_of
 from ._node import open_node
+from ._psk import PskError, read_psk_file, write_new_psk_file
 from ._repository import RepositoryError
 from ._wire import Learned, PeerReport
 
@@ -46,7 +51,7 @@ class InputFileError(ValueError):
 
 
 # Failures that are the user's or the network's, not bugs: one line, no traceback.
-USER_ERRORS = (JobError, ConfigError, RepositoryError, IdentityError, InputFileError)
+USER_ERRORS = (JobError, ConfigError, RepositoryError, IdentityError, InputFileError, PskError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,6 +142,26 @@ def _parser() -> argparse.ArgumentParser:
         help="connections to hold beyond the bootstrap peers",
     )
     start.add_argument("--mdns", action="store_true", help="discover peers on the LAN")
+    _add_psk_option(start)
+    start.add_argument(
+        "--allow-client",
+        action="append",
+        default=[],
+        metavar="PEER_ID",
+        help="take jobs only from these client peer ids (repeatable; default: anyone)",
+    )
+    start.add_argument(
+        "--allow-clients-file",
+        type=Path,
+        metavar="FILE",
+        help='TOML file with clients = ["PEER_ID", ...], added to --allow-client',
+    )
+    start.add_argument(
+        "--job-rate", type=float, metavar="JOBS_PER_S", help="jobs/s per client (default: no limit)"
+    )
+    start.add_argument(
+        "--job-burst", type=int, default=AdmissionConfig().job_burst, help="jobs per client at once"
+    )
     start.set_defaults(run=_start)
 
     submit = commands.add_parser("submit", help="run a model (or a task) on the network")
@@ -212,7 +237,23 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="a local network answering jobs")
     demo.add_argument("--nodes", type=int, default=3)
+    _add_psk_option(demo)
     demo.set_defaults(run=_demo)
+
+    keygen = commands.add_parser("keygen", help="write a private network key or an identity")
+    keygen.add_argument("--psk", type=Path, metavar="FILE", help="new private network key")
+    keygen.add_argument(
+        "--identity", type=Path, metavar="FILE", help="new client identity; prints its peer id"
+    )
+    keygen.set_defaults(run=_keygen)
+    for client_command in (submit, place, select, feedback, models, peers):
+        _add_psk_option(client_command)
+        client_command.add_argument(
+            "--identity",
+            type=Path,
+            metavar="FILE",
+            help="client identity from `p2p-node keygen --identity` (default: a new one)",
+        )
     return parser
 
 
@@ -235,6 +276,15 @@ def parse_context(pairs: Sequence[str]) -> dict[str, str]:
             raise InputFileError(f"--context takes KEY=VALUE, got {pair!r}")
         context[key.strip()] = value.strip()
     return context
+
+
+def _add_psk_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--psk",
+        type=Path,
+        metavar="FILE",
+        help="private network key (swarm.key): only peers holding it can connect",
+    )
 
 
 def _configure_logging(level: str, *, quiet_libp2p: bool) -> None:
@@ -287,6 +337,29 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         gossip=GossipConfig(network=args.network, interval=args.interval),
         target_degree=args.degree,
         mdns=args.mdns,
+        psk=read_psk_file(args.psk) if args.psk else None,
+        admission=_admission_config(args),
+    )
+
+
+def _admission_config(args: argparse.Namespace) -> AdmissionConfig:
+    clients = {check_peer_id(c) for c in args.allow_client}
+    if args.allow_clients_file:
+        clients |= load_client_allowlist(args.allow_clients_file)
+    listed = args.allow_client or args.allow_clients_file
+    return AdmissionConfig(
+        allowed_clients=frozenset(clients) if listed else None,
+        job_rate=args.job_rate,
+        job_burst=args.job_burst,
+    )
+
+
+def _connect(args: argparse.Namespace) -> AbstractAsyncContextManager[Client]:
+    """`Client.connect` to `--peer`, with the `--psk` and `--identity` given."""
+    return Client.connect(
+        args.peer,
+        psk=read_psk_file(args.psk) if args.psk else None,
+        identity=load_identity_file(args.identity) if args.identity else None,
     )
 
 
@@ -302,7 +375,7 @@ async def _submit(args: argparse.Namespace) -> int:
         raise InputFileError("--output goes with --batch-size")
     if args.task is None and (args.selection or args.context):
         raise InputFileError("--selection and --context go with --task")
-    async with Client.connect(args.peer) as client:
+    async with _connect(args) as client:
         started = trio.current_time()
         if args.task is not None:
             result = await client.submit_task(
@@ -335,7 +408,7 @@ async def _submit_batch(
     if args.model is None:
         raise InputFileError("--batch-size goes with --model")
     progress = _Progress(sys.stderr)
-    async with Client.connect(args.peer) as client:
+    async with _connect(args) as client:
         started = trio.current_time()
         batch = await client.submit_batch(
             args.model,
@@ -391,7 +464,7 @@ class _Progress:
 
 async def _place(args: argparse.Namespace) -> int:
     requirements = Requirements(args.min_memory_mb, GpuNeed(args.gpu), args.provider)
-    async with Client.connect(args.peer) as client:
+    async with _connect(args) as client:
         placement = await client.place(
             args.model, DistributionStrategy(args.strategy), requirements=requirements
         )
@@ -474,7 +547,7 @@ def _result_text(result: InferenceResult, total_ms: float) -> str:
 
 
 async def _select(args: argparse.Namespace) -> int:
-    async with Client.connect(args.peer) as client:
+    async with _connect(args) as client:
         chosen, learned = await client.select(
             args.task, args.strategy, context=parse_context(args.context), k=args.k
         )
@@ -521,14 +594,14 @@ def _selection_json(chosen: Selection, learned: Sequence[Learned]) -> dict[str, 
 async def _feedback(args: argparse.Namespace) -> int:
     if not 0.0 <= args.score <= 1.0:
         raise InputFileError(f"--score must be in [0, 1], got {args.score}")
-    async with Client.connect(args.peer) as client:
+    async with _connect(args) as client:
         credited = await client.feedback(args.job, args.score)
     print(f"job {args.job}: score {args.score:g} credited to {', '.join(credited)}")
     return 0
 
 
 async def _models(args: argparse.Namespace) -> int:
-    async with Client.connect(args.peer) as client:
+    async with _connect(args) as client:
         models = await client.models()
     if args.json:
         print(json.dumps([_model_json(m) for m in models]))
@@ -571,7 +644,7 @@ def format_table(rows: Sequence[Sequence[str]]) -> str:
 
 
 async def _peers(args: argparse.Namespace) -> int:
-    async with Client.connect(args.peer) as client:
+    async with _connect(args) as client:
         peers = await client.peers()
     if args.json:
         print(json.dumps([_peer_json(p) for p in peers]))
@@ -629,6 +702,20 @@ def _peers_table(peers: Sequence[PeerReport]) -> str:
 async def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
-    rows = await run_demo(args.nodes)
+    rows = await run_demo(args.nodes, read_psk_file(args.psk) if args.psk else None)
     print(format_table(rows))
+    return 0
+
+
+async def _keygen(args: argparse.Namespace) -> int:
+    if not (args.psk or args.identity):
+        raise ConfigError("say what to write: --psk FILE, --identity FILE, or both")
+    if args.psk:
+        psk = write_new_psk_file(args.psk)
+        print(f"wrote private network key {psk.fingerprint} to {args.psk} (mode 0600)")
+        print("give this file, by a safe channel, to every node and client of the network")
+    if args.identity:
+        peer_id = peer_id_of(create_identity_file(args.identity))
+        print(f"wrote identity {peer_id} to {args.identity} (mode 0600)")
+        print(f"nodes admit its jobs with: p2p-node start --allow-client {peer_id}")
     return 0

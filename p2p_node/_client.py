@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair
 
 from gossip import ModelDescriptor
 from scheduler import (
@@ -29,6 +30,7 @@ from selection import AdvancedModelSelectionStrategy, Selection
 
 from ._config import parse_peer_multiaddr
 from ._errors import unwrap_single_errors
+from ._psk import PreSharedKey
 from ._rpc import (
     JOB_PROTOCOL,
     MODELS_PROTOCOL,
@@ -107,10 +109,17 @@ class Client:
         *,
         timeout: float = 10.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        psk: PreSharedKey | None = None,
+        identity: KeyPair | None = None,
     ) -> AsyncIterator[Client]:
-        """Dial `addr` (a multiaddr ending in /p2p/<peer id>). Raises JobError if unreachable."""
+        """Dial `addr` (a multiaddr ending in /p2p/<peer id>). Raises JobError if unreachable.
+
+        `psk`: the key of the node's private network, if it runs one. `identity`:
+        the client's key pair, for nodes that admit jobs by peer id (default: a
+        new throwaway identity).
+        """
         target = parse_peer_multiaddr(addr)
-        host = new_libp2p_host(create_new_key_pair())
+        host = new_libp2p_host(identity or create_new_key_pair(), psk=psk)
         rpc = Rpc(
             host,
             max_request_bytes=max_message_bytes,

@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import multiaddr
+from libp2p.peer.id import ID
 
 from gossip import Capabilities
 from scheduler import DistributionStrategy
 from selection import AdvancedModelSelectionStrategy
+
+from ._psk import PreSharedKey
 
 DEFAULT_TARGET_DEGREE = 6
 
@@ -75,6 +78,29 @@ class GossipConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    """Who may submit jobs, and how fast.
+
+    `allowed_clients`: peer ids that may send jobs; None lets anyone. Peers of
+    the network (in this node's view) may always send infer requests. `job_rate`
+    (jobs/s) and `job_burst` size a token bucket per client; past it a job is
+    answered OVERLOADED with a retry-after. None (the default) sets no rate.
+    """
+
+    allowed_clients: frozenset[str] | None = None
+    job_rate: float | None = None
+    job_burst: int = 100
+
+    def __post_init__(self) -> None:
+        for peer_id in self.allowed_clients or ():
+            check_peer_id(peer_id)
+        if self.job_rate is not None and not 0 < self.job_rate < float("inf"):
+            raise ConfigError(f"job_rate must be a positive number of jobs/s, got {self.job_rate}")
+        if self.job_burst < 1:
+            raise ConfigError(f"job_burst must be >= 1, got {self.job_burst}")
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     data_dir: Path
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
@@ -95,6 +121,8 @@ class NodeConfig:
     max_concurrent_inbound: int = 256
     dial_timeout: float = 5.0
     shutdown_grace: float = 10.0
+    psk: PreSharedKey | None = None  # join the private network of this key
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -149,3 +177,38 @@ def load_bootstrap_file(path: Path) -> tuple[str, ...]:
         except ConfigError as error:
             raise ConfigError(f"bootstrap file {path}: {error}") from None
     return tuple(peers)
+
+
+def check_peer_id(text: str) -> str:
+    """`text` if it is a peer id (base58, `12D3KooW...`); else ConfigError."""
+    try:
+        raw = ID.from_base58(text).to_bytes() if isinstance(text, str) else b""
+    except Exception:  # base58 raises several unrelated types
+        raw = b""
+    # A multihash: identity (0x00, inlined keys such as ed25519) or sha2-256 (0x12), then
+    # the digest's length, then the digest.
+    valid = len(raw) > 2 and raw[0] in (0x00, 0x12) and raw[1] == len(raw) - 2
+    if not valid:
+        raise ConfigError(f"{text!r} is not a peer id (expected base58, like 12D3KooW...)")
+    return text
+
+
+def load_client_allowlist(path: Path) -> frozenset[str]:
+    """The `clients` list of an allowlist file: `clients = ["12D3KooW...", ...]`."""
+    try:
+        with path.open("rb") as f:
+            document = tomllib.load(f)
+    except OSError as error:
+        raise ConfigError(f"cannot read allowlist file {path}: {error.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"allowlist file {path} is not valid TOML: {error}") from None
+    unknown = set(document) - {"clients"}
+    if unknown:
+        raise ConfigError(f"allowlist file {path}: unknown keys {sorted(unknown)}")
+    clients = document.get("clients", [])
+    if not isinstance(clients, list) or not all(isinstance(c, str) for c in clients):
+        raise ConfigError(f"allowlist file {path}: `clients` must be a list of peer id strings")
+    try:
+        return frozenset(check_peer_id(c) for c in clients)
+    except ConfigError as error:
+        raise ConfigError(f"allowlist file {path}: {error}") from None

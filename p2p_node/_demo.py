@@ -11,6 +11,7 @@ import trio
 
 from ._client import Client
 from ._config import ConfigError
+from ._psk import PreSharedKey
 from ._repository import bundled_models_dir, read_repository
 from .testing import open_swarm
 
@@ -22,8 +23,11 @@ def short(peer_id: str) -> str:
     return f"…{peer_id[-6:]}"
 
 
-async def run_demo(n: int) -> list[tuple[str, ...]]:
-    """Send one job per model through rotating entry peers; return the table rows."""
+async def run_demo(n: int, psk: PreSharedKey | None = None) -> list[tuple[str, ...]]:
+    """Send one job per model through rotating entry peers; return the table rows.
+
+    With `psk` the nodes and the client form a private network of that key.
+    """
     rows: list[tuple[str, ...]] = [
         ("job", "entry peer", "executing peer", "model", "result", "latency")
     ]
@@ -32,7 +36,7 @@ async def run_demo(n: int) -> list[tuple[str, ...]]:
     cards = read_repository(bundled_models_dir())
     ids = [card.id for card in cards]
     shares = [frozenset(ids[i::n]) or frozenset(ids[:1]) for i in range(n)]  # model i on node i%n
-    async with open_swarm(n, topology="full", models=shares) as swarm:
+    async with open_swarm(n, topology="full", models=shares, psk=psk) as swarm:
         with trio.fail_after(CONVERGE_TIMEOUT_S):
             await swarm.wait_converged()
         nodes = swarm.nodes
@@ -40,7 +44,7 @@ async def run_demo(n: int) -> list[tuple[str, ...]]:
             entry = nodes[(2 * job) % n]  # a mix of local and forwarded jobs
             data = np.load(bundled_models_dir() / "heldout" / HELDOUT[card.task_type])
             row = job % len(data["y"])
-            async with Client.connect(entry.addrs[0]) as client:
+            async with Client.connect(entry.addrs[0], psk=psk) as client:
                 started = trio.current_time()
                 result = await client.submit(card.id, {"input": data["x"][row : row + 1]})
                 latency_ms = (trio.current_time() - started) * 1e3

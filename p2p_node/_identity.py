@@ -8,6 +8,7 @@ from pathlib import Path
 
 from libp2p.crypto.ed25519 import Ed25519PrivateKey, create_new_key_pair
 from libp2p.crypto.keys import KeyPair
+from libp2p.peer.id import ID
 
 IDENTITY_FILE = "identity.ed25519"
 LOCK_FILE = "node.lock"
@@ -20,25 +21,42 @@ class IdentityError(Exception):
 def load_or_create_identity(data_dir: Path) -> KeyPair:
     """Read `<data_dir>/identity.ed25519`, or create it (mode 0600) on first start."""
     path = data_dir / IDENTITY_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return create_identity_file(path)
+    return load_identity_file(path)
+
+
+def load_identity_file(path: Path) -> KeyPair:
+    """The identity in `path`: a 32-byte ed25519 seed (a client's `--identity`)."""
     try:
         seed = path.read_bytes()
-    except FileNotFoundError:
-        return _create(path)
+    except OSError as error:
+        raise IdentityError(f"cannot read identity file {path}: {error.strerror}") from None
     if len(seed) != 32:
         raise IdentityError(f"{path}: expected a 32-byte ed25519 seed, found {len(seed)} bytes")
     private = Ed25519PrivateKey.from_bytes(seed)
     return KeyPair(private, private.get_public_key())
 
 
-def _create(path: Path) -> KeyPair:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def create_identity_file(path: Path) -> KeyPair:
+    """A new identity written to `path` (mode 0600); an existing file is an error."""
     key_pair = create_new_key_pair()
     seed = key_pair.private_key.to_bytes()
     # O_EXCL: two processes sharing a data dir must not both write an identity.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise IdentityError(f"{path} exists; refusing to overwrite an identity") from None
+    except OSError as error:
+        raise IdentityError(f"cannot create identity file {path}: {error.strerror}") from None
     with os.fdopen(fd, "wb") as f:
         f.write(seed)
     return key_pair
+
+
+def peer_id_of(key_pair: KeyPair) -> str:
+    return str(ID.from_pubkey(key_pair.public_key))
 
 
 def lock_data_dir(data_dir: Path) -> int:

@@ -40,6 +40,7 @@ from scheduler import (
 )
 from selection import EnhancedModelOrchestrator, ModelCatalog, PerformanceTracker, SelectionContext
 
+from ._admission import Admission
 from ._config import NodeConfig, parse_multiaddr, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
 from ._executor import Executor, load_model
@@ -103,6 +104,7 @@ class Node:
         self._seq = 0
         self._announced_in_flight = 0
         self._gate = _AddressGate.install(rpc.host)
+        self.admission = Admission(config.admission, rpc.peer_id)
         self._index = NodeIndex(())
         self._index_source: object = None
         self.orchestrator = DistributedModelOrchestrator(
@@ -292,9 +294,11 @@ class Node:
     # --- protocol handlers ------------------------------------------------------
 
     async def _on_job(self, request: Request, sender: str) -> InferenceResult:
+        self.admission.admit_job(sender, trio.current_time())
         return await self._with_load_notes(self.run_job, _expect_run(request))
 
     async def _on_infer(self, request: Request, sender: str) -> InferenceResult:
+        await self._admit_infer(sender)
         run = _expect_run(request)
         if run.task is not None:
             raise JobError(
@@ -302,6 +306,19 @@ class Node:
                 "the infer protocol runs a named model; submit task jobs on the job protocol",
             )
         return await self._with_load_notes(self._run_here_within_deadline, run)
+
+    async def _admit_infer(self, sender: str) -> None:
+        """Peers of the network, and allowed clients, may have this node run models.
+
+        A new peer's first request can come before its record, so an unknown
+        sender is given a few record intervals to appear in the view.
+        """
+        if self.admission.allows(sender):
+            return
+        with trio.move_on_after(self.config.gossip.interval * self.config.gossip.ttl_factor):
+            await self.view.wait_until(lambda view: sender in view.peers)
+            return
+        raise self.admission.unauthorized(sender, "send infer requests")
 
     async def _with_load_notes(self, run: _RunFn, request: RunRequest) -> InferenceResult:
         self._note_load()
@@ -477,7 +494,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
     cards = read_repository(config.models_dir or bundled_models_dir(), config.serve_models)
     executor = Executor([load_model(c, config.executor) for c in cards], config.executor)
     tracker = load_tracker(config.data_dir)
-    host = new_libp2p_host(key_pair, mdns=config.mdns)
+    host = new_libp2p_host(key_pair, mdns=config.mdns, psk=config.psk)
     rpc = Rpc(
         host,
         max_request_bytes=config.max_request_bytes,
@@ -517,10 +534,11 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
                     save_periodically, config.data_dir, tracker, config.tracker_save_interval
                 )
                 logger.info(
-                    "node %s serving %s on %s",
+                    "node %s serving %s on %s%s",
                     node.peer_id,
                     [m.id for m in node.models],
                     node.addrs,
+                    f" in private network {config.psk.fingerprint}" if config.psk else "",
                 )
                 try:
                     yield node

@@ -28,6 +28,7 @@ from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.host.exceptions import StreamFailure
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.exceptions import SwarmException
 from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -39,6 +40,7 @@ from scheduler import ErrorCode, JobError
 
 from . import _wire
 from ._framing import FrameBuffer, FrameError, encode_frame
+from ._psk import PreSharedKey
 from ._wire import ErrorReply, Reply, Request, WireError
 
 logger = logging.getLogger(__name__)
@@ -76,8 +78,14 @@ _TRANSPORT_ERRORS = (
 Handler = Callable[[Request, str], Awaitable[Reply]]
 
 
-def new_libp2p_host(key_pair: KeyPair, *, mdns: bool = False) -> IHost:
-    """A host that speaks TCP + Noise + Yamux and nothing weaker; mDNS on a LAN if asked."""
+def new_libp2p_host(
+    key_pair: KeyPair, *, mdns: bool = False, psk: PreSharedKey | None = None
+) -> IHost:
+    """A host that speaks TCP + Noise + Yamux and nothing weaker; mDNS on a LAN if asked.
+
+    With a `psk` every connection is encrypted with it first (a libp2p private
+    network): peers without the same key never complete a handshake.
+    """
     security = {
         NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
     }
@@ -90,14 +98,40 @@ def new_libp2p_host(key_pair: KeyPair, *, mdns: bool = False) -> IHost:
         outbound_stream_protocol_negotiation_timeout=NEGOTIATE_TIMEOUT_S,
         inbound_stream_protocol_negotiation_timeout=NEGOTIATE_TIMEOUT_S,
     )
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt=security,
         muxer_preference="YAMUX",
         negotiate_timeout=NEGOTIATE_TIMEOUT_S,
         connection_config=connections,
         enable_mDNS=mdns,
+        psk=psk.hex if psk else None,
     )
+    if psk is not None:
+        _log_refused_handshakes(host, psk)
+    return host
+
+
+def _log_refused_handshakes(host: IHost, psk: PreSharedKey) -> None:
+    """Log each inbound connection whose handshake fails: in a private network, most
+    likely a peer without our key. libp2p itself only says so at debug level."""
+    network: Any = host.get_network()
+    upgrade = network.upgrade_inbound_raw_conn
+
+    async def logged_upgrade(raw_conn: Any, maddr: multiaddr.Multiaddr) -> Any:
+        remote = raw_conn.get_remote_address()
+        try:
+            return await upgrade(raw_conn, maddr)
+        except SwarmException as error:
+            logger.warning(
+                "refused a connection from %s: %s (a peer outside private network %s?)",
+                f"{remote[0]}:{remote[1]}" if remote else "an unknown address",
+                error,
+                psk.fingerprint,
+            )
+            raise
+
+    network.upgrade_inbound_raw_conn = logged_upgrade
 
 
 @asynccontextmanager
@@ -229,8 +263,10 @@ class Rpc:
             with trio.fail_after(timeout):
                 await self.host.connect(info)
         except trio.TooSlowError:
+            # A peer with another private network key (or none) never answers the handshake.
+            hint = "; is it in the same private network (--psk)?"
             raise JobError(
-                ErrorCode.PEER_UNREACHABLE, f"no answer from {addr} within {timeout:g} s"
+                ErrorCode.PEER_UNREACHABLE, f"no answer from {addr} within {timeout:g} s{hint}"
             ) from None
         except Exception as error:  # libp2p's dial errors share no base class
             raise JobError(ErrorCode.PEER_UNREACHABLE, f"cannot reach {addr}: {error}") from None

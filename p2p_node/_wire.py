@@ -94,13 +94,16 @@ class ErrorReply:
     code: ErrorCode
     message: str
     peer: str
+    retry_after: float | None = None  # seconds; on the wire only when set
 
     @classmethod
     def from_error(cls, error: JobError, peer: str) -> ErrorReply:
-        return cls(error.code, error.message, error.peer or peer)
+        return cls(error.code, error.message, error.peer or peer, error.retry_after)
 
     def to_error(self) -> JobError:
-        return JobError(self.code, self.message, peer=self.peer or None)
+        return JobError(
+            self.code, self.message, peer=self.peer or None, retry_after=self.retry_after
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +305,8 @@ def encode(message: Request | Reply) -> bytes:
                 "message": message.message[:MAX_MESSAGE_LENGTH],
                 "peer": message.peer,
             }
+            if message.retry_after is not None:
+                body["retry_after"] = float(message.retry_after)
         case ModelsRequest():
             body = {"kind": "models?"}
         case PeersRequest():
@@ -407,6 +412,8 @@ _KEYS = {
     "peers?": frozenset({"v", "kind"}),
     "peers": frozenset({"v", "kind", "peer_id", "peers"}),
 }
+# Fields a message may leave out (older peers never send them).
+_OPTIONAL_KEYS = {"error": frozenset({"retry_after"})}
 _PEER_REPORT_KEYS = frozenset({"record", "age_s", "state"})
 MAX_PEERS = 100_000
 _TENSOR_KEYS = frozenset({"dtype", "shape", "data"})
@@ -444,7 +451,8 @@ def _decode(payload: bytes, kinds: Mapping[str, type]) -> Request | Reply:
             f"unexpected message kind {kind!r}; expected one of {sorted(kinds)}",
         )
     try:
-        fields = expect_map(raw, _KEYS[kind], f"{kind!r} message")
+        keys = _KEYS[kind] | (_OPTIONAL_KEYS.get(kind, frozenset()) & raw.keys())
+        fields = expect_map(raw, keys, f"{kind!r} message")
         message: Request | Reply = _BUILDERS[kind](fields)
         return message
     except SchemaError as error:
@@ -677,7 +685,8 @@ def _error_reply(f: Mapping[str, Any]) -> ErrorReply:
         # A newer peer may know codes we do not: keep the message, call it internal.
         code = ErrorCode.INTERNAL
     message = _text(f["message"], "message", MAX_MESSAGE_LENGTH, allow_empty=True)
-    return ErrorReply(code, message, _text(f["peer"], "peer", allow_empty=True))
+    retry_after = _millis(f["retry_after"], "retry_after") if "retry_after" in f else None
+    return ErrorReply(code, message, _text(f["peer"], "peer", allow_empty=True), retry_after)
 
 
 def _models_reply(f: Mapping[str, Any]) -> ModelsReply:

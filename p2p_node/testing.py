@@ -29,6 +29,7 @@ from gossip import Capabilities, PeerState, ViewSnapshot
 
 from ._config import GossipConfig, NodeConfig
 from ._node import Node, open_node
+from ._psk import PreSharedKey
 
 if TYPE_CHECKING:
     # libp2p pulls in trio-typing, whose trio stubs shadow trio's own annotations.
@@ -144,12 +145,14 @@ async def open_swarm(
     gossip: GossipConfig | None = None,
     base: NodeConfig | None = None,
     data_root: Path | None = None,
+    psk: PreSharedKey | None = None,
 ) -> AsyncIterator[Swarm]:
     """Start n real nodes on loopback, dialing each other per `topology`.
 
     `models[i]` limits node i to some of the repository's models (None: all),
     `capabilities[i]` replaces what node i announces (e.g. a fake GPU). `base`
-    is the NodeConfig every node starts from (data_dir is set per node).
+    is the NodeConfig every node starts from (data_dir is set per node); `psk`
+    makes the swarm a private network of that key.
     Yields as soon as all nodes run; call `wait_converged()` to wait for views.
     """
     if n < 1:
@@ -160,6 +163,8 @@ async def open_swarm(
         template = base or NodeConfig(data_dir=root, shutdown_grace=1.0, target_degree=0)
         if gossip is not None:
             template = replace(template, gossip=gossip)
+        if psk is not None:
+            template = replace(template, psk=psk)
         async with AsyncExitStack() as stack:
             nursery = await stack.enter_async_context(trio.open_nursery())
             nodes: list[Node] = []

@@ -17,7 +17,7 @@ class ErrorCode(IntEnum):
     PEER_UNREACHABLE = 9
     NO_CAPABLE_PEER = 10
     SHUTTING_DOWN = 11
-    # 12 is UNAUTHORIZED (admission)
+    UNAUTHORIZED = 12  # the node does not take this request from this peer
     UNKNOWN_TASK = 13  # no model of the asked task type anywhere in the view
     NO_FITTING_MODEL = 14  # models of the task exist, but none fits the request's context
     INVALID_SELECTION = 15  # bad strategy, weights or context values
@@ -44,14 +44,26 @@ _RETRYABLE = frozenset(
 
 
 class JobError(Exception):
-    """A job or inference request failed. `peer` is where it failed, when known."""
+    """A job or inference request failed. `peer` is where it failed, when known.
 
-    def __init__(self, code: ErrorCode, message: str, *, peer: str | None = None) -> None:
+    `retry_after` (seconds), when set, is how long the peer asks the caller to
+    wait before trying it again (an OVERLOADED rate limit, say).
+    """
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        peer: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         where = f" (peer {peer})" if peer else ""
         super().__init__(f"{code.name}: {message}{where}")
         self.code = code
         self.message = message
         self.peer = peer
+        self.retry_after = retry_after
 
     @property
     def retryable(self) -> bool:

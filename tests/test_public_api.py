@@ -8,6 +8,7 @@ import selection
 
 def test_public_names() -> None:
     assert sorted(p2p_node.__all__) == [
+        "AdmissionConfig",
         "Client",
         "ConfigError",
         "ErrorCode",
@@ -18,10 +19,13 @@ def test_public_names() -> None:
         "JobError",
         "Node",
         "NodeConfig",
+        "PreSharedKey",
+        "PskError",
         "RepositoryError",
         "bundled_models_dir",
         "load_bootstrap_file",
         "open_node",
+        "read_psk_file",
     ]
     assert sorted(scheduler.__all__) == sorted(
         [
@@ -102,6 +106,7 @@ def test_error_codes_are_stable() -> None:
         "PEER_UNREACHABLE": 9,
         "NO_CAPABLE_PEER": 10,
         "SHUTTING_DOWN": 11,
+        "UNAUTHORIZED": 12,
         "UNKNOWN_TASK": 13,
         "NO_FITTING_MODEL": 14,
         "INVALID_SELECTION": 15,

@@ -238,8 +238,10 @@ def test_run_reply_with_integer_timings_decodes_as_floats() -> None:
         ErrorReply(ErrorCode.OVERLOADED, "queue full", "12D3KooWpeer"),
         ErrorReply(ErrorCode.UNKNOWN_MODEL, "", ""),
         ErrorReply(ErrorCode.INTERNAL, "ünïcödé ✓", "p"),
+        ErrorReply(ErrorCode.OVERLOADED, "slow down", "p", retry_after=0.25),
+        ErrorReply(ErrorCode.UNAUTHORIZED, "not on the allowlist", "p"),
     ],
-    ids=["overloaded", "empty-message-and-peer", "unicode"],
+    ids=["overloaded", "empty-message-and-peer", "unicode", "retry-after", "unauthorized"],
 )
 def test_error_reply_round_trips(reply: ErrorReply) -> None:
     assert decode_reply(encode(reply)) == reply
@@ -249,6 +251,38 @@ def test_error_reply_message_is_cut_to_the_limit() -> None:
     decoded = decode_reply(encode(ErrorReply(ErrorCode.INTERNAL, "x" * 10_000, "p")))
     assert isinstance(decoded, ErrorReply)
     assert decoded.message == "x" * MAX_MESSAGE_LENGTH
+
+
+def test_an_error_reply_without_retry_after_has_no_such_field_on_the_wire() -> None:
+    # Older peers reject unknown fields: only a reply that needs it carries one.
+    body = msgpack.unpackb(encode(ErrorReply(ErrorCode.OVERLOADED, "full", "p")))
+    assert "retry_after" not in body
+    old = {"v": VERSION, "kind": "error", "code": 7, "message": "full", "peer": "p"}
+    decoded = decode_reply(msgpack.packb(old))
+    assert decoded == ErrorReply(ErrorCode.OVERLOADED, "full", "p", retry_after=None)
+
+
+@pytest.mark.parametrize("value", [None, -1.0, math.nan, math.inf, "1", True, [1]])
+def test_a_bad_retry_after_is_malformed(value: object) -> None:
+    body = {"v": VERSION, "kind": "error", "code": 7, "message": "", "peer": "p"}
+    with pytest.raises(WireError) as caught:
+        decode_reply(msgpack.packb({**body, "retry_after": value}))
+    assert caught.value.code == MALFORMED
+    assert "retry_after" in caught.value.message
+
+
+def test_retry_after_is_an_error_field_only() -> None:
+    body = msgpack.unpackb(encode(ModelsRequest()))
+    with pytest.raises(WireError) as caught:
+        decode_request(msgpack.packb({**body, "retry_after": 1.0}))
+    assert "unknown fields ['retry_after']" in caught.value.message
+
+
+def test_retry_after_travels_with_the_job_error() -> None:
+    error = JobError(ErrorCode.OVERLOADED, "rate", retry_after=1.5)
+    back = decode_reply(encode(ErrorReply.from_error(error, peer="me")))
+    assert isinstance(back, ErrorReply)
+    assert back.to_error().retry_after == 1.5
 
 
 def test_error_reply_converts_to_and_from_job_error() -> None:
