@@ -165,7 +165,13 @@ def _parser() -> argparse.ArgumentParser:
     start.set_defaults(run=_start)
 
     submit = commands.add_parser("submit", help="run a model (or a task) on the network")
-    submit.add_argument("--peer", required=True, metavar="MADDR", help="node to send the job to")
+    submit.add_argument(
+        "--peer",
+        required=True,
+        action="append",
+        metavar="MADDR",
+        help="node to send the job to; repeat it to fail over to the next if one dies",
+    )
     what = submit.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", metavar="ID")
     what.add_argument("--task", metavar="TYPE", help="let the node select the model")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import multiaddr
 import numpy as np
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -64,6 +66,10 @@ from ._wire import (
 )
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+FAILOVER_DIAL_TIMEOUT_S = 2.0
+# A job's node is gone (not: it answered with an error about someone else).
+_NODE_GONE = frozenset({ErrorCode.PEER_UNREACHABLE, ErrorCode.SHUTTING_DOWN})
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,28 +103,45 @@ class Client:
             result = await client.submit("digits-mlp", {"input": pixels})
     """
 
-    def __init__(self, rpc: Rpc, peer_id: str) -> None:
+    def __init__(
+        self,
+        rpc: Rpc,
+        peer_id: str,
+        targets: Sequence[multiaddr.Multiaddr] = (),
+        dial_timeout: float = FAILOVER_DIAL_TIMEOUT_S,
+    ) -> None:
         self._rpc = rpc
-        self.peer_id = peer_id
+        self.peer_id = peer_id  # the node jobs go to now
+        self._targets = list(targets)
+        self._dial_timeout = dial_timeout
+        self.failovers = 0
 
     @classmethod
     @asynccontextmanager
     async def connect(
         cls,
-        addr: str,
+        addr: str | Sequence[str],
         *,
         timeout: float = 10.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         psk: PreSharedKey | None = None,
         identity: KeyPair | None = None,
     ) -> AsyncIterator[Client]:
-        """Dial `addr` (a multiaddr ending in /p2p/<peer id>). Raises JobError if unreachable.
+        """Dial `addr` (a multiaddr ending in /p2p/<peer id>), or the first reachable of
+        several. Raises JobError if none is reachable.
+
+        With several addresses, a job whose node dies (or shuts down) before it
+        answers is sent again, with the same job id, to the next reachable one;
+        a node answers each job id once.
 
         `psk`: the key of the node's private network, if it runs one. `identity`:
         the client's key pair, for nodes that admit jobs by peer id (default: a
         new throwaway identity).
         """
-        target = parse_peer_multiaddr(addr)
+        addrs = [addr] if isinstance(addr, str) else list(addr)
+        if not addrs:
+            raise ValueError("connect needs at least one address")
+        targets = [parse_peer_multiaddr(a) for a in addrs]
         host = new_libp2p_host(identity or create_new_key_pair(), psk=psk)
         rpc = Rpc(
             host,
@@ -131,11 +154,53 @@ class Client:
         with unwrap_single_errors():
             async with run_host(host, []), trio.open_nursery() as nursery:
                 rpc.watch_connections(nursery)
-                peer_id = await rpc.connect(target, timeout)
+                client = cls(rpc, "", targets, min(timeout, FAILOVER_DIAL_TIMEOUT_S))
+                await client._connect_next(timeout, None)
                 try:
-                    yield cls(rpc, peer_id)
+                    yield client
                 finally:
                     nursery.cancel_scope.cancel()
+
+    async def _connect_next(self, timeout: float, error: JobError | None) -> None:
+        """Make the next reachable target (after the current one) the node jobs go to."""
+        current = next(
+            (i for i, t in enumerate(self._targets) if t.get_peer_id() == self.peer_id), -1
+        )
+        order = self._targets[current + 1 :] + self._targets[: current + 1]
+        failures = []
+        for target in order:
+            if target.get_peer_id() == self.peer_id and error is not None:
+                continue  # the one that just failed
+            try:
+                self.peer_id = await self._rpc.connect(target, timeout)
+                return
+            except JobError as failure:
+                failures.append(failure)
+        if error is not None:
+            raise error
+        raise failures[-1]
+
+    async def _job(self, message: RunRequest, timeout: float) -> InferenceResult:
+        """Send a job; if its node dies before answering, send it to the next one."""
+        deadline = trio.current_time() + timeout
+        while True:
+            left = deadline - trio.current_time()
+            try:
+                reply = await self._rpc.call(
+                    self.peer_id, JOB_PROTOCOL, message, timeout=left + REPLY_GRACE_S
+                )
+                result: InferenceResult = expect_reply(reply, InferenceResult, self.peer_id)
+                return result
+            except JobError as error:
+                node_gone = error.peer == self.peer_id and error.code in _NODE_GONE
+                if not node_gone or len(self._targets) < 2 or left <= 0:
+                    raise
+                logger.info("job %s: %s; failing over", message.job_id, error)
+                await self._connect_next(self._dial_timeout, error)
+                self.failovers += 1
+                message = replace(
+                    message, timeout_ms=max(1, round((deadline - trio.current_time()) * 1000))
+                )
 
     async def submit(
         self,
@@ -180,11 +245,7 @@ class Client:
             selection=None if selection is None else str(selection),
             context=dict(context or {}),
         )
-        reply = await self._rpc.call(
-            self.peer_id, JOB_PROTOCOL, message, timeout=timeout + REPLY_GRACE_S
-        )
-        result: InferenceResult = expect_reply(reply, InferenceResult, self.peer_id)
-        return result
+        return await self._job(message, timeout)
 
     async def select(
         self,
@@ -224,11 +285,7 @@ class Client:
             strategy=strategy,
             requirements=request.requirements,
         )
-        reply = await self._rpc.call(
-            self.peer_id, JOB_PROTOCOL, message, timeout=request.timeout + REPLY_GRACE_S
-        )
-        result: InferenceResult = expect_reply(reply, InferenceResult, self.peer_id)
-        return result
+        return await self._job(message, request.timeout)
 
     async def submit_batch(
         self,

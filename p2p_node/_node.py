@@ -47,6 +47,7 @@ from ._executor import Executor, load_model
 from ._gossip import Gossip, open_gossip
 from ._hardware import Gpus, capabilities
 from ._identity import load_or_create_identity, lock_data_dir
+from ._jobs import JobOnce, fingerprint
 from ._membership import Membership
 from ._repository import bundled_models_dir, read_repository
 from ._rpc import (
@@ -112,6 +113,7 @@ class Node:
         )
         self._catalog = ModelCatalog(())
         self._catalog_source: object = None
+        self.jobs = JobOnce()  # a job sent again (a client failing over) runs once
         self.selector = EnhancedModelOrchestrator(
             self.orchestrator, self.catalog, tracker=tracker, distribution=config.strategy
         )
@@ -295,7 +297,10 @@ class Node:
 
     async def _on_job(self, request: Request, sender: str) -> InferenceResult:
         self.admission.admit_job(sender, trio.current_time())
-        return await self._with_load_notes(self.run_job, _expect_run(request))
+        run = _expect_run(request)
+        return await self.jobs.run(
+            run.job_id, fingerprint(run), lambda: self._with_load_notes(self.run_job, run)
+        )
 
     async def _on_infer(self, request: Request, sender: str) -> InferenceResult:
         await self._admit_infer(sender)

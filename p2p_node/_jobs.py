@@ -1,0 +1,147 @@
+"""A coordinator answers each job id once.
+
+A client that lost its coordinator mid-job, or its connection mid-reply, sends
+the same job (same id) again; this node must not run it twice, and must give
+the same answer. `JobOnce` keeps, per job id, the running job (a duplicate
+waits for it) or its outcome (a duplicate gets it at once), bounded in count,
+bytes and age. Retryable failures are not kept: trying again is the point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import trio
+
+from scheduler import ErrorCode, InferenceResult, JobError
+
+from ._wire import RunRequest
+
+DEFAULT_MAX_JOBS = 10_000
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_TTL_S = 600.0
+
+
+def fingerprint(request: RunRequest) -> bytes:
+    """What makes two requests the same job: the model or task and the inputs."""
+    digest = hashlib.blake2b(digest_size=16)
+    head = (request.model_id, request.task, request.selection, sorted(request.context.items()))
+    digest.update(repr(head).encode())
+    for name in sorted(request.inputs):
+        array = np.ascontiguousarray(request.inputs[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
+        digest.update(array.view(np.uint8).data if array.size else b"")
+    return digest.digest()
+
+
+@dataclass
+class _Entry:
+    fingerprint: bytes
+    done: trio.Event
+    outcome: InferenceResult | JobError | None = None  # None: abandoned, run it again
+    finished_at: float = 0.0
+    size: int = 0
+
+
+class JobOnce:
+    def __init__(
+        self,
+        max_jobs: int = DEFAULT_MAX_JOBS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        ttl_s: float = DEFAULT_TTL_S,
+    ) -> None:
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._max_jobs = max_jobs
+        self._max_bytes = max_bytes
+        self._ttl_s = ttl_s
+        self._bytes = 0
+        self.duplicates = 0  # requests answered without running again
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def run(
+        self,
+        job_id: str,
+        print_: bytes,
+        job: Callable[[], Awaitable[InferenceResult]],
+    ) -> InferenceResult:
+        """`job()`'s result, running it only if `job_id` has no answer here yet."""
+        while True:
+            self._expire(trio.current_time())
+            entry = self._entries.get(job_id)
+            if entry is None:
+                break
+            if entry.fingerprint != print_:
+                raise JobError(
+                    ErrorCode.INVALID_INPUT,
+                    f"job id {job_id!r} was already used for a different request; "
+                    "job ids must be unique",
+                )
+            self.duplicates += 1
+            await entry.done.wait()
+            if entry.outcome is None:
+                continue  # the first try was abandoned: run it (again)
+            return _unwrap(entry.outcome)
+        entry = self._entries[job_id] = _Entry(print_, trio.Event())
+        try:
+            result = await job()
+        except JobError as error:
+            if error.retryable:
+                self._forget(job_id, entry)
+            else:
+                self._keep(entry, error, 0)
+            raise
+        except BaseException:  # cancelled: the caller hung up, nobody has the answer
+            self._forget(job_id, entry)
+            raise
+        self._keep(entry, result, _result_bytes(result.outputs))
+        return result
+
+    def _keep(self, entry: _Entry, outcome: InferenceResult | JobError, size: int) -> None:
+        entry.outcome, entry.size = outcome, size
+        entry.finished_at = trio.current_time()
+        self._bytes += size
+        entry.done.set()
+        while self._entries and (
+            len(self._entries) > self._max_jobs or self._bytes > self._max_bytes
+        ):
+            oldest_id = next(iter(self._entries))
+            oldest = self._entries[oldest_id]
+            if not oldest.done.is_set():
+                self._entries.move_to_end(oldest_id)  # running: evict finished ones first
+                if all(not e.done.is_set() for e in self._entries.values()):
+                    break
+                continue
+            self._drop(oldest_id)
+
+    def _forget(self, job_id: str, entry: _Entry) -> None:
+        if self._entries.get(job_id) is entry:
+            del self._entries[job_id]
+        entry.done.set()
+
+    def _drop(self, job_id: str) -> None:
+        entry = self._entries.pop(job_id)
+        self._bytes -= entry.size
+
+    def _expire(self, now: float) -> None:
+        while self._entries:
+            oldest_id = next(iter(self._entries))
+            oldest = self._entries[oldest_id]
+            if not oldest.done.is_set() or now - oldest.finished_at < self._ttl_s:
+                return
+            self._drop(oldest_id)
+
+
+def _unwrap(outcome: InferenceResult | JobError) -> InferenceResult:
+    if isinstance(outcome, JobError):
+        raise JobError(outcome.code, outcome.message, peer=outcome.peer)
+    return outcome
+
+
+def _result_bytes(outputs: Mapping[str, object]) -> int:
+    return sum(int(np.asarray(v).nbytes) for v in outputs.values())
