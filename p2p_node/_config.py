@@ -35,6 +35,13 @@ class ExecutorConfig:
     A model whose recent runs took under `inline_below_ms` runs on the event
     loop's own thread: for a small model the hop to a worker thread and back
     costs more than the run itself (see bench/overhead.py). 0 turns that off.
+
+    `model_memory_mb` bounds the memory of the models kept loaded (None: no
+    bound). A model's memory is estimated by its files on disk, or given by
+    `memory_mb` in its model.toml; a model not loaded is loaded when a request
+    needs it, unloading the least recently used first. `max_batch_rows` caps the
+    rows (leading dimension) of one request's inputs; past it the request is
+    INVALID_INPUT.
     """
 
     workers: int = 2
@@ -42,13 +49,18 @@ class ExecutorConfig:
     queue_limit: int = 64
     use_gpu: bool = True
     inline_below_ms: float = 0.5
+    model_memory_mb: float | None = None
+    max_batch_rows: int = 65_536
 
     def __post_init__(self) -> None:
-        for name in ("workers", "intra_op_threads", "queue_limit"):
+        for name in ("workers", "intra_op_threads", "queue_limit", "max_batch_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.inline_below_ms >= 0:
             raise ConfigError(f"inline_below_ms must be >= 0, got {self.inline_below_ms}")
+        budget = self.model_memory_mb
+        if budget is not None and not 0 < budget < float("inf"):
+            raise ConfigError(f"model_memory_mb must be a positive number of MB, got {budget}")
 
 
 @dataclass(frozen=True, slots=True)

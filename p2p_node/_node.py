@@ -43,7 +43,7 @@ from selection import EnhancedModelOrchestrator, ModelCatalog, PerformanceTracke
 from ._admission import Admission
 from ._config import NodeConfig, parse_multiaddr, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
-from ._executor import Executor, load_model
+from ._executor import Executor
 from ._gossip import Gossip, open_gossip
 from ._hardware import Gpus, capabilities
 from ._identity import load_or_create_identity, lock_data_dir
@@ -191,7 +191,7 @@ class Node:
             interval=interval,
             addrs=tuple(self.addrs[:MAX_ANNOUNCED_ADDRS]),
             capabilities=self._capabilities,
-            models=tuple(ModelEntry(m, loaded=True) for m in self.models),
+            models=tuple(ModelEntry(m, self._executor.models.is_loaded(m.id)) for m in self.models),
             load=Load(
                 in_flight=self._executor.in_flight,
                 queue_length=self._executor.queue_length,
@@ -254,7 +254,8 @@ class Node:
         caps = self._capabilities
         return NodeInfo(
             peer_id=self.peer_id,
-            models_loaded=frozenset(m.id for m in self.models),
+            models_loaded=self._executor.models.loaded,
+            models_on_disk=frozenset(m.id for m in self.models) - self._executor.models.loaded,
             in_flight=self._executor.in_flight,
             queue_length=self._executor.queue_length,
             cpu_count=caps.cpu_count,
@@ -492,7 +493,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
 async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
     key_pair = load_or_create_identity(config.data_dir)
     cards = read_repository(config.models_dir or bundled_models_dir(), config.serve_models)
-    executor = Executor([load_model(c, config.executor) for c in cards], config.executor)
+    executor = Executor.from_cards(cards, config.executor)
     tracker = load_tracker(config.data_dir)
     host = new_libp2p_host(key_pair, mdns=config.mdns, psk=config.psk)
     rpc = Rpc(
@@ -517,6 +518,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
             host.get_network().register_notifee(_ConnectionEvents(events_send))
             async with open_gossip(host, node.view, config.gossip, node.make_record) as gossip:
                 node.gossip = gossip
+                executor.models.on_change = gossip.changed  # announce loads and unloads soon
                 node.membership = Membership(
                     dial=node.connect,
                     connected=node.connected_peers,
