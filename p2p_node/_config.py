@@ -128,7 +128,11 @@ class NodeConfig:
     # How a job that names a task type, not a model, gets its model (when it names none).
     selection: AdvancedModelSelectionStrategy = AdvancedModelSelectionStrategy.HYBRID
     tracker_save_interval: float = 10.0  # seconds between saves of what selection learned
+    # Message limits: job and infer requests (they carry tensors); models, peers,
+    # place and select requests (they carry none); every reply. Streams opened by
+    # peers and served at once (idle kept streams included).
     max_request_bytes: int = 16 * 1024 * 1024
+    max_control_request_bytes: int = 64 * 1024
     max_reply_bytes: int = 16 * 1024 * 1024
     max_concurrent_inbound: int = 256
     dial_timeout: float = 5.0
@@ -145,8 +149,13 @@ class NodeConfig:
             parse_peer_multiaddr(addr)
         if self.target_degree < 0:
             raise ConfigError(f"target_degree must be >= 0, got {self.target_degree}")
-        if self.max_request_bytes < 1024 or self.max_reply_bytes < 1024:
-            raise ConfigError("message size limits must be at least 1024 bytes")
+        for name in ("max_request_bytes", "max_control_request_bytes", "max_reply_bytes"):
+            if getattr(self, name) < 1024:
+                raise ConfigError(f"{name} must be at least 1024 bytes, got {getattr(self, name)}")
+        if self.max_concurrent_inbound < 1:
+            raise ConfigError(
+                f"max_concurrent_inbound must be >= 1, got {self.max_concurrent_inbound}"
+            )
 
 
 def parse_multiaddr(text: str) -> multiaddr.Multiaddr:

@@ -501,6 +501,10 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
         max_request_bytes=config.max_request_bytes,
         max_reply_bytes=config.max_reply_bytes,
         max_concurrent_inbound=config.max_concurrent_inbound,
+        request_limits=dict.fromkeys(
+            (MODELS_PROTOCOL, PEERS_PROTOCOL, PLACE_PROTOCOL, SELECT_PROTOCOL),
+            config.max_control_request_bytes,
+        ),
     )
     listen = [parse_multiaddr(a) for a in config.listen]
     events_send, events_receive = trio.open_memory_channel[tuple[bool, str]](4096)
