@@ -56,3 +56,60 @@ def _peer_info(addr: str):
     from libp2p.peer.peerinfo import info_from_p2p_addr
 
     return info_from_p2p_addr(multiaddr.Multiaddr(addr))
+
+
+def test_start_flags_set_every_limit(tmp_path: Path) -> None:
+    from p2p_node._cli import _node_config, _parser
+
+    args = _parser().parse_args(
+        [
+            "start",
+            "--data-dir",
+            str(tmp_path),
+            "--bootstrap-file",
+            str(_empty_bootstrap(tmp_path)),
+            "--model-memory-mb",
+            "0.5",
+            "--max-batch-rows",
+            "1000",
+            "--max-request-bytes",
+            str(32 << 20),
+            "--max-inbound-streams",
+            "64",
+        ]
+    )
+    config = _node_config(args)
+    assert config.executor.model_memory_mb == 0.5
+    assert config.executor.max_batch_rows == 1000
+    assert (config.max_request_bytes, config.max_reply_bytes) == (32 << 20, 32 << 20)
+    assert config.max_concurrent_inbound == 64
+
+
+def test_start_refuses_a_model_bigger_than_the_budget_in_one_line(tmp_path: Path, capsys) -> None:
+    from p2p_node._cli import main
+
+    code = main(
+        [
+            "start",
+            "--data-dir",
+            str(tmp_path / "a"),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--bootstrap-file",
+            str(_empty_bootstrap(tmp_path)),
+            "--serve",
+            "digits-svm",
+            "--model-memory-mb",
+            "0.1",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert "\n" not in err
+    assert "digits-svm" in err and "0.1 MB" in err and "--model-memory-mb" in err
+
+
+def _empty_bootstrap(tmp_path: Path) -> Path:
+    path = tmp_path / "bootstrap.toml"
+    path.write_text("peers = []\n")
+    return path
