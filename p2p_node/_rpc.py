@@ -190,7 +190,10 @@ class _Channel:
         memory; False if the peer hung up or took longer than `within` s."""
         with trio.move_on_after(within):
             while count > 0:
-                data = await self.stream.read(min(READ_CHUNK, count))
+                try:
+                    data = await self.stream.read(min(READ_CHUNK, count))
+                except _TRANSPORT_ERRORS:
+                    return False
                 if not data:
                     return False
                 count -= len(data)
