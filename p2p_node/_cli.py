@@ -44,6 +44,7 @@ SELECTIONS = [s.value for s in AdvancedModelSelectionStrategy]
 DEFAULT_DATA_DIR = Path.home() / ".p2p-node"
 _DEFAULTS = ExecutorConfig()
 _GOSSIP_DEFAULTS = GossipConfig()
+_NODE_DEFAULTS = NodeConfig(data_dir=Path())
 
 
 class InputFileError(ValueError):
@@ -124,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
         default=_DEFAULTS.queue_limit,
         help="admitted requests before answering OVERLOADED",
     )
+    _add_limit_options(start)
     start.add_argument(
         "--network",
         default=_GOSSIP_DEFAULTS.network,
@@ -263,6 +265,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_limit_options(start: argparse.ArgumentParser) -> None:
+    start.add_argument(
+        "--model-memory-mb",
+        type=float,
+        metavar="MB",
+        help="keep loaded models within this memory, unloading the least recently used "
+        "(default: no limit)",
+    )
+    start.add_argument(
+        "--max-batch-rows",
+        type=int,
+        default=_DEFAULTS.max_batch_rows,
+        metavar="ROWS",
+        help="rows per request before answering INVALID_INPUT",
+    )
+    start.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=_NODE_DEFAULTS.max_request_bytes,
+        metavar="BYTES",
+        help="largest job or infer request taken; replies may be as large",
+    )
+    start.add_argument(
+        "--max-inbound-streams",
+        type=int,
+        default=_NODE_DEFAULTS.max_concurrent_inbound,
+        metavar="N",
+        help="streams from peers served at once before answering OVERLOADED",
+    )
+
+
 def _add_context_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--context",
@@ -338,8 +371,15 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         serve_models=frozenset(args.serve) if args.serve else None,
         bootstrap=(*bootstrap, *args.bootstrap),
         executor=ExecutorConfig(
-            workers=args.workers, intra_op_threads=args.threads, queue_limit=args.queue_limit
+            workers=args.workers,
+            intra_op_threads=args.threads,
+            queue_limit=args.queue_limit,
+            model_memory_mb=args.model_memory_mb,
+            max_batch_rows=args.max_batch_rows,
         ),
+        max_request_bytes=args.max_request_bytes,
+        max_reply_bytes=max(args.max_request_bytes, _NODE_DEFAULTS.max_reply_bytes),
+        max_concurrent_inbound=args.max_inbound_streams,
         gossip=GossipConfig(network=args.network, interval=args.interval),
         target_degree=args.degree,
         mdns=args.mdns,

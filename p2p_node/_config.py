@@ -35,6 +35,13 @@ class ExecutorConfig:
     A model whose recent runs took under `inline_below_ms` runs on the event
     loop's own thread: for a small model the hop to a worker thread and back
     costs more than the run itself (see bench/overhead.py). 0 turns that off.
+
+    `model_memory_mb` bounds the memory of the models kept loaded (None: no
+    bound). A model's memory is estimated by its files on disk, or given by
+    `memory_mb` in its model.toml; a model not loaded is loaded when a request
+    needs it, unloading the least recently used first. `max_batch_rows` caps the
+    rows (leading dimension) of one request's inputs; past it the request is
+    INVALID_INPUT.
     """
 
     workers: int = 2
@@ -42,13 +49,18 @@ class ExecutorConfig:
     queue_limit: int = 64
     use_gpu: bool = True
     inline_below_ms: float = 0.5
+    model_memory_mb: float | None = None
+    max_batch_rows: int = 65_536
 
     def __post_init__(self) -> None:
-        for name in ("workers", "intra_op_threads", "queue_limit"):
+        for name in ("workers", "intra_op_threads", "queue_limit", "max_batch_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.inline_below_ms >= 0:
             raise ConfigError(f"inline_below_ms must be >= 0, got {self.inline_below_ms}")
+        budget = self.model_memory_mb
+        if budget is not None and not 0 < budget < float("inf"):
+            raise ConfigError(f"model_memory_mb must be a positive number of MB, got {budget}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +128,11 @@ class NodeConfig:
     # How a job that names a task type, not a model, gets its model (when it names none).
     selection: AdvancedModelSelectionStrategy = AdvancedModelSelectionStrategy.HYBRID
     tracker_save_interval: float = 10.0  # seconds between saves of what selection learned
+    # Message limits: job and infer requests (they carry tensors); models, peers,
+    # place and select requests (they carry none); every reply. Streams opened by
+    # peers and served at once (idle kept streams included).
     max_request_bytes: int = 16 * 1024 * 1024
+    max_control_request_bytes: int = 64 * 1024
     max_reply_bytes: int = 16 * 1024 * 1024
     max_concurrent_inbound: int = 256
     dial_timeout: float = 5.0
@@ -133,8 +149,13 @@ class NodeConfig:
             parse_peer_multiaddr(addr)
         if self.target_degree < 0:
             raise ConfigError(f"target_degree must be >= 0, got {self.target_degree}")
-        if self.max_request_bytes < 1024 or self.max_reply_bytes < 1024:
-            raise ConfigError("message size limits must be at least 1024 bytes")
+        for name in ("max_request_bytes", "max_control_request_bytes", "max_reply_bytes"):
+            if getattr(self, name) < 1024:
+                raise ConfigError(f"{name} must be at least 1024 bytes, got {getattr(self, name)}")
+        if self.max_concurrent_inbound < 1:
+            raise ConfigError(
+                f"max_concurrent_inbound must be >= 1, got {self.max_concurrent_inbound}"
+            )
 
 
 def parse_multiaddr(text: str) -> multiaddr.Multiaddr:

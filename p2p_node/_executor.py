@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,6 +18,7 @@ from scheduler import ErrorCode, JobError, Tensors
 
 from ._config import ExecutorConfig
 from ._repository import ModelCard, RepositoryError
+from ._residency import LoadedModel, ResidentModels
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +47,6 @@ class Execution:
     outputs: dict[str, np.ndarray[Any, Any]]
     queue_ms: float
     compute_ms: float
-
-
-@dataclass(frozen=True, slots=True)
-class LoadedModel:
-    descriptor: ModelDescriptor
-    session: ort.InferenceSession
 
 
 def choose_providers(available: Iterable[str], use_gpu: bool) -> list[str]:
@@ -85,7 +80,7 @@ def load_model(card: ModelCard, config: ExecutorConfig) -> LoadedModel:
         inputs=tuple(_spec(card, node) for node in session.get_inputs()),
         outputs=tuple(_spec(card, node) for node in session.get_outputs()),
     )
-    return LoadedModel(descriptor, session)
+    return LoadedModel(descriptor, session, card)
 
 
 def _spec(card: ModelCard, node: Any) -> TensorSpec:
@@ -99,12 +94,16 @@ def _spec(card: ModelCard, node: Any) -> TensorSpec:
     return TensorSpec(node.name, dtype, shape)
 
 
-def validate_inputs(model: ModelDescriptor, inputs: Tensors) -> dict[str, np.ndarray[Any, Any]]:
+def validate_inputs(
+    model: ModelDescriptor, inputs: Tensors, *, max_rows: int | None = None
+) -> dict[str, np.ndarray[Any, Any]]:
     """The feeds for `model`, or INVALID_INPUT naming what was expected and what came.
 
     A single input may come unnamed (name ""). An input is converted to the
     declared dtype when numpy calls that a same-kind cast (int to float, float64
-    to float32); other dtypes and any shape mismatch are refused.
+    to float32); other dtypes and any shape mismatch are refused. An input whose
+    leading dimension is the model's batch axis (not fixed) may have at most
+    `max_rows` rows.
     """
     if set(inputs) == {UNNAMED_INPUT} and len(model.inputs) == 1:
         inputs = {model.inputs[0].name: inputs[UNNAMED_INPUT]}
@@ -129,8 +128,20 @@ def validate_inputs(model: ModelDescriptor, inputs: Tensors) -> dict[str, np.nda
             )
         if 0 in array.shape:
             raise JobError(ErrorCode.INVALID_INPUT, f"model {model.id}: input {name!r} is empty")
+        if max_rows is not None and spec.shape and spec.shape[0] is None:
+            _check_rows(model.id, name, array.shape[0], max_rows)
         feeds[name] = array.astype(spec.dtype, copy=False)
     return feeds
+
+
+def _check_rows(model_id: str, name: str, rows: int, max_rows: int) -> None:
+    if rows > max_rows:
+        raise JobError(
+            ErrorCode.INVALID_INPUT,
+            f"model {model_id}: input {name!r} has {rows} rows, more than this node's cap of "
+            f"{max_rows} rows per request (max_batch_rows); split the rows into smaller "
+            "jobs (`p2p-node submit --batch-size`)",
+        )
 
 
 def _describe(specs: Sequence[TensorSpec]) -> str:
@@ -155,7 +166,8 @@ class Executor:
     worker thread (or inline, for models that have run fast: see ExecutorConfig).
     A request cancelled while it waits never starts; one cancelled while it
     runs is abandoned and onnxruntime is told to terminate it, which it does at
-    its next node boundary, and its thread slot is busy until then.
+    its next node boundary, and its thread slot is busy until then. Which models
+    are in memory, within the memory budget, is `models`' business.
     """
 
     def __init__(
@@ -165,9 +177,12 @@ class Executor:
         *,
         limiter: trio.CapacityLimiter | None = None,
     ) -> None:
-        self._models: Mapping[str, LoadedModel] = {m.descriptor.id: m for m in models}
+        """Serve `models`, kept loaded in order while they fit the memory budget."""
         self._config = config
         self._limiter = limiter or trio.CapacityLimiter(config.workers)
+        self.models = ResidentModels(config, load_model, self._limiter)
+        for model in models:
+            self.models.add(model)
         self._admitted = 0
         # Recent compute time per model (ms, EWMA); decides inline vs worker thread.
         self._compute_ms: dict[str, float] = {}
@@ -175,9 +190,27 @@ class Executor:
         self.counters = ExecutorCounters()
         self._counted = trio.lowlevel.ParkingLot()
 
+    @classmethod
+    def from_cards(
+        cls,
+        cards: Sequence[ModelCard],
+        config: ExecutorConfig,
+        *,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> Executor:
+        """Load each model once, for its descriptor (and to fail at start if it cannot
+        load), keeping loaded those that fit the memory budget. Refuses a model bigger
+        than the whole budget before loading anything."""
+        executor = cls([], config, limiter=limiter)
+        for card in cards:
+            executor.models.check_fits(card)
+        for card in cards:
+            executor.models.add(load_model(card, config))
+        return executor
+
     @property
     def descriptors(self) -> tuple[ModelDescriptor, ...]:
-        return tuple(m.descriptor for m in self._models.values())
+        return self.models.descriptors
 
     @property
     def in_flight(self) -> int:
@@ -196,7 +229,7 @@ class Executor:
         )
 
     def serves(self, model_id: str) -> bool:
-        return model_id in self._models
+        return model_id in self.models
 
     @property
     def limiter(self) -> trio.CapacityLimiter:
@@ -214,13 +247,13 @@ class Executor:
         self._counted.unpark_all()
 
     async def run(self, model_id: str, inputs: Tensors) -> Execution:
-        model = self._models.get(model_id)
-        if model is None:
+        descriptor = self.models.get(model_id)
+        if descriptor is None:
             raise JobError(
                 ErrorCode.UNKNOWN_MODEL,
-                f"this node does not serve model {model_id!r}; it serves {sorted(self._models)}",
+                f"this node does not serve model {model_id!r}; it serves {self.models.ids()}",
             )
-        feeds = validate_inputs(model.descriptor, inputs)
+        feeds = validate_inputs(descriptor, inputs, max_rows=self._config.max_batch_rows)
         if self._admitted >= self._config.queue_limit:
             raise JobError(
                 ErrorCode.OVERLOADED,
@@ -232,18 +265,8 @@ class Executor:
         admitted_at = time.perf_counter()
         run = _Run()
         try:
-            if self._compute_ms.get(model_id, math.inf) < self._config.inline_below_ms:
-                await trio.lowlevel.checkpoint()
-                outputs, started, finished = _compute(model, feeds, run)
-            else:
-                outputs, started, finished = await trio.to_thread.run_sync(
-                    _compute,
-                    model,
-                    feeds,
-                    run,
-                    limiter=self._limiter,
-                    abandon_on_cancel=True,  # type: ignore[call-arg]  # trio-typing stubs predate it
-                )
+            async with self.models.use(model_id) as model:
+                outputs, started, finished = await self._compute(model, feeds, run)
         except JobError:
             self._count(failed=1)
             stats.record(ok=False, latency_ms=(time.perf_counter() - admitted_at) * 1e3)
@@ -261,6 +284,21 @@ class Executor:
         self._compute_ms[model_id] = previous + COMPUTE_EWMA_ALPHA * (compute_ms - previous)
         return Execution(
             outputs=outputs, queue_ms=(started - admitted_at) * 1e3, compute_ms=compute_ms
+        )
+
+    async def _compute(
+        self, model: LoadedModel, feeds: dict[str, np.ndarray[Any, Any]], run: _Run
+    ) -> tuple[dict[str, np.ndarray[Any, Any]], float, float]:
+        if self._compute_ms.get(model.descriptor.id, math.inf) < self._config.inline_below_ms:
+            await trio.lowlevel.checkpoint()
+            return _compute(model, feeds, run)
+        return await trio.to_thread.run_sync(
+            _compute,
+            model,
+            feeds,
+            run,
+            limiter=self._limiter,
+            abandon_on_cancel=True,  # type: ignore[call-arg]  # trio-typing stubs predate it
         )
 
 

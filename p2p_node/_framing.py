@@ -10,11 +10,19 @@ MAX_VARINT_BYTES = 9  # enough for any length below 2**63
 
 
 class FrameError(ValueError):
-    """The byte stream cannot be split into frames: a bad prefix or an oversize frame."""
+    """The byte stream cannot be split into frames: a bad prefix or an oversize frame.
 
-    def __init__(self, message: str, *, too_large: bool = False) -> None:
+    For an oversize frame, `length` is its declared length and `remaining` how
+    many of its bytes have not arrived yet (a reader may skip them).
+    """
+
+    def __init__(
+        self, message: str, *, too_large: bool = False, length: int = 0, remaining: int = 0
+    ) -> None:
         super().__init__(message)
         self.too_large = too_large
+        self.length = length
+        self.remaining = remaining
 
 
 def encode_frame(payload: bytes) -> bytes:
@@ -48,7 +56,8 @@ class FrameBuffer:
         """The next whole frame, or None until more bytes arrive.
 
         Raises FrameError on a malformed length or one above `max_frame`, as soon
-        as the length is known (before the body is buffered).
+        as the length is known (before the body is buffered); what arrived of an
+        oversize frame is dropped, and the error says how much more is to come.
         """
         length = 0
         for i, byte in enumerate(self._buffer[:MAX_VARINT_BYTES]):
@@ -56,9 +65,13 @@ class FrameBuffer:
             if byte & 0x80:
                 continue
             if length > self.max_frame:
+                remaining = max(0, i + 1 + length - len(self._buffer))
+                del self._buffer[: i + 1 + length]
                 raise FrameError(
                     f"frame of {length} bytes exceeds the limit of {self.max_frame}",
                     too_large=True,
+                    length=length,
+                    remaining=remaining,
                 )
             end = i + 1 + length
             if len(self._buffer) < end:

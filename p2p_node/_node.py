@@ -43,7 +43,7 @@ from selection import EnhancedModelOrchestrator, ModelCatalog, PerformanceTracke
 from ._admission import Admission
 from ._config import NodeConfig, parse_multiaddr, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
-from ._executor import Executor, load_model
+from ._executor import Executor
 from ._gossip import Gossip, open_gossip
 from ._hardware import Gpus, capabilities
 from ._identity import load_or_create_identity, lock_data_dir
@@ -193,7 +193,7 @@ class Node:
             interval=interval,
             addrs=tuple(self.addrs[:MAX_ANNOUNCED_ADDRS]),
             capabilities=self._capabilities,
-            models=tuple(ModelEntry(m, loaded=True) for m in self.models),
+            models=tuple(ModelEntry(m, self._executor.models.is_loaded(m.id)) for m in self.models),
             load=Load(
                 in_flight=self._executor.in_flight,
                 queue_length=self._executor.queue_length,
@@ -256,7 +256,8 @@ class Node:
         caps = self._capabilities
         return NodeInfo(
             peer_id=self.peer_id,
-            models_loaded=frozenset(m.id for m in self.models),
+            models_loaded=self._executor.models.loaded,
+            models_on_disk=frozenset(m.id for m in self.models) - self._executor.models.loaded,
             in_flight=self._executor.in_flight,
             queue_length=self._executor.queue_length,
             cpu_count=caps.cpu_count,
@@ -497,7 +498,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
 async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
     key_pair = load_or_create_identity(config.data_dir)
     cards = read_repository(config.models_dir or bundled_models_dir(), config.serve_models)
-    executor = Executor([load_model(c, config.executor) for c in cards], config.executor)
+    executor = Executor.from_cards(cards, config.executor)
     tracker = load_tracker(config.data_dir)
     host = new_libp2p_host(key_pair, mdns=config.mdns, psk=config.psk)
     rpc = Rpc(
@@ -505,6 +506,10 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
         max_request_bytes=config.max_request_bytes,
         max_reply_bytes=config.max_reply_bytes,
         max_concurrent_inbound=config.max_concurrent_inbound,
+        request_limits=dict.fromkeys(
+            (MODELS_PROTOCOL, PEERS_PROTOCOL, PLACE_PROTOCOL, SELECT_PROTOCOL),
+            config.max_control_request_bytes,
+        ),
     )
     listen = [parse_multiaddr(a) for a in config.listen]
     events_send, events_receive = trio.open_memory_channel[tuple[bool, str]](4096)
@@ -522,6 +527,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
             host.get_network().register_notifee(_ConnectionEvents(events_send))
             async with open_gossip(host, node.view, config.gossip, node.make_record) as gossip:
                 node.gossip = gossip
+                executor.models.on_change = gossip.changed  # announce loads and unloads soon
                 node.membership = Membership(
                     dial=node.connect,
                     connected=node.connected_peers,

@@ -29,6 +29,17 @@ class ModelCard:
     description: str
     onnx_path: Path
     sha256: str
+    memory_mb: float | None = None  # what it takes loaded, when model.toml says
+
+    @property
+    def memory_bytes(self) -> int:
+        """What this model counts against a memory budget: `memory_mb` from its
+        model.toml, else the size of its directory's files (model.onnx and any
+        external weights) as a proxy."""
+        if self.memory_mb is not None:
+            return round(self.memory_mb * (1 << 20))
+        model_dir = self.onnx_path.parent
+        return sum(f.stat().st_size for f in model_dir.iterdir() if f.name != "model.toml")
 
 
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -45,6 +56,7 @@ _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "description": str,
     "latency_us": (int, float),
     "training": dict,
+    "memory_mb": (int, float),
 }
 
 
@@ -96,7 +108,14 @@ def read_model_card(model_dir: Path) -> ModelCard:
         description=meta.get("description", ""),
         onnx_path=onnx_path,
         sha256=_sha256(onnx_path),
+        memory_mb=_memory_mb(toml_path, meta.get("memory_mb")),
     )
+
+
+def _memory_mb(path: Path, value: float | None) -> float | None:
+    if value is not None and not 0 < value < float("inf"):
+        raise RepositoryError(f"{path}: memory_mb must be a positive number, got {value}")
+    return None if value is None else float(value)
 
 
 def _check_fields(path: Path, meta: dict[str, Any]) -> None:

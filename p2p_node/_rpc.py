@@ -15,7 +15,7 @@ concurrency is the number of streams; nothing is multiplexed by request id.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -62,6 +62,9 @@ CLIENT_IDLE_S = 30.0
 SERVER_IDLE_S = 60.0
 MAX_IDLE_STREAMS_PER_PEER = 64
 READ_CHUNK = 64 * 1024
+# After refusing an oversize request, how long we read and drop the rest of it so
+# that the caller, still writing, gets to read the refusal (then the stream is reset).
+SKIP_OVERSIZE_S = 10.0
 
 # What a broken or vanished peer looks like from a stream.
 SEND_TIMEOUT_S = 30.0
@@ -182,6 +185,21 @@ class _Channel:
             await self.fill()
         return frame
 
+    async def skip(self, count: int, within: float) -> bool:
+        """Read and drop `count` bytes (the rest of a refused frame), in constant
+        memory; False if the peer hung up or took longer than `within` s."""
+        with trio.move_on_after(within):
+            while count > 0:
+                try:
+                    data = await self.stream.read(min(READ_CHUNK, count))
+                except _TRANSPORT_ERRORS:
+                    return False
+                if not data:
+                    return False
+                count -= len(data)
+            return True
+        return False
+
     async def fill(self) -> None:
         data = await self.stream.read(READ_CHUNK)
         if not data:
@@ -216,7 +234,15 @@ class _Stale(Exception):
 
 
 class Rpc:
-    """Sends our requests to peers and serves theirs, on one libp2p host."""
+    """Sends our requests to peers and serves theirs, on one libp2p host.
+
+    Requests may be at most `max_request_bytes`, or `request_limits[protocol]`
+    for the protocols it names, both ways: we send none larger, and refuse a
+    larger one as soon as its length prefix arrives. Replies may be at most
+    `max_reply_bytes`. At most `max_concurrent_inbound` streams opened by peers
+    are served at once (idle kept streams included); past it a new stream is
+    answered OVERLOADED.
+    """
 
     def __init__(
         self,
@@ -225,11 +251,14 @@ class Rpc:
         max_request_bytes: int,
         max_reply_bytes: int,
         max_concurrent_inbound: int,
+        request_limits: Mapping[TProtocol, int] | None = None,
     ) -> None:
         self.host = host
         self.peer_id = str(host.get_id())
         self._max_request_bytes = max_request_bytes
+        self._request_limits = dict(request_limits or {})
         self._max_reply_bytes = max_reply_bytes
+        self._max_inbound = max_concurrent_inbound
         self._inbound_slots = trio.Semaphore(max_concurrent_inbound)
         self._idle: dict[tuple[str, TProtocol], list[_Channel]] = {}
         self._answering = 0
@@ -238,6 +267,10 @@ class Rpc:
         self._calls: dict[str, set[trio.CancelScope]] = {}  # in-flight exchanges by peer
         self._watcher: trio.Nursery | None = None
         self._watched: set[object] = set()  # connections whose closing we wait for
+
+    def request_limit(self, protocol: TProtocol) -> int:
+        """The largest request, in bytes, sent or taken on `protocol`."""
+        return self._request_limits.get(protocol, self._max_request_bytes)
 
     @property
     def in_flight(self) -> int:
@@ -279,10 +312,12 @@ class Rpc:
     ) -> Reply:
         """One exchange with `peer_id`. Every failure raises `JobError`."""
         payload = _wire.encode(request)
-        if len(payload) > self._max_request_bytes:
+        limit = self.request_limit(protocol)
+        if len(payload) > limit:
             raise JobError(
                 ErrorCode.MESSAGE_TOO_LARGE,
-                f"request of {len(payload)} bytes exceeds the limit of {self._max_request_bytes}",
+                f"a {protocol} request of {len(payload)} bytes exceeds the limit of {limit} "
+                "bytes for that protocol",
             )
         lost = trio.CancelScope()  # cancelled by peer_gone
         calls = self._calls.setdefault(peer_id, set())
@@ -437,12 +472,18 @@ class Rpc:
         """Answer `protocol` with `handler`; every failure becomes an ErrorReply."""
 
         async def on_stream(stream: INetStream) -> None:
-            channel = _Channel(stream, self._max_request_bytes)
+            channel = _Channel(stream, self.request_limit(protocol))
             peer = str(stream.muxed_conn.peer_id)
             try:
                 self._inbound_slots.acquire_nowait()
             except trio.WouldBlock:
-                await self._refuse(channel, "too many open streams to this node")
+                logger.info("refused a %s stream from %s: inbound streams full", protocol, peer)
+                why = (
+                    "too many open streams to this node: it serves at most "
+                    f"{self._max_inbound} streams from peers at once (max_concurrent_inbound); "
+                    "try again shortly"
+                )
+                await self._refuse(channel, why)
                 return
             try:
                 await self._serve_channel(channel, peer, protocol, handler)
@@ -481,20 +522,41 @@ class Rpc:
                         break
                     if isinstance(payload, FrameError):
                         # The stream cannot be resynchronised: answer once, then drop it.
-                        code = (
-                            ErrorCode.MESSAGE_TOO_LARGE
-                            if payload.too_large
-                            else ErrorCode.MALFORMED_MESSAGE
-                        )
-                        await self._send_reply(
-                            channel, ErrorReply(code, str(payload), self.peer_id)
-                        )
+                        await self._refuse_frame(channel, payload, peer, protocol)
                         break
                     if not await self._answer(channel, payload, peer, protocol, handler, session):
                         break
                     continue
                 break  # idle too long
             nursery.cancel_scope.cancel()
+
+    async def _refuse_frame(
+        self, channel: _Channel, error: FrameError, peer: str, protocol: TProtocol
+    ) -> None:
+        """Answer a request we cannot read. An oversize one gets MESSAGE_TOO_LARGE as
+        soon as its length is known; its body is then read and dropped, never held,
+        so that a caller still writing it finishes and reads the answer."""
+        if not error.too_large:
+            reply = ErrorReply(ErrorCode.MALFORMED_MESSAGE, str(error), self.peer_id)
+            await self._send_reply(channel, reply)
+            return
+        limit = self.request_limit(protocol)
+        logger.info(
+            "refused a %s request of %d bytes from %s (limit %d)",
+            protocol,
+            error.length,
+            peer,
+            limit,
+        )
+        message = (
+            f"a {protocol} request of {error.length} bytes exceeds this node's limit of "
+            f"{limit} bytes for that protocol"
+        )
+        await self._send_reply(
+            channel, ErrorReply(ErrorCode.MESSAGE_TOO_LARGE, message, self.peer_id)
+        )
+        if not await channel.skip(error.remaining, SKIP_OVERSIZE_S):
+            await channel.discard()
 
     async def _answer(
         self,

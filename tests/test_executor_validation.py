@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+import trio
 
 from gossip import ModelDescriptor, TensorSpec
 from p2p_node._executor import GPU_PROVIDERS, choose_providers, validate_inputs
@@ -291,3 +292,46 @@ def test_choose_providers_on_this_machine_ends_with_cpu(use_gpu: bool) -> None:
     assert all(p in available for p in chosen[:-1])
     if not use_gpu:
         assert chosen == [CPU]
+
+
+# --- the cap on rows per request -------------------------------------------------------
+
+_CAPPED = [
+    pytest.param(SINGLE, {"input": _f32(4, 64)}, True, id="at-the-cap"),
+    pytest.param(SINGLE, {"input": _f32(5, 64)}, False, id="one-past"),
+    pytest.param(
+        PAIR, {"features": _f32(3, 4), "ids": np.arange(5)}, False, id="second-input-past"
+    ),
+    pytest.param(FIXED, {"image": np.zeros((1, 8, 8), np.uint8)}, True, id="fixed-batch-dim"),
+    pytest.param(SCALAR, {"threshold": np.float64(0.5)}, True, id="0-d"),
+]
+
+
+@pytest.mark.parametrize(("model", "inputs", "accepted"), _CAPPED)
+def test_the_rows_of_a_batch_axis_are_capped(
+    model: ModelDescriptor, inputs: dict[str, Any], accepted: bool
+) -> None:
+    if accepted:
+        validate_inputs(model, inputs, max_rows=4)
+        return
+    with pytest.raises(JobError) as caught:
+        validate_inputs(model, inputs, max_rows=4)
+    assert caught.value.code is ErrorCode.INVALID_INPUT
+    assert "5 rows" in caught.value.message and "cap of 4 rows" in caught.value.message
+    assert "max_batch_rows" in caught.value.message and "--batch-size" in caught.value.message
+
+
+async def test_the_executor_applies_its_configured_cap(digits) -> None:
+    from p2p_node import ExecutorConfig, bundled_models_dir
+    from p2p_node._executor import Executor
+    from p2p_node._repository import read_repository
+
+    x, _ = digits
+    cards = read_repository(bundled_models_dir(), frozenset({"digits-logreg"}))
+    ex = Executor.from_cards(cards, ExecutorConfig(max_batch_rows=10))
+    with trio.fail_after(10):
+        assert (await ex.run("digits-logreg", {"input": x[:10]})).outputs["label"].shape == (10,)
+        with pytest.raises(JobError) as caught:
+            await ex.run("digits-logreg", {"input": x[:11]})
+    assert "cap of 10 rows" in caught.value.message
+    assert ex.counters.admitted == 1  # refused before admission

@@ -66,3 +66,12 @@ def test_an_incomplete_prefix_waits_for_more() -> None:
     assert buffer.next_frame() is None
     buffer.feed(b"\x00")
     assert buffer.next_frame() == b""
+
+
+def test_an_oversize_frame_is_dropped_and_says_how_much_is_still_to_come() -> None:
+    frames = FrameBuffer(max_frame=10)
+    frames.feed(encode_frame(b"x" * 100)[:30])  # a 1-byte prefix and 29 bytes of body
+    with pytest.raises(FrameError) as caught:
+        frames.next_frame()
+    assert (caught.value.length, caught.value.remaining) == (100, 71)
+    assert len(frames) == 0  # nothing of it is held

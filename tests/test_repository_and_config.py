@@ -314,6 +314,8 @@ _BAD_NODE_CONFIGS = {
     "bootstrap-not-multiaddr": ({"bootstrap": ("peer.example.com",)}, "is not a multiaddr"),
     "request-limit-tiny": ({"max_request_bytes": 1023}, "at least 1024 bytes"),
     "reply-limit-tiny": ({"max_reply_bytes": 0}, "at least 1024 bytes"),
+    "control-limit-tiny": ({"max_control_request_bytes": 100}, "at least 1024 bytes"),
+    "no-inbound-streams": ({"max_concurrent_inbound": 0}, "max_concurrent_inbound must be >= 1"),
 }
 
 
@@ -327,11 +329,17 @@ def test_a_bad_node_config_is_refused(
         NodeConfig(data_dir=tmp_path, **changes)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("field", ["workers", "intra_op_threads", "queue_limit"])
+@pytest.mark.parametrize("field", ["workers", "intra_op_threads", "queue_limit", "max_batch_rows"])
 @pytest.mark.parametrize("value", [0, -1])
 def test_executor_config_values_below_one_are_refused(field: str, value: int) -> None:
     with pytest.raises(ConfigError, match=f"{field} must be >= 1, got {value}"):
         ExecutorConfig(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("budget", [0, -1.0, float("inf"), float("nan")])
+def test_a_model_memory_budget_must_be_a_positive_number(budget: float) -> None:
+    with pytest.raises(ConfigError, match="model_memory_mb must be a positive number"):
+        ExecutorConfig(model_memory_mb=budget)
 
 
 def test_executor_config_accepts_one() -> None:

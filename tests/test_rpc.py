@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import multiaddr
 import pytest
@@ -13,16 +14,27 @@ from libp2p.io.msgio import VarIntLengthMsgReadWriter
 from libp2p.peer.id import ID
 
 from p2p_node import ErrorCode, JobError
-from p2p_node._rpc import MODELS_PROTOCOL, Handler, Rpc, new_libp2p_host, run_host
+from p2p_node._rpc import (
+    INFER_PROTOCOL,
+    MODELS_PROTOCOL,
+    Handler,
+    Rpc,
+    new_libp2p_host,
+    run_host,
+)
 from p2p_node._wire import ErrorReply, ModelsReply, ModelsRequest, Reply, Request, decode_reply
 
 LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
 
 
 @asynccontextmanager
-async def rpc_pair(handler: Handler, **limits: int) -> AsyncIterator[tuple[Rpc, Rpc]]:
+async def rpc_pair(handler: Handler, **limits: Any) -> AsyncIterator[tuple[Rpc, Rpc]]:
     """(caller, server): the server answers MODELS_PROTOCOL with `handler`."""
-    sizes = {"max_request_bytes": 4096, "max_reply_bytes": 4096, "max_concurrent_inbound": 8}
+    sizes: dict[str, Any] = {
+        "max_request_bytes": 4096,
+        "max_reply_bytes": 4096,
+        "max_concurrent_inbound": 8,
+    }
     sizes.update(limits)
     server = Rpc(new_libp2p_host(create_new_key_pair()), **sizes)
     caller = Rpc(new_libp2p_host(create_new_key_pair()), **sizes)
@@ -118,6 +130,59 @@ async def test_past_the_inbound_stream_limit_a_caller_is_told_overloaded() -> No
     assert isinstance(refused, ErrorReply)
     assert refused.code == ErrorCode.OVERLOADED
     assert "too many open streams" in refused.message
+    assert "at most 1 streams" in refused.message and "max_concurrent_inbound" in refused.message
+
+
+async def test_request_limits_are_per_protocol_and_an_oversize_body_is_never_held() -> None:
+    """The server takes 4 KiB on the models protocol, 4 MiB on infer; the caller would
+    send up to 16 MiB on either. A 2 MiB request is refused on one, run on the other."""
+    big = _padded_request(2 << 20)
+    server = Rpc(
+        new_libp2p_host(create_new_key_pair()),
+        max_request_bytes=4 << 20,
+        max_reply_bytes=4096,
+        max_concurrent_inbound=8,
+        request_limits={MODELS_PROTOCOL: 4096},
+    )
+    caller = Rpc(
+        new_libp2p_host(create_new_key_pair()),
+        max_request_bytes=16 << 20,
+        max_reply_bytes=4096,
+        max_concurrent_inbound=8,
+    )
+    server.serve(MODELS_PROTOCOL, answering("models"))
+    server.serve(INFER_PROTOCOL, answering("infer"))
+    with trio.fail_after(30):
+        async with run_host(server.host, [LOOPBACK]), run_host(caller.host, []):
+            await caller.connect(server.host.get_addrs()[0], timeout=5)
+            refused = await caller.call(server.peer_id, MODELS_PROTOCOL, big, 20)
+            held = _buffered(server)
+            answered = await caller.call(server.peer_id, INFER_PROTOCOL, big, 20)
+            again = await caller.call(server.peer_id, MODELS_PROTOCOL, ModelsRequest(), 5)
+    assert isinstance(refused, ErrorReply)
+    assert refused.code == ErrorCode.MESSAGE_TOO_LARGE
+    assert str(MODELS_PROTOCOL) in refused.message
+    assert "limit of 4096 bytes" in refused.message
+    assert held < 1 << 20  # the refused body was read and dropped, not buffered
+    assert answered == ModelsReply("infer", ())
+    assert again == ModelsReply("models", ())
+
+
+async def test_a_caller_does_not_send_past_its_own_limit_for_the_protocol() -> None:
+    with trio.fail_after(20):
+        async with rpc_pair(answering(), request_limits={MODELS_PROTOCOL: 1024}) as (caller, s):
+            with pytest.raises(JobError) as caught:
+                await caller.call(s.peer_id, MODELS_PROTOCOL, _padded_request(2048), 5)
+            answered = await caller.call(s.peer_id, MODELS_PROTOCOL, ModelsRequest(), 5)
+    assert caught.value.code == ErrorCode.MESSAGE_TOO_LARGE
+    assert str(MODELS_PROTOCOL) in caught.value.message and "1024" in caught.value.message
+    assert answered == ModelsReply("answer", ())
+
+
+def _buffered(rpc: Rpc) -> int:
+    """Bytes received by yamux for streams of `rpc`'s connections and not read yet."""
+    conns = rpc.host.get_network().connections.values()
+    return sum(len(b) for cs in conns for c in cs for b in c.muxed_conn.stream_buffers.values())
 
 
 def _padded_request(size: int) -> Request:

@@ -1,0 +1,213 @@
+"""Which of a node's models are in memory: a budget, least recently used unloaded first.
+
+Every served model was loaded once at start, so its descriptor (input and
+output specs) is known whether or not its onnxruntime session is still in
+memory. A request for a model not in memory loads it in a worker thread, after
+unloading the least recently used models that no request is using, until it
+fits. Loads are serialized: two requests for one model never load it twice,
+and the budget is checked against what is loaded, not what is being loaded.
+
+A model's memory is an estimate (`ModelCard.memory_bytes`): its files on disk,
+or `memory_mb` in its model.toml. The resident set size measured around a load
+is no better: the allocator keeps freed memory, so on the bundled models the
+RSS delta reads 0 for some and 6x the file for a tree ensemble.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import onnxruntime as ort
+import trio
+
+from gossip import ModelDescriptor
+from scheduler import ErrorCode, JobError
+
+from ._config import ConfigError, ExecutorConfig
+from ._repository import ModelCard, RepositoryError
+
+logger = logging.getLogger(__name__)
+
+MB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    descriptor: ModelDescriptor
+    session: ort.InferenceSession
+    card: ModelCard
+
+
+LoadFn = Callable[[ModelCard, ExecutorConfig], LoadedModel]
+
+
+class _Slot:
+    """One served model: its descriptor always, its session while loaded."""
+
+    __slots__ = ("card", "descriptor", "last_used", "memory_bytes", "running", "session")
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.card = model.card
+        self.descriptor = model.descriptor
+        self.memory_bytes = model.card.memory_bytes
+        self.session: ort.InferenceSession | None = model.session
+        self.running = 0  # requests using the session now: never unloaded under them
+        self.last_used = 0
+
+
+class ResidentModels:
+    """The models a node serves, and which are loaded, within `model_memory_mb`."""
+
+    def __init__(self, config: ExecutorConfig, load: LoadFn, limiter: trio.CapacityLimiter) -> None:
+        self._config = config
+        self._load = load
+        self._limiter = limiter
+        budget = config.model_memory_mb
+        self.budget_bytes = None if budget is None else round(budget * MB)
+        self._slots: dict[str, _Slot] = {}
+        self._loading = trio.Lock()
+        self._tick = itertools.count(1)
+        self.loads = 0  # on demand, after start
+        self.unloads = 0
+        self.on_change: Callable[[], None] = lambda: None  # the loaded set changed
+
+    # --- what is served and what is loaded ------------------------------------------
+
+    @property
+    def descriptors(self) -> tuple[ModelDescriptor, ...]:
+        return tuple(s.descriptor for s in self._slots.values())
+
+    def get(self, model_id: str) -> ModelDescriptor | None:
+        slot = self._slots.get(model_id)
+        return None if slot is None else slot.descriptor
+
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self._slots
+
+    def ids(self) -> list[str]:
+        return sorted(self._slots)
+
+    @property
+    def loaded(self) -> frozenset[str]:
+        return frozenset(i for i, s in self._slots.items() if s.session is not None)
+
+    def is_loaded(self, model_id: str) -> bool:
+        slot = self._slots.get(model_id)
+        return slot is not None and slot.session is not None
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(s.memory_bytes for s in self._slots.values() if s.session is not None)
+
+    def lru_order(self) -> list[str]:
+        """Loaded models, least recently used first: the order they are unloaded in."""
+        loaded = [s for s in self._slots.values() if s.session is not None]
+        return [s.descriptor.id for s in sorted(loaded, key=lambda s: s.last_used)]
+
+    # --- at start -----------------------------------------------------------------------
+
+    def check_fits(self, card: ModelCard) -> None:
+        """ConfigError if `card` alone is bigger than the whole budget (it could never load)."""
+        if self.budget_bytes is not None and card.memory_bytes > self.budget_bytes:
+            raise ConfigError(
+                f"model {card.id} needs about {card.memory_bytes / MB:.3g} MB "
+                f"({_estimate_source(card)}), more than the whole model memory budget of "
+                f"{self._config.model_memory_mb:g} MB (model_memory_mb, --model-memory-mb): "
+                "raise the budget or do not serve it"
+            )
+
+    def add(self, model: LoadedModel) -> None:
+        """Serve `model`: kept loaded if it fits in what is left of the budget, else
+        its session is dropped and it loads on first use."""
+        self.check_fits(model.card)
+        slot = _Slot(model)
+        budget = self.budget_bytes
+        if budget is not None and self.used_bytes + slot.memory_bytes > budget:
+            slot.session = None
+            logger.info("model %s stays on disk: the memory budget is full", model.card.id)
+        self._slots[model.descriptor.id] = slot
+
+    # --- on demand ----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def use(self, model_id: str) -> AsyncIterator[LoadedModel]:
+        """The loaded model for one run (loading it first if needed); it is not
+        unloaded while the run holds it."""
+        slot = self._slots[model_id]
+        if slot.session is None:
+            await self._load_on_demand(slot)
+        session = slot.session
+        assert session is not None  # loaded above, and never unloaded while running > 0
+        slot.running += 1
+        slot.last_used = next(self._tick)
+        try:
+            yield LoadedModel(slot.descriptor, session, slot.card)
+        finally:
+            slot.running -= 1
+
+    async def _load_on_demand(self, slot: _Slot) -> None:
+        async with self._loading:
+            if slot.session is not None:  # loaded by the request we waited for
+                return
+            self._make_room(slot)
+            try:
+                model = await trio.to_thread.run_sync(
+                    self._load, slot.card, self._config, limiter=self._limiter
+                )
+            except RepositoryError as error:
+                raise JobError(
+                    ErrorCode.INTERNAL, f"model {slot.descriptor.id} failed to load: {error}"
+                ) from None
+            slot.session = model.session
+            self.loads += 1
+            logger.info(
+                "loaded model %s on demand (%.3g of %s MB in use)",
+                slot.descriptor.id,
+                self.used_bytes / MB,
+                "no limit" if self.budget_bytes is None else f"{self.budget_bytes / MB:g}",
+            )
+        self.on_change()
+
+    def _make_room(self, slot: _Slot) -> None:
+        """Unload idle models, least recently used first, until `slot` fits; OVERLOADED
+        (and nothing unloaded) if the models in use leave too little."""
+        budget = self.budget_bytes
+        if budget is None:
+            return
+        idle = sorted(
+            (s for s in self._slots.values() if s.session is not None and s.running == 0),
+            key=lambda s: s.last_used,
+        )
+        free = budget - self.used_bytes
+        victims = list(_until_enough(idle, slot.memory_bytes - free))
+        if free + sum(v.memory_bytes for v in victims) < slot.memory_bytes:
+            busy = sorted(i for i, s in self._slots.items() if s.session is not None and s.running)
+            raise JobError(
+                ErrorCode.OVERLOADED,
+                f"model {slot.descriptor.id} needs about {slot.memory_bytes / MB:.3g} MB and "
+                f"the model memory budget of {budget / MB:g} MB (model_memory_mb) is held by "
+                f"models in use ({', '.join(busy)}); try again shortly",
+            )
+        for victim in victims:
+            victim.session = None
+            self.unloads += 1
+            logger.info("unloaded model %s (least recently used)", victim.descriptor.id)
+
+
+def _until_enough(slots: Iterable[_Slot], needed: int) -> Iterable[_Slot]:
+    """The first `slots` whose memory adds up to at least `needed` bytes."""
+    for slot in slots:
+        if needed <= 0:
+            return
+        yield slot
+        needed -= slot.memory_bytes
+
+
+def _estimate_source(card: ModelCard) -> str:
+    if card.memory_mb is not None:
+        return "memory_mb in its model.toml"
+    return "the size of its files"
