@@ -114,6 +114,7 @@ class Client:
         self.peer_id = peer_id  # the node jobs go to now
         self._targets = list(targets)
         self._dial_timeout = dial_timeout
+        self._failing_over = trio.Lock()  # jobs that lose their node together move once
         self.failovers = 0
 
     @classmethod
@@ -185,19 +186,22 @@ class Client:
         deadline = trio.current_time() + timeout
         while True:
             left = deadline - trio.current_time()
+            sent_to = self.peer_id
             try:
                 reply = await self._rpc.call(
-                    self.peer_id, JOB_PROTOCOL, message, timeout=left + REPLY_GRACE_S
+                    sent_to, JOB_PROTOCOL, message, timeout=left + REPLY_GRACE_S
                 )
-                result: InferenceResult = expect_reply(reply, InferenceResult, self.peer_id)
+                result: InferenceResult = expect_reply(reply, InferenceResult, sent_to)
                 return result
             except JobError as error:
-                node_gone = error.peer == self.peer_id and error.code in _NODE_GONE
+                node_gone = error.peer == sent_to and error.code in _NODE_GONE
                 if not node_gone or len(self._targets) < 2 or left <= 0:
                     raise
                 logger.info("job %s: %s; failing over", message.job_id, error)
-                await self._connect_next(self._dial_timeout, error)
-                self.failovers += 1
+                async with self._failing_over:
+                    if self.peer_id == sent_to:  # no other job has moved on yet
+                        await self._connect_next(self._dial_timeout, error)
+                        self.failovers += 1
                 message = replace(
                     message, timeout_ms=max(1, round((deadline - trio.current_time()) * 1000))
                 )
