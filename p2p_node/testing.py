@@ -21,8 +21,9 @@ from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import multiaddr
 import trio
 
 from gossip import Capabilities, PeerState, ViewSnapshot
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 Topology = Literal["full", "ring", "random"]
 
-__all__ = ["Swarm", "Topology", "edges", "open_swarm"]
+__all__ = ["Swarm", "Topology", "edges", "open_rogue", "open_swarm"]
 
 
 def edges(n: int, topology: Topology, degree: int = 4, seed: int = 0) -> set[tuple[int, int]]:
@@ -207,3 +208,38 @@ async def _run_node(
         async with open_node(config) as node:
             task_status.started(node)
             await trio.sleep_forever()
+
+
+@asynccontextmanager
+async def open_rogue(
+    target_addr: str, topic: str = GossipConfig().topic
+) -> AsyncIterator[tuple[Any, str]]:
+    """A peer that signs what it publishes but validates nothing: the attacker's
+    stack, connected to `target_addr`. It does not subscribe (nothing to read); it
+    publishes to the nodes subscribed to `topic`. Yields its libp2p Pubsub (publish
+    any bytes with `await pubsub.publish(topic, data)`) and its peer id."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+    from libp2p.pubsub.pubsub import Pubsub
+    from libp2p.tools.anyio_service import background_trio_service
+
+    from ._rpc import new_libp2p_host, run_host
+
+    host = new_libp2p_host(create_new_key_pair())
+    router = GossipSub(
+        [PROTOCOL_ID_V11],
+        degree=6,
+        degree_low=4,
+        degree_high=12,
+        heartbeat_interval=1,
+        adaptive_gossip_enabled=False,
+        spam_protection_enabled=False,
+        eclipse_protection_enabled=False,
+    )
+    pubsub = Pubsub(host, router, strict_signing=True)
+    async with run_host(host, [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        async with background_trio_service(pubsub), background_trio_service(router):
+            await pubsub.wait_until_ready()
+            await host.connect(info_from_p2p_addr(multiaddr.Multiaddr(target_addr)))
+            yield pubsub, str(host.get_id())

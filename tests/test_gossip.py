@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
-import multiaddr
 import pytest
 import trio
-from libp2p.crypto.ed25519 import create_new_key_pair
-from libp2p.peer.peerinfo import info_from_p2p_addr
-from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
-from libp2p.tools.anyio_service import background_trio_service
 
 from gossip import EventKind, PeerState, Rejection, encode_record
 from p2p_node import NodeConfig
 from p2p_node._config import GossipConfig
-from p2p_node._rpc import new_libp2p_host, run_host
-from p2p_node.testing import Swarm, edges, open_swarm
+from p2p_node.testing import Swarm, edges, open_rogue, open_swarm
 
 N = 10
 TOPIC = "/p2p-node/default/records/1"
@@ -128,37 +120,13 @@ def _degree(swarm: Swarm, i: int) -> int:
     return len(swarm[i].connected_peers() & nodes)
 
 
-@asynccontextmanager
-async def rogue_publisher(target_addr: str) -> AsyncIterator[tuple[Pubsub, str]]:
-    """A peer that signs what it publishes but validates nothing: the attacker's stack."""
-    key_pair = create_new_key_pair()
-    host = new_libp2p_host(key_pair)
-    router = GossipSub(
-        [PROTOCOL_ID_V11],
-        degree=6,
-        degree_low=4,
-        degree_high=12,
-        heartbeat_interval=1,
-        adaptive_gossip_enabled=False,
-        spam_protection_enabled=False,
-        eclipse_protection_enabled=False,
-    )
-    pubsub = Pubsub(host, router, strict_signing=True)
-    async with run_host(host, [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-        async with background_trio_service(pubsub), background_trio_service(router):
-            await pubsub.wait_until_ready()
-            await pubsub.subscribe(TOPIC)
-            await host.connect(info_from_p2p_addr(multiaddr.Multiaddr(target_addr)))
-            yield pubsub, str(host.get_id())
-
-
 async def test_forged_replayed_oversize_and_garbage_records_are_rejected_and_counted() -> None:
     with trio.fail_after(60):
         async with open_swarm(3, topology="full") as swarm:
             await swarm.wait_converged()
             victim, honest = swarm[1], swarm[2]
             template = victim.make_record(1.0, ())
-            async with rogue_publisher(swarm[0].addrs[0]) as (pubsub, rogue_id):
+            async with open_rogue(swarm[0].addrs[0]) as (pubsub, rogue_id):
                 await _published_once_subscribed(pubsub, swarm[0].peer_id)
                 own = replace(template, peer_id=rogue_id, boot_id="rogue", models=())
                 for data in (
@@ -199,7 +167,7 @@ async def test_a_flood_of_forged_and_replayed_records_is_rejected_and_honest_one
             target, victim, honest = swarm[0], swarm[1], swarm[2]
             events = target.view.subscribe()
             template = victim.make_record(1.0, ())
-            async with rogue_publisher(target.addrs[0]) as (pubsub, rogue_id):
+            async with open_rogue(target.addrs[0]) as (pubsub, rogue_id):
                 await _published_once_subscribed(pubsub, target.peer_id)
                 own = replace(template, peer_id=rogue_id, boot_id="rogue", models=())
 
