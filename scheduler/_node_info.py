@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -92,13 +93,30 @@ class NodeIndex:
             for model_id in node.models_loaded | node.models_on_disk:
                 by_model.setdefault(model_id, []).append(node)
         self._by_model = {m: tuple(sorted(ns, key=_peer_key)) for m, ns in by_model.items()}
+        self._speeds: dict[str, list[float]] = {}
 
     def serving(self, model_id: str) -> tuple[NodeInfo, ...]:
         """Nodes that serve `model_id`, in peer id order."""
         return self._by_model.get(model_id, ())
 
+    def cumulative_speeds(self, model_id: str) -> list[float]:
+        """Running sums of `speed_of` over `serving(model_id)`, computed once per index:
+        what weighted random draws bisect."""
+        cached = self._speeds.get(model_id)
+        if cached is None:
+            speeds = (speed_of(n, model_id) for n in self.serving(model_id))
+            cached = self._speeds[model_id] = list(itertools.accumulate(speeds))
+        return cached
+
     def model_ids(self) -> frozenset[str]:
         return frozenset(self._by_model)
+
+
+def speed_of(node: NodeInfo, model_id: str) -> float:
+    """Requests for `model_id` the node serves per ms, by its gossiped latency (1 when
+    it has gossiped none): how often two random choices draw it."""
+    latency = node.latency_ms.get(model_id)
+    return 1.0 / latency if latency else 1.0
 
 
 def _peer_key(node: NodeInfo) -> str:

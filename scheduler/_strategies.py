@@ -8,13 +8,14 @@ replayed and tested exactly.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-from ._node_info import NO_REQUIREMENTS, GpuNeed, NodeIndex, NodeInfo, Requirements
+from ._node_info import NO_REQUIREMENTS, GpuNeed, NodeIndex, NodeInfo, Requirements, speed_of
 
 DEFAULT_LATENCY_MS = 10.0  # the prior for a peer and model nobody has measured
 
@@ -118,7 +119,8 @@ def place(
     else:
         ranked = sorted((_SCORERS[strategy](n, ctx) for n in usable), key=_by_score)
         if power_of_two and len(ranked) > _P2C_ABOVE.get(strategy, len(ranked)):
-            ranked = _two_choices(ranked, rng)
+            speed = {n.peer_id: speed_of(n, model_id) for n in usable}
+            ranked = _two_choices(ranked, rng, [speed[c.peer_id] for c in ranked])
     return Placement(model_id, tuple(ranked), tuple(excluded))
 
 
@@ -137,8 +139,9 @@ def pick(
     serving = index.serving(model_id)
     ctx = _Context(model_id, state, requirements, rng, True)
     if len(serving) > _P2C_ABOVE.get(strategy, len(serving)):
+        speeds = index.cumulative_speeds(model_id)
         for _ in range(4):  # a few draws, in case a drawn peer is backing off
-            a, b = rng.sample(serving, 2)
+            a, b = _draw_two(serving, speeds, rng)
             if not (_exclusion(strategy, a, ctx, now) or _exclusion(strategy, b, ctx, now)):
                 return min((_SCORERS[strategy](n, ctx) for n in (a, b)), key=_by_score)
     placement = place(strategy, model_id, index, state, now=now, rng=rng, requirements=requirements)
@@ -168,14 +171,31 @@ def _missing_capability(node: NodeInfo, needs: Requirements) -> str:
     return ""
 
 
-def _two_choices(ranked: list[Candidate], rng: random.Random) -> list[Candidate]:
+T = TypeVar("T")
+
+
+def _draw_two(items: Sequence[T], cumulative: Sequence[float], rng: random.Random) -> tuple[T, T]:
+    """Two distinct items, each drawn in proportion to its weight (`cumulative`: the
+    running sums of the weights, so that a draw is a bisection)."""
+    first = rng.choices(range(len(items)), cum_weights=cumulative)[0]
+    while True:
+        second = rng.choices(range(len(items)), cum_weights=cumulative)[0]
+        if second != first:
+            return items[first], items[second]
+
+
+def _two_choices(
+    ranked: list[Candidate], rng: random.Random, speeds: Sequence[float]
+) -> list[Candidate]:
     """Power of two choices: the better of two random candidates goes first.
 
     Many coordinators reading the same stale view would all pick the same
     least-loaded peer; two random choices spread them while still avoiding the
-    worst peers (Mitzenmacher; Sparrow).
+    worst peers (Mitzenmacher; Sparrow). Candidates are drawn in proportion to
+    their speed: drawn uniformly, two slow peers come up together so often that
+    the slow ones get more than their share of the work.
     """
-    a, b = rng.sample(range(len(ranked)), 2)
+    a, b = _draw_two(range(len(ranked)), list(itertools.accumulate(speeds)), rng)
     first = ranked[min(a, b)]  # ranked is sorted, so the lower index is the better one
     rest = [c for c in ranked if c is not first]
     reason = f"{first.reason}; better of two random choices"
@@ -193,13 +213,20 @@ def _round_robin(nodes: Sequence[NodeInfo], ctx: _Context) -> list[Candidate]:
 
 
 def _least_loaded(node: NodeInfo, ctx: _Context) -> Candidate:
+    """Load in time: (gossiped load + outstanding from here + 1) x the peer's gossiped
+    latency for the model, so that a queue of 4 on a peer 4x faster counts as 1.
+    Before a peer has gossiped a latency for the model, its load alone decides."""
     mine = ctx.state.outstanding(node.peer_id)
     load = node.load + mine
-    return Candidate(
-        node.peer_id,
-        float(load),
+    latency = node.latency_ms.get(ctx.model_id)
+    how = (
         f"load {load} ({node.in_flight} running + {node.queue_length} queued, "
-        f"{mine} outstanding from here)",
+        f"{mine} outstanding from here)"
+    )
+    if latency is None:
+        return Candidate(node.peer_id, float(load), how)
+    return Candidate(
+        node.peer_id, (load + 1) * latency, f"{how} + 1, x {latency:.2f} ms per request"
     )
 
 

@@ -516,7 +516,7 @@ def test_pick_is_the_first_placement(
     ("state", "never"),
     [
         pytest.param(snapshot(), {"a"}, id="worst-never-chosen"),
-        pytest.param(snapshot(outstanding={"c": 10}), {"c"}, id="outstanding-makes-worst"),
+        pytest.param(snapshot(outstanding={"c": 60}), {"c"}, id="outstanding-makes-worst"),
         pytest.param(snapshot(backoff={"d": 2.0}), {"d"}, id="backing-off-never-chosen"),
     ],
 )
@@ -524,6 +524,7 @@ def test_pick_two_random_choices(
     strategy: DistributionStrategy, state: CoordinatorSnapshot, never: set[str]
 ) -> None:
     # loads 6 > 3 > 1 > 0 and gossiped latencies in the same order: a is the worst
+    # ((6 + 1) x 60 ms); 60 outstanding from here make c worse ((61 + 1) x 10 ms)
     nodes = [
         node("a", in_flight=6, latency={M: 60.0}),
         node("b", in_flight=3, latency={M: 30.0}),
@@ -836,3 +837,33 @@ def test_latency_optimized_ranks_everyone_in_a_small_view_and_samples_in_a_large
         for seed in range(50)
     }
     assert len(firsts) > 10
+
+
+def test_least_loaded_counts_load_in_time_when_peers_gossip_their_latency() -> None:
+    fast_but_busier = node("fast", in_flight=4, latency={M: 10.0})  # (4 + 1) x 10 ms
+    slow_but_idler = node("slow", in_flight=2, latency={M: 40.0})  # (2 + 1) x 40 ms
+    placement = place(
+        LEAST,
+        M,
+        NodeIndex([fast_but_busier, slow_but_idler]),
+        snapshot(),
+        now=NOW,
+        rng=random.Random(0),
+        power_of_two=False,
+    )
+    assert [c.peer_id for c in placement.candidates] == ["fast", "slow"]
+    assert placement.candidates[0].reason.endswith("+ 1, x 10.00 ms per request")
+
+
+def test_two_random_choices_draw_peers_in_proportion_to_their_speed() -> None:
+    # Two fast peers and six 4x slower ones, all idle: drawn uniformly, two slow
+    # peers would come up together in 15 of 28 pairs.
+    nodes = [node(f"fast{i}", latency={M: 10.0}) for i in range(2)]
+    nodes += [node(f"slow{i}", latency={M: 40.0}) for i in range(6)]
+    index = NodeIndex(nodes)
+    picks = Counter(
+        candidate.peer_id.rstrip("0123456789")
+        for seed in range(2000)
+        if (candidate := pick(LEAST, M, index, snapshot(), now=NOW, rng=random.Random(seed)))
+    )
+    assert picks["fast"] / 2000 > 0.6  # uniform pairs would give 13/28 = 0.46
