@@ -192,6 +192,11 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--json", action="store_true", help="print one JSON object")
     submit.add_argument("--strategy", choices=STRATEGIES, help="placement (node's default)")
     submit.add_argument(
+        "--hedge",
+        action="store_true",
+        help="also ask a second peer if the first is slower than its usual p95",
+    )
+    submit.add_argument(
         "--batch-size",
         type=int,
         metavar="ROWS",
@@ -431,10 +436,11 @@ async def _submit(args: argparse.Namespace) -> int:
                 context=parse_context(args.context),
                 timeout=args.timeout,
                 strategy=strategy,
+                hedge=args.hedge,
             )
         else:
             result = await client.submit(
-                args.model, inputs, timeout=args.timeout, strategy=strategy
+                args.model, inputs, timeout=args.timeout, strategy=strategy, hedge=args.hedge
             )
         total_ms = (trio.current_time() - started) * 1e3
     if args.json:

@@ -215,13 +215,16 @@ class Client:
         job_id: str | None = None,
         strategy: DistributionStrategy | None = None,
         requirements: Requirements = NO_REQUIREMENTS,
+        hedge: bool = False,
     ) -> InferenceResult:
         """Run `model_id` on `inputs` somewhere in the network. Raises JobError on failure.
 
-        The node placing the job uses `strategy`, or its own default when None.
+        The node placing the job uses `strategy`, or its own default when None. With
+        `hedge`, it also asks a second peer when the first has not answered after
+        its usual p95 latency; the first answer wins, the other request is cancelled.
         """
         request = InferenceRequest(model_id, inputs, timeout, job_id or new_job_id(), requirements)
-        return await self.run(request, strategy)
+        return await self.run(request, strategy, hedge=hedge)
 
     async def submit_task(
         self,
@@ -233,6 +236,7 @@ class Client:
         timeout: float = 30.0,
         job_id: str | None = None,
         strategy: DistributionStrategy | None = None,
+        hedge: bool = False,
     ) -> InferenceResult:
         """Run `inputs` on whichever model the node selects for `task` (with `selection`,
         or its default, in `context`). `result.route` says which model answered how
@@ -248,6 +252,7 @@ class Client:
             task=task,
             selection=None if selection is None else str(selection),
             context=dict(context or {}),
+            hedge=hedge,
         )
         return await self._job(message, timeout)
 
@@ -279,7 +284,11 @@ class Client:
         return credited.model_ids
 
     async def run(
-        self, request: InferenceRequest, strategy: DistributionStrategy | None = None
+        self,
+        request: InferenceRequest,
+        strategy: DistributionStrategy | None = None,
+        *,
+        hedge: bool = False,
     ) -> InferenceResult:
         message = RunRequest(
             job_id=request.job_id,
@@ -288,6 +297,7 @@ class Client:
             timeout_ms=max(1, round(request.timeout * 1000)),
             strategy=strategy,
             requirements=request.requirements,
+            hedge=hedge,
         )
         return await self._job(message, request.timeout)
 

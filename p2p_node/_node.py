@@ -225,8 +225,9 @@ class Node:
                 distribution=strategy,
                 timeout=request.timeout_ms / 1000,
                 job_id=request.job_id,
+                hedge=request.hedge,
             )
-        return await self.selector.run_model(_to_inference(request), strategy)
+        return await self.selector.run_model(_to_inference(request), strategy, hedge=request.hedge)
 
     def catalog(self) -> ModelCatalog:
         """Every model the view serves (this node's included), rebuilt when it changes."""

@@ -87,6 +87,7 @@ class RunRequest:
     task: str | None = None
     selection: str | None = None
     context: Mapping[str, ContextValue] = field(default_factory=dict)
+    hedge: bool = False  # also ask a second peer if the first is slower than its p95
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +229,7 @@ def encode(message: Request | Reply) -> bytes:
                 "task": message.task,
                 "selection": message.selection,
                 "context": dict(message.context),
+                "hedge": message.hedge,
             }
         case SelectRequest():
             body = {
@@ -383,6 +385,7 @@ _KEYS = {
             "task",
             "selection",
             "context",
+            "hedge",
         }
     ),
     "select?": frozenset({"v", "kind", "task", "strategy", "context", "k"}),
@@ -482,7 +485,14 @@ def _run_request(f: Mapping[str, Any]) -> RunRequest:
         task=task,
         selection=selection,
         context=_context(f["context"]),
+        hedge=_bool(f["hedge"], "hedge"),
     )
+
+
+def _bool(value: object, what: str) -> bool:
+    if type(value) is not bool:
+        raise SchemaError(f"{what} must be true or false, got {type(value).__name__}")
+    return value
 
 
 def _context(raw: object) -> dict[str, ContextValue]:

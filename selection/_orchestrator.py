@@ -108,12 +108,13 @@ class ModelOrchestrator:
         *,
         bucket: str = ALL,
         remember: bool = True,
+        hedge: bool = False,
     ) -> InferenceResult:
         """Run `request` through the scheduler and track the outcome. Raises JobError."""
         started = trio.current_time()
         try:
             result = await self.scheduler.run_distributed_inference(
-                request, distribution or self.distribution
+                request, distribution or self.distribution, hedge=hedge
             )
         except JobError as error:
             if error.code not in _CALLER_ERRORS:
@@ -207,6 +208,7 @@ class EnhancedModelOrchestrator(ModelOrchestrator):
         distribution: DistributionStrategy | None = None,
         timeout: float = 30.0,
         job_id: str | None = None,
+        hedge: bool = False,
     ) -> InferenceResult:
         """Select a model (or a cascade, for HYBRID) for `task_type`, then place and run
         it. The result's `route` says which model answered how many rows."""
@@ -223,8 +225,8 @@ class EnhancedModelOrchestrator(ModelOrchestrator):
         )
         request = InferenceRequest(chosen.best, inputs, timeout, job_id or new_job_id())
         if chosen.strategy is AdvancedModelSelectionStrategy.HYBRID and len(chosen.ranked) > 1:
-            return await self._cascade(request, chosen, parsed, distribution)
-        result = await self.run_model(request, distribution, bucket=chosen.bucket)
+            return await self._cascade(request, chosen, parsed, distribution, hedge)
+        result = await self.run_model(request, distribution, bucket=chosen.bucket, hedge=hedge)
         return replace(result, route=((result.model_id, _rows(inputs)),))
 
     async def _cascade(
@@ -233,6 +235,7 @@ class EnhancedModelOrchestrator(ModelOrchestrator):
         chosen: Selection,
         context: SelectionContext,
         distribution: DistributionStrategy | None,
+        hedge: bool,
     ) -> InferenceResult:
         """Run the stages in turn; each later stage gets only the rows the previous
         answered with confidence below `context.confidence`."""
@@ -260,7 +263,9 @@ class EnhancedModelOrchestrator(ModelOrchestrator):
                 f"{request.job_id}/{i}" if i else request.job_id,
                 request.requirements,
             )
-            result = await self.run_model(sub, distribution, bucket=chosen.bucket, remember=False)
+            result = await self.run_model(
+                sub, distribution, bucket=chosen.bucket, remember=False, hedge=hedge
+            )
             last = result
             confidence = _confidence(result.outputs)
             if i == len(stages) - 1 or confidence is None:

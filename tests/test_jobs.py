@@ -12,7 +12,7 @@ from p2p_node import Client, ExecutorConfig, NodeConfig
 from p2p_node._jobs import JobOnce, fingerprint
 from p2p_node._wire import RunRequest
 from p2p_node.testing import open_swarm
-from scheduler import ErrorCode, InferenceResult, JobError
+from scheduler import DistributionStrategy, ErrorCode, InferenceResult, JobError
 
 PRINT = b"same request"
 
@@ -187,3 +187,23 @@ async def test_a_client_fails_over_when_its_coordinator_dies_mid_job(digits) -> 
     assert failovers == 1 and coordinator == swarm[1].peer_id
     # The dead coordinator's request was dropped at node 2; the retry ran.
     assert counters.completed == 1 and counters.cancelled_waiting == 1
+
+
+async def test_a_hedged_job_is_answered_by_the_second_peer_when_the_first_is_stuck(
+    digits,
+) -> None:
+    x, _ = digits
+    models = [frozenset({"cancer-logreg"}), frozenset({SVM}), frozenset({SVM})]
+    with trio.fail_after(60):
+        async with open_swarm(3, models=models, base=BASE) as swarm:
+            await swarm.wait_converged()
+            robin = DistributionStrategy.ROUND_ROBIN
+            first = swarm[0].orchestrator.placement(SVM, robin).candidates[0].peer_id
+            stuck = next(i for i in (1, 2) if swarm[i].peer_id == first)
+            async with Client.connect(swarm[0].addrs[0]) as client:
+                with swarm.busy(stuck):
+                    result = await client.submit(
+                        SVM, {"input": x[:3]}, strategy=robin, hedge=True, timeout=20
+                    )
+                    await swarm[stuck].executor.wait_counters(lambda c: c.cancelled_waiting == 1)
+    assert result.executor == swarm[3 - stuck].peer_id

@@ -97,6 +97,7 @@ def _run_body(**changes: Any) -> dict[str, Any]:
         "task": None,
         "selection": None,
         "context": {},
+        "hedge": False,
     }
     body.update(changes)
     return body
