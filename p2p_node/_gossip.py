@@ -175,16 +175,30 @@ async def open_gossip(
         eclipse_protection_enabled=False,
     )
     pubsub = Pubsub(host, router, strict_signing=True)
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(background_trio_service(pubsub))
-        await stack.enter_async_context(background_trio_service(router))
-        await pubsub.wait_until_ready()
-        gossip = Gossip(pubsub, view, config, make_record)
-        pubsub.set_topic_validator(config.topic, gossip.validate, False)
-        subscription = await pubsub.subscribe(config.topic)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(gossip.receive, subscription)
-            nursery.start_soon(gossip.publish_forever)
-            nursery.start_soon(expire_forever, view, config.interval)
-            yield gossip
-            nursery.cancel_scope.cancel()
+    # py-libp2p's service shutdown turns an exception passing through it into
+    # Cancelled, which an enclosing cancelled scope then absorbs: the body's own
+    # error would vanish. Hold it across the shutdown and raise it after.
+    raised: list[BaseException] = []
+    try:
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(background_trio_service(pubsub))
+            await stack.enter_async_context(background_trio_service(router))
+            await pubsub.wait_until_ready()
+            gossip = Gossip(pubsub, view, config, make_record)
+            pubsub.set_topic_validator(config.topic, gossip.validate, False)
+            subscription = await pubsub.subscribe(config.topic)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(gossip.receive, subscription)
+                nursery.start_soon(gossip.publish_forever)
+                nursery.start_soon(expire_forever, view, config.interval)
+                try:
+                    yield gossip
+                except BaseException as error:
+                    raised.append(error)
+                nursery.cancel_scope.cancel()
+    except BaseException:
+        if raised:
+            raise raised[0] from None
+        raise
+    if raised:
+        raise raised[0]

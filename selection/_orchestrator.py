@@ -79,7 +79,7 @@ class ModelOrchestrator:
         rng: random.Random | None = None,
     ) -> None:
         self.scheduler = scheduler
-        self.tracker = tracker or PerformanceTracker()
+        self.tracker = tracker if tracker is not None else PerformanceTracker()
         self.distribution = distribution
         self._catalog = catalog
         self._rng = rng or random.Random()

@@ -185,3 +185,10 @@ async def test_a_node_shutting_down_answers_the_requests_it_admitted(
     (result,) = results
     assert result.outputs["label"].shape == (len(rows),)
     assert result.executor == a.peer_id
+
+
+async def test_an_error_inside_a_running_node_comes_out(tmp_path) -> None:
+    config = NodeConfig(data_dir=tmp_path, serve_models=frozenset({"digits-logreg"}))
+    with trio.fail_after(30), pytest.raises(LookupError, match="raised inside the node"):
+        async with open_node(config):
+            raise LookupError("raised inside the node")
