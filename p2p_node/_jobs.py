@@ -27,9 +27,17 @@ DEFAULT_TTL_S = 600.0
 
 
 def fingerprint(request: RunRequest) -> bytes:
-    """What makes two requests the same job: the model or task and the inputs."""
+    """What makes two requests the same job: all but the id and the time left."""
     digest = hashlib.blake2b(digest_size=16)
-    head = (request.model_id, request.task, request.selection, sorted(request.context.items()))
+    head = (
+        request.model_id,
+        request.task,
+        request.selection,
+        sorted(request.context.items()),
+        request.strategy,
+        request.requirements,
+        request.hedge,
+    )
     digest.update(repr(head).encode())
     for name in sorted(request.inputs):
         array = np.ascontiguousarray(request.inputs[name])
@@ -54,7 +62,7 @@ class JobOnce:
         max_bytes: int = DEFAULT_MAX_BYTES,
         ttl_s: float = DEFAULT_TTL_S,
     ) -> None:
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._max_jobs = max_jobs
         self._max_bytes = max_bytes
         self._ttl_s = ttl_s
@@ -66,14 +74,17 @@ class JobOnce:
 
     async def run(
         self,
+        sender: str,
         job_id: str,
         print_: bytes,
         job: Callable[[], Awaitable[InferenceResult]],
     ) -> InferenceResult:
-        """`job()`'s result, running it only if `job_id` has no answer here yet."""
+        """`job()`'s result, running it only if `sender` has no answer for `job_id` here
+        yet. Ids are per sender: two clients may choose the same one."""
+        key = (sender, job_id)
         while True:
             self._expire(trio.current_time())
-            entry = self._entries.get(job_id)
+            entry = self._entries.get(key)
             if entry is None:
                 break
             if entry.fingerprint != print_:
@@ -87,17 +98,17 @@ class JobOnce:
             if entry.outcome is None:
                 continue  # the first try was abandoned: run it (again)
             return _unwrap(entry.outcome)
-        entry = self._entries[job_id] = _Entry(print_, trio.Event())
+        entry = self._entries[key] = _Entry(print_, trio.Event())
         try:
             result = await job()
         except JobError as error:
             if error.retryable:
-                self._forget(job_id, entry)
+                self._forget(key, entry)
             else:
                 self._keep(entry, error, 0)
             raise
         except BaseException:  # cancelled: the caller hung up, nobody has the answer
-            self._forget(job_id, entry)
+            self._forget(key, entry)
             raise
         self._keep(entry, result, _result_bytes(result.outputs))
         return result
@@ -119,13 +130,13 @@ class JobOnce:
                 continue
             self._drop(oldest_id)
 
-    def _forget(self, job_id: str, entry: _Entry) -> None:
-        if self._entries.get(job_id) is entry:
-            del self._entries[job_id]
+    def _forget(self, key: tuple[str, str], entry: _Entry) -> None:
+        if self._entries.get(key) is entry:
+            del self._entries[key]
         entry.done.set()
 
-    def _drop(self, job_id: str) -> None:
-        entry = self._entries.pop(job_id)
+    def _drop(self, key: tuple[str, str]) -> None:
+        entry = self._entries.pop(key)
         self._bytes -= entry.size
 
     def _expire(self, now: float) -> None:

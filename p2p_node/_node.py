@@ -301,7 +301,7 @@ class Node:
         self.admission.admit_job(sender, trio.current_time())
         run = _expect_run(request)
         return await self.jobs.run(
-            run.job_id, fingerprint(run), lambda: self._with_load_notes(self.run_job, run)
+            sender, run.job_id, fingerprint(run), lambda: self._with_load_notes(self.run_job, run)
         )
 
     async def _on_infer(self, request: Request, sender: str) -> InferenceResult:
@@ -352,6 +352,8 @@ class Node:
         return PlaceReply(self.peer_id, placement)
 
     async def _on_select(self, request: Request, sender: str) -> SelectReply | FeedbackReply:
+        if not self.admission.allows(sender):
+            raise self.admission.unauthorized(sender, "ask for selections or send feedback")
         if isinstance(request, FeedbackRequest):
             models = self.selector.feedback(request.job_id, request.score)
             return FeedbackReply(self.peer_id, request.job_id, models)

@@ -366,7 +366,7 @@ class EnhancedModelOrchestrator(ModelOrchestrator):
 
     def feedback(self, job_id: str, score: float) -> tuple[str, ...]:
         """A quality score in [0, 1] for a job this node coordinated: 1 for a right answer,
-        0 for a wrong one. Credits the models that answered it; returns them."""
+        0 for a wrong one. Credits the models that answered it, once; returns them."""
         return self.tracker.feedback(job_id, score)
 
 

@@ -151,6 +151,7 @@ class PerformanceTracker:
         self.config = config
         self._entries: OrderedDict[tuple[str, str], Evidence] = OrderedDict()
         self._steps: dict[str, int] = {}
+        # job id -> (models that answered, bucket), until the job is scored
         self._jobs: OrderedDict[str, tuple[tuple[str, ...], str]] = OrderedDict()
         self.drifts: dict[str, int] = {}  # change points detected, per bucket
 
@@ -212,15 +213,22 @@ class PerformanceTracker:
             self._jobs.popitem(last=False)
 
     def feedback(self, job_id: str, score: float) -> tuple[str, ...]:
-        """Credit `score` to the models that answered `job_id`; returns them."""
-        try:
-            model_ids, bucket = self._jobs[job_id]
-        except KeyError:
+        """Credit `score` to the models that answered `job_id`, once; returns them.
+
+        A job id is the capability: whoever knows it may score the answer (job ids
+        are random 128-bit values unless a client chooses worse), and only once, so
+        one job cannot be used to push a model's quality around.
+        """
+        remembered = self._jobs.get(job_id)
+        if remembered is None:
             raise JobError(
                 ErrorCode.UNKNOWN_JOB,
-                f"job {job_id!r} is not among the last {self.config.max_jobs} jobs this node "
-                "coordinated; send feedback to the peer the job was submitted to",
-            ) from None
+                f"job {job_id!r} is not among the last {self.config.max_jobs} unscored jobs "
+                "this node coordinated; send feedback, once, to the peer the job was "
+                "submitted to",
+            )
+        model_ids, bucket = remembered
+        del self._jobs[job_id]
         for model_id in model_ids:
             self.record_quality(model_id, bucket, score)
         return model_ids
@@ -307,7 +315,14 @@ class PerformanceTracker:
                 tracker._entries[(str(model_id), str(bucket))] = Evidence.from_dict(evidence)
             for job_id, model_ids, bucket in raw["jobs"][-config.max_jobs :]:
                 tracker._jobs[str(job_id)] = (tuple(str(m) for m in model_ids), str(bucket))
-        except (KeyError, TypeError, ValueError, msgpack.UnpackException) as error:
+        except (
+            KeyError,
+            TypeError,
+            ValueError,
+            AttributeError,
+            OverflowError,
+            msgpack.UnpackException,
+        ) as error:
             raise ValueError(f"not a performance tracker: {error}") from None
         return tracker
 

@@ -44,8 +44,8 @@ async def test_a_duplicate_while_running_waits_for_the_same_answer(
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             for _ in range(3):
-                nursery.start_soon(lambda: _append(answers, once.run("j", PRINT, job)))
-        late = await once.run("j", PRINT, job)
+                nursery.start_soon(lambda: _append(answers, once.run("client", "j", PRINT, job)))
+        late = await once.run("client", "j", PRINT, job)
     assert job.count == 1 and once.duplicates == 3
     assert all(a is answers[0] for a in answers) and late is answers[0]
 
@@ -63,9 +63,9 @@ async def test_a_non_retryable_error_is_the_answer_and_a_retryable_one_is_not_ke
     with trio.fail_after(10):
         for _ in range(2):
             with pytest.raises(JobError, match="wrong shape"):
-                await once.run("bad", PRINT, bad)
+                await once.run("client", "bad", PRINT, bad)
             with pytest.raises(JobError, match="busy"):
-                await once.run("busy", PRINT, busy)
+                await once.run("client", "busy", PRINT, busy)
     assert bad.count == 1 and busy.count == 2
 
 
@@ -75,18 +75,18 @@ async def test_a_job_abandoned_by_its_caller_runs_again_for_the_next(
     once, job = JobOnce(), Runs(delay=5.0)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(once.run, "j", PRINT, job)
+            nursery.start_soon(once.run, "client", "j", PRINT, job)
             await trio.sleep(1.0)
             waiter_done = trio.Event()
 
             async def waiter() -> None:
-                await once.run("j", PRINT, job)
+                await once.run("client", "j", PRINT, job)
                 waiter_done.set()
 
             nursery.start_soon(waiter)
             await trio.sleep(1.0)
             nursery.cancel_scope.cancel()  # the first caller (and the waiter) hang up
-        await once.run("j", PRINT, job)
+        await once.run("client", "j", PRINT, job)
     assert job.count == 2
 
 
@@ -95,9 +95,9 @@ async def test_the_same_id_for_a_different_request_is_refused(
 ) -> None:
     once = JobOnce()
     with trio.fail_after(10):
-        await once.run("j", PRINT, Runs())
+        await once.run("client", "j", PRINT, Runs())
         with pytest.raises(JobError, match="already used for a different request") as caught:
-            await once.run("j", b"another", Runs())
+            await once.run("client", "j", b"another", Runs())
     assert caught.value.code is ErrorCode.INVALID_INPUT
 
 
@@ -107,13 +107,23 @@ async def test_the_cache_is_bounded_by_count_bytes_and_age(
     once = JobOnce(max_jobs=3, max_bytes=1000, ttl_s=60)
     with trio.fail_after(100):
         for i in range(5):
-            await once.run(f"j{i}", PRINT, Runs(delay=0))
+            await once.run("client", f"j{i}", PRINT, Runs(delay=0))
         assert len(once) == 3
-        await once.run("big", PRINT, Runs(delay=0, outcome=result(rows=124)))  # 992 bytes
+        await once.run("client", "big", PRINT, Runs(delay=0, outcome=result(rows=124)))  # 992 bytes
         assert len(once) == 2  # j4 (8 bytes) and big: j3 had to go
         await trio.sleep(61)
-        await once.run("fresh", PRINT, Runs(delay=0))
+        await once.run("client", "fresh", PRINT, Runs(delay=0))
         assert len(once) == 1
+
+
+async def test_two_clients_may_use_the_same_job_id(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    once, job = JobOnce(), Runs()
+    with trio.fail_after(10):
+        await once.run("alice", "j", PRINT, job)
+        await once.run("bob", "j", b"bob's own request", job)
+    assert job.count == 2
 
 
 def test_fingerprints_tell_requests_apart() -> None:

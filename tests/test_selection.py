@@ -331,7 +331,7 @@ def test_tracker_memory_is_bounded() -> None:
         tracker.record_run(f"m{i}", f"b{i}", ok=True, latency_ms=1.0)
         tracker.remember_job(f"job{i}", [f"m{i}"], f"b{i}")
     assert len(tracker) == 10
-    with pytest.raises(JobError, match="not among the last 5 jobs") as caught:
+    with pytest.raises(JobError, match="not among the last 5 unscored jobs") as caught:
         tracker.feedback("job0", 1.0)
     assert caught.value.code is ErrorCode.UNKNOWN_JOB
     assert tracker.feedback("job99", 1.0) == ("m99",)

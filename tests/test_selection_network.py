@@ -156,13 +156,14 @@ async def test_what_selection_learned_survives_a_restart(tmp_path, digits) -> No
             selector = get_enhanced_orchestrator()
             for i in range(20):
                 result = await selector.run_task(TASK, {"input": x[i : i + 1]}, job_id=f"j{i}")
-                selector.feedback(result.job_id, float(result.outputs["label"][0] == y[i]))
+                if i < 19:  # j19 stays unscored
+                    selector.feedback(result.job_id, float(result.outputs["label"][0] == y[i]))
             learned = selector.tracker.describe()
         assert learned
         async with open_node(config):
             restored = get_enhanced_orchestrator().tracker
             assert restored.describe() == learned
-            assert restored.feedback("j19", 1.0)  # remembered jobs survive too
+            assert restored.feedback("j19", 1.0)  # unscored jobs are remembered too
 
 
 async def test_an_unreadable_tracker_file_is_moved_aside_and_the_node_starts(tmp_path) -> None:
@@ -172,3 +173,17 @@ async def test_an_unreadable_tracker_file_is_moved_aside_and_the_node_starts(tmp
         async with open_node(config):
             assert len(get_enhanced_orchestrator().tracker) == 0
     assert (tmp_path / "selection-tracker.unreadable").read_bytes() == b"\x00 not a tracker"
+
+
+async def test_a_job_is_scored_once(digits) -> None:
+    x, _ = digits
+    with trio.fail_after(60):
+        async with open_swarm(1, models=[frozenset({LOGREG})]) as swarm:
+            async with Client.connect(swarm[0].addrs[0]) as client:
+                result = await client.submit_task(TASK, {"input": x[:1]})
+                assert await client.feedback(result.job_id, 1.0) == (LOGREG,)
+                with pytest.raises(JobError) as twice:
+                    await client.feedback(result.job_id, 0.0)
+            learned = swarm[0].selector.tracker.describe()[LOGREG]
+    assert twice.value.code is ErrorCode.UNKNOWN_JOB
+    assert learned["*"]["quality"] == 1.0 and learned["*"]["quality_weight"] == 1.0
