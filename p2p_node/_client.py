@@ -189,7 +189,7 @@ class Client:
             sent_to = self.peer_id
             try:
                 reply = await self._rpc.call(
-                    sent_to, JOB_PROTOCOL, message, timeout=left + REPLY_GRACE_S
+                    sent_to, JOB_PROTOCOL, message, timeout=max(0.001, left) + REPLY_GRACE_S
                 )
                 result: InferenceResult = expect_reply(reply, InferenceResult, sent_to)
                 return result

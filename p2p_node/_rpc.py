@@ -170,14 +170,16 @@ class _Channel:
         task: a write cancelled halfway leaves a partial Noise message on the TCP
         connection, the peer fails to decrypt it ("Failed authentication of
         message") and the whole connection dies. So a frame, once started, is
-        finished; a cancellation takes effect right after. Bounded, so that a peer
-        that stops reading cannot hold us for ever.
+        finished; a cancellation takes effect right after. Bounded by the caller's
+        deadline (and SEND_TIMEOUT_S), so that a peer that stops reading cannot hold
+        us past it: then the frame is cut, and the stream is done for.
         """
+        limit = min(trio.current_effective_deadline(), trio.current_time() + SEND_TIMEOUT_S)
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(SEND_TIMEOUT_S) as stuck:
+            with trio.move_on_at(limit) as stuck:
                 await self.stream.write(encode_frame(payload))
         if stuck.cancelled_caught:
-            raise trio.BrokenResourceError(f"peer did not take a frame in {SEND_TIMEOUT_S:g} s")
+            raise SendTimedOut("the peer did not take the message in time")
 
     async def receive(self) -> bytes:
         """The next frame. Raises EOFError-like transport errors when the peer hangs up."""
@@ -227,6 +229,10 @@ class _InboundSession:
     def hang_up(self) -> None:
         self.hung_up = True
         self.work.cancel()
+
+
+class SendTimedOut(trio.BrokenResourceError):
+    """A frame could not be written by the deadline: the peer is not reading."""
 
 
 class _Stale(Exception):
@@ -368,6 +374,9 @@ class Rpc:
             await channel.discard()
             code = ErrorCode.MESSAGE_TOO_LARGE if error.too_large else ErrorCode.MALFORMED_MESSAGE
             raise JobError(code, f"bad reply: {error}", peer=key[0]) from None
+        except SendTimedOut as error:  # a live peer that is slow: not "gone"
+            await channel.discard()
+            raise JobError(ErrorCode.DEADLINE_EXCEEDED, str(error), peer=key[0]) from None
         except _TRANSPORT_ERRORS as error:
             await channel.discard()
             if reused and not len(channel.frames):
@@ -405,11 +414,16 @@ class Rpc:
         """A new stream speaking `protocol`. Shielded from cancellation, like a frame
         write (see `_Channel.send`): multistream-select's writes are frames too, and
         one cut halfway kills the connection. Bounded by OPEN_TIMEOUT_S."""
+        deadline = trio.current_effective_deadline()
         try:
             with trio.CancelScope(shield=True):
-                with trio.move_on_after(OPEN_TIMEOUT_S) as stuck:
+                with trio.move_on_at(min(deadline, trio.current_time() + OPEN_TIMEOUT_S)) as stuck:
                     stream = await self.host.new_stream(ID.from_base58(peer_id), [protocol])
             if stuck.cancelled_caught:
+                if trio.current_time() >= deadline:
+                    raise JobError(
+                        ErrorCode.DEADLINE_EXCEEDED, "no stream opened in time", peer=peer_id
+                    )
                 raise JobError(
                     ErrorCode.PEER_UNREACHABLE,
                     f"no stream opened in {OPEN_TIMEOUT_S:g} s",

@@ -266,6 +266,7 @@ class EnhancedModelOrchestrator(ModelOrchestrator):
             result = await self.run_model(
                 sub, distribution, bucket=chosen.bucket, remember=False, hedge=hedge
             )
+            _check_rows(result, len(pending))
             last = result
             confidence = _confidence(result.outputs)
             if i == len(stages) - 1 or confidence is None:
@@ -359,8 +360,21 @@ class EnhancedModelOrchestrator(ModelOrchestrator):
             if agreed is not None:
                 answer.append(agreed)
         final = answer[0] if answer else None
-        if final is not None:
-            used = tuple(r.model_id for r in ordered if r.status is ModelStatus.OK)
+        if final is not None:  # feedback on the answer credits the models that gave it
+            mine = final.outputs.get(agree_on)
+            used = tuple(
+                r.model_id
+                for r in ordered
+                if r.result is not None
+                and (
+                    r.result is final
+                    or (
+                        mine is not None
+                        and agree_on in r.result.outputs
+                        and np.array_equal(r.result.outputs[agree_on], mine)
+                    )
+                )
+            )
             self.tracker.remember_job(request.job_id, used, ALL)
         return OptimizedResult(final, ordered, stopped_early, _since(started))
 
@@ -383,6 +397,20 @@ def _input_length(inputs: Tensors) -> int | None:
     """Features (or tokens) per row: the last dimension of the widest input."""
     lengths = [int(np.shape(v)[-1]) for v in inputs.values() if np.ndim(v) >= 2]
     return max(lengths) if lengths else None
+
+
+def _check_rows(result: InferenceResult, rows: int) -> None:
+    """A stage's outputs must have one row per input row to be merged: a peer that
+    says otherwise is answering wrongly, not the caller."""
+    for name, value in result.outputs.items():
+        shape = np.shape(value)
+        if not shape or shape[0] != rows:
+            raise JobError(
+                ErrorCode.MALFORMED_MESSAGE,
+                f"{result.model_id} answered output {name!r} with shape {list(shape)} "
+                f"for {rows} rows",
+                peer=result.executor,
+            )
 
 
 def _confidence(outputs: Tensors) -> np.ndarray[Any, Any] | None:

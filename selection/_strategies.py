@@ -198,7 +198,10 @@ def _candidates(
 ) -> list[_Candidate]:
     """Each model's quality posterior, success rate and latency. Latency comes from this
     node's runs, else the serving peers' announcements, else the relative cost."""
-    seen = {e.model_id: tracker.latency_ms(e.model_id, bucket) or e.latency_ms for e in entries}
+    seen = {
+        e.model_id: _first_known(tracker.latency_ms(e.model_id, bucket), e.latency_ms)
+        for e in entries
+    }
     known = [(lat, e.descriptor.cost) for e in entries if (lat := seen[e.model_id]) is not None]
     ms_per_cost = statistics.median(lat / max(c, 1e-9) for lat, c in known) if known else 1.0
     return [
@@ -206,11 +209,19 @@ def _candidates(
             entry=e,
             quality=tracker.quality(e.model_id, bucket, e.descriptor.accuracy),
             success=tracker.success_rate(e.model_id, bucket),
-            latency_ms=seen[e.model_id] or e.descriptor.cost * ms_per_cost,
+            latency_ms=_or(seen[e.model_id], e.descriptor.cost * ms_per_cost),
             latency_known=seen[e.model_id] is not None,
         )
         for e in entries
     ]
+
+
+def _first_known(first: float | None, second: float | None) -> float | None:
+    return first if first is not None else second
+
+
+def _or(known: float | None, default: float) -> float:
+    return known if known is not None else default
 
 
 # --- rankers -----------------------------------------------------------------------------

@@ -341,4 +341,8 @@ class PerformanceTracker:
             touched.append(evidence)
         while len(self._entries) > self.config.max_entries:
             self._entries.popitem(last=False)
+        if len(self._steps) > 2 * self.config.max_entries:  # buckets whose entries all went
+            live = {b for _, b in self._entries} | {ALL}
+            self._steps = {b: s for b, s in self._steps.items() if b in live}
+            self.drifts = {b: n for b, n in self.drifts.items() if b in live}
         return touched

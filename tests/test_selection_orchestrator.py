@@ -295,3 +295,42 @@ async def test_the_callers_mistakes_teach_the_tracker_nothing(
 def test_outside_a_node_there_is_no_enhanced_orchestrator() -> None:
     with pytest.raises(LookupError, match="no node is running in this context"):
         get_enhanced_orchestrator()
+
+
+async def test_a_cascade_stage_answering_the_wrong_number_of_rows_is_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class ShortAnswers(FakeNetwork):
+        async def send(
+            self, peer: str, request: InferenceRequest, timeout: float
+        ) -> InferenceResult:
+            result = await super().send(peer, request, timeout)
+            return InferenceResult(
+                result.job_id,
+                result.model_id,
+                {k: np.asarray(v)[:1] for k, v in result.outputs.items()},
+                peer,
+                0.0,
+                1.0,
+            )
+
+    network = ShortAnswers({"cheap": Behaviour(0.01), "strong": Behaviour(0.5)})
+    selector = orchestrator(network, {"cheap": (0.95, 1.0), "strong": (0.99, 20.0)})
+    with trio.fail_after(30), pytest.raises(JobError, match="for 4 rows") as caught:
+        await selector.run_task(TASK, INPUTS, strategy="hybrid")
+    assert caught.value.code is ErrorCode.MALFORMED_MESSAGE
+    assert caught.value.peer == "peer-cheap"
+
+
+async def test_feedback_on_a_quorum_answer_credits_the_models_that_gave_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    network = FakeNetwork(
+        {"a": Behaviour(0.1, label=1), "b": Behaviour(0.2, label=2), "c": Behaviour(0.3, label=1)}
+    )
+    selector = orchestrator(network)
+    with trio.fail_after(30):
+        await selector.run_optimized_parallel_inference(
+            request(), ["a", "b", "c"], quorum=2, early_stopping=False
+        )
+    assert selector.feedback("job", 0.0) == ("a", "c")
