@@ -272,24 +272,43 @@ def _evidence(quality: QualityEstimate) -> str:
     return f"learned from {quality.observations:.0f} outcomes"
 
 
-def _dominated(candidates: Sequence[_Candidate]) -> dict[str, str]:
-    """Model id -> which model dominates it on (accuracy up, latency down, cost down)."""
+def _accuracy(c: _Candidate) -> float:
+    return c.quality.mean * c.success
+
+
+def _dominators(
+    candidates: Sequence[_Candidate], with_latency: bool
+) -> dict[str, tuple[_Candidate, _Candidate]]:
+    """Model id -> (it, a model at least as good on every objective and better on one).
+    Objectives: accuracy up and cost down, and latency down `with_latency`."""
+
+    def costs(c: _Candidate) -> tuple[float, ...]:
+        return (-_accuracy(c), c.cost, c.latency_ms) if with_latency else (-_accuracy(c), c.cost)
+
     out = {}
     for c in candidates:
         for d in candidates:
-            if d is c:
-                continue
-            a_c, a_d = c.quality.mean * c.success, d.quality.mean * d.success
-            no_worse = a_d >= a_c and d.latency_ms <= c.latency_ms and d.cost <= c.cost
-            better = a_d > a_c or d.latency_ms < c.latency_ms or d.cost < c.cost
-            if no_worse and better:
-                out[c.model_id] = (
-                    f"Pareto-dominated by {d.model_id} (accuracy {a_d:.4f} >= {a_c:.4f}, "
-                    f"latency {d.latency_ms:.2f} <= {c.latency_ms:.2f} ms, "
-                    f"cost {d.cost:g} <= {c.cost:g})"
-                )
+            mine, theirs = costs(c), costs(d)
+            if (
+                d is not c
+                and theirs != mine
+                and all(t <= m for t, m in zip(theirs, mine, strict=True))
+            ):
+                out[c.model_id] = (c, d)
                 break
     return out
+
+
+def _dominated(candidates: Sequence[_Candidate]) -> dict[str, str]:
+    """Model id -> which model dominates it on (accuracy up, latency down, cost down)."""
+    return {
+        model_id: (
+            f"Pareto-dominated by {d.model_id} (accuracy {_accuracy(d):.4f} >= "
+            f"{_accuracy(c):.4f}, latency {d.latency_ms:.2f} <= {c.latency_ms:.2f} ms, "
+            f"cost {d.cost:g} <= {c.cost:g})"
+        )
+        for model_id, (c, d) in _dominators(candidates, with_latency=True).items()
+    }
 
 
 def _multi_objective(
@@ -445,19 +464,13 @@ def _hybrid(
 
 
 def _dominated_on_accuracy_and_cost(candidates: Sequence[_Candidate]) -> dict[str, str]:
-    out = {}
-    for c in candidates:
-        for d in candidates:
-            if d is c:
-                continue
-            a_c, a_d = c.quality.mean * c.success, d.quality.mean * d.success
-            if a_d >= a_c and d.cost <= c.cost and (a_d > a_c or d.cost < c.cost):
-                out[c.model_id] = (
-                    f"no cascade stage: {d.model_id} is as accurate ({a_d:.4f}) and as cheap "
-                    f"({d.cost:g})"
-                )
-                break
-    return out
+    return {
+        model_id: (
+            f"no cascade stage: {d.model_id} is as accurate ({_accuracy(d):.4f}) "
+            f"and as cheap ({d.cost:g})"
+        )
+        for model_id, (_, d) in _dominators(candidates, with_latency=False).items()
+    }
 
 
 def _fuse(
