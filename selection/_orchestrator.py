@@ -340,9 +340,9 @@ class EnhancedModelOrchestrator(ModelOrchestrator):
                 model_id, ModelStatus.OK, result=result, elapsed_ms=_since(started)
             )
             if early_stopping and not answer:
-                agreed = _agreeing(runs.values(), result, agree_on, quorum)
-                if agreed is not None:
-                    answer.append(agreed)
+                arrived = [r.result for r in runs.values() if r.result is not None]
+                if _agreeing(result, arrived, agree_on, quorum):
+                    answer.append(result)
                     scope.cancel()
 
         with trio.move_on_after(limit):
@@ -453,37 +453,21 @@ def _merge(
 
 
 def _agreeing(
-    runs: Any, latest: InferenceResult, agree_on: str, quorum: int
-) -> InferenceResult | None:
-    """`latest` if it makes `quorum` successful results agree on `agree_on`."""
+    candidate: InferenceResult, results: Sequence[InferenceResult], agree_on: str, quorum: int
+) -> bool:
+    """Whether `quorum` of `results` (the candidate among them) agree with `candidate`
+    on its `agree_on` output."""
     if quorum == 1:
-        return latest
-    mine = latest.outputs.get(agree_on)
+        return True
+    mine = candidate.outputs.get(agree_on)
     if mine is None:
-        return None
+        return False
     same = sum(
-        1
-        for run in runs
-        if run.result is not None
-        and agree_on in run.result.outputs
-        and np.array_equal(run.result.outputs[agree_on], mine)
+        1 for r in results if agree_on in r.outputs and np.array_equal(r.outputs[agree_on], mine)
     )
-    return latest if same >= quorum else None
+    return same >= quorum
 
 
 def _settle(results: list[InferenceResult], agree_on: str, quorum: int) -> InferenceResult | None:
     """Without early stopping: the first result that `quorum` results agree with."""
-    for candidate in results:
-        mine = candidate.outputs.get(agree_on)
-        if quorum == 1:
-            return candidate
-        if mine is None:
-            continue
-        same = sum(
-            1
-            for r in results
-            if agree_on in r.outputs and np.array_equal(r.outputs[agree_on], mine)
-        )
-        if same >= quorum:
-            return candidate
-    return None
+    return next((r for r in results if _agreeing(r, results, agree_on, quorum)), None)
