@@ -266,7 +266,11 @@ class EnhancedModelOrchestrator(ModelOrchestrator):
             result = await self.run_model(
                 sub, distribution, bucket=chosen.bucket, remember=False, hedge=hedge
             )
-            _check_rows(result, len(pending))
+            try:
+                _check_rows(result, len(pending))
+            except JobError:  # the run "succeeded" with an answer that cannot be right
+                self.tracker.record_run(model_id, chosen.bucket, ok=False, latency_ms=0.0)
+                raise
             last = result
             confidence = _confidence(result.outputs)
             if i == len(stages) - 1 or confidence is None:

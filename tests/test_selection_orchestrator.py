@@ -320,6 +320,7 @@ async def test_a_cascade_stage_answering_the_wrong_number_of_rows_is_refused(
         await selector.run_task(TASK, INPUTS, strategy="hybrid")
     assert caught.value.code is ErrorCode.MALFORMED_MESSAGE
     assert caught.value.peer == "peer-cheap"
+    assert selector.tracker.describe()["cheap"]["*"]["failures"] == 1
 
 
 async def test_feedback_on_a_quorum_answer_credits_the_models_that_gave_it(
