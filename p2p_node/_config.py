@@ -179,25 +179,31 @@ def parse_peer_multiaddr(text: str) -> multiaddr.Multiaddr:
 
 def load_bootstrap_file(path: Path) -> tuple[str, ...]:
     """The `peers` list of a bootstrap file (format: see bootstrap_peers.toml)."""
-    try:
-        with path.open("rb") as f:
-            document = tomllib.load(f)
-    except OSError as error:
-        raise ConfigError(f"cannot read bootstrap file {path}: {error.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"bootstrap file {path} is not valid TOML: {error}") from None
-    unknown = set(document) - {"peers"}
-    if unknown:
-        raise ConfigError(f"bootstrap file {path}: unknown keys {sorted(unknown)}")
-    peers = document.get("peers", [])
-    if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
-        raise ConfigError(f"bootstrap file {path}: `peers` must be a list of multiaddr strings")
+    peers = _string_list(path, "bootstrap file", "peers", "multiaddr")
     for peer in peers:
         try:
             parse_peer_multiaddr(peer)
         except ConfigError as error:
             raise ConfigError(f"bootstrap file {path}: {error}") from None
-    return tuple(peers)
+    return peers
+
+
+def _string_list(path: Path, what: str, key: str, item: str) -> tuple[str, ...]:
+    """The list of strings under `key` in the TOML file `path`, its only key."""
+    try:
+        with path.open("rb") as f:
+            document = tomllib.load(f)
+    except OSError as error:
+        raise ConfigError(f"cannot read {what} {path}: {error.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{what} {path} is not valid TOML: {error}") from None
+    unknown = set(document) - {key}
+    if unknown:
+        raise ConfigError(f"{what} {path}: unknown keys {sorted(unknown)}")
+    values = document.get(key, [])
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ConfigError(f"{what} {path}: `{key}` must be a list of {item} strings")
+    return tuple(values)
 
 
 def check_peer_id(text: str) -> str:
@@ -216,19 +222,7 @@ def check_peer_id(text: str) -> str:
 
 def load_client_allowlist(path: Path) -> frozenset[str]:
     """The `clients` list of an allowlist file: `clients = ["12D3KooW...", ...]`."""
-    try:
-        with path.open("rb") as f:
-            document = tomllib.load(f)
-    except OSError as error:
-        raise ConfigError(f"cannot read allowlist file {path}: {error.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"allowlist file {path} is not valid TOML: {error}") from None
-    unknown = set(document) - {"clients"}
-    if unknown:
-        raise ConfigError(f"allowlist file {path}: unknown keys {sorted(unknown)}")
-    clients = document.get("clients", [])
-    if not isinstance(clients, list) or not all(isinstance(c, str) for c in clients):
-        raise ConfigError(f"allowlist file {path}: `clients` must be a list of peer id strings")
+    clients = _string_list(path, "allowlist file", "clients", "peer id")
     try:
         return frozenset(check_peer_id(c) for c in clients)
     except ConfigError as error:
