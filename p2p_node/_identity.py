@@ -39,19 +39,23 @@ def load_identity_file(path: Path) -> KeyPair:
     return KeyPair(private, private.get_public_key())
 
 
+def write_new_secret(path: Path, data: bytes) -> None:
+    """Write `data` to a new file, mode 0600 from the start. FileExistsError if there is
+    one (O_EXCL: two processes must not both write it); other OSErrors as they come."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
 def create_identity_file(path: Path) -> KeyPair:
     """A new identity written to `path` (mode 0600); an existing file is an error."""
     key_pair = create_new_key_pair()
-    seed = key_pair.private_key.to_bytes()
-    # O_EXCL: two processes sharing a data dir must not both write an identity.
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_new_secret(path, key_pair.private_key.to_bytes())
     except FileExistsError:
         raise IdentityError(f"{path} exists; refusing to overwrite an identity") from None
     except OSError as error:
         raise IdentityError(f"cannot create identity file {path}: {error.strerror}") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(seed)
     return key_pair
 
 

@@ -24,6 +24,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._identity import write_new_secret
+
 logger = logging.getLogger(__name__)
 
 PSK_HEADER = b"/key/swarm/psk/1.0.0/"
@@ -113,11 +115,9 @@ def write_new_psk_file(path: Path) -> PreSharedKey:
     """Write a fresh key to `path` (mode 0600). Never overwrites: an existing file is an error."""
     psk = PreSharedKey.generate()
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_new_secret(path, format_psk(psk))
     except FileExistsError:
         raise PskError(f"{path} exists; refusing to overwrite a key (remove it first)") from None
     except OSError as error:
         raise PskError(f"cannot create key file {path}: {error.strerror}") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(format_psk(psk))
     return psk
