@@ -28,13 +28,13 @@ from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.host.exceptions import StreamFailure
 from libp2p.network.config import ConnectionConfig
-from libp2p.network.exceptions import SwarmException
 from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.protocol_muxer.exceptions import MultiselectClientError
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.transport.exceptions import SecurityUpgradeFailure
 
 from scheduler import ErrorCode, JobError
 
@@ -125,16 +125,43 @@ def _log_refused_handshakes(host: IHost, psk: PreSharedKey) -> None:
         remote = raw_conn.get_remote_address()
         try:
             return await upgrade(raw_conn, maddr)
-        except SwarmException as error:
+        except Exception as error:
+            # Mostly a SwarmException; but a stranger's bytes decrypted with our key
+            # are garbage, and not every way that fails comes wrapped in one (a CI run
+            # refused a stranger and logged nothing).
             logger.warning(
-                "refused a connection from %s: %s (a peer outside private network %s?)",
+                "refused a connection from %s: %s: %s (a peer outside private network %s?)",
                 f"{remote[0]}:{remote[1]}" if remote else "an unknown address",
+                type(error).__name__,
                 error,
                 psk.fingerprint,
             )
             raise
 
     network.upgrade_inbound_raw_conn = logged_upgrade
+
+
+_PSK_HINT = "; is it in the same private network (--psk)?"
+
+
+def _handshake_failed(error: BaseException) -> bool:
+    """Whether a dial error comes from a failed security handshake.
+
+    libp2p reports a dial as one SwarmDialAllFailedError, caused by a MultiError of
+    the per-address errors, each caused by what went wrong in its upgrade.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, SecurityUpgradeFailure):
+            return True
+        pending.extend(getattr(current, "errors", ()))
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return False
 
 
 @asynccontextmanager
@@ -302,13 +329,18 @@ class Rpc:
             with trio.fail_after(timeout):
                 await self.host.connect(info)
         except trio.TooSlowError:
-            # A peer with another private network key (or none) never answers the handshake.
-            hint = "; is it in the same private network (--psk)?"
+            # A peer with another private network key (or none) mostly never answers
+            # the handshake: each side reads the other's bytes as garbage and waits.
             raise JobError(
-                ErrorCode.PEER_UNREACHABLE, f"no answer from {addr} within {timeout:g} s{hint}"
+                ErrorCode.PEER_UNREACHABLE,
+                f"no answer from {addr} within {timeout:g} s{_PSK_HINT}",
             ) from None
         except Exception as error:  # libp2p's dial errors share no base class
-            raise JobError(ErrorCode.PEER_UNREACHABLE, f"cannot reach {addr}: {error}") from None
+            # ...and sometimes the garbage fails the handshake at once.
+            hint = _PSK_HINT if _handshake_failed(error) else ""
+            raise JobError(
+                ErrorCode.PEER_UNREACHABLE, f"cannot reach {addr}: {error}{hint}"
+            ) from None
         return str(info.peer_id)
 
     # --- calling ----------------------------------------------------------------
