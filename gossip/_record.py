@@ -94,8 +94,8 @@ class ModelEntry:
 class Load:
     """How busy the node is now. Percentages are in [0, 100], one per GPU."""
 
-    in_flight: int
-    queue_length: int
+    in_flight: int  # requests running
+    queue_length: int  # requests admitted and waiting to run
     cpu_percent: float
     memory_available_mb: int
     gpu_utilization: tuple[float, ...]

@@ -739,7 +739,8 @@ def _peers_table(peers: Sequence[PeerReport]) -> str:
                 r.peer_id,
                 report.state,
                 f"{report.age_s:.1f}s",
-                f"{r.load.in_flight} in flight, {r.load.cpu_percent:.0f}% cpu",
+                f"{r.load.in_flight} running + {r.load.queue_length} queued, "
+                f"{r.load.cpu_percent:.0f}% cpu",
                 ",".join(m.descriptor.id for m in r.models) or "-",
                 ",".join(g.name for g in r.capabilities.gpus) or "-",
                 " ".join(r.addrs),

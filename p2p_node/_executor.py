@@ -214,7 +214,13 @@ class Executor:
 
     @property
     def in_flight(self) -> int:
+        """Admitted requests: running, or waiting for a worker slot."""
         return self._admitted
+
+    @property
+    def running(self) -> int:
+        """Admitted requests holding a worker slot."""
+        return self._admitted - self.queue_length
 
     @property
     def queue_length(self) -> int:

@@ -53,6 +53,7 @@ from ._repository import bundled_models_dir, read_repository
 from ._rpc import (
     INFER_PROTOCOL,
     JOB_PROTOCOL,
+    LOAD_PROTOCOL,
     MODELS_PROTOCOL,
     PEERS_PROTOCOL,
     PLACE_PROTOCOL,
@@ -68,6 +69,8 @@ from ._wire import (
     FeedbackReply,
     FeedbackRequest,
     Learned,
+    LoadReply,
+    LoadRequest,
     ModelsReply,
     PeerReport,
     PeersReply,
@@ -109,7 +112,7 @@ class Node:
         self._index = NodeIndex(())
         self._index_source: object = None
         self.orchestrator = DistributedModelOrchestrator(
-            rpc.peer_id, self.node_index, self._send_infer, self._run_local
+            rpc.peer_id, self.node_index, self._send_infer, self._run_local, self.probe_load
         )
         self._catalog = ModelCatalog(())
         self._catalog_source: object = None
@@ -195,7 +198,7 @@ class Node:
             capabilities=self._capabilities,
             models=tuple(ModelEntry(m, self._executor.models.is_loaded(m.id)) for m in self.models),
             load=Load(
-                in_flight=self._executor.in_flight,
+                in_flight=self._executor.running,
                 queue_length=self._executor.queue_length,
                 cpu_percent=psutil.cpu_percent(interval=None),
                 memory_available_mb=int(memory.available) // (1 << 20),
@@ -248,7 +251,7 @@ class Node:
         """Alive peers plus this node, rebuilt when the view changes."""
         snapshot = self.view.snapshot()
         if self._index_source is not snapshot:
-            nodes = [NodeInfo.from_record(p.record) for p in snapshot.alive()]
+            nodes = [NodeInfo.from_record(p.record, as_of=p.received_at) for p in snapshot.alive()]
             nodes.append(self._self_info())
             self._index, self._index_source = NodeIndex(nodes), snapshot
         return self._index
@@ -259,7 +262,7 @@ class Node:
             peer_id=self.peer_id,
             models_loaded=self._executor.models.loaded,
             models_on_disk=frozenset(m.id for m in self.models) - self._executor.models.loaded,
-            in_flight=self._executor.in_flight,
+            in_flight=self._executor.running,
             queue_length=self._executor.queue_length,
             cpu_count=caps.cpu_count,
             memory_mb=caps.memory_mb,
@@ -284,6 +287,15 @@ class Node:
         result: InferenceResult = expect_reply(reply, InferenceResult, peer_id)
         return result
 
+    async def probe_load(self, peer_id: str, timeout: float) -> int:
+        """How many requests `peer_id` (this node included) holds now, running and
+        queued: what a coordinator asks its first candidates. Raises JobError."""
+        if peer_id == self.peer_id:
+            return self._executor.in_flight
+        reply = await self._rpc.call(peer_id, LOAD_PROTOCOL, LoadRequest(), timeout)
+        answer: LoadReply = expect_reply(reply, LoadReply, peer_id)
+        return answer.load
+
     async def _run_local(self, request: InferenceRequest) -> InferenceResult:
         execution = await self._executor.run(request.model_id, request.inputs)
         return InferenceResult(
@@ -293,6 +305,7 @@ class Node:
             self.peer_id,
             execution.queue_ms,
             execution.compute_ms,
+            load=self._executor.in_flight,
         )
 
     # --- protocol handlers ------------------------------------------------------
@@ -342,6 +355,13 @@ class Node:
             f"model {request.model_id} did not finish within {request.timeout_ms} ms",
             peer=self.peer_id,
         )
+
+    async def _on_load(self, request: Request, sender: str) -> LoadReply:
+        if not isinstance(request, LoadRequest):
+            raise JobError(ErrorCode.MALFORMED_MESSAGE, "this protocol takes load? requests")
+        if not (self.admission.allows(sender) or sender in self.view.snapshot().peers):
+            raise self.admission.unauthorized(sender, "probe its load")
+        return LoadReply(self.peer_id, self._executor.running, self._executor.queue_length)
 
     async def _on_place(self, request: Request, sender: str) -> PlaceReply:
         if not isinstance(request, PlaceRequest):
@@ -510,7 +530,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
         max_reply_bytes=config.max_reply_bytes,
         max_concurrent_inbound=config.max_concurrent_inbound,
         request_limits=dict.fromkeys(
-            (MODELS_PROTOCOL, PEERS_PROTOCOL, PLACE_PROTOCOL, SELECT_PROTOCOL),
+            (MODELS_PROTOCOL, PEERS_PROTOCOL, PLACE_PROTOCOL, SELECT_PROTOCOL, LOAD_PROTOCOL),
             config.max_control_request_bytes,
         ),
     )
@@ -527,6 +547,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
             rpc.serve(PEERS_PROTOCOL, node._on_peers)
             rpc.serve(PLACE_PROTOCOL, node._on_place)
             rpc.serve(SELECT_PROTOCOL, node._on_select)
+            rpc.serve(LOAD_PROTOCOL, node._on_load)
             host.get_network().register_notifee(_ConnectionEvents(events_send))
             async with open_gossip(host, node.view, config.gossip, node.make_record) as gossip:
                 node.gossip = gossip

@@ -51,6 +51,7 @@ MODELS_PROTOCOL = TProtocol("/p2p-node/models/1.0.0")
 PEERS_PROTOCOL = TProtocol("/p2p-node/peers/1.0.0")
 PLACE_PROTOCOL = TProtocol("/p2p-node/place/1.0.0")
 SELECT_PROTOCOL = TProtocol("/p2p-node/select/1.0.0")  # select? and feedback
+LOAD_PROTOCOL = TProtocol("/p2p-node/load/1.0.0")  # load?: a coordinator's probe
 
 # Multistream negotiation of a new stream; libp2p's default is 30 s.
 NEGOTIATE_TIMEOUT_S = 5

@@ -1,4 +1,4 @@
-"""Wire messages of the infer, job and models protocols: values and a strict codec.
+"""Wire messages of every p2p-node protocol: values and a strict codec.
 
 Pure: bytes in, values out (or a `WireError`), no trio, no libp2p. Every message
 is a msgpack map with a version `v` and a `kind`; decoders reject unknown
@@ -139,6 +139,22 @@ class PeersReply:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadRequest:
+    """How busy are you now? A coordinator's probe just before it places a request."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReply:
+    peer_id: str
+    in_flight: int  # requests running
+    queue_length: int  # requests admitted and waiting for a worker
+
+    @property
+    def load(self) -> int:
+        return self.in_flight + self.queue_length
+
+
+@dataclass(frozen=True, slots=True)
 class PlaceRequest:
     """Where would `model_id` run now? Answered with a ranking; nothing runs."""
 
@@ -199,9 +215,18 @@ class FeedbackReply:
     model_ids: tuple[str, ...]  # the models the score was credited to
 
 
-Request = RunRequest | ModelsRequest | PeersRequest | PlaceRequest | SelectRequest | FeedbackRequest
+Request = (
+    RunRequest
+    | ModelsRequest
+    | PeersRequest
+    | PlaceRequest
+    | SelectRequest
+    | FeedbackRequest
+    | LoadRequest
+)
 Reply = (
     InferenceResult
+    | LoadReply
     | ModelsReply
     | PeersReply
     | PlaceReply
@@ -300,6 +325,17 @@ def encode(message: Request | Reply) -> bytes:
                 "compute_ms": float(message.compute_ms),
                 "route": [[model, rows] for model, rows in message.route],
             }
+            if message.load is not None:
+                body["load"] = message.load
+        case LoadRequest():
+            body = {"kind": "load?"}
+        case LoadReply():
+            body = {
+                "kind": "load",
+                "peer_id": message.peer_id,
+                "in_flight": message.in_flight,
+                "queue_length": message.queue_length,
+            }
         case ErrorReply():
             body = {
                 "kind": "error",
@@ -361,6 +397,7 @@ _REQUEST_KINDS = {
     "place?": PlaceRequest,
     "select?": SelectRequest,
     "feedback": FeedbackRequest,
+    "load?": LoadRequest,
 }
 _REPLY_KINDS = {
     "result": InferenceResult,
@@ -370,6 +407,7 @@ _REPLY_KINDS = {
     "place": PlaceReply,
     "select": SelectReply,
     "feedback!": FeedbackReply,
+    "load": LoadReply,
 }
 _KEYS = {
     "run": frozenset(
@@ -414,9 +452,12 @@ _KEYS = {
     "models": frozenset({"v", "kind", "peer_id", "models"}),
     "peers?": frozenset({"v", "kind"}),
     "peers": frozenset({"v", "kind", "peer_id", "peers"}),
+    "load?": frozenset({"v", "kind"}),
+    "load": frozenset({"v", "kind", "peer_id", "in_flight", "queue_length"}),
 }
 # Fields a message may leave out (older peers never send them).
-_OPTIONAL_KEYS = {"error": frozenset({"retry_after"})}
+_OPTIONAL_KEYS = {"error": frozenset({"retry_after"}), "result": frozenset({"load"})}
+MAX_LOAD = 2**31 - 1
 _PEER_REPORT_KEYS = frozenset({"record", "age_s", "state"})
 MAX_PEERS = 100_000
 _TENSOR_KEYS = frozenset({"dtype", "shape", "data"})
@@ -675,6 +716,22 @@ def _run_reply(f: Mapping[str, Any]) -> InferenceResult:
         queue_ms=_millis(f["queue_ms"], "queue_ms"),
         compute_ms=_millis(f["compute_ms"], "compute_ms"),
         route=tuple(_route(r) for r in expect_list(f["route"], "route")),
+        load=_count(f["load"], "load") if "load" in f else None,
+    )
+
+
+def _count(raw: object, what: str) -> int:
+    value = _int(raw, what)
+    if not 0 <= value <= MAX_LOAD:
+        raise SchemaError(f"{what} must be in [0, {MAX_LOAD}], got {value}")
+    return value
+
+
+def _load_reply(f: Mapping[str, Any]) -> LoadReply:
+    return LoadReply(
+        _text(f["peer_id"], "peer_id"),
+        _count(f["in_flight"], "in_flight"),
+        _count(f["queue_length"], "queue_length"),
     )
 
 
@@ -732,6 +789,8 @@ _BUILDERS: Mapping[str, Any] = {
     "select": _select_reply,
     "feedback": _feedback_request,
     "feedback!": _feedback_reply,
+    "load?": lambda f: LoadRequest(),
+    "load": _load_reply,
 }
 
 

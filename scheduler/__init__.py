@@ -21,17 +21,21 @@ from ._request import Tensors as Tensors
 from ._request import new_job_id as new_job_id
 from ._stats import PeerStats as PeerStats
 from ._stats import StatsConfig as StatsConfig
+from ._strategies import PROBED as PROBED
 from ._strategies import Candidate as Candidate
 from ._strategies import CoordinatorSnapshot as CoordinatorSnapshot
 from ._strategies import CoordinatorState as CoordinatorState
 from ._strategies import DistributionStrategy as DistributionStrategy
 from ._strategies import Excluded as Excluded
 from ._strategies import Placement as Placement
+from ._strategies import expected_wait_ms as expected_wait_ms
 from ._strategies import pick as pick
 from ._strategies import place as place
+from ._strategies import settle as settle
 
 __all__ = [
     "NO_REQUIREMENTS",
+    "PROBED",
     "Candidate",
     "CoordinatorSnapshot",
     "CoordinatorState",
@@ -53,10 +57,12 @@ __all__ = [
     "Requirements",
     "StatsConfig",
     "Tensors",
+    "expected_wait_ms",
     "get_distributed_orchestrator",
     "majority_vote",
     "mean",
     "new_job_id",
     "pick",
     "place",
+    "settle",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -51,6 +52,7 @@ class NodeInfo:
     providers: frozenset[str] = frozenset({"CPUExecutionProvider"})
     latency_ms: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     is_local: bool = False
+    as_of: float = -math.inf  # when its record arrived here (the coordinator's clock)
 
     def serves(self, model_id: str) -> bool:
         return model_id in self.models_loaded or model_id in self.models_on_disk
@@ -61,7 +63,9 @@ class NodeInfo:
         return self.in_flight + self.queue_length
 
     @classmethod
-    def from_record(cls, record: PeerRecord, *, is_local: bool = False) -> NodeInfo:
+    def from_record(
+        cls, record: PeerRecord, *, is_local: bool = False, as_of: float = -math.inf
+    ) -> NodeInfo:
         caps, load = record.capabilities, record.load
         return cls(
             peer_id=record.peer_id,
@@ -80,6 +84,7 @@ class NodeInfo:
                 {p.model_id: p.latency_ms for p in record.performance if p.samples > 0}
             ),
             is_local=is_local,
+            as_of=as_of,
         )
 
 
@@ -94,6 +99,7 @@ class NodeIndex:
                 by_model.setdefault(model_id, []).append(node)
         self._by_model = {m: tuple(sorted(ns, key=_peer_key)) for m, ns in by_model.items()}
         self._speeds: dict[str, list[float]] = {}
+        self._by_id = {node.peer_id: node for node in self.nodes}
 
     def serving(self, model_id: str) -> tuple[NodeInfo, ...]:
         """Nodes that serve `model_id`, in peer id order."""
@@ -107,6 +113,9 @@ class NodeIndex:
             speeds = (speed_of(n, model_id) for n in self.serving(model_id))
             cached = self._speeds[model_id] = list(itertools.accumulate(speeds))
         return cached
+
+    def node(self, peer_id: str) -> NodeInfo | None:
+        return self._by_id.get(peer_id)
 
     def model_ids(self) -> frozenset[str]:
         return frozenset(self._by_model)

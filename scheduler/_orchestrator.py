@@ -15,12 +15,25 @@ from ._errors import ErrorCode, JobError
 from ._node_info import NO_REQUIREMENTS, NodeIndex, Requirements
 from ._request import InferenceRequest, InferenceResult
 from ._stats import PeerStats, StatsConfig
-from ._strategies import DistributionStrategy, Placement, place
+from ._strategies import (
+    PROBED,
+    Candidate,
+    DistributionStrategy,
+    Placement,
+    expected_wait_ms,
+    place,
+    settle,
+)
 
 logger = logging.getLogger(__name__)
 
 Send = Callable[[str, InferenceRequest, float], Awaitable[InferenceResult]]
 RunLocal = Callable[[InferenceRequest], Awaitable[InferenceResult]]
+Probe = Callable[[str, float], Awaitable[int]]  # (peer, timeout) -> its load now
+
+# Strategies that rank by load or latency ask their first candidates for their
+# load before sending; the others rank by what a probe would not change.
+PROBING = frozenset({DistributionStrategy.LEAST_LOADED, DistributionStrategy.LATENCY_OPTIMIZED})
 
 _current: ContextVar[DistributedModelOrchestrator] = ContextVar("distributed_orchestrator")
 
@@ -40,6 +53,9 @@ class OrchestratorConfig:
     max_attempts: int = 3  # peers tried for one request (OVERLOADED answers not counted)
     hedge_delay_s: float = 0.05  # before the model's p95 from here is known
     hedge_quantile: float = 0.95
+    probe: bool = True  # ask the first candidates for their load when queues are long
+    probe_timeout_s: float = 0.05  # a probe not answered by then is ignored
+    probe_rtt_ms: float = 1.0  # the first guess of a probe's round trip, then measured
     stats: StatsConfig = field(default_factory=StatsConfig)
 
 
@@ -68,8 +84,14 @@ class DistributedModelOrchestrator:
 
     `index()` returns the node's current view as a NodeIndex (this node
     included, marked `is_local`); `send(peer, request, timeout)` runs a request
-    on a peer; `run_local(request)` runs it here, with no network hop. Both
-    raise JobError on failure.
+    on a peer; `run_local(request)` runs it here, with no network hop;
+    `probe(peer, timeout)` asks a peer (this node included) for its load now.
+    All raise JobError on failure.
+
+    Load information comes from three places, the freshest winning: gossip (up
+    to a record interval old), the load each answer reports, and, when the
+    expected wait at the first candidate is longer than a probe's round trip,
+    a probe of the first two candidates just before sending.
     """
 
     def __init__(
@@ -78,6 +100,7 @@ class DistributedModelOrchestrator:
         index: Callable[[], NodeIndex],
         send: Send,
         run_local: RunLocal,
+        probe: Probe | None = None,
         *,
         config: OrchestratorConfig = OrchestratorConfig(),
         rng: random.Random | None = None,
@@ -88,6 +111,8 @@ class DistributedModelOrchestrator:
         self._index = index
         self._send = send
         self._run_local = run_local
+        self._probe = probe if config.probe else None
+        self._probe_rtt_ms = config.probe_rtt_ms
         self._rng = rng or random.Random()
 
     def activate(self) -> object:
@@ -157,6 +182,8 @@ class DistributedModelOrchestrator:
                 continue
             if attempts >= self.config.max_attempts:
                 raise last[-1]
+            if strategy in PROBING:
+                fresh = await self._settled(request.model_id, fresh, deadline)
             peers = [c.peer_id for c in fresh[: 2 if hedge else 1]]
             self.stats.placed(request.model_id)
             try:
@@ -173,6 +200,43 @@ class DistributedModelOrchestrator:
                 logger.info(
                     "job %s on %s failed (%s); trying another peer", request.job_id, peers, error
                 )
+
+    async def _settled(
+        self, model_id: str, ranked: list[Candidate], deadline: float
+    ) -> list[Candidate]:
+        """`ranked`, with its first PROBED candidates asked for their load and put in
+        order of expected completion, when the wait at the first is worth a probe."""
+        index = self._index()
+        first = index.node(ranked[0].peer_id)
+        if self._probe is None or len(ranked) < 2 or first is None:
+            return ranked
+        if expected_wait_ms(first, model_id, self.stats) < self._probe_rtt_ms:
+            return ranked
+        asked = [c.peer_id for c in ranked[:PROBED]]
+        timeout = min(self.config.probe_timeout_s, (deadline - trio.current_time()) / 4)
+        async with trio.open_nursery() as nursery:
+            for peer_id in asked:
+                nursery.start_soon(self._ask_load, peer_id, timeout)
+        placement = Placement(model_id, tuple(ranked))
+        return list(settle(placement, index, self.stats, asked).candidates)
+
+    async def _ask_load(self, peer_id: str, timeout: float) -> None:
+        """One probe. A peer that fails it, or does not answer in time, keeps its
+        estimate (the send itself will find out what is wrong with it); the time a
+        probe took, or the whole timeout, is what the next one is expected to cost."""
+        if self._probe is None:
+            return
+        started = trio.current_time()
+        with trio.move_on_after(timeout):
+            try:
+                load = await self._probe(peer_id, timeout)
+            except JobError as error:
+                logger.debug("load probe of %s failed: %s", peer_id, error)
+                return
+            self.stats.reported(peer_id, load, trio.current_time())
+        if peer_id != self.local_peer_id:
+            rtt_ms = (trio.current_time() - started) * 1e3
+            self._probe_rtt_ms += 0.2 * (rtt_ms - self._probe_rtt_ms)
 
     async def _nothing_to_try(
         self, request: InferenceRequest, placement: Placement, last: list[JobError], tried: set[str]
@@ -222,6 +286,8 @@ class DistributedModelOrchestrator:
             self.stats.done(peer_id)
         now = trio.current_time()
         self.stats.succeeded(peer_id, request.model_id, (now - started) * 1e3, now)
+        if result.load is not None:
+            self.stats.reported(peer_id, result.load, now)
         return result
 
     async def _hedged(

@@ -40,7 +40,9 @@ class InferenceResult:
     """Outputs of one run and where the time went. `executor` is a peer id.
 
     `route` is set when a model was selected for a task: which model answered how
-    many rows (a cascade lists every stage, cheapest first).
+    many rows (a cascade lists every stage, cheapest first). `load` is how many
+    requests (from anyone) the executor held when it answered, None if it did not
+    say: what its coordinator places the next requests by.
     """
 
     job_id: str
@@ -50,3 +52,4 @@ class InferenceResult:
     queue_ms: float
     compute_ms: float
     route: tuple[tuple[str, int], ...] = ()
+    load: int | None = None

@@ -46,6 +46,7 @@ class PeerStats:
         self._failures: dict[str, int] = {}
         self._turns: dict[str, int] = {}
         self._recent: dict[str, deque[float]] = {}
+        self._reports: dict[str, tuple[float, int]] = {}
 
     # --- CoordinatorState ---------------------------------------------------------
 
@@ -61,6 +62,10 @@ class PeerStats:
 
     def turns(self, model_id: str) -> int:
         return self._turns.get(model_id, 0)
+
+    def reported_load(self, peer_id: str) -> tuple[float, int] | None:
+        report = self._reports.get(peer_id)
+        return report
 
     # --- updates ------------------------------------------------------------------
 
@@ -90,6 +95,12 @@ class PeerStats:
         window = self._recent.setdefault(model_id, deque(maxlen=self.config.latency_window))
         window.append(latency_ms)
 
+    def reported(self, peer_id: str, load: int, now: float) -> None:
+        """The load the peer reported with an answer (requests there from anyone, when
+        it answered), after `done`. Kept without our own share, which `outstanding`
+        tracks exactly: what remains is the others' load at `now`."""
+        self._reports[peer_id] = (now, max(0, load - self.outstanding(peer_id)))
+
     def failed(self, peer_id: str, now: float, *, overloaded: bool = False) -> None:
         """Back the peer off: briefly when it said OVERLOADED, exponentially otherwise."""
         if overloaded:
@@ -104,6 +115,7 @@ class PeerStats:
         """A peer left the view: drop what we learned of it (memory stays bounded)."""
         self._backoff_until.pop(peer_id, None)
         self._failures.pop(peer_id, None)
+        self._reports.pop(peer_id, None)
         for key in [k for k in self._latency if k[0] == peer_id]:
             del self._latency[key]
 

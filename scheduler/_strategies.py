@@ -35,6 +35,7 @@ class CoordinatorState(Protocol):
     def observed_latency_ms(self, peer_id: str, model_id: str) -> float | None: ...
     def backoff_until(self, peer_id: str) -> float: ...
     def turns(self, model_id: str) -> int: ...
+    def reported_load(self, peer_id: str) -> tuple[float, int] | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,7 @@ class CoordinatorSnapshot:
     latency_by_peer_model: Mapping[tuple[str, str], float] = field(default_factory=dict)
     backoff_by_peer: Mapping[str, float] = field(default_factory=dict)
     turns_by_model: Mapping[str, int] = field(default_factory=dict)
+    reported_by_peer: Mapping[str, tuple[float, int]] = field(default_factory=dict)
 
     def outstanding(self, peer_id: str) -> int:
         return self.outstanding_by_peer.get(peer_id, 0)
@@ -57,6 +59,9 @@ class CoordinatorSnapshot:
 
     def turns(self, model_id: str) -> int:
         return self.turns_by_model.get(model_id, 0)
+
+    def reported_load(self, peer_id: str) -> tuple[float, int] | None:
+        return self.reported_by_peer.get(peer_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +153,43 @@ def pick(
     return placement.candidates[0] if placement.candidates else None
 
 
+_UNUSED_RNG = random.Random(0)  # for scorers, which draw nothing
+PROBED = 2  # candidates whose load a coordinator asks for before sending (see `settle`)
+
+
+def settle(
+    placement: Placement,
+    index: NodeIndex,
+    state: CoordinatorState,
+    probed: Sequence[str],
+) -> Placement:
+    """Put the `probed` candidates first, the one expected to finish soonest leading.
+
+    A coordinator asks its first few candidates for their load just before it
+    sends (their answers are in `state.reported_load`, fresher than any gossip),
+    and compares them by expected completion: (load + 1) x latency per request,
+    LEAST_LOADED's score. This is Sparrow's batch sampling, with the two probes
+    spent on the best two by the strategy's own ranking rather than two random
+    peers. Candidates not probed keep their order, after the probed ones.
+    """
+    asked = set(probed) & {c.peer_id for c in placement.candidates}
+    ctx = _Context(placement.model_id, state, NO_REQUIREMENTS, _UNUSED_RNG, False)
+    nodes = (index.node(p) for p in asked)
+    settled = sorted((_least_loaded(n, ctx) for n in nodes if n is not None), key=_by_score)
+    rest = [c for c in placement.candidates if c.peer_id not in asked]
+    return Placement(placement.model_id, (*settled, *rest), placement.excluded)
+
+
+def expected_wait_ms(node: NodeInfo, model_id: str, state: CoordinatorState) -> float:
+    """How long a request sent to `node` now would queue, as this coordinator guesses:
+    (others' load + outstanding from here) x latency per request. A probe is worth
+    its round trip only when this exceeds it."""
+    ctx = _Context(model_id, state, NO_REQUIREMENTS, _UNUSED_RNG, False)
+    score = _least_loaded(node, ctx).score
+    latency = node.latency_ms.get(model_id)
+    return score - latency if latency is not None else score * DEFAULT_LATENCY_MS
+
+
 def _by_score(candidate: Candidate) -> tuple[float, str]:
     return (candidate.score, candidate.peer_id)
 
@@ -213,16 +255,25 @@ def _round_robin(nodes: Sequence[NodeInfo], ctx: _Context) -> list[Candidate]:
 
 
 def _least_loaded(node: NodeInfo, ctx: _Context) -> Candidate:
-    """Load in time: (gossiped load + outstanding from here + 1) x the peer's gossiped
+    """Load in time: (others' load + outstanding from here + 1) x the peer's gossiped
     latency for the model, so that a queue of 4 on a peer 4x faster counts as 1.
-    Before a peer has gossiped a latency for the model, its load alone decides."""
+
+    Others' load is the fresher of what the peer gossiped and what it reported with
+    its last answer to us. Before a peer has gossiped a latency for the model, its
+    load alone decides."""
     mine = ctx.state.outstanding(node.peer_id)
-    load = node.load + mine
+    report = ctx.state.reported_load(node.peer_id)
+    if report is not None and report[0] >= node.as_of:
+        others = report[1]
+        how = f"load {others + mine} ({others} from others as it last told us, {mine} from here)"
+    else:
+        others = node.load
+        how = (
+            f"load {others + mine} ({node.in_flight} running + {node.queue_length} queued, "
+            f"{mine} outstanding from here)"
+        )
+    load = others + mine
     latency = node.latency_ms.get(ctx.model_id)
-    how = (
-        f"load {load} ({node.in_flight} running + {node.queue_length} queued, "
-        f"{mine} outstanding from here)"
-    )
     if latency is None:
         return Candidate(node.peer_id, float(load), how)
     return Candidate(

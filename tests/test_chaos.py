@@ -27,7 +27,7 @@ def test_no_job_is_lost_or_answered_twice_through_kill_stop_and_restart() -> Non
     verdict = json.loads(done.stdout.strip().splitlines()[-1])
     assert verdict["submitted"] > 100
     assert (verdict["lost"], verdict["duplicated"], verdict["wrong"]) == (0, 0, 0)
-    assert verdict["failed"] == {}
+    assert verdict["failed"] == {}, (verdict["failed"], done.stderr[-3000:])
     assert verdict["kept_peer_id"] and verdict["back_in_every_view"]
     assert verdict["missing_live"] == []
     assert len(verdict["failover_ms"]) >= 10  # the burst was in flight at the kill

@@ -41,6 +41,7 @@ from p2p_node._repository import read_repository
 from p2p_node._rpc import (
     INFER_PROTOCOL,
     JOB_PROTOCOL,
+    LOAD_PROTOCOL,
     MODELS_PROTOCOL,
     PEERS_PROTOCOL,
     PLACE_PROTOCOL,
@@ -53,6 +54,8 @@ from p2p_node._wire import (
     FeedbackReply,
     FeedbackRequest,
     Learned,
+    LoadReply,
+    LoadRequest,
     ModelsReply,
     ModelsRequest,
     PeerReport,
@@ -145,6 +148,9 @@ def _valid_messages() -> list[bytes]:
         FeedbackRequest("job", 0.5),
         FeedbackReply("peer", "job", ("m",)),
         InferenceResult("job", "m", {"label": np.array([1])}, "p", 0.5, 1.0, (("m", 1),)),
+        InferenceResult("job", "m", {"label": np.array([1])}, "p", 0.5, 1.0, load=3),
+        LoadRequest(),
+        LoadReply("peer", 1, 4),
     ]
     return [encode(m) for m in messages]
 
@@ -393,6 +399,7 @@ PROTOCOLS = [
     PEERS_PROTOCOL,
     PLACE_PROTOCOL,
     SELECT_PROTOCOL,
+    LOAD_PROTOCOL,
 ]
 CASE_TIMEOUT_S = 20.0
 

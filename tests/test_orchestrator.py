@@ -39,6 +39,7 @@ HEDGE = CONFIG.hedge_delay_s
 T = TypeVar("T")
 
 LEAST = DistributionStrategy.LEAST_LOADED
+LATENCY = DistributionStrategy.LATENCY_OPTIMIZED
 CAPABILITY = DistributionStrategy.CAPABILITY_BASED
 
 
@@ -51,6 +52,7 @@ class Ok:
 
     delay: float = 0.01
     label: int = 0
+    load: int | None = None  # what the answer reports of the peer's load
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,22 @@ class FakePeers:
     local_peer_id: str
     behaviour: Mapping[str, Behaviour]
     calls: list[Call] = field(default_factory=list)
+    # What a probe of each peer answers (a load, or an Outcome-like Fail / Hang), after
+    # `probe_delay` seconds; every probe is noted in `probes` as (peer, time asked).
+    loads: Mapping[str, int | Fail | Hang] = field(default_factory=dict)
+    probe_delay: float = 0.001
+    probes: list[tuple[str, float]] = field(default_factory=list)
     _played: dict[str, int] = field(default_factory=dict)
+
+    async def probe(self, peer_id: str, timeout: float) -> int:
+        self.probes.append((peer_id, trio.current_time()))
+        answer = self.loads[peer_id]
+        if isinstance(answer, Hang):
+            await trio.sleep_forever()
+        await trio.sleep(self.probe_delay)
+        if isinstance(answer, Fail):
+            raise JobError(answer.code, "scripted probe failure", peer=peer_id)
+        return answer
 
     async def send(
         self, peer_id: str, request: InferenceRequest, timeout: float
@@ -134,6 +151,7 @@ class FakePeers:
                 executor=peer_id,
                 queue_ms=0.0,
                 compute_ms=outcome.delay * 1e3,
+                load=outcome.load,
             )
         except trio.Cancelled:
             call.cancelled = True
@@ -166,13 +184,17 @@ def setup(
     *,
     config: OrchestratorConfig = CONFIG,
     seed: int = 0,
+    loads: Mapping[str, int | Fail | Hang] | None = None,
+    probe_delay: float = 0.001,
 ) -> tuple[DistributedModelOrchestrator, FakePeers]:
-    fake = FakePeers(LOCAL, behaviour)
+    """With `loads`, the orchestrator probes (FakePeers.probe); without, it cannot."""
+    fake = FakePeers(LOCAL, behaviour, loads=loads or {}, probe_delay=probe_delay)
     orchestrator = DistributedModelOrchestrator(
         LOCAL,
         index=lambda: NodeIndex(nodes),
         send=fake.send,
         run_local=fake.run_local,
+        probe=fake.probe if loads is not None else None,
         config=config,
         rng=random.Random(seed),
     )
@@ -577,6 +599,92 @@ async def test_outstanding_returns_to_zero(
             in_flight.append(orchestrator.stats.outstanding("a"))
     assert in_flight == [1]  # the counter did count the request while it ran
     assert all_idle(orchestrator, fake)
+
+
+# --- fresh load: what answers report, and probes ------------------------------------
+
+
+@pytest.mark.parametrize("strategy", [LEAST, LATENCY])
+async def test_a_probe_overrules_a_stale_view(
+    strategy: DistributionStrategy, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The view (a record from a while ago) says a is the less busy; the probes say b is.
+    nodes = [node("a", in_flight=2), node("b", in_flight=3)]
+    orchestrator, fake = setup(nodes, {"a": [Ok()], "b": [Ok()]}, loads={"a": 9, "b": 0})
+    with trio.fail_after(10):
+        result = await orchestrator.run_distributed_inference(request(), strategy)
+    assert result.executor == "b"
+    assert sorted(p for p, _ in fake.probes) == ["a", "b"]  # both asked, concurrently:
+    assert {t for _, t in fake.probes} == {fake.probes[0][1]}
+    assert fake.calls[0].started == pytest.approx(fake.probes[0][1] + fake.probe_delay)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [DistributionStrategy.ROUND_ROBIN, DistributionStrategy.MODEL_SPECIFIC, CAPABILITY],
+)
+async def test_strategies_that_do_not_rank_by_load_never_probe(
+    strategy: DistributionStrategy, autojump_clock: trio.testing.MockClock
+) -> None:
+    nodes = [node("a", in_flight=2), node("b", in_flight=3)]
+    orchestrator, fake = setup(nodes, {"a": [Ok()], "b": [Ok()]}, loads={"a": 9, "b": 0})
+    with trio.fail_after(10):
+        await orchestrator.run_distributed_inference(request(), strategy)
+    assert fake.probes == []
+
+
+async def test_no_probe_when_the_wait_it_could_save_is_shorter_than_its_round_trip(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    nodes = [node("a"), node("b", in_flight=3)]  # a idle: nothing to gain from asking
+    orchestrator, fake = setup(nodes, {"a": [Ok()], "b": [Ok()]}, loads={"a": 9, "b": 0})
+    with trio.fail_after(10):
+        result = await orchestrator.run_distributed_inference(request())
+    assert (result.executor, fake.probes) == ("a", [])
+
+
+async def test_probing_stops_where_its_round_trip_costs_more_than_it_saves(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Every peer holds 2 requests of 10 ms (the prior) each: a 20 ms wait. Probes that
+    # take 50 ms teach the orchestrator that they cost more than that.
+    nodes = [node("a", in_flight=2), node("b", in_flight=2)]
+    behaviour: dict[str, Behaviour] = {"a": [Ok(load=2)], "b": [Ok(load=2)]}
+    orchestrator, fake = setup(nodes, behaviour, loads={"a": 2, "b": 2}, probe_delay=0.05)
+    with trio.fail_after(30):
+        for _ in range(20):
+            await orchestrator.run_distributed_inference(request())
+    assert 2 <= len(fake.probes) < 20
+    assert fake.probes[-1][1] < fake.calls[10].started  # it stopped, and stayed stopped
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [pytest.param(HANG, id="hangs"), pytest.param(Fail(ErrorCode.PEER_UNREACHABLE), id="fails")],
+)
+async def test_a_probe_that_fails_or_hangs_leaves_the_estimate(
+    answer: Fail | Hang, autojump_clock: trio.testing.MockClock
+) -> None:
+    nodes = [node("a", in_flight=2), node("b", in_flight=3)]
+    orchestrator, fake = setup(nodes, {"a": [Ok()], "b": [Ok()]}, loads={"a": answer, "b": 9})
+    with trio.fail_after(10):
+        start = trio.current_time()
+        result = await orchestrator.run_distributed_inference(request())
+    assert result.executor == "a"  # b said 9; a keeps the view's 2
+    assert fake.calls[0].started <= start + CONFIG.probe_timeout_s
+    assert orchestrator.stats.reported_load("a") is None
+
+
+async def test_each_answer_reports_the_peers_load(autojump_clock: trio.testing.MockClock) -> None:
+    # a looks idle in the view, but its answer says 6 others' requests wait there now.
+    nodes = [node("a"), node("b", in_flight=1)]
+    orchestrator, _ = setup(nodes, {"a": [Ok(load=6)], "b": [Ok()]})
+    with trio.fail_after(10):
+        first = await orchestrator.run_distributed_inference(request())
+        at = trio.current_time()
+        second = await orchestrator.run_distributed_inference(request())
+    assert (first.executor, second.executor) == ("a", "b")
+    assert orchestrator.stats.reported_load("a") == (at, 6)
 
 
 # --- several models at once ------------------------------------------------------------

@@ -30,6 +30,7 @@ def test_public_names() -> None:
     assert sorted(scheduler.__all__) == sorted(
         [
             "NO_REQUIREMENTS",
+            "PROBED",
             "Candidate",
             "CoordinatorSnapshot",
             "CoordinatorState",
@@ -54,9 +55,11 @@ def test_public_names() -> None:
             "get_distributed_orchestrator",
             "majority_vote",
             "mean",
+            "expected_wait_ms",
             "new_job_id",
             "pick",
             "place",
+            "settle",
         ]
     )
     assert "PeerView" in gossip.__all__ and "ModelDescriptor" in gossip.__all__

@@ -8,7 +8,7 @@ import numpy as np
 import trio
 import trio.lowlevel
 
-from p2p_node import Client
+from p2p_node import Client, ExecutorConfig, NodeConfig
 from p2p_node.testing import open_swarm
 from scheduler import (
     DistributionStrategy,
@@ -122,3 +122,36 @@ async def test_the_orchestrator_of_the_node_in_this_context(tmp_path) -> None:
             NodeConfig(data_dir=tmp_path / "n", serve_models=frozenset({MLP}))
         ) as node:
             assert get_distributed_orchestrator() is node.orchestrator
+
+
+async def test_probes_and_answers_report_the_load_a_peer_holds(digits) -> None:
+    x, _ = digits
+    # Node 0 coordinates; nodes 1 and 2 serve the model, and are held busy at first.
+    models = [frozenset({LOGREG}), frozenset({SVM}), frozenset({SVM})]
+    base = NodeConfig(
+        data_dir=None,  # type: ignore[arg-type]  # open_swarm sets one per node
+        executor=ExecutorConfig(inline_below_ms=0),
+    )
+    results = []
+    with trio.fail_after(60):
+        async with open_swarm(3, models=models, base=base) as swarm:
+            await swarm.wait_converged()
+            coordinator, workers = swarm[0], (swarm[1], swarm[2])
+            assert [await coordinator.probe_load(w.peer_id, 5) for w in workers] == [0, 0]
+            async with Client.connect(coordinator.addrs[0]) as client, trio.open_nursery() as jobs:
+
+                async def submit() -> None:
+                    results.append(await client.submit(SVM, {"input": x[:2]}))
+
+                with swarm.busy(1), swarm.busy(2):
+                    for _ in range(5):
+                        jobs.start_soon(submit)
+                    for w in workers:
+                        await w.executor.wait_counters(lambda c: c.admitted > 0)
+                    await trio.testing.wait_all_tasks_blocked(0.05)
+                    held = [w.executor.in_flight for w in workers]
+                    probed = [await coordinator.probe_load(w.peer_id, 5) for w in workers]
+                    assert probed == held and sum(held) == 5
+                    assert await coordinator.probe_load(coordinator.peer_id, 5) == 0
+    assert len(results) == 5
+    assert all(r.load is not None and 0 <= r.load < 5 for r in results)

@@ -21,6 +21,7 @@ from gossip import (
     TensorSpec,
 )
 from scheduler import (
+    Candidate,
     CoordinatorSnapshot,
     DistributionStrategy,
     Excluded,
@@ -31,8 +32,10 @@ from scheduler import (
     Placement,
     Requirements,
     StatsConfig,
+    expected_wait_ms,
     pick,
     place,
+    settle,
 )
 
 M = "digits-mlp"
@@ -64,6 +67,7 @@ def node(
     gpus: int = 0,
     providers: Sequence[str] = (CPU,),
     latency: Mapping[str, float] | None = None,
+    as_of: float = NOW - 0.5,
 ) -> NodeInfo:
     return NodeInfo(
         peer_id=peer,
@@ -78,6 +82,7 @@ def node(
         gpu_memory_mb=8192 * gpus,
         providers=frozenset(providers),
         latency_ms=MappingProxyType(dict(latency or {})),
+        as_of=as_of,
     )
 
 
@@ -87,13 +92,16 @@ def snapshot(
     observed: Mapping[str, float] | None = None,
     backoff: Mapping[str, float] | None = None,
     turn: int = 0,
+    reported: Mapping[str, tuple[float, int]] | None = None,
 ) -> CoordinatorSnapshot:
-    """`observed` is latency of M by peer; `backoff` is seconds from NOW."""
+    """`observed` is latency of M by peer; `backoff` is seconds from NOW; `reported` is
+    (seconds from NOW, others' load) by peer."""
     return CoordinatorSnapshot(
         outstanding_by_peer=dict(outstanding or {}),
         latency_by_peer_model={(p, M): ms for p, ms in (observed or {}).items()},
         backoff_by_peer={p: NOW + s for p, s in (backoff or {}).items()},
         turns_by_model={M: turn},
+        reported_by_peer={p: (NOW + s, load) for p, (s, load) in (reported or {}).items()},
     )
 
 
@@ -281,6 +289,96 @@ def test_least_loaded_two_peers_are_not_shuffled() -> None:
     nodes = [node("a", in_flight=2), node("b", in_flight=1)]
     for seed in range(50):
         assert order(placed(LEAST, nodes, snapshot(), power_of_two=True, seed=seed)) == ["b", "a"]
+
+
+@pytest.mark.parametrize(
+    ("reported", "expected", "reason_of_a"),
+    [
+        pytest.param(
+            {"a": (-0.1, 0)},
+            ["a", "b"],
+            "load 1 (0 from others as it last told us, 1 from here)",
+            id="a-fresher-report-replaces-the-record",
+        ),
+        pytest.param(
+            {"a": (-0.9, 0)},
+            ["b", "a"],
+            "load 5 (4 running + 0 queued, 1 outstanding from here)",
+            id="a-report-older-than-the-record-is-ignored",
+        ),
+        pytest.param(
+            {"b": (-0.1, 6)},
+            ["a", "b"],
+            "load 5 (4 running + 0 queued, 1 outstanding from here)",
+            id="each-peer-by-its-own-freshest",
+        ),
+    ],
+)
+def test_least_loaded_reads_the_freshest_load(
+    reported: dict[str, tuple[float, int]], expected: list[str], reason_of_a: str
+) -> None:
+    # Both records arrived 0.5 s ago: a busy with 4, b with 2.
+    nodes = [node("a", in_flight=4), node("b", in_flight=2)]
+    state = snapshot(outstanding={"a": 1}, reported=reported)
+    placement = placed(LEAST, nodes, state)
+    assert order(placement) == expected
+    assert reasons(placement)["a"] == reason_of_a
+
+
+def test_a_report_counts_others_only_and_outstanding_adds_what_is_ours_now() -> None:
+    stats = PeerStats()
+    for _ in range(3):
+        stats.sent("a")
+    stats.done("a")  # one of ours finished: the peer answered it with its load, 5
+    stats.reported("a", 5, NOW)
+    assert stats.reported_load("a") == (NOW, 3)  # 2 of the 5 are ours
+    stats.sent("a")
+    nodes = [node("a", as_of=NOW - 1)]
+    assert reasons(placed(LEAST, nodes, stats)) == {
+        "a": "load 6 (3 from others as it last told us, 3 from here)"
+    }
+    stats.forget("a")
+    assert stats.reported_load("a") is None
+
+
+@pytest.mark.parametrize(
+    ("probed", "expected"),
+    [
+        pytest.param(["a", "b"], ["b", "a", "c", "d"], id="probed-b-is-emptier"),
+        pytest.param(["a", "c"], ["a", "c", "b", "d"], id="probed-stay-first"),
+        pytest.param(["b"], ["b", "a", "c", "d"], id="one-probe"),
+        pytest.param(["zz", "a"], ["a", "b", "c", "d"], id="not-a-candidate-is-ignored"),
+        pytest.param([], ["a", "b", "c", "d"], id="nothing-probed"),
+    ],
+)
+def test_settle_puts_the_probed_first_by_expected_completion(
+    probed: list[str], expected: list[str]
+) -> None:
+    nodes = [node(p, latency={M: 10.0}) for p in "abcd"]
+    # The view said every peer was idle; the probes found a with 3, b with 1, c with 9.
+    state = snapshot(reported={"a": (0.0, 3), "b": (0.0, 1), "c": (0.0, 9)})
+    ranking = Placement(M, tuple(Candidate(p, 0.0, "") for p in "abcd"))
+    settled = settle(ranking, NodeIndex(nodes), state, probed)
+    assert order(settled) == expected
+    by_peer = {c.peer_id: c for c in settled.candidates}
+    if "b" in probed:
+        assert by_peer["b"].score == (1 + 1) * 10.0
+        assert "1 from others as it last told us" in by_peer["b"].reason
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "mine", "latency", "expected_ms"),
+    [
+        pytest.param(0, 0, {M: 10.0}, 0.0, id="idle"),
+        pytest.param(3, 1, {M: 10.0}, 40.0, id="four-ahead"),
+        pytest.param(2, 0, {}, 2 * 10.0, id="no-latency-gossiped-uses-the-prior"),
+    ],
+)
+def test_expected_wait(
+    in_flight: int, mine: int, latency: dict[str, float], expected_ms: float
+) -> None:
+    peer = node("a", in_flight=in_flight, latency=latency)
+    assert expected_wait_ms(peer, M, snapshot(outstanding={"a": mine})) == expected_ms
 
 
 # --- MODEL_SPECIFIC --------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -18,6 +19,8 @@ from p2p_node._wire import (
     MAX_TIMEOUT_MS,
     VERSION,
     ErrorReply,
+    LoadReply,
+    LoadRequest,
     ModelsReply,
     ModelsRequest,
     RunRequest,
@@ -231,6 +234,60 @@ def test_run_reply_with_integer_timings_decodes_as_floats() -> None:
     assert isinstance(decoded, InferenceResult)
     assert (decoded.queue_ms, decoded.compute_ms) == (0.0, 3.0)
     assert type(decoded.queue_ms) is float
+
+
+# --- load: probes, and the load an answer reports -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message",
+    [LoadRequest(), LoadReply("12D3KooWpeer", 2, 7), LoadReply("p", 0, 0)],
+    ids=["probe", "busy", "idle"],
+)
+def test_load_messages_round_trip(message: LoadRequest | LoadReply) -> None:
+    decode = decode_request if isinstance(message, LoadRequest) else decode_reply
+    assert decode(encode(message)) == message
+
+
+def test_a_load_reply_sums_running_and_queued() -> None:
+    assert LoadReply("p", 2, 7).load == 9
+
+
+@pytest.mark.parametrize("load", [0, 41])
+def test_a_run_reply_carries_the_executors_load(load: int) -> None:
+    decoded = decode_reply(encode(replace(_run_reply(), load=load)))
+    assert isinstance(decoded, InferenceResult)
+    assert decoded.load == load
+
+
+def test_a_run_reply_without_load_has_no_such_field_and_decodes_as_unknown() -> None:
+    # Older peers reject unknown fields, and send none: both directions keep working.
+    assert "load" not in msgpack.unpackb(encode(_run_reply()))
+    decoded = decode_reply(_pack(_result_body()))
+    assert isinstance(decoded, InferenceResult)
+    assert decoded.load is None
+
+
+@pytest.mark.parametrize("value", [-1, 2**31, 1.5, "3", None, True])
+@pytest.mark.parametrize(
+    "body",
+    [
+        lambda v: _result_body(load=v),
+        lambda v: {"v": VERSION, "kind": "load", "peer_id": "p", "in_flight": v, "queue_length": 0},
+        lambda v: {"v": VERSION, "kind": "load", "peer_id": "p", "in_flight": 0, "queue_length": v},
+    ],
+    ids=["result-load", "in_flight", "queue_length"],
+)
+def test_a_bad_load_count_is_malformed(body: Any, value: object) -> None:
+    with pytest.raises(WireError) as caught:
+        decode_reply(_pack(body(value)))
+    assert caught.value.code == MALFORMED
+
+
+def test_a_probe_takes_no_fields() -> None:
+    with pytest.raises(WireError) as caught:
+        decode_request(msgpack.packb({"v": VERSION, "kind": "load?", "model_id": "m"}))
+    assert "unknown fields ['model_id']" in caught.value.message
 
 
 @pytest.mark.parametrize(
