@@ -67,7 +67,20 @@ async def drive(
     return jobs / seconds, percentile(latencies, 99), executors
 
 
-def strategies_under_load(jobs: int) -> list[tuple[str, float, float, int]]:
+async def probe_round_trip(addr: str, probes: int) -> tuple[float, float]:
+    """Median and p99 ms of a load probe (`load?`) from another process to the node."""
+    async with Client.connect(addr) as client:
+        took = []
+        for _ in range(probes):
+            started = time.perf_counter()
+            await client.load()
+            took.append((time.perf_counter() - started) * 1e3)
+    return percentile(took, 50), percentile(took, 99)
+
+
+def strategies_under_load(
+    jobs: int,
+) -> tuple[list[tuple[str, float, float, int]], tuple[float, float]]:
     rows = np.load(bundled_models_dir() / "heldout" / "digits.npz")["x"]
     out = []
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
@@ -81,10 +94,11 @@ def strategies_under_load(jobs: int) -> list[tuple[str, float, float, int]]:
                 )
             )
         trio.run(wait_until_placeable, first, "digits-mlp", rows, 4)
+        probe = trio.run(probe_round_trip, first, 500)
         for strategy in DistributionStrategy:
             per_s, p99, executors = trio.run(drive, first, "digits-mlp", rows, strategy, jobs, 32)
             out.append((strategy.value, per_s, p99, len(executors)))
-    return out
+    return out, probe
 
 
 def batch_speedup(rows: int, batch_size: int) -> tuple[float, float]:
@@ -130,9 +144,14 @@ def report(jobs: int = 2000, batch_rows: int = 200_000, batch_size: int = 5000) 
         f"-- 4 node processes (1 worker, 1 ONNX thread each), digits-mlp, {jobs} jobs "
         "at concurrency 32 through node 0 --"
     )
+    rows, (probe_p50, probe_p99) = strategies_under_load(jobs)
     print(f"{'strategy':<20}{'jobs/s':>10}{'p99 ms':>10}{'executors':>11}")
-    for name, per_s, p99, used in strategies_under_load(jobs):
+    for name, per_s, p99, used in rows:
         print(f"{name:<20}{per_s:>10.0f}{p99:>10.1f}{used:>11}")
+    print(
+        f"a load probe between two processes, idle: p50 {probe_p50:.2f} ms, p99 "
+        f"{probe_p99:.2f} ms (the simulation charges each probed request 2 ms)"
+    )
     one, two = batch_speedup(batch_rows, batch_size)
     print(
         f"-- batch: {batch_rows} rows of digits-svm in jobs of {batch_size}, one ONNX thread "

@@ -35,6 +35,7 @@ from ._errors import unwrap_single_errors
 from ._psk import PreSharedKey
 from ._rpc import (
     JOB_PROTOCOL,
+    LOAD_PROTOCOL,
     MODELS_PROTOCOL,
     PEERS_PROTOCOL,
     PLACE_PROTOCOL,
@@ -51,6 +52,8 @@ from ._wire import (
     FeedbackReply,
     FeedbackRequest,
     Learned,
+    LoadReply,
+    LoadRequest,
     ModelsReply,
     ModelsRequest,
     PeerReport,
@@ -360,6 +363,13 @@ class Client:
         reply = await self._rpc.call(self.peer_id, PEERS_PROTOCOL, PeersRequest(), timeout)
         peers: PeersReply = expect_reply(reply, PeersReply, self.peer_id)
         return peers.peers
+
+    async def load(self, *, timeout: float = 10.0) -> tuple[int, int]:
+        """How busy the connected node is now: (requests running, requests queued), the
+        answer a coordinator's probe gets."""
+        reply = await self._rpc.call(self.peer_id, LOAD_PROTOCOL, LoadRequest(), timeout)
+        answer: LoadReply = expect_reply(reply, LoadReply, self.peer_id)
+        return answer.in_flight, answer.queue_length
 
     async def models(self, *, timeout: float = 10.0) -> tuple[ModelDescriptor, ...]:
         """The models the connected node serves itself."""

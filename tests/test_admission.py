@@ -179,14 +179,18 @@ async def test_only_allowed_clients_submit_but_peers_still_forward(
             async with Client.connect(entry, identity=alice) as client:
                 # digits-mlp runs on node 0: node 1 forwards it as a peer of the network
                 forwarded = await client.submit("digits-mlp", {"input": x[:1]})
+                assert await client.load() == (0, 0)
             with caplog.at_level(logging.WARNING, logger="p2p_node._admission"):
                 async with Client.connect(entry) as stranger:
                     with pytest.raises(JobError) as caught:
                         await stranger.submit("digits-logreg", {"input": x[:1]})
+                    with pytest.raises(JobError) as probe_refused:
+                        await stranger.load()
     assert forwarded.executor == swarm[0].peer_id
     assert caught.value.code == ErrorCode.UNAUTHORIZED
     assert caught.value.peer == swarm[1].peer_id
-    assert swarm[1].admission.refused == {ErrorCode.UNAUTHORIZED: 1}
+    assert probe_refused.value.code == ErrorCode.UNAUTHORIZED
+    assert swarm[1].admission.refused == {ErrorCode.UNAUTHORIZED: 2}
     assert "refused a request from" in caplog.text and "UNAUTHORIZED" in caplog.text
 
 
