@@ -6,14 +6,14 @@ Usage: python -m bench.scheduler [--requests 100000] [--seed 1] [--quick] [--ski
 1. Decision time. N NodeInfo (N = 100, 1,000, 10,000), every one serving the model,
    random loads; one NodeIndex over them; a CoordinatorSnapshot with outstanding
    counts and observed latencies for a tenth of them. Per DistributionStrategy:
-   microseconds per `pick(...)` (the first choice a coordinator sends to) and per
-   `place(...)` (the full ranking `p2p-node place` prints), median of several
-   repetitions of many calls each (time.perf_counter).
+   microseconds per `shortlist(...)` (what the orchestrator computes for each job)
+   and per `place(...)` (the full ranking `p2p-node place` prints), median of
+   several repetitions of many calls each (time.perf_counter).
 
 2. Simulation, in virtual time (one heap of completions, no sleeps, no trio). K
    coordinators receive one Poisson stream of requests (each request goes to a
-   uniformly drawn coordinator) and place each one with our real `pick`/`place`
-   over a NodeIndex of P peers. A peer is a FIFO single server with exponential
+   uniformly drawn coordinator) and place each one with our real `shortlist`,
+   `pick` or `place` over a NodeIndex of P peers. A peer is a FIFO single server with exponential
    service: half the peers are fast (mean 10 ms), half slow (mean 40 ms), so the
    total capacity is P/2 x (100 + 25) requests/s and load = arrival rate / capacity.
    Every request carries one unit exponential of work, drawn once per load, so
@@ -83,11 +83,13 @@ from scheduler import (
     DistributionStrategy,
     NodeIndex,
     NodeInfo,
+    OrchestratorConfig,
     PeerStats,
     expected_wait_ms,
     pick,
     place,
     settle,
+    shortlist,
 )
 
 MODEL = "model-a"
@@ -96,7 +98,7 @@ OTHER_MODELS = ("model-b", "model-c")
 DECISION_SIZES = (100, 1_000, 10_000)
 DECISION_REPS = 7
 DECISION_TARGET_S = 0.05  # wall time of one repetition, roughly
-PICK_TARGET_US = 50.0  # acceptance: pick LEAST_LOADED at 1,000 peers
+PICK_TARGET_US = 50.0  # acceptance: LEAST_LOADED's decision per job at 1,000 peers
 
 PEERS = 8
 COORDINATORS = 4
@@ -112,6 +114,7 @@ MAIN_POINT = (0.8, 1.0)
 STRAGGLER_SLOWDOWN = 10.0
 STRAGGLER_SPAN = (0.35, 0.65)  # of the run's virtual duration
 TIMEOUT_S = 1.0
+SHORTLIST = OrchestratorConfig().shortlist
 PROBE_RTT_S = 0.002  # what a probe adds to a request's latency (see the docstring)
 
 DS = DistributionStrategy
@@ -204,9 +207,9 @@ def decision_rows() -> list[tuple[str, bool]]:
 
 
 def run_decision_time(sizes: Sequence[int], seed: int) -> float:
-    """Print the decision-time table; return pick LEAST_LOADED's time at 1,000 peers."""
+    """Print the decision-time table; return LEAST_LOADED's per-job time at 1,000 peers."""
     print(f"== 1. Decision time per job (us per call, median of {DECISION_REPS} repetitions) ==")
-    head = f"{'strategy':<27}" + "".join(f"{f'pick {n}':>13}{f'place {n}':>14}" for n in sizes)
+    head = f"{'strategy':<27}" + "".join(f"{f'per job {n}':>15}{f'place {n}':>14}" for n in sizes)
     print(head)
     results: dict[tuple[str, int], tuple[float, float]] = {}
     for n in sizes:
@@ -215,22 +218,26 @@ def run_decision_time(sizes: Sequence[int], seed: int) -> float:
             strategy = DistributionStrategy[label.split()[0]]
             rng = random.Random(seed)
             now = 1_000.0
-            do_pick = partial(pick, strategy, MODEL, index, state, now=now, rng=rng)
+            per_job = partial(
+                shortlist, strategy, MODEL, index, state, now=now, rng=rng, size=SHORTLIST
+            )
             do_place = partial(
                 place, strategy, MODEL, index, state, now=now, rng=rng, power_of_two=p2c
             )
-            pick_us = time_per_call_us(do_pick) if p2c else math.nan
-            results[label, n] = (pick_us, time_per_call_us(do_place))
+            job_us = time_per_call_us(per_job) if p2c else math.nan
+            results[label, n] = (job_us, time_per_call_us(do_place))
     for label, _ in decision_rows():
         cells = []
         for n in sizes:
-            pick_us, place_us = results[label, n]
-            pick_cell = "-" if math.isnan(pick_us) else f"{pick_us:.1f}"
-            cells.append(f"{pick_cell:>13}{place_us:>14.1f}")
+            job_us, place_us = results[label, n]
+            job_cell = "-" if math.isnan(job_us) else f"{job_us:.1f}"
+            cells.append(f"{job_cell:>15}{place_us:>14.1f}")
         print(f"{label:<27}" + "".join(cells))
     print(
-        "(pick of MODEL_SPECIFIC and CAPABILITY_BASED ranks everyone through place; "
-        "'no-p2c' is place(power_of_two=False), which pick has no switch for)"
+        f"(per job: the orchestrator's shortlist of {SHORTLIST}, drawn at random over more "
+        "than 16 candidates for LEAST_LOADED, more than 64 for LATENCY_OPTIMIZED, a full "
+        "ranking otherwise; place: the full ranking `p2p-node place` prints; 'no-p2c' is "
+        "place(power_of_two=False))"
     )
     return results.get(("LEAST_LOADED", 1_000), (math.nan, math.nan))[0]
 
@@ -391,8 +398,15 @@ def simulate(
         else:
             index = view_at(t)
             st = stats[c]
-            if policy.probe:
-                ranked = place(strategy, MODEL, index, st, now=t, rng=rngs[c], power_of_two=p2c)
+            if policy.probe:  # as DistributedModelOrchestrator places
+                if p2c:
+                    ranked = shortlist(
+                        strategy, MODEL, index, st, now=t, rng=rngs[c], size=SHORTLIST
+                    )
+                else:
+                    ranked = place(
+                        strategy, MODEL, index, st, now=t, rng=rngs[c], power_of_two=False
+                    )
                 first = index.node(ranked.candidates[0].peer_id)
                 if first and expected_wait_ms(first, MODEL, st) >= PROBE_RTT_S * 1e3:
                     asked = [x.peer_id for x in ranked.candidates[:PROBED]]
@@ -572,7 +586,7 @@ def print_acceptance(
 ) -> None:
     print("\n== Acceptance targets ==")
     print(
-        f"[{verdict(pick_ll_us <= PICK_TARGET_US)}] pick LEAST_LOADED at 1,000 peers: "
+        f"[{verdict(pick_ll_us <= PICK_TARGET_US)}] LEAST_LOADED per job at 1,000 peers: "
         f"{pick_ll_us:.1f} us (target <= {PICK_TARGET_US:g} us)"
     )
     load, stale = MAIN_POINT

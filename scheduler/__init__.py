@@ -32,6 +32,7 @@ from ._strategies import expected_wait_ms as expected_wait_ms
 from ._strategies import pick as pick
 from ._strategies import place as place
 from ._strategies import settle as settle
+from ._strategies import shortlist as shortlist
 
 __all__ = [
     "NO_REQUIREMENTS",
@@ -65,4 +66,5 @@ __all__ = [
     "pick",
     "place",
     "settle",
+    "shortlist",
 ]

@@ -23,6 +23,7 @@ from ._strategies import (
     expected_wait_ms,
     place,
     settle,
+    shortlist,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class OrchestratorConfig:
     max_attempts: int = 3  # peers tried for one request (OVERLOADED answers not counted)
     hedge_delay_s: float = 0.05  # before the model's p95 from here is known
     hedge_quantile: float = 0.95
+    shortlist: int = 4  # peers drawn per request from a large view (see `shortlist`)
     probe: bool = True  # ask the first candidates for their load when queues are long
     probe_timeout_s: float = 0.05  # a probe not answered by then is ignored
     probe_rtt_ms: float = 1.0  # the first guess of a probe's round trip, then measured
@@ -175,9 +177,20 @@ class DistributedModelOrchestrator:
         tried: set[str] = set()
         attempts = 0
         while True:
-            placement = self.placement(request.model_id, strategy, request.requirements)
-            fresh = [c for c in placement.candidates if c.peer_id not in tried]
+            listed = shortlist(
+                strategy,
+                request.model_id,
+                self._index(),
+                self.stats,
+                now=trio.current_time(),
+                rng=self._rng,
+                requirements=request.requirements,
+                size=self.config.shortlist,
+                exclude=tried,
+            )
+            fresh = list(listed.candidates)
             if not fresh:
+                placement = self.placement(request.model_id, strategy, request.requirements)
                 await self._nothing_to_try(request, placement, last, tried)
                 continue
             if attempts >= self.config.max_attempts:

@@ -8,9 +8,10 @@ replayed and tested exactly.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, TypeVar
@@ -129,6 +130,64 @@ def place(
     return Placement(model_id, tuple(ranked), tuple(excluded))
 
 
+def shortlist(
+    strategy: DistributionStrategy,
+    model_id: str,
+    index: NodeIndex,
+    state: CoordinatorState,
+    *,
+    now: float,
+    rng: random.Random,
+    requirements: Requirements = NO_REQUIREMENTS,
+    size: int = 2,
+    exclude: Collection[str] = frozenset(),
+) -> Placement:
+    """The candidates worth considering for one request, best first, in O(size).
+
+    Over many candidates (more than 16, and more than LATENCY_OPTIMIZED's 64),
+    for the strategies that draw at random (LEAST_LOADED, LATENCY_OPTIMIZED):
+    `size` distinct peers drawn in proportion to their speed, skipping those
+    backing off and those in `exclude`, ranked by the strategy's score. Size 2
+    is power of two choices. Otherwise `place`'s ranking (with its two random
+    choices first) less `exclude`. An empty shortlist means nobody is left:
+    `place` says why.
+    """
+    serving = index.serving(model_id)
+    above = _P2C_ABOVE.get(strategy)
+    if above is None or len(serving) - len(exclude) <= max(above, size, _RANK_ALL_UP_TO):
+        ranking = place(
+            strategy, model_id, index, state, now=now, rng=rng, requirements=requirements
+        )
+        kept = tuple(c for c in ranking.candidates if c.peer_id not in exclude)
+        return Placement(model_id, kept, ranking.excluded)
+    ctx = _Context(model_id, state, requirements, rng, True)
+    speeds = index.cumulative_speeds(model_id)
+    total = speeds[-1]
+    drawn: dict[str, NodeInfo] = {}
+    for _ in range(4 * size):  # spare draws, for peers drawn twice, excluded or backing off
+        node = serving[min(len(serving) - 1, bisect.bisect_right(speeds, rng.random() * total))]
+        if node.peer_id in drawn or node.peer_id in exclude or _exclusion(strategy, node, ctx, now):
+            continue
+        drawn[node.peer_id] = node
+        if len(drawn) == size:
+            break
+    if not drawn:
+        return shortlist(
+            strategy,
+            model_id,
+            index,
+            state,
+            now=now,
+            rng=rng,
+            requirements=requirements,
+            size=len(serving),
+            exclude=exclude,
+        )
+    scored = sorted((_SCORERS[strategy](n, ctx) for n in drawn.values()), key=_by_score)
+    how = f"; best of {len(scored)} drawn at random" if len(scored) > 1 else ""
+    return Placement(model_id, tuple(Candidate(c.peer_id, c.score, c.reason + how) for c in scored))
+
+
 def pick(
     strategy: DistributionStrategy,
     model_id: str,
@@ -139,20 +198,15 @@ def pick(
     rng: random.Random,
     requirements: Requirements = NO_REQUIREMENTS,
 ) -> Candidate | None:
-    """The first choice only: O(1) where two random choices apply (the better of two
-    random peers, redrawn if one is backing off), `place`'s first otherwise."""
-    serving = index.serving(model_id)
-    ctx = _Context(model_id, state, requirements, rng, True)
-    if len(serving) > _P2C_ABOVE.get(strategy, len(serving)):
-        speeds = index.cumulative_speeds(model_id)
-        for _ in range(4):  # a few draws, in case a drawn peer is backing off
-            a, b = _draw_two(serving, speeds, rng)
-            if not (_exclusion(strategy, a, ctx, now) or _exclusion(strategy, b, ctx, now)):
-                return min((_SCORERS[strategy](n, ctx) for n in (a, b)), key=_by_score)
-    placement = place(strategy, model_id, index, state, now=now, rng=rng, requirements=requirements)
-    return placement.candidates[0] if placement.candidates else None
+    """The first choice only: the better of two random peers where two random choices
+    apply (O(1)), `place`'s first otherwise."""
+    listed = shortlist(
+        strategy, model_id, index, state, now=now, rng=rng, requirements=requirements
+    )
+    return listed.candidates[0] if listed.candidates else None
 
 
+_RANK_ALL_UP_TO = 16  # candidates: ranking them all costs less than the decision budget
 _UNUSED_RNG = random.Random(0)  # for scorers, which draw nothing
 PROBED = 2  # candidates whose load a coordinator asks for before sending (see `settle`)
 

@@ -315,6 +315,7 @@ def test_a_callers_invalid_input_does_not_back_the_peer_off() -> None:
         pytest.param(5, 2, id="two-attempts"),
         pytest.param(5, 3, id="default-three"),
         pytest.param(2, 3, id="two-peers-one-retried-after-backoff"),
+        pytest.param(200, 3, id="a-large-view-drawn-from"),
     ],
 )
 async def test_at_most_max_attempts_peers_are_tried(
@@ -330,6 +331,8 @@ async def test_at_most_max_attempts_peers_are_tried(
             await orchestrator.run_distributed_inference(request(timeout=30.0))
     assert caught.value.code is ErrorCode.PEER_UNREACHABLE
     assert len(fake.calls) == max_attempts
+    if peers > max_attempts:
+        assert len(set(fake.peers())) == max_attempts  # never the same peer twice
     assert all_idle(orchestrator, fake)
 
 

@@ -60,6 +60,7 @@ def test_public_names() -> None:
             "pick",
             "place",
             "settle",
+            "shortlist",
         ]
     )
     assert "PeerView" in gossip.__all__ and "ModelDescriptor" in gossip.__all__

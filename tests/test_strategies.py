@@ -36,6 +36,7 @@ from scheduler import (
     pick,
     place,
     settle,
+    shortlist,
 )
 
 M = "digits-mlp"
@@ -637,6 +638,103 @@ def test_pick_two_random_choices(
         chosen[candidate.peer_id] += 1
     assert set(chosen) <= {"a", "b", "c", "d"} - never
     assert len(chosen) > 1
+
+
+# --- shortlist: what the orchestrator considers for one request ------------------------
+
+
+def _large_view(n: int = 100) -> list[NodeInfo]:
+    """n peers: even ones fast (5 ms), odd ones slow (20 ms), loads 0..4."""
+    return [
+        node(f"p{i:03d}", in_flight=i % 5, latency={M: 5.0 if i % 2 == 0 else 20.0})
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("strategy", [LEAST, LATENCY])
+def test_a_shortlist_over_a_large_view_is_a_few_random_peers_ranked(
+    strategy: DistributionStrategy,
+) -> None:
+    nodes = _large_view()
+    state = snapshot(backoff={"p002": 1.0})
+    tried = {"p004", "p006"}
+    seen: set[str] = set()
+    for seed in range(200):
+        listed = shortlist(
+            strategy,
+            M,
+            NodeIndex(nodes),
+            state,
+            now=NOW,
+            rng=random.Random(seed),
+            size=4,
+            exclude=tried,
+        )
+        peers = order(listed)
+        assert len(peers) == len(set(peers)) == 4
+        assert not set(peers) & (tried | {"p002"})
+        scores = [c.score for c in listed.candidates]
+        assert scores == sorted(scores)
+        assert all(c.reason.endswith("best of 4 drawn at random") for c in listed.candidates)
+        seen.update(peers)
+    assert len(seen) > 50  # spread over the view, not the same few
+
+
+def test_a_shortlist_draws_peers_in_proportion_to_their_speed() -> None:
+    index = NodeIndex(_large_view())
+    drawn: Counter[bool] = Counter()
+    for seed in range(500):
+        listed = shortlist(LEAST, M, index, snapshot(), now=NOW, rng=random.Random(seed), size=2)
+        drawn.update(int(p[1:]) % 2 == 0 for p in order(listed))
+    assert 3.0 < drawn[True] / drawn[False] < 5.0  # fast peers serve 4x as much
+
+
+@pytest.mark.parametrize("strategy", list(DistributionStrategy))
+def test_a_shortlist_over_a_small_view_is_the_whole_ranking_less_the_excluded(
+    strategy: DistributionStrategy,
+) -> None:
+    nodes = _large_view(12)
+    state = snapshot(outstanding={"p001": 3})
+    ranking = placed(strategy, nodes, state, power_of_two=True, seed=7)
+    listed = shortlist(
+        strategy, M, NodeIndex(nodes), state, now=NOW, rng=random.Random(7), exclude={"p003"}
+    )
+    assert listed.candidates == tuple(c for c in ranking.candidates if c.peer_id != "p003")
+    assert listed.excluded == ranking.excluded
+
+
+@pytest.mark.parametrize("size", [30, 100])
+def test_a_shortlist_is_empty_when_nobody_is_left(size: int) -> None:
+    nodes = _large_view(size)
+    everyone = {n.peer_id for n in nodes}
+    listed = shortlist(
+        LEAST, M, NodeIndex(nodes), snapshot(), now=NOW, rng=random.Random(0), exclude=everyone
+    )
+    assert listed.candidates == ()
+
+
+def test_a_shortlist_finds_the_few_peers_not_backing_off() -> None:
+    nodes = _large_view(100)
+    backing_off = {n.peer_id: 5.0 for n in nodes[3:]}  # all but p000, p001 and p002
+    for seed in range(50):  # spare draws run out on some seeds: then every peer is ranked
+        listed = shortlist(
+            LEAST,
+            M,
+            NodeIndex(nodes),
+            snapshot(backoff=backing_off),
+            now=NOW,
+            rng=random.Random(seed),
+            size=4,
+        )
+        assert listed.candidates and set(order(listed)) <= {"p000", "p001", "p002"}
+
+
+def test_pick_is_the_first_of_a_shortlist_of_two() -> None:
+    index = NodeIndex(_large_view())
+    for seed in range(20):
+        first = pick(LEAST, M, index, snapshot(), now=NOW, rng=random.Random(seed))
+        listed = shortlist(LEAST, M, index, snapshot(), now=NOW, rng=random.Random(seed))
+        assert first == listed.candidates[0]
 
 
 @pytest.mark.parametrize("strategy", list(DistributionStrategy))
