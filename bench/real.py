@@ -150,7 +150,7 @@ def report(jobs: int = 2000, batch_rows: int = 200_000, batch_size: int = 5000) 
         print(f"{name:<20}{per_s:>10.0f}{p99:>10.1f}{used:>11}")
     print(
         f"a load probe between two processes, idle: p50 {probe_p50:.2f} ms, p99 "
-        f"{probe_p99:.2f} ms (the simulation charges each probed request 2 ms)"
+        f"{probe_p99:.2f} ms (the simulation charges each probed request 2.5 ms)"
     )
     one, two = batch_speedup(batch_rows, batch_size)
     print(

@@ -32,13 +32,14 @@ Usage: python -m bench.scheduler [--requests 100000] [--seed 1] [--quick] [--ski
    completion, so LATENCY_OPTIMIZED learns peak-EWMA latencies. Every answer reports
    the peer's load at that moment (`reported`), as a real executor's reply does.
 
-   Probes: LEAST_LOADED and LATENCY_OPTIMIZED run as the orchestrator runs them. When
-   the expected wait at the first candidate (`expected_wait_ms`) is at least the
-   probe's round trip, the coordinator learns the exact load of its first PROBED (2)
-   candidates and `settle`s them by expected completion; the request's latency then
-   includes that round trip, PROBE_RTT_S (2 ms, above the ~1 ms a probe takes between
-   two node processes here). The queue is read when the probe is sent: the round
-   trip delays the request but the queue it joins is the one the probe saw.
+   Probes: LEAST_LOADED and LATENCY_OPTIMIZED run as the orchestrator runs them.
+   When `worth_probing` (a queue at the first candidate, and requests heavier than
+   a probe: every answer reports its service time), the coordinator learns the
+   exact load of its first PROBED (2) candidates and `settle`s them by expected
+   completion. The request's latency then includes the probe's round trip,
+   PROBE_RTT_S: 2.5 ms, a little above the p50 a probe takes between two node
+   processes here (section 3 measures it). The queue is read when the probe is
+   sent: the round trip delays the request, but it joins the queue the probe saw.
 
    Compared: every DistributionStrategy; LEAST_LOADED also without two random choices
    (no-p2c: `place(..., power_of_two=False)`), without probes, and without both;
@@ -85,11 +86,11 @@ from scheduler import (
     NodeInfo,
     OrchestratorConfig,
     PeerStats,
-    expected_wait_ms,
     pick,
     place,
     settle,
     shortlist,
+    worth_probing,
 )
 
 MODEL = "model-a"
@@ -115,7 +116,7 @@ STRAGGLER_SLOWDOWN = 10.0
 STRAGGLER_SPAN = (0.35, 0.65)  # of the run's virtual duration
 TIMEOUT_S = 1.0
 SHORTLIST = OrchestratorConfig().shortlist
-PROBE_RTT_S = 0.002  # what a probe adds to a request's latency (see the docstring)
+PROBE_RTT_S = 0.0025  # what a probe adds to a request's latency (see the docstring)
 
 DS = DistributionStrategy
 
@@ -362,7 +363,8 @@ def simulate(
     strategy = policy.strategy
     p2c = policy.power_of_two
     use_stats = strategy is not None
-    completions: list[tuple[float, int, int, int, float]] = []  # finish, seq, coord, peer, lat
+    # finish, seq, coordinator, peer, latency, service
+    completions: list[tuple[float, int, int, int, float, float]] = []
     n = len(workload.arrivals)
     latencies = [0.0] * n
     arrivals, coords, works = workload.arrivals, workload.coordinators, workload.work
@@ -379,12 +381,12 @@ def simulate(
                 )
                 next_tick += SNAPSHOT_S
             elif due <= t:
-                finish, _, c, p, lat = heappop(completions)
+                finish, _, c, p, lat, service = heappop(completions)
                 in_system[p] -= 1
                 if use_stats:
                     st = stats[c]
                     st.done(peer_ids[p])
-                    st.succeeded(peer_ids[p], MODEL, lat * 1e3, finish)
+                    st.succeeded(peer_ids[p], MODEL, lat * 1e3, finish, service * 1e3)
                     st.reported(peer_ids[p], in_system[p], finish)
             else:
                 break
@@ -408,7 +410,7 @@ def simulate(
                         strategy, MODEL, index, st, now=t, rng=rngs[c], power_of_two=False
                     )
                 first = index.node(ranked.candidates[0].peer_id)
-                if first and expected_wait_ms(first, MODEL, st) >= PROBE_RTT_S * 1e3:
+                if first and worth_probing(first, MODEL, st, PROBE_RTT_S * 1e3):
                     asked = [x.peer_id for x in ranked.candidates[:PROBED]]
                     for pid in asked:
                         st.reported(pid, in_system[slot[pid]], t)
@@ -426,12 +428,13 @@ def simulate(
             st.placed(MODEL)
             st.sent(chosen.peer_id)
         begin = busy_until[p] if busy_until[p] > t else t
-        finish = begin + works[i] * mean_at(p, begin)
+        service = works[i] * mean_at(p, begin)
+        finish = begin + service
         busy_until[p] = finish
         in_system[p] += 1
         lat = finish - t + extra
         latencies[i] = lat
-        heappush(completions, (finish, i, c, p, lat))
+        heappush(completions, (finish, i, c, p, lat, service))
 
     k = workload.counted_from
     return Outcome(

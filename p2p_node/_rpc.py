@@ -39,6 +39,7 @@ from libp2p.transport.exceptions import SecurityUpgradeFailure
 from scheduler import ErrorCode, JobError
 
 from . import _wire
+from ._errors import unwrap_single_errors
 from ._framing import FrameBuffer, FrameError, encode_frame
 from ._psk import PreSharedKey
 from ._wire import ErrorReply, Reply, Request, WireError
@@ -533,7 +534,8 @@ class Rpc:
                 await self._refuse(channel, why)
                 return
             try:
-                await self._serve_channel(channel, peer, protocol, handler)
+                with unwrap_single_errors():  # the stream's end, not a group around it
+                    await self._serve_channel(channel, peer, protocol, handler)
             except _TRANSPORT_ERRORS as error:
                 logger.debug("stream from %s for %s ended: %r", peer, protocol, error)
                 await channel.discard()

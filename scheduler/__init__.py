@@ -33,6 +33,7 @@ from ._strategies import pick as pick
 from ._strategies import place as place
 from ._strategies import settle as settle
 from ._strategies import shortlist as shortlist
+from ._strategies import worth_probing as worth_probing
 
 __all__ = [
     "NO_REQUIREMENTS",
@@ -67,4 +68,5 @@ __all__ = [
     "place",
     "settle",
     "shortlist",
+    "worth_probing",
 ]

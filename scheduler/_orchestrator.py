@@ -20,10 +20,10 @@ from ._strategies import (
     Candidate,
     DistributionStrategy,
     Placement,
-    expected_wait_ms,
     place,
     settle,
     shortlist,
+    worth_probing,
 )
 
 logger = logging.getLogger(__name__)
@@ -91,9 +91,9 @@ class DistributedModelOrchestrator:
     All raise JobError on failure.
 
     Load information comes from three places, the freshest winning: gossip (up
-    to a record interval old), the load each answer reports, and, when the
-    expected wait at the first candidate is longer than a probe's round trip,
-    a probe of the first two candidates just before sending.
+    to a record interval old), the load each answer reports, and, when queues
+    are long and requests heavy enough to pay for it (`worth_probing`), a probe
+    of the first two candidates just before sending.
     """
 
     def __init__(
@@ -223,7 +223,7 @@ class DistributedModelOrchestrator:
         first = index.node(ranked[0].peer_id)
         if self._probe is None or len(ranked) < 2 or first is None:
             return ranked
-        if expected_wait_ms(first, model_id, self.stats) < self._probe_rtt_ms:
+        if not worth_probing(first, model_id, self.stats, self._probe_rtt_ms):
             return ranked
         asked = [c.peer_id for c in ranked[:PROBED]]
         timeout = min(self.config.probe_timeout_s, (deadline - trio.current_time()) / 4)
@@ -298,7 +298,8 @@ class DistributedModelOrchestrator:
         finally:
             self.stats.done(peer_id)
         now = trio.current_time()
-        self.stats.succeeded(peer_id, request.model_id, (now - started) * 1e3, now)
+        latency_ms = (now - started) * 1e3
+        self.stats.succeeded(peer_id, request.model_id, latency_ms, now, result.compute_ms)
         if result.load is not None:
             self.stats.reported(peer_id, result.load, now)
         return result

@@ -17,6 +17,9 @@ class StatsConfig:
     latency_window: int = 256  # samples kept per model for the hedging delay
 
 
+COMPUTE_EWMA_ALPHA = 0.2
+
+
 class _PeakEwma:
     """Finagle/Linkerd peak-EWMA: jumps up to a slow sample at once, decays back slowly."""
 
@@ -47,6 +50,7 @@ class PeerStats:
         self._turns: dict[str, int] = {}
         self._recent: dict[str, deque[float]] = {}
         self._reports: dict[str, tuple[float, int]] = {}
+        self._compute: dict[str, float] = {}
 
     # --- CoordinatorState ---------------------------------------------------------
 
@@ -64,8 +68,10 @@ class PeerStats:
         return self._turns.get(model_id, 0)
 
     def reported_load(self, peer_id: str) -> tuple[float, int] | None:
-        report = self._reports.get(peer_id)
-        return report
+        return self._reports.get(peer_id)
+
+    def compute_ms(self, model_id: str) -> float | None:
+        return self._compute.get(model_id)
 
     # --- updates ------------------------------------------------------------------
 
@@ -83,7 +89,19 @@ class PeerStats:
         else:
             self._outstanding.pop(peer_id, None)
 
-    def succeeded(self, peer_id: str, model_id: str, latency_ms: float, now: float) -> None:
+    def succeeded(
+        self,
+        peer_id: str,
+        model_id: str,
+        latency_ms: float,
+        now: float,
+        compute_ms: float | None = None,
+    ) -> None:
+        """An answer came back after `latency_ms`, of which the executor computed for
+        `compute_ms` (when it said)."""
+        if compute_ms is not None:
+            before = self._compute.get(model_id, compute_ms)
+            self._compute[model_id] = before + COMPUTE_EWMA_ALPHA * (compute_ms - before)
         self._failures.pop(peer_id, None)
         self._backoff_until.pop(peer_id, None)
         key = (peer_id, model_id)

@@ -37,6 +37,7 @@ class CoordinatorState(Protocol):
     def backoff_until(self, peer_id: str) -> float: ...
     def turns(self, model_id: str) -> int: ...
     def reported_load(self, peer_id: str) -> tuple[float, int] | None: ...
+    def compute_ms(self, model_id: str) -> float | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,7 @@ class CoordinatorSnapshot:
     backoff_by_peer: Mapping[str, float] = field(default_factory=dict)
     turns_by_model: Mapping[str, int] = field(default_factory=dict)
     reported_by_peer: Mapping[str, tuple[float, int]] = field(default_factory=dict)
+    compute_by_model: Mapping[str, float] = field(default_factory=dict)
 
     def outstanding(self, peer_id: str) -> int:
         return self.outstanding_by_peer.get(peer_id, 0)
@@ -63,6 +65,9 @@ class CoordinatorSnapshot:
 
     def reported_load(self, peer_id: str) -> tuple[float, int] | None:
         return self.reported_by_peer.get(peer_id)
+
+    def compute_ms(self, model_id: str) -> float | None:
+        return self.compute_by_model.get(model_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +247,26 @@ def expected_wait_ms(node: NodeInfo, model_id: str, state: CoordinatorState) -> 
     score = _least_loaded(node, ctx).score
     latency = node.latency_ms.get(model_id)
     return score - latency if latency is not None else score * DEFAULT_LATENCY_MS
+
+
+def worth_probing(node: NodeInfo, model_id: str, state: CoordinatorState, rtt_ms: float) -> bool:
+    """Whether to probe before sending a request for `model_id`, `node` being the first
+    candidate and a probe taking `rtt_ms`.
+
+    A probe delays the request by its round trip and costs both ends about one
+    message's work (in py-libp2p, about a millisecond of CPU each). It pays when
+    there is a queue to avoid (the expected wait at the first candidate is longer
+    than the round trip) and the requests are heavier than the probe (their
+    compute time, as answers reported it, else the gossiped latency, is longer
+    than the round trip): light requests under load would spend more on probes
+    than on the work.
+    """
+    work = state.compute_ms(model_id)
+    if work is None:
+        work = node.latency_ms.get(model_id)
+    if work is None or work < rtt_ms:
+        return False
+    return expected_wait_ms(node, model_id, state) >= rtt_ms
 
 
 def _by_score(candidate: Candidate) -> tuple[float, str]:

@@ -167,6 +167,7 @@ def node(
     in_flight: int = 0,
     free_mb: int = 4096,
     gpus: int = 0,
+    latency_ms: float | None = None,
 ) -> NodeInfo:
     return NodeInfo(
         peer_id=peer,
@@ -174,6 +175,7 @@ def node(
         in_flight=in_flight,
         memory_available_mb=free_mb,
         gpu_count=gpus,
+        latency_ms={} if latency_ms is None else {m: latency_ms for m in models},
         is_local=peer == LOCAL,
     )
 
@@ -612,7 +614,7 @@ async def test_a_probe_overrules_a_stale_view(
     strategy: DistributionStrategy, autojump_clock: trio.testing.MockClock
 ) -> None:
     # The view (a record from a while ago) says a is the less busy; the probes say b is.
-    nodes = [node("a", in_flight=2), node("b", in_flight=3)]
+    nodes = [node("a", in_flight=2, latency_ms=10.0), node("b", in_flight=3, latency_ms=10.0)]
     orchestrator, fake = setup(nodes, {"a": [Ok()], "b": [Ok()]}, loads={"a": 9, "b": 0})
     with trio.fail_after(10):
         result = await orchestrator.run_distributed_inference(request(), strategy)
@@ -644,6 +646,18 @@ async def test_no_probe_when_the_wait_it_could_save_is_shorter_than_its_round_tr
     with trio.fail_after(10):
         result = await orchestrator.run_distributed_inference(request())
     assert (result.executor, fake.probes) == ("a", [])
+
+
+async def test_light_requests_are_never_probed_for(autojump_clock: trio.testing.MockClock) -> None:
+    # Long queues, but each request computes for 0.1 ms: less than a probe would cost.
+    nodes = [node("a", in_flight=5), node("b", in_flight=5)]
+    light: list[Outcome] = [Ok(delay=0.0001)]
+    orchestrator, fake = setup(nodes, {"a": light, "b": light}, loads={"a": 5, "b": 5})
+    with trio.fail_after(10):
+        for _ in range(10):
+            await orchestrator.run_distributed_inference(request())
+    assert orchestrator.stats.compute_ms(M) == pytest.approx(0.1)
+    assert fake.probes == []
 
 
 async def test_probing_stops_where_its_round_trip_costs_more_than_it_saves(

@@ -61,6 +61,7 @@ def test_public_names() -> None:
             "place",
             "settle",
             "shortlist",
+            "worth_probing",
         ]
     )
     assert "PeerView" in gossip.__all__ and "ModelDescriptor" in gossip.__all__

@@ -37,6 +37,7 @@ from scheduler import (
     place,
     settle,
     shortlist,
+    worth_probing,
 )
 
 M = "digits-mlp"
@@ -380,6 +381,25 @@ def test_expected_wait(
 ) -> None:
     peer = node("a", in_flight=in_flight, latency=latency)
     assert expected_wait_ms(peer, M, snapshot(outstanding={"a": mine})) == expected_ms
+
+
+@pytest.mark.parametrize(
+    ("gossiped", "computed", "in_flight", "expected"),
+    [
+        pytest.param(None, None, 5, False, id="nothing-known-of-the-work"),
+        pytest.param(0.5, None, 5, False, id="light-requests-by-gossip"),
+        pytest.param(10.0, 0.5, 5, False, id="light-requests-by-answers-overrule-gossip"),
+        pytest.param(0.5, 10.0, 5, True, id="heavy-requests-by-answers"),
+        pytest.param(10.0, None, 0, False, id="no-queue-to-avoid"),
+        pytest.param(10.0, None, 1, True, id="heavy-requests-and-a-queue"),
+    ],
+)
+def test_worth_probing(
+    gossiped: float | None, computed: float | None, in_flight: int, expected: bool
+) -> None:
+    peer = node("a", in_flight=in_flight, latency={M: gossiped} if gossiped else {})
+    state = CoordinatorSnapshot(compute_by_model={M: computed} if computed else {})
+    assert worth_probing(peer, M, state, rtt_ms=2.0) is expected
 
 
 # --- MODEL_SPECIFIC --------------------------------------------------------------------
