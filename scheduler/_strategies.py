@@ -188,9 +188,10 @@ def shortlist(
             size=len(serving),
             exclude=exclude,
         )
-    scored = sorted((_SCORERS[strategy](n, ctx) for n in drawn.values()), key=_by_score)
-    how = f"; best of {len(scored)} drawn at random" if len(scored) > 1 else ""
-    return Placement(model_id, tuple(Candidate(c.peer_id, c.score, c.reason + how) for c in scored))
+    scorer = _SCORERS[strategy]
+    return Placement(
+        model_id, tuple(sorted([scorer(n, ctx) for n in drawn.values()], key=_by_score))
+    )
 
 
 def pick(

@@ -695,7 +695,6 @@ def test_a_shortlist_over_a_large_view_is_a_few_random_peers_ranked(
         assert not set(peers) & (tried | {"p002"})
         scores = [c.score for c in listed.candidates]
         assert scores == sorted(scores)
-        assert all(c.reason.endswith("best of 4 drawn at random") for c in listed.candidates)
         seen.update(peers)
     assert len(seen) > 50  # spread over the view, not the same few
 
