@@ -24,9 +24,13 @@ Usage: python -m bench.scheduler [--requests 100000] [--seed 1] [--quick] [--ski
    if busy, queue_length waiting); at time t every coordinator reads the snapshot
    taken at or before t - staleness (one NodeIndex per snapshot, shared, built once
    when first read; staleness 0 reads the latest snapshot, up to 50 ms old). A
+   record arrives within milliseconds of being issued and then ages until the next
+   one, so a view's `as_of` (its receive time, which a report must beat) is the
+   snapshot's time: staleness is the view's age when read, not a delivery delay. A
    view also carries the peer's mean service time as gossiped latency (a prior
    until the coordinator has observed the peer itself), and cpu_count 8 for a fast
    peer and 2 for a slow one (CAPABILITY_BASED's capacity).
+
    Each coordinator knows its own outstanding requests per peer exactly: a PeerStats
    each, updated with placed/sent at the send and done/succeeded(latency) at the
    completion, so LATENCY_OPTIMIZED learns peak-EWMA latencies. Every answer reports
@@ -432,8 +436,8 @@ def simulate(
         finish = begin + service
         busy_until[p] = finish
         in_system[p] += 1
-        lat = finish - t + extra
-        latencies[i] = lat
+        lat = finish - t  # from the send: what the coordinator's own clock measures
+        latencies[i] = lat + extra  # from the request's arrival, its probe included
         heappush(completions, (finish, i, c, p, lat, service))
 
     k = workload.counted_from

@@ -272,6 +272,7 @@ class Node:
             providers=frozenset(caps.providers),
             latency_ms={p.model_id: p.latency_ms for p in self._executor.performance()},
             is_local=True,
+            as_of=trio.current_time(),
         )
 
     async def _send_infer(
@@ -294,6 +295,12 @@ class Node:
             return self._executor.in_flight
         reply = await self._rpc.call(peer_id, LOAD_PROTOCOL, LoadRequest(), timeout)
         answer: LoadReply = expect_reply(reply, LoadReply, peer_id)
+        if answer.peer_id != peer_id:
+            raise JobError(
+                ErrorCode.MALFORMED_MESSAGE,
+                f"{peer_id} answered a load probe as {answer.peer_id}",
+                peer=peer_id,
+            )
         return answer.load
 
     async def _run_local(self, request: InferenceRequest) -> InferenceResult:

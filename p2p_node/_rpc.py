@@ -39,7 +39,6 @@ from libp2p.transport.exceptions import SecurityUpgradeFailure
 from scheduler import ErrorCode, JobError
 
 from . import _wire
-from ._errors import unwrap_single_errors
 from ._framing import FrameBuffer, FrameError, encode_frame
 from ._psk import PreSharedKey
 from ._wire import ErrorReply, Reply, Request, WireError
@@ -143,6 +142,14 @@ def _log_refused_handshakes(host: IHost, psk: PreSharedKey) -> None:
     network.upgrade_inbound_raw_conn = logged_upgrade
 
 
+def _only_transport_errors(error: BaseException) -> bool:
+    """Whether `error`, or every error in its group, says the stream or connection
+    ended (the reader and the writer of one stream may both see its reset)."""
+    if isinstance(error, BaseExceptionGroup):
+        return all(_only_transport_errors(e) for e in error.exceptions)
+    return isinstance(error, _TRANSPORT_ERRORS)
+
+
 _PSK_HINT = "; is it in the same private network (--psk)?"
 
 
@@ -150,7 +157,8 @@ def _handshake_failed(error: BaseException) -> bool:
     """Whether a dial error comes from a failed security handshake.
 
     libp2p reports a dial as one SwarmDialAllFailedError, caused by a MultiError of
-    the per-address errors, each caused by what went wrong in its upgrade.
+    the per-address errors, each caused by what went wrong in its upgrade; trio
+    may wrap any of them in exception groups.
     """
     seen: set[int] = set()
     pending: list[BaseException] = [error]
@@ -161,7 +169,11 @@ def _handshake_failed(error: BaseException) -> bool:
         seen.add(id(current))
         if isinstance(current, SecurityUpgradeFailure):
             return True
-        pending.extend(getattr(current, "errors", ()))
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        errors = getattr(current, "errors", ())  # libp2p's MultiError
+        if isinstance(errors, list | tuple):
+            pending.extend(e for e in errors if isinstance(e, BaseException))
         pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
     return False
 
@@ -534,14 +546,13 @@ class Rpc:
                 await self._refuse(channel, why)
                 return
             try:
-                with unwrap_single_errors():  # the stream's end, not a group around it
-                    await self._serve_channel(channel, peer, protocol, handler)
-            except _TRANSPORT_ERRORS as error:
-                logger.debug("stream from %s for %s ended: %r", peer, protocol, error)
-                await channel.discard()
-            except Exception:
-                # A node never crashes on what a peer sends: log the bug, drop the stream.
-                logger.exception("serving %s to %s failed", protocol, peer)
+                await self._serve_channel(channel, peer, protocol, handler)
+            except Exception as error:
+                if _only_transport_errors(error):  # the caller left: reset, closed, gone
+                    logger.debug("stream from %s for %s ended: %r", peer, protocol, error)
+                else:
+                    # A node never crashes on what a peer sends: log the bug, drop the stream.
+                    logger.exception("serving %s to %s failed", protocol, peer)
                 await channel.discard()
             else:
                 await channel.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
@@ -58,7 +59,14 @@ class OrchestratorConfig:
     probe: bool = True  # ask the first candidates for their load when queues are long
     probe_timeout_s: float = 0.05  # a probe not answered by then is ignored
     probe_rtt_ms: float = 1.0  # the first guess of a probe's round trip, then measured
+    probe_refresh_s: float = 10.0  # when probes stopped paying, try one again after this
     stats: StatsConfig = field(default_factory=StatsConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.shortlist < 2:  # hedging and probing need a second candidate
+            raise ValueError(f"shortlist must be >= 2, got {self.shortlist}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +123,7 @@ class DistributedModelOrchestrator:
         self._run_local = run_local
         self._probe = probe if config.probe else None
         self._probe_rtt_ms = config.probe_rtt_ms
+        self._probed_at = -math.inf
         self._rng = rng or random.Random()
 
     def activate(self) -> object:
@@ -223,10 +232,17 @@ class DistributedModelOrchestrator:
         first = index.node(ranked[0].peer_id)
         if self._probe is None or len(ranked) < 2 or first is None:
             return ranked
-        if not worth_probing(first, model_id, self.stats, self._probe_rtt_ms):
+        now = trio.current_time()
+        rtt_ms = self._probe_rtt_ms
+        if now - self._probed_at >= self.config.probe_refresh_s:
+            # Probes found too slow to pay are retried now and then: the network and
+            # the peers change, and only a probe measures what a probe costs now.
+            rtt_ms = min(rtt_ms, self.config.probe_rtt_ms)
+        if not worth_probing(first, model_id, self.stats, rtt_ms):
             return ranked
+        self._probed_at = now
         asked = [c.peer_id for c in ranked[:PROBED]]
-        timeout = min(self.config.probe_timeout_s, (deadline - trio.current_time()) / 4)
+        timeout = max(0.0, min(self.config.probe_timeout_s, (deadline - now) / 4))
         async with trio.open_nursery() as nursery:
             for peer_id in asked:
                 nursery.start_soon(self._ask_load, peer_id, timeout)
@@ -234,9 +250,9 @@ class DistributedModelOrchestrator:
         return list(settle(placement, index, self.stats, asked).candidates)
 
     async def _ask_load(self, peer_id: str, timeout: float) -> None:
-        """One probe. A peer that fails it, or does not answer in time, keeps its
-        estimate (the send itself will find out what is wrong with it); the time a
-        probe took, or the whole timeout, is what the next one is expected to cost."""
+        """One probe: advice, never a reason to fail the job. A peer that fails it or
+        does not answer in time keeps its estimate (the send itself will find out
+        what is wrong with it). Answered probes teach what the next one costs."""
         if self._probe is None:
             return
         started = trio.current_time()
@@ -246,10 +262,14 @@ class DistributedModelOrchestrator:
             except JobError as error:
                 logger.debug("load probe of %s failed: %s", peer_id, error)
                 return
-            self.stats.reported(peer_id, load, trio.current_time())
-        if peer_id != self.local_peer_id:
-            rtt_ms = (trio.current_time() - started) * 1e3
-            self._probe_rtt_ms += 0.2 * (rtt_ms - self._probe_rtt_ms)
+            except Exception:
+                logger.warning("load probe of %s failed unexpectedly", peer_id, exc_info=True)
+                return
+            now = trio.current_time()
+            self.stats.reported(peer_id, load, now)
+            if peer_id != self.local_peer_id:
+                rtt_ms = (now - started) * 1e3
+                self._probe_rtt_ms += 0.2 * (rtt_ms - self._probe_rtt_ms)
 
     async def _nothing_to_try(
         self, request: InferenceRequest, placement: Placement, last: list[JobError], tried: set[str]

@@ -114,9 +114,10 @@ class PeerStats:
         window.append(latency_ms)
 
     def reported(self, peer_id: str, load: int, now: float) -> None:
-        """The load the peer reported with an answer (requests there from anyone, when
-        it answered), after `done`. Kept without our own share, which `outstanding`
-        tracks exactly: what remains is the others' load at `now`."""
+        """The load the peer reported with an answer or a probe (requests there from
+        anyone), after `done`. Kept without our own share, estimated as what is
+        outstanding from here now (requests still on their way there, or answered
+        but not yet back, make it off by a few): what remains is the others' load."""
         self._reports[peer_id] = (now, max(0, load - self.outstanding(peer_id)))
 
     def failed(self, peer_id: str, now: float, *, overloaded: bool = False) -> None:

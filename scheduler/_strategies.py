@@ -147,7 +147,8 @@ def shortlist(
     size: int = 2,
     exclude: Collection[str] = frozenset(),
 ) -> Placement:
-    """The candidates worth considering for one request, best first, in O(size).
+    """The candidates worth considering for one request, best first: O(size) over a
+    large view.
 
     Over many candidates (more than 16, and more than LATENCY_OPTIMIZED's 64),
     for the strategies that draw at random (LEAST_LOADED, LATENCY_OPTIMIZED):
@@ -232,10 +233,11 @@ def settle(
     spent on the best two by the strategy's own ranking rather than two random
     peers. Candidates not probed keep their order, after the probed ones.
     """
-    asked = set(probed) & {c.peer_id for c in placement.candidates}
+    candidates = {c.peer_id for c in placement.candidates}
+    nodes = [n for n in (index.node(p) for p in set(probed) & candidates) if n is not None]
     ctx = _Context(placement.model_id, state, NO_REQUIREMENTS, _UNUSED_RNG, False)
-    nodes = (index.node(p) for p in asked)
-    settled = sorted((_least_loaded(n, ctx) for n in nodes if n is not None), key=_by_score)
+    settled = sorted((_least_loaded(n, ctx) for n in nodes), key=_by_score)
+    asked = {n.peer_id for n in nodes}
     rest = [c for c in placement.candidates if c.peer_id not in asked]
     return Placement(placement.model_id, (*settled, *rest), placement.excluded)
 
@@ -335,12 +337,14 @@ def _round_robin(nodes: Sequence[NodeInfo], ctx: _Context) -> list[Candidate]:
 
 
 def _least_loaded(node: NodeInfo, ctx: _Context) -> Candidate:
-    """Load in time: (others' load + outstanding from here + 1) x the peer's gossiped
-    latency for the model, so that a queue of 4 on a peer 4x faster counts as 1.
+    """Load in time: (load + outstanding from here + 1) x the peer's gossiped latency
+    for the model, so that a queue of 4 on a peer 4x faster counts as 1.
 
-    Others' load is the fresher of what the peer gossiped and what it reported with
-    its last answer to us. Before a peer has gossiped a latency for the model, its
-    load alone decides."""
+    The load is the fresher of what the peer gossiped and what it reported with
+    its last answer or probe to us. A report is kept without our own requests
+    (which `outstanding` counts now); a gossiped load still holds the ones we had
+    there when it was recorded, so it errs towards busy. Before a peer has
+    gossiped a latency for the model, its load alone decides."""
     mine = ctx.state.outstanding(node.peer_id)
     report = ctx.state.reported_load(node.peer_id)
     if report is not None and report[0] >= node.as_of:
@@ -404,8 +408,10 @@ _SCORERS: Mapping[DistributionStrategy, Scorer] = {
     DistributionStrategy.CAPABILITY_BASED: _capability_based,
     DistributionStrategy.LATENCY_OPTIMIZED: _latency_optimized,
 }
-# Two random choices, above this many candidates. LEAST_LOADED reads gossiped load,
-# which every coordinator sees equally stale: two choices keep them from herding.
+# Random choices, above this many candidates: two in `place` (what `p2p-node place`
+# shows), and over large views (`shortlist`) the orchestrator's draw of a few.
+# LEAST_LOADED reads gossiped load, which every coordinator sees equally stale:
+# random choices keep them from herding.
 # LATENCY_OPTIMIZED reads this coordinator's own, fresh counters, so it ranks
 # everyone while that is cheap: with p2c, two slow peers are drawn together often
 # enough to sink p99 (bench.scheduler: 4.2x the oracle vs 1.3x without at 80% load).

@@ -96,7 +96,7 @@ class FakePeers:
     calls: list[Call] = field(default_factory=list)
     # What a probe of each peer answers (a load, or an Outcome-like Fail / Hang), after
     # `probe_delay` seconds; every probe is noted in `probes` as (peer, time asked).
-    loads: Mapping[str, int | Fail | Hang] = field(default_factory=dict)
+    loads: Mapping[str, int | Fail | Hang | Exception] = field(default_factory=dict)
     probe_delay: float = 0.001
     probes: list[tuple[str, float]] = field(default_factory=list)
     _played: dict[str, int] = field(default_factory=dict)
@@ -109,6 +109,8 @@ class FakePeers:
         await trio.sleep(self.probe_delay)
         if isinstance(answer, Fail):
             raise JobError(answer.code, "scripted probe failure", peer=peer_id)
+        if isinstance(answer, Exception):
+            raise answer
         return answer
 
     async def send(
@@ -186,7 +188,7 @@ def setup(
     *,
     config: OrchestratorConfig = CONFIG,
     seed: int = 0,
-    loads: Mapping[str, int | Fail | Hang] | None = None,
+    loads: Mapping[str, int | Fail | Hang | Exception] | None = None,
     probe_delay: float = 0.001,
 ) -> tuple[DistributedModelOrchestrator, FakePeers]:
     """With `loads`, the orchestrator probes (FakePeers.probe); without, it cannot."""
@@ -631,7 +633,8 @@ async def test_a_probe_overrules_a_stale_view(
 async def test_strategies_that_do_not_rank_by_load_never_probe(
     strategy: DistributionStrategy, autojump_clock: trio.testing.MockClock
 ) -> None:
-    nodes = [node("a", in_flight=2), node("b", in_flight=3)]
+    # Heavy requests and queues: LEAST_LOADED would probe here (the test above).
+    nodes = [node("a", in_flight=2, latency_ms=10.0), node("b", in_flight=3, latency_ms=10.0)]
     orchestrator, fake = setup(nodes, {"a": [Ok()], "b": [Ok()]}, loads={"a": 9, "b": 0})
     with trio.fail_after(10):
         await orchestrator.run_distributed_inference(request(), strategy)
@@ -641,7 +644,8 @@ async def test_strategies_that_do_not_rank_by_load_never_probe(
 async def test_no_probe_when_the_wait_it_could_save_is_shorter_than_its_round_trip(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    nodes = [node("a"), node("b", in_flight=3)]  # a idle: nothing to gain from asking
+    # Heavy requests, but a is idle: nothing to gain from asking.
+    nodes = [node("a", latency_ms=10.0), node("b", in_flight=3, latency_ms=10.0)]
     orchestrator, fake = setup(nodes, {"a": [Ok()], "b": [Ok()]}, loads={"a": 9, "b": 0})
     with trio.fail_after(10):
         result = await orchestrator.run_distributed_inference(request())
@@ -664,31 +668,42 @@ async def test_probing_stops_where_its_round_trip_costs_more_than_it_saves(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     # Every peer holds 2 requests of 10 ms (the prior) each: a 20 ms wait. Probes that
-    # take 50 ms teach the orchestrator that they cost more than that.
+    # take 40 ms teach the orchestrator that they cost more than that.
     nodes = [node("a", in_flight=2), node("b", in_flight=2)]
     behaviour: dict[str, Behaviour] = {"a": [Ok(load=2)], "b": [Ok(load=2)]}
-    orchestrator, fake = setup(nodes, behaviour, loads={"a": 2, "b": 2}, probe_delay=0.05)
-    with trio.fail_after(30):
+    orchestrator, fake = setup(nodes, behaviour, loads={"a": 2, "b": 2}, probe_delay=0.04)
+    with trio.fail_after(60):
         for _ in range(20):
             await orchestrator.run_distributed_inference(request())
-    assert 2 <= len(fake.probes) < 20
-    assert fake.probes[-1][1] < fake.calls[10].started  # it stopped, and stayed stopped
+        probed = len(fake.probes)
+        assert 2 <= probed < 20
+        assert fake.probes[-1][1] < fake.calls[10].started  # it stopped, and stayed stopped
+        await trio.sleep(CONFIG.probe_refresh_s)
+        for _ in range(5):
+            await orchestrator.run_distributed_inference(request())
+    assert len(fake.probes) == probed + 2  # after a while, one probe round re-measures
 
 
 @pytest.mark.parametrize(
     "answer",
-    [pytest.param(HANG, id="hangs"), pytest.param(Fail(ErrorCode.PEER_UNREACHABLE), id="fails")],
+    [
+        pytest.param(HANG, id="hangs"),
+        pytest.param(Fail(ErrorCode.PEER_UNREACHABLE), id="fails"),
+        pytest.param(RuntimeError("a bug in the probe"), id="crashes"),
+    ],
 )
 async def test_a_probe_that_fails_or_hangs_leaves_the_estimate(
-    answer: Fail | Hang, autojump_clock: trio.testing.MockClock
+    answer: Fail | Hang | Exception, autojump_clock: trio.testing.MockClock
 ) -> None:
-    nodes = [node("a", in_flight=2), node("b", in_flight=3)]
+    nodes = [node("a", in_flight=2, latency_ms=10.0), node("b", in_flight=3, latency_ms=10.0)]
     orchestrator, fake = setup(nodes, {"a": [Ok()], "b": [Ok()]}, loads={"a": answer, "b": 9})
     with trio.fail_after(10):
         start = trio.current_time()
         result = await orchestrator.run_distributed_inference(request())
+    assert sorted(p for p, _ in fake.probes) == ["a", "b"]
     assert result.executor == "a"  # b said 9; a keeps the view's 2
     assert fake.calls[0].started <= start + CONFIG.probe_timeout_s
+    assert orchestrator.stats.reported_load("b") == (pytest.approx(start + 0.001), 9)
     assert orchestrator.stats.reported_load("a") is None
 
 
@@ -803,3 +818,15 @@ def test_get_distributed_orchestrator() -> None:
         orchestrator.deactivate(token)
     with pytest.raises(LookupError):
         get_distributed_orchestrator()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        pytest.param({"shortlist": 1}, "shortlist must be >= 2", id="shortlist-of-one"),
+        pytest.param({"max_attempts": 0}, "max_attempts must be >= 1", id="no-attempts"),
+    ],
+)
+def test_a_config_that_cannot_work_is_refused(changes: dict[str, int], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        OrchestratorConfig(**changes)  # type: ignore[arg-type]

@@ -10,8 +10,12 @@ import multiaddr
 import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.exceptions import MultiError
 from libp2p.io.msgio import VarIntLengthMsgReadWriter
+from libp2p.network.exceptions import SwarmDialAllFailedError, SwarmException
+from libp2p.network.stream.exceptions import StreamReset
 from libp2p.peer.id import ID
+from libp2p.transport.exceptions import SecurityUpgradeFailure
 
 from p2p_node import ErrorCode, JobError
 from p2p_node._rpc import (
@@ -19,6 +23,8 @@ from p2p_node._rpc import (
     MODELS_PROTOCOL,
     Handler,
     Rpc,
+    _handshake_failed,
+    _only_transport_errors,
     new_libp2p_host,
     run_host,
 )
@@ -197,3 +203,57 @@ def _our_streams(caller: Rpc, server: Rpc) -> list:
     """The caller's open streams to `server` on our protocol (identify has its own)."""
     (conn,) = caller.host.get_network().connections[ID.from_base58(server.peer_id)]
     return [s for s in conn.get_streams() if s.get_protocol() == MODELS_PROTOCOL]
+
+
+# --- telling a peer's departure from a bug ----------------------------------------------
+
+
+def _caused(error: BaseException, cause: BaseException) -> BaseException:
+    error.__cause__ = cause
+    return error
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        pytest.param(StreamReset(), True, id="reset"),
+        pytest.param(ExceptionGroup("g", [StreamReset()]), True, id="one-in-a-group"),
+        pytest.param(
+            ExceptionGroup("g", [StreamReset(), ExceptionGroup("h", [trio.ClosedResourceError()])]),
+            True,
+            id="reader-and-writer-both-saw-it",
+        ),
+        pytest.param(ExceptionGroup("g", [StreamReset(), KeyError("x")]), False, id="and-a-bug"),
+        pytest.param(KeyError("x"), False, id="a-bug"),
+    ],
+)
+def test_only_transport_errors(error: BaseException, expected: bool) -> None:
+    assert _only_transport_errors(error) is expected
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        pytest.param(
+            _caused(
+                SwarmDialAllFailedError("all failed"),
+                MultiError([_caused(SwarmException("upgrade"), SecurityUpgradeFailure("noise"))]),
+            ),
+            True,
+            id="libp2p-dial-chain",
+        ),
+        pytest.param(
+            ExceptionGroup("g", [_caused(SwarmException("x"), SecurityUpgradeFailure("y"))]),
+            True,
+            id="in-a-group",
+        ),
+        pytest.param(
+            _caused(SwarmDialAllFailedError("all failed"), MultiError([OSError("refused")])),
+            False,
+            id="connection-refused",
+        ),
+        pytest.param(OSError("refused"), False, id="plain"),
+    ],
+)
+def test_handshake_failed(error: BaseException, expected: bool) -> None:
+    assert _handshake_failed(error) is expected

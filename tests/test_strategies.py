@@ -346,20 +346,21 @@ def test_a_report_counts_others_only_and_outstanding_adds_what_is_ours_now() -> 
 @pytest.mark.parametrize(
     ("probed", "expected"),
     [
-        pytest.param(["a", "b"], ["b", "a", "c", "d"], id="probed-b-is-emptier"),
-        pytest.param(["a", "c"], ["a", "c", "b", "d"], id="probed-stay-first"),
-        pytest.param(["b"], ["b", "a", "c", "d"], id="one-probe"),
-        pytest.param(["zz", "a"], ["a", "b", "c", "d"], id="not-a-candidate-is-ignored"),
-        pytest.param([], ["a", "b", "c", "d"], id="nothing-probed"),
+        pytest.param(["a", "b"], ["b", "a", "c", "d", "e"], id="probed-b-is-emptier"),
+        pytest.param(["a", "c"], ["a", "c", "b", "d", "e"], id="probed-stay-first"),
+        pytest.param(["b"], ["b", "a", "c", "d", "e"], id="one-probe"),
+        pytest.param(["zz", "a"], ["a", "b", "c", "d", "e"], id="not-a-candidate-is-ignored"),
+        pytest.param([], ["a", "b", "c", "d", "e"], id="nothing-probed"),
+        pytest.param(["e", "b"], ["b", "a", "c", "d", "e"], id="left-the-view-keeps-its-place"),
     ],
 )
 def test_settle_puts_the_probed_first_by_expected_completion(
     probed: list[str], expected: list[str]
 ) -> None:
-    nodes = [node(p, latency={M: 10.0}) for p in "abcd"]
+    nodes = [node(p, latency={M: 10.0}) for p in "abcd"]  # e has just left the view
     # The view said every peer was idle; the probes found a with 3, b with 1, c with 9.
     state = snapshot(reported={"a": (0.0, 3), "b": (0.0, 1), "c": (0.0, 9)})
-    ranking = Placement(M, tuple(Candidate(p, 0.0, "") for p in "abcd"))
+    ranking = Placement(M, tuple(Candidate(p, 0.0, "") for p in "abcde"))
     settled = settle(ranking, NodeIndex(nodes), state, probed)
     assert order(settled) == expected
     by_peer = {c.peer_id: c for c in settled.candidates}

@@ -261,7 +261,8 @@ def test_a_run_reply_carries_the_executors_load(load: int) -> None:
 
 
 def test_a_run_reply_without_load_has_no_such_field_and_decodes_as_unknown() -> None:
-    # Older peers reject unknown fields, and send none: both directions keep working.
+    # A result without a load (an older executor's) decodes; one that has none to
+    # report sends none. (An older coordinator still rejects a result with a load.)
     assert "load" not in msgpack.unpackb(encode(_run_reply()))
     decoded = decode_reply(_pack(_result_body()))
     assert isinstance(decoded, InferenceResult)
