@@ -53,6 +53,8 @@ PLACE_PROTOCOL = TProtocol("/p2p-node/place/1.0.0")
 SELECT_PROTOCOL = TProtocol("/p2p-node/select/1.0.0")  # select? and feedback
 LOAD_PROTOCOL = TProtocol("/p2p-node/load/1.0.0")  # load?: a coordinator's probe
 
+MAX_WARNED_ADDRESSES = 4096  # refused addresses remembered, to warn once for each
+
 # Multistream negotiation of a new stream; libp2p's default is 30 s.
 NEGOTIATE_TIMEOUT_S = 5
 # How long past a request's own deadline we wait for the peer's DEADLINE_EXCEEDED.
@@ -118,9 +120,12 @@ def new_libp2p_host(
 
 def _log_refused_handshakes(host: IHost, psk: PreSharedKey) -> None:
     """Log each inbound connection whose handshake fails: in a private network, most
-    likely a peer without our key. libp2p itself only says so at debug level."""
+    likely a peer without our key. libp2p itself only says so at debug level. The
+    first refusal from each address is a warning, later ones (a peer that keeps
+    redialling, a port scanner) are at debug."""
     network: Any = host.get_network()
     upgrade = network.upgrade_inbound_raw_conn
+    warned: set[str] = set()
 
     async def logged_upgrade(raw_conn: Any, maddr: multiaddr.Multiaddr) -> Any:
         remote = raw_conn.get_remote_address()
@@ -130,7 +135,12 @@ def _log_refused_handshakes(host: IHost, psk: PreSharedKey) -> None:
             # Mostly a SwarmException; but a stranger's bytes decrypted with our key
             # are garbage, and not every way that fails comes wrapped in one (a CI run
             # refused a stranger and logged nothing).
-            logger.warning(
+            host_ip = remote[0] if remote else "?"
+            first = host_ip not in warned and len(warned) < MAX_WARNED_ADDRESSES
+            if first:
+                warned.add(host_ip)
+            logger.log(
+                logging.WARNING if first else logging.DEBUG,
                 "refused a connection from %s: %s: %s (a peer outside private network %s?)",
                 f"{remote[0]}:{remote[1]}" if remote else "an unknown address",
                 type(error).__name__,

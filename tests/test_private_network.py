@@ -212,3 +212,50 @@ async def test_the_demo_runs_as_a_private_network() -> None:
         rows = await run_demo(2, PreSharedKey.generate())
     assert len(rows) > 1
     assert all("right" in row[4] or "wrong" in row[4] for row in rows[1:])
+
+
+class _FailingNetwork:
+    """Stands in for the swarm: every inbound upgrade fails, as a stranger's would."""
+
+    async def upgrade_inbound_raw_conn(self, raw_conn: object, maddr: object) -> object:
+        raise RuntimeError("garbage where a handshake should be")
+
+
+class _FakeHost:
+    def __init__(self) -> None:
+        self.network = _FailingNetwork()
+
+    def get_network(self) -> _FailingNetwork:
+        return self.network
+
+
+class _RawConn:
+    def __init__(self, ip: str, port: int) -> None:
+        self.address = (ip, port)
+
+    def get_remote_address(self) -> tuple[str, int]:
+        return self.address
+
+
+async def test_each_address_is_warned_of_once_then_logged_at_debug(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from p2p_node._rpc import _log_refused_handshakes
+
+    host = _FakeHost()
+    psk = PreSharedKey.generate()
+    _log_refused_handshakes(host, psk)  # type: ignore[arg-type]
+    upgrade = host.network.upgrade_inbound_raw_conn
+    dials = [("10.0.0.1", 4001), ("10.0.0.1", 4002), ("10.0.0.2", 4001), ("10.0.0.1", 4003)]
+    with trio.fail_after(5), caplog.at_level(logging.DEBUG, logger="p2p_node._rpc"):
+        for ip, port in dials:
+            with pytest.raises(RuntimeError):
+                await upgrade(_RawConn(ip, port), None)
+    refused = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in refused] == [
+        logging.WARNING,
+        logging.DEBUG,
+        logging.WARNING,
+        logging.DEBUG,
+    ]
+    assert all(psk.fingerprint in message and "RuntimeError" in message for _, message in refused)
