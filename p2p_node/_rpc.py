@@ -39,6 +39,7 @@ from libp2p.transport.exceptions import SecurityUpgradeFailure
 from scheduler import ErrorCode, JobError
 
 from . import _wire
+from ._errors import leaves
 from ._framing import FrameBuffer, FrameError, encode_frame
 from ._psk import PreSharedKey
 from ._wire import ErrorReply, Reply, Request, WireError
@@ -155,9 +156,7 @@ def _log_refused_handshakes(host: IHost, psk: PreSharedKey) -> None:
 def _only_transport_errors(error: BaseException) -> bool:
     """Whether `error`, or every error in its group, says the stream or connection
     ended (the reader and the writer of one stream may both see its reset)."""
-    if isinstance(error, BaseExceptionGroup):
-        return all(_only_transport_errors(e) for e in error.exceptions)
-    return isinstance(error, _TRANSPORT_ERRORS)
+    return all(isinstance(leaf, _TRANSPORT_ERRORS) for leaf in leaves(error))
 
 
 _PSK_HINT = "; is it in the same private network (--psk)?"
@@ -180,7 +179,7 @@ def _handshake_failed(error: BaseException) -> bool:
         if isinstance(current, SecurityUpgradeFailure):
             return True
         if isinstance(current, BaseExceptionGroup):
-            pending.extend(current.exceptions)
+            pending.extend(leaves(current))
         errors = getattr(current, "errors", ())  # libp2p's MultiError
         if isinstance(errors, list | tuple):
             pending.extend(e for e in errors if isinstance(e, BaseException))
