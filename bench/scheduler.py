@@ -37,8 +37,8 @@ Usage: python -m bench.scheduler [--requests 100000] [--seed 1] [--quick] [--ski
    the peer's load at that moment (`reported`), as a real executor's reply does.
 
    Probes: LEAST_LOADED and LATENCY_OPTIMIZED run as the orchestrator runs them.
-   When `worth_probing` (a queue at the first candidate, and requests heavier than
-   a probe: every answer reports its service time), the coordinator learns the
+   When `to_probe` says it pays (a queue at the first candidate, and requests heavier
+   than a probe: every answer reports its service time), the coordinator learns the
    exact load of its first PROBED (2) candidates and `settle`s them by expected
    completion. The request's latency then includes the probe's round trip,
    PROBE_RTT_S: 2.5 ms, a little above the p50 a probe takes between two node
@@ -83,7 +83,6 @@ from types import MappingProxyType
 import numpy as np
 
 from scheduler import (
-    PROBED,
     CoordinatorSnapshot,
     DistributionStrategy,
     NodeIndex,
@@ -94,7 +93,7 @@ from scheduler import (
     place,
     settle,
     shortlist,
-    worth_probing,
+    to_probe,
 )
 
 MODEL = "model-a"
@@ -413,11 +412,10 @@ def simulate(
                     ranked = place(
                         strategy, MODEL, index, st, now=t, rng=rngs[c], power_of_two=False
                     )
-                first = index.node(ranked.candidates[0].peer_id)
-                if first and worth_probing(first, MODEL, st, PROBE_RTT_S * 1e3):
-                    asked = [x.peer_id for x in ranked.candidates[:PROBED]]
-                    for pid in asked:
-                        st.reported(pid, in_system[slot[pid]], t)
+                asked = to_probe(ranked, index, st, PROBE_RTT_S * 1e3)
+                for pid in asked:
+                    st.reported(pid, in_system[slot[pid]], t)
+                if asked:
                     ranked = settle(ranked, index, st, asked)
                     extra = PROBE_RTT_S
                 chosen = ranked.candidates[0] if ranked.candidates else None

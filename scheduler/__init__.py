@@ -33,6 +33,7 @@ from ._strategies import pick as pick
 from ._strategies import place as place
 from ._strategies import settle as settle
 from ._strategies import shortlist as shortlist
+from ._strategies import to_probe as to_probe
 from ._strategies import worth_probing as worth_probing
 
 __all__ = [
@@ -68,5 +69,6 @@ __all__ = [
     "place",
     "settle",
     "shortlist",
+    "to_probe",
     "worth_probing",
 ]

@@ -17,14 +17,12 @@ from ._node_info import NO_REQUIREMENTS, NodeIndex, Requirements
 from ._request import InferenceRequest, InferenceResult
 from ._stats import PeerStats, StatsConfig
 from ._strategies import (
-    PROBED,
-    Candidate,
     DistributionStrategy,
     Placement,
     place,
     settle,
     shortlist,
-    worth_probing,
+    to_probe,
 )
 
 logger = logging.getLogger(__name__)
@@ -186,10 +184,11 @@ class DistributedModelOrchestrator:
         tried: set[str] = set()
         attempts = 0
         while True:
+            index = self._index()
             listed = shortlist(
                 strategy,
                 request.model_id,
-                self._index(),
+                index,
                 self.stats,
                 now=trio.current_time(),
                 rng=self._rng,
@@ -197,16 +196,15 @@ class DistributedModelOrchestrator:
                 size=self.config.shortlist,
                 exclude=tried,
             )
-            fresh = list(listed.candidates)
-            if not fresh:
+            if not listed.candidates:
                 placement = self.placement(request.model_id, strategy, request.requirements)
                 await self._nothing_to_try(request, placement, last, tried)
                 continue
             if attempts >= self.config.max_attempts:
                 raise last[-1]
             if strategy in PROBING:
-                fresh = await self._settled(request.model_id, fresh, deadline)
-            peers = [c.peer_id for c in fresh[: 2 if hedge else 1]]
+                listed = await self._settled(listed, index, deadline)
+            peers = [c.peer_id for c in listed.candidates[: 2 if hedge else 1]]
             self.stats.placed(request.model_id)
             try:
                 if len(peers) == 2:
@@ -223,42 +221,35 @@ class DistributedModelOrchestrator:
                     "job %s on %s failed (%s); trying another peer", request.job_id, peers, error
                 )
 
-    async def _settled(
-        self, model_id: str, ranked: list[Candidate], deadline: float
-    ) -> list[Candidate]:
-        """`ranked`, with its first PROBED candidates asked for their load and put in
-        order of expected completion, when the wait at the first is worth a probe."""
-        index = self._index()
-        first = index.node(ranked[0].peer_id)
-        if self._probe is None or len(ranked) < 2 or first is None:
-            return ranked
+    async def _settled(self, listed: Placement, index: NodeIndex, deadline: float) -> Placement:
+        """`listed`, its first candidates probed for their load and put in order of
+        expected completion when that pays (`to_probe`)."""
+        if self._probe is None:
+            return listed
         now = trio.current_time()
         rtt_ms = self._probe_rtt_ms
         if now - self._probed_at >= self.config.probe_refresh_s:
             # Probes found too slow to pay are retried now and then: the network and
             # the peers change, and only a probe measures what a probe costs now.
             rtt_ms = min(rtt_ms, self.config.probe_rtt_ms)
-        if not worth_probing(first, model_id, self.stats, rtt_ms):
-            return ranked
+        asked = to_probe(listed, index, self.stats, rtt_ms)
+        if not asked:
+            return listed
         self._probed_at = now
-        asked = [c.peer_id for c in ranked[:PROBED]]
         timeout = max(0.0, min(self.config.probe_timeout_s, (deadline - now) / 4))
         async with trio.open_nursery() as nursery:
             for peer_id in asked:
-                nursery.start_soon(self._ask_load, peer_id, timeout)
-        placement = Placement(model_id, tuple(ranked))
-        return list(settle(placement, index, self.stats, asked).candidates)
+                nursery.start_soon(self._ask_load, self._probe, peer_id, timeout)
+        return settle(listed, index, self.stats, asked)
 
-    async def _ask_load(self, peer_id: str, timeout: float) -> None:
+    async def _ask_load(self, probe: Probe, peer_id: str, timeout: float) -> None:
         """One probe: advice, never a reason to fail the job. A peer that fails it or
         does not answer in time keeps its estimate (the send itself will find out
         what is wrong with it). Answered probes teach what the next one costs."""
-        if self._probe is None:
-            return
         started = trio.current_time()
         with trio.move_on_after(timeout):
             try:
-                load = await self._probe(peer_id, timeout)
+                load = await probe(peer_id, timeout)
             except JobError as error:
                 logger.debug("load probe of %s failed: %s", peer_id, error)
                 return

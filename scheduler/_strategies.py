@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from ._node_info import NO_REQUIREMENTS, GpuNeed, NodeIndex, NodeInfo, Requirements, speed_of
 
@@ -160,39 +160,40 @@ def shortlist(
     """
     serving = index.serving(model_id)
     above = _P2C_ABOVE.get(strategy)
-    if above is None or len(serving) - len(exclude) <= max(above, size, _RANK_ALL_UP_TO):
-        ranking = place(
-            strategy, model_id, index, state, now=now, rng=rng, requirements=requirements
-        )
-        kept = tuple(c for c in ranking.candidates if c.peer_id not in exclude)
-        return Placement(model_id, kept, ranking.excluded)
-    ctx = _Context(model_id, state, requirements, rng, True)
-    speeds = index.cumulative_speeds(model_id)
-    total = speeds[-1]
+    if above is not None and len(serving) - len(exclude) > max(above, size, _RANK_ALL_UP_TO):
+        ctx = _Context(model_id, state, requirements, rng, True)
+        speeds = index.cumulative_speeds(model_id)
+        drawn = _draw_distinct(strategy, serving, speeds, size, exclude, ctx, now)
+        if drawn:  # else the spare draws ran out on peers excluded or backing off
+            scorer = _SCORERS[strategy]
+            return Placement(
+                model_id, tuple(sorted((scorer(n, ctx) for n in drawn), key=_by_score))
+            )
+    ranking = place(strategy, model_id, index, state, now=now, rng=rng, requirements=requirements)
+    kept = tuple(c for c in ranking.candidates if c.peer_id not in exclude)
+    return Placement(model_id, kept, ranking.excluded)
+
+
+def _draw_distinct(
+    strategy: DistributionStrategy,
+    serving: Sequence[NodeInfo],
+    cumulative: Sequence[float],
+    size: int,
+    exclude: Collection[str],
+    ctx: _Context,
+    now: float,
+) -> list[NodeInfo]:
+    """Up to `size` distinct peers drawn in proportion to their speed, skipping the
+    excluded and those `place` would leave out."""
     drawn: dict[str, NodeInfo] = {}
     for _ in range(4 * size):  # spare draws, for peers drawn twice, excluded or backing off
-        node = serving[min(len(serving) - 1, bisect.bisect_right(speeds, rng.random() * total))]
+        node = serving[_draw(cumulative, ctx.rng)]
         if node.peer_id in drawn or node.peer_id in exclude or _exclusion(strategy, node, ctx, now):
             continue
         drawn[node.peer_id] = node
         if len(drawn) == size:
             break
-    if not drawn:
-        return shortlist(
-            strategy,
-            model_id,
-            index,
-            state,
-            now=now,
-            rng=rng,
-            requirements=requirements,
-            size=len(serving),
-            exclude=exclude,
-        )
-    scorer = _SCORERS[strategy]
-    return Placement(
-        model_id, tuple(sorted([scorer(n, ctx) for n in drawn.values()], key=_by_score))
-    )
+    return list(drawn.values())
 
 
 def pick(
@@ -244,12 +245,10 @@ def settle(
 
 def expected_wait_ms(node: NodeInfo, model_id: str, state: CoordinatorState) -> float:
     """How long a request sent to `node` now would queue, as this coordinator guesses:
-    (others' load + outstanding from here) x latency per request. A probe is worth
-    its round trip only when this exceeds it."""
-    ctx = _Context(model_id, state, NO_REQUIREMENTS, _UNUSED_RNG, False)
-    score = _least_loaded(node, ctx).score
-    latency = node.latency_ms.get(model_id)
-    return score - latency if latency is not None else score * DEFAULT_LATENCY_MS
+    load x latency per request (the prior where the peer has gossiped none). A probe
+    is worth its round trip only when this exceeds it."""
+    load, _ = _load(node, state)
+    return load * node.latency_ms.get(model_id, DEFAULT_LATENCY_MS)
 
 
 def worth_probing(node: NodeInfo, model_id: str, state: CoordinatorState, rtt_ms: float) -> bool:
@@ -270,6 +269,20 @@ def worth_probing(node: NodeInfo, model_id: str, state: CoordinatorState, rtt_ms
     if work is None or work < rtt_ms:
         return False
     return expected_wait_ms(node, model_id, state) >= rtt_ms
+
+
+def to_probe(
+    ranked: Placement, index: NodeIndex, state: CoordinatorState, rtt_ms: float
+) -> list[str]:
+    """The candidates to ask for their load before sending, probes taking `rtt_ms`:
+    the first PROBED when the first is `worth_probing`, none when that does not pay
+    or there is no second candidate to choose."""
+    if len(ranked.candidates) < 2:
+        return []
+    first = index.node(ranked.candidates[0].peer_id)
+    if first is None or not worth_probing(first, ranked.model_id, state, rtt_ms):
+        return []
+    return [c.peer_id for c in ranked.candidates[:PROBED]]
 
 
 def _by_score(candidate: Candidate) -> tuple[float, str]:
@@ -295,17 +308,10 @@ def _missing_capability(node: NodeInfo, needs: Requirements) -> str:
     return ""
 
 
-T = TypeVar("T")
-
-
-def _draw_two(items: Sequence[T], cumulative: Sequence[float], rng: random.Random) -> tuple[T, T]:
-    """Two distinct items, each drawn in proportion to its weight (`cumulative`: the
-    running sums of the weights, so that a draw is a bisection)."""
-    first = rng.choices(range(len(items)), cum_weights=cumulative)[0]
-    while True:
-        second = rng.choices(range(len(items)), cum_weights=cumulative)[0]
-        if second != first:
-            return items[first], items[second]
+def _draw(cumulative: Sequence[float], rng: random.Random) -> int:
+    """An index drawn in proportion to its weight (`cumulative`: the running sums of
+    the weights, so that a draw is a bisection). The same draw as `rng.choices`."""
+    return bisect.bisect(cumulative, rng.random() * cumulative[-1], 0, len(cumulative) - 1)
 
 
 def _two_choices(
@@ -319,7 +325,11 @@ def _two_choices(
     their speed: drawn uniformly, two slow peers come up together so often that
     the slow ones get more than their share of the work.
     """
-    a, b = _draw_two(range(len(ranked)), list(itertools.accumulate(speeds)), rng)
+    cumulative = list(itertools.accumulate(speeds))
+    a = _draw(cumulative, rng)
+    b = a
+    while b == a:
+        b = _draw(cumulative, rng)
     first = ranked[min(a, b)]  # ranked is sorted, so the lower index is the better one
     rest = [c for c in ranked if c is not first]
     reason = f"{first.reason}; better of two random choices"
@@ -337,31 +347,36 @@ def _round_robin(nodes: Sequence[NodeInfo], ctx: _Context) -> list[Candidate]:
 
 
 def _least_loaded(node: NodeInfo, ctx: _Context) -> Candidate:
-    """Load in time: (load + outstanding from here + 1) x the peer's gossiped latency
-    for the model, so that a queue of 4 on a peer 4x faster counts as 1.
-
-    The load is the fresher of what the peer gossiped and what it reported with
-    its last answer or probe to us. A report is kept without our own requests
-    (which `outstanding` counts now); a gossiped load still holds the ones we had
-    there when it was recorded, so it errs towards busy. Before a peer has
+    """Load in time: (load + 1) x the peer's gossiped latency for the model, so that a
+    queue of 4 on a peer 4x faster counts as 1 (see `_load`). Before a peer has
     gossiped a latency for the model, its load alone decides."""
-    mine = ctx.state.outstanding(node.peer_id)
-    report = ctx.state.reported_load(node.peer_id)
-    if report is not None and report[0] >= node.as_of:
-        others = report[1]
-        how = f"load {others + mine} ({others} from others as it last told us, {mine} from here)"
-    else:
-        others = node.load
-        how = (
-            f"load {others + mine} ({node.in_flight} running + {node.queue_length} queued, "
-            f"{mine} outstanding from here)"
-        )
-    load = others + mine
+    load, how = _load(node, ctx.state)
     latency = node.latency_ms.get(ctx.model_id)
     if latency is None:
         return Candidate(node.peer_id, float(load), how)
     return Candidate(
         node.peer_id, (load + 1) * latency, f"{how} + 1, x {latency:.2f} ms per request"
+    )
+
+
+def _load(node: NodeInfo, state: CoordinatorState) -> tuple[int, str]:
+    """Requests ahead of one sent to `node` now, and how that was counted.
+
+    Others' load is the fresher of what the peer gossiped and what it reported with
+    its last answer or probe to us; outstanding requests from here are added. A
+    report is kept without our own requests (which `outstanding` counts now); a
+    gossiped load still holds the ones we had there when it was recorded, so it
+    errs towards busy."""
+    mine = state.outstanding(node.peer_id)
+    report = state.reported_load(node.peer_id)
+    if report is not None and report[0] >= node.as_of:
+        others = report[1]
+        return others + mine, (
+            f"load {others + mine} ({others} from others as it last told us, {mine} from here)"
+        )
+    return node.load + mine, (
+        f"load {node.load + mine} ({node.in_flight} running + {node.queue_length} queued, "
+        f"{mine} outstanding from here)"
     )
 
 

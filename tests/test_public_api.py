@@ -61,6 +61,7 @@ def test_public_names() -> None:
             "place",
             "settle",
             "shortlist",
+            "to_probe",
             "worth_probing",
         ]
     )

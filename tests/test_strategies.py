@@ -37,6 +37,7 @@ from scheduler import (
     place,
     settle,
     shortlist,
+    to_probe,
     worth_probing,
 )
 
@@ -401,6 +402,20 @@ def test_worth_probing(
     peer = node("a", in_flight=in_flight, latency={M: gossiped} if gossiped else {})
     state = CoordinatorSnapshot(compute_by_model={M: computed} if computed else {})
     assert worth_probing(peer, M, state, rtt_ms=2.0) is expected
+
+
+@pytest.mark.parametrize(
+    ("peers", "queued", "expected"),
+    [
+        pytest.param("abc", 3, ["a", "b"], id="the-first-two"),
+        pytest.param("a", 3, [], id="no-second-to-choose"),
+        pytest.param("abc", 0, [], id="nothing-to-gain"),
+    ],
+)
+def test_to_probe(peers: str, queued: int, expected: list[str]) -> None:
+    nodes = [node(p, in_flight=queued, latency={M: 10.0}) for p in peers]
+    ranking = Placement(M, tuple(Candidate(p, 0.0, "") for p in peers))
+    assert to_probe(ranking, NodeIndex(nodes), snapshot(), rtt_ms=2.0) == expected
 
 
 # --- MODEL_SPECIFIC --------------------------------------------------------------------
