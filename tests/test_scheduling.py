@@ -9,6 +9,7 @@ import trio
 import trio.lowlevel
 
 from p2p_node import Client, ExecutorConfig, NodeConfig
+from p2p_node._executor import Executor
 from p2p_node.testing import open_swarm
 from scheduler import (
     DistributionStrategy,
@@ -148,10 +149,23 @@ async def test_probes_and_answers_report_the_load_a_peer_holds(digits) -> None:
                         jobs.start_soon(submit)
                     for w in workers:
                         await w.executor.wait_counters(lambda c: c.admitted > 0)
-                    await trio.testing.wait_all_tasks_blocked(0.05)
+                    await _until_admitted([w.executor for w in workers], 5)
                     held = [w.executor.in_flight for w in workers]
                     probed = [await coordinator.probe_load(w.peer_id, 5) for w in workers]
                     assert probed == held and sum(held) == 5
                     assert await coordinator.probe_load(coordinator.peer_id, 5) == 0
     assert len(results) == 5
     assert all(r.load is not None and 0 <= r.load < 5 for r in results)
+
+
+async def _until_admitted(executors: list[Executor], total: int) -> None:
+    """Until `executors` have admitted `total` requests between them."""
+    while sum(e.counters.admitted for e in executors) < total:
+        async with trio.open_nursery() as any_admits:
+
+            async def admits(executor: Executor, seen: int) -> None:
+                await executor.wait_counters(lambda c: c.admitted > seen)
+                any_admits.cancel_scope.cancel()
+
+            for e in executors:
+                any_admits.start_soon(admits, e, e.counters.admitted)
