@@ -82,6 +82,13 @@ class Gossip:
         self._departures[peer_id] = (departure, trio.current_time())
         self.changed()
 
+    def _connected_to(self, peer_id: str) -> bool:
+        try:
+            peer = ID.from_base58(peer_id)
+        except Exception:  # not a peer id: no connection to it
+            return False
+        return bool(self._pubsub.host.get_network().connections.get(peer))
+
     def silence(self, seconds: float) -> None:
         """Publish nothing for `seconds` (the harness's stall: alive but silent)."""
         self._silent_until = trio.current_time() + seconds
@@ -121,7 +128,11 @@ class Gossip:
             self.view.apply(record, trio.current_time())
             self._departures.pop(record.peer_id, None)
             for gone in record.departed:
-                if gone.peer_id != self._my_id:
+                # Our own live connection to the peer outweighs a neighbour's word:
+                # one dropped link (or one neighbour's flaky view) must not take
+                # the peer out of every view. Should the peer be dead, our
+                # connection drops too, or its ttl runs out.
+                if gone.peer_id != self._my_id and not self._connected_to(gone.peer_id):
                     self.view.depart(gone.peer_id, gone.boot_id, gone.seq)
 
     async def publish_forever(self) -> None:

@@ -62,6 +62,33 @@ async def test_a_killed_node_leaves_every_view() -> None:
             assert not alive_everywhere(swarm, victim)
 
 
+async def test_a_neighbours_lost_link_does_not_remove_a_peer_we_are_connected_to() -> None:
+    with trio.fail_after(60):
+        async with open_swarm(3, topology="full") as swarm:
+            await swarm.wait_converged()
+            first, second, third = (swarm[i].peer_id for i in range(3))
+            events = swarm[0].view.subscribe()
+            await swarm[1].block([third])  # only the link between nodes 1 and 2 drops
+
+            def reported_gone(view) -> bool:  # type: ignore[no-untyped-def]
+                record = view.peers[second].record
+                return any(gone.peer_id == third for gone in record.departed)
+
+            # Node 1 tells everyone that node 2 went; node 0 still holds its own link.
+            await swarm[0].view.wait_until(reported_gone)
+            seen = []
+            while True:
+                try:
+                    seen.append(events.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            known = swarm[0].view.snapshot().peers.get(third)
+            still_connected = third in swarm[0].connected_peers()
+    assert still_connected and known is not None and known.state is PeerState.ALIVE
+    assert not [e for e in seen if e.peer_id == third and e.kind is not EventKind.UPDATED]
+    assert first not in {e.peer_id for e in seen}
+
+
 async def test_a_stall_shorter_than_the_ttl_kills_no_one() -> None:
     # Ten nodes in one process load a core: records arrive up to ~2 s late at the
     # default interval (see bench.gossip), so this test gives them a 5 s ttl.
