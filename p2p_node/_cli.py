@@ -209,6 +209,12 @@ def _parser() -> argparse.ArgumentParser:
         help="with --batch-size: .npy (first output) or .npz (all outputs)",
     )
     submit.add_argument("--concurrency", type=int, default=8, help="batch jobs at a time")
+    submit.add_argument(
+        "--via-node",
+        action="store_true",
+        help="with --batch-size: send every job to --peer, which places it (default: "
+        "straight to the peers serving the model, as --peer ranks them)",
+    )
     submit.set_defaults(run=_submit)
 
     place = commands.add_parser("place", help="rank where a model would run; runs nothing")
@@ -469,6 +475,7 @@ async def _submit_batch(
             strategy=strategy,
             timeout=args.timeout,
             concurrency=args.concurrency,
+            direct=not args.via_node,
             on_progress=progress,
         )
         seconds = trio.current_time() - started

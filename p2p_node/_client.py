@@ -30,10 +30,12 @@ from scheduler import (
 )
 from selection import AdvancedModelSelectionStrategy, Selection
 
-from ._config import parse_peer_multiaddr
+from ._batch import BatchRun, spread
+from ._config import ConfigError, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
 from ._psk import PreSharedKey
 from ._rpc import (
+    INFER_PROTOCOL,
     JOB_PROTOCOL,
     LOAD_PROTOCOL,
     MODELS_PROTOCOL,
@@ -313,36 +315,96 @@ class Client:
         strategy: DistributionStrategy | None = None,
         timeout: float = 30.0,
         concurrency: int = 8,
+        direct: bool = True,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> BatchResult:
-        """Run many rows as chunks of `batch_size`, `concurrency` jobs at a time; the
-        node spreads them over every peer serving the model and redoes a chunk whose
-        peer fails elsewhere. Outputs come back in input order."""
+        """Run many rows as chunks of `batch_size`, `concurrency` chunks at a time.
+        Outputs come back in input order.
+
+        With `direct`, the chunks go straight to the peers serving the model (those
+        the node ranks first by `strategy`, and this client can reach), which pull
+        them as they finish the last: no chunk is forwarded through the node. A chunk
+        whose peer fails is redone elsewhere. Without it, or when no peer can be
+        reached, every chunk is a job for the node, which places it.
+        """
         rows = _row_count(inputs, batch_size)
         bounds = [(start, min(start + batch_size, rows)) for start in range(0, rows, batch_size)]
         results: list[InferenceResult | None] = [None] * len(bounds)
-        slots = trio.Semaphore(max(1, concurrency))
         done = 0
 
-        async def one(i: int, start: int, end: int) -> None:
+        def chunk(i: int) -> Tensors:
+            start, end = bounds[i]
+            return {name: array[start:end] for name, array in inputs.items()}
+
+        async def run_on(peer_id: str, i: int) -> InferenceResult:
+            return await self._infer(peer_id, model_id, chunk(i), timeout)
+
+        async def via_node(i: int) -> InferenceResult:
+            return await self.submit(model_id, chunk(i), timeout=timeout, strategy=strategy)
+
+        def answered(i: int, result: InferenceResult) -> None:
             nonlocal done
-            async with slots:
-                chunk = {name: array[start:end] for name, array in inputs.items()}
-                results[i] = await self.submit(model_id, chunk, timeout=timeout, strategy=strategy)
+            results[i] = result
+            start, end = bounds[i]
             done += end - start
             if on_progress:
                 on_progress(done, rows)
 
+        peers = await self._batch_peers(model_id, strategy, concurrency) if direct else []
         with unwrap_single_errors():
-            async with trio.open_nursery() as nursery:
-                for i, (start, end) in enumerate(bounds):
-                    nursery.start_soon(one, i, start, end)
+            await BatchRun(len(bounds), run_on, via_node, answered).run(
+                spread(concurrency, peers), fallback_slots=concurrency
+            )
         finished = [r for r in results if r is not None]
         outputs = {
             name: np.concatenate([r.outputs[name] for r in finished])
             for name in finished[0].outputs
         }
         return BatchResult(outputs, dict(Counter(r.executor for r in finished)), len(bounds))
+
+    async def _batch_peers(
+        self, model_id: str, strategy: DistributionStrategy | None, most: int
+    ) -> list[str]:
+        """The first `most` peers the node ranks for `model_id` (itself included),
+        less those this client cannot reach."""
+        try:
+            placement = await self.place(
+                model_id, strategy or DistributionStrategy.LEAST_LOADED, timeout=self._dial_timeout
+            )
+            reports = {r.record.peer_id: r for r in await self.peers(timeout=self._dial_timeout)}
+        except JobError as error:
+            logger.info("batch: no direct placement (%s); the node places every chunk", error)
+            return []
+        wanted = [c.peer_id for c in placement.candidates][: max(1, most)]
+        reached = {self.peer_id}
+        # Dial them all at once; those not reached within the dial timeout are left out.
+        with trio.move_on_after(self._dial_timeout):
+            async with trio.open_nursery() as nursery:
+                for peer_id in wanted:
+                    if peer_id not in reached and peer_id in reports:
+                        nursery.start_soon(self._dial, reports[peer_id], reached)
+        return [peer_id for peer_id in wanted if peer_id in reached]
+
+    async def _dial(self, report: PeerReport, reached: set[str]) -> None:
+        for addr in report.record.addrs:
+            try:
+                await self._rpc.connect(parse_peer_multiaddr(addr), self._dial_timeout)
+            except (JobError, ConfigError) as error:
+                logger.debug("batch: cannot reach %s at %s: %s", report.record.peer_id, addr, error)
+            else:
+                reached.add(report.record.peer_id)
+                return
+
+    async def _infer(
+        self, peer_id: str, model_id: str, inputs: Tensors, timeout: float
+    ) -> InferenceResult:
+        """Have `peer_id` run `model_id` itself (no forwarding)."""
+        message = RunRequest(
+            new_job_id(), model_id, inputs, timeout_ms=max(1, round(timeout * 1000))
+        )
+        reply = await self._rpc.call(peer_id, INFER_PROTOCOL, message, timeout + REPLY_GRACE_S)
+        result: InferenceResult = expect_reply(reply, InferenceResult, peer_id)
+        return result
 
     async def place(
         self,

@@ -335,12 +335,17 @@ class Node:
         return await self._with_load_notes(self._run_here_within_deadline, run)
 
     async def _admit_infer(self, sender: str) -> None:
-        """Peers of the network, and allowed clients, may have this node run models.
+        """Peers of the network may have this node run models; so may allowed clients
+        (a batch sends its chunks straight to the peers that run them), each chunk
+        taking one of the client's job tokens.
 
         A new peer's first request can come before its record, so an unknown
         sender is given a few record intervals to appear in the view.
         """
+        if sender in self.view.snapshot().peers:
+            return
         if self.admission.allows(sender):
+            self.admission.admit_job(sender, trio.current_time())
             return
         with trio.move_on_after(self.config.gossip.interval * self.config.gossip.ttl_factor):
             await self.view.wait_until(lambda view: sender in view.peers)

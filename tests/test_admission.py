@@ -232,3 +232,21 @@ async def test_a_client_over_its_rate_is_told_when_to_come_back(tmp_path: Path, 
     assert caught.value.code == ErrorCode.OVERLOADED
     assert caught.value.retry_after is not None and 0 < caught.value.retry_after <= 2.0
     assert "retry after" in caught.value.message
+
+
+async def test_a_batch_sent_straight_to_a_node_still_spends_the_clients_job_tokens(
+    tmp_path: Path, digits
+) -> None:
+    x, _ = digits
+    admission = AdmissionConfig(job_rate=1.0, job_burst=2)
+    with trio.fail_after(30):
+        async with open_swarm(1, base=_swarm_config(tmp_path, admission)) as swarm:
+            async with Client.connect(swarm[0].addrs[0]) as client:
+                batch = await client.submit_batch(
+                    "digits-mlp", {"input": x[:4]}, batch_size=1, concurrency=1
+                )
+            refused = dict(swarm[0].admission.refused)
+            ran = swarm[0].executor.counters.completed
+    # Four chunks against a burst of two: the third and fourth each waited for a token.
+    assert batch.chunks == 4 and batch.chunks_by_executor == {swarm[0].peer_id: 4}
+    assert refused == {ErrorCode.OVERLOADED: 2} and ran == 4
