@@ -9,10 +9,12 @@ forwards it.
 
 Failures, by what they say:
 - about the request (bad input, say): the batch fails with that error at once;
-- about the peer (gone, timed out, refusing this client or model): its chunk is
-  put back for the other slots and the peer leaves the batch;
-- OVERLOADED: the slot waits as asked (or briefly) and tries again, a few times
-  in a row at most, then the peer leaves the batch.
+- about the peer (gone, timed out, refusing this client or model, answering
+  nonsense): its chunk is put back for the other slots and the peer leaves the
+  batch;
+- OVERLOADED: the slot waits as asked (5 s at most, or briefly when not told, and
+  no longer than the batch lasts) and tries again, a few times in a row at most,
+  then the peer leaves the batch.
 
 Chunks left when every peer has left go through `fallback` (the client's node,
 as ordinary jobs that fail over on their own); its errors end the batch.
@@ -30,17 +32,21 @@ from scheduler import ErrorCode, InferenceResult, JobError
 
 logger = logging.getLogger(__name__)
 
-# What a peer says when it will not run this batch's chunks, whatever we send it.
-PEER_REFUSES = frozenset(
+# What a peer says when it will not run this batch's chunks, whatever we send it;
+# or a reply that makes no sense (a request the peers all call malformed fails the
+# batch anyway, in the fallback).
+PEER_FAULTS = frozenset(
     {
         ErrorCode.UNAUTHORIZED,
         ErrorCode.UNKNOWN_MODEL,
         ErrorCode.UNSUPPORTED_VERSION,
         ErrorCode.MESSAGE_TOO_LARGE,
+        ErrorCode.MALFORMED_MESSAGE,
     }
 )
 MAX_OVERLOADED_WAITS = 3  # in a row, per slot; then the peer leaves the batch
 OVERLOADED_WAIT_S = 0.1  # when the peer does not say how long
+MAX_OVERLOADED_WAIT_S = 5.0  # whatever it says
 
 RunOn = Callable[[str, int], Awaitable[InferenceResult]]  # (peer id, chunk) -> answer
 RunChunk = Callable[[int], Awaitable[InferenceResult]]
@@ -55,6 +61,9 @@ class ChunkQueue:
         self._waiting = deque(range(count))
         self.unanswered = count
         self._changed = trio.Event()
+        self.all_answered = trio.Event()
+        if count == 0:
+            self.all_answered.set()
 
     @property
     def waiting(self) -> int:
@@ -71,6 +80,8 @@ class ChunkQueue:
 
     def answered(self) -> None:
         self.unanswered -= 1
+        if self.unanswered == 0:
+            self.all_answered.set()
         self._notify()
 
     def put_back(self, chunk: int) -> None:
@@ -122,9 +133,11 @@ class BatchRun:
                 self.queue.put_back(chunk)
                 if error.code is ErrorCode.OVERLOADED and waits < MAX_OVERLOADED_WAITS:
                     waits += 1
-                    await trio.sleep(error.retry_after or OVERLOADED_WAIT_S)
+                    wait = min(error.retry_after or OVERLOADED_WAIT_S, MAX_OVERLOADED_WAIT_S)
+                    with trio.move_on_after(wait):  # others may finish the batch meanwhile
+                        await self.queue.all_answered.wait()
                     continue
-                if error.code.retryable or error.code in PEER_REFUSES:
+                if error.code.retryable or error.code in PEER_FAULTS:
                     self._leave(peer, error, peer_scope)
                 else:
                     self._fail(error, batch)

@@ -375,25 +375,35 @@ class Client:
         except JobError as error:
             logger.info("batch: no direct placement (%s); the node places every chunk", error)
             return []
-        wanted = [c.peer_id for c in placement.candidates][: max(1, most)]
+        ranked = [c.peer_id for c in placement.candidates][: 2 * max(1, most)]
         reached = {self.peer_id}
-        # Dial them all at once; those not reached within the dial timeout are left out.
+        # Dial them all at once (each at every address at once); those not reached
+        # within the dial timeout are left out, and the next ranked take their place.
         with trio.move_on_after(self._dial_timeout):
             async with trio.open_nursery() as nursery:
-                for peer_id in wanted:
+                for peer_id in ranked:
                     if peer_id not in reached and peer_id in reports:
                         nursery.start_soon(self._dial, reports[peer_id], reached)
-        return [peer_id for peer_id in wanted if peer_id in reached]
+        return [peer_id for peer_id in ranked if peer_id in reached][: max(1, most)]
 
     async def _dial(self, report: PeerReport, reached: set[str]) -> None:
-        for addr in report.record.addrs:
+        """Add the peer to `reached` once one of its addresses answers as that peer."""
+        peer_id = report.record.peer_id
+
+        async def one(addr: str, scope: trio.CancelScope) -> None:
             try:
-                await self._rpc.connect(parse_peer_multiaddr(addr), self._dial_timeout)
+                target = parse_peer_multiaddr(addr)
+                answered_as = await self._rpc.connect(target, self._dial_timeout)
             except (JobError, ConfigError) as error:
-                logger.debug("batch: cannot reach %s at %s: %s", report.record.peer_id, addr, error)
-            else:
-                reached.add(report.record.peer_id)
+                logger.debug("batch: cannot reach %s at %s: %s", peer_id, addr, error)
                 return
+            if answered_as == peer_id:
+                reached.add(peer_id)
+                scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for addr in report.record.addrs:
+                nursery.start_soon(one, addr, nursery.cancel_scope)
 
     async def _infer(
         self, peer_id: str, model_id: str, inputs: Tensors, timeout: float

@@ -147,6 +147,30 @@ async def test_an_overloaded_peer_is_waited_for_as_asked_then_left(
     assert waited >= 1.0 + MAX_OVERLOADED_WAITS * 5.0
 
 
+async def test_a_slot_with_nothing_to_take_is_woken_when_a_chunk_comes_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gone = JobError(ErrorCode.PEER_UNREACHABLE, "connection reset", peer="slow")
+    # fast runs the other 11 chunks by t=11 and then waits; slow fails chunk 1 at
+    # t=15, which fast must take up.
+    peers = Peers({"fast": 1.0, "slow": 30.0}, fails={"slow": (0, gone)})
+    results, batch = await run_batch(peers, {"fast": 1, "slow": 1})
+    assert sorted(results) == list(range(CHUNKS)) and batch.left == {"slow": gone}
+    assert peers.ran["slow"] == [] and peers.ran["fast"][-1] == 1
+    assert trio.current_time() == pytest.approx(16.0)
+
+
+async def test_a_peer_asking_to_wait_does_not_hold_up_a_finished_batch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    busy = JobError(ErrorCode.OVERLOADED, "queue full", peer="b", retry_after=100.0)
+    peers = Peers({"a": 1.0, "b": 1.0}, fails={"b": (3, busy)})
+    started = trio.current_time()
+    results, batch = await run_batch(peers, {"a": 1, "b": 1})
+    assert sorted(results) == list(range(CHUNKS)) and batch.left == {}
+    assert trio.current_time() - started < 10.0  # not 100 s, nor the 5 s cap on top
+
+
 @pytest.mark.parametrize(
     ("concurrency", "peers", "expected"),
     [

@@ -66,7 +66,7 @@ async def test_a_neighbours_lost_link_does_not_remove_a_peer_we_are_connected_to
     with trio.fail_after(60):
         async with open_swarm(3, topology="full") as swarm:
             await swarm.wait_converged()
-            first, second, third = (swarm[i].peer_id for i in range(3))
+            second, third = swarm[1].peer_id, swarm[2].peer_id
             events = swarm[0].view.subscribe()
             await swarm[1].block([third])  # only the link between nodes 1 and 2 drops
 
@@ -86,7 +86,6 @@ async def test_a_neighbours_lost_link_does_not_remove_a_peer_we_are_connected_to
             still_connected = third in swarm[0].connected_peers()
     assert still_connected and known is not None and known.state is PeerState.ALIVE
     assert not [e for e in seen if e.peer_id == third and e.kind is not EventKind.UPDATED]
-    assert first not in {e.peer_id for e in seen}
 
 
 async def test_a_stall_shorter_than_the_ttl_kills_no_one() -> None:
