@@ -7,6 +7,7 @@ records later, so they live in the lowest layer. No I/O here.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -84,11 +85,7 @@ class ModelDescriptor:
         check_text("version", self.version, MAX_ID_LENGTH)
         check_text("task_type", self.task_type, MAX_ID_LENGTH)
         check_text("description", self.description, MAX_TEXT_LENGTH, allow_empty=True)
-        if (
-            type(self.sha256) is not str
-            or len(self.sha256) != 64
-            or any(c not in "0123456789abcdef" for c in self.sha256)
-        ):
+        if type(self.sha256) is not str or not _SHA256_HEX(self.sha256):
             raise SchemaError(f"model {self.id!r}: sha256 must be 64 lowercase hex digits")
         for label, items in (("subtypes", self.subtypes), ("languages", self.languages)):
             if len(items) > MAX_LIST_LENGTH:
@@ -105,6 +102,9 @@ class ModelDescriptor:
             raise SchemaError(f"model {self.id!r}: needs 1 to {MAX_LIST_LENGTH} inputs")
         if len(self.outputs) > MAX_LIST_LENGTH:
             raise SchemaError(f"model {self.id!r}: too many outputs")
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}").fullmatch
 
 
 def _is_number(value: object) -> bool:

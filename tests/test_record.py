@@ -253,6 +253,10 @@ _BAD_VALUES: dict[str, Any] = {
     "long-cpu-model": lambda: dataclasses.replace(CAPABILITIES, cpu_model="x" * 257),
     "loaded-int": lambda: ModelEntry(BUNDLED_MODELS[0].descriptor, loaded=1),
     "entry-without-descriptor": lambda: ModelEntry("digits-mlp", loaded=True),
+    "sha256-upper": lambda: _bundled_descriptor(sha256="A" * 64),
+    "sha256-short": lambda: _bundled_descriptor(sha256="a" * 63),
+    "sha256-newline": lambda: _bundled_descriptor(sha256="a" * 64 + "\n"),
+    "sha256-not-hex": lambda: _bundled_descriptor(sha256="g" * 64),
     "nan-cpu": lambda: dataclasses.replace(LOAD, cpu_percent=math.nan),
     "cpu-over-100": lambda: dataclasses.replace(LOAD, cpu_percent=100.5),
     "negative-queue": lambda: dataclasses.replace(LOAD, queue_length=-3),
@@ -262,6 +266,10 @@ _BAD_VALUES: dict[str, Any] = {
     "inf-latency": lambda: ModelPerformance("m", math.inf, 1.0, 3),
     "negative-samples": lambda: ModelPerformance("m", 1.0, 1.0, -1),
 }
+
+
+def _bundled_descriptor(**changes: Any) -> Any:
+    return dataclasses.replace(BUNDLED_MODELS[0].descriptor, **changes)
 
 
 @pytest.mark.parametrize("build", _BAD_VALUES.values(), ids=_BAD_VALUES.keys())
