@@ -110,7 +110,7 @@ BATCH_MODEL = "digits-svm"
 
 
 def batch_speedup(
-    rows: int, batch_size: int, dtype: str = "float32", repeats: int = 3
+    rows: int, batch_size: int, dtype: str = "float32", repeats: int = 5
 ) -> dict[str, float]:
     """Median seconds for the batch over 1 node, and over 2 nodes with chunks sent
     straight to both (direct) or all through node 0 (via node). Runs alternate, so
@@ -178,7 +178,7 @@ def report(jobs: int = 2000, batch_rows: int = 200_000, batch_size: int = 5000) 
         print(
             f"-- batch: {batch_rows} rows of {BATCH_MODEL} as {dtype}"
             f" ({64 * np.dtype(dtype).itemsize}"
-            f" bytes a row) in jobs of {batch_size}, one ONNX thread per node, median of 3 --"
+            f" bytes a row) in jobs of {batch_size}, one ONNX thread per node, median of 5 --"
         )
         for case, seconds in times.items():
             print(f"{case:<20}{seconds:>7.2f} s   speed-up {one / seconds:.2f}x")

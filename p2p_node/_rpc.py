@@ -32,8 +32,10 @@ from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.protocol_muxer.exceptions import MultiselectClientError
+from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH as NOISE_MAX_PLAINTEXT
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux import yamux
 from libp2p.transport.exceptions import SecurityUpgradeFailure
 
 from scheduler import ErrorCode, JobError
@@ -43,6 +45,14 @@ from ._errors import leaves
 from ._framing import FrameBuffer, FrameError, encode_frame
 from ._psk import PreSharedKey
 from ._wire import ErrorReply, Reply, Request, WireError
+
+# py-libp2p cuts stream data into yamux frames of 64 KiB, header included, and a
+# Noise message carries at most 65,519 bytes: every full frame went out as two
+# Noise messages, the second of 29 bytes, each paying the whole per-message cost
+# of both ends (bench: about a tenth of the CPU a client and a node spend moving
+# a float32 batch). This only shapes what we send; any yamux peer takes frames of
+# any size up to its window.
+yamux.MAX_MESSAGE_SIZE = min(yamux.MAX_MESSAGE_SIZE, NOISE_MAX_PLAINTEXT)
 
 logger = logging.getLogger(__name__)
 

@@ -257,3 +257,13 @@ def test_only_transport_errors(error: BaseException, expected: bool) -> None:
 )
 def test_handshake_failed(error: BaseException, expected: bool) -> None:
     assert _handshake_failed(error) is expected
+
+
+def test_a_yamux_frame_fits_one_noise_message() -> None:
+    """Else every full frame goes out as two Noise messages (see p2p_node._rpc)."""
+    from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
+    from libp2p.stream_muxer.yamux import yamux
+
+    import p2p_node._rpc  # noqa: F401  # sets the frame size
+
+    assert yamux.MAX_MESSAGE_SIZE <= MAX_PLAINTEXT_LENGTH
