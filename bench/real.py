@@ -6,7 +6,8 @@
 - Batch speed-up: the same compute-heavy batch (digits-svm) over 1 node and
   over 2 nodes, each limited to one ONNX thread; over 2 nodes both with the
   chunks sent straight to the peers (the default) and all through node 0, which
-  forwards half. Sent as float32 and as uint8 (the digits are integers 0-16). The
+  forwards half. Sent as float32 and as uint8 (the digits are integers 0-16),
+  answered with every output, and as uint8 asking for the labels only. The
   client and both nodes share the machine's cores, so every byte moved through
   py-libp2p is CPU the models do not get.
 """
@@ -110,22 +111,29 @@ BATCH_MODEL = "digits-svm"
 
 
 def batch_speedup(
-    rows: int, batch_size: int, dtype: str = "float32", repeats: int = 5
+    rows: int,
+    batch_size: int,
+    dtype: str = "float32",
+    repeats: int = 5,
+    outputs: tuple[str, ...] = (),
 ) -> dict[str, float]:
     """Median seconds for the batch over 1 node, and over 2 nodes with chunks sent
     straight to both (direct) or all through node 0 (via node). Runs alternate, so
     that drift in this shared machine's speed hits every case alike. The digits
     are integers 0-16: as uint8 they are a quarter of the bytes of float32, and the
-    node casts them."""
+    node casts them. `outputs`: those asked for (default: all, labels and the ten
+    probabilities, 48 bytes a row)."""
     data = np.load(bundled_models_dir() / "heldout" / "digits.npz")["x"]
     big = np.resize(data, (rows, data.shape[1])).astype(dtype)
     seconds: dict[str, list[float]] = {"1 node": [], "2 nodes, direct": [], "2 nodes, via node": []}
     for _ in range(repeats):
         with _batch_nodes(1, big) as first:
-            seconds["1 node"].append(trio.run(_batch, first, big, batch_size, True))
+            seconds["1 node"].append(trio.run(_batch, first, big, batch_size, True, outputs))
         with _batch_nodes(2, big) as first:
-            seconds["2 nodes, direct"].append(trio.run(_batch, first, big, batch_size, True))
-            seconds["2 nodes, via node"].append(trio.run(_batch, first, big, batch_size, False))
+            direct = trio.run(_batch, first, big, batch_size, True, outputs)
+            via_node = trio.run(_batch, first, big, batch_size, False, outputs)
+            seconds["2 nodes, direct"].append(direct)
+            seconds["2 nodes, via node"].append(via_node)
     return {case: float(np.median(times)) for case, times in seconds.items()}
 
 
@@ -145,7 +153,9 @@ def _batch_nodes(nodes: int, big: np.ndarray) -> Iterator[str]:
         yield first
 
 
-async def _batch(addr: str, big: np.ndarray, batch_size: int, direct: bool) -> float:
+async def _batch(
+    addr: str, big: np.ndarray, batch_size: int, direct: bool, outputs: tuple[str, ...]
+) -> float:
     async with Client.connect(addr) as client:
         started = time.perf_counter()
         await client.submit_batch(
@@ -155,6 +165,7 @@ async def _batch(addr: str, big: np.ndarray, batch_size: int, direct: bool) -> f
             strategy=DistributionStrategy.LEAST_LOADED,
             concurrency=4,
             direct=direct,
+            outputs=outputs,
         )
         return time.perf_counter() - started
 
@@ -172,13 +183,15 @@ def report(jobs: int = 2000, batch_rows: int = 200_000, batch_size: int = 5000) 
         f"a load probe between two processes, idle: p50 {probe_p50:.2f} ms, p99 "
         f"{probe_p99:.2f} ms (the simulation charges each probed request 2.5 ms)"
     )
-    for dtype in ("float32", "uint8"):
-        times = batch_speedup(batch_rows, batch_size, dtype)
+    cases = [("float32", ()), ("uint8", ()), ("uint8", ("label",))]
+    for dtype, outputs in cases:
+        times = batch_speedup(batch_rows, batch_size, dtype, outputs=outputs)
         one = times["1 node"]
+        answered = ", ".join(outputs) or "every output"
         print(
             f"-- batch: {batch_rows} rows of {BATCH_MODEL} as {dtype}"
-            f" ({64 * np.dtype(dtype).itemsize}"
-            f" bytes a row) in jobs of {batch_size}, one ONNX thread per node, median of 5 --"
+            f" ({64 * np.dtype(dtype).itemsize} bytes a row), {answered}, in jobs of"
+            f" {batch_size}, one ONNX thread per node, median of 5 --"
         )
         for case, seconds in times.items():
             print(f"{case:<20}{seconds:>7.2f} s   speed-up {one / seconds:.2f}x")

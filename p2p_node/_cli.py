@@ -208,6 +208,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="with --batch-size: .npy (first output) or .npz (all outputs)",
     )
+    submit.add_argument(
+        "--outputs",
+        metavar="NAMES",
+        help="with --model: only these outputs, comma-separated (default: all); "
+        "they come back, and a batch writes them, in this order",
+    )
     submit.add_argument("--concurrency", type=int, default=8, help="batch jobs at a time")
     submit.add_argument(
         "--via-node",
@@ -426,6 +432,9 @@ def _connect(args: argparse.Namespace) -> AbstractAsyncContextManager[Client]:
 async def _submit(args: argparse.Namespace) -> int:
     inputs = read_input_file(args.input)
     strategy = DistributionStrategy(args.strategy) if args.strategy else None
+    if args.outputs is not None and args.model is None:
+        raise InputFileError("--outputs goes with --model")
+    args.outputs = _output_names(args.outputs)
     if args.batch_size is not None:
         return await _submit_batch(args, inputs, strategy)
     if args.output is not None:
@@ -446,7 +455,12 @@ async def _submit(args: argparse.Namespace) -> int:
             )
         else:
             result = await client.submit(
-                args.model, inputs, timeout=args.timeout, strategy=strategy, hedge=args.hedge
+                args.model,
+                inputs,
+                timeout=args.timeout,
+                strategy=strategy,
+                hedge=args.hedge,
+                outputs=args.outputs,
             )
         total_ms = (trio.current_time() - started) * 1e3
     if args.json:
@@ -454,6 +468,13 @@ async def _submit(args: argparse.Namespace) -> int:
     else:
         print(_result_text(result, total_ms))
     return 0
+
+
+def _output_names(text: str | None) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in (text or "").split(",") if name.strip())
+    if text is not None and not names:
+        raise InputFileError("--outputs needs at least one output name")
+    return names
 
 
 async def _submit_batch(
@@ -476,6 +497,7 @@ async def _submit_batch(
             timeout=args.timeout,
             concurrency=args.concurrency,
             direct=not args.via_node,
+            outputs=args.outputs,
             on_progress=progress,
         )
         seconds = trio.current_time() - started

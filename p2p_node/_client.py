@@ -221,14 +221,18 @@ class Client:
         strategy: DistributionStrategy | None = None,
         requirements: Requirements = NO_REQUIREMENTS,
         hedge: bool = False,
+        outputs: Sequence[str] = (),
     ) -> InferenceResult:
         """Run `model_id` on `inputs` somewhere in the network. Raises JobError on failure.
 
         The node placing the job uses `strategy`, or its own default when None. With
         `hedge`, it also asks a second peer when the first has not answered after
         its usual p95 latency; the first answer wins, the other request is cancelled.
+        `outputs` names the outputs wanted (default: all the model's).
         """
-        request = InferenceRequest(model_id, inputs, timeout, job_id or new_job_id(), requirements)
+        request = InferenceRequest(
+            model_id, inputs, timeout, job_id or new_job_id(), requirements, tuple(outputs)
+        )
         return await self.run(request, strategy, hedge=hedge)
 
     async def submit_task(
@@ -303,6 +307,7 @@ class Client:
             strategy=strategy,
             requirements=request.requirements,
             hedge=hedge,
+            outputs=request.outputs,
         )
         return await self._job(message, request.timeout)
 
@@ -316,6 +321,7 @@ class Client:
         timeout: float = 30.0,
         concurrency: int = 8,
         direct: bool = True,
+        outputs: Sequence[str] = (),
         on_progress: Callable[[int, int], None] | None = None,
     ) -> BatchResult:
         """Run many rows as chunks of `batch_size`, `concurrency` chunks at a time.
@@ -325,8 +331,10 @@ class Client:
         the node ranks first by `strategy`, and this client can reach), which pull
         them as they finish the last: no chunk is forwarded through the node. A chunk
         whose peer fails is redone elsewhere. Without it, or when no peer can be
-        reached, every chunk is a job for the node, which places it.
+        reached, every chunk is a job for the node, which places it. `outputs`
+        names the outputs wanted (default: all the model's).
         """
+        wanted = tuple(outputs)
         rows = _row_count(inputs, batch_size)
         bounds = [(start, min(start + batch_size, rows)) for start in range(0, rows, batch_size)]
         results: list[InferenceResult | None] = [None] * len(bounds)
@@ -337,10 +345,12 @@ class Client:
             return {name: array[start:end] for name, array in inputs.items()}
 
         async def run_on(peer_id: str, i: int) -> InferenceResult:
-            return await self._infer(peer_id, model_id, chunk(i), timeout)
+            return await self._infer(peer_id, model_id, chunk(i), timeout, wanted)
 
         async def via_node(i: int) -> InferenceResult:
-            return await self.submit(model_id, chunk(i), timeout=timeout, strategy=strategy)
+            return await self.submit(
+                model_id, chunk(i), timeout=timeout, strategy=strategy, outputs=wanted
+            )
 
         def answered(i: int, result: InferenceResult) -> None:
             nonlocal done
@@ -356,11 +366,11 @@ class Client:
                 spread(concurrency, peers), fallback_slots=concurrency
             )
         finished = [r for r in results if r is not None]
-        outputs = {
+        joined = {
             name: np.concatenate([r.outputs[name] for r in finished])
             for name in finished[0].outputs
         }
-        return BatchResult(outputs, dict(Counter(r.executor for r in finished)), len(bounds))
+        return BatchResult(joined, dict(Counter(r.executor for r in finished)), len(bounds))
 
     async def _batch_peers(
         self, model_id: str, strategy: DistributionStrategy | None, most: int
@@ -406,11 +416,20 @@ class Client:
                 nursery.start_soon(one, addr, nursery.cancel_scope)
 
     async def _infer(
-        self, peer_id: str, model_id: str, inputs: Tensors, timeout: float
+        self,
+        peer_id: str,
+        model_id: str,
+        inputs: Tensors,
+        timeout: float,
+        outputs: tuple[str, ...],
     ) -> InferenceResult:
         """Have `peer_id` run `model_id` itself (no forwarding)."""
         message = RunRequest(
-            new_job_id(), model_id, inputs, timeout_ms=max(1, round(timeout * 1000))
+            new_job_id(),
+            model_id,
+            inputs,
+            timeout_ms=max(1, round(timeout * 1000)),
+            outputs=outputs,
         )
         reply = await self._rpc.call(peer_id, INFER_PROTOCOL, message, timeout + REPLY_GRACE_S)
         result: InferenceResult = expect_reply(reply, InferenceResult, peer_id)

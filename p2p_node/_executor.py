@@ -252,7 +252,8 @@ class Executor:
         self.counters = replace(self.counters, **counts)
         self._counted.unpark_all()
 
-    async def run(self, model_id: str, inputs: Tensors) -> Execution:
+    async def run(self, model_id: str, inputs: Tensors, outputs: Sequence[str] = ()) -> Execution:
+        """Run `model_id` on `inputs`; answer the `outputs` named (all when empty)."""
         descriptor = self.models.get(model_id)
         if descriptor is None:
             raise JobError(
@@ -260,6 +261,7 @@ class Executor:
                 f"this node does not serve model {model_id!r}; it serves {self.models.ids()}",
             )
         feeds = validate_inputs(descriptor, inputs, max_rows=self._config.max_batch_rows)
+        names = validate_outputs(descriptor, outputs)
         if self._admitted >= self._config.queue_limit:
             raise JobError(
                 ErrorCode.OVERLOADED,
@@ -272,7 +274,7 @@ class Executor:
         run = _Run()
         try:
             async with self.models.use(model_id) as model:
-                outputs, started, finished = await self._compute(model, feeds, run)
+                answered, started, finished = await self._compute(model, feeds, names, run)
         except JobError:
             self._count(failed=1)
             stats.record(ok=False, latency_ms=(time.perf_counter() - admitted_at) * 1e3)
@@ -289,19 +291,24 @@ class Executor:
         previous = self._compute_ms.get(model_id, compute_ms)
         self._compute_ms[model_id] = previous + COMPUTE_EWMA_ALPHA * (compute_ms - previous)
         return Execution(
-            outputs=outputs, queue_ms=(started - admitted_at) * 1e3, compute_ms=compute_ms
+            outputs=answered, queue_ms=(started - admitted_at) * 1e3, compute_ms=compute_ms
         )
 
     async def _compute(
-        self, model: LoadedModel, feeds: dict[str, np.ndarray[Any, Any]], run: _Run
+        self,
+        model: LoadedModel,
+        feeds: dict[str, np.ndarray[Any, Any]],
+        names: list[str],
+        run: _Run,
     ) -> tuple[dict[str, np.ndarray[Any, Any]], float, float]:
         if self._compute_ms.get(model.descriptor.id, math.inf) < self._config.inline_below_ms:
             await trio.lowlevel.checkpoint()
-            return _compute(model, feeds, run)
+            return _compute(model, feeds, names, run)
         return await trio.to_thread.run_sync(
             _compute,
             model,
             feeds,
+            names,
             run,
             limiter=self._limiter,
             abandon_on_cancel=True,  # type: ignore[call-arg]  # trio-typing stubs predate it
@@ -337,17 +344,29 @@ class _Run:
 
 
 def _compute(
-    model: LoadedModel, feeds: dict[str, np.ndarray[Any, Any]], run: _Run
+    model: LoadedModel, feeds: dict[str, np.ndarray[Any, Any]], names: list[str], run: _Run
 ) -> tuple[dict[str, np.ndarray[Any, Any]], float, float]:
     """Runs in a worker thread. onnxruntime errors become typed JobErrors here."""
     started = time.perf_counter()
     run.began = True
     try:
-        values = model.session.run(None, feeds, run.options)
+        values = model.session.run(names, feeds, run.options)
     except Exception as error:  # onnxruntime's pybind error types share no useful base
         kind = type(error).__name__
         code = ErrorCode.INVALID_INPUT if kind == "InvalidArgument" else ErrorCode.INTERNAL
         raise JobError(code, f"model {model.descriptor.id} failed: {kind}: {error}") from None
     finished = time.perf_counter()
-    names = [spec.name for spec in model.descriptor.outputs]
     return dict(zip(names, values, strict=True)), started, finished
+
+
+def validate_outputs(model: ModelDescriptor, wanted: Sequence[str]) -> list[str]:
+    """The output names to fetch, in the model's order for all of them; INVALID_INPUT
+    naming the model's outputs when one is not among them."""
+    declared = [spec.name for spec in model.outputs]
+    unknown = [name for name in wanted if name not in declared]
+    if unknown:
+        raise JobError(
+            ErrorCode.INVALID_INPUT,
+            f"model {model.id} has no output {unknown[0]!r}; its outputs are {declared}",
+        )
+    return list(wanted) or declared

@@ -283,6 +283,7 @@ class Node:
             request.model_id,
             request.inputs,
             timeout_ms=max(1, round(timeout * 1000)),
+            outputs=request.outputs,
         )
         reply = await self._rpc.call(peer_id, INFER_PROTOCOL, message, timeout + REPLY_GRACE_S)
         result: InferenceResult = expect_reply(reply, InferenceResult, peer_id)
@@ -304,7 +305,7 @@ class Node:
         return answer.load
 
     async def _run_local(self, request: InferenceRequest) -> InferenceResult:
-        execution = await self._executor.run(request.model_id, request.inputs)
+        execution = await self._executor.run(request.model_id, request.inputs, request.outputs)
         return InferenceResult(
             request.job_id,
             request.model_id,
@@ -477,6 +478,7 @@ def _to_inference(request: RunRequest) -> InferenceRequest:
         timeout=request.timeout_ms / 1000,
         job_id=request.job_id,
         requirements=request.requirements,
+        outputs=request.outputs,
     )
 
 

@@ -88,6 +88,7 @@ class RunRequest:
     selection: str | None = None
     context: Mapping[str, ContextValue] = field(default_factory=dict)
     hedge: bool = False  # also ask a second peer if the first is slower than its p95
+    outputs: tuple[str, ...] = ()  # the outputs wanted (a model's only); () for all
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +257,8 @@ def encode(message: Request | Reply) -> bytes:
                 "context": dict(message.context),
                 "hedge": message.hedge,
             }
+            if message.outputs:  # on the wire only when set
+                body["outputs"] = list(message.outputs)
         case SelectRequest():
             body = {
                 "kind": "select?",
@@ -456,7 +459,11 @@ _KEYS = {
     "load": frozenset({"v", "kind", "peer_id", "in_flight", "queue_length"}),
 }
 # Fields a message may leave out (older peers never send them).
-_OPTIONAL_KEYS = {"error": frozenset({"retry_after"}), "result": frozenset({"load"})}
+_OPTIONAL_KEYS = {
+    "error": frozenset({"retry_after"}),
+    "result": frozenset({"load"}),
+    "run": frozenset({"outputs"}),
+}
 MAX_LOAD = 2**31 - 1
 _PEER_REPORT_KEYS = frozenset({"record", "age_s", "state"})
 MAX_PEERS = 100_000
@@ -516,6 +523,9 @@ def _run_request(f: Mapping[str, Any]) -> RunRequest:
     if task is not None and model_id:
         raise SchemaError("a run request names a model_id or a task, not both")
     selection = None if f["selection"] is None else _text(f["selection"], "selection")
+    outputs = _output_names(f["outputs"]) if "outputs" in f else ()
+    if task is not None and outputs:
+        raise SchemaError("outputs go with a model_id; a task job answers its model's outputs")
     return RunRequest(
         job_id=_text(f["job_id"], "job_id"),
         model_id=model_id,
@@ -527,7 +537,17 @@ def _run_request(f: Mapping[str, Any]) -> RunRequest:
         selection=selection,
         context=_context(f["context"]),
         hedge=_bool(f["hedge"], "hedge"),
+        outputs=outputs,
     )
+
+
+def _output_names(raw: object) -> tuple[str, ...]:
+    if type(raw) is not list or not 0 < len(raw) <= MAX_TENSORS:
+        raise SchemaError(f"outputs must be a list of 1 to {MAX_TENSORS} output names")
+    names = tuple(_text(name, "output name") for name in raw)
+    if len(set(names)) != len(names):
+        raise SchemaError(f"outputs names one output twice: {list(names)}")
+    return names
 
 
 def _bool(value: object, what: str) -> bool:

@@ -27,12 +27,19 @@ class InferenceRequest:
     timeout: float = 30.0
     job_id: str = field(default_factory=new_job_id)
     requirements: Requirements = NO_REQUIREMENTS
+    outputs: tuple[str, ...] = ()  # the outputs wanted, by name; () for all of them
 
     def __post_init__(self) -> None:
         if not self.model_id:
             raise ValueError("model_id must not be empty")
         if not self.timeout > 0:
             raise ValueError(f"timeout must be > 0, got {self.timeout}")
+        if type(self.outputs) is not tuple or not all(
+            type(name) is str and name for name in self.outputs
+        ):
+            raise ValueError(f"outputs must be a tuple of output names, got {self.outputs!r}")
+        if len(set(self.outputs)) != len(self.outputs):
+            raise ValueError(f"outputs names one output twice: {self.outputs!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -220,6 +220,25 @@ async def test_a_batch_goes_straight_to_every_serving_peer(digits, svm_labels) -
     assert coordinated == 0  # the entry node forwarded nothing: every chunk went straight
 
 
+async def test_a_batch_and_a_forwarded_job_answer_only_the_outputs_asked_for(
+    digits, svm_labels
+) -> None:
+    x, _ = digits
+    models = [frozenset({"digits-mlp"}), frozenset({SVM}), frozenset({SVM})]
+    with trio.fail_after(60):
+        async with open_swarm(3, models=models, base=BASE) as swarm:
+            await swarm.wait_converged()
+            async with Client.connect(swarm[0].addrs[0]) as client:
+                batch = await client.submit_batch(
+                    SVM, {"input": x}, batch_size=100, outputs=("label",)
+                )
+                forwarded = await client.submit(SVM, {"input": x}, outputs=("label",))
+    assert list(batch.outputs) == ["label"] and list(forwarded.outputs) == ["label"]
+    assert np.array_equal(batch.outputs["label"], svm_labels)
+    assert np.array_equal(forwarded.outputs["label"], svm_labels)
+    assert forwarded.executor != swarm[0].peer_id  # node 0 does not serve it
+
+
 async def test_a_batch_chunk_whose_peer_dies_is_redone_elsewhere(digits, svm_labels) -> None:
     x, _ = digits
     with trio.fail_after(60):

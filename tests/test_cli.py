@@ -243,6 +243,8 @@ def test_place_and_a_batch_job_spread_over_two_nodes(tmp_path: Path) -> None:
                 "25",
                 "--output",
                 str(out),
+                "--outputs",
+                "label",
                 "--strategy",
                 "round_robin",
                 "--json",
@@ -257,6 +259,7 @@ def test_place_and_a_batch_job_spread_over_two_nodes(tmp_path: Path) -> None:
     assert summary["rows"] == 300 and summary["chunks"] == 12
     assert len(summary["chunks_by_executor"]) == 2  # round robin used both nodes
     saved = np.load(out)
+    assert saved.files == ["label"]  # the probabilities were never sent
     expected = direct_labels(rows)
     np.testing.assert_array_equal(saved["label"], expected)  # in input order
 

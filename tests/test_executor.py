@@ -29,6 +29,29 @@ async def test_runs_a_model_and_reports_timings(digits) -> None:
     assert ex.in_flight == 0
 
 
+@pytest.mark.parametrize("wanted", [("label",), ("probabilities", "label")])
+async def test_a_run_answers_only_the_outputs_asked_for_in_that_order(digits, wanted) -> None:
+    x, _ = digits
+    ex = executor(ExecutorConfig())
+    with trio.fail_after(10):
+        every = await ex.run("digits-mlp", {"input": x[:50]})
+        some = await ex.run("digits-mlp", {"input": x[:50]}, wanted)
+    assert tuple(some.outputs) == wanted
+    for name in wanted:
+        assert np.array_equal(some.outputs[name], every.outputs[name])
+
+
+async def test_an_unknown_output_names_the_models_outputs(digits) -> None:
+    x, _ = digits
+    ex = executor(ExecutorConfig())
+    with trio.fail_after(10), pytest.raises(JobError) as caught:
+        await ex.run("digits-mlp", {"input": x[:1]}, ("label", "logits"))
+    assert caught.value.code == ErrorCode.INVALID_INPUT
+    assert "'logits'" in caught.value.message
+    assert "['label', 'probabilities']" in caught.value.message
+    assert ex.counters.admitted == 0  # refused before it was queued
+
+
 async def test_descriptor_comes_from_the_model_and_its_card() -> None:
     (mlp,) = [d for d in executor(ExecutorConfig()).descriptors if d.id == "digits-mlp"]
     assert [s.describe() for s in mlp.inputs] == ["input float32 [N, 64]"]

@@ -124,6 +124,7 @@ def _valid_messages() -> list[bytes]:
     messages: list[Any] = [
         RunRequest("job", "digits-mlp", {"input": x, "mask": np.array([True])}, 5000),
         RunRequest("job", "m", {"": x}, 1, DistributionStrategy.ROUND_ROBIN),
+        RunRequest("job", "digits-mlp", {"input": x}, 5000, outputs=("label", "probabilities")),
         PlaceRequest("digits-mlp", DistributionStrategy.LATENCY_OPTIMIZED),
         ModelsRequest(),
         PeersRequest(),

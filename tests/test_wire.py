@@ -739,6 +739,36 @@ def test_every_message_kind_round_trips_through_its_decoder() -> None:
     assert decode_reply(encode(PeersReply("peer", ()))) == PeersReply("peer", ())
 
 
+def test_a_run_request_names_the_outputs_it_wants_only_when_it_wants_some() -> None:
+    some = RunRequest("j", "m", {"x": np.zeros(2, np.float32)}, 10, outputs=("b", "a"))
+    decoded = decode_request(encode(some))
+    assert isinstance(decoded, RunRequest) and decoded.outputs == ("b", "a")
+    every = replace(some, outputs=())
+    assert "outputs" not in msgpack.unpackb(encode(every))  # what older nodes read
+    decoded = decode_request(encode(every))
+    assert isinstance(decoded, RunRequest) and decoded.outputs == ()
+
+
+@pytest.mark.parametrize(
+    ("changes", "in_message"),
+    [
+        ({"outputs": "label"}, "outputs must be a list"),
+        ({"outputs": []}, "outputs must be a list of 1 to"),
+        ({"outputs": ["label", 3]}, "output name must be a string"),
+        ({"outputs": ["label", ""]}, "output name must be 1 to"),
+        ({"outputs": ["label", "label"]}, "names one output twice"),
+        ({"outputs": ["o"] * 65}, "outputs must be a list of 1 to 64"),
+        ({"outputs": ["label"], "model_id": "", "task": "t"}, "outputs go with a model_id"),
+    ],
+    ids=["str", "empty", "int", "empty-name", "twice", "too-many", "with-task"],
+)
+def test_bad_output_names_are_malformed(changes: dict[str, Any], in_message: str) -> None:
+    with pytest.raises(WireError) as caught:
+        decode_request(msgpack.packb(_run_body(**changes), use_bin_type=True))
+    assert caught.value.code == ErrorCode.MALFORMED_MESSAGE
+    assert in_message in caught.value.message
+
+
 @pytest.mark.parametrize(
     ("changes", "in_message"),
     [
