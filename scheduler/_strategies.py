@@ -247,7 +247,7 @@ def expected_wait_ms(node: NodeInfo, model_id: str, state: CoordinatorState) -> 
     """How long a request sent to `node` now would queue, as this coordinator guesses:
     load x latency per request (the prior where the peer has gossiped none). A probe
     is worth its round trip only when this exceeds it."""
-    load, _ = _load(node, state)
+    load, _, _ = _load(node, state)
     return load * node.latency_ms.get(model_id, DEFAULT_LATENCY_MS)
 
 
@@ -350,7 +350,14 @@ def _least_loaded(node: NodeInfo, ctx: _Context) -> Candidate:
     """Load in time: (load + 1) x the peer's gossiped latency for the model, so that a
     queue of 4 on a peer 4x faster counts as 1 (see `_load`). Before a peer has
     gossiped a latency for the model, its load alone decides."""
-    load, how = _load(node, ctx.state)
+    load, mine, reported = _load(node, ctx.state)
+    if reported is None:
+        how = (
+            f"load {load} ({node.in_flight} running + {node.queue_length} queued, "
+            f"{mine} outstanding from here)"
+        )
+    else:
+        how = f"load {load} ({reported} from others as it last told us, {mine} from here)"
     latency = node.latency_ms.get(ctx.model_id)
     if latency is None:
         return Candidate(node.peer_id, float(load), how)
@@ -359,8 +366,9 @@ def _least_loaded(node: NodeInfo, ctx: _Context) -> Candidate:
     )
 
 
-def _load(node: NodeInfo, state: CoordinatorState) -> tuple[int, str]:
-    """Requests ahead of one sent to `node` now, and how that was counted.
+def _load(node: NodeInfo, state: CoordinatorState) -> tuple[int, int, int | None]:
+    """Requests ahead of one sent to `node` now: (all, those from here, those from
+    others as the peer last reported them, None when its gossiped record is fresher).
 
     Others' load is the fresher of what the peer gossiped and what it reported with
     its last answer or probe to us; outstanding requests from here are added. A
@@ -370,14 +378,8 @@ def _load(node: NodeInfo, state: CoordinatorState) -> tuple[int, str]:
     mine = state.outstanding(node.peer_id)
     report = state.reported_load(node.peer_id)
     if report is not None and report[0] >= node.as_of:
-        others = report[1]
-        return others + mine, (
-            f"load {others + mine} ({others} from others as it last told us, {mine} from here)"
-        )
-    return node.load + mine, (
-        f"load {node.load + mine} ({node.in_flight} running + {node.queue_length} queued, "
-        f"{mine} outstanding from here)"
-    )
+        return report[1] + mine, mine, report[1]
+    return node.load + mine, mine, None
 
 
 def _model_specific(node: NodeInfo, ctx: _Context) -> Candidate:
