@@ -35,7 +35,6 @@ from ._config import ConfigError, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
 from ._psk import PreSharedKey
 from ._rpc import (
-    INFER_PROTOCOL,
     JOB_PROTOCOL,
     LOAD_PROTOCOL,
     MODELS_PROTOCOL,
@@ -345,7 +344,8 @@ class Client:
             return {name: array[start:end] for name, array in inputs.items()}
 
         async def run_on(peer_id: str, i: int) -> InferenceResult:
-            return await self._infer(peer_id, model_id, chunk(i), timeout, wanted)
+            request = InferenceRequest(model_id, chunk(i), timeout, outputs=wanted)
+            return await self._rpc.infer(peer_id, request, timeout)
 
         async def via_node(i: int) -> InferenceResult:
             return await self.submit(
@@ -414,26 +414,6 @@ class Client:
         async with trio.open_nursery() as nursery:
             for addr in report.record.addrs:
                 nursery.start_soon(one, addr, nursery.cancel_scope)
-
-    async def _infer(
-        self,
-        peer_id: str,
-        model_id: str,
-        inputs: Tensors,
-        timeout: float,
-        outputs: tuple[str, ...],
-    ) -> InferenceResult:
-        """Have `peer_id` run `model_id` itself (no forwarding)."""
-        message = RunRequest(
-            new_job_id(),
-            model_id,
-            inputs,
-            timeout_ms=max(1, round(timeout * 1000)),
-            outputs=outputs,
-        )
-        reply = await self._rpc.call(peer_id, INFER_PROTOCOL, message, timeout + REPLY_GRACE_S)
-        result: InferenceResult = expect_reply(reply, InferenceResult, peer_id)
-        return result
 
     async def place(
         self,

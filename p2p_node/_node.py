@@ -57,7 +57,6 @@ from ._rpc import (
     MODELS_PROTOCOL,
     PEERS_PROTOCOL,
     PLACE_PROTOCOL,
-    REPLY_GRACE_S,
     SELECT_PROTOCOL,
     Rpc,
     expect_reply,
@@ -112,7 +111,7 @@ class Node:
         self._index = NodeIndex(())
         self._index_source: object = None
         self.orchestrator = DistributedModelOrchestrator(
-            rpc.peer_id, self.node_index, self._send_infer, self._run_local, self.probe_load
+            rpc.peer_id, self.node_index, rpc.infer, self._run_local, self.probe_load
         )
         self._catalog = ModelCatalog(())
         self._catalog_source: object = None
@@ -274,20 +273,6 @@ class Node:
             is_local=True,
             as_of=trio.current_time(),
         )
-
-    async def _send_infer(
-        self, peer_id: str, request: InferenceRequest, timeout: float
-    ) -> InferenceResult:
-        message = RunRequest(
-            request.job_id,
-            request.model_id,
-            request.inputs,
-            timeout_ms=max(1, round(timeout * 1000)),
-            outputs=request.outputs,
-        )
-        reply = await self._rpc.call(peer_id, INFER_PROTOCOL, message, timeout + REPLY_GRACE_S)
-        result: InferenceResult = expect_reply(reply, InferenceResult, peer_id)
-        return result
 
     async def probe_load(self, peer_id: str, timeout: float) -> int:
         """How many requests `peer_id` (this node included) holds now, running and

@@ -38,13 +38,13 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux import yamux
 from libp2p.transport.exceptions import SecurityUpgradeFailure
 
-from scheduler import ErrorCode, JobError
+from scheduler import ErrorCode, InferenceRequest, InferenceResult, JobError
 
 from . import _wire
 from ._errors import leaves
 from ._framing import FrameBuffer, FrameError, encode_frame
 from ._psk import PreSharedKey
-from ._wire import ErrorReply, Reply, Request, WireError
+from ._wire import ErrorReply, Reply, Request, RunRequest, WireError
 
 # py-libp2p cuts stream data into yamux frames of 64 KiB, header included, and a
 # Noise message carries at most 65,519 bytes: every full frame went out as two
@@ -377,6 +377,21 @@ class Rpc:
         return str(info.peer_id)
 
     # --- calling ----------------------------------------------------------------
+
+    async def infer(
+        self, peer_id: str, request: InferenceRequest, timeout: float
+    ) -> InferenceResult:
+        """Have `peer_id` run `request` itself (the infer protocol: no forwarding)."""
+        message = RunRequest(
+            request.job_id,
+            request.model_id,
+            request.inputs,
+            timeout_ms=max(1, round(timeout * 1000)),
+            outputs=request.outputs,
+        )
+        reply = await self.call(peer_id, INFER_PROTOCOL, message, timeout + REPLY_GRACE_S)
+        result: InferenceResult = expect_reply(reply, InferenceResult, peer_id)
+        return result
 
     async def call(
         self, peer_id: str, protocol: TProtocol, request: Request, timeout: float
