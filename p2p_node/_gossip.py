@@ -15,11 +15,13 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
@@ -48,11 +50,103 @@ MAX_VALIDATED_PENDING = 1024  # records validated, not yet taken by receive()
 RecordMaker = Callable[[float, tuple[Departure, ...]], PeerRecord]
 
 
+class GuardedPubsub(Pubsub):
+    """py-libp2p's Pubsub, with what a peer sends unable to crash this node.
+
+    Holes in py-libp2p 0.8, closed here:
+
+    - Reading: a frame that is not a protobuf RPC raises DecodeError out of the
+      stream handler, and from there out of the host: one garbled message from
+      any peer ended the node. Now any error reading a peer's stream resets
+      that stream, drops the peer from pubsub (as py-libp2p does for the errors
+      it does catch) and is counted in `garbled`.
+    - Checking: a published message whose `key` is not a public key raises
+      DecodeError from the signature check, in a task whose error stops the
+      whole pubsub service. Such a message is now dropped and counted.
+    - Writing: GossipSub writes to a peer's stream from more than one task (the
+      per-peer sender, and the flushes on identify and on subscribe), and yamux
+      sends a message frame by frame as send window allows, so two messages
+      could interleave on the wire. The receiver then read a torn RPC. Writes
+      to a stream now take turns, and a write that stops part way (timed out
+      waiting for window, cancelled) resets the stream, so what follows can
+      never be read as the rest of it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.garbled = 0  # streams dropped and messages refused for the above
+        self._warned: set[ID] = set()
+        self._write_locks: WeakKeyDictionary[INetStream, trio.Lock] = WeakKeyDictionary()
+
+    async def stream_handler(self, stream: INetStream) -> None:
+        try:
+            await super().stream_handler(stream)
+        except Exception as error:
+            peer_id = stream.muxed_conn.peer_id
+            self._garbled(peer_id, "dropped its pubsub stream", error)
+            await _reset_quietly(stream)
+            self._handle_dead_peer(peer_id)
+
+    async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        if msg_forwarder == self.my_id:
+            await super().push_msg(msg_forwarder, msg)  # our own: errors are ours to see
+            return
+        try:
+            await super().push_msg(msg_forwarder, msg)
+        except Exception as error:
+            self._garbled(msg_forwarder, "dropped a message it forwarded", error)
+
+    def _garbled(self, peer_id: ID, action: str, error: Exception) -> None:
+        """Count it; warn once per peer (a hostile one could send millions)."""
+        self.garbled += 1
+        level = logging.DEBUG if peer_id in self._warned else logging.WARNING
+        if len(self._warned) < 10_000:
+            self._warned.add(peer_id)
+        logger.log(level, "garbled pubsub input from %s, %s: %r", peer_id, action, error)
+
+    async def write_msg(self, stream: INetStream, rpc_msg: rpc_pb2.RPC) -> bool:
+        lock = self._write_locks.setdefault(stream, trio.Lock())
+        async with lock:
+            written = False
+            try:
+                written = await super().write_msg(stream, rpc_msg)
+                return written
+            finally:
+                if not written:  # possibly part of a message on the wire: end the stream
+                    with trio.CancelScope(shield=True):
+                        await _reset_quietly(stream)
+
+
+class GuardedGossipSub(GossipSub):
+    """GossipSub that never dials the peers a PRUNE suggests (peer exchange).
+
+    py-libp2p dials them whatever `do_px` says, inline while it reads the
+    sender's stream: any peer could make this node dial whom it names, and
+    stall its reading meanwhile. Whom a node dials is membership's decision,
+    made from signed records.
+    """
+
+    async def _do_px(self, px_peers: list[rpc_pb2.PeerInfo]) -> None:
+        return
+
+
+async def _reset_quietly(stream: INetStream) -> None:
+    with trio.move_on_after(1):
+        try:
+            await stream.reset()
+        except Exception as error:  # already reset or closed: nothing more to stop
+            logger.debug("reset of a pubsub stream failed: %r", error)
+
+
 class Gossip:
     """This node's side of the records topic. Built by `open_gossip`."""
 
     def __init__(
-        self, pubsub: Pubsub, view: PeerView, config: GossipConfig, make_record: RecordMaker
+        self,
+        pubsub: GuardedPubsub,
+        view: PeerView,
+        config: GossipConfig,
+        make_record: RecordMaker,
     ) -> None:
         self.view = view
         self.config = config
@@ -66,6 +160,11 @@ class Gossip:
         self._silent_until = -float("inf")
         self._departures: dict[str, tuple[Departure, float]] = {}
         self._validated: dict[tuple[bytes, bytes], PeerRecord] = {}
+
+    @property
+    def garbled(self) -> int:
+        """Pubsub streams and messages from peers dropped as unreadable (not records)."""
+        return self._pubsub.garbled
 
     def changed(self) -> None:
         """Something significant changed: publish soon (at once if the pacer allows)."""
@@ -174,7 +273,7 @@ async def open_gossip(
     host: IHost, view: PeerView, config: GossipConfig, make_record: RecordMaker
 ) -> AsyncIterator[Gossip]:
     """Join the records topic: validate, receive, publish and expire until exit."""
-    router = GossipSub(
+    router = GuardedGossipSub(
         [PROTOCOL_ID_V11, PROTOCOL_ID],
         degree=config.degree,
         degree_low=config.degree_low,
@@ -185,7 +284,7 @@ async def open_gossip(
         spam_protection_enabled=False,  # validation and the record budget bound the rate
         eclipse_protection_enabled=False,
     )
-    pubsub = Pubsub(host, router, strict_signing=True)
+    pubsub = GuardedPubsub(host, router, strict_signing=True)
     # py-libp2p's service shutdown turns an exception passing through it into
     # Cancelled, which an enclosing cancelled scope then absorbs: the body's own
     # error would vanish. Hold it across the shutdown and raise it after.
