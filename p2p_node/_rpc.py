@@ -54,6 +54,32 @@ from ._wire import ErrorReply, Reply, Request, RunRequest, WireError
 # any size up to its window.
 yamux.MAX_MESSAGE_SIZE = min(yamux.MAX_MESSAGE_SIZE, NOISE_MAX_PLAINTEXT)
 
+
+async def _window_update_when_half_read(self: yamux.YamuxStream, *, bytes_read: int = 0) -> None:
+    """Credit the sender only once half of the receive window has been read.
+
+    py-libp2p's own policy sends a WINDOW_UPDATE after nearly every read, and a
+    GossipSub RPC takes two or three reads (its varint length is read a byte at
+    a time): a node sent five to ten updates, each a Noise message the peer
+    must read, for every record it received. This is go-yamux's rule, which
+    py-libp2p's docstring claims: a sender blocks only at an empty window, and
+    by then everything it sent was read, which is at least half, so an update
+    always comes.
+    """
+    delta = 0
+    async with self.window_lock:
+        self._pending_recv_release += max(0, bytes_read)
+        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+        threshold = self._grow_threshold()
+        if self.target_recv_window - (self.recv_window + buffered) >= max(threshold, 1):
+            delta = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+            self._pending_recv_release = 0
+    if delta > 0:
+        await self.send_window_update(delta, skip_lock=True)
+
+
+yamux.YamuxStream._auto_tune_and_send_window_update = _window_update_when_half_read  # type: ignore[method-assign]
+
 logger = logging.getLogger(__name__)
 
 INFER_PROTOCOL = TProtocol("/p2p-node/infer/1.0.0")
