@@ -70,6 +70,12 @@ class GuardedPubsub(Pubsub):
       to a stream now take turns, and a write that stops part way (timed out
       waiting for window, cancelled) resets the stream, so what follows can
       never be read as the rest of it.
+
+    Also, a cost: py-libp2p puts its signed peer record (addresses, signed) in
+    every RPC it sends, and the receiver checks its signature and updates the
+    peerstore for every RPC it reads, records and control messages alike. Our
+    records carry the addresses, signed; these copies are left out. An RPC
+    without one is what other libp2p implementations send.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -83,6 +89,9 @@ class GuardedPubsub(Pubsub):
             await super().stream_handler(stream)
         except Exception as error:
             peer_id = stream.muxed_conn.peer_id
+            if not self.manager.is_running:  # shutting down: not the peer's doing
+                logger.debug("pubsub stream from %s ended at shutdown: %r", peer_id, error)
+                return
             self._garbled(peer_id, "dropped its pubsub stream", error)
             await _reset_quietly(stream)
             self._handle_dead_peer(peer_id)
@@ -104,7 +113,13 @@ class GuardedPubsub(Pubsub):
             self._warned.add(peer_id)
         logger.log(level, "garbled pubsub input from %s, %s: %r", peer_id, action, error)
 
+    def get_hello_packet(self) -> rpc_pb2.RPC:
+        packet = super().get_hello_packet()
+        packet.ClearField("senderRecord")
+        return packet
+
     async def write_msg(self, stream: INetStream, rpc_msg: rpc_pb2.RPC) -> bool:
+        rpc_msg.ClearField("senderRecord")
         lock = self._write_locks.setdefault(stream, trio.Lock())
         async with lock:
             written = False

@@ -216,3 +216,29 @@ async def test_a_write_cut_off_part_way_resets_the_stream() -> None:
                 except StreamError:
                     ended = "reset"
     assert ended == "reset"
+
+
+async def test_a_nodes_rpcs_carry_records_but_no_signed_peer_record() -> None:
+    """Our records carry the addresses; py-libp2p's per-RPC signed copy is left out."""
+    rpcs: list[rpc_pb2.RPC] = []
+    with trio.fail_after(60):
+        async with open_swarm(1) as swarm, raw_host() as host:
+            got_record = trio.Event()
+
+            async def read_rpcs(stream: INetStream) -> None:
+                while not got_record.is_set():
+                    rpc = rpc_pb2.RPC.FromString(await read_varint_prefixed_bytes(stream))
+                    rpcs.append(rpc)
+                    if any(TOPIC in m.topicIDs for m in rpc.publish):
+                        got_record.set()
+
+            host.set_stream_handler(PROTOCOL_ID_V11, read_rpcs)
+            stream = await open_meshsub(host, swarm[0].addrs[0])
+            hello = rpc_pb2.RPC(subscriptions=[rpc_pb2.RPC.SubOpts(subscribe=True, topicid=TOPIC)])
+            await stream.write(encode_varint_prefixed(hello.SerializeToString()))
+            graft = rpc_pb2.RPC()
+            graft.control.graft.add(topicID=TOPIC)  # into node 0's mesh: records come
+            await stream.write(encode_varint_prefixed(graft.SerializeToString()))
+            await got_record.wait()
+    assert rpcs[0].subscriptions[0].topicid == TOPIC  # the hello
+    assert not any(rpc.HasField("senderRecord") for rpc in rpcs)
