@@ -18,6 +18,7 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 import trio
+from google.protobuf.message import DecodeError
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
@@ -69,7 +70,14 @@ class GuardedPubsub(Pubsub):
       could interleave on the wire. The receiver then read a torn RPC. Writes
       to a stream now take turns, and a write that stops part way (timed out
       waiting for window, cancelled) resets the stream, so what follows can
-      never be read as the rest of it.
+      never be read as the rest of it. (A cancellation in the middle of one
+      frame would leave the connection's own framing broken, which no stream
+      reset mends; these writes are cancelled only at shutdown.)
+    - Forgetting: when pubsub drops a peer it forgot our outbound stream to
+      it without closing it, and opened another on the same connection. A
+      peer sending one bad frame per stream could leak our streams until its
+      connection's stream limit, after which every new stream to it waited
+      forever. The stream pubsub forgets is now reset.
 
     Also, a cost: py-libp2p puts its signed peer record (addresses, signed) in
     every RPC it sends, and the receiver checks its signature and updates the
@@ -96,6 +104,13 @@ class GuardedPubsub(Pubsub):
             await _reset_quietly(stream)
             self._handle_dead_peer(peer_id)
 
+    def _handle_dead_peer(self, peer_id: ID) -> None:
+        outbound = self.peers.get(peer_id)
+        super()._handle_dead_peer(peer_id)
+        forgotten = outbound is not None and self.peers.get(peer_id) is not outbound
+        if forgotten and self.manager.is_running:
+            self.manager.run_task(_reset_quietly, outbound)
+
     async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
         if msg_forwarder == self.my_id:
             await super().push_msg(msg_forwarder, msg)  # our own: errors are ours to see
@@ -111,7 +126,11 @@ class GuardedPubsub(Pubsub):
         level = logging.DEBUG if peer_id in self._warned else logging.WARNING
         if len(self._warned) < 10_000:
             self._warned.add(peer_id)
-        logger.log(level, "garbled pubsub input from %s, %s: %r", peer_id, action, error)
+        # A parse error is the peer's; anything else may be a bug of ours: show where.
+        trace = level == logging.WARNING and not isinstance(error, (DecodeError, ValueError))
+        logger.log(
+            level, "garbled pubsub input from %s, %s: %r", peer_id, action, error, exc_info=trace
+        )
 
     def get_hello_packet(self) -> rpc_pb2.RPC:
         packet = super().get_hello_packet()
@@ -130,6 +149,9 @@ class GuardedPubsub(Pubsub):
                 if not written:  # possibly part of a message on the wire: end the stream
                     with trio.CancelScope(shield=True):
                         await _reset_quietly(stream)
+                    peer_id = stream.muxed_conn.peer_id
+                    if self.peers.get(peer_id) is stream:  # pubsub opens another
+                        self._handle_dead_peer(peer_id)
 
 
 class GuardedGossipSub(GossipSub):
