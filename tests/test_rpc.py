@@ -299,3 +299,32 @@ async def test_gossip_reads_do_not_each_send_a_window_update(
             )
             updates = sent
     assert updates < 5  # in the whole process: three nodes, each reading 10+ records
+
+
+async def test_a_hosts_addresses_are_built_once_per_ttl_and_never_kept_empty(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from p2p_node import _rpc
+
+    host = new_libp2p_host(create_new_key_pair())
+    builds = 0
+    transport_addrs = host.get_transport_addrs
+
+    def counted() -> list[multiaddr.Multiaddr]:
+        nonlocal builds
+        builds += 1
+        return transport_addrs()
+
+    host.get_transport_addrs = counted  # type: ignore[method-assign]
+    assert host.get_addrs() == []  # not listening yet: nothing to keep
+    with trio.fail_after(10):
+        async with run_host(host, [LOOPBACK]):
+            first = [str(a) for a in host.get_addrs()]
+            for _ in range(10):
+                assert [str(a) for a in host.get_addrs()] == first
+            kept_builds = builds
+            monkeypatch.setattr(_rpc, "ADDRS_TTL_S", 0.0)  # every call is past the ttl
+            host.get_addrs()
+    assert first[0].startswith("/ip4/127.0.0.1/tcp/") and first[0].endswith(str(host.get_id()))
+    assert kept_builds == 2  # once before listening (empty), once after
+    assert builds == 3
