@@ -9,6 +9,7 @@ back, refusing anything oversize, unknown, missing or of the wrong type;
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from enum import StrEnum
@@ -39,6 +40,7 @@ MAX_CPU_MODEL_LENGTH = 256
 # count limit only keeps a hostile list from being walked item by item.
 MAX_MODELS = 256
 MAX_DEPARTED = 32
+MAX_KEPT_ENTRIES = 1024  # decoded model entries kept, by wire form (see _entry_from_wire)
 MAX_INTERVAL = 3600.0
 MAX_INT = 2**63 - 1
 
@@ -429,7 +431,16 @@ def _gpu_from_wire(raw: object) -> GpuInfo:
 
 
 def _entry_from_wire(raw: object) -> ModelEntry:
-    f = expect_map(raw, _ENTRY_KEYS, "model entry")
+    # A peer announces the same models in record after record, and checking a
+    # descriptor is most of a record's decoding. Decoding is pure, so the same
+    # bytes always give the same entry: those seen lately are kept, by their
+    # exact wire form (msgpack tells 1 from 1.0 and from True).
+    return _entry_from_packed(msgpack.packb(raw))
+
+
+@functools.lru_cache(maxsize=MAX_KEPT_ENTRIES)
+def _entry_from_packed(packed: bytes) -> ModelEntry:
+    f = expect_map(msgpack.unpackb(packed, raw=False), _ENTRY_KEYS, "model entry")
     return ModelEntry(descriptor=descriptor_from_wire(f["model"]), loaded=f["loaded"])
 
 

@@ -429,6 +429,16 @@ def test_wrong_value_is_malformed(path: tuple[str | int, ...], value: object) ->
     _rejects(_mutated(path, value))
 
 
+def test_a_model_entry_seen_before_is_reused_and_its_lookalikes_are_still_checked() -> None:
+    data = encode_record(REALISTIC)
+    first, again = decode_record(data), decode_record(data)
+    assert again == REALISTIC
+    assert all(a is b for a, b in zip(first.models, again.models, strict=True))  # kept
+    # Entries that equal a kept one in Python (1 == 1.0 == True) are other bytes:
+    _rejects(_mutated(("models", 0, "loaded"), 1))
+    _rejects(_mutated(("models", 0, "model", "inputs", 0, "shape", 1), 64.0))
+
+
 _EXT = {
     "ext-field": _mutated(("boot",), msgpack.ExtType(5, b"boot")),
     "ext-top": _pack(msgpack.ExtType(1, b"")),
