@@ -112,12 +112,11 @@ class GuardedPubsub(Pubsub):
             self.manager.run_task(_reset_quietly, outbound)
 
     async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
-        if msg_forwarder == self.my_id:
-            await super().push_msg(msg_forwarder, msg)  # our own: errors are ours to see
-            return
         try:
             await super().push_msg(msg_forwarder, msg)
         except Exception as error:
+            if msg_forwarder == self.my_id:
+                raise  # our own message: its errors are ours to see
             self._garbled(msg_forwarder, "dropped a message it forwarded", error)
 
     def _garbled(self, peer_id: ID, action: str, error: Exception) -> None:
@@ -139,7 +138,9 @@ class GuardedPubsub(Pubsub):
 
     async def write_msg(self, stream: INetStream, rpc_msg: rpc_pb2.RPC) -> bool:
         rpc_msg.ClearField("senderRecord")
-        lock = self._write_locks.setdefault(stream, trio.Lock())
+        lock = self._write_locks.get(stream)
+        if lock is None:  # not setdefault: that would build a lock for every message
+            lock = self._write_locks[stream] = trio.Lock()
         async with lock:
             written = False
             try:
