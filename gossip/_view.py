@@ -3,7 +3,8 @@
 A peer is *alive* while its records keep coming; a libp2p disconnect makes it
 *suspect* at once (no new work goes to it) until its next record; a peer whose
 last record is older than `ttl_factor` x its announced interval is dead and
-leaves the view, as does one a neighbour reports departed. Time is passed in
+leaves the view, as does one a neighbour reports departed, and a suspect one
+that sends no record within `suspect_ttl`. Time is passed in
 (`now`, in the caller's clock: trio.current_time()); the view reads no clock.
 """
 
@@ -53,6 +54,7 @@ class KnownPeer:
     record: PeerRecord
     received_at: float
     state: PeerState
+    suspect_since: float | None = None  # local clock; set while SUSPECT
 
     @property
     def peer_id(self) -> str:
@@ -84,10 +86,15 @@ class ViewSnapshot:
 class PeerView:
     """The mutable view, owned by one node. Readers take `snapshot()`."""
 
-    def __init__(self, ttl_factor: float = DEFAULT_TTL_FACTOR) -> None:
+    def __init__(
+        self, ttl_factor: float = DEFAULT_TTL_FACTOR, suspect_ttl: float | None = None
+    ) -> None:
         if not ttl_factor > 0:
             raise ValueError(f"ttl_factor must be > 0, got {ttl_factor}")
+        if suspect_ttl is not None and not suspect_ttl > 0:
+            raise ValueError(f"suspect_ttl must be > 0, got {suspect_ttl}")
         self.ttl_factor = ttl_factor
+        self.suspect_ttl = suspect_ttl
         self._peers: dict[str, KnownPeer] = {}
         # The last record of peers that left: a replay of an older one must not revive them.
         self._tombstones: OrderedDict[str, PeerRecord] = OrderedDict()
@@ -107,7 +114,10 @@ class PeerView:
         return known.record if known else self._tombstones.get(peer_id)
 
     def expires_at(self, known: KnownPeer) -> float:
-        return known.received_at + self.ttl_factor * known.record.interval
+        at = known.received_at + self.ttl_factor * known.record.interval
+        if known.suspect_since is not None and self.suspect_ttl is not None:
+            at = min(at, known.suspect_since + self.suspect_ttl)
+        return at
 
     def next_expiry(self) -> float | None:
         """When the next peer will expire if no record comes (for a timer to sleep until)."""
@@ -145,11 +155,12 @@ class PeerView:
         self._publish(ViewEvent(kind, record.peer_id))
         return True
 
-    def suspect(self, peer_id: str) -> None:
-        """The connection to `peer_id` dropped: no new work until it is heard from again."""
+    def suspect(self, peer_id: str, now: float | None = None) -> None:
+        """The connection to `peer_id` dropped: no new work until it is heard from again.
+        With `now` and a `suspect_ttl`, it leaves the view if no record comes by then."""
         known = self._peers.get(peer_id)
         if known is not None and known.state is PeerState.ALIVE:
-            self._peers[peer_id] = replace(known, state=PeerState.SUSPECT)
+            self._peers[peer_id] = replace(known, state=PeerState.SUSPECT, suspect_since=now)
             self._publish(ViewEvent(EventKind.SUSPECT, peer_id))
 
     def depart(self, peer_id: str, boot_id: str, seq: int) -> bool:

@@ -66,7 +66,8 @@ class ExecutorConfig:
 @dataclass(frozen=True, slots=True)
 class GossipConfig:
     network: str = "default"
-    interval: float = 1.0  # publish interval while the network is small
+    interval: float = 1.0  # beats to neighbours; changes published at most this often
+    refresh: float = 30.0  # a record is republished at least this often with nothing changed
     budget: float = 200.0  # records/s for the whole network; the interval grows to fit
     degree: int = 6
     degree_low: int = 4
@@ -79,6 +80,10 @@ class GossipConfig:
             raise ConfigError(f"network name must be 1-64 characters without '/': {self.network!r}")
         if not (self.interval > 0 and self.budget > 0 and self.heartbeat_s >= 1):
             raise ConfigError("interval, budget and heartbeat must be positive")
+        if not self.refresh >= self.interval:
+            raise ConfigError(
+                f"refresh ({self.refresh} s) must be at least the interval ({self.interval} s)"
+            )
         if not self.ttl_factor > 1:
             raise ConfigError(f"ttl_factor must be > 1, got {self.ttl_factor}")
         if not 0 < self.degree_low <= self.degree <= self.degree_high:

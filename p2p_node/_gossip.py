@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -24,12 +24,14 @@ from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.validators import signature_validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from gossip import (
     MAX_DEPARTED,
     Departure,
     PeerRecord,
+    PeerState,
     PeerView,
     PublishPacer,
     RecordError,
@@ -38,6 +40,7 @@ from gossip import (
     decode_record,
     encode_record,
     expire_forever,
+    is_newer,
     publish_interval,
 )
 
@@ -177,7 +180,21 @@ async def _reset_quietly(stream: INetStream) -> None:
 
 
 class Gossip:
-    """This node's side of the records topic. Built by `open_gossip`."""
+    """This node's side of the records topic, and liveness between neighbours.
+
+    Built by `open_gossip`. What costs what, and why records are not sent every
+    interval: every record reaches every node, once per mesh neighbour, and in
+    py-libp2p each delivery costs about a millisecond of CPU. So a record goes
+    out when something changed (paced to one per `interval` on average) and
+    otherwise once per `refresh`. Liveness does not ride on records: each pair
+    of neighbours swaps a beat every `interval` (the node that dialed
+    asks, the other answers), a neighbour silent for ttl (`ttl_factor` x
+    `interval`) is reported departed in a record published at once, and every
+    other node drops it on that report. A connection that drops is reported the
+    same way, at once. Two peers that connect swap the records they hold
+    (`signed_messages`, `take_synced`), so a newcomer, or a side of a healed
+    partition, does not wait for a refresh.
+    """
 
     def __init__(
         self,
@@ -198,11 +215,21 @@ class Gossip:
         self._silent_until = -float("inf")
         self._departures: dict[str, tuple[Departure, float]] = {}
         self._validated: dict[tuple[bytes, bytes], PeerRecord] = {}
+        self._mine: PeerRecord | None = None  # our last published record
+        # The signed GossipSub message of each record in the view (and ours): what a sync sends.
+        self._signed: dict[str, rpc_pb2.Message] = {}
+        self._heard: dict[str, float] = {}  # neighbour -> when its last beat came (local clock)
+        self._heard_changed = trio.Event()
 
     @property
     def garbled(self) -> int:
         """Pubsub streams and messages from peers dropped as unreadable (not records)."""
         return self._pubsub.garbled
+
+    @property
+    def ttl(self) -> float:
+        """How long a neighbour may go unheard before it is reported departed."""
+        return self.config.ttl_factor * self.config.interval
 
     def changed(self) -> None:
         """Something significant changed: publish soon (at once if the pacer allows)."""
@@ -211,12 +238,16 @@ class Gossip:
 
     def connection_lost(self, peer_id: str) -> None:
         """A peer we were connected to is gone: it is suspect here, and we tell the others."""
+        self._heard.pop(peer_id, None)
         known = self.view.snapshot().peers.get(peer_id)
         if known is None:
             return  # a client, or a peer we never heard from
-        self.view.suspect(peer_id)
-        departure = Departure(peer_id, known.record.boot_id, known.record.seq)
-        self._departures[peer_id] = (departure, trio.current_time())
+        self.view.suspect(peer_id, trio.current_time())
+        self._report_departed(known.record)
+
+    def _report_departed(self, record: PeerRecord) -> None:
+        departure = Departure(record.peer_id, record.boot_id, record.seq)
+        self._departures[record.peer_id] = (departure, trio.current_time())
         self.changed()
 
     def _connected_to(self, peer_id: str) -> bool:
@@ -227,15 +258,118 @@ class Gossip:
         return bool(self._pubsub.host.get_network().connections.get(peer))
 
     def silence(self, seconds: float) -> None:
-        """Publish nothing for `seconds` (the harness's stall: alive but silent)."""
+        """Publish nothing and beat to no one for `seconds` (the harness's stall: alive
+        but silent). A record goes out as soon as it ends."""
         self._silent_until = trio.current_time() + seconds
+        self._dirty = True
+        self._wake.set()
 
-    # --- validation, receiving, publishing, expiry ------------------------------------
+    @property
+    def silenced_until(self) -> float:
+        return self._silent_until
+
+    # --- liveness between neighbours --------------------------------------------------
+
+    def heard_from(self, peer_id: str) -> None:
+        """A beat from neighbour `peer_id` arrived (its question, or its answer to ours)."""
+        if peer_id in self._heard or self._connected_to(peer_id):
+            self._heard[peer_id] = trio.current_time()
+
+    def _hears(self, peer_id: str, now: float) -> bool:
+        """Whether our own link to `peer_id` says it is alive: connected, and not
+        silent past the ttl (if it beats to us at all)."""
+        heard = self._heard.get(peer_id)
+        if heard is not None and now - heard > self.ttl:
+            return False
+        return self._connected_to(peer_id)
+
+    async def watch_neighbours_forever(self) -> None:
+        """Report each neighbour that beats no more: alive but silent past the ttl."""
+        while True:
+            now = trio.current_time()
+            peers = self.view.snapshot().peers
+            wake_at = now + self.config.interval
+            for peer_id, heard in list(self._heard.items()):
+                known = peers.get(peer_id)
+                if not self._connected_to(peer_id):
+                    del self._heard[peer_id]  # connection_lost reports it
+                elif known is None or known.state is not PeerState.ALIVE:
+                    continue  # not in the view (a client, or already reported)
+                else:
+                    # A record it just published is a sign of life too (after a stall,
+                    # its record may come before its next beat). While we are silent
+                    # ourselves we answer no beat, so our neighbours stop asking.
+                    since = max(heard, known.received_at, self._silent_until)
+                    if now - since > self.ttl:
+                        logger.info("peer %s silent for %.1f s: departed", peer_id, now - since)
+                        self.view.depart(peer_id, known.record.boot_id, known.record.seq)
+                        self._report_departed(known.record)
+                    else:
+                        wake_at = min(wake_at, since + self.ttl)
+            await trio.sleep_until(wake_at + 0.001)
+
+    # --- records swapped on connecting ------------------------------------------------
+
+    def signed_messages(self) -> tuple[bytes, ...]:
+        """Our record and every alive peer's, as the signed messages they published."""
+        alive = {p.peer_id for p in self.view.snapshot().alive()} | {self._my_id}
+        for peer_id in [p for p in self._signed if p not in alive]:
+            del self._signed[peer_id]
+        return tuple(m.SerializeToString() for m in self._signed.values())
+
+    async def take_synced(self, messages: Sequence[bytes], sender: str) -> int:
+        """Check and apply records a peer passed on; returns how many were new here.
+
+        Each must be a message signed by the record's own peer on our topic, so
+        a peer can pass on others' records but not forge them. Records we
+        already hold are skipped without a count: a sync repeats them by design.
+        Each new one is then passed into GossipSub as if received there, so it
+        reaches every node that missed it: a newcomer's first record (published
+        before it had a mesh), or the other side's records after a partition.
+        """
+        fresh: list[rpc_pb2.Message] = []
+        now = trio.current_time()
+        for data in messages:
+            try:
+                msg = rpc_pb2.Message.FromString(data)
+                if list(msg.topicIDs) != [self.config.topic]:
+                    raise RecordError(Rejection.MALFORMED, "not a message of our topic")
+                signer = ID(msg.from_id).to_base58()
+                held = self._signed.get(signer)
+                if signer == self._my_id or (held is not None and held.data == msg.data):
+                    continue
+                previous = self.view.last_record(signer)
+                record = check_record(msg.data, signer, None)
+                if previous is not None and not is_newer(record, previous):
+                    continue
+                if not signature_validator(msg):
+                    raise RecordError(Rejection.FORGED, "bad signature")
+            except RecordError as error:
+                self.rejects[error.reason] += 1
+                logger.debug("rejected a record synced by %s: %s", sender, error)
+                continue
+            except Exception as error:  # not a protobuf, a from_id that is no peer id, ...
+                self.rejects[Rejection.MALFORMED] += 1
+                logger.debug("rejected a message synced by %s: %r", sender, error)
+                continue
+            if self._take(record, msg, now):
+                fresh.append(msg)
+        for msg in fresh:
+            try:  # GossipSub skips what it has seen, and forwards the rest
+                await self._pubsub.push_msg(self._pubsub.my_id, msg)
+            except Exception as error:  # checked above; a failure here is no reason to stop
+                logger.debug("could not pass a synced record to GossipSub: %r", error)
+        return len(fresh)
+
+    # --- validation, receiving, publishing --------------------------------------------
 
     def validate(self, forwarder: ID, msg: Any) -> bool:
         """GossipSub topic validator: only well-formed, signer-owned, newer records pass."""
         try:
             signer = ID(msg.from_id).to_base58()
+            held = self._signed.get(signer)
+            if held is not None and held.seqno == msg.seqno and held.data == msg.data:
+                return True  # the message we took by sync first: pass it on, nothing to check
             record = check_record(msg.data, signer, self.view.last_record(signer))
         except RecordError as error:
             self.rejects[error.reason] += 1
@@ -261,48 +395,73 @@ class Gossip:
                 except RecordError:
                     continue
             if record.peer_id == self._my_id:
+                self._signed[self._my_id] = msg  # ours, as peers will check it
                 continue
-            self.view.apply(record, trio.current_time())
-            self._departures.pop(record.peer_id, None)
-            for gone in record.departed:
-                # Our own live connection to the peer outweighs a neighbour's word:
-                # one dropped link (or one neighbour's flaky view) must not take
-                # the peer out of every view. Should the peer be dead, our
-                # connection drops too, or its ttl runs out.
-                if gone.peer_id != self._my_id and not self._connected_to(gone.peer_id):
-                    self.view.depart(gone.peer_id, gone.boot_id, gone.seq)
+            self._take(record, msg, trio.current_time())
+
+    def _take(self, record: PeerRecord, msg: rpc_pb2.Message, now: float) -> bool:
+        if not self.view.apply(record, now):
+            return False
+        self._signed[record.peer_id] = msg
+        self._departures.pop(record.peer_id, None)
+        for gone in record.departed:
+            if gone.peer_id == self._my_id:
+                self._refute(gone)
+            # Our own live link to the peer outweighs a neighbour's word: one
+            # dropped link (or one neighbour's flaky view) must not take the peer
+            # out of every view. Should the peer be dead, our link says so too.
+            elif not self._hears(gone.peer_id, now):
+                self.view.depart(gone.peer_id, gone.boot_id, gone.seq)
+        return True
+
+    def _refute(self, gone: Departure) -> None:
+        """A peer reported us departed: if it was our current record, publish a newer one,
+        which brings us back into every view that dropped us."""
+        mine = self._mine
+        if mine is not None and gone.boot_id == mine.boot_id and gone.seq >= mine.seq:
+            logger.info("reported departed by a neighbour while alive: publishing again")
+            self.changed()
 
     async def publish_forever(self) -> None:
         pacer = PublishPacer()
-        announced = self.config.interval
+        last: float | None = None
+        refresh = self.config.refresh
         while True:
             now = trio.current_time()
-            interval = publish_interval(
-                len(self.view.snapshot()), self.config.interval, self.config.budget
-            )
-            if abs(interval - announced) > 0.25 * announced:
-                # Peers expire us by the interval we announced: tell them it moved.
+            peers = len(self.view.snapshot())
+            interval = publish_interval(peers, self.config.interval, self.config.budget)
+            wanted = publish_interval(peers, self.config.refresh, self.config.budget)
+            if abs(wanted - refresh) > 0.25 * refresh:
+                # Peers expire us by the refresh we announced: tell them it moved.
                 self._dirty = True
-                announced = interval
-            if now >= self._silent_until and pacer.due(now, interval, self._dirty):
+                refresh = wanted
+            silent = now < self._silent_until
+            due = last is None or now - last >= refresh
+            if self._dirty and pacer.due(now, interval, changed=True):
+                due = True
+            if due and not silent:
                 self._dirty = False
-                await self._publish(interval, now)
+                await self._publish(refresh, now)
                 pacer.published(now, interval)
-            wake_at = pacer.next_due(now, interval, self._dirty)
-            if now < self._silent_until:
+                last = now
+            assert last is not None or silent
+            wake_at = now + refresh if last is None else last + refresh
+            if self._dirty:
+                wake_at = min(wake_at, pacer.next_due(now, interval, changed=True))
+            if silent:
                 wake_at = max(wake_at, self._silent_until)
             with trio.move_on_at(wake_at):
                 await self._wake.wait()
             self._wake = trio.Event()
 
-    async def _publish(self, interval: float, now: float) -> None:
-        ttl = self.view.ttl_factor * interval
+    async def _publish(self, refresh: float, now: float) -> None:
         for peer_id, (_, since) in list(self._departures.items()):
-            if now - since > ttl:
+            if now - since > self.ttl:
                 del self._departures[peer_id]
         departed = tuple(d for d, _ in self._departures.values())[-MAX_DEPARTED:]
-        data = encode_record(self._make_record(interval, departed))
-        await self._pubsub.publish(self.config.topic, data)
+        record = self._make_record(refresh, departed)
+        self._mine = record
+        await self._pubsub.publish(self.config.topic, encode_record(record))
         self.published += 1
 
 
@@ -339,6 +498,7 @@ async def open_gossip(
                 nursery.start_soon(gossip.receive, subscription)
                 nursery.start_soon(gossip.publish_forever)
                 nursery.start_soon(expire_forever, view, config.interval)
+                nursery.start_soon(gossip.watch_neighbours_forever)
                 try:
                     yield gossip
                 except BaseException as error:

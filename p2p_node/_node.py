@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -18,6 +19,7 @@ import trio
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.peer.id import ID
 from libp2p.peer.peerstore import PeerStoreError
+from libp2p.rcmgr import Direction
 
 from gossip import (
     Departure,
@@ -51,6 +53,7 @@ from ._jobs import JobOnce, fingerprint
 from ._membership import Membership
 from ._repository import bundled_models_dir, read_repository
 from ._rpc import (
+    BEAT_PROTOCOL,
     INFER_PROTOCOL,
     JOB_PROTOCOL,
     LOAD_PROTOCOL,
@@ -58,6 +61,7 @@ from ._rpc import (
     PEERS_PROTOCOL,
     PLACE_PROTOCOL,
     SELECT_PROTOCOL,
+    SYNC_PROTOCOL,
     Rpc,
     expect_reply,
     new_libp2p_host,
@@ -65,6 +69,8 @@ from ._rpc import (
 )
 from ._tracker_store import load_tracker, save_periodically, save_tracker
 from ._wire import (
+    BeatReply,
+    BeatRequest,
     FeedbackReply,
     FeedbackRequest,
     Learned,
@@ -79,6 +85,8 @@ from ._wire import (
     RunRequest,
     SelectReply,
     SelectRequest,
+    SyncReply,
+    SyncRequest,
 )
 
 logger = logging.getLogger(__name__)
@@ -98,7 +106,8 @@ class Node:
         tracker: PerformanceTracker | None = None,
     ) -> None:
         self.config = config
-        self.view = PeerView(config.gossip.ttl_factor)
+        liveness_ttl = config.gossip.ttl_factor * config.gossip.interval
+        self.view = PeerView(config.gossip.ttl_factor, suspect_ttl=liveness_ttl)
         self.boot_id = uuid.uuid4().hex[:16]
         self._rpc = rpc
         self._executor = executor
@@ -106,6 +115,7 @@ class Node:
         self._capabilities = config.capabilities or capabilities(gpus)
         self._seq = 0
         self._announced_in_flight = 0
+        self._in_touch: set[str] = set()  # peers _keep_in_touch runs for
         self._gate = _AddressGate.install(rpc.host)
         self.admission = Admission(config.admission, rpc.peer_id)
         self._index = NodeIndex(())
@@ -411,13 +421,56 @@ class Node:
         )
         return PeersReply(self.peer_id, reports)
 
+    async def _on_beat(self, request: Request, sender: str) -> BeatReply:
+        if not isinstance(request, BeatRequest):
+            raise JobError(ErrorCode.MALFORMED_MESSAGE, "this protocol takes beat? requests")
+        await trio.sleep_until(self.gossip.silenced_until)  # a stalled node answers late
+        self.gossip.heard_from(sender)
+        return BeatReply()
+
+    async def _on_sync(self, request: Request, sender: str) -> SyncReply:
+        if not isinstance(request, SyncRequest):
+            raise JobError(ErrorCode.MALFORMED_MESSAGE, "this protocol takes sync? requests")
+        await self.gossip.take_synced(request.messages, sender)
+        return SyncReply(self.gossip.signed_messages())
+
+    async def _keep_in_touch(self, peer_id: str) -> None:
+        """For a new connection to `peer_id`: swap records, then beat while connected.
+
+        The peer that dialed does both (the other answers), so each link carries
+        one sync and one beat a round, and no node calls a client (clients dial,
+        nodes do not dial them). A peer that does not speak these protocols makes
+        the first call fail, and that ends it.
+        """
+        interval = self.config.gossip.interval
+        try:
+            reply = await self._rpc.call(
+                peer_id, SYNC_PROTOCOL, SyncRequest(self.gossip.signed_messages()), 10 * interval
+            )
+            synced: SyncReply = expect_reply(reply, SyncReply, peer_id)
+            await self.gossip.take_synced(synced.messages, peer_id)
+            while peer_id in self.connected_peers():
+                started = trio.current_time()
+                if started >= self.gossip.silenced_until:
+                    with contextlib.suppress(JobError):  # one lost beat is no verdict
+                        await self._rpc.call(peer_id, BEAT_PROTOCOL, BeatRequest(), self.gossip.ttl)
+                        self.gossip.heard_from(peer_id)
+                await trio.sleep_until(started + interval)
+        except JobError as error:
+            logger.debug("no sync or beats with %s: %s", peer_id, error.message)
+        finally:
+            self._in_touch.discard(peer_id)
+
     async def _follow_connection_events(
-        self, events: trio.MemoryReceiveChannel[tuple[bool, str]]
+        self, events: trio.MemoryReceiveChannel[tuple[bool, str, bool]], nursery: trio.Nursery
     ) -> None:
-        async for connected, peer_id in events:
+        async for connected, peer_id, outbound in events:
             if connected:
                 if self.membership.is_blocked(peer_id):
                     await self._rpc.host.disconnect(ID.from_base58(peer_id))
+                elif outbound and peer_id not in self._in_touch:
+                    self._in_touch.add(peer_id)
+                    nursery.start_soon(self._keep_in_touch, peer_id)
             elif peer_id not in self.connected_peers():
                 self._rpc.peer_gone(peer_id)
                 self.gossip.connection_lost(peer_id)
@@ -476,12 +529,13 @@ def _expect_run(request: Request) -> RunRequest:
 class _ConnectionEvents(INotifee):
     """Forwards libp2p connect/disconnect notifications to the node's peer tracker."""
 
-    def __init__(self, send: trio.MemorySendChannel[tuple[bool, str]]) -> None:
+    def __init__(self, send: trio.MemorySendChannel[tuple[bool, str, bool]]) -> None:
         self._send = send
 
     def _post(self, connected: bool, conn: INetConn) -> None:
+        outbound = getattr(conn, "direction", None) == Direction.OUTBOUND
         try:
-            self._send.send_nowait((connected, str(conn.muxed_conn.peer_id)))
+            self._send.send_nowait((connected, str(conn.muxed_conn.peer_id), outbound))
         except (trio.WouldBlock, trio.ClosedResourceError):
             logger.warning("dropped a connection event: the peer tracker is behind or closed")
 
@@ -529,12 +583,19 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
         max_reply_bytes=config.max_reply_bytes,
         max_concurrent_inbound=config.max_concurrent_inbound,
         request_limits=dict.fromkeys(
-            (MODELS_PROTOCOL, PEERS_PROTOCOL, PLACE_PROTOCOL, SELECT_PROTOCOL, LOAD_PROTOCOL),
+            (
+                MODELS_PROTOCOL,
+                PEERS_PROTOCOL,
+                PLACE_PROTOCOL,
+                SELECT_PROTOCOL,
+                LOAD_PROTOCOL,
+                BEAT_PROTOCOL,
+            ),
             config.max_control_request_bytes,
         ),
     )
     listen = [parse_multiaddr(a) for a in config.listen]
-    events_send, events_receive = trio.open_memory_channel[tuple[bool, str]](4096)
+    events_send, events_receive = trio.open_memory_channel[tuple[bool, str, bool]](4096)
     gpus = Gpus()
     try:
         async with run_host(host, listen), trio.open_nursery() as nursery:
@@ -547,6 +608,8 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
             rpc.serve(PLACE_PROTOCOL, node._on_place)
             rpc.serve(SELECT_PROTOCOL, node._on_select)
             rpc.serve(LOAD_PROTOCOL, node._on_load)
+            rpc.serve(BEAT_PROTOCOL, node._on_beat)
+            rpc.serve(SYNC_PROTOCOL, node._on_sync)
             host.get_network().register_notifee(_ConnectionEvents(events_send))
             async with open_gossip(host, node.view, config.gossip, node.make_record) as gossip:
                 node.gossip = gossip
@@ -559,7 +622,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
                     target_degree=config.target_degree,
                     rng=random.Random(),
                 )
-                nursery.start_soon(node._follow_connection_events, events_receive)
+                nursery.start_soon(node._follow_connection_events, events_receive, nursery)
                 nursery.start_soon(node._forget_departed, node.view.subscribe())
                 token = node.orchestrator.activate()
                 selector_token = node.selector.activate()

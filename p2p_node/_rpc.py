@@ -90,6 +90,8 @@ PEERS_PROTOCOL = TProtocol("/p2p-node/peers/1.0.0")
 PLACE_PROTOCOL = TProtocol("/p2p-node/place/1.0.0")
 SELECT_PROTOCOL = TProtocol("/p2p-node/select/1.0.0")  # select? and feedback
 LOAD_PROTOCOL = TProtocol("/p2p-node/load/1.0.0")  # load?: a coordinator's probe
+BEAT_PROTOCOL = TProtocol("/p2p-node/beat/1.0.0")  # beat?: a neighbour's liveness check
+SYNC_PROTOCOL = TProtocol("/p2p-node/sync/1.0.0")  # sync?: records swapped on connecting
 
 MAX_WARNED_ADDRESSES = 4096  # refused addresses remembered, to warn once for each
 

@@ -156,6 +156,29 @@ class LoadReply:
 
 
 @dataclass(frozen=True, slots=True)
+class BeatRequest:
+    """I am here; are you? Sent to each neighbour every gossip interval (liveness)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BeatReply:
+    """Here."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRequest:
+    """The records I hold, as their signed GossipSub messages; send me yours.
+    Exchanged once when two peers connect, so neither waits for a refresh."""
+
+    messages: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SyncReply:
+    messages: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class PlaceRequest:
     """Where would `model_id` run now? Answered with a ranking; nothing runs."""
 
@@ -224,10 +247,14 @@ Request = (
     | SelectRequest
     | FeedbackRequest
     | LoadRequest
+    | BeatRequest
+    | SyncRequest
 )
 Reply = (
     InferenceResult
     | LoadReply
+    | BeatReply
+    | SyncReply
     | ModelsReply
     | PeersReply
     | PlaceReply
@@ -332,6 +359,14 @@ def encode(message: Request | Reply) -> bytes:
                 body["load"] = message.load
         case LoadRequest():
             body = {"kind": "load?"}
+        case BeatRequest():
+            body = {"kind": "beat?"}
+        case BeatReply():
+            body = {"kind": "beat"}
+        case SyncRequest():
+            body = {"kind": "sync?", "messages": list(message.messages)}
+        case SyncReply():
+            body = {"kind": "sync", "messages": list(message.messages)}
         case LoadReply():
             body = {
                 "kind": "load",
@@ -401,6 +436,8 @@ _REQUEST_KINDS = {
     "select?": SelectRequest,
     "feedback": FeedbackRequest,
     "load?": LoadRequest,
+    "beat?": BeatRequest,
+    "sync?": SyncRequest,
 }
 _REPLY_KINDS = {
     "result": InferenceResult,
@@ -411,6 +448,8 @@ _REPLY_KINDS = {
     "select": SelectReply,
     "feedback!": FeedbackReply,
     "load": LoadReply,
+    "beat": BeatReply,
+    "sync": SyncReply,
 }
 _KEYS = {
     "run": frozenset(
@@ -456,6 +495,10 @@ _KEYS = {
     "peers?": frozenset({"v", "kind"}),
     "peers": frozenset({"v", "kind", "peer_id", "peers"}),
     "load?": frozenset({"v", "kind"}),
+    "beat?": frozenset({"v", "kind"}),
+    "beat": frozenset({"v", "kind"}),
+    "sync?": frozenset({"v", "kind", "messages"}),
+    "sync": frozenset({"v", "kind", "messages"}),
     "load": frozenset({"v", "kind", "peer_id", "in_flight", "queue_length"}),
 }
 # Fields a message may leave out (older peers never send them).
@@ -755,6 +798,13 @@ def _load_reply(f: Mapping[str, Any]) -> LoadReply:
     )
 
 
+def _signed_messages(raw: object) -> tuple[bytes, ...]:
+    messages = expect_list(raw, "messages", MAX_PEERS)
+    if not all(isinstance(m, bytes) for m in messages):
+        raise SchemaError("messages must be a list of bytes")
+    return tuple(messages)
+
+
 def _route(raw: object) -> tuple[str, int]:
     if not isinstance(raw, list) or len(raw) != 2:
         raise SchemaError("a route entry must be [model_id, rows]")
@@ -811,6 +861,10 @@ _BUILDERS: Mapping[str, Any] = {
     "feedback!": _feedback_reply,
     "load?": lambda f: LoadRequest(),
     "load": _load_reply,
+    "beat?": lambda f: BeatRequest(),
+    "beat": lambda f: BeatReply(),
+    "sync?": lambda f: SyncRequest(_signed_messages(f["messages"])),
+    "sync": lambda f: SyncReply(_signed_messages(f["messages"])),
 }
 
 

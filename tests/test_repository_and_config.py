@@ -16,6 +16,7 @@ from libp2p.peer.id import ID
 from p2p_node._config import (
     ConfigError,
     ExecutorConfig,
+    GossipConfig,
     NodeConfig,
     load_bootstrap_file,
 )
@@ -340,6 +341,12 @@ def test_executor_config_values_below_one_are_refused(field: str, value: int) ->
 def test_a_model_memory_budget_must_be_a_positive_number(budget: float) -> None:
     with pytest.raises(ConfigError, match="model_memory_mb must be a positive number"):
         ExecutorConfig(model_memory_mb=budget)
+
+
+def test_a_refresh_shorter_than_the_interval_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"refresh \(0.5 s\) must be at least the interval"):
+        GossipConfig(interval=1.0, refresh=0.5)
+    assert GossipConfig(interval=2.0, refresh=2.0).refresh == 2.0
 
 
 def test_executor_config_accepts_one() -> None:

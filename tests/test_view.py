@@ -123,6 +123,28 @@ def test_a_departure_drops_a_peer_only_if_it_is_still_current(departure, dropped
     assert ("a" not in view.snapshot().peers) is dropped
 
 
+def test_a_suspect_peer_leaves_after_suspect_ttl_unless_a_record_comes() -> None:
+    view = PeerView(suspect_ttl=3.0)
+    view.apply(record("a", 1, interval=30.0), now=0.0)
+    view.apply(record("b", 1, interval=30.0), now=0.0)
+    view.suspect("a", now=10.0)
+    view.suspect("b", now=10.0)
+    view.apply(record("b", 2, interval=30.0), now=12.0)  # heard from again: alive
+    assert view.expire(now=12.9) == []
+    assert view.expire(now=13.0) == ["a"]
+    assert view.snapshot().peers["b"].state is PeerState.ALIVE
+    assert view.expire(now=89.0) == []  # b's own ttl: 3 x 30 s from its last record
+    assert view.expire(now=102.0) == ["b"]
+
+
+def test_without_a_time_or_a_suspect_ttl_a_suspect_peer_keeps_its_record_ttl() -> None:
+    for view, now in ((PeerView(suspect_ttl=3.0), None), (PeerView(), 10.0)):
+        view.apply(record("a", 1, interval=30.0), now=0.0)
+        view.suspect("a", now=now)
+        assert view.expire(now=89.0) == []
+        assert view.expire(now=90.0) == ["a"]
+
+
 def test_subscribers_see_every_transition_in_order() -> None:
     view = PeerView()
     events = view.subscribe()

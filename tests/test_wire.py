@@ -18,12 +18,16 @@ from p2p_node._wire import (
     MAX_TENSORS,
     MAX_TIMEOUT_MS,
     VERSION,
+    BeatReply,
+    BeatRequest,
     ErrorReply,
     LoadReply,
     LoadRequest,
     ModelsReply,
     ModelsRequest,
     RunRequest,
+    SyncReply,
+    SyncRequest,
     WireError,
     decode_reply,
     decode_request,
@@ -247,6 +251,23 @@ def test_run_reply_with_integer_timings_decodes_as_floats() -> None:
 def test_load_messages_round_trip(message: LoadRequest | LoadReply) -> None:
     decode = decode_request if isinstance(message, LoadRequest) else decode_reply
     assert decode(encode(message)) == message
+
+
+@pytest.mark.parametrize(
+    "message",
+    [BeatRequest(), BeatReply(), SyncRequest(()), SyncRequest((b"a", b"")), SyncReply((b"\x00",))],
+    ids=["beat?", "beat", "empty sync?", "sync?", "sync"],
+)
+def test_beat_and_sync_messages_round_trip(message: Any) -> None:
+    decode = decode_request if isinstance(message, BeatRequest | SyncRequest) else decode_reply
+    assert decode(encode(message)) == message
+
+
+@pytest.mark.parametrize("messages", [["text"], [1], "notalist", [[b"x"]]])
+def test_a_sync_of_anything_but_a_list_of_bytes_is_refused(messages: object) -> None:
+    payload = msgpack.packb({"v": 1, "kind": "sync?", "messages": messages})
+    with pytest.raises(WireError):
+        decode_request(payload)
 
 
 def test_a_load_reply_sums_running_and_queued() -> None:

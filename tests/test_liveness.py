@@ -1,0 +1,89 @@
+"""Integration: liveness by beats between neighbours, records swapped on connecting,
+and refuting a false report, on real nodes in one process (p2p_node.testing).
+
+Every swarm here refreshes its records only every 600 s, so what these tests see
+cannot come from a periodic record: only from the mechanism under test.
+"""
+
+from __future__ import annotations
+
+import trio
+from libp2p.pubsub.pb import rpc_pb2
+
+from gossip import PeerState, Rejection, encode_record
+from p2p_node._config import GossipConfig
+from p2p_node.testing import open_swarm
+
+SLOW_REFRESH = GossipConfig(refresh=600.0)
+
+
+async def test_nodes_started_one_by_one_converge_without_a_refresh() -> None:
+    # Each node's first record goes out before it has any peer: only the sync on
+    # connecting, and its neighbours passing that record into GossipSub, spread it.
+    with trio.fail_after(60):
+        async with open_swarm(8, topology="ring", gossip=SLOW_REFRESH) as swarm:
+            await swarm.wait_converged()
+            assert all(s.gossip.published <= 3 for s in swarm.nodes)  # no refresh happened
+
+
+async def test_a_silent_node_leaves_every_view_then_comes_back() -> None:
+    with trio.fail_after(60):
+        async with open_swarm(8, topology="ring", gossip=SLOW_REFRESH) as swarm:
+            await swarm.wait_converged()
+            stalled = swarm[3].peer_id
+            ttl = swarm[3].gossip.ttl
+            swarm.stall(3, seconds=3 * ttl)
+            for i in swarm.live:
+                if i != 3:  # neighbours hear no beat; the rest drop it on their report
+                    await swarm[i].view.wait_until(lambda v: stalled not in v.peers)
+            await swarm.wait_converged()  # it publishes again when the stall ends
+
+
+async def test_a_peer_reported_departed_while_alive_refutes_it() -> None:
+    with trio.fail_after(60):
+        async with open_swarm(3, topology="full", gossip=SLOW_REFRESH) as swarm:
+            await swarm.wait_converged()
+            target = swarm[2]
+            before = target._seq
+            # Node 0 loses its link to node 2 (and keeps it cut): it reports node 2
+            # departed. Node 2 hears of it through node 1 and publishes anew.
+            await swarm[0].block([target.peer_id])
+            await swarm[0].view.wait_until(
+                lambda v: (
+                    target.peer_id in v.peers
+                    and v.peers[target.peer_id].state is PeerState.ALIVE
+                    and v.peers[target.peer_id].record.seq > before
+                )
+            )
+            assert not swarm[0].connected_peers() & {target.peer_id}
+
+
+async def test_synced_records_are_checked_like_gossiped_ones() -> None:
+    with trio.fail_after(60):
+        async with open_swarm(2, topology="full", gossip=SLOW_REFRESH) as swarm:
+            await swarm.wait_converged()
+            node, other = swarm[0], swarm[1]
+            held = node.view.snapshot().peers[other.peer_id].record
+            signed = {
+                rpc_pb2.Message.FromString(m).from_id: rpc_pb2.Message.FromString(m)
+                for m in other.gossip.signed_messages()
+            }
+            genuine = next(m for m in signed.values() if m.data == encode_record(held))
+            forged = rpc_pb2.Message()
+            forged.CopyFrom(genuine)  # the same signature over other data
+            forged.data = encode_record(other.make_record(600.0, ()))
+            elsewhere = rpc_pb2.Message()
+            elsewhere.CopyFrom(genuine)
+            elsewhere.topicIDs[:] = ["/another/topic"]
+            batch = [
+                genuine.SerializeToString(),  # held already: skipped, not counted
+                forged.SerializeToString(),
+                elsewhere.SerializeToString(),
+                b"\xff not a protobuf message",
+            ]
+            taken = await node.gossip.take_synced(batch, "12D3KooWsender")
+            rejects = dict(node.gossip.rejects)
+            after = node.view.snapshot().peers[other.peer_id].record
+    assert taken == 0
+    assert rejects == {Rejection.FORGED: 1, Rejection.MALFORMED: 2}
+    assert after == held
