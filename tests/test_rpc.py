@@ -277,6 +277,7 @@ async def test_gossip_reads_do_not_each_send_a_window_update(
     so a node reading a few dozen of them owes no credit at all."""
     from libp2p.stream_muxer.yamux import yamux
 
+    from p2p_node._config import GossipConfig
     from p2p_node.testing import open_swarm
 
     sent = 0
@@ -288,8 +289,9 @@ async def test_gossip_reads_do_not_each_send_a_window_update(
         await send_window_update(self, *args, **kwargs)
 
     monkeypatch.setattr(yamux.YamuxStream, "send_window_update", counted)
+    every_second = GossipConfig(refresh=1.0)
     with trio.fail_after(60):
-        async with open_swarm(3, topology="full") as swarm:
+        async with open_swarm(3, topology="full", gossip=every_second) as swarm:
             await swarm.wait_converged()
             sent = 0
             first = {p: k.record.seq for p, k in swarm[0].view.snapshot().peers.items()}
