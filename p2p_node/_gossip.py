@@ -284,9 +284,19 @@ class Gossip:
         return self._connected_to(peer_id)
 
     async def watch_neighbours_forever(self) -> None:
-        """Report each neighbour that beats no more: alive but silent past the ttl."""
+        """Report each neighbour that beats no more: alive but silent past the ttl.
+
+        Not while this node is itself too slow to tell (as Lifeguard does for
+        SWIM): when this loop wakes late by over half an interval, beats were
+        likely read late too, so no one is reported for one ttl after.
+        """
+        woke_late_at = -float("inf")
+        wake_at = trio.current_time()
         while True:
             now = trio.current_time()
+            if now - wake_at > self.config.interval / 2:
+                logger.info("event loop %.1f s late: no neighbour reported for now", now - wake_at)
+                woke_late_at = now
             peers = self.view.snapshot().peers
             wake_at = now + self.config.interval
             for peer_id, heard in list(self._heard.items()):
@@ -299,14 +309,15 @@ class Gossip:
                     # A record it just published is a sign of life too (after a stall,
                     # its record may come before its next beat). While we are silent
                     # ourselves we answer no beat, so our neighbours stop asking.
-                    since = max(heard, known.received_at, self._silent_until)
+                    since = max(heard, known.received_at, self._silent_until, woke_late_at)
                     if now - since > self.ttl:
                         logger.info("peer %s silent for %.1f s: departed", peer_id, now - since)
                         self.view.depart(peer_id, known.record.boot_id, known.record.seq)
                         self._report_departed(known.record)
                     else:
                         wake_at = min(wake_at, since + self.ttl)
-            await trio.sleep_until(wake_at + 0.001)
+            wake_at += 0.001
+            await trio.sleep_until(wake_at)
 
     # --- records swapped on connecting ------------------------------------------------
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -439,25 +438,37 @@ class Node:
 
         The peer that dialed does both (the other answers), so each link carries
         one sync and one beat a round, and no node calls a client (clients dial,
-        nodes do not dial them). A peer that does not speak these protocols makes
-        the first call fail, and that ends it.
+        nodes do not dial them). A peer that has never answered a beat and then
+        refuses one does not speak the protocol: that ends it. Any other failure
+        (a timeout under load, a lost reply) is no verdict; the next beat follows.
         """
         interval = self.config.gossip.interval
+        answered = False
         try:
-            reply = await self._rpc.call(
-                peer_id, SYNC_PROTOCOL, SyncRequest(self.gossip.signed_messages()), 10 * interval
-            )
-            synced: SyncReply = expect_reply(reply, SyncReply, peer_id)
-            await self.gossip.take_synced(synced.messages, peer_id)
+            try:
+                reply = await self._rpc.call(
+                    peer_id,
+                    SYNC_PROTOCOL,
+                    SyncRequest(self.gossip.signed_messages()),
+                    10 * interval,
+                )
+                synced: SyncReply = expect_reply(reply, SyncReply, peer_id)
+                await self.gossip.take_synced(synced.messages, peer_id)
+                answered = True
+            except JobError as error:
+                logger.debug("no sync with %s: %s", peer_id, error.message)
             while peer_id in self.connected_peers():
                 started = trio.current_time()
                 if started >= self.gossip.silenced_until:
-                    with contextlib.suppress(JobError):  # one lost beat is no verdict
+                    try:
                         await self._rpc.call(peer_id, BEAT_PROTOCOL, BeatRequest(), self.gossip.ttl)
                         self.gossip.heard_from(peer_id)
+                        answered = True
+                    except JobError as error:
+                        if not answered and error.code is not ErrorCode.DEADLINE_EXCEEDED:
+                            logger.debug("no beats with %s: %s", peer_id, error.message)
+                            return
                 await trio.sleep_until(started + interval)
-        except JobError as error:
-            logger.debug("no sync or beats with %s: %s", peer_id, error.message)
         finally:
             self._in_touch.discard(peer_id)
 
