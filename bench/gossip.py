@@ -17,7 +17,8 @@ degree=4)`, and in order:
 3. kill: `swarm.kill(i)`; per survivor, until i is no longer alive in its view
    (suspect at once for neighbours, gone for the rest by departure or ttl);
 4. stall: `swarm.stall(j, 2 x ttl)` (alive, connected, silent); per other node,
-   until j has left its view (expected: ttl after j's last record);
+   until j has left its view (expected: ttl after j's last beat to its
+   neighbours, who then report it; ttl = 3 x interval);
 5. steady: `--steady-seconds` with nothing injected. False deaths: LEFT or
    SUSPECT view events about live peers, over every node's view. Idle CPU: the
    process's CPU time over the period / seconds / N, in % of one core. The notes

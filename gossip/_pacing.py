@@ -7,7 +7,12 @@ that under `budget` records/s the interval follows the view size:
     interval(N) = max(base_interval, N / budget)        N = view size + 1 (the node itself)
 
 so the whole network's rate is N / interval(N) <= budget (equality once N > budget x base).
-A silent peer is dropped after ttl = 3 x interval(N), which therefore grows with N too.
+
+A node uses the law twice (p2p_node's Gossip): with the base `interval` (1 s) to
+pace records made on change, and with the base `refresh` (30 s) for records made
+with nothing changed. A record announces its refresh interval, and a peer no
+neighbour vouches for is dropped when its record is 3 x that old; liveness
+itself comes from beats between neighbours, not from records.
 
 Each node paces its publishes with `PublishPacer`, a token bucket refilled at one
 token per interval and holding at most `burst` tokens; every publish spends one.

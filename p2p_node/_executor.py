@@ -208,6 +208,19 @@ class Executor:
             executor.models.add(load_model(card, config))
         return executor
 
+    @classmethod
+    async def load(cls, cards: Sequence[ModelCard], config: ExecutorConfig) -> Executor:
+        """`from_cards` with the sessions built in a worker thread, so that a node
+        starting (onnxruntime builds and optimises each graph) does not stall the
+        event loop it may share: the harness runs many nodes in one."""
+        executor = cls([], config)
+        for card in cards:
+            executor.models.check_fits(card)
+        models = await trio.to_thread.run_sync(lambda: [load_model(c, config) for c in cards])
+        for model in models:
+            executor.models.add(model)
+        return executor
+
     @property
     def descriptors(self) -> tuple[ModelDescriptor, ...]:
         return self.models.descriptors

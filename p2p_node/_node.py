@@ -585,7 +585,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
 async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
     key_pair = load_or_create_identity(config.data_dir)
     cards = read_repository(config.models_dir or bundled_models_dir(), config.serve_models)
-    executor = Executor.from_cards(cards, config.executor)
+    executor = await Executor.load(cards, config.executor)
     tracker = load_tracker(config.data_dir)
     host = new_libp2p_host(key_pair, mdns=config.mdns, psk=config.psk)
     rpc = Rpc(

@@ -64,6 +64,18 @@ def test_a_model_bigger_than_the_whole_budget_is_refused_at_start() -> None:
     assert f"{budget_mb('digits-svm', slack=-1):g} MB" in message
 
 
+async def test_loading_off_the_event_loop_serves_what_from_cards_serves() -> None:
+    config = ExecutorConfig(model_memory_mb=budget_mb("digits-svm", "digits-mlp"))
+    with trio.fail_after(30):
+        ex = await Executor.load(list(cards(*DIGITS).values()), config)
+        with pytest.raises(ConfigError, match="digits-svm"):
+            await Executor.load(
+                [cards("digits-svm")["digits-svm"]], replace(config, model_memory_mb=0.1)
+            )
+    assert ex.models.loaded == {"digits-logreg", "digits-mlp"}
+    assert ex.descriptors == Executor.from_cards(list(cards(*DIGITS).values()), config).descriptors
+
+
 def test_no_budget_keeps_every_model_loaded() -> None:
     ex = Executor.from_cards(list(cards(*DIGITS).values()), ExecutorConfig())
     assert ex.models.loaded == set(DIGITS)
