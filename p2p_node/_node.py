@@ -461,7 +461,10 @@ class Node:
                 started = trio.current_time()
                 if started >= self.gossip.silenced_until:
                     try:
-                        await self._rpc.call(peer_id, BEAT_PROTOCOL, BeatRequest(), self.gossip.ttl)
+                        reply = await self._rpc.call(
+                            peer_id, BEAT_PROTOCOL, BeatRequest(), self.gossip.ttl
+                        )
+                        expect_reply(reply, BeatReply, peer_id)  # an error reply is no beat
                         self.gossip.heard_from(peer_id)
                         answered = True
                     except JobError as error:
