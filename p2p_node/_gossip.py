@@ -104,7 +104,7 @@ class GuardedPubsub(Pubsub):
                 logger.debug("pubsub stream from %s ended at shutdown: %r", peer_id, error)
                 return
             self._garbled(peer_id, "dropped its pubsub stream", error)
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
             self._handle_dead_peer(peer_id)
 
     def _handle_dead_peer(self, peer_id: ID) -> None:
@@ -112,7 +112,7 @@ class GuardedPubsub(Pubsub):
         super()._handle_dead_peer(peer_id)
         forgotten = outbound is not None and self.peers.get(peer_id) is not outbound
         if forgotten and self.manager.is_running:
-            self.manager.run_task(_reset_quietly, outbound)
+            self.manager.run_task(reset_quietly, outbound)
 
     async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
         try:
@@ -152,7 +152,7 @@ class GuardedPubsub(Pubsub):
             finally:
                 if not written:  # possibly part of a message on the wire: end the stream
                     with trio.CancelScope(shield=True):
-                        await _reset_quietly(stream)
+                        await reset_quietly(stream)
                     peer_id = stream.muxed_conn.peer_id
                     if self.peers.get(peer_id) is stream:  # pubsub opens another
                         self._handle_dead_peer(peer_id)
@@ -171,7 +171,7 @@ class GuardedGossipSub(GossipSub):
         return
 
 
-async def _reset_quietly(stream: INetStream) -> None:
+async def reset_quietly(stream: INetStream) -> None:
     with trio.move_on_after(1):
         try:
             await stream.reset()

@@ -42,6 +42,7 @@ from scheduler import (
 from selection import EnhancedModelOrchestrator, ModelCatalog, PerformanceTracker, SelectionContext
 
 from ._admission import Admission
+from ._beats import BEAT_PROTOCOL, beat_over
 from ._config import NodeConfig, parse_multiaddr, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
 from ._executor import Executor
@@ -52,7 +53,6 @@ from ._jobs import JobOnce, fingerprint
 from ._membership import Membership
 from ._repository import bundled_models_dir, read_repository
 from ._rpc import (
-    BEAT_PROTOCOL,
     INFER_PROTOCOL,
     JOB_PROTOCOL,
     LOAD_PROTOCOL,
@@ -68,8 +68,6 @@ from ._rpc import (
 )
 from ._tracker_store import load_tracker, save_periodically, save_tracker
 from ._wire import (
-    BeatReply,
-    BeatRequest,
     FeedbackReply,
     FeedbackRequest,
     Learned,
@@ -420,13 +418,6 @@ class Node:
         )
         return PeersReply(self.peer_id, reports)
 
-    async def _on_beat(self, request: Request, sender: str) -> BeatReply:
-        if not isinstance(request, BeatRequest):
-            raise JobError(ErrorCode.MALFORMED_MESSAGE, "this protocol takes beat? requests")
-        await trio.sleep_until(self.gossip.silenced_until)  # a stalled node answers late
-        self.gossip.heard_from(sender)
-        return BeatReply()
-
     async def _on_sync(self, request: Request, sender: str) -> SyncReply:
         if not isinstance(request, SyncRequest):
             raise JobError(ErrorCode.MALFORMED_MESSAGE, "this protocol takes sync? requests")
@@ -436,44 +427,41 @@ class Node:
     async def _keep_in_touch(self, peer_id: str) -> None:
         """For a new connection to `peer_id`: swap records, then beat while connected.
 
-        The peer that dialed does both (the other answers), so each link carries
-        one sync and one beat a round, and no node calls a client (clients dial,
-        nodes do not dial them). A peer that has never answered a beat and then
-        refuses one does not speak the protocol: that ends it. Any other failure
-        (a timeout under load, a lost reply) is no verdict; the next beat follows.
+        The peer that dialed opens both (the other answers), so each link carries
+        one sync and one beat stream, and no node calls a client (clients dial,
+        nodes do not dial them). A peer that never took a beat stream and refuses
+        one does not speak the protocol: that ends it. A beat stream that ends
+        while the connection stays is opened again.
         """
         interval = self.config.gossip.interval
-        answered = False
         try:
-            try:
-                reply = await self._rpc.call(
-                    peer_id,
-                    SYNC_PROTOCOL,
-                    SyncRequest(self.gossip.signed_messages()),
-                    10 * interval,
-                )
-                synced: SyncReply = expect_reply(reply, SyncReply, peer_id)
-                await self.gossip.take_synced(synced.messages, peer_id)
-                answered = True
-            except JobError as error:
-                logger.debug("no sync with %s: %s", peer_id, error.message)
+            reply = await self._rpc.call(
+                peer_id, SYNC_PROTOCOL, SyncRequest(self.gossip.signed_messages()), 10 * interval
+            )
+            synced: SyncReply = expect_reply(reply, SyncReply, peer_id)
+            await self.gossip.take_synced(synced.messages, peer_id)
+        except JobError as error:  # no verdict on the link: beats decide
+            logger.debug("no sync with %s: %s", peer_id, error.message)
+        beaten = False
+        try:
             while peer_id in self.connected_peers():
                 started = trio.current_time()
-                if started >= self.gossip.silenced_until:
-                    try:
-                        reply = await self._rpc.call(
-                            peer_id, BEAT_PROTOCOL, BeatRequest(), self.gossip.ttl
-                        )
-                        expect_reply(reply, BeatReply, peer_id)  # an error reply is no beat
-                        self.gossip.heard_from(peer_id)
-                        answered = True
-                    except JobError as error:
-                        if not answered and error.code is not ErrorCode.DEADLINE_EXCEEDED:
-                            logger.debug("no beats with %s: %s", peer_id, error.message)
-                            return
+                try:
+                    stream = await self._rpc.open_stream(peer_id, BEAT_PROTOCOL, self.gossip.ttl)
+                except JobError as error:
+                    if not beaten and error.code is not ErrorCode.DEADLINE_EXCEEDED:
+                        logger.debug("no beats with %s: %s", peer_id, error.message)
+                        return
+                else:
+                    beaten = True
+                    await beat_over(stream, peer_id, self.gossip, interval)
                 await trio.sleep_until(started + interval)
         finally:
             self._in_touch.discard(peer_id)
+
+    async def _on_beat_stream(self, stream: INetStream) -> None:
+        peer_id = str(stream.muxed_conn.peer_id)
+        await beat_over(stream, peer_id, self.gossip, self.config.gossip.interval)
 
     async def _follow_connection_events(
         self, events: trio.MemoryReceiveChannel[tuple[bool, str, bool]], nursery: trio.Nursery
@@ -603,7 +591,6 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
                 PLACE_PROTOCOL,
                 SELECT_PROTOCOL,
                 LOAD_PROTOCOL,
-                BEAT_PROTOCOL,
             ),
             config.max_control_request_bytes,
         ),
@@ -622,11 +609,11 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
             rpc.serve(PLACE_PROTOCOL, node._on_place)
             rpc.serve(SELECT_PROTOCOL, node._on_select)
             rpc.serve(LOAD_PROTOCOL, node._on_load)
-            rpc.serve(BEAT_PROTOCOL, node._on_beat)
             rpc.serve(SYNC_PROTOCOL, node._on_sync)
             host.get_network().register_notifee(_ConnectionEvents(events_send))
             async with open_gossip(host, node.view, config.gossip, node.make_record) as gossip:
                 node.gossip = gossip
+                host.set_stream_handler(BEAT_PROTOCOL, node._on_beat_stream)
                 executor.models.on_change = gossip.changed  # announce loads and unloads soon
                 node.membership = Membership(
                     dial=node.connect,

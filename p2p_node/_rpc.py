@@ -90,7 +90,6 @@ PEERS_PROTOCOL = TProtocol("/p2p-node/peers/1.0.0")
 PLACE_PROTOCOL = TProtocol("/p2p-node/place/1.0.0")
 SELECT_PROTOCOL = TProtocol("/p2p-node/select/1.0.0")  # select? and feedback
 LOAD_PROTOCOL = TProtocol("/p2p-node/load/1.0.0")  # load?: a coordinator's probe
-BEAT_PROTOCOL = TProtocol("/p2p-node/beat/1.0.0")  # beat?: a neighbour's liveness check
 SYNC_PROTOCOL = TProtocol("/p2p-node/sync/1.0.0")  # sync?: records swapped on connecting
 
 MAX_WARNED_ADDRESSES = 4096  # refused addresses remembered, to warn once for each
@@ -483,6 +482,13 @@ class Rpc:
             return _wire.decode_reply(reply)
         except WireError as error:
             raise JobError(error.code, f"bad reply: {error.message}", peer=peer_id) from None
+
+    async def open_stream(self, peer_id: str, protocol: TProtocol, timeout: float) -> INetStream:
+        """A stream to `peer_id` for a protocol that is not request and reply (beats).
+        Raises JobError."""
+        with trio.fail_after(timeout):  # _open raises its own error at the deadline
+            channel = await self._open(peer_id, protocol)
+        return channel.stream
 
     async def _exchange(self, peer_id: str, protocol: TProtocol, payload: bytes) -> bytes:
         key = (peer_id, protocol)

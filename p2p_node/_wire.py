@@ -156,16 +156,6 @@ class LoadReply:
 
 
 @dataclass(frozen=True, slots=True)
-class BeatRequest:
-    """I am here; are you? Sent to each neighbour every gossip interval (liveness)."""
-
-
-@dataclass(frozen=True, slots=True)
-class BeatReply:
-    """Here."""
-
-
-@dataclass(frozen=True, slots=True)
 class SyncRequest:
     """The records I hold, as their signed GossipSub messages; send me yours.
     Exchanged once when two peers connect, so neither waits for a refresh."""
@@ -247,13 +237,11 @@ Request = (
     | SelectRequest
     | FeedbackRequest
     | LoadRequest
-    | BeatRequest
     | SyncRequest
 )
 Reply = (
     InferenceResult
     | LoadReply
-    | BeatReply
     | SyncReply
     | ModelsReply
     | PeersReply
@@ -359,10 +347,6 @@ def encode(message: Request | Reply) -> bytes:
                 body["load"] = message.load
         case LoadRequest():
             body = {"kind": "load?"}
-        case BeatRequest():
-            body = {"kind": "beat?"}
-        case BeatReply():
-            body = {"kind": "beat"}
         case SyncRequest():
             body = {"kind": "sync?", "messages": list(message.messages)}
         case SyncReply():
@@ -436,7 +420,6 @@ _REQUEST_KINDS = {
     "select?": SelectRequest,
     "feedback": FeedbackRequest,
     "load?": LoadRequest,
-    "beat?": BeatRequest,
     "sync?": SyncRequest,
 }
 _REPLY_KINDS = {
@@ -448,7 +431,6 @@ _REPLY_KINDS = {
     "select": SelectReply,
     "feedback!": FeedbackReply,
     "load": LoadReply,
-    "beat": BeatReply,
     "sync": SyncReply,
 }
 _KEYS = {
@@ -495,8 +477,6 @@ _KEYS = {
     "peers?": frozenset({"v", "kind"}),
     "peers": frozenset({"v", "kind", "peer_id", "peers"}),
     "load?": frozenset({"v", "kind"}),
-    "beat?": frozenset({"v", "kind"}),
-    "beat": frozenset({"v", "kind"}),
     "sync?": frozenset({"v", "kind", "messages"}),
     "sync": frozenset({"v", "kind", "messages"}),
     "load": frozenset({"v", "kind", "peer_id", "in_flight", "queue_length"}),
@@ -861,8 +841,6 @@ _BUILDERS: Mapping[str, Any] = {
     "feedback!": _feedback_reply,
     "load?": lambda f: LoadRequest(),
     "load": _load_reply,
-    "beat?": lambda f: BeatRequest(),
-    "beat": lambda f: BeatReply(),
     "sync?": lambda f: SyncRequest(_signed_messages(f["messages"])),
     "sync": lambda f: SyncReply(_signed_messages(f["messages"])),
 }

@@ -18,8 +18,6 @@ from p2p_node._wire import (
     MAX_TENSORS,
     MAX_TIMEOUT_MS,
     VERSION,
-    BeatReply,
-    BeatRequest,
     ErrorReply,
     LoadReply,
     LoadRequest,
@@ -255,11 +253,11 @@ def test_load_messages_round_trip(message: LoadRequest | LoadReply) -> None:
 
 @pytest.mark.parametrize(
     "message",
-    [BeatRequest(), BeatReply(), SyncRequest(()), SyncRequest((b"a", b"")), SyncReply((b"\x00",))],
-    ids=["beat?", "beat", "empty sync?", "sync?", "sync"],
+    [SyncRequest(()), SyncRequest((b"a", b"")), SyncReply((b"\x00",))],
+    ids=["empty sync?", "sync?", "sync"],
 )
-def test_beat_and_sync_messages_round_trip(message: Any) -> None:
-    decode = decode_request if isinstance(message, BeatRequest | SyncRequest) else decode_reply
+def test_sync_messages_round_trip(message: Any) -> None:
+    decode = decode_request if isinstance(message, SyncRequest) else decode_reply
     assert decode(encode(message)) == message
 
 
