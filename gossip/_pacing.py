@@ -9,7 +9,7 @@ that under `budget` records/s the interval follows the view size:
 so the whole network's rate is N / interval(N) <= budget (equality once N > budget x base).
 
 A node uses the law twice (p2p_node's Gossip): with the base `interval` (1 s) to
-pace records made on change, and with the base `refresh` (30 s) for records made
+pace records made on change, and with the base `refresh` (60 s) for records made
 with nothing changed. A record announces its refresh interval, and a peer no
 neighbour vouches for is dropped when its record is 3 x that old; liveness
 itself comes from beats between neighbours, not from records.

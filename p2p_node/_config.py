@@ -67,12 +67,12 @@ class ExecutorConfig:
 class GossipConfig:
     network: str = "default"
     interval: float = 1.0  # beats to neighbours; changes published at most this often
-    refresh: float = 30.0  # a record is republished at least this often with nothing changed
+    refresh: float = 60.0  # a record is republished at least this often with nothing changed
     budget: float = 200.0  # records/s for the whole network; the interval grows to fit
     degree: int = 6
     degree_low: int = 4
     degree_high: int = 12
-    heartbeat_s: int = 1  # py-libp2p takes whole seconds
+    heartbeat_s: int = 2  # GossipSub mesh upkeep; py-libp2p takes whole seconds
     ttl_factor: float = 3.0  # a peer silent for ttl_factor x its interval is dead
 
     def __post_init__(self) -> None:
