@@ -64,7 +64,6 @@ from gossip import (
     PeerState,
     ViewEvent,
     ViewSnapshot,
-    publish_interval,
 )
 from gossip._pacing import DEFAULT_BURST
 from p2p_node import Node
@@ -376,7 +375,7 @@ async def bench_one(n: int, args: argparse.Namespace) -> Run:
     run = Run(n)
     rng = random.Random(args.seed * 1000 + n)
     config = GossipConfig(interval=args.interval)
-    ttl = config.ttl_factor * publish_interval(n - 1, config.interval, config.budget)
+    ttl = config.liveness_ttl  # beats: a silent node is reported after this
     timeout = args.step_timeout
     wall0 = time.perf_counter()
     log(f"N={n}: starting")

@@ -75,6 +75,11 @@ class GossipConfig:
     heartbeat_s: int = 2  # GossipSub mesh upkeep; py-libp2p takes whole seconds
     ttl_factor: float = 3.0  # a peer silent for ttl_factor x its interval is dead
 
+    @property
+    def liveness_ttl(self) -> float:
+        """How long a neighbour may go unheard (no beat, no record) before it is dead."""
+        return self.ttl_factor * self.interval
+
     def __post_init__(self) -> None:
         if not 0 < len(self.network) <= 64 or "/" in self.network:
             raise ConfigError(f"network name must be 1-64 characters without '/': {self.network!r}")

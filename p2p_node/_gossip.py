@@ -186,14 +186,13 @@ class Gossip:
     interval: every record reaches every node, once per mesh neighbour, and in
     py-libp2p each delivery costs about a millisecond of CPU. So a record goes
     out when something changed (paced to one per `interval` on average) and
-    otherwise once per `refresh`. Liveness does not ride on records: each pair
-    of neighbours swaps a beat every `interval` (the node that dialed
-    asks, the other answers), a neighbour silent for ttl (`ttl_factor` x
-    `interval`) is reported departed in a record published at once, and every
-    other node drops it on that report. A connection that drops is reported the
-    same way, at once. Two peers that connect swap the records they hold
-    (`signed_messages`, `take_synced`), so a newcomer, or a side of a healed
-    partition, does not wait for a refresh.
+    otherwise once per `refresh`. Liveness does not ride on records: neighbours
+    write each other a beat every `interval` (see _beats), a neighbour silent
+    for ttl (`ttl_factor` x `interval`) is reported departed in a record
+    published at once, and every other node drops it on that report. A
+    connection that drops is reported the same way, at once. Two peers that
+    connect swap the records they hold (`signed_messages`, `take_synced`), so a
+    newcomer, or a side of a healed partition, does not wait for a refresh.
     """
 
     def __init__(
@@ -219,7 +218,6 @@ class Gossip:
         # The signed GossipSub message of each record in the view (and ours): what a sync sends.
         self._signed: dict[str, rpc_pb2.Message] = {}
         self._heard: dict[str, float] = {}  # neighbour -> when its last beat came (local clock)
-        self._heard_changed = trio.Event()
 
     @property
     def garbled(self) -> int:
@@ -229,7 +227,7 @@ class Gossip:
     @property
     def ttl(self) -> float:
         """How long a neighbour may go unheard before it is reported departed."""
-        return self.config.ttl_factor * self.config.interval
+        return self.config.liveness_ttl
 
     def changed(self) -> None:
         """Something significant changed: publish soon (at once if the pacer allows)."""
@@ -271,9 +269,8 @@ class Gossip:
     # --- liveness between neighbours --------------------------------------------------
 
     def heard_from(self, peer_id: str) -> None:
-        """A beat from neighbour `peer_id` arrived (its question, or its answer to ours)."""
-        if peer_id in self._heard or self._connected_to(peer_id):
-            self._heard[peer_id] = trio.current_time()
+        """A beat from neighbour `peer_id` arrived (on a stream of a live connection)."""
+        self._heard[peer_id] = trio.current_time()
 
     def _hears(self, peer_id: str, now: float) -> bool:
         """Whether our own link to `peer_id` says it is alive: connected, and not
@@ -307,9 +304,8 @@ class Gossip:
                     continue  # not in the view (a client, or already reported)
                 else:
                     # A record it just published is a sign of life too (after a stall,
-                    # its record may come before its next beat). While we are silent
-                    # ourselves we answer no beat, so our neighbours stop asking.
-                    since = max(heard, known.received_at, self._silent_until, woke_late_at)
+                    # its record may come before its next beat).
+                    since = max(heard, known.received_at, woke_late_at)
                     if now - since > self.ttl:
                         logger.info("peer %s silent for %.1f s: departed", peer_id, now - since)
                         self.view.depart(peer_id, known.record.boot_id, known.record.seq)
@@ -455,8 +451,7 @@ class Gossip:
                 await self._publish(refresh, now)
                 pacer.published(now, interval)
                 last = now
-            assert last is not None or silent
-            wake_at = now + refresh if last is None else last + refresh
+            wake_at = (now if last is None else last) + refresh
             if self._dirty:
                 wake_at = min(wake_at, pacer.next_due(now, interval, changed=True))
             if silent:

@@ -103,8 +103,7 @@ class Node:
         tracker: PerformanceTracker | None = None,
     ) -> None:
         self.config = config
-        liveness_ttl = config.gossip.ttl_factor * config.gossip.interval
-        self.view = PeerView(config.gossip.ttl_factor, suspect_ttl=liveness_ttl)
+        self.view = PeerView(config.gossip.ttl_factor, suspect_ttl=config.gossip.liveness_ttl)
         self.boot_id = uuid.uuid4().hex[:16]
         self._rpc = rpc
         self._executor = executor
@@ -333,14 +332,14 @@ class Node:
         taking one of the client's job tokens.
 
         A new peer's first request can come before its record, so an unknown
-        sender is given a few record intervals to appear in the view.
+        sender is given a liveness ttl to appear in the view (by sync or gossip).
         """
         if sender in self.view.snapshot().peers:
             return
         if self.admission.allows(sender):
             self.admission.admit_job(sender, trio.current_time())
             return
-        with trio.move_on_after(self.config.gossip.interval * self.config.gossip.ttl_factor):
+        with trio.move_on_after(self.config.gossip.liveness_ttl):
             await self.view.wait_until(lambda view: sender in view.peers)
             return
         raise self.admission.unauthorized(sender, "send infer requests")
@@ -427,9 +426,9 @@ class Node:
     async def _keep_in_touch(self, peer_id: str) -> None:
         """For a new connection to `peer_id`: swap records, then beat while connected.
 
-        The peer that dialed opens both (the other answers), so each link carries
-        one sync and one beat stream, and no node calls a client (clients dial,
-        nodes do not dial them). A peer that never took a beat stream and refuses
+        The peer that dialed opens both, so each link carries one sync and one
+        beat stream, and no node calls a client (clients dial, nodes do not
+        dial them). A peer that never took a beat stream and refuses
         one does not speak the protocol: that ends it. A beat stream that ends
         while the connection stays is opened again.
         """
@@ -585,13 +584,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
         max_reply_bytes=config.max_reply_bytes,
         max_concurrent_inbound=config.max_concurrent_inbound,
         request_limits=dict.fromkeys(
-            (
-                MODELS_PROTOCOL,
-                PEERS_PROTOCOL,
-                PLACE_PROTOCOL,
-                SELECT_PROTOCOL,
-                LOAD_PROTOCOL,
-            ),
+            (MODELS_PROTOCOL, PEERS_PROTOCOL, PLACE_PROTOCOL, SELECT_PROTOCOL, LOAD_PROTOCOL),
             config.max_control_request_bytes,
         ),
     )

@@ -64,11 +64,8 @@ async def test_synced_records_are_checked_like_gossiped_ones() -> None:
             await swarm.wait_converged()
             node, other = swarm[0], swarm[1]
             held = node.view.snapshot().peers[other.peer_id].record
-            signed = {
-                rpc_pb2.Message.FromString(m).from_id: rpc_pb2.Message.FromString(m)
-                for m in other.gossip.signed_messages()
-            }
-            genuine = next(m for m in signed.values() if m.data == encode_record(held))
+            signed = [rpc_pb2.Message.FromString(m) for m in other.gossip.signed_messages()]
+            genuine = next(m for m in signed if m.data == encode_record(held))
             forged = rpc_pb2.Message()
             forged.CopyFrom(genuine)  # the same signature over other data
             forged.data = encode_record(other.make_record(600.0, ()))
