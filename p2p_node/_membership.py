@@ -72,7 +72,8 @@ class Membership:
         while True:
             if peer_id in self._connected() or peer_id in self._blocked:
                 delay = BACKOFF_FIRST_S
-                await self._sleep_or_kick(DEGREE_CHECK_S)
+                # A dropped connection kicks us at once; the timeout is a fallback.
+                await self._sleep_or_kick(BACKOFF_CAP_S)
                 continue
             try:
                 await self._dial(addr)
