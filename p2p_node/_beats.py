@@ -1,15 +1,20 @@
-"""Beats: a byte each way every interval on one stream per link, so that neighbours
-know each other alive. Gossip reports a neighbour that goes silent.
+"""Beats: one byte each way every beat period on one stream per link, so that
+neighbours know each other alive. Gossip reports a neighbour that goes silent.
 
 A raw stream, not a request and reply: a beat is the cheapest thing a link can
 carry (one yamux frame, one Noise message), and nodes beat to each other all
-the time. Either side may write first; each side takes whatever it reads as a
-beat. A node that is silenced (the harness's stall) writes nothing.
+the time. The side that dialed leads: it writes a beat every period. The other
+side answers each beat with one. So each side hears the other once a period,
+and no link has a timer of its own: the node's one timer wakes every leader
+(`Gossip.next_beat`). A node that is silenced (the harness's stall) neither
+leads nor answers; hearing no answers then, it reports no one for the while
+(see `Gossip.tick_forever`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import trio
 from libp2p.abc import INetStream
@@ -25,27 +30,54 @@ BEAT = b"\x01"
 READ_BYTES = 64  # a peer that sends more than a byte a beat gains nothing by it
 
 
-async def beat_over(stream: INetStream, peer_id: str, gossip: Gossip, interval: float) -> None:
-    """Until the stream ends: write a beat every `interval` (none while `gossip` is
-    silenced), and tell `gossip` of every beat read from `peer_id`."""
-    try:
+async def lead_beats(stream: INetStream, peer_id: str, gossip: Gossip) -> None:
+    """The dialer's side, until the stream ends: write a beat at every beat of
+    `gossip`, and tell it of every answer read from `peer_id`."""
+
+    async def write_beats() -> None:
+        while True:
+            if trio.current_time() >= gossip.silenced_until:
+                await _write_beat(stream)
+            await gossip.next_beat()
+
+    async def read_answers() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_write_beats, stream, gossip, interval)
+            nursery.start_soon(write_beats)
             while await stream.read(READ_BYTES):
                 gossip.heard_from(peer_id)
             nursery.cancel_scope.cancel()  # the peer closed its side
+
+    await _run(stream, peer_id, read_answers)
+
+
+async def answer_beats(stream: INetStream, peer_id: str, gossip: Gossip, period: float) -> None:
+    """The dialed side, until the stream ends: tell `gossip` of every beat read from
+    `peer_id` and answer it, at most twice a `period` (a peer that writes faster
+    gets no more answers)."""
+
+    async def answer() -> None:
+        answered = -float("inf")
+        while await stream.read(READ_BYTES):
+            gossip.heard_from(peer_id)
+            now = trio.current_time()
+            if now >= gossip.silenced_until and now - answered >= period / 2:
+                answered = now
+                await _write_beat(stream)
+
+    await _run(stream, peer_id, answer)
+
+
+async def _write_beat(stream: INetStream) -> None:
+    # Shielded: a write cut halfway would break the connection's framing.
+    with trio.CancelScope(shield=True), trio.fail_after(SEND_TIMEOUT_S):
+        await stream.write(BEAT)
+
+
+async def _run(stream: INetStream, peer_id: str, beats: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await beats()
     except Exception as error:  # reset, EOF, the connection gone: the link is over
         logger.debug("beats with %s ended: %r", peer_id, error)
     finally:
         with trio.CancelScope(shield=True):
             await reset_quietly(stream)
-
-
-async def _write_beats(stream: INetStream, gossip: Gossip, interval: float) -> None:
-    while True:
-        started = trio.current_time()
-        if started >= gossip.silenced_until:
-            # Shielded: a write cut halfway would break the connection's framing.
-            with trio.CancelScope(shield=True), trio.fail_after(SEND_TIMEOUT_S):
-                await stream.write(BEAT)
-        await trio.sleep_until(max(started + interval, gossip.silenced_until))

@@ -135,8 +135,8 @@ def _parser() -> argparse.ArgumentParser:
         "--interval",
         type=float,
         default=_GOSSIP_DEFAULTS.interval,
-        help="seconds between beats to neighbours (3 missed: reported departed), and the "
-        "least time between records while the network is small",
+        help="a neighbour silent for 3 intervals is reported departed (beats go every 1.5 "
+        "intervals), and the least time between records while the network is small",
     )
     start.add_argument(
         "--refresh",

@@ -66,7 +66,7 @@ class ExecutorConfig:
 @dataclass(frozen=True, slots=True)
 class GossipConfig:
     network: str = "default"
-    interval: float = 1.0  # beats to neighbours; changes published at most this often
+    interval: float = 1.0  # changes published at most this often; sets the liveness ttl
     refresh: float = 60.0  # a record is republished at least this often with nothing changed
     budget: float = 200.0  # records/s for the whole network; the interval grows to fit
     degree: int = 6
@@ -79,6 +79,12 @@ class GossipConfig:
     def liveness_ttl(self) -> float:
         """How long a neighbour may go unheard (no beat, no record) before it is dead."""
         return self.ttl_factor * self.interval
+
+    @property
+    def beat_period(self) -> float:
+        """How often neighbours beat to each other: twice per ttl, so a neighbour is
+        reported after two beats missed, or one beat late by more than half the ttl."""
+        return self.liveness_ttl / 2
 
     def __post_init__(self) -> None:
         if not 0 < len(self.network) <= 64 or "/" in self.network:

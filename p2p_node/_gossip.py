@@ -10,6 +10,7 @@ unsigned test defaults. Records are signed (strict signing) and validated by
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -39,7 +40,6 @@ from gossip import (
     check_record,
     decode_record,
     encode_record,
-    expire_forever,
     is_newer,
     publish_interval,
 )
@@ -171,6 +171,14 @@ class GuardedGossipSub(GossipSub):
         return
 
 
+@functools.lru_cache(maxsize=1024)
+def _parse_peer_id(peer_id: str) -> ID | None:
+    try:
+        return ID.from_base58(peer_id)
+    except Exception:  # not a peer id
+        return None
+
+
 async def reset_quietly(stream: INetStream) -> None:
     with trio.move_on_after(1):
         try:
@@ -184,11 +192,12 @@ class Gossip:
 
     Built by `open_gossip`. What costs what, and why records are not sent every
     interval: every record reaches every node, once per mesh neighbour, and in
-    py-libp2p each delivery costs about a millisecond of CPU. So a record goes
-    out when something changed (paced to one per `interval` on average) and
-    otherwise once per `refresh`. Liveness does not ride on records: neighbours
-    write each other a beat every `interval` (see _beats), a neighbour silent
-    for ttl (`ttl_factor` x `interval`) is reported departed in a record
+    py-libp2p each delivery costs a few milliseconds of CPU all told (read,
+    check, forward). So a record goes out when something changed (paced to one
+    per `interval` on average) and otherwise once per `refresh`. Liveness does
+    not ride on records: neighbours beat to each other twice per ttl (see
+    _beats), a neighbour silent for ttl (`ttl_factor` x `interval`) is
+    reported departed in a record
     published at once, and every other node drops it on that report. A
     connection that drops is reported the same way, at once. Two peers that
     connect swap the records they hold (`signed_messages`, `take_synced`), so a
@@ -218,6 +227,7 @@ class Gossip:
         # The signed GossipSub message of each record in the view (and ours): what a sync sends.
         self._signed: dict[str, rpc_pb2.Message] = {}
         self._heard: dict[str, float] = {}  # neighbour -> when its last beat came (local clock)
+        self._beat = trio.Event()  # set, and replaced, once per beat period
 
     @property
     def garbled(self) -> int:
@@ -249,11 +259,8 @@ class Gossip:
         self.changed()
 
     def _connected_to(self, peer_id: str) -> bool:
-        try:
-            peer = ID.from_base58(peer_id)
-        except Exception:  # not a peer id: no connection to it
-            return False
-        return bool(self._pubsub.host.get_network().connections.get(peer))
+        peer = _parse_peer_id(peer_id)
+        return peer is not None and bool(self._pubsub.host.get_network().connections.get(peer))
 
     def silence(self, seconds: float) -> None:
         """Publish nothing and beat to no one for `seconds` (the harness's stall: alive
@@ -280,40 +287,62 @@ class Gossip:
             return False
         return self._connected_to(peer_id)
 
-    async def watch_neighbours_forever(self) -> None:
-        """Report each neighbour that beats no more: alive but silent past the ttl.
+    async def next_beat(self) -> None:
+        """Wait for the next beat (see `tick_forever`): beat writers wait here rather
+        than each on its own timer, which in trio costs far more than an event."""
+        await self._beat.wait()
+
+    async def tick_forever(self) -> None:
+        """The node's one timer for liveness: every beat period, wake the beat
+        writers; at each neighbour's deadline, report it if it beats no more (alive
+        but silent past the ttl); at each peer's expiry, drop it from the view.
 
         Not while this node is itself too slow to tell (as Lifeguard does for
         SWIM): when this loop wakes late by over half an interval, beats were
         likely read late too, so no one is reported for one ttl after.
         """
+        period = self.config.beat_period
         woke_late_at = -float("inf")
-        wake_at = trio.current_time()
+        wake_at = next_beat = trio.current_time()
         while True:
             now = trio.current_time()
             if now - wake_at > self.config.interval / 2:
                 logger.info("event loop %.1f s late: no neighbour reported for now", now - wake_at)
                 woke_late_at = now
-            peers = self.view.snapshot().peers
-            wake_at = now + self.config.interval
-            for peer_id, heard in list(self._heard.items()):
-                known = peers.get(peer_id)
-                if not self._connected_to(peer_id):
-                    del self._heard[peer_id]  # connection_lost reports it
-                elif known is None or known.state is not PeerState.ALIVE:
-                    continue  # not in the view (a client, or already reported)
-                else:
-                    # A record it just published is a sign of life too (after a stall,
-                    # its record may come before its next beat).
-                    since = max(heard, known.received_at, woke_late_at)
-                    if now - since > self.ttl:
-                        logger.info("peer %s silent for %.1f s: departed", peer_id, now - since)
-                        self.view.depart(peer_id, known.record.boot_id, known.record.seq)
-                        self._report_departed(known.record)
-                    else:
-                        wake_at = min(wake_at, since + self.ttl)
-            wake_at += 0.001
+            if now >= next_beat:
+                self._beat.set()
+                self._beat = trio.Event()
+                next_beat = now + period
+            wake_at = min(next_beat, self._watch_neighbours(now, woke_late_at))
+            for peer_id in self.view.expire(now):
+                logger.info("peer %s expired: no record within its ttl", peer_id)
+            if (expiry := self.view.next_expiry()) is not None:
+                wake_at = min(wake_at, expiry)
+            wake_at = max(wake_at, now) + 0.001
             await trio.sleep_until(wake_at)
+
+    def _watch_neighbours(self, now: float, woke_late_at: float) -> float:
+        """Report each neighbour silent past the ttl; returns when to look next."""
+        peers = self.view.snapshot().peers
+        look_at = float("inf")
+        for peer_id, heard in list(self._heard.items()):
+            known = peers.get(peer_id)
+            if not self._connected_to(peer_id):
+                del self._heard[peer_id]  # connection_lost reports it
+            elif known is None or known.state is not PeerState.ALIVE:
+                continue  # not in the view (a client, or already reported)
+            else:
+                # A record it just published is a sign of life too (after a stall,
+                # its record may come before its next beat). While this node is
+                # silenced it leads no beats, so none are answered: no verdict.
+                since = max(heard, known.received_at, woke_late_at, self._silent_until)
+                if now - since > self.ttl:
+                    logger.info("peer %s silent for %.1f s: departed", peer_id, now - since)
+                    self.view.depart(peer_id, known.record.boot_id, known.record.seq)
+                    self._report_departed(known.record)
+                else:
+                    look_at = min(look_at, since + self.ttl)
+        return look_at
 
     # --- records swapped on connecting ------------------------------------------------
 
@@ -503,8 +532,7 @@ async def open_gossip(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(gossip.receive, subscription)
                 nursery.start_soon(gossip.publish_forever)
-                nursery.start_soon(expire_forever, view, config.interval)
-                nursery.start_soon(gossip.watch_neighbours_forever)
+                nursery.start_soon(gossip.tick_forever)
                 try:
                     yield gossip
                 except BaseException as error:

@@ -42,7 +42,7 @@ from scheduler import (
 from selection import EnhancedModelOrchestrator, ModelCatalog, PerformanceTracker, SelectionContext
 
 from ._admission import Admission
-from ._beats import BEAT_PROTOCOL, beat_over
+from ._beats import BEAT_PROTOCOL, answer_beats, lead_beats
 from ._config import NodeConfig, parse_multiaddr, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
 from ._executor import Executor
@@ -432,10 +432,13 @@ class Node:
         one does not speak the protocol: that ends it. A beat stream that ends
         while the connection stays is opened again.
         """
-        interval = self.config.gossip.interval
+        period = self.config.gossip.beat_period
         try:
             reply = await self._rpc.call(
-                peer_id, SYNC_PROTOCOL, SyncRequest(self.gossip.signed_messages()), 10 * interval
+                peer_id,
+                SYNC_PROTOCOL,
+                SyncRequest(self.gossip.signed_messages()),
+                10 * self.config.gossip.interval,
             )
             synced: SyncReply = expect_reply(reply, SyncReply, peer_id)
             await self.gossip.take_synced(synced.messages, peer_id)
@@ -453,14 +456,14 @@ class Node:
                         return
                 else:
                     beaten = True
-                    await beat_over(stream, peer_id, self.gossip, interval)
-                await trio.sleep_until(started + interval)
+                    await lead_beats(stream, peer_id, self.gossip)
+                await trio.sleep_until(started + period)
         finally:
             self._in_touch.discard(peer_id)
 
     async def _on_beat_stream(self, stream: INetStream) -> None:
         peer_id = str(stream.muxed_conn.peer_id)
-        await beat_over(stream, peer_id, self.gossip, self.config.gossip.interval)
+        await answer_beats(stream, peer_id, self.gossip, self.config.gossip.beat_period)
 
     async def _follow_connection_events(
         self, events: trio.MemoryReceiveChannel[tuple[bool, str, bool]], nursery: trio.Nursery

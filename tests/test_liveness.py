@@ -10,7 +10,8 @@ from __future__ import annotations
 import trio
 from libp2p.pubsub.pb import rpc_pb2
 
-from gossip import PeerState, Rejection, encode_record
+from gossip import EventKind, PeerState, Rejection, encode_record
+from p2p_node._beats import BEAT, BEAT_PROTOCOL
 from p2p_node._config import GossipConfig
 from p2p_node.testing import open_swarm
 
@@ -32,11 +33,41 @@ async def test_a_silent_node_leaves_every_view_then_comes_back() -> None:
             await swarm.wait_converged()
             stalled = swarm[3].peer_id
             ttl = swarm[3].gossip.ttl
+            its_view = swarm[3].view.subscribe()
             swarm.stall(3, seconds=3 * ttl)
             for i in swarm.live:
                 if i != 3:  # neighbours hear no beat; the rest drop it on their report
                     await swarm[i].view.wait_until(lambda v: stalled not in v.peers)
             await swarm.wait_converged()  # it publishes again when the stall ends
+            # The silent node led no beats, so no answers came back to it: it
+            # reported no one meanwhile (its view lost no peer).
+            its_events = []
+            while True:
+                try:
+                    its_events.append(its_view.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            assert not [e for e in its_events if e.kind in (EventKind.LEFT, EventKind.SUSPECT)]
+
+
+async def test_a_peer_that_beats_too_fast_gets_at_most_two_answers_a_period() -> None:
+    with trio.fail_after(30):
+        async with open_swarm(2, topology="full", gossip=SLOW_REFRESH) as swarm:
+            await swarm.wait_converged()
+            hostile, node = swarm[0], swarm[1]
+            half_period = node.config.gossip.beat_period / 2
+            stream = await hostile._rpc.open_stream(node.peer_id, BEAT_PROTOCOL, 5.0)
+            started = trio.current_time()
+            for _ in range(100):
+                await stream.write(BEAT)
+                await trio.lowlevel.checkpoint()  # let the node read each one
+            answers = 0
+            with trio.move_on_after(2 * half_period):  # time for a late answer to come
+                while data := await stream.read(64):
+                    answers += len(data)
+            elapsed = trio.current_time() - started
+            await stream.reset()
+    assert 1 <= answers <= 1 + elapsed / half_period
 
 
 async def test_a_peer_reported_departed_while_alive_refutes_it() -> None:
