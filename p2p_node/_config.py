@@ -67,7 +67,7 @@ class ExecutorConfig:
 class GossipConfig:
     network: str = "default"
     interval: float = 1.0  # changes published at most this often; sets the liveness ttl
-    refresh: float = 60.0  # a record is republished at least this often with nothing changed
+    refresh: float = 120.0  # a record is republished at least this often with nothing changed
     budget: float = 200.0  # records/s for the whole network; the interval grows to fit
     degree: int = 6
     degree_low: int = 4

@@ -104,8 +104,8 @@ def test_two_processes_run_each_others_models(tmp_path: Path, digits_npy: Path) 
     assert [m["id"] for m in listed] == ["digits-mlp"]
     (b_seen,) = view
     assert b_seen["peer_id"] == b_addr.rsplit("/", 1)[1]
-    # A record is republished at least every refresh (60 s) with nothing changed.
-    assert b_seen["state"] == "alive" and b_seen["record_age_s"] < 65
+    # A record is republished at least every refresh (120 s) with nothing changed.
+    assert b_seen["state"] == "alive" and b_seen["record_age_s"] < 125
     assert [m["id"] for m in b_seen["models"]] == ["digits-mlp"]
     assert b_seen["gpus"] == [] and b_seen["load"]["in_flight"] >= 0
     assert b_seen["peer_id"] in table and "alive" in table
