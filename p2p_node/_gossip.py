@@ -359,9 +359,10 @@ class Gossip:
         Each must be a message signed by the record's own peer on our topic, so
         a peer can pass on others' records but not forge them. Records we
         already hold are skipped without a count: a sync repeats them by design.
-        Each new one is then passed into GossipSub as if received there, so it
-        reaches every node that missed it: a newcomer's first record (published
-        before it had a mesh), or the other side's records after a partition.
+        Each new one is then passed into GossipSub as if `sender` had forwarded
+        it there, so it reaches every node that missed it (a newcomer's first
+        record, published before it had a mesh, or the other side's records after
+        a partition), and does not go back to `sender`, which has it.
         """
         fresh: list[rpc_pb2.Message] = []
         now = trio.current_time()
@@ -390,9 +391,10 @@ class Gossip:
                 continue
             if self._take(record, msg, now):
                 fresh.append(msg)
+        forwarder = _parse_peer_id(sender) or self._pubsub.my_id
         for msg in fresh:
             try:  # GossipSub skips what it has seen, and forwards the rest
-                await self._pubsub.push_msg(self._pubsub.my_id, msg)
+                await self._pubsub.push_msg(forwarder, msg)
             except Exception as error:  # checked above; a failure here is no reason to stop
                 logger.debug("could not pass a synced record to GossipSub: %r", error)
         return len(fresh)
