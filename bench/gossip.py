@@ -59,13 +59,11 @@ import trio
 from bench import gossip_law
 from gossip import (
     DEFAULT_BUDGET,
-    DEFAULT_INTERVAL,
     EventKind,
     PeerState,
     ViewEvent,
     ViewSnapshot,
 )
-from gossip._pacing import DEFAULT_BURST
 from p2p_node import Node
 from p2p_node._config import GossipConfig
 from p2p_node.testing import Swarm, open_swarm
@@ -564,11 +562,7 @@ def print_runs(runs: Sequence[Run], args: argparse.Namespace) -> None:
 def print_law(quick: bool) -> None:
     print()
     print("record-rate law (bench.gossip_law.simulate, virtual time):")
-    print(
-        f"interval(N) = max({DEFAULT_INTERVAL:g} s, N / "
-        f"{DEFAULT_BUDGET:g}); ttl = {gossip_law.TTL_FACTOR:g} x interval; "
-        f"burst {DEFAULT_BURST:g}; recv/s = records each node receives"
-    )
+    print(gossip_law.LEGEND.format(budget=DEFAULT_BUDGET))
     print(gossip_law.HEADER)
     rates = gossip_law.CHANGE_RATES[:1] if quick else gossip_law.CHANGE_RATES
     for change_rate in rates:

@@ -2,28 +2,32 @@
 
 Usage: python -m bench.gossip_law [--sizes 10 100 10000] [--change-rates 0.2 5] [--seed 1]
 
-The law (gossip._pacing): every node receives every record, so with N nodes
+The law (gossip._pacing, p2p_node._gossip.Gossip.publish_forever): every node
+receives every record, so with N nodes
 
-    interval(N) = max(base, N / budget)                     base 1 s, budget 200 records/s
-    received rate per node = N / interval(N) <= budget      (+ N x burst / W over a window W)
-    detection of a silent node = ttl = 3 x interval(N)
+    interval(N) = max(base, N / budget)       base 1 s, budget 200 records/s
+    refresh(N)  = max(refresh, N / budget)    refresh 120 s
+    received rate per node = N x (records one node makes per second)
+                           <= N / interval(N) <= budget    (+ N x burst / W over a window W)
 
-Each node paces itself with a PublishPacer (token bucket: burst 2, one token per
-interval): a periodic publish when the bucket is full (every interval while
-nothing changes), a change at once while a token is there, else when one is.
+A node publishes when something significant changed, at once while its token
+bucket (burst 2, one token per interval(N)) has a token, else when it has one;
+with nothing changed, once per refresh(N). A peer's record expires from the
+views after 3 x refresh(N): a fallback only, since liveness is by beats between
+neighbours, which cost the same whatever N is.
 
 The simulation runs in virtual time (no sleeps). N nodes boot at uniform times
 over the first interval, each with a full view (interval(N) from the start)
 and "significant changes" arriving as a Poisson process of `change_rate` per
-second. Given the interval, nodes do not interact, so each node's timeline is
-run on its own: an event loop that wakes at the pacer's next due time or the
-next change. Changes come from a seeded numpy Generator (vectorised per node).
-Figures per N:
+second. Given the intervals, nodes do not interact, so each node's timeline is
+run on its own: an event loop that wakes at the pacer's next due time, the next
+refresh or the next change. Changes come from a seeded numpy Generator
+(vectorised per node). Figures per N:
 
 - records/s: publishes by all nodes in [0, seconds] / seconds, which is what each
   node receives; steady: the same after a warm-up of 3 intervals;
 - delay: from a change to the publish that carries it, p50/p99 over all changes;
-- max gap: the longest silence of any node, to compare with the ttl.
+- max gap: the longest silence of any node, to compare with the refresh.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ from gossip._pacing import (
     PublishPacer,
     publish_interval,
 )
+from p2p_node._config import GossipConfig
+
+DEFAULT_REFRESH = GossipConfig().refresh
 
 SIZES = (10, 30, 60, 100, 300, 1000, 3000, 10_000)
 CHANGE_RATES = (0.2, 5.0)  # significant changes per second per node: typical, heavy
@@ -55,8 +62,9 @@ class LawFigures:
     n: int
     change_rate: float  # changes per second per node
     seconds: float  # virtual time simulated
-    interval: float  # publish interval of every node, seconds
-    ttl: float  # a silent node leaves the views after this, seconds
+    interval: float  # least time between records on change (on average), seconds
+    refresh: float  # time between records with nothing changed, seconds
+    ttl: float  # a record no one renews leaves the views after this, seconds
     records_per_s: float  # received by each node (= published by all), whole run
     steady_per_s: float  # the same, after the warm-up
     budget_ratio: float  # records_per_s / budget
@@ -68,31 +76,43 @@ class LawFigures:
     changes: int
 
 
-def default_seconds(n: int, budget: float = DEFAULT_BUDGET) -> float:
-    """Long enough for the steady state: 120 s or 10 intervals, whichever is longer."""
-    return max(120.0, 10 * publish_interval(n - 1, budget=budget))
+def default_seconds(
+    n: int, budget: float = DEFAULT_BUDGET, refresh: float = DEFAULT_REFRESH
+) -> float:
+    """Long enough for the steady state: 3 refreshes or 10 intervals, whichever is longer."""
+    return max(
+        3 * publish_interval(n - 1, refresh, budget), 10 * publish_interval(n - 1, budget=budget)
+    )
 
 
 def _node_timeline(
-    changes: list[float], boot: float, interval: float, seconds: float, burst: float
+    changes: list[float], boot: float, interval: float, refresh: float, seconds: float, burst: float
 ) -> list[float]:
-    """Publish times of one node that boots at `boot` and sees `changes` (sorted, <= seconds).
+    """Publish times of one node that boots at `boot` and sees `changes` (sorted, <= seconds),
+    as Gossip.publish_forever decides them.
 
     Runs past `seconds` until every change has been published, so each has a delay.
     """
     pacer = PublishPacer(burst)
     publishes: list[float] = []
     served = 0  # changes before this index are published
+    last: float | None = None
     t = boot
     while True:
         changed = served < len(changes) and changes[served] <= t
-        if pacer.due(t, interval, changed):
+        due = last is None or t - last >= refresh
+        if changed and pacer.due(t, interval, changed=True):
+            due = True
+        if due:
             pacer.published(t, interval)
             publishes.append(t)
+            last = t
             served = bisect_right(changes, t, served)
             changed = False
-        wake = pacer.next_due(t, interval, changed)
-        if not changed and served < len(changes):
+        wake = t + refresh if last is None else last + refresh
+        if changed:
+            wake = min(wake, pacer.next_due(t, interval, changed=True))
+        elif served < len(changes):
             wake = min(wake, changes[served])
         if wake > seconds and served == len(changes):
             return publishes
@@ -107,6 +127,7 @@ def simulate(
     *,
     budget: float = DEFAULT_BUDGET,
     base_interval: float = DEFAULT_INTERVAL,
+    base_refresh: float = DEFAULT_REFRESH,
     burst: float = DEFAULT_BURST,
 ) -> LawFigures:
     """Simulate `n` nodes for `seconds` of virtual time and measure the law's figures."""
@@ -116,6 +137,7 @@ def simulate(
         )
     rng = np.random.default_rng(seed)
     interval = publish_interval(n - 1, base_interval, budget)
+    refresh = publish_interval(n - 1, base_refresh, budget)
     warm_up = min(WARM_UP_INTERVALS * interval, seconds / 2)
     published = steady = 0
     max_gap = 0.0
@@ -123,7 +145,7 @@ def simulate(
     for boot in rng.uniform(0.0, min(interval, seconds), n):
         count = rng.poisson(change_rate * (seconds - boot))
         changes = np.sort(rng.uniform(boot, seconds, count))
-        timeline = _node_timeline(changes.tolist(), float(boot), interval, seconds, burst)
+        timeline = _node_timeline(changes.tolist(), float(boot), interval, refresh, seconds, burst)
         publishes = np.array(timeline)
         in_run = publishes[publishes <= seconds]
         published += len(in_run)
@@ -140,7 +162,8 @@ def simulate(
         change_rate=change_rate,
         seconds=seconds,
         interval=interval,
-        ttl=TTL_FACTOR * interval,
+        refresh=refresh,
+        ttl=TTL_FACTOR * refresh,
         records_per_s=published / seconds,
         steady_per_s=steady / (seconds - warm_up),
         budget_ratio=published / seconds / budget,
@@ -153,15 +176,21 @@ def simulate(
     )
 
 
+LEGEND = (
+    f"interval(N) = max({DEFAULT_INTERVAL:g} s, N / {{budget:g}}), on change; "
+    f"refresh(N) = max({DEFAULT_REFRESH:g} s, N / {{budget:g}}), with nothing changed; "
+    f"ttl = {TTL_FACTOR:g} x refresh; burst {DEFAULT_BURST:g}; "
+    f"recv/s = records each node receives (all nodes' publishes)"
+)
 HEADER = (
-    f"{'chg/s':>6} {'N':>6} {'interval':>9} {'ttl':>8} {'recv/s':>8} {'/budget':>8} "
+    f"{'chg/s':>6} {'N':>6} {'interval':>9} {'refresh':>8} {'ttl':>8} {'recv/s':>8} {'/budget':>8} "
     f"{'steady/s':>9} {'delay p50':>10} {'p99':>8} {'max':>8} {'max gap':>8} {'wall':>6}"
 )
 
 
 def format_row(f: LawFigures, wall_s: float) -> str:
     return (
-        f"{f.change_rate:>6g} {f.n:>6} {f.interval:>8.3f}s {f.ttl:>7.2f}s "
+        f"{f.change_rate:>6g} {f.n:>6} {f.interval:>8.3f}s {f.refresh:>7.0f}s {f.ttl:>7.0f}s "
         f"{f.records_per_s:>8.1f} {f.budget_ratio:>8.3f} {f.steady_per_s:>9.1f} "
         f"{f.delay_p50:>9.3f}s {f.delay_p99:>7.3f}s {f.delay_max:>7.3f}s "
         f"{f.max_gap:>7.2f}s {wall_s:>5.1f}s"
@@ -177,11 +206,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
 
-    print(
-        f"interval(N) = max({DEFAULT_INTERVAL:g} s, N / {args.budget:g}); "
-        f"ttl = {TTL_FACTOR:g} x interval; burst {DEFAULT_BURST:g}; "
-        f"recv/s = records each node receives (all nodes' publishes)"
-    )
+    print(LEGEND.format(budget=args.budget))
     print(HEADER)
     for change_rate in args.change_rates:
         for n in args.sizes:
