@@ -553,36 +553,73 @@ class Rpc:
         return None
 
     async def _open(self, peer_id: str, protocol: TProtocol) -> _Channel:
-        """A new stream speaking `protocol`. Shielded from cancellation, like a frame
-        write (see `_Channel.send`): multistream-select's writes are frames too, and
-        one cut halfway kills the connection. Bounded by OPEN_TIMEOUT_S."""
+        """A new stream speaking `protocol`, by the caller's deadline.
+
+        Opening writes frames (yamux's SYN, multistream-select's lines), and a
+        frame cut halfway breaks the connection's framing: every stream on it
+        dies. So the caller's deadline never cuts it: the opening runs in a task
+        of its own, bounded only by OPEN_TIMEOUT_S, and a caller whose deadline
+        (a load probe's is a fraction of a second) comes first leaves it there; a
+        stream opened for no one is then reset.
+        """
         deadline = trio.current_effective_deadline()
+        opened: list[_Channel | JobError] = []
+        done = trio.Event()
+
+        async def open_in_full() -> None:
+            try:
+                result: _Channel | JobError = await self._open_in_full(peer_id, protocol)
+            except BaseException:
+                done.set()
+                raise
+            if done.is_set():  # the caller left
+                if isinstance(result, _Channel):
+                    await result.discard()
+                return
+            opened.append(result)
+            done.set()
+
+        if self._watcher is None:  # not running yet: nothing to leave it to
+            with trio.CancelScope(shield=True):
+                await open_in_full()
+        else:
+            self._watcher.start_soon(open_in_full)
+            try:
+                with trio.move_on_at(deadline):
+                    await done.wait()
+            except BaseException:  # cancelled from outside: no one takes the stream
+                done.set()
+                if opened and isinstance(opened[0], _Channel):
+                    await opened[0].discard()
+                raise
+        if not opened:
+            done.set()  # tells the opening task it opens for no one
+            raise JobError(ErrorCode.DEADLINE_EXCEEDED, "no stream opened in time", peer=peer_id)
+        if isinstance(opened[0], JobError):
+            raise opened[0]
+        return opened[0]
+
+    async def _open_in_full(self, peer_id: str, protocol: TProtocol) -> _Channel | JobError:
         try:
             with trio.CancelScope(shield=True):
-                with trio.move_on_at(min(deadline, trio.current_time() + OPEN_TIMEOUT_S)) as stuck:
+                with trio.move_on_after(OPEN_TIMEOUT_S) as stuck:
                     stream = await self.host.new_stream(ID.from_base58(peer_id), [protocol])
             if stuck.cancelled_caught:
-                if trio.current_time() >= deadline:
-                    raise JobError(
-                        ErrorCode.DEADLINE_EXCEEDED, "no stream opened in time", peer=peer_id
-                    )
-                raise JobError(
+                return JobError(
                     ErrorCode.PEER_UNREACHABLE,
                     f"no stream opened in {OPEN_TIMEOUT_S:g} s",
                     peer=peer_id,
                 )
-        except JobError:
-            raise
         except StreamFailure as error:
             if isinstance(error.__cause__, MultiselectClientError):
                 message = f"peer does not speak {protocol}"
             else:
                 message = f"cannot open a stream: {error}"
-            raise JobError(ErrorCode.PEER_UNREACHABLE, message, peer=peer_id) from None
+            return JobError(ErrorCode.PEER_UNREACHABLE, message, peer=peer_id)
         except Exception as error:  # dialing raises many unrelated libp2p types
-            raise JobError(
+            return JobError(
                 ErrorCode.PEER_UNREACHABLE, f"cannot reach the peer: {error}", peer=peer_id
-            ) from None
+            )
         self._watch(stream, peer_id)
         return _Channel(stream, self._max_reply_bytes)
 

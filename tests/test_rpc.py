@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import multiaddr
@@ -330,3 +330,29 @@ async def test_a_hosts_addresses_are_built_once_per_ttl_and_never_kept_empty(
     assert first[0].startswith("/ip4/127.0.0.1/tcp/") and first[0].endswith(str(host.get_id()))
     assert kept_builds == 2  # once before listening (empty), once after
     assert builds == 3
+
+
+async def test_calls_cut_short_by_their_deadline_leave_the_connection_whole() -> None:
+    # Opening a stream writes frames, and a frame cut part way (its Noise nonce
+    # spent, its bytes never sent) breaks the connection for every stream on it.
+    # A caller's deadline, a load probe's say, must never cut one.
+    with trio.fail_after(30):
+        async with (
+            rpc_pair(answering(), max_concurrent_inbound=512) as (caller, server),
+            trio.open_nursery() as nursery,
+        ):
+            caller.watch_connections(nursery)
+            peer = ID.from_base58(server.peer_id)
+            connections = list(caller.host.get_network().connections[peer])
+
+            async def hasty(seconds: float) -> None:
+                with trio.move_on_after(seconds), suppress(JobError):
+                    await caller.call(server.peer_id, MODELS_PROTOCOL, ModelsRequest(), 5)
+
+            async with trio.open_nursery() as calls:
+                for i in range(300):
+                    calls.start_soon(hasty, (i % 100) * 0.003)
+            reply = await caller.call(server.peer_id, MODELS_PROTOCOL, ModelsRequest(), 5)
+            assert reply == ModelsReply("answer", ())
+            assert list(caller.host.get_network().connections[peer]) == connections
+            nursery.cancel_scope.cancel()
