@@ -96,20 +96,17 @@ def _node_timeline(
     pacer = PublishPacer(burst)
     publishes: list[float] = []
     served = 0  # changes before this index are published
-    last: float | None = None
-    t = boot
+    t = last = boot
+    due = True  # a node publishes as it starts
     while True:
         changed = served < len(changes) and changes[served] <= t
-        due = last is None or t - last >= refresh
-        if changed and pacer.due(t, interval, changed=True):
-            due = True
-        if due:
+        if due or (changed and pacer.due(t, interval, changed=True)):
             pacer.published(t, interval)
             publishes.append(t)
             last = t
             served = bisect_right(changes, t, served)
             changed = False
-        wake = t + refresh if last is None else last + refresh
+        wake = last + refresh
         if changed:
             wake = min(wake, pacer.next_due(t, interval, changed=True))
         elif served < len(changes):
@@ -117,6 +114,7 @@ def _node_timeline(
         if wake > seconds and served == len(changes):
             return publishes
         t = wake
+        due = t - last >= refresh
 
 
 def simulate(

@@ -14,7 +14,8 @@ leads nor answers; hearing no answers then, it reports no one for the while
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import trio
 from libp2p.abc import INetStream
@@ -40,31 +41,26 @@ async def lead_beats(stream: INetStream, peer_id: str, gossip: Gossip) -> None:
                 await _write_beat(stream)
             await gossip.next_beat()
 
-    async def read_answers() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(write_beats)
-            while await stream.read(READ_BYTES):
-                gossip.heard_from(peer_id)
-            nursery.cancel_scope.cancel()  # the peer closed its side
-
-    await _run(stream, peer_id, read_answers)
+    async with _until_the_link_ends(stream, peer_id), trio.open_nursery() as nursery:
+        nursery.start_soon(write_beats)
+        while await stream.read(READ_BYTES):
+            gossip.heard_from(peer_id)
+        nursery.cancel_scope.cancel()  # the peer closed its side
 
 
-async def answer_beats(stream: INetStream, peer_id: str, gossip: Gossip, period: float) -> None:
+async def answer_beats(stream: INetStream, peer_id: str, gossip: Gossip) -> None:
     """The dialed side, until the stream ends: tell `gossip` of every beat read from
-    `peer_id` and answer it, at most twice a `period` (a peer that writes faster
-    gets no more answers)."""
-
-    async def answer() -> None:
-        answered = -float("inf")
+    `peer_id` and answer it, at most twice a beat period (a peer that writes
+    faster gets no more answers)."""
+    least_gap = gossip.config.beat_period / 2
+    answered = -float("inf")
+    async with _until_the_link_ends(stream, peer_id):
         while await stream.read(READ_BYTES):
             gossip.heard_from(peer_id)
             now = trio.current_time()
-            if now >= gossip.silenced_until and now - answered >= period / 2:
+            if now >= gossip.silenced_until and now - answered >= least_gap:
                 answered = now
                 await _write_beat(stream)
-
-    await _run(stream, peer_id, answer)
 
 
 async def _write_beat(stream: INetStream) -> None:
@@ -73,10 +69,13 @@ async def _write_beat(stream: INetStream) -> None:
         await stream.write(BEAT)
 
 
-async def _run(stream: INetStream, peer_id: str, beats: Callable[[], Awaitable[None]]) -> None:
+@asynccontextmanager
+async def _until_the_link_ends(stream: INetStream, peer_id: str) -> AsyncIterator[None]:
+    """Reset, EOF, the connection gone: the link is over, which is no error; the
+    stream is reset in any case."""
     try:
-        await beats()
-    except Exception as error:  # reset, EOF, the connection gone: the link is over
+        yield
+    except Exception as error:
         logger.debug("beats with %s ended: %r", peer_id, error)
     finally:
         with trio.CancelScope(shield=True):

@@ -201,9 +201,7 @@ class Executor:
         """Load each model once, for its descriptor (and to fail at start if it cannot
         load), keeping loaded those that fit the memory budget. Refuses a model bigger
         than the whole budget before loading anything."""
-        executor = cls([], config, limiter=limiter)
-        for card in cards:
-            executor.models.check_fits(card)
+        executor = cls._fitting(cards, config, limiter)
         for card in cards:
             executor.models.add(load_model(card, config))
         return executor
@@ -213,12 +211,23 @@ class Executor:
         """`from_cards` with the sessions built in a worker thread, so that a node
         starting (onnxruntime builds and optimises each graph) does not stall the
         event loop it may share: the harness runs many nodes in one."""
-        executor = cls([], config)
-        for card in cards:
-            executor.models.check_fits(card)
+        executor = cls._fitting(cards, config, None)
         models = await trio.to_thread.run_sync(lambda: [load_model(c, config) for c in cards])
         for model in models:
             executor.models.add(model)
+        return executor
+
+    @classmethod
+    def _fitting(
+        cls,
+        cards: Sequence[ModelCard],
+        config: ExecutorConfig,
+        limiter: trio.CapacityLimiter | None,
+    ) -> Executor:
+        """An executor with no model yet; refuses any of `cards` bigger than the budget."""
+        executor = cls([], config, limiter=limiter)
+        for card in cards:
+            executor.models.check_fits(card)
         return executor
 
     @property

@@ -196,12 +196,12 @@ class Gossip:
     check, forward). So a record goes out when something changed (paced to one
     per `interval` on average) and otherwise once per `refresh`. Liveness does
     not ride on records: neighbours beat to each other twice per ttl (see
-    _beats), a neighbour silent for ttl (`ttl_factor` x `interval`) is
-    reported departed in a record
-    published at once, and every other node drops it on that report. A
-    connection that drops is reported the same way, at once. Two peers that
-    connect swap the records they hold (`signed_messages`, `take_synced`), so a
-    newcomer, or a side of a healed partition, does not wait for a refresh.
+    _beats), a neighbour silent for ttl (`ttl_factor` x `interval`) is reported
+    departed in a record published at once, and every other node drops it on
+    that report. A connection that drops is reported the same way, at once. Two
+    peers that connect swap the records they hold (`signed_messages`,
+    `take_synced`), so a newcomer, or a side of a healed partition, does not
+    wait for a refresh.
     """
 
     def __init__(

@@ -463,7 +463,7 @@ class Node:
 
     async def _on_beat_stream(self, stream: INetStream) -> None:
         peer_id = str(stream.muxed_conn.peer_id)
-        await answer_beats(stream, peer_id, self.gossip, self.config.gossip.beat_period)
+        await answer_beats(stream, peer_id, self.gossip)
 
     async def _follow_connection_events(
         self, events: trio.MemoryReceiveChannel[tuple[bool, str, bool]], nursery: trio.Nursery

@@ -567,11 +567,7 @@ class Rpc:
         done = trio.Event()
 
         async def open_in_full() -> None:
-            try:
-                result: _Channel | JobError = await self._open_in_full(peer_id, protocol)
-            except BaseException:
-                done.set()
-                raise
+            result = await self._open_in_full(peer_id, protocol)
             if done.is_set():  # the caller left
                 if isinstance(result, _Channel):
                     await result.discard()
