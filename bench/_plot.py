@@ -156,6 +156,13 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, ax: Any, path: Path, title: str) -> Path:
+    from matplotlib.ticker import FuncFormatter
+
+    # Log axes read 0.1, 1, 10 rather than 10^-1, 10^0, 10^1.
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    for axis in (ax.xaxis, ax.yaxis):
+        if axis.get_scale() == "log":
+            axis.set_major_formatter(plain)
     ax.set_title(title, fontsize=11)
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:

@@ -1,6 +1,7 @@
 """What the network costs: a direct onnxruntime call against jobs through real nodes.
 
 Usage: python -m bench.overhead [--model digits-mlp] [--jobs 300] [--concurrency 32]
+                                [--plot DIR]
 
 Two `p2p-node start` processes run on this machine: A serves the model, B does
 not. Measured side by side in one run:
@@ -12,6 +13,9 @@ not. Measured side by side in one run:
 Latency (p50/p99) is measured at concurrency 1, throughput at `--concurrency`
 concurrent jobs over one client connection. Every figure is printed beside its
 ratio to the direct call, since absolute times drift on a shared machine.
+
+`--plot DIR` also writes DIR/overhead_latency_cdf.png: the latency CDF per path,
+from the same samples as the table.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import numpy as np
 import onnxruntime as ort
 import trio
 
+from bench._plot import PLOT_HELP, cdf, plot_dir
 from p2p_node import Client, bundled_models_dir
 
 HELDOUT = {"digits": "digits.npz", "cancer": "cancer.npz"}
@@ -42,6 +47,7 @@ class Figures:
     p50_ms: float
     p99_ms: float
     per_s: float
+    samples_ms: tuple[float, ...]  # the latencies p50 and p99 are taken from
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -68,7 +74,7 @@ def measure_direct(model_id: str, row: np.ndarray, jobs: int) -> Figures:
     for _ in range(jobs * 4):
         session.run(None, {"input": row})
     per_s = jobs * 4 / (time.perf_counter() - started)
-    return Figures(percentile(samples, 50), percentile(samples, 99), per_s)
+    return Figures(percentile(samples, 50), percentile(samples, 99), per_s, tuple(samples))
 
 
 async def measure_jobs(
@@ -94,7 +100,7 @@ async def measure_jobs(
             for _ in range(concurrency):
                 nursery.start_soon(worker, per_worker)
         per_s = per_worker * concurrency / (time.perf_counter() - started)
-    return Figures(percentile(samples, 50), percentile(samples, 99), per_s)
+    return Figures(percentile(samples, 50), percentile(samples, 99), per_s, tuple(samples))
 
 
 @contextmanager
@@ -161,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="digits-mlp")
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--plot", type=Path, metavar="DIR", help=PLOT_HELP)
     args = parser.parse_args(argv)
+    plots = plot_dir(args.plot)
     data = np.load(bundled_models_dir() / "heldout" / HELDOUT[args.model.split("-")[0]])
     row = data["x"][:1]
     other = "cancer-logreg" if args.model.startswith("digits") else "digits-logreg"
@@ -178,17 +186,22 @@ def main(argv: list[str] | None = None) -> None:
         f"model {args.model}, {args.jobs} jobs at concurrency 1, "
         f"throughput at concurrency {args.concurrency}; x = ratio to the direct call"
     )
-    print(
-        table(
-            [
-                ("direct onnxruntime", direct),
-                ("job run by entry node", local),
-                ("job forwarded 1 hop", forwarded),
-            ],
-            direct,
-        )
-    )
+    rows = [
+        ("direct onnxruntime", direct),
+        ("job run by entry node", local),
+        ("job forwarded 1 hop", forwarded),
+    ]
+    print(table(rows, direct))
     print(f"forwarding adds {forwarded.p50_ms - local.p50_ms:.2f} ms p50 over a local job")
+    if plots:
+        figure = cdf(
+            plots / "overhead_latency_cdf.png",
+            {name: f.samples_ms for name, f in rows},
+            xlabel="latency per job at concurrency 1 (ms, log scale)",
+            title=f"bench.overhead: {args.model}, {args.jobs} jobs per path",
+            log_x=True,
+        )
+        print(f"figure: {figure}")
 
 
 if __name__ == "__main__":
