@@ -72,20 +72,24 @@ def lines(
     title: str,
     upper: Mapping[str, Sequence[float | None]] | None = None,
     log_y: bool | None = None,
+    dodge: bool = False,
 ) -> Path:
     """One line per series over `x`; a None value is a missing point (e.g. a timeout).
 
     `upper` gives, per series, a higher figure at each x (a p99 beside a p50), drawn
-    as a dashed line in the series' colour, the band between them shaded.
-    `log_y=None`: log scale when the values span decades.
+    as a dashed line in the series' colour.
+    `log_y=None`: log scale when the values span decades. `dodge` shifts each series a
+    little sideways, so points of different series at one x do not hide each other.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     upper = upper or {}
     values: list[float] = []
-    for label, ys in series.items():
+    step = 0.025 * ((max(x) - min(x)) or max(abs(x[0]), 1.0)) if dodge and x else 0.0
+    for i, (label, ys) in enumerate(series.items()):
         highs = upper.get(label, [None] * len(x))
-        kept = [(xi, y, h) for xi, y, h in zip(x, ys, highs, strict=True) if y is not None]
+        shift = (i - (len(series) - 1) / 2) * step
+        kept = [(xi + shift, y, h) for xi, y, h in zip(x, ys, highs, strict=True) if y is not None]
         if not kept:
             continue
         xs = [xi for xi, _, _ in kept]
@@ -95,7 +99,6 @@ def lines(
         (line,) = ax.plot(xs, mids, marker="o", label=label)
         if label in upper:
             ax.plot(xs, tops, "--_", linewidth=1, markersize=12, color=line.get_color())
-            ax.fill_between(xs, mids, tops, color=line.get_color(), alpha=0.15)
     if log_y if log_y is not None else _spans_decades(values):
         ax.set_yscale("log")
     ax.set_xticks(list(x))

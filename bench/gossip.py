@@ -1,7 +1,7 @@
 """Gossip on real nodes: convergence, change propagation, failure detection, idle cost.
 
 Usage: python -m bench.gossip [--sizes 10,30,60] [--max-n N] [--steady-seconds 120]
-                              [--quick] [--find-max] [--seed 1]
+                              [--quick] [--find-max] [--seed 1] [--plot DIR]
 
 For each N, N real nodes (libp2p hosts on loopback, GossipSub, strict signing)
 run in ONE trio process via `p2p_node.testing.open_swarm(N, topology="random",
@@ -39,6 +39,10 @@ held and that one down to steps of 5.
 
 The record-rate law (bench.gossip_law, a simulation in virtual time) is printed
 after the real runs, for N up to 10,000.
+
+`--plot DIR` also writes DIR/gossip_times.png: convergence, change and detection
+times against N, p50 with p99 above it, from the same samples as the table (a step
+that timed out is left out); with `--find-max`, DIR/gossip_find_max.png instead.
 """
 
 from __future__ import annotations
@@ -53,10 +57,12 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import trio
 
 from bench import gossip_law
+from bench._plot import PLOT_HELP, lines, plot_dir
 from gossip import (
     DEFAULT_BUDGET,
     EventKind,
@@ -498,6 +504,8 @@ async def find_max(args: argparse.Namespace) -> None:
     for t in trials:
         for note in t.notes:
             print(f"  N={t.n}: {note}")
+    if args.plot:
+        print(f"figure: {plot_trials(trials, args, args.plot)}")
 
 
 # --- printing ------------------------------------------------------------------------------
@@ -572,6 +580,48 @@ def print_law(quick: bool) -> None:
             print(gossip_law.format_row(figures, time.perf_counter() - started), flush=True)
 
 
+# --- plots ---------------------------------------------------------------------------------
+
+
+def _p(spread: Spread, q: float) -> float | None:
+    return percentile(spread.samples, q) if spread.complete and spread.samples else None
+
+
+def plot_runs(runs: Sequence[Run], args: argparse.Namespace, directory: Path) -> Path:
+    steps = {
+        "change, until the last peer": [r.change_last for r in runs],
+        "change, arrival per peer": [r.change_peer for r in runs],
+        "kill, until a survivor drops it": [r.kill for r in runs],
+        "stall, until a node drops it": [r.stall for r in runs],
+    }
+    series: dict[str, list[float | None]] = {"converge": [r.converge_s for r in runs]}
+    upper: dict[str, list[float | None]] = {}
+    for name, spreads in steps.items():
+        series[name] = [_p(s, 50) for s in spreads]
+        upper[name] = [_p(s, 99) for s in spreads]
+    return lines(
+        directory / "gossip_times.png",
+        [r.n for r in runs],
+        series,
+        upper=upper,
+        dodge=True,
+        xlabel="N (real nodes in one process)",
+        ylabel="seconds (p50; dashed: p99)",
+        title=f"bench.gossip: interval {args.interval:g} s, random topology, degree 4",
+    )
+
+
+def plot_trials(trials: Sequence[Trial], args: argparse.Namespace, directory: Path) -> Path:
+    return lines(
+        directory / "gossip_find_max.png",
+        [t.n for t in trials],
+        {"converge": [t.converge_s for t in trials]},
+        xlabel="N (real nodes in one process); no point: did not converge",
+        ylabel="seconds to converge",
+        title=f"bench.gossip --find-max: interval {args.interval:g} s",
+    )
+
+
 # --- main ----------------------------------------------------------------------------------
 
 
@@ -595,6 +645,8 @@ async def main_async(args: argparse.Namespace) -> None:
     for n in args.sizes:
         runs.append(await bench_one(n, args))
     print_runs(runs, args)
+    if args.plot:
+        print(f"figure: {plot_runs(runs, args, args.plot)}")
     if not args.no_law:
         print_law(args.quick)
 
@@ -614,7 +666,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--find-max-limit", type=int, default=200)
     parser.add_argument("--no-law", action="store_true", help="skip the record-rate law table")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--plot", type=Path, metavar="DIR", help=PLOT_HELP)
     args = parser.parse_args(argv)
+    args.plot = plot_dir(args.plot)
     if args.quick:
         args.sizes, args.steady_seconds = [10], 10.0
     if args.max_n and args.max_n not in args.sizes:
