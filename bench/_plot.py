@@ -119,7 +119,7 @@ def timeline(
 ) -> Path:
     """A scatter of (time, value) per series, with a labelled vertical line per event."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 5))
     values: list[float] = []
     for label, (ts, ys) in points.items():
         if len(ts):
@@ -139,7 +139,8 @@ def timeline(
         )
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    return _save(fig, ax, path, title)
+    # Below the axes: inside, it would hide the event labels along the top.
+    return _save(fig, ax, path, title, legend_below=True)
 
 
 def _spans_decades(values: Sequence[float]) -> bool:
@@ -158,7 +159,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, ax: Any, path: Path, title: str) -> Path:
+def _save(fig: Any, ax: Any, path: Path, title: str, legend_below: bool = False) -> Path:
     from matplotlib.ticker import FuncFormatter
 
     # Log axes read 0.1, 1, 10 rather than 10^-1, 10^0, 10^1.
@@ -168,7 +169,12 @@ def _save(fig: Any, ax: Any, path: Path, title: str) -> Path:
             axis.set_major_formatter(plain)
     ax.set_title(title, fontsize=11)
     ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
+    handles = ax.get_legend_handles_labels()[0]
+    if handles and legend_below:
+        ax.legend(
+            fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(3, len(handles))
+        )
+    elif handles:
         ax.legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

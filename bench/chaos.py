@@ -2,6 +2,7 @@
 one restarted; then a check of the whole history.
 
 Usage: python -m bench.chaos [--nodes 4] [--rate 40] [--stop-s 10] [--history FILE]
+                             [--plot DIR]
        python -m bench.chaos --short --json    (what the test suite runs)
 
 Node processes are started with the CLI (`python -m p2p_node start`), every
@@ -21,6 +22,10 @@ exactly one answer, all successful and equal to onnxruntime's own answer? Did
 the restarted node keep its peer id and come back into every view? Was a node
 that was never killed or stopped ever missing from a live node's view? How long
 after the kill did the jobs in flight at the killed node get their answers?
+
+`--plot DIR` also writes DIR/chaos_latency.png: every job's latency against the
+time it was submitted, by the node that ran it, with the kill, stop, continue and
+restart marked.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import numpy as np
 import onnxruntime as ort
 import trio
 
+from bench._plot import PLOT_HELP, plot_dir, timeline
 from p2p_node import Client, JobError, bundled_models_dir
 
 MODELS = [
@@ -455,6 +461,33 @@ def print_verdict(report: Report, verdict: Verdict) -> None:
     print(f"verdict: {'PASS' if verdict.ok else 'FAIL'}")
 
 
+def plot_latency(report: Report, config: ChaosConfig, directory: Path) -> Path:
+    """Each answered job at (submitted, latency), grouped by the node that ran it."""
+    names = {peer: f"node {i}" for i, peer in enumerate(report.peer_ids)}
+    names[report.peer_ids[KILLED]] += " (killed, restarted)"
+    names[report.peer_ids[STOPPED]] += " (stopped)"
+    points: dict[str, tuple[list[float], list[float]]] = {}
+    for job in report.jobs:
+        if job.answered is None:
+            continue
+        if job.outcome == "ok" and job.executor is not None:
+            group = "ran on " + names.get(job.executor, job.executor[-6:])
+        else:
+            group = f"failed: {job.outcome}"
+        ts, ms = points.setdefault(group, ([], []))
+        ts.append(job.submitted)
+        ms.append((job.answered - job.submitted) * 1e3)
+    return timeline(
+        directory / "chaos_latency.png",
+        dict(sorted(points.items())),
+        {k: v for k, v in report.events.items() if k != "load_end"},
+        xlabel="job submitted at (s after load start)",
+        ylabel="job latency (ms, submit to answer)",
+        title=f"bench.chaos: {config.nodes} nodes, {config.rate:g} jobs/s, "
+        f"node {STOPPED} stopped {config.stop_s:g} s",
+    )
+
+
 async def main_async(args: argparse.Namespace) -> int:
     # A client's failed dials to the dead node are expected here; libp2p logs each.
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
@@ -469,6 +502,8 @@ async def main_async(args: argparse.Namespace) -> int:
         verdict = check(report, original)
         print(f"{config} ran {time.monotonic() - started:.0f} s")
         print_verdict(report, verdict)
+        if args.plot:
+            print(f"figure: {plot_latency(report, config, args.plot)}")
         if args.json:
             summary = asdict(verdict) | {
                 "ok": verdict.ok,
@@ -490,7 +525,10 @@ def main() -> None:
     parser.add_argument("--history", type=Path, help="write the history here, one JSON per job")
     parser.add_argument("--short", action="store_true", help="the test suite's short run")
     parser.add_argument("--json", action="store_true", help="end with the verdict as JSON")
-    sys.exit(trio.run(main_async, parser.parse_args()))
+    parser.add_argument("--plot", type=Path, metavar="DIR", help=PLOT_HELP)
+    args = parser.parse_args()
+    args.plot = plot_dir(args.plot)
+    sys.exit(trio.run(main_async, args))
 
 
 if __name__ == "__main__":

@@ -606,7 +606,7 @@ def plot_runs(runs: Sequence[Run], args: argparse.Namespace, directory: Path) ->
         upper=upper,
         dodge=True,
         xlabel="N (real nodes in one process)",
-        ylabel="seconds (p50; dashed: p99)",
+        ylabel="seconds (dot: p50, dash: p99)",
         title=f"bench.gossip: interval {args.interval:g} s, random topology, degree 4",
     )
 
