@@ -15,7 +15,6 @@ minutes of measuring.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,7 @@ def plot_dir(directory: Path | None) -> Path | None:
     """None when not plotting; else check matplotlib is there and make `directory`."""
     if directory is None:
         return None
-    if importlib.util.find_spec("matplotlib") is None:
-        raise SystemExit(MISSING)
+    _pyplot()
     directory.mkdir(parents=True, exist_ok=True)
     return directory
 
@@ -149,10 +147,10 @@ def _spans_decades(values: Sequence[float]) -> bool:
 
 
 def _pyplot() -> Any:
-    if importlib.util.find_spec("matplotlib") is None:
-        raise SystemExit(MISSING)
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit(MISSING) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
