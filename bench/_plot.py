@@ -125,19 +125,17 @@ def timeline(
             values += ys
     if log_y if log_y is not None else _spans_decades(values):
         ax.set_yscale("log")
-    for i, (name, at) in enumerate(sorted(events.items(), key=lambda e: e[1])):
+    # Events are named along the top edge, outside the data, where no point hides them.
+    marks = sorted(events.items(), key=lambda e: e[1])
+    for _, at in marks:
         ax.axvline(at, color="black", linestyle="--", linewidth=1)
-        # Alternate heights so labels of close events do not overlap.
-        ax.annotate(
-            f" {name} {at:.1f}s",
-            (at, 0.98 - 0.07 * (i % 2)),
-            xycoords=("data", "axes fraction"),
-            va="top",
-            fontsize=9,
-        )
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([at for _, at in marks], labels=[f"{name} {at:.1f}s" for name, at in marks])
+    for label in top.get_xticklabels():
+        label.update({"rotation": 30, "ha": "left", "rotation_mode": "anchor", "fontsize": 9})
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    # Below the axes: inside, it would hide the event labels along the top.
+    # Below the axes: the scatter can fill every corner inside them.
     return _save(fig, ax, path, title, legend_below=True)
 
 
