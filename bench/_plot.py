@@ -10,7 +10,7 @@ minutes of measuring.
     out = plot_dir(args.plot)          # None when not plotting
     ...
     if out:
-        cdf(out / "overhead_cdf.png", {"direct": ms, ...}, xlabel="latency (ms)", title=...)
+        cdf(out / "overhead_latency_cdf.png", {"direct": ms, ...}, xlabel="latency (ms)", title=...)
 """
 
 from __future__ import annotations
@@ -174,8 +174,5 @@ def _save(fig: Any, ax: Any, path: Path, title: str, legend_below: bool = False)
         ax.legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    fig.clf()
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    _pyplot().close(fig)  # pyplot keeps every figure alive until it is closed
     return path
