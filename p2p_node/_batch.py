@@ -1,11 +1,11 @@
-"""A batch job's chunks, pulled by the peers that run them.
+"""A batch job: many rows as chunks, pulled by the peers that run them.
 
-The client learns from its node which peers serve the model and how to reach
-them, and gives each peer a few slots. A slot takes the next chunk, sends it
-straight to its peer (the infer protocol: run here, no forwarding), and takes
-another when the answer is in. So faster peers take more chunks, and no chunk
-crosses the network twice, as it does when a coordinator receives it and then
-forwards it.
+`submit_batch` (what `Client.submit_batch` runs) learns from the client's node
+which peers serve the model and how to reach them, dials them, and gives each
+peer a few slots. A slot takes the next chunk, sends it straight to its peer
+(the infer protocol: run here, no forwarding), and takes another when the
+answer is in. So faster peers take more chunks, and no chunk crosses the
+network twice, as it does when a coordinator receives it and then forwards it.
 
 Failures, by what they say:
 - about the request (bad input, say): the batch fails with that error at once;
@@ -23,12 +23,30 @@ as ordinary jobs that fail over on their own); its errors end the batch.
 from __future__ import annotations
 
 import logging
-from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
+import multiaddr
+import numpy as np
 import trio
 
-from scheduler import ErrorCode, InferenceResult, JobError
+from scheduler import (
+    DistributionStrategy,
+    ErrorCode,
+    InferenceRequest,
+    InferenceResult,
+    JobError,
+    Tensors,
+)
+
+from ._config import ConfigError, parse_peer_multiaddr
+from ._errors import unwrap_single_errors
+
+if TYPE_CHECKING:
+    from ._client import Client
+    from ._wire import PeerReport
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +185,7 @@ class BatchRun:
 
     def _leave(self, peer: str, error: JobError, peer_scope: trio.CancelScope) -> None:
         if peer not in self.left:
-            logger.info("batch: %s leaves the batch: %s", peer, error)
+            logger.info("batch: %s leaves the batch: %s", peer, error, extra={"peer": peer})
             self.left[peer] = error
         peer_scope.cancel()  # its other slots put their chunks back
 
@@ -184,3 +202,150 @@ def spread(concurrency: int, peers: list[str]) -> dict[str, int]:
     chosen = peers[:concurrency]
     share, extra = divmod(concurrency, len(chosen)) if chosen else (0, 0)
     return {peer: share + (1 if i < extra else 0) for i, peer in enumerate(chosen)}
+
+
+# --- a batch from a client ----------------------------------------------------------
+
+
+class Dialer(Protocol):
+    """What a batch needs of the client's libp2p side (its `Rpc`)."""
+
+    async def connect(self, addr: multiaddr.Multiaddr, timeout: float) -> str: ...
+
+    async def infer(
+        self, peer_id: str, request: InferenceRequest, timeout: float
+    ) -> InferenceResult: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    outputs: dict[str, np.ndarray[Any, Any]]  # every chunk's outputs, in input order
+    chunks_by_executor: dict[str, int]  # peer id -> chunks it ran
+    chunks: int
+
+
+async def submit_batch(
+    client: Client,
+    dialer: Dialer,
+    model_id: str,
+    inputs: Tensors,
+    *,
+    batch_size: int,
+    strategy: DistributionStrategy | None,
+    timeout: float,
+    concurrency: int,
+    direct: bool,
+    outputs: Sequence[str],
+    on_progress: Callable[[int, int], None] | None,
+    dial_timeout: float,
+) -> BatchResult:
+    """`Client.submit_batch`, which documents it; `dialer` is the client's `Rpc`."""
+    wanted = tuple(outputs)
+    rows = row_count(inputs, batch_size)
+    bounds = [(start, min(start + batch_size, rows)) for start in range(0, rows, batch_size)]
+    results: list[InferenceResult | None] = [None] * len(bounds)
+    done = 0
+
+    def chunk(i: int) -> Tensors:
+        start, end = bounds[i]
+        return {name: array[start:end] for name, array in inputs.items()}
+
+    async def run_on(peer_id: str, i: int) -> InferenceResult:
+        request = InferenceRequest(model_id, chunk(i), timeout, outputs=wanted)
+        return await dialer.infer(peer_id, request, timeout)
+
+    async def via_node(i: int) -> InferenceResult:
+        return await client.submit(
+            model_id, chunk(i), timeout=timeout, strategy=strategy, outputs=wanted
+        )
+
+    def answered(i: int, result: InferenceResult) -> None:
+        nonlocal done
+        results[i] = result
+        start, end = bounds[i]
+        done += end - start
+        if on_progress:
+            on_progress(done, rows)
+
+    peers = (
+        await batch_peers(client, dialer, model_id, strategy, concurrency, dial_timeout)
+        if direct
+        else []
+    )
+    with unwrap_single_errors():
+        await BatchRun(len(bounds), run_on, via_node, answered).run(
+            spread(concurrency, peers), fallback_slots=concurrency
+        )
+    finished = [r for r in results if r is not None]
+    joined = {
+        name: np.concatenate([r.outputs[name] for r in finished]) for name in finished[0].outputs
+    }
+    return BatchResult(joined, dict(Counter(r.executor for r in finished)), len(bounds))
+
+
+def row_count(inputs: Tensors, batch_size: int) -> int:
+    """The rows every input has (the same for all), to split into `batch_size` chunks."""
+    if batch_size < 1:
+        raise JobError(ErrorCode.INVALID_INPUT, f"batch size must be >= 1, got {batch_size}")
+    counts = {np.asarray(a).shape[0] if np.ndim(a) else -1 for a in inputs.values()}
+    if len(counts) != 1 or -1 in counts:
+        raise JobError(
+            ErrorCode.INVALID_INPUT,
+            f"a batch needs every input to have the same number of rows, got {sorted(counts)}",
+        )
+    (rows,) = counts
+    if rows == 0:
+        raise JobError(ErrorCode.INVALID_INPUT, "a batch needs at least one row")
+    return rows
+
+
+async def batch_peers(
+    client: Client,
+    dialer: Dialer,
+    model_id: str,
+    strategy: DistributionStrategy | None,
+    most: int,
+    dial_timeout: float,
+) -> list[str]:
+    """The first `most` peers the client's node ranks for `model_id` (itself
+    included), less those the client cannot reach."""
+    try:
+        placement = await client.place(
+            model_id, strategy or DistributionStrategy.LEAST_LOADED, timeout=dial_timeout
+        )
+        reports = {r.record.peer_id: r for r in await client.peers(timeout=dial_timeout)}
+    except JobError as error:
+        logger.info("batch: no direct placement (%s); the node places every chunk", error)
+        return []
+    ranked = [c.peer_id for c in placement.candidates][: 2 * max(1, most)]
+    reached = {client.peer_id}
+    # Dial them all at once (each at every address at once); those not reached
+    # within the dial timeout are left out, and the next ranked take their place.
+    with trio.move_on_after(dial_timeout):
+        async with trio.open_nursery() as nursery:
+            for peer_id in ranked:
+                if peer_id not in reached and peer_id in reports:
+                    nursery.start_soon(_dial, dialer, reports[peer_id], reached, dial_timeout)
+    return [peer_id for peer_id in ranked if peer_id in reached][: max(1, most)]
+
+
+async def _dial(dialer: Dialer, report: PeerReport, reached: set[str], timeout: float) -> None:
+    """Add the peer to `reached` once one of its addresses answers as that peer."""
+    peer_id = report.record.peer_id
+
+    async def one(addr: str, scope: trio.CancelScope) -> None:
+        try:
+            target = parse_peer_multiaddr(addr)
+            answered_as = await dialer.connect(target, timeout)
+        except (JobError, ConfigError) as error:
+            logger.debug(
+                "batch: cannot reach %s at %s: %s", peer_id, addr, error, extra={"peer": peer_id}
+            )
+            return
+        if answered_as == peer_id:
+            reached.add(peer_id)
+            scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for addr in report.record.addrs:
+            nursery.start_soon(one, addr, nursery.cancel_scope)

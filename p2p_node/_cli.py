@@ -1,10 +1,27 @@
-"""`p2p-node`: start a node, submit jobs, list models, run the demo."""
+"""`p2p-node`, the command line: its flags, and what each command does with them.
+
+`start` runs a node until SIGINT or SIGTERM (its flags, or some of them, may
+come from a TOML file: `--config`). `submit` runs a job (one model or task, or
+a batch of rows), `place` and `select` show where a job would run and which
+models a task would get, `feedback` scores a job's answer, `models` and
+`peers` show what a node serves and sees; each of these is a client of the
+node named by `--peer`. `demo` runs a small network in one process, `keygen`
+writes a private network key or a client identity.
+
+What they print is built in `_render.py`. A failure that is the user's or the
+network's (USER_ERRORS) is one line on stderr and exit 1; a flag the parser
+refuses, or a combination of flags that makes no sense, is argparse's usage
+line and message, exit 2, as is a bad config file (one line naming the file
+and the key). A reader that goes away (`p2p-node peers --json | head -c 100`)
+ends the command quietly, exit 141, as a program killed by SIGPIPE.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -15,10 +32,10 @@ from typing import Any
 import numpy as np
 import trio
 
-from gossip import ModelDescriptor, descriptor_to_wire
-from scheduler import DistributionStrategy, GpuNeed, InferenceResult, JobError, Requirements
-from selection import CONTEXT_KEYS, AdvancedModelSelectionStrategy, Selection
+from scheduler import DistributionStrategy, GpuNeed, JobError, Requirements
+from selection import CONTEXT_KEYS, AdvancedModelSelectionStrategy
 
+from . import _render
 from ._client import Client
 from ._config import (
     DEFAULT_TARGET_DEGREE,
@@ -27,21 +44,35 @@ from ._config import (
     ExecutorConfig,
     GossipConfig,
     NodeConfig,
-    check_peer_id,
     load_bootstrap_file,
     load_client_allowlist,
 )
+from ._errors import leaves
 from ._executor import UNNAMED_INPUT
+from ._flags import (
+    COUNT,
+    POSITIVE,
+    FlagFileError,
+    Number,
+    multiaddr_text,
+    network_name,
+    peer_id_text,
+    peer_multiaddr_text,
+    read_flag_file,
+    without_defaults,
+)
 from ._identity import IdentityError, create_identity_file, load_identity_file, peer_id_of
+from ._logging import LOG_FORMATS, LOG_LEVELS, configure_logging
 from ._node import open_node
 from ._psk import PskError, read_psk_file, write_new_psk_file
 from ._repository import RepositoryError
-from ._wire import Learned, PeerReport
 
 DEFAULT_BOOTSTRAP_FILE = Path("bootstrap_peers.toml")
 STRATEGIES = [s.value for s in DistributionStrategy]
 SELECTIONS = [s.value for s in AdvancedModelSelectionStrategy]
 DEFAULT_DATA_DIR = Path.home() / ".p2p-node"
+BROKEN_PIPE_EXIT = 128 + signal.SIGPIPE  # 141: what a shell reports for a SIGPIPE death
+USAGE_EXIT = 2  # argparse's own, for flags it refuses
 _DEFAULTS = ExecutorConfig()
 _GOSSIP_DEFAULTS = GossipConfig()
 _NODE_DEFAULTS = NodeConfig(data_dir=Path())
@@ -56,8 +87,33 @@ USER_ERRORS = (JobError, ConfigError, RepositoryError, IdentityError, InputFileE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    _configure_logging(args.log_level, quiet_libp2p=args.command != "start")
+    """Run one command; return its exit status."""
+    try:
+        code = _main(sys.argv[1:] if argv is None else list(argv))
+        sys.stdout.flush()  # a reader gone shows here, not in the flush at exit
+    except BrokenPipeError:
+        return _reader_gone()
+    except BaseExceptionGroup as group:
+        if not all(isinstance(e, BrokenPipeError) for e in leaves(group)):
+            raise
+        return _reader_gone()
+    return code
+
+
+def _reader_gone() -> int:
+    # Python flushes stdout again at exit, and would report that one failing too.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return BROKEN_PIPE_EXIT
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        args = parse_args(argv)
+    except FlagFileError as error:
+        print(f"p2p-node start: {error}", file=sys.stderr)
+        return USAGE_EXIT
+    configure_logging(args.log_level, args.log_format, quiet_libp2p=args.command != "start")
     try:
         code: int = trio.run(args.run, args)
     except USER_ERRORS as error:
@@ -68,17 +124,133 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The command and its flags, those of a `start --config` file included (a flag
+    on the command line wins over the file). A flag argparse refuses, or a
+    combination of flags that makes no sense, exits 2 with the usage line; a bad
+    config file raises FlagFileError."""
+    args = _parser().parse_args(argv)
+    if getattr(args, "config", None) is not None:
+        from_file = read_flag_file(args.config, args.command_parser)
+        given = vars(without_defaults(_parser()).parse_args(argv))
+        for dest, value in from_file.items():
+            if dest not in given:
+                setattr(args, dest, value)
+    problem = args.check(args)
+    if problem is not None:
+        args.command_parser.error(problem)
+    return args
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="p2p-node", description=__doc__)
-    parser.add_argument(
-        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+    parser = argparse.ArgumentParser(
+        prog="p2p-node",
+        description="A peer-to-peer network of symmetric nodes that run ONNX models.",
     )
+    _add_log_options(parser, given_only=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
     start = commands.add_parser("start", help="run a node until SIGINT/SIGTERM")
+    _add_start_options(start)
+    start.set_defaults(run=_start)
+
+    submit = commands.add_parser("submit", help="run a model (or a task) on the network")
+    _add_submit_options(submit)
+    submit.set_defaults(run=_submit, check=_submit_flag_error)
+
+    place = commands.add_parser("place", help="rank where a model would run; runs nothing")
+    place.add_argument("--peer", required=True, metavar="MADDR")
+    place.add_argument("--model", required=True, metavar="ID")
+    place.add_argument("--strategy", choices=STRATEGIES, default="least_loaded")
+    place.add_argument("--min-memory-mb", type=int, default=0)
+    place.add_argument("--gpu", choices=[g.value for g in GpuNeed], default="any")
+    place.add_argument("--provider", help="an onnxruntime execution provider")
+    place.add_argument("--json", action="store_true")
+    place.set_defaults(run=_place)
+
+    select = commands.add_parser(
+        "select", help="rank the models a node would select for a task; runs nothing"
+    )
+    select.add_argument("--peer", required=True, metavar="MADDR")
+    select.add_argument("--task", required=True, metavar="TYPE")
+    select.add_argument("--strategy", choices=SELECTIONS, default="hybrid")
+    select.add_argument("-k", type=int, help="at most this many models")
+    _add_context_argument(select)
+    select.add_argument("--json", action="store_true", help="with what the node learned")
+    select.set_defaults(run=_select)
+
+    feedback = commands.add_parser("feedback", help="score a job's answer, in [0, 1]")
+    feedback.add_argument("--peer", required=True, metavar="MADDR", help="the job's node")
+    feedback.add_argument("--job", required=True, metavar="ID")
+    feedback.add_argument("--score", required=True, type=float, help="1 right, 0 wrong")
+    feedback.set_defaults(run=_feedback)
+
+    models = commands.add_parser("models", help="list the models a node serves")
+    models.add_argument("--peer", required=True, metavar="MADDR")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(run=_models)
+
+    peers = commands.add_parser("peers", help="show a node's view of the network")
+    peers.add_argument("--peer", required=True, metavar="MADDR")
+    peers.add_argument("--json", action="store_true")
+    peers.set_defaults(run=_peers)
+
+    demo = commands.add_parser("demo", help="a local network answering jobs")
+    demo.add_argument("--nodes", type=int, default=3)
+    _add_psk_option(demo)
+    demo.set_defaults(run=_demo)
+
+    keygen = commands.add_parser("keygen", help="write a private network key or an identity")
+    keygen.add_argument("--psk", type=Path, metavar="FILE", help="new private network key")
+    keygen.add_argument(
+        "--identity", type=Path, metavar="FILE", help="new client identity; prints its peer id"
+    )
+    keygen.set_defaults(run=_keygen, check=_keygen_flag_error)
+    for client_command in (submit, place, select, feedback, models, peers):
+        _add_psk_option(client_command)
+        client_command.add_argument(
+            "--identity",
+            type=Path,
+            metavar="FILE",
+            help="client identity from `p2p-node keygen --identity` (default: a new one)",
+        )
+    for command in commands.choices.values():
+        _add_log_options(command, given_only=True)
+        command.set_defaults(command_parser=command)
+        if command.get_default("check") is None:
+            command.set_defaults(check=_no_flag_error)
+    return parser
+
+
+def _add_log_options(parser: argparse.ArgumentParser, *, given_only: bool) -> None:
+    """--log-level and --log-format: before the command, with their defaults; or
+    after it (`given_only`), where they set nothing unless given."""
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=argparse.SUPPRESS if given_only else "warning",
+        help="log this and above, to stderr (default warning)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=argparse.SUPPRESS if given_only else "text",
+        help="text lines, or one JSON object per line (default text)",
+    )
+
+
+def _add_start_options(start: argparse.ArgumentParser) -> None:
+    start.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="a TOML file of these flags, each under its name: `model-memory-mb = 512`; "
+        "a flag given here wins over the file",
+    )
     start.add_argument(
         "--listen",
         action="append",
+        type=multiaddr_text,
         metavar="MADDR",
         help="address to listen on (repeatable; default /ip4/0.0.0.0/tcp/4001)",
     )
@@ -109,44 +281,46 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--bootstrap",
         action="append",
+        type=peer_multiaddr_text,
         default=[],
         metavar="MADDR",
         help="a peer to dial, ending in /p2p/<peer id> (repeatable)",
     )
     start.add_argument(
-        "--workers", type=int, default=_DEFAULTS.workers, help="concurrent ONNX runs"
+        "--workers", type=COUNT, default=_DEFAULTS.workers, help="concurrent ONNX runs"
     )
     start.add_argument(
-        "--threads", type=int, default=_DEFAULTS.intra_op_threads, help="threads per ONNX run"
+        "--threads", type=COUNT, default=_DEFAULTS.intra_op_threads, help="threads per ONNX run"
     )
     start.add_argument(
         "--queue-limit",
-        type=int,
+        type=COUNT,
         default=_DEFAULTS.queue_limit,
         help="admitted requests before answering OVERLOADED",
     )
     _add_limit_options(start)
     start.add_argument(
         "--network",
+        type=network_name,
         default=_GOSSIP_DEFAULTS.network,
         help="network name: nodes only gossip with the same name",
     )
     start.add_argument(
         "--interval",
-        type=float,
+        type=POSITIVE,
         default=_GOSSIP_DEFAULTS.interval,
         help="a neighbour silent for 3 intervals is reported departed (beats go every 1.5 "
         "intervals), and the least time between records while the network is small",
     )
     start.add_argument(
         "--refresh",
-        type=float,
+        type=POSITIVE,
         default=_GOSSIP_DEFAULTS.refresh,
         help="seconds between records when nothing changes",
     )
     start.add_argument(
         "--degree",
-        type=int,
+        type=Number(integer=True, least=0),
         default=DEFAULT_TARGET_DEGREE,
         help="connections to hold beyond the bootstrap peers",
     )
@@ -155,6 +329,7 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--allow-client",
         action="append",
+        type=peer_id_text,
         default=[],
         metavar="PEER_ID",
         help="take jobs only from these client peer ids (repeatable; default: anyone)",
@@ -166,14 +341,51 @@ def _parser() -> argparse.ArgumentParser:
         help='TOML file with clients = ["PEER_ID", ...], added to --allow-client',
     )
     start.add_argument(
-        "--job-rate", type=float, metavar="JOBS_PER_S", help="jobs/s per client (default: no limit)"
+        "--job-rate",
+        type=POSITIVE,
+        metavar="JOBS_PER_S",
+        help="jobs/s per client (default: no limit)",
     )
     start.add_argument(
-        "--job-burst", type=int, default=AdmissionConfig().job_burst, help="jobs per client at once"
+        "--job-burst",
+        type=COUNT,
+        default=AdmissionConfig().job_burst,
+        help="jobs per client at once",
     )
-    start.set_defaults(run=_start)
 
-    submit = commands.add_parser("submit", help="run a model (or a task) on the network")
+
+def _add_limit_options(start: argparse.ArgumentParser) -> None:
+    start.add_argument(
+        "--model-memory-mb",
+        type=POSITIVE,
+        metavar="MB",
+        help="keep loaded models within this memory, unloading the least recently used "
+        "(default: no limit)",
+    )
+    start.add_argument(
+        "--max-batch-rows",
+        type=COUNT,
+        default=_DEFAULTS.max_batch_rows,
+        metavar="ROWS",
+        help="rows per request before answering INVALID_INPUT",
+    )
+    start.add_argument(
+        "--max-request-bytes",
+        type=Number(integer=True, least=1024),
+        default=_NODE_DEFAULTS.max_request_bytes,
+        metavar="BYTES",
+        help="largest job or infer request taken; replies may be as large",
+    )
+    start.add_argument(
+        "--max-inbound-streams",
+        type=COUNT,
+        default=_NODE_DEFAULTS.max_concurrent_inbound,
+        metavar="N",
+        help="streams from peers served at once before answering OVERLOADED",
+    )
+
+
+def _add_submit_options(submit: argparse.ArgumentParser) -> None:
     submit.add_argument(
         "--peer",
         required=True,
@@ -228,96 +440,6 @@ def _parser() -> argparse.ArgumentParser:
         help="with --batch-size: send every job to --peer, which places it (default: "
         "straight to the peers serving the model, as --peer ranks them)",
     )
-    submit.set_defaults(run=_submit)
-
-    place = commands.add_parser("place", help="rank where a model would run; runs nothing")
-    place.add_argument("--peer", required=True, metavar="MADDR")
-    place.add_argument("--model", required=True, metavar="ID")
-    place.add_argument("--strategy", choices=STRATEGIES, default="least_loaded")
-    place.add_argument("--min-memory-mb", type=int, default=0)
-    place.add_argument("--gpu", choices=[g.value for g in GpuNeed], default="any")
-    place.add_argument("--provider", help="an onnxruntime execution provider")
-    place.add_argument("--json", action="store_true")
-    place.set_defaults(run=_place)
-
-    select = commands.add_parser(
-        "select", help="rank the models a node would select for a task; runs nothing"
-    )
-    select.add_argument("--peer", required=True, metavar="MADDR")
-    select.add_argument("--task", required=True, metavar="TYPE")
-    select.add_argument("--strategy", choices=SELECTIONS, default="hybrid")
-    select.add_argument("-k", type=int, help="at most this many models")
-    _add_context_argument(select)
-    select.add_argument("--json", action="store_true", help="with what the node learned")
-    select.set_defaults(run=_select)
-
-    feedback = commands.add_parser("feedback", help="score a job's answer, in [0, 1]")
-    feedback.add_argument("--peer", required=True, metavar="MADDR", help="the job's node")
-    feedback.add_argument("--job", required=True, metavar="ID")
-    feedback.add_argument("--score", required=True, type=float, help="1 right, 0 wrong")
-    feedback.set_defaults(run=_feedback)
-
-    models = commands.add_parser("models", help="list the models a node serves")
-    models.add_argument("--peer", required=True, metavar="MADDR")
-    models.add_argument("--json", action="store_true")
-    models.set_defaults(run=_models)
-
-    peers = commands.add_parser("peers", help="show a node's view of the network")
-    peers.add_argument("--peer", required=True, metavar="MADDR")
-    peers.add_argument("--json", action="store_true")
-    peers.set_defaults(run=_peers)
-
-    demo = commands.add_parser("demo", help="a local network answering jobs")
-    demo.add_argument("--nodes", type=int, default=3)
-    _add_psk_option(demo)
-    demo.set_defaults(run=_demo)
-
-    keygen = commands.add_parser("keygen", help="write a private network key or an identity")
-    keygen.add_argument("--psk", type=Path, metavar="FILE", help="new private network key")
-    keygen.add_argument(
-        "--identity", type=Path, metavar="FILE", help="new client identity; prints its peer id"
-    )
-    keygen.set_defaults(run=_keygen)
-    for client_command in (submit, place, select, feedback, models, peers):
-        _add_psk_option(client_command)
-        client_command.add_argument(
-            "--identity",
-            type=Path,
-            metavar="FILE",
-            help="client identity from `p2p-node keygen --identity` (default: a new one)",
-        )
-    return parser
-
-
-def _add_limit_options(start: argparse.ArgumentParser) -> None:
-    start.add_argument(
-        "--model-memory-mb",
-        type=float,
-        metavar="MB",
-        help="keep loaded models within this memory, unloading the least recently used "
-        "(default: no limit)",
-    )
-    start.add_argument(
-        "--max-batch-rows",
-        type=int,
-        default=_DEFAULTS.max_batch_rows,
-        metavar="ROWS",
-        help="rows per request before answering INVALID_INPUT",
-    )
-    start.add_argument(
-        "--max-request-bytes",
-        type=int,
-        default=_NODE_DEFAULTS.max_request_bytes,
-        metavar="BYTES",
-        help="largest job or infer request taken; replies may be as large",
-    )
-    start.add_argument(
-        "--max-inbound-streams",
-        type=int,
-        default=_NODE_DEFAULTS.max_concurrent_inbound,
-        metavar="N",
-        help="streams from peers served at once before answering OVERLOADED",
-    )
 
 
 def _add_context_argument(parser: argparse.ArgumentParser) -> None:
@@ -330,17 +452,6 @@ def _add_context_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_context(pairs: Sequence[str]) -> dict[str, str]:
-    """`["language=en", "input_length=64"]` -> a context map (values checked by the node)."""
-    context = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InputFileError(f"--context takes KEY=VALUE, got {pair!r}")
-        context[key.strip()] = value.strip()
-    return context
-
-
 def _add_psk_option(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--psk",
@@ -350,22 +461,43 @@ def _add_psk_option(command: argparse.ArgumentParser) -> None:
     )
 
 
-def _configure_logging(level: str, *, quiet_libp2p: bool) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if level == "debug":
-        return
-    if quiet_libp2p:
-        # A client's failures are reported as one line by us; libp2p's own
-        # multi-line error logs would only repeat them.
-        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
-    else:
-        # A node's pubsub tries every new connection, clients included, and logs
-        # an error each time a client does not speak GossipSub.
-        logging.getLogger("libp2p.host.basic_host").setLevel(logging.CRITICAL)
+# --- flags that go together ----------------------------------------------------------------
+
+
+def _no_flag_error(args: argparse.Namespace) -> str | None:
+    return None
+
+
+def _submit_flag_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with this combination of `submit` flags, if anything."""
+    if args.outputs is not None:
+        if args.model is None:
+            return "--outputs goes with --model"
+        if not _output_names(args.outputs):
+            return "--outputs needs at least one output name"
+    if args.task is None and (args.selection or args.context):
+        return "--selection and --context go with --task"
+    if args.batch_size is None:
+        if args.output is not None:
+            return "--output goes with --batch-size"
+        if args.via_node:
+            return "--via-node goes with --batch-size"
+        return None
+    if args.model is None:
+        return "--batch-size goes with --model"
+    if args.output is None or args.output.suffix not in (".npy", ".npz"):
+        return "--batch-size needs --output FILE.npy or FILE.npz"
+    return None
+
+
+def _keygen_flag_error(args: argparse.Namespace) -> str | None:
+    if not (args.psk or args.identity):
+        return "say what to write: --psk FILE, --identity FILE, or both"
+    return None
+
+
+def _output_names(text: str | None) -> tuple[str, ...]:
+    return tuple(name.strip() for name in (text or "").split(",") if name.strip())
 
 
 # --- start ---------------------------------------------------------------------------
@@ -413,7 +545,7 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
 
 
 def _admission_config(args: argparse.Namespace) -> AdmissionConfig:
-    clients = {check_peer_id(c) for c in args.allow_client}
+    clients = set(args.allow_client)
     if args.allow_clients_file:
         clients |= load_client_allowlist(args.allow_clients_file)
     listed = args.allow_client or args.allow_clients_file
@@ -422,6 +554,9 @@ def _admission_config(args: argparse.Namespace) -> AdmissionConfig:
         job_rate=args.job_rate,
         job_burst=args.job_burst,
     )
+
+
+# --- the client commands -------------------------------------------------------------------
 
 
 def _connect(args: argparse.Namespace) -> AbstractAsyncContextManager[Client]:
@@ -433,21 +568,12 @@ def _connect(args: argparse.Namespace) -> AbstractAsyncContextManager[Client]:
     )
 
 
-# --- submit and models -----------------------------------------------------------------
-
-
 async def _submit(args: argparse.Namespace) -> int:
     inputs = read_input_file(args.input)
     strategy = DistributionStrategy(args.strategy) if args.strategy else None
-    if args.outputs is not None and args.model is None:
-        raise InputFileError("--outputs goes with --model")
-    args.outputs = _output_names(args.outputs)
+    outputs = _output_names(args.outputs)
     if args.batch_size is not None:
-        return await _submit_batch(args, inputs, strategy)
-    if args.output is not None:
-        raise InputFileError("--output goes with --batch-size")
-    if args.task is None and (args.selection or args.context):
-        raise InputFileError("--selection and --context go with --task")
+        return await _submit_batch(args, inputs, strategy, outputs)
     async with _connect(args) as client:
         started = trio.current_time()
         if args.task is not None:
@@ -467,32 +593,20 @@ async def _submit(args: argparse.Namespace) -> int:
                 timeout=args.timeout,
                 strategy=strategy,
                 hedge=args.hedge,
-                outputs=args.outputs,
+                outputs=outputs,
             )
         total_ms = (trio.current_time() - started) * 1e3
-    if args.json:
-        print(json.dumps(_result_json(result, total_ms)))
-    else:
-        print(_result_text(result, total_ms))
+    render = _render.result_json if args.json else _render.result_text
+    print(render(result, total_ms))
     return 0
-
-
-def _output_names(text: str | None) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in (text or "").split(",") if name.strip())
-    if text is not None and not names:
-        raise InputFileError("--outputs needs at least one output name")
-    return names
 
 
 async def _submit_batch(
     args: argparse.Namespace,
     inputs: dict[str, np.ndarray[Any, Any]],
     strategy: DistributionStrategy | None,
+    outputs: tuple[str, ...],
 ) -> int:
-    if args.output is None or args.output.suffix not in (".npy", ".npz"):
-        raise InputFileError("--batch-size needs --output FILE.npy or FILE.npz")
-    if args.model is None:
-        raise InputFileError("--batch-size goes with --model")
     progress = _Progress(sys.stderr)
     async with _connect(args) as client:
         started = trio.current_time()
@@ -504,7 +618,7 @@ async def _submit_batch(
             timeout=args.timeout,
             concurrency=args.concurrency,
             direct=not args.via_node,
-            outputs=args.outputs,
+            outputs=outputs,
             on_progress=progress,
         )
         seconds = trio.current_time() - started
@@ -513,21 +627,10 @@ async def _submit_batch(
         np.savez(args.output, **batch.outputs)  # type: ignore[arg-type]
     else:
         np.save(args.output, next(iter(batch.outputs.values())))
-    rows = len(next(iter(batch.outputs.values())))
-    summary = {
-        "model": args.model,
-        "rows": rows,
-        "chunks": batch.chunks,
-        "seconds": round(seconds, 3),
-        "chunks_by_executor": batch.chunks_by_executor,
-        "output": str(args.output),
-    }
     if args.json:
-        print(json.dumps(summary))
+        print(_render.batch_json(args.model, batch, seconds, args.output))
     else:
-        print(f"{rows} rows in {batch.chunks} jobs, {seconds:.2f} s, written to {args.output}")
-        for peer, chunks in sorted(batch.chunks_by_executor.items()):
-            print(f"  {peer}: {chunks} jobs")
+        print(_render.batch_text(batch, seconds, args.output))
     return 0
 
 
@@ -540,50 +643,12 @@ class _Progress:
 
     def __call__(self, done: int, total: int) -> None:
         if self._live:
-            filled = round(30 * done / total)
-            bar = "#" * filled + "." * (30 - filled)
-            self._stream.write(f"\r[{bar}] {done}/{total} rows")
+            self._stream.write(f"\r{_render.progress_bar(done, total)}")
             self._stream.flush()
 
     def close(self) -> None:
         if self._live:
             self._stream.write("\n")
-
-
-async def _place(args: argparse.Namespace) -> int:
-    requirements = Requirements(args.min_memory_mb, GpuNeed(args.gpu), args.provider)
-    async with _connect(args) as client:
-        placement = await client.place(
-            args.model, DistributionStrategy(args.strategy), requirements=requirements
-        )
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "model": placement.model_id,
-                    "strategy": args.strategy,
-                    "candidates": [
-                        {"peer_id": c.peer_id, "score": c.score, "reason": c.reason}
-                        for c in placement.candidates
-                    ],
-                    "excluded": [
-                        {"peer_id": e.peer_id, "reason": e.reason} for e in placement.excluded
-                    ],
-                }
-            )
-        )
-        return 0
-    if not placement.candidates and not placement.excluded:
-        print(f"no known peer serves {args.model}")
-        return 0
-    rows = [("rank", "peer", "score", "reason")]
-    rows += [
-        (str(i + 1), c.peer_id, f"{c.score:.3g}", c.reason)
-        for i, c in enumerate(placement.candidates)
-    ]
-    rows += [("-", e.peer_id, "excluded", e.reason) for e in placement.excluded]
-    print(format_table(rows))
-    return 0
 
 
 def read_input_file(path: Path) -> dict[str, np.ndarray[Any, Any]]:
@@ -603,35 +668,28 @@ def read_input_file(path: Path) -> dict[str, np.ndarray[Any, Any]]:
     raise InputFileError(f"{path}: input must be a .npy or .json file")
 
 
-def _result_json(result: InferenceResult, total_ms: float) -> dict[str, Any]:
-    return {
-        "job_id": result.job_id,
-        "model": result.model_id,
-        "executor": result.executor,
-        "queue_ms": round(result.queue_ms, 3),
-        "compute_ms": round(result.compute_ms, 3),
-        "total_ms": round(total_ms, 3),
-        "route": [{"model": model, "rows": rows} for model, rows in result.route],
-        "outputs": {
-            name: {"dtype": a.dtype.name, "shape": list(a.shape), "data": a.tolist()}
-            for name, a in result.outputs.items()
-        },
-    }
+def parse_context(pairs: Sequence[str]) -> dict[str, str]:
+    """`["language=en", "input_length=64"]` -> a context map (values checked by the node)."""
+    context = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputFileError(f"--context takes KEY=VALUE, got {pair!r}")
+        context[key.strip()] = value.strip()
+    return context
 
 
-def _result_text(result: InferenceResult, total_ms: float) -> str:
-    lines = [
-        f"job {result.job_id} model {result.model_id}",
-        f"executed by {result.executor}",
-        f"queue {result.queue_ms:.2f} ms, compute {result.compute_ms:.2f} ms, "
-        f"total {total_ms:.2f} ms",
-    ]
-    if result.route:
-        lines.insert(1, "selected " + ", ".join(f"{m} ({n} rows)" for m, n in result.route))
-    for name, array in result.outputs.items():
-        values = np.array2string(array, precision=4, threshold=40, suppress_small=True)
-        lines.append(f"{name} {array.dtype.name} {list(array.shape)}: {values}")
-    return "\n".join(lines)
+async def _place(args: argparse.Namespace) -> int:
+    requirements = Requirements(args.min_memory_mb, GpuNeed(args.gpu), args.provider)
+    async with _connect(args) as client:
+        placement = await client.place(
+            args.model, DistributionStrategy(args.strategy), requirements=requirements
+        )
+    if args.json:
+        print(_render.placement_json(placement, args.strategy))
+    else:
+        print(_render.placement_text(placement))
+    return 0
 
 
 async def _select(args: argparse.Namespace) -> int:
@@ -640,43 +698,10 @@ async def _select(args: argparse.Namespace) -> int:
             args.task, args.strategy, context=parse_context(args.context), k=args.k
         )
     if args.json:
-        print(json.dumps(_selection_json(chosen, learned)))
-        return 0
-    rows = [("rank", "model", "score", "reasons")]
-    rows += [
-        (str(i + 1), r.model_id, f"{r.score:.4g}", "; ".join(r.reasons))
-        for i, r in enumerate(chosen.ranked)
-    ]
-    rows += [("-", x.model_id, "left out", x.reason) for x in chosen.excluded]
-    print(f"{chosen.strategy} for {chosen.task_type} (context {chosen.bucket})")
-    print(format_table(rows))
+        print(_render.selection_json(chosen, learned))
+    else:
+        print(_render.selection_text(chosen))
     return 0
-
-
-def _selection_json(chosen: Selection, learned: Sequence[Learned]) -> dict[str, Any]:
-    return {
-        "task": chosen.task_type,
-        "strategy": str(chosen.strategy),
-        "bucket": chosen.bucket,
-        "ranked": [
-            {"model": r.model_id, "score": r.score, "reasons": list(r.reasons)}
-            for r in chosen.ranked
-        ],
-        "excluded": [{"model": x.model_id, "reason": x.reason} for x in chosen.excluded],
-        "learned": [
-            {
-                "model": x.model_id,
-                "bucket": x.bucket,
-                "runs": x.runs,
-                "failures": x.failures,
-                "latency_ms": x.latency_ms,
-                "success_rate": x.success_rate,
-                "quality": x.quality,
-                "quality_weight": x.quality_weight,
-            }
-            for x in learned
-        ],
-    }
 
 
 async def _feedback(args: argparse.Namespace) -> int:
@@ -684,121 +709,36 @@ async def _feedback(args: argparse.Namespace) -> int:
         raise InputFileError(f"--score must be in [0, 1], got {args.score}")
     async with _connect(args) as client:
         credited = await client.feedback(args.job, args.score)
-    print(f"job {args.job}: score {args.score:g} credited to {', '.join(credited)}")
+    print(_render.feedback_text(args.job, args.score, credited))
     return 0
 
 
 async def _models(args: argparse.Namespace) -> int:
     async with _connect(args) as client:
         models = await client.models()
-    if args.json:
-        print(json.dumps([_model_json(m) for m in models]))
-    else:
-        print(_models_table(models))
+    print(_render.models_json(models) if args.json else _render.models_text(models))
     return 0
-
-
-def _model_json(model: ModelDescriptor) -> dict[str, Any]:
-    """The wire descriptor, with specs written as people read them (`input float32 [N, 64]`)."""
-    return {
-        **descriptor_to_wire(model),
-        "inputs": [s.describe() for s in model.inputs],
-        "outputs": [s.describe() for s in model.outputs],
-    }
-
-
-def _models_table(models: Sequence[ModelDescriptor]) -> str:
-    rows = [("model", "version", "task type", "accuracy", "cost", "inputs")]
-    rows += [
-        (
-            m.id,
-            m.version,
-            m.task_type,
-            f"{m.accuracy:.4f}",
-            f"{m.cost:g}",
-            "; ".join(s.describe() for s in m.inputs),
-        )
-        for m in models
-    ]
-    return format_table(rows)
-
-
-def format_table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
 
 
 async def _peers(args: argparse.Namespace) -> int:
     async with _connect(args) as client:
         peers = await client.peers()
-    if args.json:
-        print(json.dumps([_peer_json(p) for p in peers]))
-    else:
-        print(_peers_table(peers) if peers else "no peers known")
+    print(_render.peers_json(peers) if args.json else _render.peers_text(peers))
     return 0
 
 
-def _peer_json(report: PeerReport) -> dict[str, Any]:
-    record = report.record
-    return {
-        "peer_id": record.peer_id,
-        "state": report.state,
-        "record_age_s": round(report.age_s, 3),
-        "addrs": list(record.addrs),
-        "interval_s": record.interval,
-        "load": {
-            "in_flight": record.load.in_flight,
-            "queue_length": record.load.queue_length,
-            "cpu_percent": record.load.cpu_percent,
-            "memory_available_mb": record.load.memory_available_mb,
-            "gpu_utilization": list(record.load.gpu_utilization),
-        },
-        "models": [
-            {"id": m.descriptor.id, "loaded": m.loaded, "task_type": m.descriptor.task_type}
-            for m in record.models
-        ],
-        "gpus": [{"name": g.name, "memory_mb": g.memory_mb} for g in record.capabilities.gpus],
-        "cpu_count": record.capabilities.cpu_count,
-        "providers": list(record.capabilities.providers),
-    }
-
-
-def _peers_table(peers: Sequence[PeerReport]) -> str:
-    rows = [("peer", "state", "age", "load", "models", "gpus", "addresses")]
-    for report in peers:
-        r = report.record
-        rows.append(
-            (
-                r.peer_id,
-                report.state,
-                f"{report.age_s:.1f}s",
-                f"{r.load.in_flight} running + {r.load.queue_length} queued, "
-                f"{r.load.cpu_percent:.0f}% cpu",
-                ",".join(m.descriptor.id for m in r.models) or "-",
-                ",".join(g.name for g in r.capabilities.gpus) or "-",
-                " ".join(r.addrs),
-            )
-        )
-    return format_table(rows)
-
-
-# --- demo -------------------------------------------------------------------------------
+# --- demo and keygen ------------------------------------------------------------------------
 
 
 async def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
     rows = await run_demo(args.nodes, read_psk_file(args.psk) if args.psk else None)
-    print(format_table(rows))
+    print(_render.format_table(rows))
     return 0
 
 
 async def _keygen(args: argparse.Namespace) -> int:
-    if not (args.psk or args.identity):
-        raise ConfigError("say what to write: --psk FILE, --identity FILE, or both")
     if args.psk:
         psk = write_new_psk_file(args.psk)
         print(f"wrote private network key {psk.fingerprint} to {args.psk} (mode 0600)")

@@ -1,16 +1,23 @@
-"""Submit jobs to a node from trio code, with a throwaway identity."""
+"""`Client`: a node's client, from trio code.
+
+A client is a libp2p host of its own (a throwaway identity, or one given for
+nodes that admit jobs by peer id, in a private network when given its key),
+connected to one node, which coordinates what it is sent. Through that node it
+submits jobs (naming a model, or a task for the node to select a model for),
+and asks it where a model would run, which models it would select, what it
+knows of its peers and its models, and how busy it is; it scores a job's
+answer with feedback. Given several addresses, a job whose node dies goes to
+the next reachable one, with the same job id. Batches are in `_batch.py`.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
 
 import multiaddr
-import numpy as np
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
@@ -30,8 +37,8 @@ from scheduler import (
 )
 from selection import AdvancedModelSelectionStrategy, Selection
 
-from ._batch import BatchRun, spread
-from ._config import ConfigError, parse_peer_multiaddr
+from ._batch import BatchResult, submit_batch
+from ._config import parse_peer_multiaddr
 from ._errors import unwrap_single_errors
 from ._psk import PreSharedKey
 from ._rpc import (
@@ -74,28 +81,6 @@ FAILOVER_DIAL_TIMEOUT_S = 2.0
 # A job's node is gone (not: it answered with an error about someone else).
 _NODE_GONE = frozenset({ErrorCode.PEER_UNREACHABLE, ErrorCode.SHUTTING_DOWN})
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class BatchResult:
-    outputs: dict[str, np.ndarray[Any, Any]]  # every chunk's outputs, in input order
-    chunks_by_executor: dict[str, int]  # peer id -> chunks it ran
-    chunks: int
-
-
-def _row_count(inputs: Tensors, batch_size: int) -> int:
-    if batch_size < 1:
-        raise JobError(ErrorCode.INVALID_INPUT, f"batch size must be >= 1, got {batch_size}")
-    counts = {np.asarray(a).shape[0] if np.ndim(a) else -1 for a in inputs.values()}
-    if len(counts) != 1 or -1 in counts:
-        raise JobError(
-            ErrorCode.INVALID_INPUT,
-            f"a batch needs every input to have the same number of rows, got {sorted(counts)}",
-        )
-    (rows,) = counts
-    if rows == 0:
-        raise JobError(ErrorCode.INVALID_INPUT, "a batch needs at least one row")
-    return rows
 
 
 class Client:
@@ -201,7 +186,12 @@ class Client:
                 node_gone = error.peer == sent_to and error.code in _NODE_GONE
                 if not node_gone or len(self._targets) < 2 or left <= 0:
                     raise
-                logger.info("job %s: %s; failing over", message.job_id, error)
+                logger.info(
+                    "job %s: %s; failing over",
+                    message.job_id,
+                    error,
+                    extra={"job_id": message.job_id, "peer": sent_to},
+                )
                 async with self._failing_over:
                     if self.peer_id == sent_to:  # no other job has moved on yet
                         await self._connect_next(self._dial_timeout, error)
@@ -333,87 +323,20 @@ class Client:
         reached, every chunk is a job for the node, which places it. `outputs`
         names the outputs wanted (default: all the model's).
         """
-        wanted = tuple(outputs)
-        rows = _row_count(inputs, batch_size)
-        bounds = [(start, min(start + batch_size, rows)) for start in range(0, rows, batch_size)]
-        results: list[InferenceResult | None] = [None] * len(bounds)
-        done = 0
-
-        def chunk(i: int) -> Tensors:
-            start, end = bounds[i]
-            return {name: array[start:end] for name, array in inputs.items()}
-
-        async def run_on(peer_id: str, i: int) -> InferenceResult:
-            request = InferenceRequest(model_id, chunk(i), timeout, outputs=wanted)
-            return await self._rpc.infer(peer_id, request, timeout)
-
-        async def via_node(i: int) -> InferenceResult:
-            return await self.submit(
-                model_id, chunk(i), timeout=timeout, strategy=strategy, outputs=wanted
-            )
-
-        def answered(i: int, result: InferenceResult) -> None:
-            nonlocal done
-            results[i] = result
-            start, end = bounds[i]
-            done += end - start
-            if on_progress:
-                on_progress(done, rows)
-
-        peers = await self._batch_peers(model_id, strategy, concurrency) if direct else []
-        with unwrap_single_errors():
-            await BatchRun(len(bounds), run_on, via_node, answered).run(
-                spread(concurrency, peers), fallback_slots=concurrency
-            )
-        finished = [r for r in results if r is not None]
-        joined = {
-            name: np.concatenate([r.outputs[name] for r in finished])
-            for name in finished[0].outputs
-        }
-        return BatchResult(joined, dict(Counter(r.executor for r in finished)), len(bounds))
-
-    async def _batch_peers(
-        self, model_id: str, strategy: DistributionStrategy | None, most: int
-    ) -> list[str]:
-        """The first `most` peers the node ranks for `model_id` (itself included),
-        less those this client cannot reach."""
-        try:
-            placement = await self.place(
-                model_id, strategy or DistributionStrategy.LEAST_LOADED, timeout=self._dial_timeout
-            )
-            reports = {r.record.peer_id: r for r in await self.peers(timeout=self._dial_timeout)}
-        except JobError as error:
-            logger.info("batch: no direct placement (%s); the node places every chunk", error)
-            return []
-        ranked = [c.peer_id for c in placement.candidates][: 2 * max(1, most)]
-        reached = {self.peer_id}
-        # Dial them all at once (each at every address at once); those not reached
-        # within the dial timeout are left out, and the next ranked take their place.
-        with trio.move_on_after(self._dial_timeout):
-            async with trio.open_nursery() as nursery:
-                for peer_id in ranked:
-                    if peer_id not in reached and peer_id in reports:
-                        nursery.start_soon(self._dial, reports[peer_id], reached)
-        return [peer_id for peer_id in ranked if peer_id in reached][: max(1, most)]
-
-    async def _dial(self, report: PeerReport, reached: set[str]) -> None:
-        """Add the peer to `reached` once one of its addresses answers as that peer."""
-        peer_id = report.record.peer_id
-
-        async def one(addr: str, scope: trio.CancelScope) -> None:
-            try:
-                target = parse_peer_multiaddr(addr)
-                answered_as = await self._rpc.connect(target, self._dial_timeout)
-            except (JobError, ConfigError) as error:
-                logger.debug("batch: cannot reach %s at %s: %s", peer_id, addr, error)
-                return
-            if answered_as == peer_id:
-                reached.add(peer_id)
-                scope.cancel()
-
-        async with trio.open_nursery() as nursery:
-            for addr in report.record.addrs:
-                nursery.start_soon(one, addr, nursery.cancel_scope)
+        return await submit_batch(
+            self,
+            self._rpc,
+            model_id,
+            inputs,
+            batch_size=batch_size,
+            strategy=strategy,
+            timeout=timeout,
+            concurrency=concurrency,
+            direct=direct,
+            outputs=outputs,
+            on_progress=on_progress,
+            dial_timeout=self._dial_timeout,
+        )
 
     async def place(
         self,

@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from p2p_node import Client, ExecutorConfig, NodeConfig, bundled_models_dir
-from p2p_node._batch import MAX_OVERLOADED_WAITS, BatchRun, spread
+from p2p_node._batch import MAX_OVERLOADED_WAITS, BatchRun, row_count, spread
 from p2p_node.testing import open_swarm
 from scheduler import ErrorCode, InferenceResult, JobError
 
@@ -187,6 +187,26 @@ def test_spread(concurrency: int, peers: list[str], expected: dict[str, int]) ->
 
 
 # --- real nodes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("inputs", "batch_size", "says"),
+    [
+        pytest.param({"a": np.zeros((5, 2))}, 0, "batch size must be >= 1, got 0", id="size-0"),
+        pytest.param({"a": np.zeros((0, 2))}, 4, "at least one row", id="no-rows"),
+        pytest.param({"a": np.zeros((5, 2)), "b": np.zeros((4, 2))}, 2, "[4, 5]", id="uneven-rows"),
+        pytest.param({"a": np.float32(1.0)}, 2, "same number of rows", id="scalar"),
+    ],
+)
+def test_a_batch_that_cannot_be_split_is_invalid_input(inputs, batch_size, says) -> None:
+    with pytest.raises(JobError) as caught:
+        row_count(inputs, batch_size)
+    assert caught.value.code is ErrorCode.INVALID_INPUT and says in str(caught.value)
+
+
+def test_a_batch_counts_the_rows_its_inputs_share() -> None:
+    assert row_count({"a": np.zeros((7, 3)), "b": np.zeros(7)}, batch_size=3) == 7
+
 
 SVM = "digits-svm"
 BASE = NodeConfig(

@@ -340,3 +340,31 @@ def test_submit_a_task_then_select_and_feedback_from_the_command_line(
         )
         assert no_fit.returncode == 1 and "NO_FITTING_MODEL" in no_fit.stderr
         assert "input_length <= 64" in no_fit.stderr
+
+
+@pytest.mark.system
+def test_a_node_from_a_config_file_logs_json_and_a_gone_reader_is_quiet(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        'serve = ["digits-logreg"]\nnetwork = "lab"\nlog-level = "info"\nlog-format = "json"\n'
+    )
+    with running_node(tmp_path / "a", "--config", str(config)) as (node, addr):
+        listed = json.loads(p2p_node("models", "--peer", addr, "--json").stdout)
+        reading, writing = os.pipe()
+        os.close(reading)  # `p2p-node peers --json | head -c 0`, with head already gone
+        try:
+            piped = subprocess.run(
+                [*CLI, "peers", "--peer", addr, "--json"],
+                stdout=writing,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=DEADLINE_S,
+            )
+        finally:
+            os.close(writing)
+    assert [m["id"] for m in listed] == ["digits-logreg"]  # the file's `serve`
+    assert piped.returncode == 141 and piped.stderr == ""
+    assert node.returncode == 0 and node.stderr is not None
+    logged = [json.loads(line) for line in node.stderr.read().splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(logged[-1])
+    assert any(line["message"] == "SIGTERM: shutting down" for line in logged)
