@@ -50,7 +50,8 @@ from ._gossip import Gossip, open_gossip
 from ._hardware import Gpus, capabilities
 from ._identity import load_or_create_identity, lock_data_dir
 from ._jobs import JobOnce, fingerprint
-from ._membership import Membership
+from ._mdns import run_mdns
+from ._membership import Found, Membership
 from ._repository import bundled_models_dir, read_repository
 from ._rpc import (
     INFER_PROTOCOL,
@@ -580,7 +581,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
     cards = read_repository(config.models_dir or bundled_models_dir(), config.serve_models)
     executor = await Executor.load(cards, config.executor)
     tracker = load_tracker(config.data_dir)
-    host = new_libp2p_host(key_pair, mdns=config.mdns, psk=config.psk)
+    host = new_libp2p_host(key_pair, psk=config.psk)
     rpc = Rpc(
         host,
         max_request_bytes=config.max_request_bytes,
@@ -593,6 +594,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
     )
     listen = [parse_multiaddr(a) for a in config.listen]
     events_send, events_receive = trio.open_memory_channel[tuple[bool, str, bool]](4096)
+    found_send, found_receive = trio.open_memory_channel[Found](64)  # peers mDNS finds
     gpus = Gpus()
     try:
         async with run_host(host, listen), trio.open_nursery() as nursery:
@@ -618,12 +620,15 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
                     bootstrap=config.bootstrap,
                     target_degree=config.target_degree,
                     rng=random.Random(),
+                    found=found_receive if config.mdns else None,
                 )
                 nursery.start_soon(node._follow_connection_events, events_receive, nursery)
                 nursery.start_soon(node._forget_departed, node.view.subscribe())
                 token = node.orchestrator.activate()
                 selector_token = node.selector.activate()
                 nursery.start_soon(node.membership.run)
+                if config.mdns:
+                    await nursery.start(run_mdns, host, node.addrs, found_send)
                 nursery.start_soon(
                     save_periodically, config.data_dir, tracker, config.tracker_save_interval
                 )
