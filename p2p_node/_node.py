@@ -384,7 +384,7 @@ class Node:
             return FeedbackReply(self.peer_id, request.job_id, models)
         if not isinstance(request, SelectRequest):
             raise JobError(ErrorCode.MALFORMED_MESSAGE, "this protocol takes select? and feedback")
-        chosen = self.selector.select_models_advanced(
+        chosen = self.selector.rank_models(
             request.task, request.strategy, SelectionContext.parse(request.context), k=request.k
         )
         learned = self.selector.tracker.describe(r.model_id for r in chosen.ranked)
