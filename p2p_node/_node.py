@@ -47,7 +47,7 @@ from ._config import NodeConfig, parse_multiaddr, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
 from ._executor import Executor
 from ._gossip import Gossip, open_gossip
-from ._hardware import Gpus, capabilities
+from ._hardware import CpuMeter, Gpus, capabilities
 from ._identity import load_or_create_identity, lock_data_dir
 from ._jobs import JobOnce, fingerprint
 from ._mdns import run_mdns
@@ -110,6 +110,7 @@ class Node:
         self._executor = executor
         self._gpus = gpus
         self._capabilities = config.capabilities or capabilities(gpus)
+        self._cpu = CpuMeter()
         self._seq = 0
         self._announced_in_flight = 0
         self._in_touch: set[str] = set()  # peers _keep_in_touch runs for
@@ -206,7 +207,7 @@ class Node:
             load=Load(
                 in_flight=self._executor.running,
                 queue_length=self._executor.queue_length,
-                cpu_percent=psutil.cpu_percent(interval=None),
+                cpu_percent=self._cpu.percent(),
                 memory_available_mb=int(memory.available) // (1 << 20),
                 gpu_utilization=self._gpus.utilization(),
             ),
