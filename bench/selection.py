@@ -335,7 +335,7 @@ async def hybrid(models: dict[str, Model]) -> bool:
 
 
 def _all_stages(selector: object, task: str) -> list[str]:
-    chosen = selector.select_models_advanced(task, "hybrid")  # type: ignore[attr-defined]
+    chosen = selector.rank_models(task, "hybrid")  # type: ignore[attr-defined]
     return [r.model_id for r in chosen.ranked]
 
 

@@ -8,30 +8,29 @@ that under `budget` records/s the interval follows the view size:
 
 so the whole network's rate is N / interval(N) <= budget (equality once N > budget x base).
 
-A node uses the law twice (p2p_node's Gossip): with the base `interval` (1 s) to
-pace records made on change, and with the base `refresh` (60 s) for records made
-with nothing changed. A record announces its refresh interval, and a peer no
+A node uses the law twice (p2p_node's `Gossip.publish_forever`): with the base
+`interval` (1 s by default) to pace records made on change, and with the base
+`refresh` (120 s by default, `GossipConfig.refresh`) to republish its record when
+nothing changed. A record announces its refresh interval, and a peer no
 neighbour vouches for is dropped when its record is 3 x that old; liveness
 itself comes from beats between neighbours, not from records.
 
-Each node paces its publishes with `PublishPacer`, a token bucket refilled at one
-token per interval and holding at most `burst` tokens; every publish spends one.
-Over any window of W seconds a node publishes at most W / interval + burst times,
-so the network's rate over W is at most budget + N x burst / W.
+Records made on change are paced by `PublishPacer`, a token bucket refilled at
+one token per interval and holding at most `burst` tokens; every publish spends
+one, refreshes included. A change is published as soon as the bucket holds a
+token. Over any window of W seconds the publishes made on change number at most
+W / interval + burst, so the network's rate over W is at most
+budget + N x burst / W, plus the refreshes (one per node per refresh interval).
 
-Why the periodic publish waits for a full bucket: if it fired every `interval`
-after the last publish it would spend the whole refill, the bucket would sit
-empty, and every change would wait for the next periodic publish (a rate of
-1 / interval with gaps of at most one interval leaves no room for an early
-publish). Waiting for a full bucket keeps `burst - 1` tokens in reserve for
-changes: with nothing changing a node still publishes exactly once per
-interval, a change is published at once while a token is there, and after one
-the next periodic publish comes when the bucket has refilled, at most
-`burst` x interval after the last publish (keep burst below the ttl factor, 3).
+The default burst, 1.5: a change after an interval of quiet is published at
+once, one right after it waits half an interval, and in a storm of changes each
+waits at most one interval.
 
-The default burst, 1.5, keeps a node's longest silence at half its ttl (so a
-slow event loop does not turn into a false death) while a change waits at most
-half an interval, and none at all after a quiet half interval.
+`PublishPacer` can also pace the publishes made with nothing changed
+(`changed=False`: due when the bucket is full again, which keeps a token in
+reserve for changes). Production does not use that: `Gossip` republishes by
+its refresh interval and asks the pacer only about changes (`changed=True`), as
+`bench.gossip_law` does; only tests/test_pacing.py drives the periodic mode.
 
 Pure: no clock reads, no I/O. Times are floats in seconds from the caller's clock.
 """
@@ -69,7 +68,8 @@ def publish_interval(
 
 
 class PublishPacer:
-    """When to publish: periodically, and at once on change, on average at most once per interval.
+    """When to publish on change (and, unused by the node, periodically): on average at
+    most once per interval.
 
     A token bucket of at most `burst` tokens, refilled at one token per
     current interval; every publish spends one. The first publish is due at

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import onnxruntime as ort
@@ -19,6 +19,8 @@ import psutil
 from gossip import Capabilities, GpuInfo
 
 logger = logging.getLogger(__name__)
+
+MIN_CPU_WINDOW_S = 0.5  # a CPU reading over less wall time than this says nothing
 
 
 class Gpus:
@@ -78,3 +80,53 @@ def capabilities(gpus: Gpus, providers: Sequence[str] | None = None) -> Capabili
         gpus=gpus.info,
         providers=tuple(providers if providers is not None else ort.get_available_providers()),
     )
+
+
+def cpu_busy_and_total() -> tuple[float, float]:
+    """Seconds of CPU time since boot, all cores together: busy, and in all (as psutil
+    counts them: guest time is already in user time; idle and iowait are not busy)."""
+    t = psutil.cpu_times()
+    total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+    return total - t.idle - getattr(t, "iowait", 0.0), total
+
+
+class CpuMeter:
+    """How busy this machine's CPUs are, in percent of all cores, for a node's records.
+
+    `psutil.cpu_percent(interval=None)` measures since its previous call in the same
+    thread, and its first call over no time at all: it reads 0, or 100 when the
+    only ticks in that instant are the reader's own (a node's first record showed
+    100% cpu). Nodes sharing a thread would also cut each other's windows short.
+
+    A meter keeps its own baseline, primed when it is made. A reading covers the
+    time since the last reading that counted, and counts only once that window
+    spans `min_window_s` of wall time (CPU time over all cores / cores). Until then
+    the meter repeats its last reading; before its first, the average since the
+    machine booted, which the CPU counters give by themselves.
+    """
+
+    def __init__(
+        self,
+        times: Callable[[], tuple[float, float]] = cpu_busy_and_total,
+        cpus: int | None = None,
+        min_window_s: float = MIN_CPU_WINDOW_S,
+    ) -> None:
+        self._times = times
+        self._min_total = min_window_s * (cpus or os.cpu_count() or 1)
+        self._busy, self._total = times()
+        self._percent = _busy_percent(self._busy, self._total)
+
+    def percent(self) -> float:
+        busy, total = self._times()
+        if total < self._total:  # counters went back (CPUs taken offline): start again
+            self._busy, self._total = busy, total
+        elif total - self._total >= self._min_total:
+            self._percent = _busy_percent(busy - self._busy, total - self._total)
+            self._busy, self._total = busy, total
+        return self._percent
+
+
+def _busy_percent(busy: float, total: float) -> float:
+    if not total > 0:
+        return 0.0
+    return round(min(100.0, max(0.0, 100.0 * busy / total)), 1)

@@ -47,10 +47,11 @@ from ._config import NodeConfig, parse_multiaddr, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
 from ._executor import Executor
 from ._gossip import Gossip, open_gossip
-from ._hardware import Gpus, capabilities
+from ._hardware import CpuMeter, Gpus, capabilities
 from ._identity import load_or_create_identity, lock_data_dir
 from ._jobs import JobOnce, fingerprint
-from ._membership import Membership
+from ._mdns import run_mdns
+from ._membership import Found, Membership
 from ._repository import bundled_models_dir, read_repository
 from ._rpc import (
     INFER_PROTOCOL,
@@ -109,6 +110,7 @@ class Node:
         self._executor = executor
         self._gpus = gpus
         self._capabilities = config.capabilities or capabilities(gpus)
+        self._cpu = CpuMeter()
         self._seq = 0
         self._announced_in_flight = 0
         self._in_touch: set[str] = set()  # peers _keep_in_touch runs for
@@ -205,7 +207,7 @@ class Node:
             load=Load(
                 in_flight=self._executor.running,
                 queue_length=self._executor.queue_length,
-                cpu_percent=psutil.cpu_percent(interval=None),
+                cpu_percent=self._cpu.percent(),
                 memory_available_mb=int(memory.available) // (1 << 20),
                 gpu_utilization=self._gpus.utilization(),
             ),
@@ -383,7 +385,7 @@ class Node:
             return FeedbackReply(self.peer_id, request.job_id, models)
         if not isinstance(request, SelectRequest):
             raise JobError(ErrorCode.MALFORMED_MESSAGE, "this protocol takes select? and feedback")
-        chosen = self.selector.select_models_advanced(
+        chosen = self.selector.rank_models(
             request.task, request.strategy, SelectionContext.parse(request.context), k=request.k
         )
         learned = self.selector.tracker.describe(r.model_id for r in chosen.ranked)
@@ -580,7 +582,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
     cards = read_repository(config.models_dir or bundled_models_dir(), config.serve_models)
     executor = await Executor.load(cards, config.executor)
     tracker = load_tracker(config.data_dir)
-    host = new_libp2p_host(key_pair, mdns=config.mdns, psk=config.psk)
+    host = new_libp2p_host(key_pair, psk=config.psk)
     rpc = Rpc(
         host,
         max_request_bytes=config.max_request_bytes,
@@ -593,6 +595,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
     )
     listen = [parse_multiaddr(a) for a in config.listen]
     events_send, events_receive = trio.open_memory_channel[tuple[bool, str, bool]](4096)
+    found_send, found_receive = trio.open_memory_channel[Found](64)  # peers mDNS finds
     gpus = Gpus()
     try:
         async with run_host(host, listen), trio.open_nursery() as nursery:
@@ -618,12 +621,15 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
                     bootstrap=config.bootstrap,
                     target_degree=config.target_degree,
                     rng=random.Random(),
+                    found=found_receive if config.mdns else None,
                 )
                 nursery.start_soon(node._follow_connection_events, events_receive, nursery)
                 nursery.start_soon(node._forget_departed, node.view.subscribe())
                 token = node.orchestrator.activate()
                 selector_token = node.selector.activate()
                 nursery.start_soon(node.membership.run)
+                if config.mdns:
+                    await nursery.start(run_mdns, host, node.addrs, found_send)
                 nursery.start_soon(
                     save_periodically, config.data_dir, tracker, config.tracker_save_interval
                 )

@@ -125,10 +125,8 @@ _TRANSPORT_ERRORS = (
 Handler = Callable[[Request, str], Awaitable[Reply]]
 
 
-def new_libp2p_host(
-    key_pair: KeyPair, *, mdns: bool = False, psk: PreSharedKey | None = None
-) -> IHost:
-    """A host that speaks TCP + Noise + Yamux and nothing weaker; mDNS on a LAN if asked.
+def new_libp2p_host(key_pair: KeyPair, *, psk: PreSharedKey | None = None) -> IHost:
+    """A host that speaks TCP + Noise + Yamux and nothing weaker (mDNS: see _mdns).
 
     With a `psk` every connection is encrypted with it first (a libp2p private
     network): peers without the same key never complete a handshake.
@@ -151,7 +149,6 @@ def new_libp2p_host(
         muxer_preference="YAMUX",
         negotiate_timeout=NEGOTIATE_TIMEOUT_S,
         connection_config=connections,
-        enable_mDNS=mdns,
         psk=psk.hex if psk else None,
     )
     if psk is not None:

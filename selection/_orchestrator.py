@@ -174,7 +174,30 @@ class EnhancedModelOrchestrator(ModelOrchestrator):
     def deactivate(self, token: object) -> None:
         _current.reset(token)  # type: ignore[arg-type]
 
-    def select_models_advanced(
+    async def select_models_advanced(
+        self,
+        task_type: str,
+        strategy: AdvancedModelSelectionStrategy | str = AdvancedModelSelectionStrategy.HYBRID,
+        context: Mapping[str, object] | SelectionContext | None = None,
+        *,
+        k: int | None = None,
+        sample: bool = False,
+    ) -> list[str]:
+        """The ids of the models `rank_models` ranks for a job in `context`, best first
+        (for HYBRID, the cascade's stages, cheapest first).
+
+            model_ids = await orchestrator.select_models_advanced(
+                task_type="image-classification",
+                strategy=AdvancedModelSelectionStrategy.CONTEXT_AWARE,
+                context={"input_length": 64},
+            )
+
+        Raises JobError: UNKNOWN_TASK, NO_FITTING_MODEL, INVALID_SELECTION.
+        """
+        await trio.lowlevel.checkpoint()
+        return self.rank_models(task_type, strategy, context, k=k, sample=sample).model_ids
+
+    def rank_models(
         self,
         task_type: str,
         strategy: AdvancedModelSelectionStrategy | str = AdvancedModelSelectionStrategy.HYBRID,
@@ -183,7 +206,8 @@ class EnhancedModelOrchestrator(ModelOrchestrator):
         k: int | None = None,
         sample: bool = False,
     ) -> Selection:
-        """Rank the models of `task_type` for a job in `context`, with scores and reasons.
+        """Rank the models of `task_type` for a job in `context`, with scores and reasons,
+        and say why each model left out is.
 
         ADAPTIVE ranks by posterior means unless `sample` (then it draws, as a job does).
         Raises JobError: UNKNOWN_TASK, NO_FITTING_MODEL, INVALID_SELECTION.

@@ -269,3 +269,18 @@ def test_the_default_burst_bounds_silence_and_change_delay_by_fractions_of_an_in
     pacer.published(0.0, 1.0)
     assert not pacer.due(0.3, 1.0, changed=True)
     assert pacer.due(0.5, 1.0, changed=True)
+
+
+def test_as_the_node_paces_changes_a_change_waits_at_most_one_interval() -> None:
+    """Gossip asks only about changes (`changed=True`) and republishes by its refresh
+    itself: a change after an interval of quiet goes at once, one right after a
+    full-bucket publish waits half an interval, and in a storm one interval."""
+    pacer = PublishPacer()
+    assert pacer.due(0.0, 1.0, changed=True)
+    pacer.published(0.0, 1.0)
+    assert pacer.next_due(0.0, 1.0, changed=True) == 0.5
+    pacer.published(0.5, 1.0)
+    assert pacer.next_due(0.5, 1.0, changed=True) == 1.5
+    pacer.published(1.5, 1.0)
+    assert not pacer.due(2.4, 1.0, changed=True)
+    assert pacer.due(2.5, 1.0, changed=True)
