@@ -274,7 +274,7 @@ class DistributedModelOrchestrator:
                 f"{sorted(index.model_ids()) or 'nothing'}",
                 peer=self.local_peer_id,
             )
-        backing_off = [e for e in placement.excluded if e.reason.startswith("backing off")]
+        backing_off = [e for e in placement.excluded if e.backing_off]
         if not placement.candidates and placement.excluded and not backing_off:
             reasons = "; ".join(f"{e.peer_id}: {e.reason}" for e in placement.excluded)
             raise JobError(

@@ -25,6 +25,7 @@ from scheduler import (
     CoordinatorSnapshot,
     DistributionStrategy,
     Excluded,
+    Exclusion,
     GpuNeed,
     NodeIndex,
     NodeInfo,
@@ -538,14 +539,6 @@ def test_capability_based(
     assert excluded(placement) == excluded_reasons
 
 
-def test_only_capability_based_filters_on_requirements() -> None:
-    nodes = [node("a", free_mb=1), node("b")]
-    needs = Requirements(min_memory_mb=1024, gpu=GpuNeed.REQUIRED)
-    placement = placed(LEAST, nodes, snapshot(), requirements=needs)
-    assert order(placement) == ["a", "b"]
-    assert placement.excluded == ()
-
-
 # --- LATENCY_OPTIMIZED -----------------------------------------------------------------
 
 
@@ -1049,7 +1042,9 @@ def test_node_index_by_model_in_peer_id_order() -> None:
 def test_excluded_is_a_value() -> None:
     placement = placed(RR, [node("a")], snapshot(backoff={"a": 0.5}))
     assert placement.candidates == ()
-    assert placement.excluded == (Excluded("a", "backing off for 0.50 s after a failure"),)
+    reason = "backing off for 0.50 s after a failure"
+    assert placement.excluded == (Excluded("a", reason, Exclusion.BACKING_OFF),)
+    assert placement.excluded[0].backing_off
 
 
 def test_latency_optimized_ranks_everyone_in_a_small_view_and_samples_in_a_large_one() -> None:
