@@ -254,20 +254,27 @@ def settle(
     index: NodeIndex,
     state: CoordinatorState,
     probed: Sequence[str],
+    *,
+    strategy: DistributionStrategy = DistributionStrategy.LEAST_LOADED,
+    requirements: Requirements = NO_REQUIREMENTS,
 ) -> Placement:
-    """Put the `probed` candidates first, the one expected to finish soonest leading.
+    """Put the `probed` candidates first, the best by fresh load leading.
 
     A coordinator asks its first few candidates for their load just before it
     sends (their answers are in `state.reported_load`, fresher than any gossip),
-    and compares them by expected completion: (load + 1) x latency per request,
-    LEAST_LOADED's score. This is Sparrow's batch sampling, with the two probes
-    spent on the best two by the strategy's own ranking rather than two random
-    peers. Candidates not probed keep their order, after the probed ones.
+    and compares them again with that load. LEAST_LOADED and LATENCY_OPTIMIZED
+    compare by expected completion, (load + 1) x latency per request (LEAST_LOADED's
+    score); MODEL_SPECIFIC and CAPABILITY_BASED by their own score, which keeps
+    their preference (the model loaded; capacity) and reads the same fresh load.
+    This is Sparrow's batch sampling, with the two probes spent on the best two by
+    the strategy's own ranking rather than two random peers. Candidates not probed
+    keep their order, after the probed ones.
     """
     candidates = {c.peer_id for c in placement.candidates}
     nodes = [n for n in (index.node(p) for p in set(probed) & candidates) if n is not None]
-    ctx = _Context(placement.model_id, state, NO_REQUIREMENTS, _UNUSED_RNG, False)
-    settled = sorted((_least_loaded(n, ctx) for n in nodes), key=_by_score)
+    ctx = _Context(placement.model_id, state, requirements, _UNUSED_RNG, False)
+    scorer = _SETTLE_BY.get(strategy, _least_loaded)
+    settled = sorted((scorer(n, ctx) for n in nodes), key=_by_score)
     asked = {n.peer_id for n in nodes}
     rest = [c for c in placement.candidates if c.peer_id not in asked]
     return Placement(placement.model_id, (*settled, *rest), placement.excluded)
@@ -387,19 +394,23 @@ def _least_loaded(node: NodeInfo, ctx: _Context) -> Candidate:
     queue of 4 on a peer 4x faster counts as 1 (see `_load`). Before a peer has
     gossiped a latency for the model, its load alone decides."""
     load, mine, reported = _load(node, ctx.state)
-    if reported is None:
-        how = (
-            f"load {load} ({node.in_flight} running + {node.queue_length} queued, "
-            f"{mine} outstanding from here)"
-        )
-    else:
-        how = f"load {load} ({reported} from others as it last told us, {mine} from here)"
+    how = _load_reason(node, load, mine, reported)
     latency = node.latency_ms.get(ctx.model_id)
     if latency is None:
         return Candidate(node.peer_id, float(load), how)
     return Candidate(
         node.peer_id, (load + 1) * latency, f"{how} + 1, x {latency:.2f} ms per request"
     )
+
+
+def _load_reason(node: NodeInfo, load: int, mine: int, reported: int | None) -> str:
+    """`_load`'s figures, and where they come from."""
+    if reported is None:
+        return (
+            f"load {load} ({node.in_flight} running + {node.queue_length} queued, "
+            f"{mine} outstanding from here)"
+        )
+    return f"load {load} ({reported} from others as it last told us, {mine} from here)"
 
 
 def _load(node: NodeInfo, state: CoordinatorState) -> tuple[int, int, int | None]:
@@ -418,24 +429,37 @@ def _load(node: NodeInfo, state: CoordinatorState) -> tuple[int, int, int | None
     return node.load + mine, mine, None
 
 
+# What a model only on disk adds to a peer's cost under MODEL_SPECIFIC: the units of
+# LEAST_LOADED's score (ms of expected completion, or requests where no latency is
+# gossiped), so a peer with the model loaded goes first unless its queue is absurd.
+_ON_DISK_COST = 1e6
+
+
 def _model_specific(node: NodeInfo, ctx: _Context) -> Candidate:
-    mine = ctx.state.outstanding(node.peer_id)
+    """Peers with the model in memory first; among them (and among those with it on
+    disk only), LEAST_LOADED's fresh load in time decides."""
+    by_load = _least_loaded(node, ctx)
     loaded = ctx.model_id in node.models_loaded
-    score = (0.0 if loaded else 1e6) + node.load + mine
     where = "loaded in memory" if loaded else "on disk only (loads on first use)"
-    return Candidate(node.peer_id, score, f"{ctx.model_id} {where}, load {node.load + mine}")
+    return Candidate(
+        node.peer_id,
+        by_load.score + (0.0 if loaded else _ON_DISK_COST),
+        f"{ctx.model_id} {where}; {by_load.reason}",
+    )
 
 
 def _capability_based(node: NodeInfo, ctx: _Context) -> Candidate:
-    mine = ctx.state.outstanding(node.peer_id)
+    """Headroom: capacity (CPUs, and GPUs weighted by the request's need for one) over
+    the fresh load LEAST_LOADED reads (see `_load`), plus one."""
+    load, mine, reported = _load(node, ctx.state)
     gpu_weight = 8 if ctx.requirements.gpu is GpuNeed.ANY else 32
     capacity = node.cpu_count + gpu_weight * node.gpu_count
-    headroom = capacity / (node.load + mine + 1)
+    headroom = capacity / (load + 1)
     return Candidate(
         node.peer_id,
         -headroom,
         f"capacity {capacity} ({node.cpu_count} CPUs, {node.gpu_count} GPUs) "
-        f"over load {node.load + mine}",
+        f"over {_load_reason(node, load, mine, reported)}",
     )
 
 
@@ -471,4 +495,10 @@ _SCORERS: Mapping[DistributionStrategy, Scorer] = {
 _P2C_ABOVE: Mapping[DistributionStrategy, int] = {
     DistributionStrategy.LEAST_LOADED: 2,
     DistributionStrategy.LATENCY_OPTIMIZED: 64,
+}
+# How `settle` compares probed candidates: by expected completion, unless the
+# strategy's own score holds a preference that a probe's answer must not override.
+_SETTLE_BY: Mapping[DistributionStrategy, Scorer] = {
+    DistributionStrategy.MODEL_SPECIFIC: _model_specific,
+    DistributionStrategy.CAPABILITY_BASED: _capability_based,
 }
