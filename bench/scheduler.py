@@ -66,7 +66,8 @@ Usage: python -m bench.scheduler [--requests 100000] [--seed 1] [--quick] [--ski
    through one coordinator, and a batch job over 1 node vs 2 (--skip-real skips it).
 
 `--plot DIR` also writes DIR/scheduler.png: p99 against the views' staleness at 80%
-load, per strategy (as the orchestrator runs it) and for the oracle.
+load, per strategy as the orchestrator runs it (ROUND_ROBIN, off the scale, aside)
+and for the oracle.
 """
 
 from __future__ import annotations
@@ -621,16 +622,17 @@ def run_straggler(requests: int, seed: int, jobs: int) -> dict[str, Outcome]:
     return results
 
 
-PLOTTED = ("ORACLE", *(s.name for s in DS))
+# ROUND_ROBIN's queues grow without bound at 80% load (see the notes): off the scale.
+PLOTTED = ("ORACLE", *(s.name for s in DS if s is not DS.ROUND_ROBIN))
 
 
 def plot_staleness(
     grid: dict[tuple[float, float, str], Outcome],
     staleness: Sequence[float],
-    requests: int,
     directory: Path,
 ) -> Path | None:
-    """DIR/scheduler.png: p99 against staleness at MAIN_POINT's load, per strategy."""
+    """DIR/scheduler.png: p99 against staleness at MAIN_POINT's load, per strategy
+    (ROUND_ROBIN aside) and for the oracle."""
     from bench._plot import lines  # only with --plot: matplotlib is optional
 
     load = MAIN_POINT[0]
@@ -643,10 +645,7 @@ def plot_staleness(
         series,
         xlabel="age of the gossiped view when read (s)",
         ylabel="p99 latency (ms)",
-        title=(
-            f"Simulated placement, {load:.0%} load, {COORDINATORS} coordinators, "
-            f"{PEERS} peers, {requests} requests per point"
-        ),
+        title=f"Simulated p99 at {load:.0%} load ({COORDINATORS} coordinators, {PEERS} peers)",
         dodge=True,
     )
 
@@ -754,7 +753,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     grid = run_grid(loads, staleness, requests, args.seed, args.jobs)
     print_grid(grid, loads, staleness, requests)
     if args.plot is not None:
-        print(f"figure: {plot_staleness(grid, staleness, requests, args.plot)}")
+        print(f"figure: {plot_staleness(grid, staleness, args.plot)}")
     straggler = run_straggler(requests, args.seed, args.jobs)
     p2c_runs = run_p2c_seeds(grid, staleness, requests, args.seed, args.jobs)
 
