@@ -27,6 +27,7 @@ from ._strategies import CoordinatorSnapshot as CoordinatorSnapshot
 from ._strategies import CoordinatorState as CoordinatorState
 from ._strategies import DistributionStrategy as DistributionStrategy
 from ._strategies import Excluded as Excluded
+from ._strategies import Exclusion as Exclusion
 from ._strategies import Placement as Placement
 from ._strategies import expected_wait_ms as expected_wait_ms
 from ._strategies import pick as pick
@@ -46,6 +47,7 @@ __all__ = [
     "DistributionStrategy",
     "ErrorCode",
     "Excluded",
+    "Exclusion",
     "GpuNeed",
     "InferenceRequest",
     "InferenceResult",

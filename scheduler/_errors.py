@@ -27,7 +27,11 @@ class ErrorCode(IntEnum):
     def retryable(self) -> bool:
         """Whether another attempt (maybe on another peer) can succeed.
 
-        INTERNAL is retryable once; that policy belongs to the caller.
+        The orchestrator sends a request that failed with a retryable code to
+        another peer, and backs the failed peer off, within the request's deadline;
+        every code but OVERLOADED counts towards `OrchestratorConfig.max_attempts`.
+        INTERNAL (a bug, or a model that failed to load, on that peer) is treated
+        like any other retryable code: another peer may well succeed.
         """
         return self in _RETRYABLE
 

@@ -20,7 +20,8 @@ class GpuNeed(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Requirements:
-    """What a request needs from the node that runs it (CAPABILITY_BASED filters on it)."""
+    """What a request needs from the node that runs it: every strategy leaves out the
+    nodes that fail it (GPU PREFERRED only weighs GPUs more in CAPABILITY_BASED)."""
 
     min_memory_mb: int = 0
     gpu: GpuNeed = GpuNeed.ANY

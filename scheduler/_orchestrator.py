@@ -31,9 +31,16 @@ Send = Callable[[str, InferenceRequest, float], Awaitable[InferenceResult]]
 RunLocal = Callable[[InferenceRequest], Awaitable[InferenceResult]]
 Probe = Callable[[str, float], Awaitable[int]]  # (peer, timeout) -> its load now
 
-# Strategies that rank by load or latency ask their first candidates for their
-# load before sending; the others rank by what a probe would not change.
-PROBING = frozenset({DistributionStrategy.LEAST_LOADED, DistributionStrategy.LATENCY_OPTIMIZED})
+# Strategies that read load ask their first candidates for it before sending (when
+# that pays: `to_probe`); ROUND_ROBIN ranks by what a probe would not change.
+PROBING = frozenset(
+    {
+        DistributionStrategy.LEAST_LOADED,
+        DistributionStrategy.LATENCY_OPTIMIZED,
+        DistributionStrategy.MODEL_SPECIFIC,
+        DistributionStrategy.CAPABILITY_BASED,
+    }
+)
 
 _current: ContextVar[DistributedModelOrchestrator] = ContextVar("distributed_orchestrator")
 
@@ -203,7 +210,7 @@ class DistributedModelOrchestrator:
             if attempts >= self.config.max_attempts:
                 raise last[-1]
             if strategy in PROBING:
-                listed = await self._settled(listed, index, deadline)
+                listed = await self._settled(listed, index, deadline, strategy, request)
             peers = [c.peer_id for c in listed.candidates[: 2 if hedge else 1]]
             self.stats.placed(request.model_id)
             try:
@@ -221,9 +228,16 @@ class DistributedModelOrchestrator:
                     "job %s on %s failed (%s); trying another peer", request.job_id, peers, error
                 )
 
-    async def _settled(self, listed: Placement, index: NodeIndex, deadline: float) -> Placement:
-        """`listed`, its first candidates probed for their load and put in order of
-        expected completion when that pays (`to_probe`)."""
+    async def _settled(
+        self,
+        listed: Placement,
+        index: NodeIndex,
+        deadline: float,
+        strategy: DistributionStrategy,
+        request: InferenceRequest,
+    ) -> Placement:
+        """`listed`, its first candidates probed for their load and put back in order
+        with it (`settle`) when that pays (`to_probe`)."""
         if self._probe is None:
             return listed
         now = trio.current_time()
@@ -240,7 +254,9 @@ class DistributedModelOrchestrator:
         async with trio.open_nursery() as nursery:
             for peer_id in asked:
                 nursery.start_soon(self._ask_load, self._probe, peer_id, timeout)
-        return settle(listed, index, self.stats, asked)
+        return settle(
+            listed, index, self.stats, asked, strategy=strategy, requirements=request.requirements
+        )
 
     async def _ask_load(self, probe: Probe, peer_id: str, timeout: float) -> None:
         """One probe: advice, never a reason to fail the job. A peer that fails it or
@@ -274,7 +290,7 @@ class DistributedModelOrchestrator:
                 f"{sorted(index.model_ids()) or 'nothing'}",
                 peer=self.local_peer_id,
             )
-        backing_off = [e for e in placement.excluded if e.reason.startswith("backing off")]
+        backing_off = [e for e in placement.excluded if e.backing_off]
         if not placement.candidates and placement.excluded and not backing_off:
             reasons = "; ".join(f"{e.peer_id}: {e.reason}" for e in placement.excluded)
             raise JobError(

@@ -1,6 +1,10 @@
 """Placement strategies: pure functions from (model, nodes, this coordinator's counters)
 to ranked candidates, each with the reason it ranks where it does.
 
+A request's requirements are filters that run first, under every strategy, as
+Kubernetes' filter plugins do: a peer that fails one is excluded with its `Exclusion`
+(so is a peer backing off). Strategies only score the peers that pass.
+
 Scores are costs: lower is better. A strategy never reads a clock or draws
 randomness other than from the `rng` it is given, so a placement can be
 replayed and tested exactly.
@@ -77,10 +81,28 @@ class Candidate:
     reason: str
 
 
+class Exclusion(StrEnum):
+    """Why a peer is left out of a placement. The request's requirements are filters
+    that run before any strategy scores (Kubernetes' filter plugins): a peer that
+    fails one stays out whatever the strategy. A backoff passes with time."""
+
+    MEMORY = "memory"  # less free memory than the request requires
+    GPU = "gpu"  # no GPU, and the request requires one
+    PROVIDER = "provider"  # lacks the execution provider the request requires
+    BACKING_OFF = "backing_off"  # failed, or said OVERLOADED, a moment ago
+
+
 @dataclass(frozen=True, slots=True)
 class Excluded:
+    """A peer left out, and why: `cause` for code, `reason` for people."""
+
     peer_id: str
     reason: str
+    cause: Exclusion | None = None  # None: not known (the wire carries `reason` only)
+
+    @property
+    def backing_off(self) -> bool:
+        return self.cause is Exclusion.BACKING_OFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +121,12 @@ class _Context:
     requirements: Requirements
     rng: random.Random
     power_of_two: bool
+    filters: bool = field(init=False)  # whether the requirements can leave anyone out
+
+    def __post_init__(self) -> None:
+        needs = self.requirements
+        filters = bool(needs.min_memory_mb or needs.provider or needs.gpu is GpuNeed.REQUIRED)
+        object.__setattr__(self, "filters", filters)
 
 
 Scorer = Callable[[NodeInfo, _Context], Candidate]
@@ -115,16 +143,17 @@ def place(
     requirements: Requirements = NO_REQUIREMENTS,
     power_of_two: bool = True,
 ) -> Placement:
-    """Rank every node that serves `model_id` (those backing off are excluded)."""
+    """Rank every node that serves `model_id`: those that fail a requirement or are
+    backing off are excluded (whatever the strategy), the strategy scores the rest."""
     ctx = _Context(model_id, state, requirements, rng, power_of_two)
     usable: list[NodeInfo] = []
     excluded: list[Excluded] = []
     for node in index.serving(model_id):
-        why = _exclusion(strategy, node, ctx, now)
-        if why:
-            excluded.append(Excluded(node.peer_id, why))
-        else:
+        out = _exclusion(node, ctx, now)
+        if out is None:
             usable.append(node)
+        else:
+            excluded.append(out)
     if strategy is DistributionStrategy.ROUND_ROBIN:
         ranked = _round_robin(usable, ctx)
     else:
@@ -153,7 +182,7 @@ def shortlist(
     Over many candidates (more than 16, and more than LATENCY_OPTIMIZED's 64),
     for the strategies that draw at random (LEAST_LOADED, LATENCY_OPTIMIZED):
     `size` distinct peers drawn in proportion to their speed, skipping those
-    backing off and those in `exclude`, ranked by the strategy's score. Size 2
+    `place` excludes and those in `exclude`, ranked by the strategy's score. Size 2
     is power of two choices. Otherwise `place`'s ranking (with its two random
     choices first) less `exclude`. An empty shortlist means nobody is left:
     `place` says why.
@@ -163,7 +192,7 @@ def shortlist(
     if above is not None and len(serving) - len(exclude) > max(above, size, _RANK_ALL_UP_TO):
         ctx = _Context(model_id, state, requirements, rng, True)
         speeds = index.cumulative_speeds(model_id)
-        drawn = _draw_distinct(strategy, serving, speeds, size, exclude, ctx, now)
+        drawn = _draw_distinct(serving, speeds, size, exclude, ctx, now)
         if drawn:  # else the spare draws ran out on peers excluded or backing off
             scorer = _SCORERS[strategy]
             return Placement(
@@ -175,7 +204,6 @@ def shortlist(
 
 
 def _draw_distinct(
-    strategy: DistributionStrategy,
     serving: Sequence[NodeInfo],
     cumulative: Sequence[float],
     size: int,
@@ -188,7 +216,9 @@ def _draw_distinct(
     drawn: dict[str, NodeInfo] = {}
     for _ in range(4 * size):  # spare draws, for peers drawn twice, excluded or backing off
         node = serving[_draw(cumulative, ctx.rng)]
-        if node.peer_id in drawn or node.peer_id in exclude or _exclusion(strategy, node, ctx, now):
+        if node.peer_id in drawn or node.peer_id in exclude:
+            continue
+        if _exclusion(node, ctx, now) is not None:
             continue
         drawn[node.peer_id] = node
         if len(drawn) == size:
@@ -224,20 +254,27 @@ def settle(
     index: NodeIndex,
     state: CoordinatorState,
     probed: Sequence[str],
+    *,
+    strategy: DistributionStrategy = DistributionStrategy.LEAST_LOADED,
+    requirements: Requirements = NO_REQUIREMENTS,
 ) -> Placement:
-    """Put the `probed` candidates first, the one expected to finish soonest leading.
+    """Put the `probed` candidates first, the best by fresh load leading.
 
     A coordinator asks its first few candidates for their load just before it
     sends (their answers are in `state.reported_load`, fresher than any gossip),
-    and compares them by expected completion: (load + 1) x latency per request,
-    LEAST_LOADED's score. This is Sparrow's batch sampling, with the two probes
-    spent on the best two by the strategy's own ranking rather than two random
-    peers. Candidates not probed keep their order, after the probed ones.
+    and compares them again with that load. LEAST_LOADED and LATENCY_OPTIMIZED
+    compare by expected completion, (load + 1) x latency per request (LEAST_LOADED's
+    score); MODEL_SPECIFIC and CAPABILITY_BASED by their own score, which keeps
+    their preference (the model loaded; capacity) and reads the same fresh load.
+    This is Sparrow's batch sampling, with the two probes spent on the best two by
+    the strategy's own ranking rather than two random peers. Candidates not probed
+    keep their order, after the probed ones.
     """
     candidates = {c.peer_id for c in placement.candidates}
     nodes = [n for n in (index.node(p) for p in set(probed) & candidates) if n is not None]
-    ctx = _Context(placement.model_id, state, NO_REQUIREMENTS, _UNUSED_RNG, False)
-    settled = sorted((_least_loaded(n, ctx) for n in nodes), key=_by_score)
+    ctx = _Context(placement.model_id, state, requirements, _UNUSED_RNG, False)
+    scorer = _SETTLE_BY.get(strategy, _least_loaded)
+    settled = sorted((scorer(n, ctx) for n in nodes), key=_by_score)
     asked = {n.peer_id for n in nodes}
     rest = [c for c in placement.candidates if c.peer_id not in asked]
     return Placement(placement.model_id, (*settled, *rest), placement.excluded)
@@ -289,23 +326,29 @@ def _by_score(candidate: Candidate) -> tuple[float, str]:
     return (candidate.score, candidate.peer_id)
 
 
-def _exclusion(strategy: DistributionStrategy, node: NodeInfo, ctx: _Context, now: float) -> str:
+def _exclusion(node: NodeInfo, ctx: _Context, now: float) -> Excluded | None:
+    """Why `node` is out, or None. Requirements first: they hold whatever the time, so
+    a peer that fails one is not waited for when its backoff ends."""
+    if ctx.filters:
+        unmet = _unmet_requirement(node, ctx.requirements)
+        if unmet is not None:
+            return Excluded(node.peer_id, unmet[1], unmet[0])
     until = ctx.state.backoff_until(node.peer_id)
     if until > now:
-        return f"backing off for {until - now:.2f} s after a failure"
-    if strategy is DistributionStrategy.CAPABILITY_BASED:
-        return _missing_capability(node, ctx.requirements)
-    return ""
+        reason = f"backing off for {until - now:.2f} s after a failure"
+        return Excluded(node.peer_id, reason, Exclusion.BACKING_OFF)
+    return None
 
 
-def _missing_capability(node: NodeInfo, needs: Requirements) -> str:
+def _unmet_requirement(node: NodeInfo, needs: Requirements) -> tuple[Exclusion, str] | None:
     if node.memory_available_mb < needs.min_memory_mb:
-        return f"{node.memory_available_mb} MB free < {needs.min_memory_mb} MB required"
+        why = f"{node.memory_available_mb} MB free < {needs.min_memory_mb} MB required"
+        return Exclusion.MEMORY, why
     if needs.gpu is GpuNeed.REQUIRED and node.gpu_count == 0:
-        return "no GPU, and the request requires one"
+        return Exclusion.GPU, "no GPU, and the request requires one"
     if needs.provider and needs.provider not in node.providers:
-        return f"no {needs.provider}"
-    return ""
+        return Exclusion.PROVIDER, f"no {needs.provider}"
+    return None
 
 
 def _draw(cumulative: Sequence[float], rng: random.Random) -> int:
@@ -351,19 +394,23 @@ def _least_loaded(node: NodeInfo, ctx: _Context) -> Candidate:
     queue of 4 on a peer 4x faster counts as 1 (see `_load`). Before a peer has
     gossiped a latency for the model, its load alone decides."""
     load, mine, reported = _load(node, ctx.state)
-    if reported is None:
-        how = (
-            f"load {load} ({node.in_flight} running + {node.queue_length} queued, "
-            f"{mine} outstanding from here)"
-        )
-    else:
-        how = f"load {load} ({reported} from others as it last told us, {mine} from here)"
+    how = _load_reason(node, load, mine, reported)
     latency = node.latency_ms.get(ctx.model_id)
     if latency is None:
         return Candidate(node.peer_id, float(load), how)
     return Candidate(
         node.peer_id, (load + 1) * latency, f"{how} + 1, x {latency:.2f} ms per request"
     )
+
+
+def _load_reason(node: NodeInfo, load: int, mine: int, reported: int | None) -> str:
+    """`_load`'s figures, and where they come from."""
+    if reported is None:
+        return (
+            f"load {load} ({node.in_flight} running + {node.queue_length} queued, "
+            f"{mine} outstanding from here)"
+        )
+    return f"load {load} ({reported} from others as it last told us, {mine} from here)"
 
 
 def _load(node: NodeInfo, state: CoordinatorState) -> tuple[int, int, int | None]:
@@ -382,24 +429,37 @@ def _load(node: NodeInfo, state: CoordinatorState) -> tuple[int, int, int | None
     return node.load + mine, mine, None
 
 
+# What a model only on disk adds to a peer's cost under MODEL_SPECIFIC: the units of
+# LEAST_LOADED's score (ms of expected completion, or requests where no latency is
+# gossiped), so a peer with the model loaded goes first unless its queue is absurd.
+_ON_DISK_COST = 1e6
+
+
 def _model_specific(node: NodeInfo, ctx: _Context) -> Candidate:
-    mine = ctx.state.outstanding(node.peer_id)
+    """Peers with the model in memory first; among them (and among those with it on
+    disk only), LEAST_LOADED's fresh load in time decides."""
+    by_load = _least_loaded(node, ctx)
     loaded = ctx.model_id in node.models_loaded
-    score = (0.0 if loaded else 1e6) + node.load + mine
     where = "loaded in memory" if loaded else "on disk only (loads on first use)"
-    return Candidate(node.peer_id, score, f"{ctx.model_id} {where}, load {node.load + mine}")
+    return Candidate(
+        node.peer_id,
+        by_load.score + (0.0 if loaded else _ON_DISK_COST),
+        f"{ctx.model_id} {where}; {by_load.reason}",
+    )
 
 
 def _capability_based(node: NodeInfo, ctx: _Context) -> Candidate:
-    mine = ctx.state.outstanding(node.peer_id)
+    """Headroom: capacity (CPUs, and GPUs weighted by the request's need for one) over
+    the fresh load LEAST_LOADED reads (see `_load`), plus one."""
+    load, mine, reported = _load(node, ctx.state)
     gpu_weight = 8 if ctx.requirements.gpu is GpuNeed.ANY else 32
     capacity = node.cpu_count + gpu_weight * node.gpu_count
-    headroom = capacity / (node.load + mine + 1)
+    headroom = capacity / (load + 1)
     return Candidate(
         node.peer_id,
         -headroom,
         f"capacity {capacity} ({node.cpu_count} CPUs, {node.gpu_count} GPUs) "
-        f"over load {node.load + mine}",
+        f"over {_load_reason(node, load, mine, reported)}",
     )
 
 
@@ -435,4 +495,10 @@ _SCORERS: Mapping[DistributionStrategy, Scorer] = {
 _P2C_ABOVE: Mapping[DistributionStrategy, int] = {
     DistributionStrategy.LEAST_LOADED: 2,
     DistributionStrategy.LATENCY_OPTIMIZED: 64,
+}
+# How `settle` compares probed candidates: by expected completion, unless the
+# strategy's own score holds a preference that a probe's answer must not override.
+_SETTLE_BY: Mapping[DistributionStrategy, Scorer] = {
+    DistributionStrategy.MODEL_SPECIFIC: _model_specific,
+    DistributionStrategy.CAPABILITY_BASED: _capability_based,
 }

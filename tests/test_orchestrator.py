@@ -611,7 +611,9 @@ async def test_outstanding_returns_to_zero(
 # --- fresh load: what answers report, and probes ------------------------------------
 
 
-@pytest.mark.parametrize("strategy", [LEAST, LATENCY])
+@pytest.mark.parametrize(
+    "strategy", [LEAST, LATENCY, DistributionStrategy.MODEL_SPECIFIC, CAPABILITY]
+)
 async def test_a_probe_overrules_a_stale_view(
     strategy: DistributionStrategy, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -626,18 +628,14 @@ async def test_a_probe_overrules_a_stale_view(
     assert fake.calls[0].started == pytest.approx(fake.probes[0][1] + fake.probe_delay)
 
 
-@pytest.mark.parametrize(
-    "strategy",
-    [DistributionStrategy.ROUND_ROBIN, DistributionStrategy.MODEL_SPECIFIC, CAPABILITY],
-)
-async def test_strategies_that_do_not_rank_by_load_never_probe(
-    strategy: DistributionStrategy, autojump_clock: trio.testing.MockClock
+async def test_round_robin_does_not_rank_by_load_and_never_probes(
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # Heavy requests and queues: LEAST_LOADED would probe here (the test above).
+    # Heavy requests and queues: the other strategies would probe here (the test above).
     nodes = [node("a", in_flight=2, latency_ms=10.0), node("b", in_flight=3, latency_ms=10.0)]
     orchestrator, fake = setup(nodes, {"a": [Ok()], "b": [Ok()]}, loads={"a": 9, "b": 0})
     with trio.fail_after(10):
-        await orchestrator.run_distributed_inference(request(), strategy)
+        await orchestrator.run_distributed_inference(request(), DistributionStrategy.ROUND_ROBIN)
     assert fake.probes == []
 
 

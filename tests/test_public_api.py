@@ -38,6 +38,7 @@ def test_public_names() -> None:
             "DistributionStrategy",
             "ErrorCode",
             "Excluded",
+            "Exclusion",
             "GpuNeed",
             "InferenceRequest",
             "InferenceResult",

@@ -25,6 +25,7 @@ from scheduler import (
     CoordinatorSnapshot,
     DistributionStrategy,
     Excluded,
+    Exclusion,
     GpuNeed,
     NodeIndex,
     NodeInfo,
@@ -370,6 +371,53 @@ def test_settle_puts_the_probed_first_by_expected_completion(
         assert "1 from others as it last told us" in by_peer["b"].reason
 
 
+B_LOADED = node("b", cpus=8, latency={M: 10.0})
+B_ON_DISK = node("b", loaded=(), on_disk=(M,), cpus=8, latency={M: 10.0})
+B_ONE_CPU = node("b", cpus=1, latency={M: 10.0})
+
+
+@pytest.mark.parametrize(
+    ("strategy", "b", "expected"),
+    [
+        pytest.param(LEAST, B_ON_DISK, ["b", "a"], id="least-loaded-by-load-alone"),
+        pytest.param(LATENCY, B_ONE_CPU, ["b", "a"], id="latency-optimized-by-load-in-time"),
+        pytest.param(MODEL, B_LOADED, ["b", "a"], id="model-specific-both-loaded-by-load"),
+        pytest.param(MODEL, B_ON_DISK, ["a", "b"], id="model-specific-keeps-the-loaded-first"),
+        pytest.param(CAPABILITY, B_LOADED, ["b", "a"], id="capability-equal-capacity-by-load"),
+        pytest.param(CAPABILITY, B_ONE_CPU, ["a", "b"], id="capability-keeps-headroom-first"),
+    ],
+)
+def test_settle_compares_the_probed_by_the_strategys_own_score_with_their_fresh_load(
+    strategy: DistributionStrategy, b: NodeInfo, expected: list[str]
+) -> None:
+    # The probes found a with 3 and b with 1; a has 8 CPUs and the model loaded.
+    nodes = [node("a", cpus=8, latency={M: 10.0}), b]
+    state = snapshot(reported={"a": (0.0, 3), "b": (0.0, 1)})
+    ranking = Placement(M, (Candidate("a", 0.0, ""), Candidate("b", 1.0, "")))
+    settled = settle(ranking, NodeIndex(nodes), state, ["a", "b"], strategy=strategy)
+    assert order(settled) == expected
+
+
+@pytest.mark.parametrize("strategy", [LEAST, MODEL, CAPABILITY])
+@pytest.mark.parametrize(
+    ("reported", "expected"),
+    [
+        pytest.param({}, ["b", "a"], id="the-view-alone"),
+        pytest.param({"a": (-0.1, 0)}, ["a", "b"], id="a-fresher-report-replaces-the-record"),
+        pytest.param({"a": (-0.9, 0)}, ["b", "a"], id="a-report-older-than-the-record"),
+    ],
+)
+def test_strategies_that_read_load_read_the_freshest(
+    strategy: DistributionStrategy, reported: dict[str, tuple[float, int]], expected: list[str]
+) -> None:
+    # Records 0.5 s old: a busy with 4, b with 2. Equal otherwise: the load decides.
+    nodes = [node("a", in_flight=4, cpus=4), node("b", in_flight=2, cpus=4)]
+    placement = placed(strategy, nodes, snapshot(reported=reported))
+    assert order(placement) == expected
+    if reported == {"a": (-0.1, 0)}:
+        assert "0 from others as it last told us, 0 from here" in reasons(placement)["a"]
+
+
 @pytest.mark.parametrize(
     ("in_flight", "mine", "latency", "expected_ms"),
     [
@@ -536,14 +584,6 @@ def test_capability_based(
     placement = placed(CAPABILITY, nodes, snapshot(), requirements=requirements)
     assert order(placement) == expected
     assert excluded(placement) == excluded_reasons
-
-
-def test_only_capability_based_filters_on_requirements() -> None:
-    nodes = [node("a", free_mb=1), node("b")]
-    needs = Requirements(min_memory_mb=1024, gpu=GpuNeed.REQUIRED)
-    placement = placed(LEAST, nodes, snapshot(), requirements=needs)
-    assert order(placement) == ["a", "b"]
-    assert placement.excluded == ()
 
 
 # --- LATENCY_OPTIMIZED -----------------------------------------------------------------
@@ -1049,7 +1089,9 @@ def test_node_index_by_model_in_peer_id_order() -> None:
 def test_excluded_is_a_value() -> None:
     placement = placed(RR, [node("a")], snapshot(backoff={"a": 0.5}))
     assert placement.candidates == ()
-    assert placement.excluded == (Excluded("a", "backing off for 0.50 s after a failure"),)
+    reason = "backing off for 0.50 s after a failure"
+    assert placement.excluded == (Excluded("a", reason, Exclusion.BACKING_OFF),)
+    assert placement.excluded[0].backing_off
 
 
 def test_latency_optimized_ranks_everyone_in_a_small_view_and_samples_in_a_large_one() -> None:
