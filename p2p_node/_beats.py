@@ -21,7 +21,8 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
-from ._gossip import Gossip, reset_quietly
+from ._gossip import Gossip
+from ._libp2p import reset_quietly
 from ._rpc import SEND_TIMEOUT_S
 
 logger = logging.getLogger(__name__)

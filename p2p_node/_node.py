@@ -48,6 +48,7 @@ from ._errors import unwrap_single_errors
 from ._executor import Executor
 from ._gossip import Gossip, open_gossip
 from ._hardware import Gpus, capabilities
+from ._host import new_libp2p_host, run_host
 from ._identity import load_or_create_identity, lock_data_dir
 from ._jobs import JobOnce, fingerprint
 from ._membership import Membership
@@ -63,8 +64,6 @@ from ._rpc import (
     SYNC_PROTOCOL,
     Rpc,
     expect_reply,
-    new_libp2p_host,
-    run_host,
 )
 from ._tracker_store import load_tracker, save_periodically, save_tracker
 from ._wire import (

@@ -1,4 +1,4 @@
-"""The libp2p edge: host construction, and request/reply exchanges on kept streams.
+"""The libp2p edge: request/reply exchanges on kept streams.
 
 This module only moves bytes. Everything libp2p can raise is translated here,
 once, into `JobError`s with an `ErrorCode`; nothing above it sees a libp2p
@@ -15,28 +15,19 @@ concurrency is the number of streams; nothing is multiplexed by request id.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import suppress
 from typing import Any
 
 import multiaddr
 import trio
-from libp2p import new_host
 from libp2p.abc import IHost, INetStream
-from libp2p.crypto.keys import KeyPair
-from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.host.exceptions import StreamFailure
-from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.protocol_muxer.exceptions import MultiselectClientError
-from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH as NOISE_MAX_PLAINTEXT
-from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
-from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.stream_muxer.yamux import yamux
 from libp2p.transport.exceptions import SecurityUpgradeFailure
 
 from scheduler import ErrorCode, InferenceRequest, InferenceResult, JobError
@@ -44,42 +35,10 @@ from scheduler import ErrorCode, InferenceRequest, InferenceResult, JobError
 from . import _wire
 from ._errors import leaves
 from ._framing import FrameBuffer, FrameError, encode_frame
-from ._psk import PreSharedKey
+from ._host import new_libp2p_host as new_libp2p_host  # re-exported: _client, tests import it
+from ._host import run_host as run_host
+from ._libp2p import caused_by
 from ._wire import ErrorReply, Reply, Request, RunRequest, WireError
-
-# py-libp2p cuts stream data into yamux frames of 64 KiB, header included, and a
-# Noise message carries at most 65,519 bytes: every full frame went out as two
-# Noise messages, the second of 29 bytes, each paying the whole per-message cost
-# of both ends (bench: about a tenth of the CPU a client and a node spend moving
-# a float32 batch). This only shapes what we send; any yamux peer takes frames of
-# any size up to its window.
-yamux.MAX_MESSAGE_SIZE = min(yamux.MAX_MESSAGE_SIZE, NOISE_MAX_PLAINTEXT)
-
-
-async def _window_update_when_half_read(self: yamux.YamuxStream, *, bytes_read: int = 0) -> None:
-    """Credit the sender only once half of the receive window has been read.
-
-    py-libp2p's own policy sends a WINDOW_UPDATE after nearly every read, and a
-    GossipSub RPC takes two or three reads (its varint length is read a byte at
-    a time): a node sent five to ten updates, each a Noise message the peer
-    must read, for every record it received. This is go-yamux's rule, which
-    py-libp2p's docstring claims: a sender blocks only at an empty window, and
-    by then everything it sent was read, which is at least half, so an update
-    always comes.
-    """
-    delta = 0
-    async with self.window_lock:
-        self._pending_recv_release += max(0, bytes_read)
-        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
-        threshold = self._grow_threshold()
-        if self.target_recv_window - (self.recv_window + buffered) >= max(threshold, 1):
-            delta = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
-            self._pending_recv_release = 0
-    if delta > 0:
-        await self.send_window_update(delta, skip_lock=True)
-
-
-yamux.YamuxStream._auto_tune_and_send_window_update = _window_update_when_half_read  # type: ignore[method-assign]
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +51,6 @@ SELECT_PROTOCOL = TProtocol("/p2p-node/select/1.0.0")  # select? and feedback
 LOAD_PROTOCOL = TProtocol("/p2p-node/load/1.0.0")  # load?: a coordinator's probe
 SYNC_PROTOCOL = TProtocol("/p2p-node/sync/1.0.0")  # sync?: records swapped on connecting
 
-MAX_WARNED_ADDRESSES = 4096  # refused addresses remembered, to warn once for each
-
-# Multistream negotiation of a new stream; libp2p's default is 30 s.
-NEGOTIATE_TIMEOUT_S = 5
 # How long past a request's own deadline we wait for the peer's DEADLINE_EXCEEDED.
 REPLY_GRACE_S = 2.0
 # A caller drops a pooled stream idle this long; a server closes one idle longer,
@@ -107,8 +62,6 @@ READ_CHUNK = 64 * 1024
 # After refusing an oversize request, how long we read and drop the rest of it so
 # that the caller, still writing, gets to read the refusal (then the stream is reset).
 SKIP_OVERSIZE_S = 10.0
-
-ADDRS_TTL_S = 5.0  # how long a host's addresses are reused (see _cache_addrs)
 
 # What a broken or vanished peer looks like from a stream.
 SEND_TIMEOUT_S = 30.0
@@ -125,99 +78,6 @@ _TRANSPORT_ERRORS = (
 Handler = Callable[[Request, str], Awaitable[Reply]]
 
 
-def new_libp2p_host(
-    key_pair: KeyPair, *, mdns: bool = False, psk: PreSharedKey | None = None
-) -> IHost:
-    """A host that speaks TCP + Noise + Yamux and nothing weaker; mDNS on a LAN if asked.
-
-    With a `psk` every connection is encrypted with it first (a libp2p private
-    network): peers without the same key never complete a handshake.
-    """
-    security = {
-        NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
-    }
-    connections = ConnectionConfig(
-        min_connections=0,
-        # One connection per peer; with more allowed, a successful dial still waits
-        # out the 250 ms happy-eyeballs delay before returning.
-        max_connections_per_peer=1,
-        low_watermark=0,
-        outbound_stream_protocol_negotiation_timeout=NEGOTIATE_TIMEOUT_S,
-        inbound_stream_protocol_negotiation_timeout=NEGOTIATE_TIMEOUT_S,
-    )
-    host = new_host(
-        key_pair=key_pair,
-        sec_opt=security,
-        muxer_preference="YAMUX",
-        negotiate_timeout=NEGOTIATE_TIMEOUT_S,
-        connection_config=connections,
-        enable_mDNS=mdns,
-        psk=psk.hex if psk else None,
-    )
-    if psk is not None:
-        _log_refused_handshakes(host, psk)
-    _cache_addrs(host)
-    return host
-
-
-def _cache_addrs(host: IHost) -> None:
-    """Reuse the host's addresses for ADDRS_TTL_S instead of rebuilding them per call.
-
-    py-libp2p rebuilds them from the listening sockets on every call, about a
-    millisecond, and calls it for each pubsub message it publishes or forwards
-    (to attach its signed peer record), as do we for each record we make.
-    Kept, an idle 3-node network of processes used about a tenth less CPU.
-    Listen addresses change only when a listener starts or stops, and observed
-    ones seldom; an empty list (before listening) is never kept.
-    """
-    build = host.get_addrs
-    kept: list[multiaddr.Multiaddr] = []
-    built_at = -float("inf")
-
-    def get_addrs() -> list[multiaddr.Multiaddr]:
-        nonlocal kept, built_at
-        now = time.monotonic()
-        if not kept or now - built_at > ADDRS_TTL_S:
-            kept, built_at = build(), now
-        return list(kept)
-
-    host.get_addrs = get_addrs  # type: ignore[method-assign]
-
-
-def _log_refused_handshakes(host: IHost, psk: PreSharedKey) -> None:
-    """Log each inbound connection whose handshake fails: in a private network, most
-    likely a peer without our key. libp2p itself only says so at debug level. The
-    first refusal from each address is a warning, later ones (a peer that keeps
-    redialling, a port scanner) are at debug."""
-    network: Any = host.get_network()
-    upgrade = network.upgrade_inbound_raw_conn
-    warned: set[str] = set()
-
-    async def logged_upgrade(raw_conn: Any, maddr: multiaddr.Multiaddr) -> Any:
-        remote = raw_conn.get_remote_address()
-        try:
-            return await upgrade(raw_conn, maddr)
-        except Exception as error:
-            # Mostly a SwarmException; but a stranger's bytes decrypted with our key
-            # are garbage, and not every way that fails comes wrapped in one (a CI run
-            # refused a stranger and logged nothing).
-            host_ip = remote[0] if remote else "?"
-            first = host_ip not in warned and len(warned) < MAX_WARNED_ADDRESSES
-            if first:
-                warned.add(host_ip)
-            logger.log(
-                logging.WARNING if first else logging.DEBUG,
-                "refused a connection from %s: %s: %s (a peer outside private network %s?)",
-                f"{remote[0]}:{remote[1]}" if remote else "an unknown address",
-                type(error).__name__,
-                error,
-                psk.fingerprint,
-            )
-            raise
-
-    network.upgrade_inbound_raw_conn = logged_upgrade
-
-
 def _only_transport_errors(error: BaseException) -> bool:
     """Whether `error`, or every error in its group, says the stream or connection
     ended (the reader and the writer of one stream may both see its reset)."""
@@ -228,41 +88,8 @@ _PSK_HINT = "; is it in the same private network (--psk)?"
 
 
 def _handshake_failed(error: BaseException) -> bool:
-    """Whether a dial error comes from a failed security handshake.
-
-    libp2p reports a dial as one SwarmDialAllFailedError, caused by a MultiError of
-    the per-address errors, each caused by what went wrong in its upgrade; trio
-    may wrap any of them in exception groups.
-    """
-    seen: set[int] = set()
-    pending: list[BaseException] = [error]
-    while pending:
-        current = pending.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, SecurityUpgradeFailure):
-            return True
-        if isinstance(current, BaseExceptionGroup):
-            pending.extend(leaves(current))
-        errors = getattr(current, "errors", ())  # libp2p's MultiError
-        if isinstance(errors, list | tuple):
-            pending.extend(e for e in errors if isinstance(e, BaseException))
-        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
-    return False
-
-
-@asynccontextmanager
-async def run_host(host: IHost, listen: Sequence[multiaddr.Multiaddr]) -> AsyncIterator[None]:
-    """`host.run(listen)` without libp2p's auto-connector.
-
-    The auto-connector dials peerstore entries until the host holds ~150
-    connections; which peers a node talks to is ours to decide.
-    """
-    async with host.run(listen):
-        network: Any = host.get_network()  # the Swarm; its interface lacks the connector
-        await network.auto_connector.stop()
-        yield
+    """Whether a dial error comes from a failed security handshake."""
+    return caused_by(error, SecurityUpgradeFailure)
 
 
 class _Channel:

@@ -224,7 +224,7 @@ async def open_rogue(
     from libp2p.pubsub.pubsub import Pubsub
     from libp2p.tools.anyio_service import background_trio_service
 
-    from ._rpc import new_libp2p_host, run_host
+    from ._host import new_libp2p_host, run_host
 
     host = new_libp2p_host(create_new_key_pair())
     router = GossipSub(
