@@ -15,6 +15,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
 from . import _libp2p
+from ._libp2p import PeerGate
 from ._psk import PreSharedKey
 
 # Multistream negotiation of a new stream; libp2p's default is 30 s.
@@ -26,11 +27,14 @@ def new_libp2p_host(
     *,
     mdns: bool = False,
     psk: PreSharedKey | None = None,
+    gate: PeerGate | None = None,
 ) -> IHost:
     """A host that speaks TCP + Noise + Yamux and nothing weaker; mDNS on a LAN if asked.
 
     With a `psk` every connection is encrypted with it first (a libp2p private
-    network): peers without the same key never complete a handshake.
+    network): peers without the same key never complete a handshake. With a
+    `gate`, connections with the peers it refuses end as soon as the handshake
+    names them, whichever side dialed.
 
     Applies the patches of `_libp2p`: to the process (once), and to this host.
     """
@@ -56,6 +60,8 @@ def new_libp2p_host(
         enable_mDNS=mdns,
         psk=psk.hex if psk else None,
     )
+    if gate is not None:
+        _libp2p.refuse_peers(host, gate)
     if psk is not None:
         _libp2p.log_refused_handshakes(host, psk)
     _libp2p.cache_addrs(host)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -32,6 +33,8 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise import io as noise_io
 from libp2p.stream_muxer.yamux import yamux
+from libp2p.transport.exceptions import SecurityUpgradeFailure
+from libp2p.transport.upgrader import TransportUpgrader
 
 from ._errors import leaves
 from ._psk import PreSharedKey
@@ -42,6 +45,8 @@ LIBP2P_VERSION = "0.8.1"  # the py-libp2p every patch here was written against a
 
 ADDRS_TTL_S = 5.0  # how long a host's addresses are reused (see cache_addrs)
 MAX_WARNED_ADDRESSES = 4096  # refused addresses remembered, to warn once for each
+
+PeerGate = Callable[[str], bool]  # peer id -> whether this host keeps a connection with it
 
 
 class Libp2pChanged(RuntimeError):
@@ -190,11 +195,48 @@ def cache_addrs(host: IHost) -> None:
     host.get_addrs = get_addrs  # type: ignore[method-assign]
 
 
+class PeerRefused(SecurityUpgradeFailure):
+    """The handshake named a peer this host does not connect to (its `PeerGate`)."""
+
+
+def refuse_peers(host: IHost, allows: PeerGate) -> None:
+    """Drop every connection, inbound or outbound, whose peer `allows` refuses, as
+    soon as the security handshake names it: before the swarm adds it, so no
+    connection event, stream or pubsub peer ever comes of it.
+
+    libp2p's own connection gate judges addresses, and a peer that dials us
+    comes from a new ephemeral port each time. A refused dialer sees its dial fail.
+    """
+    patch = "refuse peers after the handshake"
+    network: Any = host.get_network()
+    upgrader = network.upgrader
+    _expect(patch, isinstance(upgrader, TransportUpgrader), "the swarm has no TransportUpgrader")
+    _expect_shape(
+        patch, upgrader, "upgrade_security", "(raw_conn, is_initiator, peer_id=None)", is_async=True
+    )
+    # Both ways in go through it, and call it on the swarm's upgrader each time.
+    _expect_uses(patch, Swarm.upgrade_inbound_raw_conn, "upgrader", "upgrade_security")
+    _expect_uses(patch, Swarm.upgrade_outbound_raw_conn, "upgrader", "upgrade_security")
+    upgrade = upgrader.upgrade_security
+
+    async def upgrade_security(raw_conn: Any, is_initiator: bool, peer_id: ID | None = None) -> Any:
+        secured = await upgrade(raw_conn, is_initiator, peer_id)
+        remote = str(secured.get_remote_peer())
+        if not allows(remote):
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await secured.close()
+            raise PeerRefused(f"connections with {remote} are refused here")
+        return secured
+
+    upgrader.upgrade_security = upgrade_security
+
+
 def log_refused_handshakes(host: IHost, psk: PreSharedKey) -> None:
     """Log each inbound connection whose handshake fails: in a private network, most
     likely a peer without our key. libp2p itself only says so at debug level. The
     first refusal from each address is a warning, later ones (a peer that keeps
-    redialling, a port scanner) are at debug."""
+    redialling, a port scanner) are at debug. A peer refused by our own gate
+    (`refuse_peers`) is no stranger: debug."""
     patch = "log refused handshakes"
     network: Any = host.get_network()
     _expect_shape(patch, network, "upgrade_inbound_raw_conn", "(raw_conn, maddr)", is_async=True)
@@ -213,7 +255,9 @@ def log_refused_handshakes(host: IHost, psk: PreSharedKey) -> None:
             # refused a stranger and logged nothing).
             host_ip = remote[0] if remote else "?"
             first = host_ip not in warned and len(warned) < MAX_WARNED_ADDRESSES
-            if first:
+            if caused_by(error, PeerRefused):
+                first = False
+            elif first:
                 warned.add(host_ip)
             logger.log(
                 logging.WARNING if first else logging.DEBUG,

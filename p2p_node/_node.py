@@ -8,16 +8,14 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import multiaddr
 import psutil
 import trio
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.peer.id import ID
-from libp2p.peer.peerstore import PeerStoreError
 from libp2p.rcmgr import Direction
 
 from gossip import (
@@ -53,6 +51,7 @@ from ._hardware import Gpus, capabilities
 from ._host import new_libp2p_host, run_host
 from ._identity import load_or_create_identity, lock_data_dir
 from ._jobs import JobOnce
+from ._libp2p import PeerGate
 from ._membership import Membership
 from ._repository import bundled_models_dir, read_repository
 from ._rpc import (
@@ -86,6 +85,7 @@ class Node:
         executor: Executor,
         gpus: Gpus,
         tracker: PerformanceTracker | None = None,
+        gate: PeerGate | None = None,
     ) -> None:
         self.config = config
         self.view = PeerView(config.gossip.ttl_factor, suspect_ttl=config.gossip.liveness_ttl)
@@ -98,7 +98,7 @@ class Node:
         self._seq = 0
         self._announced_in_flight = 0
         self._in_touch: set[str] = set()  # peers _keep_in_touch runs for
-        self._gate = _AddressGate.install(rpc.host)
+        self._gate = gate
         self.admission = Admission(config.admission, rpc.peer_id)
         self._index = NodeIndex(())
         self._index_source: object = None
@@ -146,33 +146,9 @@ class Node:
         """Dial a peer by its full multiaddr; returns its peer id. Its record follows by gossip."""
         return await self._rpc.connect(parse_peer_multiaddr(addr), self.config.dial_timeout)
 
-    async def block(self, peer_ids: Collection[str]) -> None:
-        """Cut connections to these peers and dial them no more (the harness's partitions).
-
-        Dials are refused at libp2p's connection gate, by address, so that no
-        component (pubsub redials lost peers) reconnects behind our back. Two
-        nodes that block each other stay apart.
-        """
-        for peer_id in peer_ids:
-            self._gate.blocked |= self._known_addresses(peer_id)
-        self.membership.block(peer_ids)
-        for peer_id in set(peer_ids) & self.connected_peers():
-            await self._rpc.host.disconnect(ID.from_base58(peer_id))
-
-    def unblock_all(self) -> None:
-        self._gate.blocked.clear()
-        self.membership.unblock_all()
-
-    def _known_addresses(self, peer_id: str) -> set[str]:
-        try:
-            stored = self._rpc.host.get_peerstore().addrs(ID.from_base58(peer_id))
-        except PeerStoreError:
-            stored = []
-        addrs = {str(a) for a in stored}
-        record = self.view.last_record(peer_id)
-        if record is not None:
-            addrs |= {a.split("/p2p/")[0] for a in record.addrs}
-        return addrs
+    async def disconnect(self, peer_id: str) -> None:
+        """Close this node's connections to `peer_id` (either side may dial again)."""
+        await self._rpc.host.disconnect(ID.from_base58(peer_id))
 
     def make_record(self, interval: float, departed: tuple[Departure, ...]) -> PeerRecord:
         """This node's record as of now; gossip calls it at each publish."""
@@ -325,8 +301,9 @@ class Node:
     ) -> None:
         async for connected, peer_id, outbound in events:
             if connected:
-                if self.membership.is_blocked(peer_id):
-                    await self._rpc.host.disconnect(ID.from_base58(peer_id))
+                if self._gate is not None and not self._gate(peer_id):
+                    # Connected while its handshake was under way as the gate closed.
+                    await self.disconnect(peer_id)
                 elif outbound and peer_id not in self._in_touch:
                     self._in_touch.add(peer_id)
                     nursery.start_soon(self._keep_in_touch, peer_id)
@@ -339,30 +316,6 @@ class Node:
         async for event in events:
             if event.kind is EventKind.LEFT:
                 self.orchestrator.stats.forget(event.peer_id)
-
-
-class _AddressGate:
-    """libp2p's connection gate plus a set of refused addresses (blocked peers)."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.blocked: set[str] = set()
-
-    @classmethod
-    def install(cls, host: Any) -> _AddressGate:
-        network = host.get_network()
-        gate = cls(network.connection_gate)
-        network.connection_gate = gate
-        return gate
-
-    async def is_allowed(self, addr: multiaddr.Multiaddr) -> bool:
-        if str(addr).split("/p2p/")[0] in self.blocked:
-            return False
-        allowed: bool = await self._inner.is_allowed(addr)
-        return allowed
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
 
 class _ConnectionEvents(INotifee):
@@ -398,24 +351,29 @@ class _ConnectionEvents(INotifee):
 
 
 @asynccontextmanager
-async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
-    """Start a node; on exit, answer what was admitted, then close the host."""
+async def open_node(config: NodeConfig, *, gate: PeerGate | None = None) -> AsyncIterator[Node]:
+    """Start a node; on exit, answer what was admitted, then close the host.
+
+    `gate(peer_id)` says whether the node keeps a connection with a peer (default:
+    with every peer); a refused peer's connections end as soon as its handshake
+    names it, whichever side dials. The harness partitions networks with it.
+    """
     lock = lock_data_dir(config.data_dir)
     try:
         with unwrap_single_errors():
-            async with _open_node(config) as node:
+            async with _open_node(config, gate) as node:
                 yield node
     finally:
         os.close(lock)
 
 
 @asynccontextmanager
-async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
+async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator[Node]:
     key_pair = load_or_create_identity(config.data_dir)
     cards = read_repository(config.models_dir or bundled_models_dir(), config.serve_models)
     executor = await Executor.load(cards, config.executor)
     tracker = load_tracker(config.data_dir)
-    host = new_libp2p_host(key_pair, mdns=config.mdns, psk=config.psk)
+    host = new_libp2p_host(key_pair, mdns=config.mdns, psk=config.psk, gate=gate)
     limits = MessageLimits(
         max_request_bytes=config.max_request_bytes,
         max_reply_bytes=config.max_reply_bytes,
@@ -434,7 +392,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
             open_rpc(host, limits) as rpc,
             trio.open_nursery() as nursery,
         ):
-            node = Node(config, rpc, server, executor, gpus, tracker)
+            node = Node(config, rpc, server, executor, gpus, tracker, gate)
             serve_node(server, node)
             host.get_network().register_notifee(_ConnectionEvents(events_send))
             async with open_gossip(host, node.view, config.gossip, node.make_record) as gossip:

@@ -34,7 +34,7 @@ from ._channel import TRANSPORT_ERRORS, Channel, MessageLimits, SendTimedOut
 from ._framing import FrameError
 from ._host import new_libp2p_host as new_libp2p_host  # where callers have found it
 from ._host import run_host as run_host
-from ._libp2p import caused_by
+from ._libp2p import PeerRefused, caused_by
 from ._wire import ErrorReply, Reply, Request, RunRequest, WireError
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,8 @@ _PSK_HINT = "; is it in the same private network (--psk)?"
 
 
 def _handshake_failed(error: BaseException) -> bool:
-    """Whether a dial error comes from a failed security handshake."""
-    return caused_by(error, SecurityUpgradeFailure)
+    """Whether a dial error comes from a failed security handshake (not our own gate)."""
+    return caused_by(error, SecurityUpgradeFailure) and not caused_by(error, PeerRefused)
 
 
 class _Stale(Exception):

@@ -10,10 +10,12 @@ import textwrap
 from typing import Any
 
 import pytest
+from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.stream_muxer.yamux import yamux
 
 from p2p_node import _libp2p
+from p2p_node._host import new_libp2p_host
 from p2p_node._libp2p import Libp2pChanged, apply_to_process
 
 # The codec and everything importing the package pulls in (the host, the caller, the node).
@@ -110,3 +112,14 @@ def test_a_reshaped_pubsub_is_refused_loudly(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(Pubsub, "write_msg", write_msg)
     with pytest.raises(Libp2pChanged, match=r"Pubsub\.write_msg is now"):
         _libp2p.GuardedGossipSub([], 6, 4, 12)
+
+
+def test_a_host_whose_upgrader_changed_is_refused_loudly() -> None:
+    host = new_libp2p_host(create_new_key_pair())
+
+    async def upgrade_security(raw_conn: Any, is_initiator: bool) -> Any:
+        return raw_conn
+
+    host.get_network().upgrader.upgrade_security = upgrade_security  # type: ignore[attr-defined]
+    with pytest.raises(Libp2pChanged, match=r"upgrade_security is now"):
+        _libp2p.refuse_peers(host, lambda peer_id: True)
