@@ -21,8 +21,9 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
-from ._gossip import Gossip, reset_quietly
-from ._rpc import SEND_TIMEOUT_S
+from ._channel import SEND_TIMEOUT_S
+from ._gossip import Gossip
+from ._libp2p import reset_quietly
 
 logger = logging.getLogger(__name__)
 

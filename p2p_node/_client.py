@@ -38,6 +38,7 @@ from scheduler import (
 from selection import AdvancedModelSelectionStrategy, Selection
 
 from ._batch import BatchResult, submit_batch
+from ._channel import MessageLimits
 from ._config import parse_peer_multiaddr
 from ._errors import unwrap_single_errors
 from ._psk import PreSharedKey
@@ -49,10 +50,10 @@ from ._rpc import (
     PLACE_PROTOCOL,
     REPLY_GRACE_S,
     SELECT_PROTOCOL,
-    Handler,
     Rpc,
     expect_reply,
     new_libp2p_host,
+    open_rpc,
     run_host,
 )
 from ._wire import (
@@ -69,8 +70,6 @@ from ._wire import (
     PeersRequest,
     PlaceReply,
     PlaceRequest,
-    Reply,
-    Request,
     RunRequest,
     SelectReply,
     SelectRequest,
@@ -133,23 +132,12 @@ class Client:
             raise ValueError("connect needs at least one address")
         targets = [parse_peer_multiaddr(a) for a in addrs]
         host = new_libp2p_host(identity or create_new_key_pair(), psk=psk)
-        rpc = Rpc(
-            host,
-            max_request_bytes=max_message_bytes,
-            max_reply_bytes=max_message_bytes,
-            max_concurrent_inbound=1,
-        )
-        # Nodes ask every new connection for its models; a client serves none.
-        rpc.serve(MODELS_PROTOCOL, _serve_no_models(rpc.peer_id))
+        limits = MessageLimits(max_message_bytes, max_message_bytes)
         with unwrap_single_errors():
-            async with run_host(host, []), trio.open_nursery() as nursery:
-                rpc.watch_connections(nursery)
+            async with run_host(host, []), open_rpc(host, limits) as rpc:
                 client = cls(rpc, "", targets, min(timeout, FAILOVER_DIAL_TIMEOUT_S))
                 await client._connect_next(timeout, None)
-                try:
-                    yield client
-                finally:
-                    nursery.cancel_scope.cancel()
+                yield client
 
     async def _connect_next(self, timeout: float, error: JobError | None) -> None:
         """Make the next reachable target (after the current one) the node jobs go to."""
@@ -370,10 +358,3 @@ class Client:
         reply = await self._rpc.call(self.peer_id, MODELS_PROTOCOL, ModelsRequest(), timeout)
         models: ModelsReply = expect_reply(reply, ModelsReply, self.peer_id)
         return models.models
-
-
-def _serve_no_models(peer_id: str) -> Handler:
-    async def answer(request: Request, sender: str) -> Reply:
-        return ModelsReply(peer_id, ())
-
-    return answer

@@ -5,7 +5,8 @@ DESIGN.md): a 120 s heartbeat, adaptive gossip (which can stretch the heartbeat
 to a minute), spam protection capped at 10 messages/s per topic, eclipse
 protection that wants 3 distinct IPs in a mesh (never true on loopback), and
 unsigned test defaults. Records are signed (strict signing) and validated by
-`gossip.check_record` before GossipSub forwards them.
+`gossip.check_record` before GossipSub forwards them. What py-libp2p's pubsub
+would let a peer do to a node is closed in `_libp2p.GuardedPubsub`.
 """
 
 from __future__ import annotations
@@ -16,15 +17,12 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
-from weakref import WeakKeyDictionary
 
 import trio
-from google.protobuf.message import DecodeError
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import IHost
 from libp2p.peer.id import ID
-from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.validators import signature_validator
 from libp2p.tools.anyio_service import background_trio_service
 
@@ -45,6 +43,7 @@ from gossip import (
 )
 
 from ._config import GossipConfig
+from ._libp2p import GuardedGossipSub, GuardedPubsub
 
 logger = logging.getLogger(__name__)
 
@@ -54,137 +53,12 @@ MAX_VALIDATED_PENDING = 1024  # records validated, not yet taken by receive()
 RecordMaker = Callable[[float, tuple[Departure, ...]], PeerRecord]
 
 
-class GuardedPubsub(Pubsub):
-    """py-libp2p's Pubsub, with what a peer sends unable to crash this node.
-
-    Holes in py-libp2p 0.8, closed here:
-
-    - Reading: a frame that is not a protobuf RPC raises DecodeError out of the
-      stream handler, and from there out of the host: one garbled message from
-      any peer ended the node. Now any error reading a peer's stream resets
-      that stream, drops the peer from pubsub (as py-libp2p does for the errors
-      it does catch) and is counted in `garbled`.
-    - Checking: a published message whose `key` is not a public key raises
-      DecodeError from the signature check, in a task whose error stops the
-      whole pubsub service. Such a message is now dropped and counted.
-    - Writing: GossipSub writes to a peer's stream from more than one task (the
-      per-peer sender, and the flushes on identify and on subscribe), and yamux
-      sends a message frame by frame as send window allows, so two messages
-      could interleave on the wire. The receiver then read a torn RPC. Writes
-      to a stream now take turns, and a write that stops part way (timed out
-      waiting for window, cancelled) resets the stream, so what follows can
-      never be read as the rest of it. (A cancellation in the middle of one
-      frame would leave the connection's own framing broken, which no stream
-      reset mends; these writes are cancelled only at shutdown.)
-    - Forgetting: when pubsub drops a peer it forgot our outbound stream to
-      it without closing it, and opened another on the same connection. A
-      peer sending one bad frame per stream could leak our streams until its
-      connection's stream limit, after which every new stream to it waited
-      forever. The stream pubsub forgets is now reset.
-
-    Also, a cost: py-libp2p puts its signed peer record (addresses, signed) in
-    every RPC it sends, and the receiver checks its signature and updates the
-    peerstore for every RPC it reads, records and control messages alike. Our
-    records carry the addresses, signed; these copies are left out. An RPC
-    without one is what other libp2p implementations send.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.garbled = 0  # streams dropped and messages refused for the above
-        self._warned: set[ID] = set()
-        self._write_locks: WeakKeyDictionary[INetStream, trio.Lock] = WeakKeyDictionary()
-
-    async def stream_handler(self, stream: INetStream) -> None:
-        try:
-            await super().stream_handler(stream)
-        except Exception as error:
-            peer_id = stream.muxed_conn.peer_id
-            if not self.manager.is_running:  # shutting down: not the peer's doing
-                logger.debug("pubsub stream from %s ended at shutdown: %r", peer_id, error)
-                return
-            self._garbled(peer_id, "dropped its pubsub stream", error)
-            await reset_quietly(stream)
-            self._handle_dead_peer(peer_id)
-
-    def _handle_dead_peer(self, peer_id: ID) -> None:
-        outbound = self.peers.get(peer_id)
-        super()._handle_dead_peer(peer_id)
-        forgotten = outbound is not None and self.peers.get(peer_id) is not outbound
-        if forgotten and self.manager.is_running:
-            self.manager.run_task(reset_quietly, outbound)
-
-    async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
-        try:
-            await super().push_msg(msg_forwarder, msg)
-        except Exception as error:
-            if msg_forwarder == self.my_id:
-                raise  # our own message: its errors are ours to see
-            self._garbled(msg_forwarder, "dropped a message it forwarded", error)
-
-    def _garbled(self, peer_id: ID, action: str, error: Exception) -> None:
-        """Count it; warn once per peer (a hostile one could send millions)."""
-        self.garbled += 1
-        level = logging.DEBUG if peer_id in self._warned else logging.WARNING
-        if len(self._warned) < 10_000:
-            self._warned.add(peer_id)
-        # A parse error is the peer's; anything else may be a bug of ours: show where.
-        trace = level == logging.WARNING and not isinstance(error, (DecodeError, ValueError))
-        logger.log(
-            level, "garbled pubsub input from %s, %s: %r", peer_id, action, error, exc_info=trace
-        )
-
-    def get_hello_packet(self) -> rpc_pb2.RPC:
-        packet = super().get_hello_packet()
-        packet.ClearField("senderRecord")
-        return packet
-
-    async def write_msg(self, stream: INetStream, rpc_msg: rpc_pb2.RPC) -> bool:
-        rpc_msg.ClearField("senderRecord")
-        lock = self._write_locks.get(stream)
-        if lock is None:  # not setdefault: that would build a lock for every message
-            lock = self._write_locks[stream] = trio.Lock()
-        async with lock:
-            written = False
-            try:
-                written = await super().write_msg(stream, rpc_msg)
-                return written
-            finally:
-                if not written:  # possibly part of a message on the wire: end the stream
-                    with trio.CancelScope(shield=True):
-                        await reset_quietly(stream)
-                    peer_id = stream.muxed_conn.peer_id
-                    if self.peers.get(peer_id) is stream:  # pubsub opens another
-                        self._handle_dead_peer(peer_id)
-
-
-class GuardedGossipSub(GossipSub):
-    """GossipSub that never dials the peers a PRUNE suggests (peer exchange).
-
-    py-libp2p dials them whatever `do_px` says, inline while it reads the
-    sender's stream: any peer could make this node dial whom it names, and
-    stall its reading meanwhile. Whom a node dials is membership's decision,
-    made from signed records.
-    """
-
-    async def _do_px(self, px_peers: list[rpc_pb2.PeerInfo]) -> None:
-        return
-
-
 @functools.lru_cache(maxsize=1024)
 def _parse_peer_id(peer_id: str) -> ID | None:
     try:
         return ID.from_base58(peer_id)
     except Exception:  # not a peer id
         return None
-
-
-async def reset_quietly(stream: INetStream) -> None:
-    with trio.move_on_after(1):
-        try:
-            await stream.reset()
-        except Exception as error:  # already reset or closed: nothing more to stop
-            logger.debug("reset of a pubsub stream failed: %r", error)
 
 
 class Gossip:

@@ -8,16 +8,14 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import multiaddr
 import psutil
 import trio
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.peer.id import ID
-from libp2p.peer.peerstore import PeerStoreError
 from libp2p.rcmgr import Direction
 
 from gossip import (
@@ -39,23 +37,25 @@ from scheduler import (
     NodeIndex,
     NodeInfo,
 )
-from selection import EnhancedModelOrchestrator, ModelCatalog, PerformanceTracker, SelectionContext
+from selection import EnhancedModelOrchestrator, ModelCatalog, PerformanceTracker
 
 from ._admission import Admission
 from ._beats import BEAT_PROTOCOL, answer_beats, lead_beats
+from ._channel import MessageLimits
 from ._config import NodeConfig, parse_multiaddr, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
 from ._executor import Executor
 from ._gossip import Gossip, open_gossip
+from ._handlers import serve_node
 from ._hardware import CpuMeter, Gpus, capabilities
+from ._host import new_libp2p_host, run_host
 from ._identity import load_or_create_identity, lock_data_dir
-from ._jobs import JobOnce, fingerprint
+from ._jobs import JobOnce
+from ._libp2p import PeerGate
 from ._mdns import run_mdns
 from ._membership import Found, Membership
 from ._repository import bundled_models_dir, read_repository
 from ._rpc import (
-    INFER_PROTOCOL,
-    JOB_PROTOCOL,
     LOAD_PROTOCOL,
     MODELS_PROTOCOL,
     PEERS_PROTOCOL,
@@ -64,28 +64,11 @@ from ._rpc import (
     SYNC_PROTOCOL,
     Rpc,
     expect_reply,
-    new_libp2p_host,
-    run_host,
+    open_rpc,
 )
+from ._serve import Server
 from ._tracker_store import load_tracker, save_periodically, save_tracker
-from ._wire import (
-    FeedbackReply,
-    FeedbackRequest,
-    Learned,
-    LoadReply,
-    LoadRequest,
-    ModelsReply,
-    PeerReport,
-    PeersReply,
-    PlaceReply,
-    PlaceRequest,
-    Request,
-    RunRequest,
-    SelectReply,
-    SelectRequest,
-    SyncReply,
-    SyncRequest,
-)
+from ._wire import LoadReply, LoadRequest, SyncReply, SyncRequest
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +82,17 @@ class Node:
         self,
         config: NodeConfig,
         rpc: Rpc,
+        server: Server,
         executor: Executor,
         gpus: Gpus,
         tracker: PerformanceTracker | None = None,
+        gate: PeerGate | None = None,
     ) -> None:
         self.config = config
         self.view = PeerView(config.gossip.ttl_factor, suspect_ttl=config.gossip.liveness_ttl)
         self.boot_id = uuid.uuid4().hex[:16]
         self._rpc = rpc
+        self._server = server
         self._executor = executor
         self._gpus = gpus
         self._capabilities = config.capabilities or capabilities(gpus)
@@ -114,12 +100,12 @@ class Node:
         self._seq = 0
         self._announced_in_flight = 0
         self._in_touch: set[str] = set()  # peers _keep_in_touch runs for
-        self._gate = _AddressGate.install(rpc.host)
+        self._gate = gate
         self.admission = Admission(config.admission, rpc.peer_id)
         self._index = NodeIndex(())
         self._index_source: object = None
         self.orchestrator = DistributedModelOrchestrator(
-            rpc.peer_id, self.node_index, rpc.infer, self._run_local, self.probe_load
+            rpc.peer_id, self.node_index, rpc.infer, self.run_local, self.probe_load
         )
         self._catalog = ModelCatalog(())
         self._catalog_source: object = None
@@ -151,7 +137,7 @@ class Node:
     @property
     def in_flight(self) -> int:
         """Requests this node is answering right now, on every protocol."""
-        return self._rpc.in_flight
+        return self._server.in_flight
 
     def connected_peers(self) -> frozenset[str]:
         """Peer ids this node holds a connection to (clients included)."""
@@ -162,33 +148,9 @@ class Node:
         """Dial a peer by its full multiaddr; returns its peer id. Its record follows by gossip."""
         return await self._rpc.connect(parse_peer_multiaddr(addr), self.config.dial_timeout)
 
-    async def block(self, peer_ids: Collection[str]) -> None:
-        """Cut connections to these peers and dial them no more (the harness's partitions).
-
-        Dials are refused at libp2p's connection gate, by address, so that no
-        component (pubsub redials lost peers) reconnects behind our back. Two
-        nodes that block each other stay apart.
-        """
-        for peer_id in peer_ids:
-            self._gate.blocked |= self._known_addresses(peer_id)
-        self.membership.block(peer_ids)
-        for peer_id in set(peer_ids) & self.connected_peers():
-            await self._rpc.host.disconnect(ID.from_base58(peer_id))
-
-    def unblock_all(self) -> None:
-        self._gate.blocked.clear()
-        self.membership.unblock_all()
-
-    def _known_addresses(self, peer_id: str) -> set[str]:
-        try:
-            stored = self._rpc.host.get_peerstore().addrs(ID.from_base58(peer_id))
-        except PeerStoreError:
-            stored = []
-        addrs = {str(a) for a in stored}
-        record = self.view.last_record(peer_id)
-        if record is not None:
-            addrs |= {a.split("/p2p/")[0] for a in record.addrs}
-        return addrs
+    async def disconnect(self, peer_id: str) -> None:
+        """Close this node's connections to `peer_id` (either side may dial again)."""
+        await self._rpc.host.disconnect(ID.from_base58(peer_id))
 
     def make_record(self, interval: float, departed: tuple[Departure, ...]) -> PeerRecord:
         """This node's record as of now; gossip calls it at each publish."""
@@ -215,29 +177,11 @@ class Node:
             departed=departed,
         )
 
-    def _note_load(self) -> None:
+    def note_load(self) -> None:
         """Publish early when the load moved a lot since the last record."""
         now, then = self._executor.in_flight, self._announced_in_flight
         if abs(now - then) >= max(2, then // 2):
             self.gossip.changed()
-
-    async def run_job(self, request: RunRequest) -> InferenceResult:
-        """Coordinate one job: select its model when it names a task, place it on the
-        view (this node included), run it there, fail over on retryable errors, all
-        within its deadline."""
-        strategy = request.strategy or self.config.strategy
-        if request.task is not None:
-            return await self.selector.run_task(
-                request.task,
-                request.inputs,
-                strategy=request.selection or self.config.selection,
-                context=request.context,
-                distribution=strategy,
-                timeout=request.timeout_ms / 1000,
-                job_id=request.job_id,
-                hedge=request.hedge,
-            )
-        return await self.selector.run_model(_to_inference(request), strategy, hedge=request.hedge)
 
     def catalog(self) -> ModelCatalog:
         """Every model the view serves (this node's included), rebuilt when it changes."""
@@ -297,7 +241,8 @@ class Node:
             )
         return answer.load
 
-    async def _run_local(self, request: InferenceRequest) -> InferenceResult:
+    async def run_local(self, request: InferenceRequest) -> InferenceResult:
+        """Run `request` on this node's executor (the orchestrator's local path)."""
         execution = await self._executor.run(request.model_id, request.inputs, request.outputs)
         return InferenceResult(
             request.job_id,
@@ -309,121 +254,7 @@ class Node:
             load=self._executor.in_flight,
         )
 
-    # --- protocol handlers ------------------------------------------------------
-
-    async def _on_job(self, request: Request, sender: str) -> InferenceResult:
-        self.admission.admit_job(sender, trio.current_time())
-        run = _expect_run(request)
-        return await self.jobs.run(
-            sender, run.job_id, fingerprint(run), lambda: self._with_load_notes(self.run_job, run)
-        )
-
-    async def _on_infer(self, request: Request, sender: str) -> InferenceResult:
-        await self._admit_infer(sender)
-        run = _expect_run(request)
-        if run.task is not None:
-            raise JobError(
-                ErrorCode.MALFORMED_MESSAGE,
-                "the infer protocol runs a named model; submit task jobs on the job protocol",
-            )
-        return await self._with_load_notes(self._run_here_within_deadline, run)
-
-    async def _admit_infer(self, sender: str) -> None:
-        """Peers of the network may have this node run models; so may allowed clients
-        (a batch sends its chunks straight to the peers that run them), each chunk
-        taking one of the client's job tokens.
-
-        A new peer's first request can come before its record, so an unknown
-        sender is given a liveness ttl to appear in the view (by sync or gossip).
-        """
-        if sender in self.view.snapshot().peers:
-            return
-        if self.admission.allows(sender):
-            self.admission.admit_job(sender, trio.current_time())
-            return
-        with trio.move_on_after(self.config.gossip.liveness_ttl):
-            await self.view.wait_until(lambda view: sender in view.peers)
-            return
-        raise self.admission.unauthorized(sender, "send infer requests")
-
-    async def _with_load_notes(self, run: _RunFn, request: RunRequest) -> InferenceResult:
-        self._note_load()
-        try:
-            return await run(request)
-        finally:
-            self._note_load()
-
-    async def _run_here_within_deadline(self, request: RunRequest) -> InferenceResult:
-        with trio.move_on_after(request.timeout_ms / 1000):
-            return await self._run_local(_to_inference(request))
-        raise JobError(
-            ErrorCode.DEADLINE_EXCEEDED,
-            f"model {request.model_id} did not finish within {request.timeout_ms} ms",
-            peer=self.peer_id,
-        )
-
-    async def _on_load(self, request: Request, sender: str) -> LoadReply:
-        if not isinstance(request, LoadRequest):
-            raise JobError(ErrorCode.MALFORMED_MESSAGE, "this protocol takes load? requests")
-        if not (self.admission.allows(sender) or sender in self.view.snapshot().peers):
-            raise self.admission.unauthorized(sender, "probe its load")
-        return LoadReply(self.peer_id, self._executor.running, self._executor.queue_length)
-
-    async def _on_place(self, request: Request, sender: str) -> PlaceReply:
-        if not isinstance(request, PlaceRequest):
-            raise JobError(ErrorCode.MALFORMED_MESSAGE, "this protocol takes place requests")
-        placement = self.orchestrator.placement(
-            request.model_id, request.strategy, request.requirements
-        )
-        return PlaceReply(self.peer_id, placement)
-
-    async def _on_select(self, request: Request, sender: str) -> SelectReply | FeedbackReply:
-        if not self.admission.allows(sender):
-            raise self.admission.unauthorized(sender, "ask for selections or send feedback")
-        if isinstance(request, FeedbackRequest):
-            models = self.selector.feedback(request.job_id, request.score)
-            return FeedbackReply(self.peer_id, request.job_id, models)
-        if not isinstance(request, SelectRequest):
-            raise JobError(ErrorCode.MALFORMED_MESSAGE, "this protocol takes select? and feedback")
-        chosen = self.selector.rank_models(
-            request.task, request.strategy, SelectionContext.parse(request.context), k=request.k
-        )
-        learned = self.selector.tracker.describe(r.model_id for r in chosen.ranked)
-        return SelectReply(
-            self.peer_id,
-            chosen,
-            tuple(
-                Learned(
-                    model_id,
-                    bucket,
-                    facts["runs"],
-                    facts["failures"],
-                    facts["latency_ms"],
-                    facts["success_rate"],
-                    facts["quality"],
-                    facts["quality_weight"],
-                )
-                for model_id, buckets in sorted(learned.items())
-                for bucket, facts in sorted(buckets.items())
-            ),
-        )
-
-    async def _on_models(self, request: Request, sender: str) -> ModelsReply:
-        return ModelsReply(self.peer_id, self.models)
-
-    async def _on_peers(self, request: Request, sender: str) -> PeersReply:
-        now = trio.current_time()
-        reports = tuple(
-            PeerReport(known.record, max(0.0, now - known.received_at), str(known.state))
-            for _, known in sorted(self.view.snapshot().peers.items())
-        )
-        return PeersReply(self.peer_id, reports)
-
-    async def _on_sync(self, request: Request, sender: str) -> SyncReply:
-        if not isinstance(request, SyncRequest):
-            raise JobError(ErrorCode.MALFORMED_MESSAGE, "this protocol takes sync? requests")
-        await self.gossip.take_synced(request.messages, sender)
-        return SyncReply(self.gossip.signed_messages())
+    # --- links to peers -----------------------------------------------------------
 
     async def _keep_in_touch(self, peer_id: str) -> None:
         """For a new connection to `peer_id`: swap records, then beat while connected.
@@ -472,8 +303,9 @@ class Node:
     ) -> None:
         async for connected, peer_id, outbound in events:
             if connected:
-                if self.membership.is_blocked(peer_id):
-                    await self._rpc.host.disconnect(ID.from_base58(peer_id))
+                if self._gate is not None and not self._gate(peer_id):
+                    # Connected while its handshake was under way as the gate closed.
+                    await self.disconnect(peer_id)
                 elif outbound and peer_id not in self._in_touch:
                     self._in_touch.add(peer_id)
                     nursery.start_soon(self._keep_in_touch, peer_id)
@@ -486,50 +318,6 @@ class Node:
         async for event in events:
             if event.kind is EventKind.LEFT:
                 self.orchestrator.stats.forget(event.peer_id)
-
-
-_RunFn = Callable[[RunRequest], Awaitable[InferenceResult]]
-
-
-class _AddressGate:
-    """libp2p's connection gate plus a set of refused addresses (blocked peers)."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.blocked: set[str] = set()
-
-    @classmethod
-    def install(cls, host: Any) -> _AddressGate:
-        network = host.get_network()
-        gate = cls(network.connection_gate)
-        network.connection_gate = gate
-        return gate
-
-    async def is_allowed(self, addr: multiaddr.Multiaddr) -> bool:
-        if str(addr).split("/p2p/")[0] in self.blocked:
-            return False
-        allowed: bool = await self._inner.is_allowed(addr)
-        return allowed
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-def _to_inference(request: RunRequest) -> InferenceRequest:
-    return InferenceRequest(
-        model_id=request.model_id,
-        inputs=request.inputs,
-        timeout=request.timeout_ms / 1000,
-        job_id=request.job_id,
-        requirements=request.requirements,
-        outputs=request.outputs,
-    )
-
-
-def _expect_run(request: Request) -> RunRequest:
-    if not isinstance(request, RunRequest):
-        raise JobError(ErrorCode.MALFORMED_MESSAGE, "this protocol takes run requests")
-    return request
 
 
 class _ConnectionEvents(INotifee):
@@ -565,50 +353,50 @@ class _ConnectionEvents(INotifee):
 
 
 @asynccontextmanager
-async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
-    """Start a node; on exit, answer what was admitted, then close the host."""
+async def open_node(config: NodeConfig, *, gate: PeerGate | None = None) -> AsyncIterator[Node]:
+    """Start a node; on exit, answer what was admitted, then close the host.
+
+    `gate(peer_id)` says whether the node keeps a connection with a peer (default:
+    with every peer); a refused peer's connections end as soon as its handshake
+    names it, whichever side dials. The harness partitions networks with it.
+    """
     lock = lock_data_dir(config.data_dir)
     try:
         with unwrap_single_errors():
-            async with _open_node(config) as node:
+            async with _open_node(config, gate) as node:
                 yield node
     finally:
         os.close(lock)
 
 
 @asynccontextmanager
-async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
+async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator[Node]:
     key_pair = load_or_create_identity(config.data_dir)
     cards = read_repository(config.models_dir or bundled_models_dir(), config.serve_models)
     executor = await Executor.load(cards, config.executor)
     tracker = load_tracker(config.data_dir)
-    host = new_libp2p_host(key_pair, psk=config.psk)
-    rpc = Rpc(
-        host,
+    host = new_libp2p_host(key_pair, psk=config.psk, gate=gate)
+    limits = MessageLimits(
         max_request_bytes=config.max_request_bytes,
         max_reply_bytes=config.max_reply_bytes,
-        max_concurrent_inbound=config.max_concurrent_inbound,
         request_limits=dict.fromkeys(
             (MODELS_PROTOCOL, PEERS_PROTOCOL, PLACE_PROTOCOL, SELECT_PROTOCOL, LOAD_PROTOCOL),
             config.max_control_request_bytes,
         ),
     )
+    server = Server(host, limits, max_concurrent_inbound=config.max_concurrent_inbound)
     listen = [parse_multiaddr(a) for a in config.listen]
     events_send, events_receive = trio.open_memory_channel[tuple[bool, str, bool]](4096)
     found_send, found_receive = trio.open_memory_channel[Found](64)  # peers mDNS finds
     gpus = Gpus()
     try:
-        async with run_host(host, listen), trio.open_nursery() as nursery:
-            node = Node(config, rpc, executor, gpus, tracker)
-            rpc.watch_connections(nursery)
-            rpc.serve(JOB_PROTOCOL, node._on_job)
-            rpc.serve(INFER_PROTOCOL, node._on_infer)
-            rpc.serve(MODELS_PROTOCOL, node._on_models)
-            rpc.serve(PEERS_PROTOCOL, node._on_peers)
-            rpc.serve(PLACE_PROTOCOL, node._on_place)
-            rpc.serve(SELECT_PROTOCOL, node._on_select)
-            rpc.serve(LOAD_PROTOCOL, node._on_load)
-            rpc.serve(SYNC_PROTOCOL, node._on_sync)
+        async with (
+            run_host(host, listen),
+            open_rpc(host, limits) as rpc,
+            trio.open_nursery() as nursery,
+        ):
+            node = Node(config, rpc, server, executor, gpus, tracker, gate)
+            serve_node(server, node)
             host.get_network().register_notifee(_ConnectionEvents(events_send))
             async with open_gossip(host, node.view, config.gossip, node.make_record) as gossip:
                 node.gossip = gossip
@@ -646,7 +434,7 @@ async def _open_node(config: NodeConfig) -> AsyncIterator[Node]:
                     node.selector.deactivate(selector_token)
                     node.orchestrator.deactivate(token)
                     with trio.CancelScope(shield=True):
-                        unanswered = await rpc.drain(config.shutdown_grace)
+                        unanswered = await server.drain(config.shutdown_grace)
                     if unanswered:
                         logger.warning("shut down with %d requests unanswered", unanswered)
                     nursery.cancel_scope.cancel()

@@ -8,6 +8,7 @@ and Yamux, GossipSub, onnxruntime); only the process is shared. ::
         await swarm.kill(3)                 # abrupt: its connections drop
         swarm.stall(4, seconds=2.0)         # alive but silent
         await swarm.partition([range(0, 5), range(5, 10)])
+        await swarm.block(0, [swarm[1].peer_id])  # one-sided: node 0 refuses node 1
         await swarm.heal()
         await swarm.wait_converged()
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import random
 import tempfile
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import replace
 from functools import partial
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
 Topology = Literal["full", "ring", "random"]
 
-__all__ = ["Swarm", "Topology", "edges", "open_rogue", "open_swarm"]
+__all__ = ["Blocklist", "Swarm", "Topology", "edges", "open_rogue", "open_swarm"]
 
 
 def edges(n: int, topology: Topology, degree: int = 4, seed: int = 0) -> set[tuple[int, int]]:
@@ -57,12 +58,29 @@ def edges(n: int, topology: Topology, degree: int = 4, seed: int = 0) -> set[tup
     raise ValueError(f"unknown topology {topology!r}; use full, ring or random")
 
 
+class Blocklist:
+    """The peers one node of the swarm refuses: its connection gate (see `open_node`)."""
+
+    def __init__(self) -> None:
+        self.peers: set[str] = set()
+        self.refused = 0  # connections refused so far, at their handshake or on connecting
+
+    def allows(self, peer_id: str) -> bool:
+        if peer_id in self.peers:
+            self.refused += 1
+            return False
+        return True
+
+
 class Swarm:
     """Handles on a running swarm. Indices are stable; killed nodes stay dead."""
 
-    def __init__(self, nodes: list[Node], scopes: list[trio.CancelScope]) -> None:
+    def __init__(
+        self, nodes: list[Node], scopes: list[trio.CancelScope], blocklists: list[Blocklist]
+    ) -> None:
         self.nodes = nodes
         self._scopes = scopes
+        self.blocklists = blocklists
         self.dead: set[int] = set()
 
     def __len__(self) -> int:
@@ -105,16 +123,31 @@ class Swarm:
             for holder in holders:
                 slots.release_on_behalf_of(holder)
 
+    async def block(self, i: int, peer_ids: Collection[str]) -> None:
+        """Cut node i's connections to these peers and keep them cut until `heal()`.
+
+        Node i refuses each of them once its handshake names it, whichever side
+        dials, and its membership dials them no more; so one side's block keeps
+        the link cut, though the other side keeps redialing.
+        """
+        node = self.nodes[i]
+        self.blocklists[i].peers |= set(peer_ids)
+        node.membership.block(peer_ids)
+        for peer_id in set(peer_ids) & node.connected_peers():
+            await node.disconnect(peer_id)
+
     async def partition(self, groups: Iterable[Iterable[int]]) -> None:
         """Cut every connection between groups, and keep them cut until `heal()`."""
         member = {i: g for g, group in enumerate(groups) for i in group}
         for i in self.live:
             others = [self.nodes[j].peer_id for j in self.live if member.get(j) != member.get(i)]
-            await self.nodes[i].block(others)
+            await self.block(i, others)
 
     async def heal(self) -> None:
+        """Lift every block at once; the nodes that had blocked dial their peers again."""
         for i in self.live:
-            self.nodes[i].unblock_all()
+            self.blocklists[i].peers.clear()
+            self.nodes[i].membership.unblock_all()
 
     def converged(self) -> bool:
         return all(self._complete(i) for i in self.live)
@@ -170,6 +203,7 @@ async def open_swarm(
             nursery = await stack.enter_async_context(trio.open_nursery())
             nodes: list[Node] = []
             scopes: list[trio.CancelScope] = []
+            blocklists = [Blocklist() for _ in range(n)]
             for i in range(n):
                 config = replace(
                     template,
@@ -179,11 +213,11 @@ async def open_swarm(
                     bootstrap=tuple(nodes[j].addrs[0] for (a, j) in sorted(links) if a == i),
                 )
                 scope = trio.CancelScope()
-                node = await nursery.start(_run_node, config, scope)
+                node = await nursery.start(_run_node, config, scope, blocklists[i])
                 nodes.append(node)
                 scopes.append(scope)
             try:
-                yield Swarm(nodes, scopes)
+                yield Swarm(nodes, scopes, blocklists)
             finally:
                 nursery.cancel_scope.cancel()
 
@@ -201,11 +235,12 @@ def _close_socket(conn: object) -> None:
 async def _run_node(
     config: NodeConfig,
     scope: trio.CancelScope,
+    blocklist: Blocklist,
     *,
     task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with scope:
-        async with open_node(config) as node:
+        async with open_node(config, gate=blocklist.allows) as node:
             task_status.started(node)
             await trio.sleep_forever()
 
@@ -224,7 +259,7 @@ async def open_rogue(
     from libp2p.pubsub.pubsub import Pubsub
     from libp2p.tools.anyio_service import background_trio_service
 
-    from ._rpc import new_libp2p_host, run_host
+    from ._host import new_libp2p_host, run_host
 
     host = new_libp2p_host(create_new_key_pair())
     router = GossipSub(

@@ -12,9 +12,11 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 
 from p2p_node import Client, ConfigError, ErrorCode, JobError, NodeConfig
 from p2p_node._admission import MAX_TRACKED_CLIENTS, Admission, TokenBucket
+from p2p_node._channel import MessageLimits
 from p2p_node._config import AdmissionConfig, GossipConfig, check_peer_id, load_client_allowlist
+from p2p_node._host import new_libp2p_host, run_host
 from p2p_node._identity import peer_id_of
-from p2p_node._rpc import INFER_PROTOCOL, Rpc, new_libp2p_host, run_host
+from p2p_node._rpc import INFER_PROTOCOL, open_rpc
 from p2p_node._wire import ErrorReply, RunRequest
 from p2p_node.testing import open_swarm
 
@@ -204,13 +206,9 @@ async def test_a_stranger_cannot_use_the_infer_protocol_to_get_around_the_allowl
     with trio.fail_after(30):
         async with open_swarm(1, base=base, gossip=fast) as swarm:
             node = swarm[0]
-            stranger = Rpc(
-                new_libp2p_host(create_new_key_pair()),
-                max_request_bytes=1 << 20,
-                max_reply_bytes=1 << 20,
-                max_concurrent_inbound=1,
-            )
-            async with run_host(stranger.host, []):
+            host = new_libp2p_host(create_new_key_pair())
+            limits = MessageLimits(max_request_bytes=1 << 20, max_reply_bytes=1 << 20)
+            async with run_host(host, []), open_rpc(host, limits) as stranger:
                 await stranger.connect(multiaddr.Multiaddr(node.addrs[0]), timeout=5)
                 request = RunRequest("j", "digits-mlp", {"input": x[:1]}, timeout_ms=5000)
                 reply = await stranger.call(node.peer_id, INFER_PROTOCOL, request, 10)

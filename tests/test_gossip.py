@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.pubsub.pubsub import Pubsub
+from multiaddr import Multiaddr
 
 from gossip import EventKind, PeerState, Rejection, encode_record
 from p2p_node import NodeConfig
@@ -68,7 +70,7 @@ async def test_a_neighbours_lost_link_does_not_remove_a_peer_we_are_connected_to
             await swarm.wait_converged()
             second, third = swarm[1].peer_id, swarm[2].peer_id
             events = swarm[0].view.subscribe()
-            await swarm[1].block([third])  # only the link between nodes 1 and 2 drops
+            await swarm.block(1, [third])  # only the link between nodes 1 and 2 drops
 
             def reported_gone(view) -> bool:  # type: ignore[no-untyped-def]
                 record = view.peers[second].record
@@ -129,6 +131,57 @@ async def test_a_partition_splits_the_views_and_healing_reconverges() -> None:
                     )
             await swarm.heal()
             await swarm.wait_converged()
+
+
+class _ConnectsFrom(INotifee):
+    """Counts the connections a node's swarm adds with one peer."""
+
+    def __init__(self, peer_id: str) -> None:
+        self.peer_id = peer_id
+        self.count = 0
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self.count += str(conn.muxed_conn.peer_id) == self.peer_id
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        pass
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+
+async def test_a_one_sided_block_holds_while_the_blocked_peer_redials() -> None:
+    # Node 1 dialed node 0 (its bootstrap peer) and redials it whenever the link
+    # drops, from a new port each time: node 0 refuses it at the handshake, by peer id.
+    with trio.fail_after(60):
+        async with open_swarm(2, topology="full") as swarm:
+            await swarm.wait_converged()
+            blocker, blocked = swarm[0], swarm[1]
+            connects = _ConnectsFrom(blocked.peer_id)
+            blocker._rpc.host.get_network().register_notifee(connects)
+            await swarm.block(0, [blocked.peer_id])
+            while swarm.blocklists[0].refused < 3:  # noqa: ASYNC110  # node 1 redials
+                await trio.sleep(0.05)
+            apart = (
+                blocked.peer_id not in blocker.connected_peers()
+                and blocker.peer_id not in blocked.connected_peers()
+            )
+            connects_while_blocked = connects.count
+            await swarm.heal()
+            await swarm.wait_converged()  # node 1's record comes back by the sync on reconnecting
+            healed = blocked.peer_id in blocker.connected_peers()
+    assert apart
+    assert connects_while_blocked == 0
+    assert healed
 
 
 async def test_membership_dials_peers_it_learns_from_records() -> None:

@@ -78,7 +78,7 @@ async def test_a_peer_reported_departed_while_alive_refutes_it() -> None:
             before = target._seq
             # Node 0 loses its link to node 2 (and keeps it cut): it reports node 2
             # departed. Node 2 hears of it through node 1 and publishes anew.
-            await swarm[0].block([target.peer_id])
+            await swarm.block(0, [target.peer_id])
             await swarm[0].view.wait_until(
                 lambda v: (
                     target.peer_id in v.peers

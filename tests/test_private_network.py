@@ -171,7 +171,7 @@ async def test_a_node_without_the_key_cannot_connect_and_it_is_logged(
     psk = PreSharedKey.generate()
     other = PreSharedKey.generate() if outsider_key == "another" else None
     refusals = _Refusals()
-    logging.getLogger("p2p_node._rpc").addHandler(refusals)
+    logging.getLogger("p2p_node._libp2p").addHandler(refusals)
     try:
         with trio.fail_after(30):
             async with open_swarm(1, psk=psk) as swarm:
@@ -185,7 +185,7 @@ async def test_a_node_without_the_key_cannot_connect_and_it_is_logged(
                     assert outsider.peer_id not in member.connected_peers()
                     assert not member.view.snapshot().peers
     finally:
-        logging.getLogger("p2p_node._rpc").removeHandler(refusals)
+        logging.getLogger("p2p_node._libp2p").removeHandler(refusals)
     assert caught.value.code == ErrorCode.PEER_UNREACHABLE
     assert "same private network (--psk)" in caught.value.message
     assert "127.0.0.1:" in refusals.messages[0]
@@ -240,14 +240,14 @@ class _RawConn:
 async def test_each_address_is_warned_of_once_then_logged_at_debug(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from p2p_node._rpc import _log_refused_handshakes
+    from p2p_node._libp2p import log_refused_handshakes
 
     host = _FakeHost()
     psk = PreSharedKey.generate()
-    _log_refused_handshakes(host, psk)  # type: ignore[arg-type]
+    log_refused_handshakes(host, psk)  # type: ignore[arg-type]
     upgrade = host.network.upgrade_inbound_raw_conn
     dials = [("10.0.0.1", 4001), ("10.0.0.1", 4002), ("10.0.0.2", 4001), ("10.0.0.1", 4003)]
-    with trio.fail_after(5), caplog.at_level(logging.DEBUG, logger="p2p_node._rpc"):
+    with trio.fail_after(5), caplog.at_level(logging.DEBUG, logger="p2p_node._libp2p"):
         for ip, port in dials:
             with pytest.raises(RuntimeError):
                 await upgrade(_RawConn(ip, port), None)

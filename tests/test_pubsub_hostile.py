@@ -27,8 +27,8 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils import encode_varint_prefixed
 from libp2p.utils.varint import read_varint_prefixed_bytes
 
-from p2p_node._gossip import GuardedGossipSub, GuardedPubsub
-from p2p_node._rpc import new_libp2p_host, run_host
+from p2p_node._host import new_libp2p_host, run_host
+from p2p_node._libp2p import GuardedGossipSub, GuardedPubsub
 from p2p_node.testing import Swarm, open_swarm
 
 TOPIC = "/p2p-node/default/records/1"

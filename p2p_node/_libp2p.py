@@ -1,0 +1,461 @@
+"""Every change this project makes to py-libp2p's own code, in one place.
+
+Written against py-libp2p 0.8.1 (`LIBP2P_VERSION`). Each patch says why it
+exists, and checks, as it is applied, that what it replaces or relies on still
+has the shape it was written for: a py-libp2p that renamed or reshaped one
+raises `Libp2pChanged` when the first host is built, instead of running
+unpatched or half patched. After an upgrade, read each patch against the new
+code, then move `LIBP2P_VERSION`.
+
+Nothing here is applied on import: `apply_to_process` (yamux, process wide,
+idempotent) and the per-host patches are applied by `_host.new_libp2p_host`.
+The pubsub subclasses check the methods they override when one is built.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from importlib.metadata import version
+from typing import Any
+from weakref import WeakKeyDictionary
+
+import multiaddr
+import trio
+from google.protobuf.message import DecodeError
+from libp2p.abc import IHost, INetStream
+from libp2p.network.swarm import Swarm
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise import io as noise_io
+from libp2p.stream_muxer.yamux import yamux
+from libp2p.transport.exceptions import SecurityUpgradeFailure
+from libp2p.transport.upgrader import TransportUpgrader
+
+from ._errors import leaves
+from ._psk import PreSharedKey
+
+logger = logging.getLogger(__name__)
+
+LIBP2P_VERSION = "0.8.1"  # the py-libp2p every patch here was written against and read with
+
+ADDRS_TTL_S = 5.0  # how long a host's addresses are reused (see cache_addrs)
+MAX_WARNED_ADDRESSES = 4096  # refused addresses remembered, to warn once for each
+
+PeerGate = Callable[[str], bool]  # peer id -> whether this host keeps a connection with it
+
+
+class Libp2pChanged(RuntimeError):
+    """py-libp2p changed under a patch: something it replaces or relies on is gone or reshaped."""
+
+
+def _expect(patch: str, holds: bool, what: str) -> None:
+    if not holds:
+        raise Libp2pChanged(
+            f"patch {patch!r} no longer fits py-libp2p: {what}. It was written against "
+            f"py-libp2p {LIBP2P_VERSION}, this is {version('libp2p')}; "
+            "read the patch in p2p_node/_libp2p.py against the new code"
+        )
+
+
+def _shape(function: Any) -> str:
+    """A function's parameters as written, without annotations: '(self, *, n=0)'."""
+    signature = inspect.signature(function)
+    bare = [p.replace(annotation=inspect.Parameter.empty) for p in signature.parameters.values()]
+    return str(signature.replace(parameters=bare, return_annotation=inspect.Signature.empty))
+
+
+def _expect_shape(patch: str, owner: object, name: str, shape: str, *, is_async: bool) -> None:
+    function = getattr(owner, name, None)
+    where = f"{getattr(owner, '__name__', type(owner).__name__)}.{name}"
+    _expect(patch, callable(function), f"{where} is gone")
+    _expect(patch, _shape(function) == shape, f"{where} is now {_shape(function)}, not {shape}")
+    _expect(
+        patch,
+        inspect.iscoroutinefunction(function) == is_async,
+        f"{where} is {'no longer' if is_async else 'now'} a coroutine function",
+    )
+
+
+def _expect_uses(patch: str, function: Any, *names: str) -> None:
+    """`function`'s own code refers to every one of `names` (attributes or globals)."""
+    code = getattr(inspect.unwrap(function), "__code__", None)
+    used = set(code.co_names) if code is not None else set()
+    missing = [n for n in names if n not in used]
+    _expect(patch, not missing, f"{function.__qualname__} no longer uses {', '.join(missing)}")
+
+
+# --- process wide: yamux --------------------------------------------------------------
+
+
+def _yamux_frames_fit_one_noise_message() -> None:
+    """py-libp2p cuts stream data into yamux frames of 64 KiB, header included, and a
+    Noise message carries at most 65,519 bytes: every full frame went out as two
+    Noise messages, the second of 29 bytes, each paying the whole per-message cost
+    of both ends (bench: about a tenth of the CPU a client and a node spend moving
+    a float32 batch). This only shapes what we send; any yamux peer takes frames
+    of any size up to its window."""
+    patch = "yamux frames fit one Noise message"
+    size = getattr(yamux, "MAX_MESSAGE_SIZE", None)
+    plaintext = getattr(noise_io, "MAX_PLAINTEXT_LENGTH", None)
+    _expect(patch, isinstance(size, int), "yamux.MAX_MESSAGE_SIZE is gone")
+    _expect(patch, isinstance(plaintext, int), "noise io.MAX_PLAINTEXT_LENGTH is gone")
+    # YamuxStream.write reads the module global on each call, so setting it works.
+    _expect_uses(patch, yamux.YamuxStream.write, "MAX_MESSAGE_SIZE")
+    yamux.MAX_MESSAGE_SIZE = min(yamux.MAX_MESSAGE_SIZE, noise_io.MAX_PLAINTEXT_LENGTH)
+
+
+async def _window_update_when_half_read(self: yamux.YamuxStream, *, bytes_read: int = 0) -> None:
+    """Credit the sender only once half of the receive window has been read.
+
+    py-libp2p's own policy sends a WINDOW_UPDATE after nearly every read, and a
+    GossipSub RPC takes two or three reads (its varint length is read a byte at
+    a time): a node sent five to ten updates, each a Noise message the peer
+    must read, for every record it received. This is go-yamux's rule, which
+    py-libp2p's docstring claims: a sender blocks only at an empty window, and
+    by then everything it sent was read, which is at least half, so an update
+    always comes.
+    """
+    delta = 0
+    async with self.window_lock:
+        self._pending_recv_release += max(0, bytes_read)
+        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+        threshold = self._grow_threshold()
+        if self.target_recv_window - (self.recv_window + buffered) >= max(threshold, 1):
+            delta = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+            self._pending_recv_release = 0
+    if delta > 0:
+        await self.send_window_update(delta, skip_lock=True)
+
+
+def _yamux_credits_once_half_read() -> None:
+    patch = "yamux window update once half read"
+    stream = yamux.YamuxStream
+    if stream._auto_tune_and_send_window_update is _window_update_when_half_read:
+        return
+    _expect_shape(
+        patch, stream, "_auto_tune_and_send_window_update", "(self, *, bytes_read=0)", is_async=True
+    )
+    _expect_uses(patch, stream.read, "_auto_tune_and_send_window_update")  # its one caller
+    _expect_shape(patch, stream, "_grow_threshold", "(self)", is_async=False)
+    _expect_shape(patch, stream, "_grow_to_delta", "(self, buffered)", is_async=False)
+    _expect_shape(patch, stream, "_apply_autotune_epoch", "(self, buffered)", is_async=False)
+    _expect_shape(
+        patch, stream, "send_window_update", "(self, increment, skip_lock=False)", is_async=True
+    )
+    _expect_uses(
+        patch,
+        stream.__init__,
+        "window_lock",
+        "_pending_recv_release",
+        "target_recv_window",
+        "recv_window",
+        "conn",
+        "stream_id",
+    )
+    _expect_uses(patch, yamux.Yamux.__init__, "stream_buffers")
+    stream._auto_tune_and_send_window_update = _window_update_when_half_read  # type: ignore[method-assign]
+
+
+def apply_to_process() -> None:
+    """The patches that change py-libp2p's classes for the whole process. Idempotent."""
+    _yamux_frames_fit_one_noise_message()
+    _yamux_credits_once_half_read()
+
+
+# --- per host ---------------------------------------------------------------------------
+
+
+def cache_addrs(host: IHost) -> None:
+    """Reuse the host's addresses for ADDRS_TTL_S instead of rebuilding them per call.
+
+    py-libp2p rebuilds them from the listening sockets on every call, about a
+    millisecond, and calls it for each pubsub message it publishes or forwards
+    (to attach its signed peer record), as do we for each record we make.
+    Kept, an idle 3-node network of processes used about a tenth less CPU.
+    Listen addresses change only when a listener starts or stops, and observed
+    ones seldom; an empty list (before listening) is never kept.
+    """
+    _expect_shape("cached host addresses", host, "get_addrs", "()", is_async=False)
+    build = host.get_addrs
+    kept: list[multiaddr.Multiaddr] = []
+    built_at = -float("inf")
+
+    def get_addrs() -> list[multiaddr.Multiaddr]:
+        nonlocal kept, built_at
+        now = time.monotonic()
+        if not kept or now - built_at > ADDRS_TTL_S:
+            kept, built_at = build(), now
+        return list(kept)
+
+    host.get_addrs = get_addrs  # type: ignore[method-assign]
+
+
+class PeerRefused(SecurityUpgradeFailure):
+    """The handshake named a peer this host does not connect to (its `PeerGate`)."""
+
+
+def refuse_peers(host: IHost, allows: PeerGate) -> None:
+    """Drop every connection, inbound or outbound, whose peer `allows` refuses, as
+    soon as the security handshake names it: before the swarm adds it, so no
+    connection event, stream or pubsub peer ever comes of it.
+
+    libp2p's own connection gate judges addresses, and a peer that dials us
+    comes from a new ephemeral port each time. A refused dialer sees its dial fail.
+    """
+    patch = "refuse peers after the handshake"
+    network: Any = host.get_network()
+    upgrader = network.upgrader
+    _expect(patch, isinstance(upgrader, TransportUpgrader), "the swarm has no TransportUpgrader")
+    _expect_shape(
+        patch, upgrader, "upgrade_security", "(raw_conn, is_initiator, peer_id=None)", is_async=True
+    )
+    # Both ways in go through it, and call it on the swarm's upgrader each time.
+    _expect_uses(patch, Swarm.upgrade_inbound_raw_conn, "upgrader", "upgrade_security")
+    _expect_uses(patch, Swarm.upgrade_outbound_raw_conn, "upgrader", "upgrade_security")
+    upgrade = upgrader.upgrade_security
+
+    async def upgrade_security(raw_conn: Any, is_initiator: bool, peer_id: ID | None = None) -> Any:
+        secured = await upgrade(raw_conn, is_initiator, peer_id)
+        remote = str(secured.get_remote_peer())
+        if not allows(remote):
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await secured.close()
+            raise PeerRefused(f"connections with {remote} are refused here")
+        return secured
+
+    upgrader.upgrade_security = upgrade_security
+
+
+def log_refused_handshakes(host: IHost, psk: PreSharedKey) -> None:
+    """Log each inbound connection whose handshake fails: in a private network, most
+    likely a peer without our key. libp2p itself only says so at debug level. The
+    first refusal from each address is a warning, later ones (a peer that keeps
+    redialling, a port scanner) are at debug. A peer refused by our own gate
+    (`refuse_peers`) is no stranger: debug."""
+    patch = "log refused handshakes"
+    network: Any = host.get_network()
+    _expect_shape(patch, network, "upgrade_inbound_raw_conn", "(raw_conn, maddr)", is_async=True)
+    if isinstance(network, Swarm):  # it calls the method on itself for each inbound connection
+        _expect_uses(patch, Swarm._do_handle_inbound_connection, "upgrade_inbound_raw_conn")
+    upgrade = network.upgrade_inbound_raw_conn
+    warned: set[str] = set()
+
+    async def logged_upgrade(raw_conn: Any, maddr: multiaddr.Multiaddr) -> Any:
+        remote = raw_conn.get_remote_address()
+        try:
+            return await upgrade(raw_conn, maddr)
+        except Exception as error:
+            # Mostly a SwarmException; but a stranger's bytes decrypted with our key
+            # are garbage, and not every way that fails comes wrapped in one (a CI run
+            # refused a stranger and logged nothing).
+            host_ip = remote[0] if remote else "?"
+            first = host_ip not in warned and len(warned) < MAX_WARNED_ADDRESSES
+            if caused_by(error, PeerRefused):
+                first = False
+            elif first:
+                warned.add(host_ip)
+            logger.log(
+                logging.WARNING if first else logging.DEBUG,
+                "refused a connection from %s: %s: %s (a peer outside private network %s?)",
+                f"{remote[0]}:{remote[1]}" if remote else "an unknown address",
+                type(error).__name__,
+                error,
+                psk.fingerprint,
+            )
+            raise
+
+    network.upgrade_inbound_raw_conn = logged_upgrade
+
+
+def caused_by(error: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `error`, or anything it was raised from or holds, is a `kind`.
+
+    libp2p reports a dial as one SwarmDialAllFailedError, caused by a MultiError of
+    the per-address errors, each caused by what went wrong in its upgrade; trio
+    may wrap any of them in exception groups.
+    """
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, kind):
+            return True
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(leaves(current))
+        errors = getattr(current, "errors", ())  # libp2p's MultiError
+        if isinstance(errors, list | tuple):
+            pending.extend(e for e in errors if isinstance(e, BaseException))
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return False
+
+
+def auto_connector(host: IHost) -> Any:
+    """The swarm's `AutoConnector`, for `run_host` to stop: it dials peerstore
+    entries until the host holds ~150 connections; which peers a node talks to is
+    ours to decide. py-libp2p offers no option to leave it off."""
+    patch = "no auto-connector"
+    connector = getattr(host.get_network(), "auto_connector", None)
+    _expect(patch, connector is not None, "the swarm has no auto_connector")
+    _expect_shape(patch, connector, "stop", "()", is_async=True)
+    return connector
+
+
+# --- pubsub -------------------------------------------------------------------------------
+
+
+def _check_pubsub_overrides() -> None:
+    """What GuardedPubsub and GuardedGossipSub override, and what calls it."""
+    patch = "guarded pubsub"
+    _expect_shape(patch, Pubsub, "stream_handler", "(self, stream)", is_async=True)
+    _expect_shape(patch, Pubsub, "_handle_dead_peer", "(self, peer_id)", is_async=False)
+    _expect_uses(patch, Pubsub.handle_dead_peer_queue, "_handle_dead_peer")
+    _expect_shape(patch, Pubsub, "push_msg", "(self, msg_forwarder, msg)", is_async=True)
+    _expect_shape(patch, Pubsub, "get_hello_packet", "(self)", is_async=False)
+    _expect_uses(patch, Pubsub._handle_new_peer, "get_hello_packet")
+    _expect_shape(patch, Pubsub, "write_msg", "(self, stream, rpc_msg)", is_async=True)
+    _expect_uses(patch, Pubsub.__init__, "peers")
+    _expect(patch, isinstance(getattr(Pubsub, "my_id", None), property), "Pubsub.my_id is gone")
+    _expect(
+        patch, "senderRecord" in rpc_pb2.RPC.DESCRIPTOR.fields_by_name, "RPC has no senderRecord"
+    )
+    _expect_shape(patch, GossipSub, "_do_px", "(self, px_peers)", is_async=True)
+    _expect_uses(patch, GossipSub.handle_prune, "_do_px")
+
+
+class GuardedPubsub(Pubsub):
+    """py-libp2p's Pubsub, with what a peer sends unable to crash this node.
+
+    Holes in py-libp2p 0.8, closed here:
+
+    - Reading: a frame that is not a protobuf RPC raises DecodeError out of the
+      stream handler, and from there out of the host: one garbled message from
+      any peer ended the node. Now any error reading a peer's stream resets
+      that stream, drops the peer from pubsub (as py-libp2p does for the errors
+      it does catch) and is counted in `garbled`.
+    - Checking: a published message whose `key` is not a public key raises
+      DecodeError from the signature check, in a task whose error stops the
+      whole pubsub service. Such a message is now dropped and counted.
+    - Writing: GossipSub writes to a peer's stream from more than one task (the
+      per-peer sender, and the flushes on identify and on subscribe), and yamux
+      sends a message frame by frame as send window allows, so two messages
+      could interleave on the wire. The receiver then read a torn RPC. Writes
+      to a stream now take turns, and a write that stops part way (timed out
+      waiting for window, cancelled) resets the stream, so what follows can
+      never be read as the rest of it. (A cancellation in the middle of one
+      frame would leave the connection's own framing broken, which no stream
+      reset mends; these writes are cancelled only at shutdown.)
+    - Forgetting: when pubsub drops a peer it forgot our outbound stream to
+      it without closing it, and opened another on the same connection. A
+      peer sending one bad frame per stream could leak our streams until its
+      connection's stream limit, after which every new stream to it waited
+      forever. The stream pubsub forgets is now reset.
+
+    Also, a cost: py-libp2p puts its signed peer record (addresses, signed) in
+    every RPC it sends, and the receiver checks its signature and updates the
+    peerstore for every RPC it reads, records and control messages alike. Our
+    records carry the addresses, signed; these copies are left out. An RPC
+    without one is what other libp2p implementations send.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _check_pubsub_overrides()
+        super().__init__(*args, **kwargs)
+        self.garbled = 0  # streams dropped and messages refused for the above
+        self._warned: set[ID] = set()
+        self._write_locks: WeakKeyDictionary[INetStream, trio.Lock] = WeakKeyDictionary()
+
+    async def stream_handler(self, stream: INetStream) -> None:
+        try:
+            await super().stream_handler(stream)
+        except Exception as error:
+            peer_id = stream.muxed_conn.peer_id
+            if not self.manager.is_running:  # shutting down: not the peer's doing
+                logger.debug("pubsub stream from %s ended at shutdown: %r", peer_id, error)
+                return
+            self._garbled(peer_id, "dropped its pubsub stream", error)
+            await reset_quietly(stream)
+            self._handle_dead_peer(peer_id)
+
+    def _handle_dead_peer(self, peer_id: ID) -> None:
+        outbound = self.peers.get(peer_id)
+        super()._handle_dead_peer(peer_id)
+        forgotten = outbound is not None and self.peers.get(peer_id) is not outbound
+        if forgotten and self.manager.is_running:
+            self.manager.run_task(reset_quietly, outbound)
+
+    async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        try:
+            await super().push_msg(msg_forwarder, msg)
+        except Exception as error:
+            if msg_forwarder == self.my_id:
+                raise  # our own message: its errors are ours to see
+            self._garbled(msg_forwarder, "dropped a message it forwarded", error)
+
+    def _garbled(self, peer_id: ID, action: str, error: Exception) -> None:
+        """Count it; warn once per peer (a hostile one could send millions)."""
+        self.garbled += 1
+        level = logging.DEBUG if peer_id in self._warned else logging.WARNING
+        if len(self._warned) < 10_000:
+            self._warned.add(peer_id)
+        # A parse error is the peer's; anything else may be a bug of ours: show where.
+        trace = level == logging.WARNING and not isinstance(error, (DecodeError, ValueError))
+        logger.log(
+            level, "garbled pubsub input from %s, %s: %r", peer_id, action, error, exc_info=trace
+        )
+
+    def get_hello_packet(self) -> rpc_pb2.RPC:
+        packet = super().get_hello_packet()
+        packet.ClearField("senderRecord")
+        return packet
+
+    async def write_msg(self, stream: INetStream, rpc_msg: rpc_pb2.RPC) -> bool:
+        rpc_msg.ClearField("senderRecord")
+        lock = self._write_locks.get(stream)
+        if lock is None:  # not setdefault: that would build a lock for every message
+            lock = self._write_locks[stream] = trio.Lock()
+        async with lock:
+            written = False
+            try:
+                written = await super().write_msg(stream, rpc_msg)
+                return written
+            finally:
+                if not written:  # possibly part of a message on the wire: end the stream
+                    with trio.CancelScope(shield=True):
+                        await reset_quietly(stream)
+                    peer_id = stream.muxed_conn.peer_id
+                    if self.peers.get(peer_id) is stream:  # pubsub opens another
+                        self._handle_dead_peer(peer_id)
+
+
+class GuardedGossipSub(GossipSub):
+    """GossipSub that never dials the peers a PRUNE suggests (peer exchange).
+
+    py-libp2p dials them whatever `do_px` says, inline while it reads the
+    sender's stream: any peer could make this node dial whom it names, and
+    stall its reading meanwhile. Whom a node dials is membership's decision,
+    made from signed records.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _check_pubsub_overrides()
+        super().__init__(*args, **kwargs)
+
+    async def _do_px(self, px_peers: list[rpc_pb2.PeerInfo]) -> None:
+        return
+
+
+async def reset_quietly(stream: INetStream) -> None:
+    """Reset `stream`, whatever state it is in; gives up after a second."""
+    with trio.move_on_after(1):
+        try:
+            await stream.reset()
+        except Exception as error:  # already reset or closed: nothing more to stop
+            logger.debug("reset of a stream failed: %r", error)

@@ -1,0 +1,272 @@
+"""Answering peers' requests: one varint-framed request and one framed reply at a time
+on each stream a peer opens, for as long as the peer keeps the stream (see _rpc).
+
+Every failure, the peer's or ours, becomes an `ErrorReply`; nothing a peer sends
+ends more than its own stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from typing import Any, TypeVar
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+
+from scheduler import ErrorCode, JobError
+
+from . import _wire
+from ._channel import TRANSPORT_ERRORS, Channel, MessageLimits, only_transport_errors
+from ._framing import FrameError
+from ._wire import ErrorReply, Reply, Request, WireError
+
+logger = logging.getLogger(__name__)
+
+# A server closes a kept stream idle this long; a caller drops one idle for less
+# (_rpc.CLIENT_IDLE_S), so it never reuses a stream the server is closing.
+SERVER_IDLE_S = 60.0
+# After refusing an oversize request, how long we read and drop the rest of it so
+# that the caller, still writing, gets to read the refusal (then the stream is reset).
+SKIP_OVERSIZE_S = 10.0
+
+R = TypeVar("R", bound=Request)
+_AnyHandler = Callable[[Any, str], Awaitable[Reply]]
+
+
+class _InboundSession:
+    """What the reader of an inbound stream tells the task answering it."""
+
+    def __init__(self) -> None:
+        self.work = trio.CancelScope()
+        self.hung_up = False
+
+    def hang_up(self) -> None:
+        self.hung_up = True
+        self.work.cancel()
+
+
+class Server:
+    """Answers peers' requests on one libp2p host.
+
+    Each protocol takes the request types its handlers were registered for
+    (`serve`); any other request, or bytes that are no request, is answered
+    MALFORMED_MESSAGE before a handler sees it. Sizes are bounded by `limits`:
+    an oversize request is refused as soon as its length prefix arrives. At most
+    `max_concurrent_inbound` streams opened by peers are served at once (idle
+    kept streams included); past it a new stream is answered OVERLOADED.
+    """
+
+    def __init__(self, host: IHost, limits: MessageLimits, *, max_concurrent_inbound: int) -> None:
+        self.host = host
+        self.peer_id = str(host.get_id())
+        self.limits = limits
+        self._max_inbound = max_concurrent_inbound
+        self._inbound_slots = trio.Semaphore(max_concurrent_inbound)
+        self._handlers: dict[TProtocol, dict[type, _AnyHandler]] = {}
+        self._answering = 0
+        self._closing = False
+        self._all_answered = trio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being answered: from their arrival until their reply is sent."""
+        return self._answering
+
+    def serve(
+        self,
+        protocol: TProtocol,
+        kind: type[R],
+        handler: Callable[[R, str], Awaitable[Reply]],
+    ) -> None:
+        """Answer requests of type `kind` on `protocol` with `handler(request, sender)`.
+
+        A protocol may take several kinds, each with its handler. A handler's
+        JobError becomes the ErrorReply it describes; any other error, INTERNAL.
+        """
+        handlers = self._handlers.get(protocol)
+        if handlers is None:
+            handlers = self._handlers[protocol] = {}
+            self.host.set_stream_handler(protocol, self._stream_handler(protocol))
+        if kind in handlers:
+            raise ValueError(f"{protocol} already has a handler for {kind.__name__}")
+        handlers[kind] = handler
+
+    async def drain(self, grace: float) -> int:
+        """Answer new requests SHUTTING_DOWN; wait up to `grace` s for the others.
+
+        Returns how many were still unanswered.
+        """
+        self._closing = True
+        if self._answering == 0:
+            self._all_answered.set()
+        with trio.move_on_after(grace):
+            await self._all_answered.wait()
+        return self._answering
+
+    def _stream_handler(self, protocol: TProtocol) -> Callable[[INetStream], Awaitable[None]]:
+        async def on_stream(stream: INetStream) -> None:
+            channel = Channel(stream, self.limits.request_limit(protocol))
+            peer = str(stream.muxed_conn.peer_id)
+            try:
+                self._inbound_slots.acquire_nowait()
+            except trio.WouldBlock:
+                logger.info("refused a %s stream from %s: inbound streams full", protocol, peer)
+                why = (
+                    "too many open streams to this node: it serves at most "
+                    f"{self._max_inbound} streams from peers at once (max_concurrent_inbound); "
+                    "try again shortly"
+                )
+                await self._refuse(channel, why)
+                return
+            try:
+                await self._serve_channel(channel, peer, protocol)
+            except Exception as error:
+                if only_transport_errors(error):  # the caller left: reset, closed, gone
+                    logger.debug("stream from %s for %s ended: %r", peer, protocol, error)
+                else:
+                    # A node never crashes on what a peer sends: log the bug, drop the stream.
+                    logger.exception("serving %s to %s failed", protocol, peer)
+                await channel.discard()
+            else:
+                await channel.close()
+            finally:
+                self._inbound_slots.release()
+
+        return on_stream
+
+    async def _serve_channel(self, channel: Channel, peer: str, protocol: TProtocol) -> None:
+        """Answer the requests on one stream in order, until the caller leaves or idles.
+
+        A reader task reads the stream all along: it is waiting for the next
+        request anyway, so it also sees a hang-up (reset, close, a cancelled
+        caller) while a request is being answered, and cancels that work.
+        """
+        session = _InboundSession()
+        send, receive = trio.open_memory_channel[bytes | FrameError](0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_requests, channel, send, session)
+            while True:
+                with trio.move_on_after(SERVER_IDLE_S):
+                    try:
+                        payload = await receive.receive()
+                    except trio.EndOfChannel:
+                        break
+                    if isinstance(payload, FrameError):
+                        # The stream cannot be resynchronised: answer once, then drop it.
+                        await self._refuse_frame(channel, payload, peer, protocol)
+                        break
+                    if not await self._answer(channel, payload, peer, protocol, session):
+                        break
+                    continue
+                break  # idle too long
+            nursery.cancel_scope.cancel()
+
+    async def _refuse_frame(
+        self, channel: Channel, error: FrameError, peer: str, protocol: TProtocol
+    ) -> None:
+        """Answer a request we cannot read. An oversize one gets MESSAGE_TOO_LARGE as
+        soon as its length is known; its body is then read and dropped, never held,
+        so that a caller still writing it finishes and reads the answer."""
+        if not error.too_large:
+            reply = ErrorReply(ErrorCode.MALFORMED_MESSAGE, str(error), self.peer_id)
+            await self._send_reply(channel, reply)
+            return
+        limit = self.limits.request_limit(protocol)
+        logger.info(
+            "refused a %s request of %d bytes from %s (limit %d)",
+            protocol,
+            error.length,
+            peer,
+            limit,
+        )
+        message = (
+            f"a {protocol} request of {error.length} bytes exceeds this node's limit of "
+            f"{limit} bytes for that protocol"
+        )
+        await self._send_reply(
+            channel, ErrorReply(ErrorCode.MESSAGE_TOO_LARGE, message, self.peer_id)
+        )
+        if not await channel.skip(error.remaining, SKIP_OVERSIZE_S):
+            await channel.discard()
+
+    async def _answer(
+        self,
+        channel: Channel,
+        payload: bytes,
+        peer: str,
+        protocol: TProtocol,
+        session: _InboundSession,
+    ) -> bool:
+        """Answer one request; False if the caller hung up before its reply."""
+        self._answering += 1
+        try:
+            reply: Reply
+            if self._closing:
+                reply = ErrorReply(
+                    ErrorCode.SHUTTING_DOWN, "this node is shutting down", self.peer_id
+                )
+            else:
+                with trio.CancelScope() as session.work:
+                    reply = await self._dispatch(payload, peer, protocol)
+                if session.hung_up:
+                    return False
+            await self._send_reply(channel, reply)
+            return True
+        finally:
+            self._answering -= 1
+            if self._closing and self._answering == 0:
+                self._all_answered.set()
+
+    async def _read_requests(
+        self,
+        channel: Channel,
+        requests: trio.MemorySendChannel[bytes | FrameError],
+        session: _InboundSession,
+    ) -> None:
+        async with requests:
+            try:
+                while True:
+                    await requests.send(await channel.receive())
+            except FrameError as error:
+                await requests.send(error)
+            except TRANSPORT_ERRORS:
+                session.hang_up()
+
+    async def _dispatch(self, payload: bytes, peer: str, protocol: TProtocol) -> Reply:
+        try:
+            request = _wire.decode_request(payload)
+        except WireError as error:
+            logger.info("malformed %s request from %s: %s", protocol, peer, error.message)
+            return ErrorReply.from_error(error, self.peer_id)
+        handlers = self._handlers[protocol]
+        handler = handlers.get(type(request))
+        if handler is None:
+            takes = " and ".join(sorted(kind.__name__ for kind in handlers))
+            message = f"{protocol} takes {takes} requests, not {type(request).__name__}"
+            logger.info("malformed %s request from %s: %s", protocol, peer, message)
+            return ErrorReply(ErrorCode.MALFORMED_MESSAGE, message, self.peer_id)
+        try:
+            return await handler(request, peer)
+        except JobError as error:
+            return ErrorReply.from_error(error, self.peer_id)
+        except Exception:
+            logger.exception("handler for %s failed on a request from %s", protocol, peer)
+            return ErrorReply(
+                ErrorCode.INTERNAL, "internal error; see the node's log", self.peer_id
+            )
+
+    async def _send_reply(self, channel: Channel, reply: Reply) -> None:
+        payload = _wire.encode(reply)
+        limit = self.limits.max_reply_bytes
+        if len(payload) > limit:
+            message = f"reply of {len(payload)} bytes exceeds the limit of {limit}"
+            payload = _wire.encode(ErrorReply(ErrorCode.MESSAGE_TOO_LARGE, message, self.peer_id))
+        await channel.send(payload)
+
+    async def _refuse(self, channel: Channel, why: str) -> None:
+        with suppress(*TRANSPORT_ERRORS):
+            await self._send_reply(channel, ErrorReply(ErrorCode.OVERLOADED, why, self.peer_id))
+        await channel.close()
