@@ -255,6 +255,14 @@ def _add_start_options(start: argparse.ArgumentParser) -> None:
         help="address to listen on (repeatable; default /ip4/0.0.0.0/tcp/4001)",
     )
     start.add_argument(
+        "--announce",
+        action="append",
+        type=multiaddr_text,
+        metavar="MADDR",
+        help="address peers should dial, e.g. a NAT's public one (repeatable); replaces "
+        "the listen addresses in this node's record",
+    )
+    start.add_argument(
         "--data-dir",
         type=Path,
         default=DEFAULT_DATA_DIR,
@@ -523,6 +531,7 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
     return NodeConfig(
         data_dir=args.data_dir,
         listen=tuple(args.listen or ["/ip4/0.0.0.0/tcp/4001"]),
+        announce=tuple(args.announce or ()),
         models_dir=args.models,
         serve_models=frozenset(args.serve) if args.serve else None,
         bootstrap=(*bootstrap, *args.bootstrap),

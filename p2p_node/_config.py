@@ -128,10 +128,16 @@ class AdmissionConfig:
             raise ConfigError(f"job_burst must be >= 1, got {self.job_burst}")
 
 
+MAX_ANNOUNCED_ADDRS = 16  # in a record
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     data_dir: Path
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    # What records tell peers to dial, replacing the listen addresses (NAT, port
+    # forwarding); without /p2p/, which the node adds. (): the listen addresses.
+    announce: tuple[str, ...] = ()
     models_dir: Path | None = None  # None: the bundled example models
     serve_models: frozenset[str] | None = None  # None: every model in models_dir
     bootstrap: tuple[str, ...] = ()
@@ -161,6 +167,11 @@ class NodeConfig:
             raise ConfigError("a node needs at least one listen address")
         for addr in self.listen:
             parse_multiaddr(addr)
+        if len(self.announce) > MAX_ANNOUNCED_ADDRS:
+            raise ConfigError(f"announce: at most {MAX_ANNOUNCED_ADDRS} addresses")
+        for addr in self.announce:
+            if "p2p" in (p.name for p in parse_multiaddr(addr).protocols()):
+                raise ConfigError(f"announce {addr!r}: leave out /p2p/..., the node adds its own")
         for addr in self.bootstrap:
             parse_peer_multiaddr(addr)
         if self.target_degree < 0:

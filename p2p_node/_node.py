@@ -42,7 +42,7 @@ from selection import EnhancedModelOrchestrator, ModelCatalog, PerformanceTracke
 from ._admission import Admission
 from ._beats import BEAT_PROTOCOL, answer_beats, lead_beats
 from ._channel import MessageLimits
-from ._config import NodeConfig, parse_multiaddr, parse_peer_multiaddr
+from ._config import MAX_ANNOUNCED_ADDRS, NodeConfig, parse_multiaddr, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
 from ._executor import Executor
 from ._gossip import Gossip, open_gossip
@@ -52,7 +52,7 @@ from ._host import new_libp2p_host, run_host
 from ._identity import load_or_create_identity, lock_data_dir
 from ._jobs import JobOnce
 from ._libp2p import PeerGate
-from ._mdns import run_mdns
+from ._mdns import lan_addrs, run_mdns
 from ._membership import Found, Membership
 from ._repository import bundled_models_dir, read_repository
 from ._rpc import (
@@ -71,8 +71,6 @@ from ._tracker_store import load_tracker, save_periodically, save_tracker
 from ._wire import LoadReply, LoadRequest, SyncReply, SyncRequest
 
 logger = logging.getLogger(__name__)
-
-MAX_ANNOUNCED_ADDRS = 16
 
 
 class Node:
@@ -127,6 +125,16 @@ class Node:
         return [str(a) for a in _expand_wildcards(self._rpc.host.get_addrs())]
 
     @property
+    def announced_addrs(self) -> tuple[str, ...]:
+        """What this node's record tells peers to dial: `config.announce` when set,
+        else its addresses less loopback ones when it has others (a loopback
+        address in a remote peer's hands names that peer itself)."""
+        if self.config.announce:
+            own = f"/p2p/{self.peer_id}"
+            return tuple(a + own for a in self.config.announce)
+        return tuple(lan_addrs(self.addrs)[:MAX_ANNOUNCED_ADDRS])
+
+    @property
     def models(self) -> tuple[ModelDescriptor, ...]:
         return self._executor.descriptors
 
@@ -163,7 +171,7 @@ class Node:
             seq=self._seq,
             issued_at=time.time(),
             interval=interval,
-            addrs=tuple(self.addrs[:MAX_ANNOUNCED_ADDRS]),
+            addrs=self.announced_addrs,
             capabilities=self._capabilities,
             models=tuple(ModelEntry(m, self._executor.models.is_loaded(m.id)) for m in self.models),
             load=Load(

@@ -47,6 +47,7 @@ def test_a_config_file_gives_the_node_config_of_the_same_flags(
         tmp_path / "node.toml",
         f"""
 listen = ["/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/tcp/4005"]
+announce = ["/ip4/203.0.113.7/tcp/4001"]
 data-dir = "node"
 models = "{models}"
 serve = ["digits-mlp", "digits-svm"]
@@ -75,6 +76,7 @@ log-format = "json"
     )
     flags = [
         *("--listen", "/ip4/127.0.0.1/tcp/0", "--listen", "/ip4/127.0.0.1/tcp/4005"),
+        *("--announce", "/ip4/203.0.113.7/tcp/4001"),
         *("--data-dir", "node", "--models", str(models)),
         *("--serve", "digits-mlp", "--serve", "digits-svm", "--bootstrap-file", "peers.toml"),
         *("--bootstrap", f"/ip4/192.0.2.10/tcp/4001/p2p/{ALICE}"),
@@ -94,6 +96,7 @@ log-format = "json"
     assert config == _node_config(from_flags)
     assert config.executor.workers == 3 and config.admission.allowed_clients == {ALICE, BOB}
     assert config.psk is not None and config.mdns and config.gossip.refresh == 30.0
+    assert config.announce == ("/ip4/203.0.113.7/tcp/4001",)
     assert (from_file.log_level, from_file.log_format) == ("info", "json")
     assert (from_flags.log_level, from_flags.log_format) == ("info", "json")
 
