@@ -76,6 +76,7 @@ def test_public_names() -> None:
             "CatalogEntry",
             "EnhancedModelOrchestrator",
             "Evidence",
+            "Learned",
             "LeftOut",
             "ModelCatalog",
             "ModelOrchestrator",
