@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,10 @@ from ._config import (
 )
 from ._executor import UNNAMED_INPUT
 from ._identity import IdentityError, create_identity_file, load_identity_file, peer_id_of
+from ._messages import Learned, PeerReport
 from ._node import open_node
 from ._psk import PskError, read_psk_file, write_new_psk_file
 from ._repository import RepositoryError
-from ._wire import Learned, PeerReport
 
 DEFAULT_BOOTSTRAP_FILE = Path("bootstrap_peers.toml")
 STRATEGIES = [s.value for s in DistributionStrategy]
@@ -664,17 +665,7 @@ def _selection_json(chosen: Selection, learned: Sequence[Learned]) -> dict[str, 
         ],
         "excluded": [{"model": x.model_id, "reason": x.reason} for x in chosen.excluded],
         "learned": [
-            {
-                "model": x.model_id,
-                "bucket": x.bucket,
-                "runs": x.runs,
-                "failures": x.failures,
-                "latency_ms": x.latency_ms,
-                "success_rate": x.success_rate,
-                "quality": x.quality,
-                "quality_weight": x.quality_weight,
-            }
-            for x in learned
+            {"model" if k == "model_id" else k: v for k, v in asdict(x).items()} for x in learned
         ],
     }
 

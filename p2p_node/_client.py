@@ -33,22 +33,7 @@ from selection import AdvancedModelSelectionStrategy, Selection
 from ._batch import BatchRun, spread
 from ._config import ConfigError, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
-from ._psk import PreSharedKey
-from ._rpc import (
-    JOB_PROTOCOL,
-    LOAD_PROTOCOL,
-    MODELS_PROTOCOL,
-    PEERS_PROTOCOL,
-    PLACE_PROTOCOL,
-    REPLY_GRACE_S,
-    SELECT_PROTOCOL,
-    Handler,
-    Rpc,
-    expect_reply,
-    new_libp2p_host,
-    run_host,
-)
-from ._wire import (
+from ._messages import (
     ContextValue,
     FeedbackReply,
     FeedbackRequest,
@@ -67,6 +52,21 @@ from ._wire import (
     RunRequest,
     SelectReply,
     SelectRequest,
+)
+from ._psk import PreSharedKey
+from ._rpc import (
+    JOB_PROTOCOL,
+    LOAD_PROTOCOL,
+    MODELS_PROTOCOL,
+    PEERS_PROTOCOL,
+    PLACE_PROTOCOL,
+    REPLY_GRACE_S,
+    SELECT_PROTOCOL,
+    Handler,
+    Rpc,
+    expect_reply,
+    new_libp2p_host,
+    run_host,
 )
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024

@@ -51,6 +51,23 @@ from ._hardware import Gpus, capabilities
 from ._identity import load_or_create_identity, lock_data_dir
 from ._jobs import JobOnce, fingerprint
 from ._membership import Membership
+from ._messages import (
+    FeedbackReply,
+    FeedbackRequest,
+    LoadReply,
+    LoadRequest,
+    ModelsReply,
+    PeerReport,
+    PeersReply,
+    PlaceReply,
+    PlaceRequest,
+    Request,
+    RunRequest,
+    SelectReply,
+    SelectRequest,
+    SyncReply,
+    SyncRequest,
+)
 from ._repository import bundled_models_dir, read_repository
 from ._rpc import (
     INFER_PROTOCOL,
@@ -67,24 +84,6 @@ from ._rpc import (
     run_host,
 )
 from ._tracker_store import load_tracker, save_periodically, save_tracker
-from ._wire import (
-    FeedbackReply,
-    FeedbackRequest,
-    Learned,
-    LoadReply,
-    LoadRequest,
-    ModelsReply,
-    PeerReport,
-    PeersReply,
-    PlaceReply,
-    PlaceRequest,
-    Request,
-    RunRequest,
-    SelectReply,
-    SelectRequest,
-    SyncReply,
-    SyncRequest,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -386,25 +385,8 @@ class Node:
         chosen = self.selector.select_models_advanced(
             request.task, request.strategy, SelectionContext.parse(request.context), k=request.k
         )
-        learned = self.selector.tracker.describe(r.model_id for r in chosen.ranked)
-        return SelectReply(
-            self.peer_id,
-            chosen,
-            tuple(
-                Learned(
-                    model_id,
-                    bucket,
-                    facts["runs"],
-                    facts["failures"],
-                    facts["latency_ms"],
-                    facts["success_rate"],
-                    facts["quality"],
-                    facts["quality_weight"],
-                )
-                for model_id, buckets in sorted(learned.items())
-                for bucket, facts in sorted(buckets.items())
-            ),
-        )
+        learned = self.selector.tracker.learned(r.model_id for r in chosen.ranked)
+        return SelectReply(self.peer_id, chosen, learned)
 
     async def _on_models(self, request: Request, sender: str) -> ModelsReply:
         return ModelsReply(self.peer_id, self.models)

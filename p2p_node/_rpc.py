@@ -41,11 +41,11 @@ from libp2p.transport.exceptions import SecurityUpgradeFailure
 
 from scheduler import ErrorCode, InferenceRequest, InferenceResult, JobError
 
-from . import _wire
+from . import _codec as _wire
 from ._errors import leaves
 from ._framing import FrameBuffer, FrameError, encode_frame
+from ._messages import ErrorReply, Reply, Request, RunRequest, WireError
 from ._psk import PreSharedKey
-from ._wire import ErrorReply, Reply, Request, RunRequest, WireError
 
 # py-libp2p cuts stream data into yamux frames of 64 KiB, header included, and a
 # Noise message carries at most 65,519 bytes: every full frame went out as two

@@ -18,6 +18,8 @@ from libp2p.peer.id import ID
 from libp2p.transport.exceptions import SecurityUpgradeFailure
 
 from p2p_node import ErrorCode, JobError
+from p2p_node._codec import decode_reply
+from p2p_node._messages import ErrorReply, ModelsReply, ModelsRequest, Reply, Request
 from p2p_node._rpc import (
     INFER_PROTOCOL,
     MODELS_PROTOCOL,
@@ -28,7 +30,6 @@ from p2p_node._rpc import (
     new_libp2p_host,
     run_host,
 )
-from p2p_node._wire import ErrorReply, ModelsReply, ModelsRequest, Reply, Request, decode_reply
 
 LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
 
@@ -194,7 +195,7 @@ def _buffered(rpc: Rpc) -> int:
 def _padded_request(size: int) -> Request:
     import numpy as np
 
-    from p2p_node._wire import RunRequest
+    from p2p_node._messages import RunRequest
 
     return RunRequest("job", "model", {"x": np.zeros(size, np.uint8)}, 1000)
 
