@@ -65,7 +65,40 @@ def test_public_names() -> None:
             "worth_probing",
         ]
     )
-    assert "PeerView" in gossip.__all__ and "ModelDescriptor" in gossip.__all__
+    assert sorted(gossip.__all__) == [
+        "Capabilities",
+        "DEFAULT_BUDGET",
+        "DEFAULT_INTERVAL",
+        "Departure",
+        "EventKind",
+        "GpuInfo",
+        "KnownPeer",
+        "Load",
+        "MAX_DEPARTED",
+        "MAX_RANK",
+        "MAX_RECORD_BYTES",
+        "ModelDescriptor",
+        "ModelEntry",
+        "ModelPerformance",
+        "PeerRecord",
+        "PeerState",
+        "PeerView",
+        "PublishPacer",
+        "RecordError",
+        "Rejection",
+        "SchemaError",
+        "TENSOR_DTYPES",
+        "TensorSpec",
+        "ViewEvent",
+        "ViewSnapshot",
+        "check_record",
+        "decode_record",
+        "descriptor_to_wire",
+        "encode_record",
+        "expire_forever",
+        "is_newer",
+        "publish_interval",
+    ]
     assert sorted(selection.__all__) == sorted(
         [
             "ALL",
