@@ -9,6 +9,7 @@ one dataclass here, subclassing `Request` or `Response`, and one registration in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, TypeAlias
@@ -193,7 +194,12 @@ class ErrorReply(Response):
 
     @classmethod
     def from_error(cls, error: JobError, peer: str) -> ErrorReply:
-        return cls(error.code, error.message, error.peer or peer, error.retry_after)
+        """The reply that reports `error`. Always one that can be built: a handler's
+        error must reach its caller, so a retry hint out of bounds is left out."""
+        wait = error.retry_after
+        if wait is not None and not (type(wait) in (int, float) and 0 <= wait < math.inf):
+            wait = None
+        return cls(error.code, error.message, error.peer or peer, wait)
 
     def to_error(self) -> JobError:
         return JobError(

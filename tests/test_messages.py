@@ -161,3 +161,11 @@ def test_a_new_message_is_one_dataclass_and_one_registration() -> None:
         assert complaint in caught.value.message
     with pytest.raises(WireError, match="unexpected message kind"):
         decode_reply(encode(EchoRequest("hi", 1)))  # a request is not a reply
+
+
+@pytest.mark.parametrize("wait", [float("nan"), -1.0, float("inf"), "soon"])
+def test_a_handlers_error_always_becomes_a_reply(wait: object) -> None:
+    error = JobError(ErrorCode.OVERLOADED, "busy", retry_after=wait)  # type: ignore[arg-type]
+    reply = ErrorReply.from_error(error, "me")
+    assert (reply.code, reply.retry_after) == (ErrorCode.OVERLOADED, None)
+    assert decode_reply(encode(reply)) == reply
