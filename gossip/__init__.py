@@ -9,11 +9,7 @@ from ._model import TENSOR_DTYPES as TENSOR_DTYPES
 from ._model import ModelDescriptor as ModelDescriptor
 from ._model import SchemaError as SchemaError
 from ._model import TensorSpec as TensorSpec
-from ._model import check_text as check_text
-from ._model import descriptor_from_wire as descriptor_from_wire
 from ._model import descriptor_to_wire as descriptor_to_wire
-from ._model import expect_list as expect_list
-from ._model import expect_map as expect_map
 from ._pacing import DEFAULT_BUDGET as DEFAULT_BUDGET
 from ._pacing import DEFAULT_INTERVAL as DEFAULT_INTERVAL
 from ._pacing import PublishPacer as PublishPacer
@@ -68,13 +64,9 @@ __all__ = [
     "ViewEvent",
     "ViewSnapshot",
     "check_record",
-    "check_text",
     "decode_record",
-    "descriptor_from_wire",
     "descriptor_to_wire",
     "encode_record",
-    "expect_list",
-    "expect_map",
     "expire_forever",
     "is_newer",
     "publish_interval",

@@ -46,7 +46,7 @@ from ._errors import unwrap_single_errors
 
 if TYPE_CHECKING:
     from ._client import Client
-    from ._wire import PeerReport
+    from ._messages import PeerReport
 
 logger = logging.getLogger(__name__)
 

@@ -41,22 +41,7 @@ from ._batch import BatchResult, submit_batch
 from ._channel import MessageLimits
 from ._config import parse_peer_multiaddr
 from ._errors import unwrap_single_errors
-from ._psk import PreSharedKey
-from ._rpc import (
-    JOB_PROTOCOL,
-    LOAD_PROTOCOL,
-    MODELS_PROTOCOL,
-    PEERS_PROTOCOL,
-    PLACE_PROTOCOL,
-    REPLY_GRACE_S,
-    SELECT_PROTOCOL,
-    Rpc,
-    expect_reply,
-    new_libp2p_host,
-    open_rpc,
-    run_host,
-)
-from ._wire import (
+from ._messages import (
     ContextValue,
     FeedbackReply,
     FeedbackRequest,
@@ -73,6 +58,21 @@ from ._wire import (
     RunRequest,
     SelectReply,
     SelectRequest,
+)
+from ._psk import PreSharedKey
+from ._rpc import (
+    JOB_PROTOCOL,
+    LOAD_PROTOCOL,
+    MODELS_PROTOCOL,
+    PEERS_PROTOCOL,
+    PLACE_PROTOCOL,
+    REPLY_GRACE_S,
+    SELECT_PROTOCOL,
+    Rpc,
+    expect_reply,
+    new_libp2p_host,
+    open_rpc,
+    run_host,
 )
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024

@@ -15,21 +15,9 @@ from scheduler import ErrorCode, InferenceRequest, InferenceResult, JobError
 from selection import SelectionContext
 
 from ._jobs import fingerprint
-from ._rpc import (
-    INFER_PROTOCOL,
-    JOB_PROTOCOL,
-    LOAD_PROTOCOL,
-    MODELS_PROTOCOL,
-    PEERS_PROTOCOL,
-    PLACE_PROTOCOL,
-    SELECT_PROTOCOL,
-    SYNC_PROTOCOL,
-)
-from ._serve import Server
-from ._wire import (
+from ._messages import (
     FeedbackReply,
     FeedbackRequest,
-    Learned,
     LoadReply,
     LoadRequest,
     ModelsReply,
@@ -45,6 +33,17 @@ from ._wire import (
     SyncReply,
     SyncRequest,
 )
+from ._rpc import (
+    INFER_PROTOCOL,
+    JOB_PROTOCOL,
+    LOAD_PROTOCOL,
+    MODELS_PROTOCOL,
+    PEERS_PROTOCOL,
+    PLACE_PROTOCOL,
+    SELECT_PROTOCOL,
+    SYNC_PROTOCOL,
+)
+from ._serve import Server
 
 if TYPE_CHECKING:
     from ._node import Node
@@ -173,25 +172,8 @@ class NodeHandlers:
         chosen = node.selector.rank_models(
             request.task, request.strategy, SelectionContext.parse(request.context), k=request.k
         )
-        learned = node.selector.tracker.describe(r.model_id for r in chosen.ranked)
-        return SelectReply(
-            node.peer_id,
-            chosen,
-            tuple(
-                Learned(
-                    model_id,
-                    bucket,
-                    facts["runs"],
-                    facts["failures"],
-                    facts["latency_ms"],
-                    facts["success_rate"],
-                    facts["quality"],
-                    facts["quality_weight"],
-                )
-                for model_id, buckets in sorted(learned.items())
-                for bucket, facts in sorted(buckets.items())
-            ),
-        )
+        learned = node.selector.tracker.learned(r.model_id for r in chosen.ranked)
+        return SelectReply(node.peer_id, chosen, learned)
 
     async def models(self, request: ModelsRequest, sender: str) -> ModelsReply:
         return ModelsReply(self.node.peer_id, self.node.models)

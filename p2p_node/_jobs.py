@@ -19,7 +19,7 @@ import trio
 
 from scheduler import ErrorCode, InferenceResult, JobError
 
-from ._wire import RunRequest
+from ._messages import RunRequest
 
 DEFAULT_MAX_JOBS = 10_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024

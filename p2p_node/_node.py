@@ -54,6 +54,7 @@ from ._jobs import JobOnce
 from ._libp2p import PeerGate
 from ._mdns import lan_addrs, run_mdns
 from ._membership import Found, Membership
+from ._messages import LoadReply, LoadRequest, SyncReply, SyncRequest
 from ._repository import bundled_models_dir, read_repository
 from ._rpc import (
     LOAD_PROTOCOL,
@@ -68,7 +69,6 @@ from ._rpc import (
 )
 from ._serve import Server
 from ._tracker_store import load_tracker, save_periodically, save_tracker
-from ._wire import LoadReply, LoadRequest, SyncReply, SyncRequest
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from scheduler import InferenceResult, Placement
 from selection import Selection
 
 from ._batch import BatchResult
-from ._wire import Learned, PeerReport
+from ._messages import Learned, PeerReport
 
 PROGRESS_WIDTH = 30
 

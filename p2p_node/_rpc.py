@@ -29,13 +29,13 @@ from libp2p.transport.exceptions import SecurityUpgradeFailure
 
 from scheduler import ErrorCode, InferenceRequest, InferenceResult, JobError
 
-from . import _wire
+from . import _codec
 from ._channel import TRANSPORT_ERRORS, Channel, MessageLimits, SendTimedOut
 from ._framing import FrameError
 from ._host import new_libp2p_host as new_libp2p_host  # where callers have found it
 from ._host import run_host as run_host
 from ._libp2p import PeerRefused, caused_by
-from ._wire import ErrorReply, Reply, Request, RunRequest, WireError
+from ._messages import ErrorReply, Reply, Request, RunRequest, WireError
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class Rpc:
         self, peer_id: str, protocol: TProtocol, request: Request, timeout: float
     ) -> Reply:
         """One exchange with `peer_id`. Every failure raises `JobError`."""
-        payload = _wire.encode(request)
+        payload = _codec.encode(request)
         limit = self.limits.request_limit(protocol)
         if len(payload) > limit:
             raise JobError(
@@ -194,7 +194,7 @@ class Rpc:
                 ErrorCode.PEER_UNREACHABLE, "the connection to the peer was lost", peer=peer_id
             )
         try:
-            return _wire.decode_reply(reply)
+            return _codec.decode_reply(reply)
         except WireError as error:
             raise JobError(error.code, f"bad reply: {error.message}", peer=peer_id) from None
 

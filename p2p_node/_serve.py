@@ -18,10 +18,10 @@ from libp2p.custom_types import TProtocol
 
 from scheduler import ErrorCode, JobError
 
-from . import _wire
+from . import _codec
 from ._channel import TRANSPORT_ERRORS, Channel, MessageLimits, only_transport_errors
 from ._framing import FrameError
-from ._wire import ErrorReply, Reply, Request, WireError
+from ._messages import ErrorReply, Reply, Request, WireError
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class Server:
 
     async def _dispatch(self, payload: bytes, peer: str, protocol: TProtocol) -> Reply:
         try:
-            request = _wire.decode_request(payload)
+            request = _codec.decode_request(payload)
         except WireError as error:
             logger.info("malformed %s request from %s: %s", protocol, peer, error.message)
             return ErrorReply.from_error(error, self.peer_id)
@@ -259,11 +259,11 @@ class Server:
             )
 
     async def _send_reply(self, channel: Channel, reply: Reply) -> None:
-        payload = _wire.encode(reply)
+        payload = _codec.encode(reply)
         limit = self.limits.max_reply_bytes
         if len(payload) > limit:
             message = f"reply of {len(payload)} bytes exceeds the limit of {limit}"
-            payload = _wire.encode(ErrorReply(ErrorCode.MESSAGE_TOO_LARGE, message, self.peer_id))
+            payload = _codec.encode(ErrorReply(ErrorCode.MESSAGE_TOO_LARGE, message, self.peer_id))
         await channel.send(payload)
 
     async def _refuse(self, channel: Channel, why: str) -> None:

@@ -21,6 +21,7 @@ from ._strategies import Selection as Selection
 from ._strategies import select as select
 from ._tracker import ALL as ALL
 from ._tracker import Evidence as Evidence
+from ._tracker import Learned as Learned
 from ._tracker import PerformanceTracker as PerformanceTracker
 from ._tracker import QualityEstimate as QualityEstimate
 from ._tracker import TrackerConfig as TrackerConfig
@@ -34,6 +35,7 @@ __all__ = [
     "CatalogEntry",
     "EnhancedModelOrchestrator",
     "Evidence",
+    "Learned",
     "LeftOut",
     "ModelCatalog",
     "ModelOrchestrator",

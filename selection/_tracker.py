@@ -13,7 +13,7 @@ import math
 import random
 from collections import OrderedDict, deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import msgpack
@@ -146,6 +146,21 @@ class QualityEstimate:
         return rng.betavariate(self.alpha, self.beta)
 
 
+@dataclass(frozen=True, slots=True)
+class Learned:
+    """What the tracker learned of one model in one context bucket, as plain values
+    (`select --json`; a select reply carries these in this order)."""
+
+    model_id: str
+    bucket: str
+    runs: int
+    failures: int
+    latency_ms: float | None
+    success_rate: float
+    quality: float | None  # mean of the scores, None before any
+    quality_weight: float  # how many (discounted) scores the mean stands on
+
+
 class PerformanceTracker:
     def __init__(self, config: TrackerConfig = TrackerConfig()) -> None:
         self.config = config
@@ -264,24 +279,36 @@ class PerformanceTracker:
         evidence = self.evidence(model_id, bucket) or self.evidence(model_id, ALL)
         return 1.0 if evidence is None else evidence.success_rate
 
-    def describe(self, model_ids: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
-        """What was learned, per model and bucket, as plain values (`select --json`)."""
+    def learned(self, model_ids: Iterable[str] | None = None) -> tuple[Learned, ...]:
+        """What was learned of `model_ids` (None: of every model), by model and bucket."""
         wanted = None if model_ids is None else set(model_ids)
-        out: dict[str, dict[str, Any]] = {}
+        out = []
         for (model_id, bucket), _ in sorted(self._entries.items()):
             if wanted is not None and model_id not in wanted:
                 continue
             evidence = self.evidence(model_id, bucket)
             assert evidence is not None
             n = evidence.quality_n
-            out.setdefault(model_id, {})[bucket] = {
-                "runs": evidence.runs,
-                "failures": evidence.failures,
-                "latency_ms": evidence.latency_ms,
-                "success_rate": round(evidence.success_rate, 4),
-                "quality": round(evidence.quality_sum / n, 4) if n > 1e-9 else None,
-                "quality_weight": round(n, 2),
-            }
+            out.append(
+                Learned(
+                    model_id,
+                    bucket,
+                    evidence.runs,
+                    evidence.failures,
+                    evidence.latency_ms,
+                    round(evidence.success_rate, 4),
+                    round(evidence.quality_sum / n, 4) if n > 1e-9 else None,
+                    round(n, 2),
+                )
+            )
+        return tuple(out)
+
+    def describe(self, model_ids: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """`learned`, as a map of model to bucket to the other fields."""
+        out: dict[str, dict[str, Any]] = {}
+        for facts in map(asdict, self.learned(model_ids)):
+            model_id, bucket = facts.pop("model_id"), facts.pop("bucket")
+            out.setdefault(model_id, {})[bucket] = facts
         return out
 
     def __len__(self) -> int:

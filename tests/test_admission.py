@@ -16,8 +16,8 @@ from p2p_node._channel import MessageLimits
 from p2p_node._config import AdmissionConfig, GossipConfig, check_peer_id, load_client_allowlist
 from p2p_node._host import new_libp2p_host, run_host
 from p2p_node._identity import peer_id_of
+from p2p_node._messages import ErrorReply, RunRequest
 from p2p_node._rpc import INFER_PROTOCOL, open_rpc
-from p2p_node._wire import ErrorReply, RunRequest
 from p2p_node.testing import open_swarm
 
 ALICE = peer_id_of(create_new_key_pair())

@@ -34,22 +34,11 @@ from test_record import REALISTIC
 from gossip import TENSOR_DTYPES, ModelDescriptor, RecordError, check_record, decode_record
 from gossip import encode_record as encode_gossip_record
 from p2p_node import Client, ErrorCode, NodeConfig, bundled_models_dir
+from p2p_node._codec import decode_reply, decode_request, encode
 from p2p_node._config import parse_peer_multiaddr
 from p2p_node._executor import load_model, validate_inputs
 from p2p_node._framing import FrameBuffer, FrameError, encode_frame
-from p2p_node._repository import read_repository
-from p2p_node._rpc import (
-    INFER_PROTOCOL,
-    JOB_PROTOCOL,
-    LOAD_PROTOCOL,
-    MODELS_PROTOCOL,
-    PEERS_PROTOCOL,
-    PLACE_PROTOCOL,
-    SELECT_PROTOCOL,
-    new_libp2p_host,
-    run_host,
-)
-from p2p_node._wire import (
+from p2p_node._messages import (
     ErrorReply,
     FeedbackReply,
     FeedbackRequest,
@@ -67,9 +56,18 @@ from p2p_node._wire import (
     SelectReply,
     SelectRequest,
     WireError,
-    decode_reply,
-    decode_request,
-    encode,
+)
+from p2p_node._repository import read_repository
+from p2p_node._rpc import (
+    INFER_PROTOCOL,
+    JOB_PROTOCOL,
+    LOAD_PROTOCOL,
+    MODELS_PROTOCOL,
+    PEERS_PROTOCOL,
+    PLACE_PROTOCOL,
+    SELECT_PROTOCOL,
+    new_libp2p_host,
+    run_host,
 )
 from p2p_node.testing import open_swarm
 from scheduler import (

@@ -10,7 +10,7 @@ import trio.testing
 
 from p2p_node import Client, ExecutorConfig, NodeConfig
 from p2p_node._jobs import JobOnce, fingerprint
-from p2p_node._wire import RunRequest
+from p2p_node._messages import RunRequest
 from p2p_node.testing import open_swarm
 from scheduler import DistributionStrategy, ErrorCode, InferenceResult, JobError
 

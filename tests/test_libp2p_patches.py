@@ -19,7 +19,7 @@ from p2p_node._host import new_libp2p_host
 from p2p_node._libp2p import Libp2pChanged, apply_to_process
 
 # The codec and everything importing the package pulls in (the host, the caller, the node).
-IMPORTS = ["p2p_node._wire", "p2p_node._codec", "p2p_node._messages", "p2p_node"]
+IMPORTS = ["p2p_node._codec", "p2p_node._messages", "p2p_node"]
 
 _CHECK = textwrap.dedent(
     """

@@ -11,9 +11,10 @@ from libp2p.io.msgio import VarIntLengthMsgReadWriter
 from libp2p.peer.id import ID
 
 from p2p_node import Client, ErrorCode, NodeConfig, open_node
+from p2p_node._codec import decode_reply, encode
 from p2p_node._host import new_libp2p_host, run_host
+from p2p_node._messages import ErrorReply, SelectRequest
 from p2p_node._rpc import MODELS_PROTOCOL
-from p2p_node._wire import ErrorReply, SelectRequest, decode_reply, encode
 from selection import CONTEXT_KEYS, MAX_CONTEXT_KEYS
 from selection._context import MAX_CONTEXT_TEXT
 

@@ -15,9 +15,10 @@ from libp2p.io.msgio import VarIntLengthMsgReadWriter
 from libp2p.peer.id import ID
 
 from p2p_node import Client, ErrorCode, JobError, Node, NodeConfig, bundled_models_dir, open_node
+from p2p_node._codec import decode_reply
 from p2p_node._host import new_libp2p_host, run_host
+from p2p_node._messages import ErrorReply
 from p2p_node._rpc import INFER_PROTOCOL, JOB_PROTOCOL
-from p2p_node._wire import ErrorReply, decode_reply
 from p2p_node.testing import open_swarm
 
 

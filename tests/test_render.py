@@ -12,7 +12,7 @@ from test_record import BARE, REALISTIC
 
 from p2p_node import _render
 from p2p_node._batch import BatchResult
-from p2p_node._wire import Learned, PeerReport
+from p2p_node._messages import Learned, PeerReport
 from scheduler import Candidate, Excluded, InferenceResult, Placement
 from selection import AdvancedModelSelectionStrategy, LeftOut, RankedModel, Selection
 
@@ -87,7 +87,9 @@ def test_a_placement_as_json_keeps_scores_and_reasons() -> None:
     shown = json.loads(_render.placement_json(PLACEMENT, "least_loaded"))
     assert shown["model"] == "digits-mlp" and shown["strategy"] == "least_loaded"
     assert shown["candidates"] == [dataclasses.asdict(c) for c in PLACEMENT.candidates]
-    assert shown["excluded"] == [dataclasses.asdict(e) for e in PLACEMENT.excluded]
+    assert shown["excluded"] == [
+        {"peer_id": e.peer_id, "reason": e.reason} for e in PLACEMENT.excluded
+    ]
 
 
 def test_a_selection_as_json_carries_every_field_learned() -> None:

@@ -21,7 +21,16 @@ from libp2p.transport.exceptions import SecurityUpgradeFailure
 
 from p2p_node import ErrorCode, JobError
 from p2p_node._channel import MessageLimits, only_transport_errors
+from p2p_node._codec import decode_reply
 from p2p_node._host import new_libp2p_host, run_host
+from p2p_node._messages import (
+    ErrorReply,
+    ModelsReply,
+    ModelsRequest,
+    PeersRequest,
+    Reply,
+    RunRequest,
+)
 from p2p_node._rpc import (
     INFER_PROTOCOL,
     MODELS_PROTOCOL,
@@ -30,15 +39,6 @@ from p2p_node._rpc import (
     open_rpc,
 )
 from p2p_node._serve import Server
-from p2p_node._wire import (
-    ErrorReply,
-    ModelsReply,
-    ModelsRequest,
-    PeersRequest,
-    Reply,
-    RunRequest,
-    decode_reply,
-)
 
 LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
 

@@ -13,7 +13,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gossip import MAX_RANK, TENSOR_DTYPES, ModelDescriptor, TensorSpec
-from p2p_node._wire import (
+from p2p_node._codec import decode_reply, decode_request, encode
+from p2p_node._messages import (
     MAX_MESSAGE_LENGTH,
     MAX_TENSORS,
     MAX_TIMEOUT_MS,
@@ -27,9 +28,6 @@ from p2p_node._wire import (
     SyncReply,
     SyncRequest,
     WireError,
-    decode_reply,
-    decode_request,
-    encode,
 )
 from scheduler import ErrorCode, InferenceResult, JobError
 
@@ -751,7 +749,7 @@ def test_single_byte_mutations_of_a_run_request_decode_or_raise_wire_error(
 
 def test_every_message_kind_round_trips_through_its_decoder() -> None:
     """Each request and reply kind is accepted by its decoder (a new kind must be added)."""
-    from p2p_node._wire import PeersReply, PeersRequest
+    from p2p_node._messages import PeersReply, PeersRequest
 
     for message in (ModelsRequest(), PeersRequest()):
         assert decode_request(encode(message)) == message
@@ -807,7 +805,7 @@ def test_placement_fields_of_a_run_request_are_checked(changes, in_message: str)
 
 
 def test_place_messages_round_trip() -> None:
-    from p2p_node._wire import PlaceReply, PlaceRequest
+    from p2p_node._messages import PlaceReply, PlaceRequest
     from scheduler import (
         Candidate,
         DistributionStrategy,

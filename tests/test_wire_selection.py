@@ -8,7 +8,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from p2p_node._wire import (
+from p2p_node._codec import decode_reply, decode_request, encode
+from p2p_node._messages import (
     VERSION,
     FeedbackReply,
     FeedbackRequest,
@@ -17,9 +18,6 @@ from p2p_node._wire import (
     SelectReply,
     SelectRequest,
     WireError,
-    decode_reply,
-    decode_request,
-    encode,
 )
 from scheduler import ErrorCode, InferenceResult
 from selection import AdvancedModelSelectionStrategy, LeftOut, RankedModel, Selection

@@ -1,0 +1,325 @@
+"""The wire messages of every p2p-node protocol: frozen values, each field's bounds
+declared beside it (see `_schema`), checked when a message is built.
+
+Pure: no trio, no libp2p, no msgpack (the codec is `_codec`). A new message is
+one dataclass here, subclassing `Request` or `Response`, and one registration in
+`_codec`. Building one with a value its protocol cannot carry raises
+`InvalidMessage` (INVALID_INPUT) here, not a peer's MALFORMED_MESSAGE later.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, TypeAlias
+
+from gossip import ModelDescriptor, PeerRecord
+from scheduler import (
+    NO_REQUIREMENTS,
+    Candidate,
+    DistributionStrategy,
+    ErrorCode,
+    Excluded,
+    InferenceResult,
+    JobError,
+    Placement,
+    Requirements,
+    Tensors,
+)
+from selection import Learned as Learned
+from selection import LeftOut, RankedModel, Selection
+
+from ._schema import MAX_ID_LENGTH as MAX_ID_LENGTH
+from ._schema import MAX_TENSORS as MAX_TENSORS
+from ._schema import (
+    SPARSE,
+    SPREAD,
+    ContextMap,
+    Int,
+    Items,
+    Key,
+    Number,
+    OrElse,
+    Row,
+    TensorMap,
+    Text,
+    check,
+    declare,
+    invalid,
+)
+from ._schema import InvalidMessage as InvalidMessage
+from ._schema import WireError as WireError
+
+VERSION = 1
+MAX_MESSAGE_LENGTH = 4096
+MAX_TIMEOUT_MS = 3_600_000
+MAX_LIST_LENGTH = 64
+MAX_LOAD = 2**31 - 1
+MAX_PEERS = 100_000
+MAX_MODELS = 1024
+MAX_RANKED = 4 * MAX_LIST_LENGTH
+MAX_REASONS = 16
+MAX_LEARNED = 4096
+MAX_INT = 2**63 - 1
+
+ContextValue = str | int | float
+Id: TypeAlias = Annotated[str, Text()]
+Count: TypeAlias = Annotated[int, Int(0, MAX_LOAD)]
+REASON = Text(MAX_MESSAGE_LENGTH, label="reason")
+NON_NEGATIVE = Number(lo=0.0)
+
+
+class Request:
+    """A request of any protocol: one of the dataclasses below. Each checks its
+    fields when built; one with rules across fields adds them to its own
+    `__post_init__` (after `check(self)`)."""
+
+    __slots__ = ()
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+class Response:
+    """A reply of any protocol but `run`'s, whose InferenceResult the scheduler owns."""
+
+    __slots__ = ()
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+Reply: TypeAlias = Response | InferenceResult
+
+
+# --- requests ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest(Request):
+    """Run `model_id` on `inputs`. Sent on both the job and the infer protocol.
+
+    A job may name a `task` type instead (with `model_id` empty): the coordinator
+    selects the model with `selection` (a strategy name; None: its default) in
+    `context`, then places it. The infer protocol always names a model.
+    """
+
+    job_id: Id
+    model_id: Annotated[str, Text(empty=True)]  # empty only with a task
+    inputs: Annotated[Tensors, TensorMap()]
+    timeout_ms: Annotated[int, Int(1, MAX_TIMEOUT_MS)]
+    strategy: DistributionStrategy | None = None  # None: the coordinator's default
+    requirements: Annotated[Requirements, Key("requires")] = NO_REQUIREMENTS
+    task: Annotated[str | None, Text()] = None
+    selection: Annotated[str | None, Text()] = None
+    context: Annotated[Mapping[str, ContextValue], ContextMap()] = field(default_factory=dict)
+    hedge: bool = False  # also ask a second peer if the first is slower than its p95
+    # the outputs wanted (a model's only); () for all, and then not on the wire
+    outputs: Annotated[
+        tuple[str, ...], Items(MAX_TENSORS, Text(label="output name"), min_len=1), SPARSE
+    ] = ()
+
+    def __post_init__(self) -> None:
+        check(self)
+        if self.task is None and not self.model_id:
+            raise invalid(f"model_id must be 1 to {MAX_ID_LENGTH} characters")
+        if self.task is not None and self.model_id:
+            raise invalid("a run request names a model_id or a task, not both")
+        if self.task is not None and self.outputs:
+            raise invalid("outputs go with a model_id; a task job answers its model's outputs")
+        if self.outputs and len(set(self.outputs)) != len(self.outputs):
+            raise invalid(f"outputs names one output twice: {list(self.outputs)}")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelsRequest(Request):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class PeersRequest(Request):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRequest(Request):
+    """How busy are you now? A coordinator's probe just before it places a request."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRequest(Request):
+    """The records I hold, as their signed GossipSub messages; send me yours.
+    Exchanged once when two peers connect, so neither waits for a refresh."""
+
+    messages: Annotated[tuple[bytes, ...], Items(MAX_PEERS)]
+
+
+@dataclass(frozen=True, slots=True)
+class PlaceRequest(Request):
+    """Where would `model_id` run now? Answered with a ranking; nothing runs."""
+
+    model_id: Id
+    strategy: DistributionStrategy
+    requirements: Annotated[Requirements, Key("requires")] = NO_REQUIREMENTS
+
+
+@dataclass(frozen=True, slots=True)
+class SelectRequest(Request):
+    """How would the node select models for `task` in `context`? Nothing runs."""
+
+    task: Id
+    strategy: Id
+    context: Annotated[Mapping[str, ContextValue], ContextMap()] = field(default_factory=dict)
+    k: Annotated[int | None, Int(1, MAX_LIST_LENGTH)] = None
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackRequest(Request):
+    """A quality score in [0, 1] for a job the receiving node coordinated."""
+
+    job_id: Id
+    score: Annotated[float, Number(0.0, 1.0)]
+
+
+# --- replies -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply(Response):
+    code: Annotated[ErrorCode, OrElse(ErrorCode.INTERNAL)]  # a newer peer's code: INTERNAL
+    message: Annotated[str, Text(MAX_MESSAGE_LENGTH, empty=True, cut=True)]
+    peer: Annotated[str, Text(empty=True)]
+    retry_after: Annotated[float | None, NON_NEGATIVE, SPARSE] = None  # seconds
+
+    @classmethod
+    def from_error(cls, error: JobError, peer: str) -> ErrorReply:
+        """The reply that reports `error`. Always one that can be built: a handler's
+        error must reach its caller, so a retry hint out of bounds is left out."""
+        wait = error.retry_after
+        if wait is not None and not (type(wait) in (int, float) and 0 <= wait < math.inf):
+            wait = None
+        return cls(error.code, error.message, error.peer or peer, wait)
+
+    def to_error(self) -> JobError:
+        return JobError(
+            self.code, self.message, peer=self.peer or None, retry_after=self.retry_after
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelsReply(Response):
+    peer_id: Id
+    models: Annotated[tuple[ModelDescriptor, ...], Items(MAX_MODELS)]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerReport:
+    """One entry of a node's view, as `p2p-node peers` shows it."""
+
+    record: PeerRecord
+    age_s: Annotated[float, NON_NEGATIVE]  # since the record arrived
+    state: Id  # "alive" or "suspect"
+
+    def __post_init__(self) -> None:
+        check(self)
+        if self.state not in ("alive", "suspect"):
+            raise invalid(f"peer report: state must be alive or suspect, got {self.state!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class PeersReply(Response):
+    peer_id: Id
+    peers: Annotated[tuple[PeerReport, ...], Items(MAX_PEERS)]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReply(Response):
+    peer_id: Id
+    in_flight: Count  # requests running
+    queue_length: Count  # requests admitted and waiting for a worker
+
+    @property
+    def load(self) -> int:
+        return self.in_flight + self.queue_length
+
+
+@dataclass(frozen=True, slots=True)
+class SyncReply(Response):
+    messages: Annotated[tuple[bytes, ...], Items(MAX_PEERS)]
+
+
+@dataclass(frozen=True, slots=True)
+class PlaceReply(Response):
+    peer_id: Id
+    placement: Annotated[Placement, SPREAD]  # model_id, candidates, excluded
+
+
+@dataclass(frozen=True, slots=True)
+class SelectReply(Response):
+    peer_id: Id
+    selection: Annotated[Selection, SPREAD]  # task, strategy, bucket, ranked, excluded
+    learned: Annotated[tuple[Learned, ...], Items(MAX_LEARNED)]
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackReply(Response):
+    peer_id: Id
+    job_id: Id
+    # the models the score was credited to
+    model_ids: Annotated[
+        tuple[str, ...], Items(MAX_LIST_LENGTH, Text(label="model_id")), Key("models")
+    ]
+
+
+# --- the bounds of values that other layers own -------------------------------------------
+
+declare(
+    InferenceResult,
+    job_id=Text(),
+    model_id=Text(),
+    outputs=TensorMap(),
+    executor=Text(),
+    queue_ms=NON_NEGATIVE,
+    compute_ms=NON_NEGATIVE,
+    route=Items(
+        MAX_LIST_LENGTH, Row((Text(label="model_id"), Int(0, MAX_INT, label="route rows")))
+    ),
+    load=(Int(0, MAX_LOAD), SPARSE),  # None: the executor did not say
+)
+declare(
+    Requirements,
+    min_memory_mb=Int(0, MAX_INT),
+    provider=Text(),
+)
+declare(
+    Placement,
+    model_id=Text(),
+    candidates=Items(MAX_PEERS),
+    excluded=Items(MAX_PEERS),
+)
+declare(Candidate, row=True, peer_id=Text(), score=Number(), reason=REASON)
+# An exclusion's cause is for the coordinator that made it; peers read the reason.
+declare(Excluded, row=True, local=("cause",), peer_id=Text(), reason=REASON)
+declare(
+    Selection,
+    order=("task_type", "strategy", "bucket", "ranked", "excluded"),
+    task_type=(Text(), Key("task")),
+    bucket=Text(),
+    ranked=Items(MAX_RANKED),
+    excluded=Items(MAX_RANKED),
+)
+declare(RankedModel, row=True, model_id=Text(), score=Number(), reasons=Items(MAX_REASONS, REASON))
+declare(LeftOut, row=True, model_id=Text(), reason=REASON)
+declare(
+    Learned,
+    row=True,
+    model_id=Text(),
+    bucket=Text(),
+    runs=Int(0, MAX_INT),
+    failures=Int(0, MAX_INT),
+    latency_ms=NON_NEGATIVE,
+    success_rate=NON_NEGATIVE,
+    quality=NON_NEGATIVE,
+    quality_weight=NON_NEGATIVE,
+)
