@@ -1,6 +1,6 @@
 """Work held by a frozen peer: alive to its kernel (its connections stay open) but
 silent. Once the failure detector drops it from a view, what it holds is answered
-elsewhere, long before it wakes.
+elsewhere, long before it wakes: a coordinator's jobs, and a client's batch chunks.
 
 The harness's stall silences a node's beats and records, and its busy blocks hold
 what the node admitted: together, a node that neither answers nor drops the link.
@@ -144,3 +144,38 @@ async def test_a_job_held_by_a_stalled_peer_is_answered_by_another_once_it_is_dr
     assert ran.admitted == 1 and ran.completed == 1
     assert client.failovers == 0
     assert refused.value.code is ErrorCode.PEER_UNREACHABLE and refused.value.peer == first
+
+
+async def test_a_batch_chunk_held_by_a_stalled_peer_is_redone_once_the_node_drops_it(
+    digits, svm_labels
+) -> None:
+    x, _ = digits
+    rows = 200
+    with trio.fail_after(60):
+        async with open_swarm(3, models=[frozenset({SVM})] * 3, base=BASE) as swarm:
+            await swarm.wait_converged()
+            async with Client.connect(swarm[0].addrs[0]) as client:
+                batch = None
+                with swarm.busy(2):  # node 2 holds its chunks...
+                    async with trio.open_nursery() as nursery:
+
+                        async def submit() -> None:
+                            nonlocal batch
+                            batch = await client.submit_batch(
+                                SVM, {"input": x[:rows]}, batch_size=20, concurrency=6
+                            )
+
+                        nursery.start_soon(submit)
+                        await swarm[2].executor.wait_counters(lambda c: c.admitted == 2)
+                        swarm.stall(2, STALL_S)  # ...and goes silent
+                        stalled_at = trio.current_time()
+                    done_at = trio.current_time()
+                    # The client hung up on it: it drops the chunks unrun.
+                    await swarm[2].executor.wait_counters(lambda c: c.cancelled_waiting == 2)
+                    held = swarm[2].executor.counters
+    assert batch is not None
+    assert swarm[2].peer_id not in batch.chunks_by_executor
+    assert sum(batch.chunks_by_executor.values()) == batch.chunks == rows // 20
+    assert np.array_equal(batch.outputs["label"], svm_labels[:rows])
+    assert held.admitted == 2 and held.completed == 0
+    assert done_at - stalled_at < swarm[0].gossip.ttl + 5.0
