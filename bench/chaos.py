@@ -21,7 +21,9 @@ outcome, executing peer, label). The checker then asks: did every job get
 exactly one answer, all successful and equal to onnxruntime's own answer? Did
 the restarted node keep its peer id and come back into every view? Was a node
 that was never killed or stopped ever missing from a live node's view? How long
-after the kill did the jobs in flight at the killed node get their answers?
+after the kill did the jobs in flight at the killed node get their answers? Did any
+job wait longer than MAX_LATENCY_MS (the jobs held by the stopped node must be
+answered elsewhere once it is reported departed, not at SIGCONT)?
 
 `--plot DIR` also writes DIR/chaos_latency.png: every job's latency against the
 time it was submitted, by the node that ran it, with the kill, stop, continue and
@@ -67,6 +69,9 @@ CLIENTS = 3
 # Models sit on nodes j % 4 and (j + 1) % 4: nodes 1 and 3 share none, so while
 # one is dead and the other stopped, every model still has a live replica.
 KILLED, STOPPED = 1, 3
+# No job waits longer: not even one held by the stopped node, which the failure
+# detector reports departed within its ttl (3 s), when its jobs are placed again.
+MAX_LATENCY_MS = 4000.0
 
 
 @dataclass(frozen=True)
@@ -367,6 +372,7 @@ class Verdict:
     back_in_every_view: bool
     live_declared_dead: int
     failover_ms: list[float]
+    max_latency_ms: float
 
     @property
     def failover_p99_ms(self) -> float:
@@ -386,6 +392,7 @@ class Verdict:
             and self.back_in_every_view
             and self.live_declared_dead == 0
             and self.failover_p99_ms <= 1000
+            and self.max_latency_ms <= MAX_LATENCY_MS
         )
 
 
@@ -426,6 +433,10 @@ def check(report: Report, original_peer_id: str) -> Verdict:
         back_in_every_view=back,
         live_declared_dead=len(report.missing_live),
         failover_ms=[(job.answered - kill) * 1e3 for job in in_flight_at_kill],  # type: ignore[operator]
+        max_latency_ms=max(
+            ((j.answered - j.submitted) * 1e3 for j in report.jobs if j.answered is not None),
+            default=0.0,
+        ),
     )
 
 
@@ -443,7 +454,8 @@ def print_verdict(report: Report, verdict: Verdict) -> None:
         ordered = sorted(latencies)
         print(
             f"job latency: p50 {statistics.median(ordered):.1f} ms, "
-            f"p99 {ordered[round(0.99 * (len(ordered) - 1))]:.1f} ms, max {ordered[-1]:.0f} ms"
+            f"p99 {ordered[round(0.99 * (len(ordered) - 1))]:.1f} ms, max {ordered[-1]:.0f} ms "
+            f"(at most {MAX_LATENCY_MS:.0f} ms)"
         )
     print(f"answered by node (last 6 of peer id): {dict(by_entry)}")
     print(

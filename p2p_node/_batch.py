@@ -11,7 +11,9 @@ Failures, by what they say:
 - about the request (bad input, say): the batch fails with that error at once;
 - about the peer (gone, timed out, refusing this client or model, answering
   nonsense): its chunk is put back for the other slots and the peer leaves the
-  batch;
+  batch. A peer that the client's node drops from its view (reported departed:
+  dead, or frozen with its connections open) fails that way too, within a
+  `WATCH_PERIOD_S` of the drop (`abandon_departed`), not at its chunks' timeout;
 - OVERLOADED: the slot waits as asked (5 s at most, or briefly when not told, and
   no longer than the batch lasts) and tries again, a few times in a row at most,
   then the peer leaves the batch.
@@ -65,6 +67,7 @@ PEER_FAULTS = frozenset(
 MAX_OVERLOADED_WAITS = 3  # in a row, per slot; then the peer leaves the batch
 OVERLOADED_WAIT_S = 0.1  # when the peer does not say how long
 MAX_OVERLOADED_WAIT_S = 5.0  # whatever it says
+WATCH_PERIOD_S = 1.0  # how often a batch asks the client's node which peers it still sees
 
 RunOn = Callable[[str, int], Awaitable[InferenceResult]]  # (peer id, chunk) -> answer
 RunChunk = Callable[[int], Awaitable[InferenceResult]]
@@ -216,6 +219,8 @@ class Dialer(Protocol):
         self, peer_id: str, request: InferenceRequest, timeout: float
     ) -> InferenceResult: ...
 
+    def abandon(self, peer_id: str, why: str) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
@@ -272,15 +277,46 @@ async def submit_batch(
         if direct
         else []
     )
+    slots = spread(concurrency, peers)
     with unwrap_single_errors():
-        await BatchRun(len(bounds), run_on, via_node, answered).run(
-            spread(concurrency, peers), fallback_slots=concurrency
-        )
+        async with trio.open_nursery() as nursery:
+            if slots:
+                nursery.start_soon(abandon_departed, client, dialer, frozenset(slots))
+            await BatchRun(len(bounds), run_on, via_node, answered).run(
+                slots, fallback_slots=concurrency
+            )
+            nursery.cancel_scope.cancel()
     finished = [r for r in results if r is not None]
     joined = {
         name: np.concatenate([r.outputs[name] for r in finished]) for name in finished[0].outputs
     }
     return BatchResult(joined, dict(Counter(r.executor for r in finished)), len(bounds))
+
+
+async def abandon_departed(
+    client: Client, dialer: Dialer, peers: frozenset[str], period: float = WATCH_PERIOD_S
+) -> None:
+    """Until cancelled: every `period`, ask the client's node which peers its view
+    holds, and abandon the exchanges with each of `peers` it no longer holds.
+
+    The client has no failure detector of its own; its node has one (beats). A
+    peer it drops is dead or frozen, and a frozen one keeps its connections
+    open, so its chunks would wait out their timeout. Abandoned, they fail as
+    PEER_UNREACHABLE: back to the queue, and the peer leaves the batch. A
+    dropped peer is abandoned again at every look, in case a slot sent it a
+    chunk in between. A look the node does not answer in time is skipped.
+    """
+    while True:
+        await trio.sleep(period)
+        node = client.peer_id  # the node the client uses now (it may fail over)
+        try:
+            reports = await client.peers(timeout=period)
+        except JobError as error:
+            logger.debug("batch: no view from %s: %s", node, error, extra={"peer": node})
+            continue
+        held = {r.record.peer_id for r in reports} | {node}
+        for peer_id in peers - held:
+            dialer.abandon(peer_id, f"{node} reported it departed with a chunk in flight")
 
 
 def row_count(inputs: Tensors, batch_size: int) -> int:

@@ -103,7 +103,7 @@ class Node:
         self._index = NodeIndex(())
         self._index_source: object = None
         self.orchestrator = DistributedModelOrchestrator(
-            rpc.peer_id, self.node_index, rpc.infer, self.run_local, self.probe_load
+            rpc.peer_id, self.node_index, self.send, self.run_local, self.probe_load
         )
         self._catalog = ModelCatalog(())
         self._catalog_source: object = None
@@ -249,6 +249,24 @@ class Node:
             )
         return answer.load
 
+    async def send(
+        self, peer_id: str, request: InferenceRequest, timeout: float
+    ) -> InferenceResult:
+        """Have `peer_id` run `request` (the orchestrator's remote path). Raises JobError.
+
+        A peer the view dropped after the request was placed on it (a load probe
+        can come between) is not sent it: the departure abandoned only the calls
+        in flight then (`_forget_departed`). The check and the call's start share
+        one step, with no checkpoint between, so no departure falls in between.
+        """
+        if peer_id not in self.view.snapshot().peers:
+            raise JobError(
+                ErrorCode.PEER_UNREACHABLE,
+                "reported departed before the request went",
+                peer=peer_id,
+            )
+        return await self._rpc.infer(peer_id, request, timeout)
+
     async def run_local(self, request: InferenceRequest) -> InferenceResult:
         """Run `request` on this node's executor (the orchestrator's local path)."""
         execution = await self._executor.run(request.model_id, request.inputs, request.outputs)
@@ -323,9 +341,13 @@ class Node:
                 self.membership.kick()
 
     async def _forget_departed(self, events: trio.MemoryReceiveChannel[ViewEvent]) -> None:
+        """For each peer that leaves the view: forget its stats, and fail the requests
+        in flight to it, which the orchestrator then places elsewhere under the same
+        job id. A frozen peer keeps its connection, so only its departure frees them."""
         async for event in events:
             if event.kind is EventKind.LEFT:
                 self.orchestrator.stats.forget(event.peer_id)
+                self._rpc.abandon(event.peer_id, "reported departed with the request in flight")
 
 
 class _ConnectionEvents(INotifee):

@@ -125,7 +125,9 @@ class Rpc:
         self._tasks = nursery
         self._watcher = ConnectionWatcher(nursery, self.peer_gone)
         self._idle: dict[tuple[str, TProtocol], list[Channel]] = {}
-        self._calls: dict[str, set[trio.CancelScope]] = {}  # in-flight exchanges by peer
+        # In-flight exchanges by peer: the scope that fails each at once, and why it
+        # was failed (empty until then).
+        self._calls: dict[str, dict[trio.CancelScope, str]] = {}
 
     async def connect(self, addr: multiaddr.Multiaddr, timeout: float) -> str:
         """Dial a peer by its full multiaddr; returns its peer id."""
@@ -175,9 +177,9 @@ class Rpc:
                 f"a {protocol} request of {len(payload)} bytes exceeds the limit of {limit} "
                 "bytes for that protocol",
             )
-        lost = trio.CancelScope()  # cancelled by peer_gone
-        calls = self._calls.setdefault(peer_id, set())
-        calls.add(lost)
+        lost = trio.CancelScope()  # cancelled by peer_gone or abandon
+        calls = self._calls.setdefault(peer_id, {})
+        calls[lost] = ""
         try:
             with trio.fail_after(timeout), lost:
                 reply = await self._exchange(peer_id, protocol, payload)
@@ -186,13 +188,11 @@ class Rpc:
                 ErrorCode.DEADLINE_EXCEEDED, f"no reply within {timeout:g} s", peer=peer_id
             ) from None
         finally:
-            calls.discard(lost)
+            why = calls.pop(lost)
             if not calls:
                 self._calls.pop(peer_id, None)
         if lost.cancelled_caught:
-            raise JobError(
-                ErrorCode.PEER_UNREACHABLE, "the connection to the peer was lost", peer=peer_id
-            )
+            raise JobError(ErrorCode.PEER_UNREACHABLE, why, peer=peer_id)
         try:
             return _codec.decode_reply(reply)
         except WireError as error:
@@ -336,10 +336,31 @@ class Rpc:
         A stream of a closed connection does not always see the close (a read can
         wait on), so the caller would otherwise wait out its whole timeout.
         """
-        for scope in self._calls.get(peer_id, ()):
-            scope.cancel()
+        self._fail_calls(peer_id, "the connection to the peer was lost")
         for key in [k for k in self._idle if k[0] == peer_id]:
             del self._idle[key]
+
+    def abandon(self, peer_id: str, why: str) -> None:
+        """Give up on `peer_id` though its connection stays: every exchange in flight
+        with it raises a retryable PEER_UNREACHABLE saying `why` now, and its idle
+        streams are reset, never reused.
+
+        For a peer the failure detector reported departed: a frozen process
+        (SIGSTOP, a VM paused) keeps its connections open, since its kernel still
+        answers, so nothing else would fail a call to it before the call's own
+        timeout. Its streams in use are reset as their exchanges end; if it comes
+        back, the next exchange opens a new stream.
+        """
+        self._fail_calls(peer_id, why)
+        for key in [k for k in self._idle if k[0] == peer_id]:
+            for channel in self._idle.pop(key):
+                self._tasks.start_soon(channel.discard)
+
+    def _fail_calls(self, peer_id: str, why: str) -> None:
+        calls = self._calls.get(peer_id, {})
+        for scope, earlier in calls.items():
+            calls[scope] = earlier or why  # the first reason is the one that failed it
+            scope.cancel()
 
 
 def expect_reply(reply: Reply, kind: type[Any], peer_id: str) -> Any:
