@@ -18,9 +18,9 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from p2p_node import Client, ExecutorConfig, JobError, NodeConfig, bundled_models_dir
 from p2p_node._channel import MessageLimits
 from p2p_node._host import new_libp2p_host, run_host
+from p2p_node._messages import ModelsReply, ModelsRequest, Reply
 from p2p_node._rpc import MODELS_PROTOCOL, open_rpc
 from p2p_node._serve import Server
-from p2p_node._wire import ModelsReply, ModelsRequest, Reply
 from p2p_node.testing import open_swarm
 from scheduler import DistributionStrategy, ErrorCode, InferenceRequest
 
