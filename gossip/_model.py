@@ -1,7 +1,8 @@
 """What a node says about a model it serves: plain values and their wire form.
 
-These descriptors travel in replies to `models` queries today and inside gossip
-records later, so they live in the lowest layer. No I/O here.
+A `ModelDescriptor` travels inside every gossip record (gossip/_record.py) and in
+replies to `models` queries (p2p_node's codec), so it lives in the lowest layer,
+with the checks both share. No I/O here.
 """
 
 from __future__ import annotations
