@@ -12,7 +12,7 @@ to the longest text of the job and truncated (or refused) at the model's
     truncation = true
     postprocess = "mean_pool_normalize"    # or "labels", or "generate"
     labels = ["negative", "positive"]       # "labels" only: one name per class
-    [text.inputs]                           # tokenizer output = graph input
+    [text.inputs]                           # graph input = tokenizer output
     input_ids = "input_ids"
     attention_mask = "attention_mask"
     token_type_ids = "token_type_ids"
@@ -59,13 +59,14 @@ class Postprocess(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class TextSpec:
-    """A model's `[text]` table. `inputs` maps a tokenizer output to a graph input."""
+    """A model's `[text]` table. `inputs` pairs each graph input with the tokenizer
+    output it takes (one of TOKENIZER_OUTPUTS)."""
 
     tokenizer: str  # a file in the model's directory
     max_tokens: int
     truncation: bool
     postprocess: Postprocess
-    inputs: tuple[tuple[str, str], ...]
+    inputs: tuple[tuple[str, str], ...]  # (graph input, tokenizer output)
     labels: tuple[str, ...] = ()
 
 
@@ -109,12 +110,12 @@ def parse_text_spec(path: Path, table: object) -> TextSpec:
     if (
         not isinstance(inputs, dict)
         or not inputs
-        or not all(k in TOKENIZER_OUTPUTS and isinstance(v, str) and v for k, v in inputs.items())
-        or "input_ids" not in inputs
+        or not all(isinstance(v, str) and v in TOKENIZER_OUTPUTS for v in inputs.values())
+        or "input_ids" not in inputs.values()
     ):
         raise bad(
-            f"inputs must map tokenizer outputs {list(TOKENIZER_OUTPUTS)} (input_ids among "
-            f"them) to graph input names, got {inputs!r}"
+            f"inputs must give each graph input one of the tokenizer outputs "
+            f"{list(TOKENIZER_OUTPUTS)}, input_ids among them; got {inputs!r}"
         )
     labels = table.get("labels", [])
     if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
@@ -208,7 +209,7 @@ class TextModel:
             "position_ids": np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape),
         }
         dtypes = {s.name: s.dtype for s in self.descriptor.inputs}
-        feeds = {graph: made[ours].astype(dtypes[graph], copy=False) for ours, graph in spec.inputs}
+        feeds = {graph: made[ours].astype(dtypes[graph], copy=False) for graph, ours in spec.inputs}
         return TextJob(feeds, (self._output,), mask, self)
 
     def _truncated(self, texts: Sequence[str]) -> list[Any]:
@@ -291,7 +292,7 @@ def _checked_output(descriptor: ModelDescriptor, spec: TextSpec) -> str:
     """The graph output the postprocessing reads; RepositoryError if the table names
     graph inputs the graph lacks or leaves some out."""
     graph_inputs = {s.name for s in descriptor.inputs}
-    mapped = {graph for _, graph in spec.inputs}
+    mapped = {graph for graph, _ in spec.inputs}
     if spec.postprocess is not Postprocess.GENERATE and mapped != graph_inputs:
         raise RepositoryError(
             f"model {descriptor.id}: [text.inputs] feeds {sorted(mapped)}; "

@@ -13,6 +13,7 @@ from text_models import HIDDEN, embedding_table, write_text_model, write_tokeniz
 
 from gossip import ModelDescriptor, TensorSpec
 from p2p_node import ExecutorConfig, bundled_models_dir
+from p2p_node._cli import parse_args
 from p2p_node._executor import Executor
 from p2p_node._repository import RepositoryError, read_repository
 from p2p_node._text import TextSpec, mean_pool_normalize, parse_text_spec
@@ -26,6 +27,7 @@ from selection import (
 )
 from selection._orchestrator import estimate_tokens
 
+TASK = "sentence-embedding"
 SENTENCES = ["the cat sat on the mat", "a dog runs fast in the park", "good movie"]
 
 
@@ -144,13 +146,13 @@ GOOD = {
     "max_tokens": 16,
     "truncation": True,
     "postprocess": "mean_pool_normalize",
-    "inputs": {"input_ids": "ids"},
+    "inputs": {"ids": "input_ids"},
 }
 
 
 def test_a_text_table_parses_into_a_spec() -> None:
     spec = parse_text_spec(Path("m/model.toml"), GOOD)
-    assert spec == TextSpec("tokenizer.json", 16, True, spec.postprocess, (("input_ids", "ids"),))
+    assert spec == TextSpec("tokenizer.json", 16, True, spec.postprocess, (("ids", "input_ids"),))
 
 
 @pytest.mark.parametrize(
@@ -159,7 +161,7 @@ def test_a_text_table_parses_into_a_spec() -> None:
         pytest.param({"max_tokens": 0}, "max_tokens", id="max-tokens"),
         pytest.param({"tokenizer": "../x.json"}, "tokenizer", id="tokenizer-path"),
         pytest.param({"postprocess": "pool"}, "postprocess", id="postprocess"),
-        pytest.param({"inputs": {"pixels": "x"}}, "inputs", id="unknown-input"),
+        pytest.param({"inputs": {"x": "pixels"}}, "inputs", id="unknown-input"),
         pytest.param({"truncation": "yes"}, "truncation", id="truncation"),
         pytest.param({"labels": ["a"]}, "labels", id="labels-without-postprocess"),
         pytest.param({"postprocess": "labels"}, "labels", id="postprocess-without-labels"),
@@ -282,3 +284,47 @@ def test_the_token_estimate_never_undercounts_a_byte_level_tokenizer(tmp_path) -
     for text in ["the cat", "héllo wörld ☃", "a" * 300]:
         assert estimate_tokens([text]) == len(text.encode("utf-8")) + 2
         assert estimate_tokens([text]) >= len(tokenizer.encode(text).ids)
+
+
+# --- the command line --------------------------------------------------------------------
+
+PEER = [
+    "submit",
+    "--peer",
+    "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWMgBawwNoAtxb9FuYT4E1bDZyZfE4EK1H3pzfU6f3vTdM",
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        pytest.param([*PEER, "--model", "m"], "give --input FILE, or texts", id="nothing"),
+        pytest.param(
+            [*PEER, "--model", "m", "--input", "x.npy", "--text", "hi"],
+            "give --input FILE, or texts",
+            id="both",
+        ),
+        pytest.param(
+            [*PEER, "--model", "m", "--text", "hi", "--batch-size", "2", "--output", "o.npy"],
+            "--batch-size and --outputs go with --input",
+            id="batch",
+        ),
+        pytest.param(
+            [*PEER, "--model", "m", "--input", "x.npy", "--truncate"],
+            "--truncate goes with --text",
+            id="truncate",
+        ),
+    ],
+)
+def test_text_flags_that_do_not_go_together(capsys, argv, says) -> None:
+    with pytest.raises(SystemExit) as caught:
+        parse_args(argv)
+    assert caught.value.code == 2
+    assert f"p2p-node submit: error: {says}" in capsys.readouterr().err
+
+
+def test_text_flags_are_taken(tmp_path) -> None:
+    args = parse_args(
+        [*PEER, "--task", TASK, "--text", "a", "--text", "b", "--texts-file", "t.txt", "--truncate"]
+    )
+    assert args.text == ["a", "b"] and args.texts_file == Path("t.txt") and args.truncate
