@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -12,12 +13,14 @@ import trio
 from text_models import HIDDEN, embedding_table, write_text_model, write_tokenizer
 
 from gossip import ModelDescriptor, TensorSpec
-from p2p_node import ExecutorConfig, bundled_models_dir
+from p2p_node import ExecutorConfig, _codec, bundled_models_dir
 from p2p_node._cli import parse_args
 from p2p_node._executor import Executor
+from p2p_node._jobs import fingerprint
+from p2p_node._messages import InvalidMessage, RunRequest, WireError
 from p2p_node._repository import RepositoryError, read_repository
 from p2p_node._text import TextSpec, mean_pool_normalize, parse_text_spec
-from scheduler import ErrorCode, JobError
+from scheduler import ErrorCode, InferenceResult, JobError
 from selection import (
     AdvancedModelSelectionStrategy,
     ModelCatalog,
@@ -328,3 +331,57 @@ def test_text_flags_are_taken(tmp_path) -> None:
         [*PEER, "--task", TASK, "--text", "a", "--text", "b", "--texts-file", "t.txt", "--truncate"]
     )
     assert args.text == ["a", "b"] and args.texts_file == Path("t.txt") and args.truncate
+
+
+def test_a_job_sent_again_is_the_same_text_job_only_with_the_same_texts() -> None:
+    job = RunRequest("a", "m", {}, 100, texts=("good movie", "bad"))
+    assert fingerprint(job) == fingerprint(RunRequest("b", "m", {}, 5, texts=("good movie", "bad")))
+    for other in (
+        RunRequest("a", "m", {}, 100, texts=("good movie",)),
+        RunRequest("a", "m", {}, 100, texts=("good", "movie bad")),
+        RunRequest("a", "m", {}, 100, texts=("good movie", "bad"), truncate=True),
+    ):
+        assert fingerprint(other) != fingerprint(job)
+
+
+# --- on the wire ---------------------------------------------------------------------------
+
+
+def test_texts_and_labels_cross_the_wire() -> None:
+    job = RunRequest("a", "m", {}, 100, texts=("good movie", "ünïcode ☃"), truncate=True)
+    assert _codec.decode_request(_codec.encode(job)) == job
+    result = InferenceResult("a", "m", {}, "peer", 1.0, 2.0, labels=("pos", "neg"))
+    assert _codec.decode_reply(_codec.encode(result)).labels == ("pos", "neg")  # type: ignore[union-attr]
+    tensor_job = RunRequest("a", "m", {"x": np.zeros(2, np.float32)}, 100)
+    assert b"texts" not in _codec.encode(tensor_job)  # sparse: older peers never see it
+
+
+@pytest.mark.parametrize(
+    ("texts", "says"),
+    [
+        pytest.param([], "texts must be a list of 1 to 1024 items, got 0", id="empty-list"),
+        pytest.param([""], "text must be 1 to", id="empty-text"),
+        pytest.param([b"raw bytes"], "text must be a string, got bytes", id="bytes"),
+        pytest.param(["a"] * 1025, "1 to 1024 items, got 1025", id="too-many"),
+        pytest.param("not a list", "texts must be a list", id="not-a-list"),
+    ],
+)
+def test_bad_texts_from_a_peer_are_malformed(texts, says) -> None:
+    raw = msgpack.unpackb(_codec.encode(RunRequest("a", "m", {}, 100, texts=("x",))))
+    raw["texts"] = texts
+    with pytest.raises(WireError) as caught:
+        _codec.decode_request(msgpack.packb(raw, use_bin_type=True))
+    assert caught.value.code is ErrorCode.MALFORMED_MESSAGE
+    assert says in caught.value.message
+
+
+def test_a_text_that_is_not_utf8_is_refused_before_it_is_read() -> None:
+    payload = _codec.encode(RunRequest("a", "m", {}, 100, texts=("hello",)))
+    with pytest.raises(WireError) as caught:
+        _codec.decode_request(payload.replace(b"hello", b"h\xffllo"))
+    assert caught.value.code is ErrorCode.MALFORMED_MESSAGE
+
+
+def test_a_job_is_texts_or_tensors() -> None:
+    with pytest.raises(InvalidMessage, match="texts or input tensors"):
+        RunRequest("a", "m", {"x": np.zeros(1, np.float32)}, 100, texts=("x",))
