@@ -201,3 +201,53 @@ async def test_minilm_through_a_forwarding_node_equals_onnxruntime_here(tmp_path
     assert caught.value.code is ErrorCode.NO_FITTING_MODEL
     assert f"input_length <= {window}" in caught.value.message
     assert truncated.model_id == MINILM
+
+
+async def test_a_hybrid_cascade_of_text_classifiers_escalates_unsure_texts(tmp_path) -> None:
+    texts = [
+        *SENTENCES,
+        "bad film",
+        "the night was awful",
+        "a cat is not a dog",
+        "very slow day",
+        "the moon",
+        "great",
+    ]
+    labels = ("neg", "pos")
+    task = "text-classification"
+    write_text_model(
+        tmp_path,
+        "cheap",
+        max_tokens=16,
+        classes=labels,
+        task_type=task,
+        accuracy=0.92,
+        cost=0.2,
+        seed=3,
+    )
+    write_text_model(
+        tmp_path,
+        "strong",
+        max_tokens=16,
+        classes=labels,
+        task_type=task,
+        accuracy=0.95,
+        cost=2.0,
+        seed=4,
+    )
+    with trio.fail_after(60):
+        async with open_swarm(1, base=base(tmp_path)) as swarm:
+            async with Client.connect(swarm[0].addrs[0]) as client:
+                cheap = await client.submit("cheap", texts=texts)
+                strong = await client.submit("strong", texts=texts)
+                cascade = await client.submit_task(
+                    task, texts=texts, selection="hybrid", context={"confidence": 0.99}
+                )
+    sure = cheap.outputs["probabilities"].max(axis=1) >= 0.99
+    assert 0 < sure.sum() < len(texts)  # the case this test is about: some rows escalate
+    assert cascade.route == (("cheap", int(sure.sum())), ("strong", int((~sure).sum())))
+    want = [c if s else g for c, g, s in zip(cheap.labels, strong.labels, sure, strict=True)]
+    assert list(cascade.labels) == want
+    assert np.array_equal(
+        cascade.outputs["label"], np.where(sure, cheap.outputs["label"], strong.outputs["label"])
+    )

@@ -65,7 +65,7 @@ def embedding_table(seed: int = 0) -> np.ndarray:
     return rng.standard_normal((len(SPECIALS) + len(WORDS), HIDDEN)).astype(np.float32)
 
 
-def encoder_graph(table: np.ndarray, *, classes: int = 0) -> onnx.ModelProto:
+def encoder_graph(table: np.ndarray, *, classes: int = 0, seed: int = 0) -> onnx.ModelProto:
     """hidden = table[input_ids] * attention_mask: per-token states [b, s, HIDDEN]; with
     `classes`, logits = sum over tokens of hidden @ W [b, classes] instead."""
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
@@ -81,7 +81,7 @@ def encoder_graph(table: np.ndarray, *, classes: int = 0) -> onnx.ModelProto:
         numpy_helper.from_array(np.array([-1]), "last"),
     ]
     if classes:
-        w = np.random.default_rng(1).standard_normal((HIDDEN, classes)).astype(np.float32)
+        w = np.random.default_rng(seed + 1).standard_normal((HIDDEN, classes)).astype(np.float32)
         inits += [
             numpy_helper.from_array(w, "w"),
             numpy_helper.from_array(np.array([1]), "seq_axis"),
@@ -112,17 +112,19 @@ def write_text_model(
     classes: tuple[str, ...] = (),
     task_type: str = "sentence-embedding",
     accuracy: float = 0.8,
+    cost: float = 1.0,
     seed: int = 0,
 ) -> Path:
     model_dir = root / model_id
     model_dir.mkdir(parents=True)
     write_tokenizer(model_dir / "tokenizer.json")
-    onnx.save(encoder_graph(embedding_table(seed), classes=len(classes)), model_dir / "model.onnx")
+    graph = encoder_graph(embedding_table(seed), classes=len(classes), seed=seed)
+    onnx.save(graph, model_dir / "model.onnx")
     post = "labels" if classes else "mean_pool_normalize"
     labels = f"labels = {list(classes)!r}\n".replace("'", '"') if classes else ""
     (model_dir / "model.toml").write_text(
         f'id = "{model_id}"\nversion = "1"\ntask_type = "{task_type}"\nlanguages = ["en"]\n'
-        f"max_input_length = {max_tokens}\naccuracy = {accuracy}\ncost = 1.0\n"
+        f"max_input_length = {max_tokens}\naccuracy = {accuracy}\ncost = {cost}\n"
         f'[text]\ntokenizer = "tokenizer.json"\nmax_tokens = {max_tokens}\n'
         f'truncation = {"true" if truncation else "false"}\npostprocess = "{post}"\n{labels}'
         '[text.inputs]\ninput_ids = "input_ids"\nattention_mask = "attention_mask"\n',
