@@ -60,14 +60,15 @@ class Postprocess(StrEnum):
 @dataclass(frozen=True, slots=True)
 class TextSpec:
     """A model's `[text]` table. `inputs` pairs each graph input with the tokenizer
-    output it takes (one of TOKENIZER_OUTPUTS)."""
+    output it takes (one of TOKENIZER_OUTPUTS). Field names as the `minilm` branch's
+    TextSpec in `_repository`, plus `labels`: one of the two is to go."""
 
-    tokenizer: str  # a file in the model's directory
+    tokenizer_path: Path  # a file beside model.toml
     max_tokens: int
     truncation: bool
+    inputs: tuple[tuple[str, str], ...]  # (graph input, tokenizer output), in table order
     postprocess: Postprocess
-    inputs: tuple[tuple[str, str], ...]  # (graph input, tokenizer output)
-    labels: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()  # postprocess "labels": the name of each class
 
 
 def read_text_spec(card: ModelCard) -> TextSpec | None:
@@ -123,7 +124,12 @@ def parse_text_spec(path: Path, table: object) -> TextSpec:
     if (postprocess is Postprocess.LABELS) != bool(labels):
         raise bad('labels go with postprocess = "labels", and it needs them')
     return TextSpec(
-        tokenizer, max_tokens, truncation, postprocess, tuple(inputs.items()), tuple(labels)
+        path.parent / tokenizer,
+        max_tokens,
+        truncation,
+        tuple(inputs.items()),
+        postprocess,
+        tuple(labels),
     )
 
 
@@ -159,7 +165,7 @@ class TextModel:
         spec = read_text_spec(card)
         if spec is None:
             return None
-        path = card.onnx_path.parent / spec.tokenizer
+        path = spec.tokenizer_path
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as error:  # tokenizers raises its own untyped Exception

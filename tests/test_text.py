@@ -19,7 +19,7 @@ from p2p_node._executor import Executor
 from p2p_node._jobs import fingerprint
 from p2p_node._messages import InvalidMessage, RunRequest, WireError
 from p2p_node._repository import RepositoryError, read_repository
-from p2p_node._text import TextSpec, mean_pool_normalize, parse_text_spec
+from p2p_node._text import Postprocess, TextSpec, mean_pool_normalize, parse_text_spec
 from scheduler import ErrorCode, InferenceResult, JobError
 from selection import (
     AdvancedModelSelectionStrategy,
@@ -155,7 +155,9 @@ GOOD = {
 
 def test_a_text_table_parses_into_a_spec() -> None:
     spec = parse_text_spec(Path("m/model.toml"), GOOD)
-    assert spec == TextSpec("tokenizer.json", 16, True, spec.postprocess, (("ids", "input_ids"),))
+    assert spec == TextSpec(
+        Path("m/tokenizer.json"), 16, True, (("ids", "input_ids"),), Postprocess.MEAN_POOL_NORMALIZE
+    )
 
 
 @pytest.mark.parametrize(
