@@ -156,6 +156,10 @@ class TextModel:
         self.descriptor = descriptor
         self.spec = spec
         self._tokenizer = tokenizer
+        # the same, cutting each text to the window: never one tokenizer switched back
+        # and forth, which a job in another thread could catch half way
+        self._cutting = Tokenizer.from_str(tokenizer.to_str())
+        self._cutting.enable_truncation(max_length=spec.max_tokens)
         self._output = _checked_output(descriptor, spec)
 
     @classmethod
@@ -205,7 +209,7 @@ class TextModel:
                     f"more than its limit of {limit} (max_tokens; its truncation is off): "
                     "shorten it, or allow truncation (context truncate=true)",
                 )
-            encodings = self._truncated(texts)
+            encodings = self._cutting.encode_batch(list(texts))
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
         made = {
@@ -217,13 +221,6 @@ class TextModel:
         dtypes = {s.name: s.dtype for s in self.descriptor.inputs}
         feeds = {graph: made[ours].astype(dtypes[graph], copy=False) for graph, ours in spec.inputs}
         return TextJob(feeds, (self._output,), mask, self)
-
-    def _truncated(self, texts: Sequence[str]) -> list[Any]:
-        self._tokenizer.enable_truncation(max_length=self.spec.max_tokens)
-        try:
-            return list(self._tokenizer.encode_batch(list(texts)))
-        finally:
-            self._tokenizer.no_truncation()
 
     def finish(
         self, outputs: Mapping[str, np.ndarray[Any, Any]], mask: np.ndarray[Any, Any]
