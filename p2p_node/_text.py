@@ -42,10 +42,12 @@ from gossip import ModelDescriptor
 from scheduler import ErrorCode, JobError
 
 from ._repository import ModelCard, RepositoryError
+from ._schema import MAX_ID_LENGTH
 
 EMBEDDINGS_OUTPUT = "embeddings"
 LABEL_OUTPUT = "label"
 PROBABILITIES_OUTPUT = "probabilities"
+MAX_LABEL_LENGTH = MAX_ID_LENGTH  # a result's labels cross the wire as ids do
 TOKENIZER_OUTPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 _KEYS = frozenset({"tokenizer", "max_tokens", "truncation", "postprocess", "inputs", "labels"})
 _READ_ELSEWHERE = frozenset({"decoder"})  # generation's own table
@@ -119,8 +121,10 @@ def parse_text_spec(path: Path, table: object) -> TextSpec:
             f"{list(TOKENIZER_OUTPUTS)}, input_ids among them; got {inputs!r}"
         )
     labels = table.get("labels", [])
-    if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
-        raise bad(f"labels must be a list of names, got {labels!r}")
+    if not isinstance(labels, list) or not all(
+        isinstance(x, str) and 0 < len(x) <= MAX_LABEL_LENGTH for x in labels
+    ):
+        raise bad(f"labels must be a list of names of 1 to {MAX_LABEL_LENGTH} characters")
     if (postprocess is Postprocess.LABELS) != bool(labels):
         raise bad('labels go with postprocess = "labels", and it needs them')
     return TextSpec(

@@ -169,6 +169,7 @@ def test_a_text_table_parses_into_a_spec() -> None:
         pytest.param({"inputs": {"x": "pixels"}}, "inputs", id="unknown-input"),
         pytest.param({"truncation": "yes"}, "truncation", id="truncation"),
         pytest.param({"labels": ["a"]}, "labels", id="labels-without-postprocess"),
+        pytest.param({"postprocess": "labels", "labels": ["x" * 129]}, "1 to 128", id="long-label"),
         pytest.param({"postprocess": "labels"}, "labels", id="postprocess-without-labels"),
         pytest.param({"colour": 1}, "unknown fields ['colour']", id="unknown-field"),
     ],
