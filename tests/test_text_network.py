@@ -85,6 +85,7 @@ async def test_text_jobs_through_a_forwarding_node(tmp_path) -> None:
             async with Client.connect(swarm[0].addrs[0]) as client:
                 embedded = await client.submit("emb-small", texts=SENTENCES)
                 labelled = await client.submit("sentiment", texts=SENTENCES)
+                cut = await client.submit("emb-small", texts=["the cat " * 10], truncate=True)
                 for name, texts in [
                     ("none", []),
                     ("empty", ["good", ""]),
@@ -102,6 +103,9 @@ async def test_text_jobs_through_a_forwarding_node(tmp_path) -> None:
                 )
     assert embedded.executor == swarm[1].peer_id  # node 0 serves nothing: it forwarded
     assert cosines(embedded.outputs["embeddings"], direct(small, SENTENCES, 12)).min() >= 0.9999
+    long = direct(small, ["the cat " * 10], 12)  # truncate crossed both hops
+    assert cut.executor == swarm[1].peer_id
+    assert cosines(cut.outputs["embeddings"], long).min() >= 0.9999
     assert labelled.outputs["label"].shape == (4,)
     assert labelled.labels == tuple(("neg", "pos")[i] for i in labelled.outputs["label"])
     assert all(
