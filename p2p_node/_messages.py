@@ -137,6 +137,8 @@ class RunRequest(Request):
         check(self)
         if self.texts and self.inputs:
             raise invalid("a run request carries texts or input tensors, not both")
+        if self.truncate is not None and not self.texts:
+            raise invalid("truncate goes with texts")
         if self.texts and self.outputs:
             raise invalid("outputs go with tensor jobs; a text job answers its text outputs")
         if self.task is None and not self.model_id:

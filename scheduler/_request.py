@@ -51,6 +51,8 @@ class InferenceRequest:
             raise ValueError(f"texts must be a tuple of strings, got {type(self.texts).__name__}")
         if self.texts and self.inputs:
             raise ValueError("a request carries texts or input tensors, not both")
+        if self.truncate and not self.texts:
+            raise ValueError("truncate goes with texts")
 
 
 @dataclass(frozen=True, slots=True)

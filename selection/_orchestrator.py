@@ -269,7 +269,7 @@ class EnhancedModelOrchestrator(ModelOrchestrator):
             timeout,
             job_id or new_job_id(),
             texts=tuple(texts),
-            truncate=truncate or parsed.truncate,
+            truncate=bool(texts) and (truncate or parsed.truncate),
         )
         if chosen.strategy is AdvancedModelSelectionStrategy.HYBRID and len(chosen.ranked) > 1:
             return await self._cascade(request, chosen, parsed, distribution, hedge)

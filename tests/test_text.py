@@ -20,7 +20,7 @@ from p2p_node._jobs import fingerprint
 from p2p_node._messages import InvalidMessage, RunRequest, WireError
 from p2p_node._repository import RepositoryError, read_repository
 from p2p_node._text import Postprocess, TextSpec, mean_pool_normalize, parse_text_spec
-from scheduler import ErrorCode, InferenceResult, JobError
+from scheduler import ErrorCode, InferenceRequest, InferenceResult, JobError
 from selection import (
     AdvancedModelSelectionStrategy,
     ModelCatalog,
@@ -388,3 +388,7 @@ def test_a_text_that_is_not_utf8_is_refused_before_it_is_read() -> None:
 def test_a_job_is_texts_or_tensors() -> None:
     with pytest.raises(InvalidMessage, match="texts or input tensors"):
         RunRequest("a", "m", {"x": np.zeros(1, np.float32)}, 100, texts=("x",))
+    with pytest.raises(InvalidMessage, match="truncate goes with texts"):
+        RunRequest("a", "m", {"x": np.zeros(1, np.float32)}, 100, truncate=True)
+    with pytest.raises(ValueError, match="truncate goes with texts"):
+        InferenceRequest("m", {"x": np.zeros(1, np.float32)}, truncate=True)
