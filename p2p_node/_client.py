@@ -235,7 +235,7 @@ class Client:
         *,
         texts: Sequence[str] | None = None,
         selection: AdvancedModelSelectionStrategy | str | None = None,
-        context: Mapping[str, ContextValue] | None = None,
+        context: Mapping[str, ContextValue | bool] | None = None,
         timeout: float = 30.0,
         job_id: str | None = None,
         strategy: DistributionStrategy | None = None,
@@ -260,7 +260,7 @@ class Client:
             strategy=strategy,
             task=task,
             selection=None if selection is None else str(selection),
-            context=dict(context or {}),
+            context=_wire_context(context),
             hedge=hedge,
         )
         return await self._job(message, timeout)
@@ -270,13 +270,13 @@ class Client:
         task: str,
         strategy: AdvancedModelSelectionStrategy | str = AdvancedModelSelectionStrategy.HYBRID,
         *,
-        context: Mapping[str, ContextValue] | None = None,
+        context: Mapping[str, ContextValue | bool] | None = None,
         k: int | None = None,
         timeout: float = 10.0,
     ) -> tuple[Selection, tuple[Learned, ...]]:
         """How the connected node would select models for `task` now, with scores and
         reasons, and what it has learned about them. Runs nothing."""
-        request = SelectRequest(task, str(strategy), dict(context or {}), k)
+        request = SelectRequest(task, str(strategy), _wire_context(context), k)
         reply = await self._rpc.call(self.peer_id, SELECT_PROTOCOL, request, timeout)
         selected: SelectReply = expect_reply(reply, SelectReply, self.peer_id)
         return selected.selection, selected.learned
@@ -406,3 +406,11 @@ def _texts(texts: Sequence[str] | None) -> tuple[str, ...]:
         kind = type(texts[odd]).__name__
         raise JobError(ErrorCode.INVALID_INPUT, f"text {odd} is {kind}, not str")
     return tuple(texts)
+
+
+def _wire_context(context: Mapping[str, ContextValue | bool] | None) -> dict[str, ContextValue]:
+    """`context` as the wire holds it: a bool (`truncate=True`) as its word."""
+    return {
+        k: ("true" if v else "false") if isinstance(v, bool) else v
+        for k, v in (context or {}).items()
+    }

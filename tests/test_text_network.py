@@ -100,7 +100,7 @@ async def test_text_jobs_through_a_forwarding_node(tmp_path) -> None:
                     await client.submit_task(TASK, texts=SENTENCES, context=PRODUCT)
                 errors["no fitting model"] = caught.value
                 truncated = await client.submit_task(
-                    TASK, texts=SENTENCES, context={**PRODUCT, "truncate": "true"}
+                    TASK, texts=SENTENCES, context={**PRODUCT, "truncate": True}
                 )
     assert embedded.executor == swarm[1].peer_id  # node 0 serves nothing: it forwarded
     assert cosines(embedded.outputs["embeddings"], direct(small, SENTENCES, 12)).min() >= 0.9999
