@@ -410,10 +410,28 @@ def _add_submit_options(submit: argparse.ArgumentParser) -> None:
     _add_context_argument(submit)
     submit.add_argument(
         "--input",
-        required=True,
         type=Path,
         metavar="FILE",
         help=".npy (single-input model) or .json {input name: nested list}",
+    )
+    submit.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a text for a text model, instead of --input (repeatable)",
+    )
+    submit.add_argument(
+        "--texts-file",
+        type=Path,
+        metavar="FILE",
+        help="texts for a text model, one per line (UTF-8; blank lines skipped)",
+    )
+    submit.add_argument(
+        "--truncate",
+        action="store_true",
+        help="a text longer than the model's window is cut to it (with --task: "
+        "run on the largest window when none is long enough)",
     )
     submit.add_argument("--timeout", type=float, default=30.0, help="seconds")
     submit.add_argument("--json", action="store_true", help="print one JSON object")
@@ -478,6 +496,13 @@ def _no_flag_error(args: argparse.Namespace) -> str | None:
 
 def _submit_flag_error(args: argparse.Namespace) -> str | None:
     """What is wrong with this combination of `submit` flags, if anything."""
+    has_texts = bool(args.text) or args.texts_file is not None
+    if (args.input is None) == (not has_texts):
+        return "give --input FILE, or texts: --text TEXT and/or --texts-file FILE"
+    if has_texts and (args.batch_size is not None or args.outputs is not None):
+        return "--batch-size and --outputs go with --input"
+    if args.truncate and not has_texts:
+        return "--truncate goes with --text or --texts-file"
     if args.outputs is not None:
         if args.model is None:
             return "--outputs goes with --model"
@@ -578,19 +603,24 @@ def _connect(args: argparse.Namespace) -> AbstractAsyncContextManager[Client]:
 
 
 async def _submit(args: argparse.Namespace) -> int:
-    inputs = read_input_file(args.input)
+    texts = _texts(args)
+    inputs = None if texts is not None else read_input_file(args.input)
     strategy = DistributionStrategy(args.strategy) if args.strategy else None
     outputs = _output_names(args.outputs)
-    if args.batch_size is not None:
+    if args.batch_size is not None and inputs is not None:
         return await _submit_batch(args, inputs, strategy, outputs)
     async with _connect(args) as client:
         started = trio.current_time()
         if args.task is not None:
+            context = parse_context(args.context)
+            if args.truncate:
+                context["truncate"] = "true"
             result = await client.submit_task(
                 args.task,
                 inputs,
+                texts=texts,
                 selection=args.selection,
-                context=parse_context(args.context),
+                context=context,
                 timeout=args.timeout,
                 strategy=strategy,
                 hedge=args.hedge,
@@ -599,6 +629,8 @@ async def _submit(args: argparse.Namespace) -> int:
             result = await client.submit(
                 args.model,
                 inputs,
+                texts=texts,
+                truncate=args.truncate,
                 timeout=args.timeout,
                 strategy=strategy,
                 hedge=args.hedge,
@@ -608,6 +640,20 @@ async def _submit(args: argparse.Namespace) -> int:
     render = _render.result_json if args.json else _render.result_text
     print(render(result, total_ms))
     return 0
+
+
+def _texts(args: argparse.Namespace) -> list[str] | None:
+    """The texts of `--text` and `--texts-file`, in that order; None for a tensor job."""
+    if not args.text and args.texts_file is None:
+        return None
+    texts = list(args.text)
+    if args.texts_file is not None:
+        try:
+            lines = args.texts_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise InputFileError(f"cannot read texts from {args.texts_file}: {error}") from None
+        texts += [line for line in lines if line.strip()]
+    return texts
 
 
 async def _submit_batch(

@@ -191,8 +191,10 @@ class Client:
     async def submit(
         self,
         model_id: str,
-        inputs: Tensors,
+        inputs: Tensors | None = None,
         *,
+        texts: Sequence[str] | None = None,
+        truncate: bool = False,
         timeout: float = 30.0,
         job_id: str | None = None,
         strategy: DistributionStrategy | None = None,
@@ -206,19 +208,34 @@ class Client:
         `hedge`, it also asks a second peer when the first has not answered after
         its usual p95 latency; the first answer wins, the other request is cancelled.
         `outputs` names the outputs wanted (default: all the model's).
+
+        A text model takes `texts` instead of `inputs`: the node that runs it
+        tokenizes them. A sentence-embedding model answers `embeddings` (one unit
+        vector per text), a text classifier `label`, `probabilities` and
+        `result.labels`. `truncate` cuts a text longer than the model's window
+        where the model would refuse it. Raises JobError INVALID_INPUT for no
+        texts, an empty text, too many, or one too long.
         """
         request = InferenceRequest(
-            model_id, inputs, timeout, job_id or new_job_id(), requirements, tuple(outputs)
+            model_id,
+            _tensors_or_none(inputs, texts),
+            timeout,
+            job_id or new_job_id(),
+            requirements,
+            tuple(outputs),
+            texts=_texts(texts),
+            truncate=truncate,
         )
         return await self.run(request, strategy, hedge=hedge)
 
     async def submit_task(
         self,
         task: str,
-        inputs: Tensors,
+        inputs: Tensors | None = None,
         *,
+        texts: Sequence[str] | None = None,
         selection: AdvancedModelSelectionStrategy | str | None = None,
-        context: Mapping[str, ContextValue] | None = None,
+        context: Mapping[str, ContextValue | bool] | None = None,
         timeout: float = 30.0,
         job_id: str | None = None,
         strategy: DistributionStrategy | None = None,
@@ -226,18 +243,24 @@ class Client:
     ) -> InferenceResult:
         """Run `inputs` on whichever model the node selects for `task` (with `selection`,
         or its default, in `context`). `result.route` says which model answered how
-        many rows. Raises JobError: UNKNOWN_TASK, NO_FITTING_MODEL, INVALID_SELECTION..."""
+        many rows. Raises JobError: UNKNOWN_TASK, NO_FITTING_MODEL, INVALID_SELECTION...
+
+        A text task takes `texts` instead of `inputs`; the context's `input_length`
+        is then counted in each candidate's tokens, and `truncate=true` in the
+        context lets the job run, truncated, on the model with the largest window
+        when no window is long enough."""
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
         message = RunRequest(
             job_id=job_id or new_job_id(),
             model_id="",
-            inputs=inputs,
+            inputs=_tensors_or_none(inputs, texts),
+            texts=_texts(texts),
             timeout_ms=max(1, round(timeout * 1000)),
             strategy=strategy,
             task=task,
             selection=None if selection is None else str(selection),
-            context=dict(context or {}),
+            context=_wire_context(context),
             hedge=hedge,
         )
         return await self._job(message, timeout)
@@ -247,13 +270,13 @@ class Client:
         task: str,
         strategy: AdvancedModelSelectionStrategy | str = AdvancedModelSelectionStrategy.HYBRID,
         *,
-        context: Mapping[str, ContextValue] | None = None,
+        context: Mapping[str, ContextValue | bool] | None = None,
         k: int | None = None,
         timeout: float = 10.0,
     ) -> tuple[Selection, tuple[Learned, ...]]:
         """How the connected node would select models for `task` now, with scores and
         reasons, and what it has learned about them. Runs nothing."""
-        request = SelectRequest(task, str(strategy), dict(context or {}), k)
+        request = SelectRequest(task, str(strategy), _wire_context(context), k)
         reply = await self._rpc.call(self.peer_id, SELECT_PROTOCOL, request, timeout)
         selected: SelectReply = expect_reply(reply, SelectReply, self.peer_id)
         return selected.selection, selected.learned
@@ -285,6 +308,8 @@ class Client:
             requirements=request.requirements,
             hedge=hedge,
             outputs=request.outputs,
+            texts=request.texts,
+            truncate=request.truncate or None,
         )
         return await self._job(message, request.timeout)
 
@@ -358,3 +383,34 @@ class Client:
         reply = await self._rpc.call(self.peer_id, MODELS_PROTOCOL, ModelsRequest(), timeout)
         models: ModelsReply = expect_reply(reply, ModelsReply, self.peer_id)
         return models.models
+
+
+def _tensors_or_none(inputs: Tensors | None, texts: Sequence[str] | None) -> Tensors:
+    """A job's tensors: `inputs`, or none for a text job; one of the two."""
+    if (inputs is None) == (texts is None):
+        raise JobError(ErrorCode.INVALID_INPUT, "a job carries inputs or texts: give one of them")
+    return {} if inputs is None else inputs
+
+
+def _texts(texts: Sequence[str] | None) -> tuple[str, ...]:
+    """A text job's texts; INVALID_INPUT for an empty list (on the wire, no texts
+    means a tensor job)."""
+    if texts is None:
+        return ()
+    if isinstance(texts, str):
+        raise JobError(ErrorCode.INVALID_INPUT, "texts is a list of strings, not one string")
+    if not texts:
+        raise JobError(ErrorCode.INVALID_INPUT, "texts is empty: a text job needs 1 or more texts")
+    odd = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if odd is not None:
+        kind = type(texts[odd]).__name__
+        raise JobError(ErrorCode.INVALID_INPUT, f"text {odd} is {kind}, not str")
+    return tuple(texts)
+
+
+def _wire_context(context: Mapping[str, ContextValue | bool] | None) -> dict[str, ContextValue]:
+    """`context` as the wire holds it: a bool (`truncate=True`) as its word."""
+    return {
+        k: ("true" if v else "false") if isinstance(v, bool) else v
+        for k, v in (context or {}).items()
+    }

@@ -19,6 +19,7 @@ from scheduler import ErrorCode, JobError, Tensors
 from ._config import ExecutorConfig
 from ._repository import ModelCard, RepositoryError
 from ._residency import LoadedModel, ResidentModels
+from ._text import TextModels
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Execution:
     outputs: dict[str, np.ndarray[Any, Any]]
     queue_ms: float
     compute_ms: float
+    labels: tuple[str, ...] = ()  # a text classifier's label names, one per text
 
 
 def choose_providers(available: Iterable[str], use_gpu: bool) -> list[str]:
@@ -183,6 +185,7 @@ class Executor:
         self.models = ResidentModels(config, load_model, self._limiter)
         for model in models:
             self.models.add(model)
+        self.texts = TextModels.load((m.card, m.descriptor) for m in models)
         self._admitted = 0
         # Recent compute time per model (ms, EWMA); decides inline vs worker thread.
         self._compute_ms: dict[str, float] = {}
@@ -202,8 +205,10 @@ class Executor:
         load), keeping loaded those that fit the memory budget. Refuses a model bigger
         than the whole budget before loading anything."""
         executor = cls._fitting(cards, config, limiter)
-        for card in cards:
-            executor.models.add(load_model(card, config))
+        models = [load_model(card, config) for card in cards]
+        for model in models:
+            executor.models.add(model)
+        executor.texts = TextModels.load((m.card, m.descriptor) for m in models)
         return executor
 
     @classmethod
@@ -215,6 +220,7 @@ class Executor:
         models = await trio.to_thread.run_sync(lambda: [load_model(c, config) for c in cards])
         for model in models:
             executor.models.add(model)
+        executor.texts = TextModels.load((m.card, m.descriptor) for m in models)
         return executor
 
     @classmethod
@@ -274,8 +280,19 @@ class Executor:
         self.counters = replace(self.counters, **counts)
         self._counted.unpark_all()
 
-    async def run(self, model_id: str, inputs: Tensors, outputs: Sequence[str] = ()) -> Execution:
-        """Run `model_id` on `inputs`; answer the `outputs` named (all when empty)."""
+    async def run(
+        self,
+        model_id: str,
+        inputs: Tensors,
+        outputs: Sequence[str] = (),
+        *,
+        texts: Sequence[str] = (),
+        truncate: bool = False,
+    ) -> Execution:
+        """Run `model_id` on `inputs`; answer the `outputs` named (all when empty). A
+        text job (`texts`, no inputs) is tokenized here, then run as tensors."""
+        if texts:
+            return await self._run_texts(model_id, texts, truncate)
         descriptor = self.models.get(model_id)
         if descriptor is None:
             raise JobError(
@@ -315,6 +332,19 @@ class Executor:
         return Execution(
             outputs=answered, queue_ms=(started - admitted_at) * 1e3, compute_ms=compute_ms
         )
+
+    async def _run_texts(self, model_id: str, texts: Sequence[str], truncate: bool) -> Execution:
+        text = self.texts.get(model_id)
+        if text is None:
+            code = ErrorCode.INVALID_INPUT if model_id in self.models else ErrorCode.UNKNOWN_MODEL
+            raise JobError(
+                code,
+                f"model {model_id!r} takes no text here; text models: {sorted(self.texts.ids())}",
+            )
+        job = text.prepare(texts, truncate=truncate, max_rows=self._config.max_batch_rows)
+        execution = await self.run(model_id, job.feeds, job.wanted)
+        outputs, labels = job.finish(execution.outputs)
+        return replace(execution, outputs=outputs, labels=labels)
 
     async def _compute(
         self,

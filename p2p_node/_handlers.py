@@ -97,6 +97,8 @@ class NodeHandlers:
                 timeout=request.timeout_ms / 1000,
                 job_id=request.job_id,
                 hedge=request.hedge,
+                texts=request.texts,
+                truncate=bool(request.truncate),
             )
         return await node.selector.run_model(to_inference(request), strategy, hedge=request.hedge)
 
@@ -200,4 +202,6 @@ def to_inference(request: RunRequest) -> InferenceRequest:
         job_id=request.job_id,
         requirements=request.requirements,
         outputs=request.outputs,
+        texts=request.texts,
+        truncate=bool(request.truncate),
     )

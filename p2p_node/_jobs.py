@@ -43,6 +43,8 @@ def fingerprint(request: RunRequest) -> bytes:
         array = np.ascontiguousarray(request.inputs[name])
         digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
         digest.update(array.view(np.uint8).data if array.size else b"")
+    if request.texts:  # a text job: its texts and whether they may be cut
+        digest.update(repr((request.texts, request.truncate)).encode())
     return digest.digest()
 
 

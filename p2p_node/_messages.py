@@ -62,6 +62,8 @@ MAX_RANKED = 4 * MAX_LIST_LENGTH
 MAX_REASONS = 16
 MAX_LEARNED = 4096
 MAX_INT = 2**63 - 1
+MAX_TEXTS = 1024  # texts in one job; a node may cap them lower (max_batch_rows)
+MAX_TEXT_LENGTH = 1_000_000  # characters of one text; a model's token limit comes first
 
 ContextValue = str | int | float
 Id: TypeAlias = Annotated[str, Text()]
@@ -103,6 +105,10 @@ class RunRequest(Request):
     A job may name a `task` type instead (with `model_id` empty): the coordinator
     selects the model with `selection` (a strategy name; None: its default) in
     `context`, then places it. The infer protocol always names a model.
+
+    A text job carries `texts` and no `inputs`: the node that runs it tokenizes
+    them with its model's tokenizer. `truncate` (only when set) lets that node cut
+    a text longer than the model's window where the model would refuse it.
     """
 
     job_id: Id
@@ -119,9 +125,22 @@ class RunRequest(Request):
     outputs: Annotated[
         tuple[str, ...], Items(MAX_TENSORS, Text(label="output name"), min_len=1), SPARSE
     ] = ()
+    # a text job's strings (then no inputs); () for a tensor job, and then not on the wire
+    texts: Annotated[
+        tuple[str, ...],
+        Items(MAX_TEXTS, Text(MAX_TEXT_LENGTH, label="text"), min_len=1, label="texts"),
+        SPARSE,
+    ] = ()
+    truncate: Annotated[bool | None, SPARSE] = None  # None: as the model's [text] table says
 
     def __post_init__(self) -> None:
         check(self)
+        if self.texts and self.inputs:
+            raise invalid("a run request carries texts or input tensors, not both")
+        if self.truncate is not None and not self.texts:
+            raise invalid("truncate goes with texts")
+        if self.texts and self.outputs:
+            raise invalid("outputs go with tensor jobs; a text job answers its text outputs")
         if self.task is None and not self.model_id:
             raise invalid(f"model_id must be 1 to {MAX_ID_LENGTH} characters")
         if self.task is not None and self.model_id:
@@ -286,6 +305,7 @@ declare(
         MAX_LIST_LENGTH, Row((Text(label="model_id"), Int(0, MAX_INT, label="route rows")))
     ),
     load=(Int(0, MAX_LOAD), SPARSE),  # None: the executor did not say
+    labels=(Items(MAX_TEXTS, Text(label="label")), SPARSE),  # a text classifier's answer
 )
 declare(
     Requirements,

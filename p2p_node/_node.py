@@ -109,7 +109,11 @@ class Node:
         self._catalog_source: object = None
         self.jobs = JobOnce()  # a job sent again (a client failing over) runs once
         self.selector = EnhancedModelOrchestrator(
-            self.orchestrator, self.catalog, tracker=tracker, distribution=config.strategy
+            self.orchestrator,
+            self.catalog,
+            tracker=tracker,
+            distribution=config.strategy,
+            count_tokens=executor.texts.count_tokens,
         )
         # Set by open_node once gossip and membership run.
         self.gossip: Gossip
@@ -269,7 +273,13 @@ class Node:
 
     async def run_local(self, request: InferenceRequest) -> InferenceResult:
         """Run `request` on this node's executor (the orchestrator's local path)."""
-        execution = await self._executor.run(request.model_id, request.inputs, request.outputs)
+        execution = await self._executor.run(
+            request.model_id,
+            request.inputs,
+            request.outputs,
+            texts=request.texts,
+            truncate=request.truncate,
+        )
         return InferenceResult(
             request.job_id,
             request.model_id,
@@ -278,6 +288,7 @@ class Node:
             execution.queue_ms,
             execution.compute_ms,
             load=self._executor.in_flight,
+            labels=execution.labels,
         )
 
     # --- links to peers -----------------------------------------------------------

@@ -47,6 +47,7 @@ def result_json(result: InferenceResult, total_ms: float) -> str:
             "compute_ms": round(result.compute_ms, 3),
             "total_ms": round(total_ms, 3),
             "route": [{"model": model, "rows": rows} for model, rows in result.route],
+            **({"labels": list(result.labels)} if result.labels else {}),
             "outputs": {
                 name: {"dtype": a.dtype.name, "shape": list(a.shape), "data": a.tolist()}
                 for name, a in result.outputs.items()
@@ -67,6 +68,8 @@ def result_text(result: InferenceResult, total_ms: float) -> str:
     for name, array in result.outputs.items():
         values = np.array2string(array, precision=4, threshold=40, suppress_small=True)
         lines.append(f"{name} {array.dtype.name} {list(array.shape)}: {values}")
+    if result.labels:
+        lines.append(f"labels: {', '.join(result.labels)}")
     return "\n".join(lines)
 
 

@@ -57,6 +57,7 @@ _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "latency_us": (int, float),
     "training": dict,
     "memory_mb": (int, float),
+    "text": dict,  # a text model's tokenizer and postprocessing: read by `_text`
 }
 
 

@@ -160,6 +160,8 @@ class Rpc:
             request.inputs,
             timeout_ms=max(1, round(timeout * 1000)),
             outputs=request.outputs,
+            texts=request.texts,
+            truncate=request.truncate or None,
         )
         reply = await self.call(peer_id, INFER_PROTOCOL, message, timeout + REPLY_GRACE_S)
         result: InferenceResult = expect_reply(reply, InferenceResult, peer_id)

@@ -20,7 +20,12 @@ def new_job_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class InferenceRequest:
-    """Run `model_id` on `inputs` within `timeout` seconds."""
+    """Run `model_id` on `inputs` within `timeout` seconds.
+
+    A text job carries `texts` instead (and no inputs): the node that runs it
+    tokenizes them with the model's own tokenizer; `truncate` lets it cut a text
+    longer than the model's window, even where the model does not truncate itself.
+    """
 
     model_id: str
     inputs: Tensors
@@ -28,6 +33,8 @@ class InferenceRequest:
     job_id: str = field(default_factory=new_job_id)
     requirements: Requirements = NO_REQUIREMENTS
     outputs: tuple[str, ...] = ()  # the outputs wanted, by name; () for all of them
+    texts: tuple[str, ...] = ()  # a text job's strings; () for a tensor job
+    truncate: bool = False
 
     def __post_init__(self) -> None:
         if not self.model_id:
@@ -40,6 +47,12 @@ class InferenceRequest:
             raise ValueError(f"outputs must be a tuple of output names, got {self.outputs!r}")
         if len(set(self.outputs)) != len(self.outputs):
             raise ValueError(f"outputs names one output twice: {self.outputs!r}")
+        if type(self.texts) is not tuple or not all(type(t) is str for t in self.texts):
+            raise ValueError(f"texts must be a tuple of strings, got {type(self.texts).__name__}")
+        if self.texts and self.inputs:
+            raise ValueError("a request carries texts or input tensors, not both")
+        if self.truncate and not self.texts:
+            raise ValueError("truncate goes with texts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +62,8 @@ class InferenceResult:
     `route` is set when a model was selected for a task: which model answered how
     many rows (a cascade lists every stage, cheapest first). `load` is how many
     requests (from anyone) the executor held when it answered, None if it did not
-    say: what its coordinator places the next requests by.
+    say: what its coordinator places the next requests by. `labels` is a text
+    classifier's answer by name, one per text.
     """
 
     job_id: str
@@ -60,3 +74,4 @@ class InferenceResult:
     compute_ms: float
     route: tuple[tuple[str, int], ...] = ()
     load: int | None = None
+    labels: tuple[str, ...] = ()  # a text classifier's label per text; () otherwise

@@ -55,6 +55,8 @@ class SelectionContext:
     weights: Weights = field(default_factory=Weights)
     cost_penalty: float = 0.05  # lambda in ADAPTIVE's reward = quality - lambda x cost
     confidence: float = 0.9  # HYBRID escalates answers less confident than this
+    # a text longer than every window may run, truncated, on the model with the largest
+    truncate: bool = False
 
     def __post_init__(self) -> None:
         if self.input_length is not None and self.input_length < 0:
@@ -89,6 +91,8 @@ class SelectionContext:
                 values[key] = _int(key, value)
             elif kind is float:
                 values[key] = _float(key, value)
+            elif kind is bool:
+                values[key] = _bool(key, value)
             else:
                 values[key] = _text(key, value)
         if weights:  # weights not given count as zero: say what you care about
@@ -119,6 +123,8 @@ class SelectionContext:
         for name in ("cost_penalty", "confidence"):
             if getattr(self, name) != getattr(default, name):
                 out[name] = getattr(self, name)
+        if self.truncate:
+            out["truncate"] = "true"  # a context on the wire holds no bools
         if self.weights != default.weights:
             for name in ("accuracy", "latency", "cost"):
                 out[f"{name}_weight"] = getattr(self.weights, name)
@@ -139,6 +145,7 @@ CONTEXT_KEYS: Mapping[str, object] = {
     "cost_weight": _WEIGHT,
     "cost_penalty": float,
     "confidence": float,
+    "truncate": bool,
 }
 
 
@@ -186,6 +193,21 @@ def _float(key: str, value: object) -> float:
     if not math.isfinite(number):
         raise _invalid(f"{key} must be finite, got {value!r}")
     return number
+
+
+_TRUE = frozenset({"true", "yes", "1"})
+_FALSE = frozenset({"false", "no", "0"})
+
+
+def _bool(key: str, value: object) -> bool:
+    """True or False, 1 or 0, or their words (a context on the wire holds no bools)."""
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    raise _invalid(f"{key} must be true or false, got {value!r}")
 
 
 def _text(key: str, value: object) -> str:

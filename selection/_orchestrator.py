@@ -77,8 +77,13 @@ class ModelOrchestrator:
         tracker: PerformanceTracker | None = None,
         distribution: DistributionStrategy = DistributionStrategy.LEAST_LOADED,
         rng: random.Random | None = None,
+        count_tokens: TokenCounter | None = None,
     ) -> None:
+        """`count_tokens(model_id, texts)`: the most tokens any of `texts` takes in that
+        model's own tokenizer, None where this node does not hold it (then the tokens
+        are estimated: `estimate_tokens`)."""
         self.scheduler = scheduler
+        self._count_tokens = count_tokens or (lambda model_id, texts: None)
         self.tracker = tracker if tracker is not None else PerformanceTracker()
         self.distribution = distribution
         self._catalog = catalog
@@ -233,11 +238,21 @@ class EnhancedModelOrchestrator(ModelOrchestrator):
         timeout: float = 30.0,
         job_id: str | None = None,
         hedge: bool = False,
+        texts: Sequence[str] = (),
+        truncate: bool = False,
     ) -> InferenceResult:
         """Select a model (or a cascade, for HYBRID) for `task_type`, then place and run
-        it. The result's `route` says which model answered how many rows."""
+        it. The result's `route` says which model answered how many rows.
+
+        A text job (`texts`, no inputs) is as long as its longest text in each
+        candidate's own tokens, unless the context says its `input_length`; with
+        `truncate` (or the context's), a text may be cut to the chosen model's window."""
         parsed = SelectionContext.parse(context)
-        if parsed.input_length is None:
+        lengths = None
+        if texts and parsed.input_length is None:
+            lengths = self._text_lengths(task_type, texts)
+            parsed = replace(parsed, input_length=max(lengths.values()))
+        elif parsed.input_length is None:
             parsed = replace(parsed, input_length=_input_length(inputs))
         chosen = select(
             AdvancedModelSelectionStrategy.parse(strategy),
@@ -246,12 +261,34 @@ class EnhancedModelOrchestrator(ModelOrchestrator):
             self.tracker,
             parsed,
             rng=self._rng,
+            input_lengths=lengths,
         )
-        request = InferenceRequest(chosen.best, inputs, timeout, job_id or new_job_id())
+        request = InferenceRequest(
+            chosen.best,
+            inputs,
+            timeout,
+            job_id or new_job_id(),
+            texts=tuple(texts),
+            truncate=bool(texts) and (truncate or parsed.truncate),
+        )
         if chosen.strategy is AdvancedModelSelectionStrategy.HYBRID and len(chosen.ranked) > 1:
             return await self._cascade(request, chosen, parsed, distribution, hedge)
         result = await self.run_model(request, distribution, bucket=chosen.bucket, hedge=hedge)
-        return replace(result, route=((result.model_id, _rows(inputs)),))
+        rows = len(texts) if texts else _rows(inputs)
+        return replace(result, route=((result.model_id, rows),))
+
+    def _text_lengths(self, task_type: str, texts: Sequence[str]) -> dict[str, int]:
+        """Each candidate's tokens for `texts`: counted with its tokenizer where this
+        node holds it, else `estimate_tokens`."""
+        estimate: int | None = None
+        lengths = {}
+        for entry in self.catalog().for_task(task_type):
+            counted = self._count_tokens(entry.model_id, texts)
+            if counted is None:
+                estimate = estimate_tokens(texts) if estimate is None else estimate
+                counted = estimate
+            lengths[entry.model_id] = counted
+        return lengths
 
     async def _cascade(
         self,
@@ -267,7 +304,9 @@ class EnhancedModelOrchestrator(ModelOrchestrator):
         inputs: dict[str, np.ndarray[Any, Any]] = {
             k: np.asarray(v) for k, v in request.inputs.items()
         }
-        rows = _rows(inputs)
+        texts = request.texts
+        rows = len(texts) if texts else _rows(inputs)
+        labels: list[str] | None = None
         pending = np.arange(rows)  # the rows still to answer, as indices into inputs
         merged: dict[str, np.ndarray[Any, Any]] | None = None
         route: list[tuple[str, int]] = []
@@ -286,6 +325,8 @@ class EnhancedModelOrchestrator(ModelOrchestrator):
                 remaining,
                 f"{request.job_id}/{i}" if i else request.job_id,
                 request.requirements,
+                texts=tuple(texts[j] for j in pending) if texts else (),
+                truncate=request.truncate,
             )
             result = await self.run_model(
                 sub, distribution, bucket=chosen.bucket, remember=False, hedge=hedge
@@ -296,12 +337,18 @@ class EnhancedModelOrchestrator(ModelOrchestrator):
                 self.tracker.record_run(model_id, chosen.bucket, ok=False, latency_ms=0.0)
                 raise
             last = result
-            confidence = _confidence(result.outputs)
+            confidence = _confidence(result.outputs, only_probabilities=bool(texts))
             if i == len(stages) - 1 or confidence is None:
                 settled = np.ones(len(pending), dtype=bool)
             else:
                 settled = np.asarray(confidence >= context.confidence, dtype=bool)
             merged = _merge(merged, result.outputs, pending, settled, rows)
+            if result.labels:
+                labels = labels or [""] * rows
+                for j, label in zip(
+                    pending[settled], np.asarray(result.labels)[settled], strict=True
+                ):
+                    labels[j] = str(label)
             route.append((model_id, int(settled.sum())))
             pending = pending[~settled]
             if not len(pending):
@@ -315,6 +362,7 @@ class EnhancedModelOrchestrator(ModelOrchestrator):
             model_id=used[-1] if used else last.model_id,
             outputs=merged,
             route=tuple(route),
+            labels=tuple(labels) if labels else (),
         )
 
     async def run_optimized_parallel_inference(
@@ -421,6 +469,22 @@ def _rows(inputs: Tensors) -> int:
     return int(shapes[0][0]) if shapes and shapes[0] else 1
 
 
+TokenCounter = Callable[[str, Sequence[str]], int | None]
+BYTES_PER_TOKEN_ESTIMATE = 1  # never fewer tokens than this would say: see estimate_tokens
+SPECIAL_TOKENS_ESTIMATE = 2
+
+
+def estimate_tokens(texts: Sequence[str]) -> int:
+    """The tokens of the longest of `texts` in a tokenizer this node does not hold,
+    from its UTF-8 bytes: an upper bound for byte-level BPE (GPT-2, Qwen), character
+    models and WordPiece (each token covers at least one byte), with two special
+    tokens. So a model chosen on the estimate can take the text; one left out on it
+    may have taken it (English runs about 4 bytes per BPE token), and its reason
+    says the length."""
+    longest = max(len(t.encode("utf-8")) for t in texts)
+    return -(-longest // BYTES_PER_TOKEN_ESTIMATE) + SPECIAL_TOKENS_ESTIMATE
+
+
 def _input_length(inputs: Tensors) -> int | None:
     """Features (or tokens) per row: the last dimension of the widest input."""
     lengths = [int(np.shape(v)[-1]) for v in inputs.values() if np.ndim(v) >= 2]
@@ -441,11 +505,15 @@ def _check_rows(result: InferenceResult, rows: int) -> None:
             )
 
 
-def _confidence(outputs: Tensors) -> np.ndarray[Any, Any] | None:
-    """Per row, the top class probability; None when the model gives no probabilities."""
+def _confidence(
+    outputs: Tensors, *, only_probabilities: bool = False
+) -> np.ndarray[Any, Any] | None:
+    """Per row, the top class probability; None when the model gives no probabilities.
+    A tensor model's first 2-D float output counts as them; a text model's (its
+    embeddings are 2-D floats too) only one named `probabilities`."""
     found = outputs.get("probabilities")
     probabilities = None if found is None else np.asarray(found)
-    if probabilities is None:
+    if probabilities is None and not only_probabilities:
         for value in outputs.values():
             array = np.asarray(value)
             if array.ndim == 2 and np.issubdtype(array.dtype, np.floating):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -111,13 +111,17 @@ def select(
     *,
     k: int | None = None,
     rng: random.Random | None = None,
+    input_lengths: Mapping[str, int] | None = None,
 ) -> Selection:
     """Rank the models of `task_type` for a job in `context`. Raises JobError:
-    UNKNOWN_TASK, NO_FITTING_MODEL, INVALID_SELECTION."""
+    UNKNOWN_TASK, NO_FITTING_MODEL, INVALID_SELECTION.
+
+    `input_lengths`: the job's length in each model's own units (a text job's
+    tokens, by model id), where it differs from `context.input_length`."""
     if k is not None and k < 1:
         raise JobError(ErrorCode.INVALID_SELECTION, f"k must be >= 1, got {k}")
     entries = catalog.for_task(task_type)
-    fitting, excluded = _fit(entries, context)
+    fitting, excluded = _fit(entries, context, input_lengths or {})
     if not fitting:
         raise _nothing_fits(task_type, excluded, entries, context)
     bucket = context.bucket()
@@ -139,37 +143,47 @@ def select(
 
 
 def _fit(
-    entries: Sequence[CatalogEntry], context: SelectionContext
+    entries: Sequence[CatalogEntry], context: SelectionContext, lengths: Mapping[str, int]
 ) -> tuple[list[CatalogEntry], list[LeftOut]]:
-    fitting, excluded = [], []
+    """The models that can take the job, and why each other one cannot. With
+    `context.truncate`, when no window is long enough, the models with the largest
+    window that fit in every other way take it, truncated."""
+    fitting: list[CatalogEntry] = []
+    excluded: list[tuple[LeftOut, CatalogEntry | None]] = []  # the entry: only too short
     for entry in entries:
         model = entry.descriptor
-        reason = None
+        length = lengths.get(model.id, context.input_length)
         if context.modality is not None and modality_of(model.task_type) != context.modality:
             reason = f"modality {modality_of(model.task_type)}, not {context.modality}"
-        elif (
-            context.input_length is not None
-            and model.max_input_length
-            and context.input_length > model.max_input_length
-        ):
-            reason = f"input length {context.input_length} > its maximum {model.max_input_length}"
-        elif (
-            context.language is not None
-            and model.languages
-            and context.language not in model.languages
-        ):
-            reason = f"language {context.language} not among {list(model.languages)}"
-        elif (
-            context.max_latency_ms is not None
-            and entry.latency_ms is not None
-            and entry.latency_ms > context.max_latency_ms
-        ):
-            reason = f"latency {entry.latency_ms:.1f} ms > bound {context.max_latency_ms:g} ms"
-        if reason is None:
-            fitting.append(entry)
+            excluded.append((LeftOut(model.id, reason), None))
+        elif length is not None and model.max_input_length and length > model.max_input_length:
+            reason = f"input length {length} > its maximum {model.max_input_length}"
+            other = _misfit(entry, context)
+            excluded.append((LeftOut(model.id, reason), entry if other is None else None))
+        elif (other := _misfit(entry, context)) is not None:
+            excluded.append((LeftOut(model.id, other), None))
         else:
-            excluded.append(LeftOut(model.id, reason))
-    return fitting, excluded
+            fitting.append(entry)
+    too_short = [entry for _, entry in excluded if entry is not None]
+    if context.truncate and not fitting and too_short:
+        widest = max(e.descriptor.max_input_length for e in too_short)
+        fitting = [e for e in too_short if e.descriptor.max_input_length == widest]
+        excluded = [(x, e) for x, e in excluded if e not in fitting]
+    return fitting, [x for x, _ in excluded]
+
+
+def _misfit(entry: CatalogEntry, context: SelectionContext) -> str | None:
+    """Why `entry` cannot take a job in `context` for its language or latency."""
+    model = entry.descriptor
+    if context.language is not None and model.languages and context.language not in model.languages:
+        return f"language {context.language} not among {list(model.languages)}"
+    if (
+        context.max_latency_ms is not None
+        and entry.latency_ms is not None
+        and entry.latency_ms > context.max_latency_ms
+    ):
+        return f"latency {entry.latency_ms:.1f} ms > bound {context.max_latency_ms:g} ms"
+    return None
 
 
 def _nothing_fits(
