@@ -46,6 +46,7 @@ from ._config import (
     NodeConfig,
     load_bootstrap_file,
     load_client_allowlist,
+    parse_host_port,
 )
 from ._errors import leaves
 from ._executor import UNNAMED_INPUT
@@ -360,6 +361,12 @@ def _add_start_options(start: argparse.ArgumentParser) -> None:
         default=AdmissionConfig().job_burst,
         help="jobs per client at once",
     )
+    start.add_argument(
+        "--metrics-listen",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: not served)",
+    )
 
 
 def _add_limit_options(start: argparse.ArgumentParser) -> None:
@@ -517,6 +524,9 @@ async def _start(args: argparse.Namespace) -> int:
         async with open_node(config) as node:
             for addr in node.addrs:
                 print(f"listening on {addr}", flush=True)
+            if node.metrics_addr is not None:
+                host, port = node.metrics_addr
+                print(f"metrics on http://{_url_host(host)}:{port}/metrics", flush=True)
             async for signum in signals:
                 logging.getLogger(__name__).info("%s: shutting down", signal.Signals(signum).name)
                 break
@@ -550,7 +560,20 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         mdns=args.mdns,
         psk=read_psk_file(args.psk) if args.psk else None,
         admission=_admission_config(args),
+        metrics_listen=args.metrics_listen,
     )
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """An argparse type: HOST:PORT."""
+    try:
+        return parse_host_port(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _admission_config(args: argparse.Namespace) -> AdmissionConfig:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from scheduler import ErrorCode, InferenceRequest, InferenceResult, JobError
+from scheduler import DistributionStrategy, ErrorCode, InferenceRequest, InferenceResult, JobError
 from selection import SelectionContext
 
 from ._jobs import fingerprint
@@ -85,8 +85,31 @@ class NodeHandlers:
         )
 
     async def _coordinate(self, request: RunRequest) -> InferenceResult:
+        """Run one job, and count it in the node's metrics by how it ended."""
         node = self.node
         strategy = request.strategy or node.config.strategy
+        started = trio.current_time()
+        try:
+            result = await self._place_and_run(request, strategy)
+        except JobError as error:
+            node.metrics.job_failed(request.model_id, strategy.value, error.code.name.lower())
+            raise
+        except BaseException as error:  # the caller hung up or the node stops; or a bug
+            outcome = "cancelled" if isinstance(error, trio.Cancelled) else "internal"
+            node.metrics.job_failed(request.model_id, strategy.value, outcome)
+            raise
+        node.metrics.job_answered(
+            strategy.value,
+            trio.current_time() - started,
+            result,
+            local=result.executor == node.peer_id,
+        )
+        return result
+
+    async def _place_and_run(
+        self, request: RunRequest, strategy: DistributionStrategy
+    ) -> InferenceResult:
+        node = self.node
         if request.task is not None:
             return await node.selector.run_task(
                 request.task,
