@@ -30,6 +30,8 @@ from ._messages import (
     RunRequest,
     SelectReply,
     SelectRequest,
+    StatsReply,
+    StatsRequest,
     SyncReply,
     SyncRequest,
 )
@@ -58,6 +60,7 @@ def serve_node(server: Server, node: Node) -> None:
     server.serve(INFER_PROTOCOL, RunRequest, handlers.infer)
     server.serve(MODELS_PROTOCOL, ModelsRequest, handlers.models)
     server.serve(PEERS_PROTOCOL, PeersRequest, handlers.peers)
+    server.serve(PEERS_PROTOCOL, StatsRequest, handlers.stats)
     server.serve(PLACE_PROTOCOL, PlaceRequest, handlers.place)
     server.serve(SELECT_PROTOCOL, SelectRequest, handlers.select)
     server.serve(SELECT_PROTOCOL, FeedbackRequest, handlers.feedback)
@@ -208,6 +211,15 @@ class NodeHandlers:
             for _, known in sorted(self.node.view.snapshot().peers.items())
         )
         return PeersReply(self.node.peer_id, reports)
+
+    async def stats(self, request: StatsRequest, sender: str) -> StatsReply:
+        """What `p2p-node top` shows of this node: its load, and per model the jobs
+        it coordinated with their latency."""
+        node = self.node
+        executor = node.executor
+        return StatsReply(
+            node.peer_id, executor.running, executor.queue_length, node.metrics.model_stats()
+        )
 
     async def sync(self, request: SyncRequest, sender: str) -> SyncReply:
         gossip = self.node.gossip
