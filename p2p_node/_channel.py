@@ -59,6 +59,29 @@ class MessageLimits:
         return self.request_limits.get(protocol, self.max_request_bytes)
 
 
+class Bytes:
+    """Frame bytes one side of one protocol has sent and received, in plain ints."""
+
+    __slots__ = ("received", "sent")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.received = 0
+
+
+class Traffic:
+    """Bytes per protocol, for the metrics (read when they are scraped)."""
+
+    def __init__(self) -> None:
+        self.by_protocol: dict[TProtocol, Bytes] = {}
+
+    def of(self, protocol: TProtocol) -> Bytes:
+        counts = self.by_protocol.get(protocol)
+        if counts is None:
+            counts = self.by_protocol[protocol] = Bytes()
+        return counts
+
+
 class SendTimedOut(trio.BrokenResourceError):
     """A frame could not be written by the deadline: the peer is not reading."""
 
@@ -66,10 +89,11 @@ class SendTimedOut(trio.BrokenResourceError):
 class Channel:
     """One libp2p stream carrying frames, with what has been read but not consumed."""
 
-    def __init__(self, stream: INetStream, max_frame: int) -> None:
+    def __init__(self, stream: INetStream, max_frame: int, counts: Bytes | None = None) -> None:
         self.stream = stream
         self.frames = FrameBuffer(max_frame)
         self.idle_since = trio.current_time()
+        self._counts = counts or Bytes()  # where the bytes it moves are counted
 
     @property
     def connection_closing(self) -> bool:
@@ -88,9 +112,11 @@ class Channel:
         us past it: then the frame is cut, and the stream is done for.
         """
         limit = min(trio.current_effective_deadline(), trio.current_time() + SEND_TIMEOUT_S)
+        frame = encode_frame(payload)
+        self._counts.sent += len(frame)
         with trio.CancelScope(shield=True):
             with trio.move_on_at(limit) as stuck:
-                await self.stream.write(encode_frame(payload))
+                await self.stream.write(frame)
         if stuck.cancelled_caught:
             raise SendTimedOut("the peer did not take the message in time")
 
@@ -111,6 +137,7 @@ class Channel:
                     return False
                 if not data:
                     return False
+                self._counts.received += len(data)
                 count -= len(data)
             return True
         return False
@@ -119,6 +146,7 @@ class Channel:
         data = await self.stream.read(READ_CHUNK)
         if not data:
             raise EOFError("stream closed by the peer")
+        self._counts.received += len(data)
         self.frames.feed(data)
 
     async def close(self) -> None:

@@ -4,9 +4,10 @@
 come from a TOML file: `--config`). `submit` runs a job (one model or task, or
 a batch of rows), `place` and `select` show where a job would run and which
 models a task would get, `feedback` scores a job's answer, `models` and
-`peers` show what a node serves and sees; each of these is a client of the
-node named by `--peer`. `demo` runs a small network in one process, `keygen`
-writes a private network key or a client identity.
+`peers` show what a node serves and sees, `top` keeps showing it with the
+node's job rates and latencies; each of these is a client of the node named by
+`--peer`. `demo` runs a small network in one process, `keygen` writes a private
+network key or a client identity.
 
 What they print is built in `_render.py`. A failure that is the user's or the
 network's (USER_ERRORS) is one line on stderr and exit 1; a flag the parser
@@ -46,6 +47,7 @@ from ._config import (
     NodeConfig,
     load_bootstrap_file,
     load_client_allowlist,
+    parse_host_port,
 )
 from ._errors import leaves
 from ._executor import UNNAMED_INPUT
@@ -66,6 +68,7 @@ from ._logging import LOG_FORMATS, LOG_LEVELS, configure_logging
 from ._node import open_node
 from ._psk import PskError, read_psk_file, write_new_psk_file
 from ._repository import RepositoryError
+from ._top import DEFAULT_INTERVAL_S, run_top
 
 DEFAULT_BOOTSTRAP_FILE = Path("bootstrap_peers.toml")
 STRATEGIES = [s.value for s in DistributionStrategy]
@@ -195,6 +198,17 @@ def _parser() -> argparse.ArgumentParser:
     peers.add_argument("--json", action="store_true")
     peers.set_defaults(run=_peers)
 
+    top = commands.add_parser("top", help="a live view of the network as a node sees it")
+    top.add_argument("--peer", required=True, metavar="MADDR")
+    top.add_argument(
+        "--interval",
+        type=POSITIVE,
+        default=DEFAULT_INTERVAL_S,
+        metavar="SECONDS",
+        help=f"between refreshes (default {DEFAULT_INTERVAL_S:g}); q or Ctrl-C quits",
+    )
+    top.set_defaults(run=_top)
+
     demo = commands.add_parser("demo", help="a local network answering jobs")
     demo.add_argument("--nodes", type=int, default=3)
     _add_psk_option(demo)
@@ -206,7 +220,7 @@ def _parser() -> argparse.ArgumentParser:
         "--identity", type=Path, metavar="FILE", help="new client identity; prints its peer id"
     )
     keygen.set_defaults(run=_keygen, check=_keygen_flag_error)
-    for client_command in (submit, place, select, feedback, models, peers):
+    for client_command in (submit, place, select, feedback, models, peers, top):
         _add_psk_option(client_command)
         client_command.add_argument(
             "--identity",
@@ -359,6 +373,12 @@ def _add_start_options(start: argparse.ArgumentParser) -> None:
         type=COUNT,
         default=AdmissionConfig().job_burst,
         help="jobs per client at once",
+    )
+    start.add_argument(
+        "--metrics-listen",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: not served)",
     )
 
 
@@ -542,6 +562,9 @@ async def _start(args: argparse.Namespace) -> int:
         async with open_node(config) as node:
             for addr in node.addrs:
                 print(f"listening on {addr}", flush=True)
+            if node.metrics_addr is not None:
+                host, port = node.metrics_addr
+                print(f"metrics on http://{_url_host(host)}:{port}/metrics", flush=True)
             async for signum in signals:
                 logging.getLogger(__name__).info("%s: shutting down", signal.Signals(signum).name)
                 break
@@ -575,7 +598,20 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         mdns=args.mdns,
         psk=read_psk_file(args.psk) if args.psk else None,
         admission=_admission_config(args),
+        metrics_listen=args.metrics_listen,
     )
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """An argparse type: HOST:PORT."""
+    try:
+        return parse_host_port(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _admission_config(args: argparse.Namespace) -> AdmissionConfig:
@@ -779,6 +815,12 @@ async def _peers(args: argparse.Namespace) -> int:
     async with _connect(args) as client:
         peers = await client.peers()
     print(_render.peers_json(peers) if args.json else _render.peers_text(peers))
+    return 0
+
+
+async def _top(args: argparse.Namespace) -> int:
+    async with _connect(args) as client:
+        await run_top(client, interval=args.interval)
     return 0
 
 

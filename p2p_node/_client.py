@@ -58,6 +58,8 @@ from ._messages import (
     RunRequest,
     SelectReply,
     SelectRequest,
+    StatsReply,
+    StatsRequest,
 )
 from ._psk import PreSharedKey
 from ._rpc import (
@@ -377,6 +379,13 @@ class Client:
         reply = await self._rpc.call(self.peer_id, LOAD_PROTOCOL, LoadRequest(), timeout)
         answer: LoadReply = expect_reply(reply, LoadReply, self.peer_id)
         return answer.in_flight, answer.queue_length
+
+    async def stats(self, *, timeout: float = 10.0) -> StatsReply:
+        """What the connected node counts of itself (what `p2p-node top` shows): how
+        busy it is, and per model the jobs it coordinated, errors, and p50/p99 ms."""
+        reply = await self._rpc.call(self.peer_id, PEERS_PROTOCOL, StatsRequest(), timeout)
+        stats: StatsReply = expect_reply(reply, StatsReply, self.peer_id)
+        return stats
 
     async def models(self, *, timeout: float = 10.0) -> tuple[ModelDescriptor, ...]:
         """The models the connected node serves itself."""

@@ -62,6 +62,8 @@ from ._messages import (
     RunRequest,
     SelectReply,
     SelectRequest,
+    StatsReply,
+    StatsRequest,
     SyncReply,
     SyncRequest,
     WireError,
@@ -465,3 +467,5 @@ register("select", SelectReply)
 register("feedback!", FeedbackReply)
 register("load", LoadReply)
 register("sync", SyncReply)
+register("stats?", StatsRequest)
+register("stats", StatsReply)

@@ -161,6 +161,9 @@ class NodeConfig:
     shutdown_grace: float = 10.0
     psk: PreSharedKey | None = None  # join the private network of this key
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    # Serve Prometheus metrics on http://HOST:PORT/metrics (port 0: any free one; host
+    # "": every interface). None: no endpoint.
+    metrics_listen: tuple[str, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -183,6 +186,29 @@ class NodeConfig:
             raise ConfigError(
                 f"max_concurrent_inbound must be >= 1, got {self.max_concurrent_inbound}"
             )
+        if self.metrics_listen is not None:
+            host, port = self.metrics_listen
+            if not isinstance(host, str) or not (type(port) is int and 0 <= port <= 65535):
+                raise ConfigError(f"metrics_listen must be (host, port), got {self.metrics_listen}")
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """`HOST:PORT`: `127.0.0.1:9100`, `[::1]:9100`, or `:9100` for every interface."""
+    host, sep, port = text.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    valid = (
+        sep
+        and port.isascii()
+        and port.isdigit()
+        and int(port) <= 65535
+        and (bracketed or not any(c in host for c in ":[]"))
+        and not any(c.isspace() for c in host)
+    )
+    if not valid:
+        raise ConfigError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9100, [::1]:9100, :9100)")
+    return host, int(port)
 
 
 def parse_multiaddr(text: str) -> multiaddr.Multiaddr:

@@ -89,6 +89,7 @@ class Gossip:
         self.config = config
         self.rejects: Counter[Rejection] = Counter()
         self.published = 0
+        self.received = 0  # peers' records that passed validation, by GossipSub or a sync
         self._pubsub = pubsub
         self._make_record = make_record
         self._my_id = str(pubsub.my_id)
@@ -312,6 +313,7 @@ class Gossip:
             self._take(record, msg, trio.current_time())
 
     def _take(self, record: PeerRecord, msg: rpc_pb2.Message, now: float) -> bool:
+        self.received += 1
         if not self.view.apply(record, now):
             return False
         self._signed[record.peer_id] = msg

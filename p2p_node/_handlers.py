@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from scheduler import ErrorCode, InferenceRequest, InferenceResult, JobError
+from scheduler import DistributionStrategy, ErrorCode, InferenceRequest, InferenceResult, JobError
 from selection import SelectionContext
 
 from ._jobs import fingerprint
@@ -30,6 +30,8 @@ from ._messages import (
     RunRequest,
     SelectReply,
     SelectRequest,
+    StatsReply,
+    StatsRequest,
     SyncReply,
     SyncRequest,
 )
@@ -58,6 +60,7 @@ def serve_node(server: Server, node: Node) -> None:
     server.serve(INFER_PROTOCOL, RunRequest, handlers.infer)
     server.serve(MODELS_PROTOCOL, ModelsRequest, handlers.models)
     server.serve(PEERS_PROTOCOL, PeersRequest, handlers.peers)
+    server.serve(PEERS_PROTOCOL, StatsRequest, handlers.stats)
     server.serve(PLACE_PROTOCOL, PlaceRequest, handlers.place)
     server.serve(SELECT_PROTOCOL, SelectRequest, handlers.select)
     server.serve(SELECT_PROTOCOL, FeedbackRequest, handlers.feedback)
@@ -85,8 +88,31 @@ class NodeHandlers:
         )
 
     async def _coordinate(self, request: RunRequest) -> InferenceResult:
+        """Run one job, and count it in the node's metrics by how it ended."""
         node = self.node
         strategy = request.strategy or node.config.strategy
+        started = trio.current_time()
+        try:
+            result = await self._place_and_run(request, strategy)
+        except JobError as error:
+            node.metrics.job_failed(request.model_id, strategy.value, error.code.name.lower())
+            raise
+        except BaseException as error:  # the caller hung up or the node stops; or a bug
+            outcome = "cancelled" if isinstance(error, trio.Cancelled) else "internal"
+            node.metrics.job_failed(request.model_id, strategy.value, outcome)
+            raise
+        node.metrics.job_answered(
+            strategy.value,
+            trio.current_time() - started,
+            result,
+            local=result.executor == node.peer_id,
+        )
+        return result
+
+    async def _place_and_run(
+        self, request: RunRequest, strategy: DistributionStrategy
+    ) -> InferenceResult:
+        node = self.node
         if request.task is not None:
             return await node.selector.run_task(
                 request.task,
@@ -187,6 +213,15 @@ class NodeHandlers:
             for _, known in sorted(self.node.view.snapshot().peers.items())
         )
         return PeersReply(self.node.peer_id, reports)
+
+    async def stats(self, request: StatsRequest, sender: str) -> StatsReply:
+        """What `p2p-node top` shows of this node: its load, and per model the jobs
+        it coordinated with their latency."""
+        node = self.node
+        executor = node.executor
+        return StatsReply(
+            node.peer_id, executor.running, executor.queue_length, node.metrics.model_stats()
+        )
 
     async def sync(self, request: SyncRequest, sender: str) -> SyncReply:
         gossip = self.node.gossip

@@ -167,6 +167,11 @@ class LoadRequest(Request):
 
 
 @dataclass(frozen=True, slots=True)
+class StatsRequest(Request):
+    """What have you coordinated lately, and how busy are you? What `p2p-node top` asks."""
+
+
+@dataclass(frozen=True, slots=True)
 class SyncRequest(Request):
     """The records I hold, as their signed GossipSub messages; send me yours.
     Exchanged once when two peers connect, so neither waits for a refresh."""
@@ -261,6 +266,31 @@ class LoadReply(Response):
     @property
     def load(self) -> int:
         return self.in_flight + self.queue_length
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStats:
+    """The jobs one node coordinated for one model since it started (`errors` of them
+    failed), and the p50 and p99 of its latest answered ones (None before any)."""
+
+    model_id: Id
+    jobs: Annotated[int, Int(0, MAX_INT)]
+    errors: Annotated[int, Int(0, MAX_INT)]
+    p50_ms: Annotated[float | None, NON_NEGATIVE] = None
+    p99_ms: Annotated[float | None, NON_NEGATIVE] = None
+
+    def __post_init__(self) -> None:
+        check(self)
+        if self.errors > self.jobs:
+            raise invalid(f"model stats: {self.errors} errors of {self.jobs} jobs")
+
+
+@dataclass(frozen=True, slots=True)
+class StatsReply(Response):
+    peer_id: Id
+    in_flight: Count  # requests running
+    queue_length: Count  # requests admitted and waiting for a worker
+    models: Annotated[tuple[ModelStats, ...], Items(MAX_MODELS)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import multiaddr
 import psutil
@@ -55,6 +56,7 @@ from ._libp2p import PeerGate
 from ._mdns import lan_addrs, run_mdns
 from ._membership import Found, Membership
 from ._messages import LoadReply, LoadRequest, SyncReply, SyncRequest
+from ._metrics import NodeMetrics, node_families, serve_metrics
 from ._repository import bundled_models_dir, read_repository
 from ._rpc import (
     LOAD_PROTOCOL,
@@ -108,6 +110,8 @@ class Node:
         self._catalog = ModelCatalog(())
         self._catalog_source: object = None
         self.jobs = JobOnce()  # a job sent again (a client failing over) runs once
+        self.metrics = NodeMetrics()
+        self.metrics_addr: tuple[str, int] | None = None  # where /metrics is served, if it is
         self.selector = EnhancedModelOrchestrator(
             self.orchestrator,
             self.catalog,
@@ -462,6 +466,11 @@ async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator
                 nursery.start_soon(
                     save_periodically, config.data_dir, tracker, config.tracker_save_interval
                 )
+                node.metrics.add_source(partial(node_families, node, rpc.traffic, server.traffic))
+                if config.metrics_listen is not None:
+                    node.metrics_addr = await nursery.start(
+                        serve_metrics, node.metrics, *config.metrics_listen
+                    )
                 logger.info(
                     "node %s serving %s on %s%s",
                     node.peer_id,

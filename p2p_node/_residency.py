@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -73,6 +74,8 @@ class ResidentModels:
         self._tick = itertools.count(1)
         self.loads = 0  # on demand, after start
         self.unloads = 0
+        self.loads_by_model: Counter[str] = Counter()  # the same, per served model
+        self.unloads_by_model: Counter[str] = Counter()
         self.on_change: Callable[[], None] = lambda: None  # the loaded set changed
 
     # --- what is served and what is loaded ------------------------------------------
@@ -164,6 +167,7 @@ class ResidentModels:
                 ) from None
             slot.session = model.session
             self.loads += 1
+            self.loads_by_model[slot.descriptor.id] += 1
             logger.info(
                 "loaded model %s on demand (%.3g of %s MB in use)",
                 slot.descriptor.id,
@@ -195,6 +199,7 @@ class ResidentModels:
         for victim in victims:
             victim.session = None
             self.unloads += 1
+            self.unloads_by_model[victim.descriptor.id] += 1
             logger.info("unloaded model %s (least recently used)", victim.descriptor.id)
 
 

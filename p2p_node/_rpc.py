@@ -30,7 +30,7 @@ from libp2p.transport.exceptions import SecurityUpgradeFailure
 from scheduler import ErrorCode, InferenceRequest, InferenceResult, JobError
 
 from . import _codec
-from ._channel import TRANSPORT_ERRORS, Channel, MessageLimits, SendTimedOut
+from ._channel import TRANSPORT_ERRORS, Channel, MessageLimits, SendTimedOut, Traffic
 from ._framing import FrameError
 from ._host import new_libp2p_host as new_libp2p_host  # where callers have found it
 from ._host import run_host as run_host
@@ -128,6 +128,7 @@ class Rpc:
         # In-flight exchanges by peer: the scope that fails each at once, and why it
         # was failed (empty until then).
         self._calls: dict[str, dict[trio.CancelScope, str]] = {}
+        self.traffic = Traffic()  # bytes of our requests and their replies, per protocol
 
     async def connect(self, addr: multiaddr.Multiaddr, timeout: float) -> str:
         """Dial a peer by its full multiaddr; returns its peer id."""
@@ -330,7 +331,7 @@ class Rpc:
                 ErrorCode.PEER_UNREACHABLE, f"cannot reach the peer: {error}", peer=peer_id
             )
         self._watcher.watch(stream, peer_id)
-        return Channel(stream, self.limits.max_reply_bytes)
+        return Channel(stream, self.limits.max_reply_bytes, self.traffic.of(protocol))
 
     def peer_gone(self, peer_id: str) -> None:
         """The connection to `peer_id` closed: fail its exchanges now, forget its streams.

@@ -19,7 +19,7 @@ from libp2p.custom_types import TProtocol
 from scheduler import ErrorCode, JobError
 
 from . import _codec
-from ._channel import TRANSPORT_ERRORS, Channel, MessageLimits, only_transport_errors
+from ._channel import TRANSPORT_ERRORS, Channel, MessageLimits, Traffic, only_transport_errors
 from ._framing import FrameError
 from ._messages import ErrorReply, Reply, Request, WireError
 
@@ -67,6 +67,7 @@ class Server:
         self._inbound_slots = trio.Semaphore(max_concurrent_inbound)
         self._handlers: dict[TProtocol, dict[type, _AnyHandler]] = {}
         self._answering = 0
+        self.traffic = Traffic()  # bytes of the requests and replies, per protocol
         self._closing = False
         self._all_answered = trio.Event()
 
@@ -108,7 +109,9 @@ class Server:
 
     def _stream_handler(self, protocol: TProtocol) -> Callable[[INetStream], Awaitable[None]]:
         async def on_stream(stream: INetStream) -> None:
-            channel = Channel(stream, self.limits.request_limit(protocol))
+            channel = Channel(
+                stream, self.limits.request_limit(protocol), self.traffic.of(protocol)
+            )
             peer = str(stream.muxed_conn.peer_id)
             try:
                 self._inbound_slots.acquire_nowait()

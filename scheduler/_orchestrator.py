@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
@@ -74,6 +75,17 @@ class OrchestratorConfig:
             raise ValueError(f"shortlist must be >= 2, got {self.shortlist}")
 
 
+@dataclass(slots=True)
+class OrchestratorCounts:
+    """What the orchestrator did beyond one send per request, by model, since it
+    started: plain counts that a node's metrics read when they are scraped."""
+
+    # sends to another peer after a retryable failure
+    failovers: Counter[str] = field(default_factory=Counter)
+    # second sends because the first peer was slower than its p95
+    hedges: Counter[str] = field(default_factory=Counter)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelOutcome:
     model_id: str
@@ -123,6 +135,7 @@ class DistributedModelOrchestrator:
         self.local_peer_id = local_peer_id
         self.config = config
         self.stats = PeerStats(config.stats)
+        self.counts = OrchestratorCounts()
         self._index = index
         self._send = send
         self._run_local = run_local
@@ -213,6 +226,8 @@ class DistributedModelOrchestrator:
                 listed = await self._settled(listed, index, deadline, strategy, request)
             peers = [c.peer_id for c in listed.candidates[: 2 if hedge else 1]]
             self.stats.placed(request.model_id)
+            if last:
+                self.counts.failovers[request.model_id] += 1
             try:
                 if len(peers) == 2:
                     return await self._hedged(peers[0], peers[1], request, deadline)
@@ -344,8 +359,10 @@ class DistributedModelOrchestrator:
 
         async def ask(peer_id: str, wait: float, scope: trio.CancelScope) -> None:
             if wait:
-                with trio.move_on_after(wait):
+                with trio.move_on_after(wait) as slow:
                     await first_failed.wait()
+                counts = self.counts.hedges if slow.cancelled_caught else self.counts.failovers
+                counts[request.model_id] += 1
             try:
                 winner.append(await self._attempt(peer_id, request, deadline))
                 scope.cancel()

@@ -70,6 +70,7 @@ allow-client = ["{ALICE}"]
 allow-clients-file = "clients.toml"
 job-rate = 2.5
 job-burst = 7
+metrics-listen = "127.0.0.1:9100"
 log-level = "info"
 log-format = "json"
 """,
@@ -86,6 +87,7 @@ log-format = "json"
         *("--network", "lab", "--interval", "0.5", "--refresh", "30", "--degree", "0"),
         *("--mdns", "--psk", "swarm.key", "--allow-client", ALICE),
         *("--allow-clients-file", "clients.toml", "--job-rate", "2.5", "--job-burst", "7"),
+        *("--metrics-listen", "127.0.0.1:9100"),
         *("--log-level", "info", "--log-format", "json"),
     ]
     # This test sets every key a config file may hold.
@@ -97,6 +99,7 @@ log-format = "json"
     assert config.executor.workers == 3 and config.admission.allowed_clients == {ALICE, BOB}
     assert config.psk is not None and config.mdns and config.gossip.refresh == 30.0
     assert config.announce == ("/ip4/203.0.113.7/tcp/4001",)
+    assert config.metrics_listen == ("127.0.0.1", 9100)
     assert (from_file.log_level, from_file.log_format) == ("info", "json")
     assert (from_flags.log_level, from_flags.log_format) == ("info", "json")
 
@@ -154,6 +157,8 @@ def test_a_flag_on_the_command_line_wins_over_the_file(tmp_path: Path) -> None:
         ('network = "a/b"\n', "network: network name must be 1-64 characters"),
         ("data-dir = 5\n", "data-dir: expected a string, got 5"),
         ('log-format = "xml"\n', "log-format: expected one of text, json, got 'xml'"),
+        ('metrics-listen = "9100"\n', "metrics-listen: '9100' is not HOST:PORT"),
+        ("metrics-listen = 9100\n", "metrics-listen: expected a string, got 9100"),
         ("workers = \n", "is not valid TOML"),
     ],
 )
