@@ -14,6 +14,42 @@ class RepositoryError(ValueError):
     """A model directory or its model.toml is unusable; the message names the file."""
 
 
+TEXT_FEATURES = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+TEXT_POSTPROCESS = ("mean_pool_normalize", "labels", "generate")
+
+
+@dataclass(frozen=True, slots=True)
+class TextSpec:
+    """How a model takes text: the `[text]` table of its model.toml.
+
+    `inputs` pairs each graph input with the tokenizer output that feeds it
+    (one of TEXT_FEATURES), in the table's order. The tokenizer file is not
+    read here: whoever runs the model loads it.
+    """
+
+    tokenizer_path: Path
+    max_tokens: int
+    truncation: bool
+    inputs: tuple[tuple[str, str], ...]
+    postprocess: str
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
+        features = [feature for _, feature in self.inputs]
+        unknown = sorted(set(features) - set(TEXT_FEATURES))
+        if unknown:
+            raise ValueError(
+                f"inputs name unknown tokenizer outputs {unknown}; known: {TEXT_FEATURES}"
+            )
+        if "input_ids" not in features:
+            raise ValueError("inputs must feed input_ids to a graph input")
+        if len(set(features)) != len(features):
+            raise ValueError(f"inputs feed a tokenizer output twice: {features}")
+        if self.postprocess not in TEXT_POSTPROCESS:
+            raise ValueError(f"postprocess {self.postprocess!r} is not one of {TEXT_POSTPROCESS}")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelCard:
     """What model.toml says about a model, plus where its ONNX file is."""
@@ -30,6 +66,7 @@ class ModelCard:
     onnx_path: Path
     sha256: str
     memory_mb: float | None = None  # what it takes loaded, when model.toml says
+    text: TextSpec | None = None  # a text model's [text] table; None: tensors only
 
     @property
     def memory_bytes(self) -> int:
@@ -57,7 +94,16 @@ _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "latency_us": (int, float),
     "training": dict,
     "memory_mb": (int, float),
+    "text": dict,
 }
+_TEXT_FIELDS: dict[str, type] = {
+    "tokenizer": str,
+    "max_tokens": int,
+    "truncation": bool,
+    "inputs": dict,
+    "postprocess": str,
+}
+_TEXT_OPTIONAL = frozenset({"truncation"})
 
 
 def bundled_models_dir() -> Path:
@@ -109,7 +155,41 @@ def read_model_card(model_dir: Path) -> ModelCard:
         onnx_path=onnx_path,
         sha256=_sha256(onnx_path),
         memory_mb=_memory_mb(toml_path, meta.get("memory_mb")),
+        text=_text_spec(toml_path, meta["text"]) if "text" in meta else None,
     )
+
+
+def _text_spec(path: Path, table: dict[str, Any]) -> TextSpec:
+    missing = sorted(set(_TEXT_FIELDS) - _TEXT_OPTIONAL - set(table))
+    unknown = sorted(set(table) - set(_TEXT_FIELDS))
+    if missing or unknown:
+        raise RepositoryError(f"{path}: [text] missing fields {missing}, unknown fields {unknown}")
+    for name, kind in _TEXT_FIELDS.items():
+        value = table.get(name)
+        if name in table and (
+            not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+        ):
+            raise RepositoryError(
+                f"{path}: [text] {name} has the wrong type {type(value).__name__}"
+            )
+    inputs = table["inputs"]
+    if not all(isinstance(feature, str) for feature in inputs.values()):
+        raise RepositoryError(f"{path}: [text] inputs must map graph inputs to strings")
+    tokenizer = path.parent / table["tokenizer"]
+    if tokenizer.parent != path.parent or not tokenizer.is_file():
+        raise RepositoryError(
+            f"{path}: [text] tokenizer {table['tokenizer']!r} must be a file beside model.toml"
+        )
+    try:
+        return TextSpec(
+            tokenizer_path=tokenizer,
+            max_tokens=table["max_tokens"],
+            truncation=table.get("truncation", False),
+            inputs=tuple(inputs.items()),
+            postprocess=table["postprocess"],
+        )
+    except ValueError as error:
+        raise RepositoryError(f"{path}: [text] {error}") from None
 
 
 def _memory_mb(path: Path, value: float | None) -> float | None:

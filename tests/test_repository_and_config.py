@@ -28,6 +28,7 @@ from p2p_node._identity import (
 )
 from p2p_node._repository import (
     RepositoryError,
+    TextSpec,
     bundled_models_dir,
     read_model_card,
     read_repository,
@@ -126,6 +127,94 @@ _BAD_CARDS = {
 @pytest.mark.parametrize(("toml", "says"), _BAD_CARDS.values(), ids=_BAD_CARDS.keys())
 def test_a_bad_model_card_is_refused_naming_the_file(tmp_path: Path, toml: str, says: str) -> None:
     model_dir = _write_model(tmp_path, "m", toml)
+    with pytest.raises(RepositoryError) as caught:
+        read_model_card(model_dir)
+    assert str(model_dir / "model.toml") in str(caught.value)
+    assert says in str(caught.value)
+
+
+_TEXT = {
+    "tokenizer": '"tokenizer.json"',
+    "max_tokens": "256",
+    "truncation": "true",
+    "postprocess": '"mean_pool_normalize"',
+    "inputs": '{ input_ids = "input_ids", mask = "attention_mask" }',
+}
+
+
+def _text_toml(model_id: str = "m", **changes: str | None) -> str:
+    fields = {**_TEXT, **changes}
+    return (
+        _toml(model_id)
+        + "[text]\n"
+        + "".join(f"{k} = {v}\n" for k, v in fields.items() if v is not None)
+    )
+
+
+def _write_text_model(root: Path, toml: str) -> Path:
+    model_dir = _write_model(root, "m", toml)
+    (model_dir / "tokenizer.json").write_text("{}")
+    return model_dir
+
+
+def test_a_text_table_is_read_into_a_text_spec(tmp_path: Path) -> None:
+    model_dir = _write_text_model(tmp_path, _text_toml())
+    assert read_model_card(model_dir).text == TextSpec(
+        tokenizer_path=model_dir / "tokenizer.json",
+        max_tokens=256,
+        truncation=True,
+        inputs=(("input_ids", "input_ids"), ("mask", "attention_mask")),
+        postprocess="mean_pool_normalize",
+    )
+
+
+def test_truncation_is_off_unless_the_text_table_says(tmp_path: Path) -> None:
+    model_dir = _write_text_model(tmp_path, _text_toml(truncation=None))
+    text = read_model_card(model_dir).text
+    assert text is not None and text.truncation is False
+
+
+def test_a_model_without_a_text_table_takes_tensors(tmp_path: Path) -> None:
+    assert read_model_card(_write_model(tmp_path, "m")).text is None
+
+
+_BAD_TEXT = {
+    "not-a-table": (_toml("m") + "text = 3\n", "text has the wrong type int"),
+    "missing-tokenizer": (_text_toml(tokenizer=None), "[text] missing fields ['tokenizer']"),
+    "unknown-field": (_text_toml(vocab='"v.txt"'), "unknown fields ['vocab']"),
+    "max-tokens-str": (_text_toml(max_tokens='"256"'), "[text] max_tokens has the wrong type"),
+    "max-tokens-bool": (_text_toml(max_tokens="true"), "[text] max_tokens has the wrong type"),
+    "max-tokens-zero": (_text_toml(max_tokens="0"), "max_tokens must be positive, got 0"),
+    "truncation-str": (_text_toml(truncation='"yes"'), "[text] truncation has the wrong type"),
+    "inputs-list": (_text_toml(inputs='["input_ids"]'), "[text] inputs has the wrong type list"),
+    "inputs-of-ints": (_text_toml(inputs="{ input_ids = 1 }"), "inputs must map graph inputs"),
+    "unknown-feature": (
+        _text_toml(inputs='{ input_ids = "input_ids", x = "pixels" }'),
+        "unknown tokenizer outputs ['pixels']",
+    ),
+    "no-input-ids": (
+        _text_toml(inputs='{ mask = "attention_mask" }'),
+        "inputs must feed input_ids",
+    ),
+    "a-feature-twice": (
+        _text_toml(inputs='{ a = "input_ids", b = "input_ids" }'),
+        "feed a tokenizer output twice",
+    ),
+    "unknown-postprocess": (_text_toml(postprocess='"cls_pool"'), "postprocess 'cls_pool'"),
+    "tokenizer-missing": (
+        _text_toml(tokenizer='"vocab.json"'),
+        "tokenizer 'vocab.json' must be a file beside model.toml",
+    ),
+    "tokenizer-outside": (
+        _text_toml(tokenizer='"../m/tokenizer.json"'),
+        "tokenizer '../m/tokenizer.json' must be a file beside model.toml",
+    ),
+}
+
+
+@pytest.mark.parametrize(("toml", "says"), _BAD_TEXT.values(), ids=_BAD_TEXT.keys())
+def test_a_bad_text_table_is_refused_naming_the_file(tmp_path: Path, toml: str, says: str) -> None:
+    model_dir = _write_text_model(tmp_path, toml)
     with pytest.raises(RepositoryError) as caught:
         read_model_card(model_dir)
     assert str(model_dir / "model.toml") in str(caught.value)
