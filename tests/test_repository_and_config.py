@@ -306,16 +306,35 @@ def test_the_bundled_repository() -> None:
     root = bundled_models_dir()
     cards = read_repository(root)
 
-    assert len(cards) == 7
+    assert len(cards) == 8
     assert collections.Counter(c.task_type for c in cards) == {
         "image-classification": 4,
         "tabular-classification": 3,
+        "sentence-embedding": 1,
     }
     assert [c.id for c in cards] == sorted(c.id for c in cards)
     for card in cards:
         assert card.onnx_path.parent == root / card.id
         assert card.sha256 == hashlib.sha256(card.onnx_path.read_bytes()).hexdigest()
         assert 0.0 <= card.accuracy <= 1.0
+        assert (card.text is not None) == (card.task_type == "sentence-embedding")
+
+
+def test_the_bundled_embedding_model_takes_text() -> None:
+    (card,) = read_repository(bundled_models_dir(), frozenset({"minilm-l6-v2"}))
+    assert card.languages == ("en",)
+    assert card.text == TextSpec(
+        tokenizer_path=card.onnx_path.parent / "tokenizer.json",
+        max_tokens=256,
+        truncation=True,
+        inputs=(
+            ("input_ids", "input_ids"),
+            ("attention_mask", "attention_mask"),
+            ("token_type_ids", "token_type_ids"),
+        ),
+        postprocess="mean_pool_normalize",
+    )
+    assert card.max_input_length == card.text.max_tokens
 
 
 # --- the bootstrap file ----------------------------------------------------------------
