@@ -38,7 +38,10 @@ async def run_demo(n: int, psk: PreSharedKey | None = None) -> list[tuple[str, .
     cards = read_repository(bundled_models_dir())
     ids = [card.id for card in cards]
     shares = [frozenset(ids[i::n]) or frozenset(ids[:1]) for i in range(n)]  # model i on node i%n
-    jobs: list[tuple[str | None, str]] = [(card.id, card.task_type) for card in cards]
+    # One job per model whose task has held-out rows to send (not yet the text models).
+    jobs: list[tuple[str | None, str]] = [
+        (card.id, card.task_type) for card in cards if card.task_type in HELDOUT
+    ]
     jobs += [(None, task) for task in HELDOUT]  # the node selects the model
     async with open_swarm(n, topology="full", models=shares, psk=psk) as swarm:
         with trio.fail_after(CONVERGE_TIMEOUT_S):

@@ -5,13 +5,42 @@ from __future__ import annotations
 import hashlib
 import tomllib
 from dataclasses import dataclass
+from enum import StrEnum
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ._schema import MAX_ID_LENGTH
+
 
 class RepositoryError(ValueError):
     """A model directory or its model.toml is unusable; the message names the file."""
+
+
+MAX_LABEL_LENGTH = MAX_ID_LENGTH  # a result's labels cross the wire as ids do
+TOKENIZER_OUTPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+_TEXT_KEYS = frozenset({"tokenizer", "max_tokens", "truncation", "postprocess", "inputs", "labels"})
+_READ_ELSEWHERE = frozenset({"decoder"})  # generation's own table
+
+
+class Postprocess(StrEnum):
+    MEAN_POOL_NORMALIZE = "mean_pool_normalize"
+    LABELS = "labels"
+    GENERATE = "generate"
+
+
+@dataclass(frozen=True, slots=True)
+class TextSpec:
+    """A model's `[text]` table. `inputs` pairs each graph input with the tokenizer
+    output it takes (one of TOKENIZER_OUTPUTS). Field names as the `minilm` branch's
+    TextSpec in `_repository`, plus `labels`: one of the two is to go."""
+
+    tokenizer_path: Path  # a file beside model.toml
+    max_tokens: int
+    truncation: bool
+    inputs: tuple[tuple[str, str], ...]  # (graph input, tokenizer output), in table order
+    postprocess: Postprocess
+    labels: tuple[str, ...] = ()  # postprocess "labels": the name of each class
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +59,7 @@ class ModelCard:
     onnx_path: Path
     sha256: str
     memory_mb: float | None = None  # what it takes loaded, when model.toml says
+    text: TextSpec | None = None  # a text model's [text] table; None: tensors only
 
     @property
     def memory_bytes(self) -> int:
@@ -57,7 +87,7 @@ _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "latency_us": (int, float),
     "training": dict,
     "memory_mb": (int, float),
-    "text": dict,  # a text model's tokenizer and postprocessing: read by `_text`
+    "text": dict,
 }
 
 
@@ -110,6 +140,69 @@ def read_model_card(model_dir: Path) -> ModelCard:
         onnx_path=onnx_path,
         sha256=_sha256(onnx_path),
         memory_mb=_memory_mb(toml_path, meta.get("memory_mb")),
+        text=_text_spec(toml_path, meta["text"]) if "text" in meta else None,
+    )
+
+
+def _text_spec(path: Path, table: object) -> TextSpec:
+    spec = parse_text_spec(path, table)
+    if not spec.tokenizer_path.is_file():
+        raise RepositoryError(f"{path}: [text] tokenizer {spec.tokenizer_path.name!r} is missing")
+    return spec
+
+
+def parse_text_spec(path: Path, table: object) -> TextSpec:
+    def bad(what: str) -> RepositoryError:
+        return RepositoryError(f"{path}: [text] {what}")
+
+    if not isinstance(table, dict):
+        raise bad("must be a table")
+    unknown = sorted(set(table) - _TEXT_KEYS - _READ_ELSEWHERE)
+    missing = sorted({"tokenizer", "max_tokens", "postprocess", "inputs"} - set(table))
+    if unknown or missing:
+        raise bad(f"has unknown fields {unknown}, lacks fields {missing}")
+    tokenizer, max_tokens = table["tokenizer"], table["max_tokens"]
+    truncation = table.get("truncation", False)
+    if not isinstance(tokenizer, str) or not tokenizer or Path(tokenizer).name != tokenizer:
+        raise bad(f"tokenizer must be a file name in the model's directory, got {tokenizer!r}")
+    if type(max_tokens) is not int or max_tokens < 1:
+        raise bad(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if type(truncation) is not bool:
+        raise bad(f"truncation must be true or false, got {truncation!r}")
+    try:
+        postprocess = Postprocess(table["postprocess"])
+    except ValueError:
+        raise bad(
+            f"postprocess must be one of {[p.value for p in Postprocess]}, "
+            f"got {table['postprocess']!r}"
+        ) from None
+    inputs = table["inputs"]
+    if (
+        not isinstance(inputs, dict)
+        or not inputs
+        or not all(isinstance(v, str) and v in TOKENIZER_OUTPUTS for v in inputs.values())
+        or "input_ids" not in inputs.values()
+    ):
+        raise bad(
+            f"inputs must give each graph input one of the tokenizer outputs "
+            f"{list(TOKENIZER_OUTPUTS)}, input_ids among them; got {inputs!r}"
+        )
+    if len(set(inputs.values())) != len(inputs):
+        raise bad(f"inputs feed a tokenizer output twice: {list(inputs.values())}")
+    labels = table.get("labels", [])
+    if not isinstance(labels, list) or not all(
+        isinstance(x, str) and 0 < len(x) <= MAX_LABEL_LENGTH for x in labels
+    ):
+        raise bad(f"labels must be a list of names of 1 to {MAX_LABEL_LENGTH} characters")
+    if (postprocess is Postprocess.LABELS) != bool(labels):
+        raise bad('labels go with postprocess = "labels", and it needs them')
+    return TextSpec(
+        path.parent / tokenizer,
+        max_tokens,
+        truncation,
+        tuple(inputs.items()),
+        postprocess,
+        tuple(labels),
     )
 
 

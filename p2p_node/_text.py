@@ -28,11 +28,8 @@ Pure but for reading the tokenizer file: no trio, no onnxruntime.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,100 +38,11 @@ from tokenizers import Tokenizer
 from gossip import ModelDescriptor
 from scheduler import ErrorCode, JobError
 
-from ._repository import ModelCard, RepositoryError
-from ._schema import MAX_ID_LENGTH
+from ._repository import ModelCard, Postprocess, RepositoryError, TextSpec
 
 EMBEDDINGS_OUTPUT = "embeddings"
 LABEL_OUTPUT = "label"
 PROBABILITIES_OUTPUT = "probabilities"
-MAX_LABEL_LENGTH = MAX_ID_LENGTH  # a result's labels cross the wire as ids do
-TOKENIZER_OUTPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-_KEYS = frozenset({"tokenizer", "max_tokens", "truncation", "postprocess", "inputs", "labels"})
-_READ_ELSEWHERE = frozenset({"decoder"})  # generation's own table
-
-
-class Postprocess(StrEnum):
-    MEAN_POOL_NORMALIZE = "mean_pool_normalize"
-    LABELS = "labels"
-    GENERATE = "generate"
-
-
-@dataclass(frozen=True, slots=True)
-class TextSpec:
-    """A model's `[text]` table. `inputs` pairs each graph input with the tokenizer
-    output it takes (one of TOKENIZER_OUTPUTS). Field names as the `minilm` branch's
-    TextSpec in `_repository`, plus `labels`: one of the two is to go."""
-
-    tokenizer_path: Path  # a file beside model.toml
-    max_tokens: int
-    truncation: bool
-    inputs: tuple[tuple[str, str], ...]  # (graph input, tokenizer output), in table order
-    postprocess: Postprocess
-    labels: tuple[str, ...] = ()  # postprocess "labels": the name of each class
-
-
-def read_text_spec(card: ModelCard) -> TextSpec | None:
-    """The `[text]` table of `card`'s model.toml; None for a plain tensor model.
-    RepositoryError naming the file and the field when it is malformed."""
-    path = card.onnx_path.parent / "model.toml"
-    with path.open("rb") as f:
-        table = tomllib.load(f).get("text")
-    if table is None:
-        return None
-    return parse_text_spec(path, table)
-
-
-def parse_text_spec(path: Path, table: object) -> TextSpec:
-    def bad(what: str) -> RepositoryError:
-        return RepositoryError(f"{path}: [text] {what}")
-
-    if not isinstance(table, dict):
-        raise bad("must be a table")
-    unknown = sorted(set(table) - _KEYS - _READ_ELSEWHERE)
-    missing = sorted({"tokenizer", "max_tokens", "postprocess", "inputs"} - set(table))
-    if unknown or missing:
-        raise bad(f"has unknown fields {unknown}, lacks fields {missing}")
-    tokenizer, max_tokens = table["tokenizer"], table["max_tokens"]
-    truncation = table.get("truncation", False)
-    if not isinstance(tokenizer, str) or not tokenizer or Path(tokenizer).name != tokenizer:
-        raise bad(f"tokenizer must be a file name in the model's directory, got {tokenizer!r}")
-    if type(max_tokens) is not int or max_tokens < 1:
-        raise bad(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    if type(truncation) is not bool:
-        raise bad(f"truncation must be true or false, got {truncation!r}")
-    try:
-        postprocess = Postprocess(table["postprocess"])
-    except ValueError:
-        raise bad(
-            f"postprocess must be one of {[p.value for p in Postprocess]}, "
-            f"got {table['postprocess']!r}"
-        ) from None
-    inputs = table["inputs"]
-    if (
-        not isinstance(inputs, dict)
-        or not inputs
-        or not all(isinstance(v, str) and v in TOKENIZER_OUTPUTS for v in inputs.values())
-        or "input_ids" not in inputs.values()
-    ):
-        raise bad(
-            f"inputs must give each graph input one of the tokenizer outputs "
-            f"{list(TOKENIZER_OUTPUTS)}, input_ids among them; got {inputs!r}"
-        )
-    labels = table.get("labels", [])
-    if not isinstance(labels, list) or not all(
-        isinstance(x, str) and 0 < len(x) <= MAX_LABEL_LENGTH for x in labels
-    ):
-        raise bad(f"labels must be a list of names of 1 to {MAX_LABEL_LENGTH} characters")
-    if (postprocess is Postprocess.LABELS) != bool(labels):
-        raise bad('labels go with postprocess = "labels", and it needs them')
-    return TextSpec(
-        path.parent / tokenizer,
-        max_tokens,
-        truncation,
-        tuple(inputs.items()),
-        postprocess,
-        tuple(labels),
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +78,7 @@ class TextModel:
     def load(cls, card: ModelCard, descriptor: ModelDescriptor) -> TextModel | None:
         """`card`'s text model, None for a plain tensor model. RepositoryError when its
         table, its tokenizer or its graph's inputs do not fit together."""
-        spec = read_text_spec(card)
+        spec = card.text
         if spec is None:
             return None
         path = spec.tokenizer_path

@@ -28,6 +28,7 @@ from p2p_node._identity import (
 )
 from p2p_node._repository import (
     RepositoryError,
+    TextSpec,
     bundled_models_dir,
     read_model_card,
     read_repository,
@@ -132,6 +133,97 @@ def test_a_bad_model_card_is_refused_naming_the_file(tmp_path: Path, toml: str, 
     assert says in str(caught.value)
 
 
+_TEXT = {
+    "tokenizer": '"tokenizer.json"',
+    "max_tokens": "256",
+    "truncation": "true",
+    "postprocess": '"mean_pool_normalize"',
+    "inputs": '{ input_ids = "input_ids", mask = "attention_mask" }',
+}
+
+
+def _text_toml(model_id: str = "m", **changes: str | None) -> str:
+    fields = {**_TEXT, **changes}
+    return (
+        _toml(model_id)
+        + "[text]\n"
+        + "".join(f"{k} = {v}\n" for k, v in fields.items() if v is not None)
+    )
+
+
+def _write_text_model(root: Path, toml: str) -> Path:
+    model_dir = _write_model(root, "m", toml)
+    (model_dir / "tokenizer.json").write_text("{}")
+    return model_dir
+
+
+def test_a_text_table_is_read_into_a_text_spec(tmp_path: Path) -> None:
+    model_dir = _write_text_model(tmp_path, _text_toml())
+    assert read_model_card(model_dir).text == TextSpec(
+        tokenizer_path=model_dir / "tokenizer.json",
+        max_tokens=256,
+        truncation=True,
+        inputs=(("input_ids", "input_ids"), ("mask", "attention_mask")),
+        postprocess="mean_pool_normalize",
+    )
+
+
+def test_truncation_is_off_unless_the_text_table_says(tmp_path: Path) -> None:
+    model_dir = _write_text_model(tmp_path, _text_toml(truncation=None))
+    text = read_model_card(model_dir).text
+    assert text is not None and text.truncation is False
+
+
+def test_a_model_without_a_text_table_takes_tensors(tmp_path: Path) -> None:
+    assert read_model_card(_write_model(tmp_path, "m")).text is None
+
+
+_BAD_TEXT = {
+    "not-a-table": (_toml("m") + "text = 3\n", "text has the wrong type int"),
+    "missing-tokenizer": (_text_toml(tokenizer=None), "lacks fields ['tokenizer']"),
+    "unknown-field": (_text_toml(vocab='"v.txt"'), "has unknown fields ['vocab']"),
+    "max-tokens-str": (_text_toml(max_tokens='"256"'), "max_tokens must be a positive integer"),
+    "max-tokens-bool": (_text_toml(max_tokens="true"), "max_tokens must be a positive integer"),
+    "max-tokens-zero": (_text_toml(max_tokens="0"), "max_tokens must be a positive integer, got 0"),
+    "truncation-str": (_text_toml(truncation='"yes"'), "truncation must be true or false"),
+    "inputs-list": (
+        _text_toml(inputs='["input_ids"]'),
+        "inputs must give each graph input one of the tokenizer outputs",
+    ),
+    "inputs-of-ints": (_text_toml(inputs="{ input_ids = 1 }"), "got {'input_ids': 1}"),
+    "unknown-feature": (
+        _text_toml(inputs='{ input_ids = "input_ids", x = "pixels" }'),
+        "'x': 'pixels'",
+    ),
+    "no-input-ids": (
+        _text_toml(inputs='{ mask = "attention_mask" }'),
+        "input_ids among them",
+    ),
+    "a-feature-twice": (
+        _text_toml(inputs='{ a = "input_ids", b = "input_ids" }'),
+        "feed a tokenizer output twice",
+    ),
+    "unknown-postprocess": (_text_toml(postprocess='"cls_pool"'), "got 'cls_pool'"),
+    "tokenizer-missing": (
+        _text_toml(tokenizer='"vocab.json"'),
+        "tokenizer 'vocab.json' is missing",
+    ),
+    "tokenizer-outside": (
+        _text_toml(tokenizer='"../m/tokenizer.json"'),
+        "tokenizer must be a file name in the model's directory",
+    ),
+}
+
+
+@pytest.mark.parametrize(("toml", "says"), _BAD_TEXT.values(), ids=_BAD_TEXT.keys())
+def test_a_bad_text_table_is_refused_naming_the_file(tmp_path: Path, toml: str, says: str) -> None:
+    model_dir = _write_text_model(tmp_path, toml)
+    with pytest.raises(RepositoryError) as caught:
+        read_model_card(model_dir)
+    assert str(model_dir / "model.toml") in str(caught.value)
+    assert says in str(caught.value)
+
+
 @pytest.mark.parametrize(
     "toml",
     [_toml("m", max_input_length="true"), _toml("m", accuracy="false")],
@@ -217,16 +309,35 @@ def test_the_bundled_repository() -> None:
     root = bundled_models_dir()
     cards = read_repository(root)
 
-    assert len(cards) == 7
+    assert len(cards) == 8
     assert collections.Counter(c.task_type for c in cards) == {
         "image-classification": 4,
         "tabular-classification": 3,
+        "sentence-embedding": 1,
     }
     assert [c.id for c in cards] == sorted(c.id for c in cards)
     for card in cards:
         assert card.onnx_path.parent == root / card.id
         assert card.sha256 == hashlib.sha256(card.onnx_path.read_bytes()).hexdigest()
         assert 0.0 <= card.accuracy <= 1.0
+        assert (card.text is not None) == (card.task_type == "sentence-embedding")
+
+
+def test_the_bundled_embedding_model_takes_text() -> None:
+    (card,) = read_repository(bundled_models_dir(), frozenset({"minilm-l6-v2"}))
+    assert card.languages == ("en",)
+    assert card.text == TextSpec(
+        tokenizer_path=card.onnx_path.parent / "tokenizer.json",
+        max_tokens=256,
+        truncation=True,
+        inputs=(
+            ("input_ids", "input_ids"),
+            ("attention_mask", "attention_mask"),
+            ("token_type_ids", "token_type_ids"),
+        ),
+        postprocess="mean_pool_normalize",
+    )
+    assert card.max_input_length == card.text.max_tokens
 
 
 # --- the bootstrap file ----------------------------------------------------------------

@@ -18,8 +18,14 @@ from p2p_node._cli import parse_args
 from p2p_node._executor import Executor
 from p2p_node._jobs import fingerprint
 from p2p_node._messages import InvalidMessage, RunRequest, WireError
-from p2p_node._repository import RepositoryError, read_repository
-from p2p_node._text import Postprocess, TextSpec, mean_pool_normalize, parse_text_spec
+from p2p_node._repository import (
+    Postprocess,
+    RepositoryError,
+    TextSpec,
+    parse_text_spec,
+    read_repository,
+)
+from p2p_node._text import mean_pool_normalize
 from scheduler import ErrorCode, InferenceRequest, InferenceResult, JobError
 from selection import (
     AdvancedModelSelectionStrategy,

@@ -19,12 +19,16 @@ Training is deterministic (fixed seeds); the measured ``latency_us`` and
 
 Requires the ``build`` extra (scikit-learn, skl2onnx) plus onnxruntime.
 Run: ``python tools/build_models.py [--out DIR]``.
+
+``python tools/build_models.py minilm [...]`` builds the sentence-embedding
+model ``minilm-l6-v2`` instead (``tools/minilm.py``; ``minilm --help``).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 import tomllib
 import warnings
@@ -32,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import minilm
 import numpy as np
 import onnxruntime as ort
 import sklearn
@@ -464,6 +469,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["minilm"]:
+        minilm.main(argv[1:])
+        return
     args = parse_args(argv)
     datasets = load_datasets()
     built = measure_latencies([build_model(spec, datasets[spec.dataset]) for spec in MODEL_SPECS])
