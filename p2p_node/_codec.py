@@ -47,6 +47,9 @@ from ._messages import (
     ErrorReply,
     FeedbackReply,
     FeedbackRequest,
+    GeneratedPiece,
+    GenerateRequest,
+    GenerateSummary,
     InvalidMessage,
     LoadReply,
     LoadRequest,
@@ -465,3 +468,6 @@ register("select", SelectReply)
 register("feedback!", FeedbackReply)
 register("load", LoadReply)
 register("sync", SyncReply)
+register("generate", GenerateRequest)
+register("piece", GeneratedPiece)
+register("generated", GenerateSummary)

@@ -1,0 +1,586 @@
+"""Text generation on the executing node: one session per request, holding its KV cache,
+and one engine per model that runs the decode steps of all its sessions as one batch.
+
+A decoder model is served in the layout of Hugging Face Optimum's decoder exports
+(`input_ids`, `attention_mask`, `position_ids`, `past_key_values.{i}.key/value`
+in; `logits`, `present.{i}.key/value` out), described by the `[text]` table of
+its model.toml (read here from model.toml, or from `model.toml.text` beside it
+while the repository reader does not take the table).
+
+A session tokenizes its prompt, allocates its cache for the prompt plus the
+tokens it may generate (counted against the node's model memory budget), and
+runs its prefill alone. It then joins its model's engine, which, step after
+step, runs one token of every running session in one onnxruntime batch: the
+caches, of different lengths, are left-padded to the longest and masked with
+`attention_mask`; each row has its own `position_ids` (continuous batching, as
+vLLM does it, without paging). Sessions join and leave between steps. A session
+whose client has not taken its last tokens sits out of the batches until it
+does; one idle for `session_idle_s` ends. Leaving the session's context (the
+client hung up, the deadline passed) frees its cache at once.
+
+Sampling is greedy at temperature 0; otherwise top-k, then top-p, over the
+tempered softmax, drawing one number per token from the session's own
+`numpy.random.Generator`: the same seed gives the same tokens on any node.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import tomllib
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import trio
+from tokenizers import Tokenizer
+
+from scheduler import ErrorCode, JobError
+
+from ._config import ExecutorConfig
+from ._executor import Executor
+from ._repository import ModelCard, RepositoryError
+
+logger = logging.getLogger(__name__)
+
+MB = 1 << 20
+BUFFERED_TOKENS = 8  # generated but not taken by the client; past it the session waits
+FLOAT_BYTES = 4
+
+Array = np.ndarray[Any, Any]
+
+
+# --- the model's text side -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderLayout:
+    """What the `[text.decoder]` table says: the cache's shape and the special tokens."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    vocab_size: int
+    eos_token_id: int
+    max_tokens: int  # the context window: prompt and generated tokens together
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache memory per token of one session: a key and a value per layer."""
+        return 2 * self.layers * self.heads * self.head_dim * FLOAT_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class TextGenerator:
+    """A served decoder: its id, layout and tokenizer."""
+
+    model_id: str
+    layout: DecoderLayout
+    tokenizer: Tokenizer
+
+
+def read_text_table(card: ModelCard) -> dict[str, Any] | None:
+    """The `[text]` table of `card`'s model.toml (or of model.toml.text), or None."""
+    model_dir = card.onnx_path.parent
+    for path in (model_dir / "model.toml", model_dir / "model.toml.text"):
+        if not path.is_file():
+            continue
+        try:
+            with path.open("rb") as f:
+                table = tomllib.load(f).get("text")
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise RepositoryError(f"{path}: cannot read its [text] table: {error}") from None
+        if table is not None:
+            if not isinstance(table, dict):
+                raise RepositoryError(f"{path}: text must be a table")
+            return table
+    return None
+
+
+def load_text_generator(card: ModelCard) -> TextGenerator | None:
+    """`card`'s generator if its `[text]` table says `postprocess = "generate"`, else None.
+    RepositoryError names the file and the field at fault."""
+    table = read_text_table(card)
+    if table is None or table.get("postprocess") != "generate":
+        return None
+    where = f"{card.onnx_path.parent}: [text]"
+    decoder = table.get("decoder")
+    if not isinstance(decoder, dict):
+        raise RepositoryError(f"{where} needs a [text.decoder] table for postprocess generate")
+    values = {}
+    for name in ("layers", "heads", "head_dim", "vocab_size", "eos_token_id"):
+        value = decoder.get(name)
+        if type(value) is not int or value < (0 if name == "eos_token_id" else 1):
+            raise RepositoryError(f"{where}.decoder: {name} must be a positive integer")
+        values[name] = value
+    max_tokens = table.get("max_tokens", card.max_input_length)
+    if type(max_tokens) is not int or max_tokens < 2:
+        raise RepositoryError(f"{where}: max_tokens must be an integer >= 2")
+    tokenizer_file = table.get("tokenizer", "tokenizer.json")
+    if not isinstance(tokenizer_file, str) or "/" in tokenizer_file:
+        raise RepositoryError(f"{where}: tokenizer must be a file name in the model's directory")
+    path = card.onnx_path.parent / tokenizer_file
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises its own exception types
+        raise RepositoryError(f"{path}: not a tokenizer.json: {error}") from None
+    return TextGenerator(card.id, DecoderLayout(**values, max_tokens=max_tokens), tokenizer)
+
+
+# --- sampling ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Greedy at `temperature` 0; else the `top_k` most likely tokens (0: all), of
+    those the fewest whose probabilities add up to `top_p`, drawn with `seed`."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.temperature < float("inf"):
+            raise JobError(ErrorCode.INVALID_INPUT, f"temperature must be >= 0: {self.temperature}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise JobError(ErrorCode.INVALID_INPUT, "top_k must be >= 0 and top_p in (0, 1]")
+
+
+def choose_token(logits: Array, sampling: Sampling, rng: np.random.Generator) -> int:
+    """The next token from one row of logits. Draws exactly one number from `rng`
+    when sampling, so that a seed gives the same tokens whatever came before."""
+    if sampling.temperature == 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / sampling.temperature
+    order = np.argsort(-scaled, kind="stable")
+    if sampling.top_k:
+        order = order[: sampling.top_k]
+    chosen = scaled[order]
+    probs = np.exp(chosen - chosen[0])
+    probs /= probs.sum()
+    if sampling.top_p < 1:
+        keep = int(np.searchsorted(np.cumsum(probs), sampling.top_p)) + 1
+        order, probs = order[:keep], probs[:keep]
+    cumulative = np.cumsum(probs)
+    drawn = rng.random() * cumulative[-1]
+    index = min(int(np.searchsorted(cumulative, drawn, side="right")), len(order) - 1)
+    return int(order[index])
+
+
+# --- sessions ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One generated token and the text it completes ("" while a character is incomplete)."""
+
+    token: int
+    text: str
+
+
+class _Session:
+    """One generation: its cache, tokens, and what its client has not taken yet."""
+
+    def __init__(
+        self,
+        generator: TextGenerator,
+        prompt: list[int],
+        max_new: int,
+        sampling: Sampling,
+    ) -> None:
+        layout = generator.layout
+        self.generator = generator
+        self.prompt = prompt
+        self.max_new = max_new
+        self.sampling = sampling
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(64)
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        capacity = len(prompt) + max_new
+        shape = (layout.layers, 2, layout.heads, capacity, layout.head_dim)
+        self.cache: Array | None = np.zeros(shape, np.float32)
+        self.length = 0  # tokens in the cache
+        self.generated: list[int] = []
+        self.emitted = ""  # the text sent in pieces so far
+        self.queue: deque[Piece] = deque()
+        self.finish: str | None = None  # "eos" or "length" once it is done
+        self.error: JobError | None = None
+        self.changed = trio.lowlevel.ParkingLot()
+        self.session: ort.InferenceSession | None = None
+        self.waiting_since = trio.current_time()  # the oldest untaken piece's wait began
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.cache is None else self.cache.nbytes
+
+    @property
+    def ready(self) -> bool:
+        """Whether the next decode step may run for it."""
+        return (
+            self.finish is None
+            and self.error is None
+            and self.cache is not None
+            and len(self.queue) < BUFFERED_TOKENS
+        )
+
+    def take(self, token: int) -> None:
+        """`token` was chosen: queue it for the client, or end the generation."""
+        eos = token == self.generator.layout.eos_token_id
+        if not eos:
+            self.generated.append(token)
+            if not self.queue:
+                self.waiting_since = trio.current_time()
+            self.queue.append(Piece(token, self._next_text()))
+        if eos:
+            self.finish = "eos"
+        elif len(self.generated) >= self.max_new:
+            self.finish = "length"
+        self.changed.unpark_all()
+
+    def fail(self, error: JobError) -> None:
+        self.error = error
+        self.changed.unpark_all()
+
+    def _next_text(self) -> str:
+        """The text the newest token completes. Byte-level tokens may end inside a
+        character: its text waits (decoded as U+FFFD) for the bytes still to come."""
+        text = self.generator.tokenizer.decode(self.generated)
+        if text.endswith("\ufffd") or not text.startswith(self.emitted):
+            return ""
+        piece, self.emitted = text[len(self.emitted) :], text
+        return piece
+
+    @property
+    def text(self) -> str:
+        return self.generator.tokenizer.decode(self.generated)
+
+
+class Generation:
+    """A client's handle on its running session (see `Generations.open_session`)."""
+
+    def __init__(self, session: _Session, on_taken: Any) -> None:
+        self._session = session
+        self._on_taken = on_taken
+
+    async def next(self) -> Piece | None:
+        """The next piece, or None when the generation is done. Raises its JobError."""
+        s = self._session
+        while not s.queue:
+            if s.error is not None:
+                raise s.error
+            if s.finish is not None:
+                return None
+            await s.changed.park()
+        piece = s.queue.popleft()
+        s.waiting_since = trio.current_time()
+        self._on_taken()
+        return piece
+
+    @property
+    def text(self) -> str:
+        return self._session.text
+
+    @property
+    def tokens(self) -> int:
+        return len(self._session.generated)
+
+    @property
+    def finish(self) -> str:
+        return self._session.finish or "length"
+
+
+# --- the engine: one per model -------------------------------------------------------------
+
+
+class _Engine:
+    """Runs the decode steps of one model's sessions, all of them in one batch per step
+    (or, without `batch`, one session per step, in turn)."""
+
+    def __init__(self, generator: TextGenerator, limiter: trio.CapacityLimiter, batch: bool):
+        self.generator = generator
+        self.sessions: list[_Session] = []
+        self._limiter = limiter
+        self._batch = batch
+        self._wake = trio.Event()
+        self._turn = 0
+        self.steps = 0
+        self.batched_rows = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def add(self, session: _Session) -> None:
+        self.sessions.append(session)
+        self.wake()
+
+    def remove(self, session: _Session) -> None:
+        if session in self.sessions:
+            self.sessions.remove(session)
+
+    async def run(self) -> None:
+        while True:
+            ready = [s for s in self.sessions if s.ready]
+            if not ready:
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue
+            if not self._batch:
+                self._turn = (self._turn + 1) % len(ready)
+                ready = [ready[self._turn]]
+            await self._step(ready)
+
+    async def _step(self, batch: list[_Session]) -> None:
+        session = next(s.session for s in batch if s.session is not None)
+        feeds, longest = decode_feeds(batch, self.generator.layout)
+        try:
+            logits, presents = await trio.to_thread.run_sync(
+                _run_step, session, feeds, self.generator.layout.layers, limiter=self._limiter
+            )
+        except JobError as error:
+            for s in batch:
+                s.fail(error)
+            return
+        self.steps += 1
+        self.batched_rows += len(batch)
+        for row, s in enumerate(batch):
+            if s.cache is None or s.finish is not None:  # left while the step ran
+                continue
+            s.cache[:, 0, :, s.length, :] = presents[:, 0, row, :, longest, :]
+            s.cache[:, 1, :, s.length, :] = presents[:, 1, row, :, longest, :]
+            s.length += 1
+            s.take(choose_token(logits[row, -1], s.sampling, s.rng))
+
+
+def decode_feeds(batch: Sequence[_Session], layout: DecoderLayout) -> tuple[dict[str, Array], int]:
+    """One decode step's inputs for `batch`: each session's last token at its own
+    position, its cache left-padded to the longest, the padding masked off. Also
+    returns the longest cache's length: the new token's index in the outputs."""
+    longest = max(s.length for s in batch)
+    rows = len(batch)
+    past = np.zeros((layout.layers, 2, rows, layout.heads, longest, layout.head_dim), np.float32)
+    mask: Array = np.zeros((rows, longest + 1), np.int64)
+    for row, s in enumerate(batch):
+        assert s.cache is not None
+        past[:, :, row, :, longest - s.length :, :] = s.cache[:, :, :, : s.length, :]
+        mask[row, longest - s.length :] = 1
+    feeds = {
+        "input_ids": np.array([[s.generated[-1]] for s in batch], np.int64),
+        "attention_mask": mask,
+        "position_ids": np.array([[s.length] for s in batch], np.int64),
+    }
+    for i in range(layout.layers):
+        feeds[f"past_key_values.{i}.key"] = past[i, 0]
+        feeds[f"past_key_values.{i}.value"] = past[i, 1]
+    return feeds, longest
+
+
+def prefill_feeds(prompt: Sequence[int], layout: DecoderLayout) -> dict[str, Array]:
+    n = len(prompt)
+    empty = np.zeros((1, layout.heads, 0, layout.head_dim), np.float32)
+    feeds: dict[str, Array] = {
+        "input_ids": np.array([prompt], np.int64),
+        "attention_mask": np.ones((1, n), np.int64),
+        "position_ids": np.arange(n, dtype=np.int64)[None, :],
+    }
+    for i in range(layout.layers):
+        feeds[f"past_key_values.{i}.key"] = empty
+        feeds[f"past_key_values.{i}.value"] = empty
+    return feeds
+
+
+def _run_step(
+    session: ort.InferenceSession, feeds: dict[str, Array], layers: int
+) -> tuple[Array, Array]:
+    """In a worker thread: the logits, and every layer's present key and value stacked
+    as [layers, 2, batch, heads, total, head_dim]."""
+    names = ["logits"]
+    for i in range(layers):
+        names += [f"present.{i}.key", f"present.{i}.value"]
+    try:
+        values = session.run(names, feeds)
+    except Exception as error:  # onnxruntime's pybind errors share no useful base
+        raise JobError(
+            ErrorCode.INTERNAL, f"decoder step failed: {type(error).__name__}: {error}"
+        ) from None
+    presents = np.stack([np.stack(values[1 + 2 * i : 3 + 2 * i]) for i in range(layers)])
+    return values[0], presents
+
+
+# --- the node's generations ----------------------------------------------------------------
+
+
+class Generations:
+    """The generation sessions of one node, within its limits and memory budget."""
+
+    def __init__(
+        self, executor: Executor, cards: Sequence[ModelCard], config: ExecutorConfig
+    ) -> None:
+        self._executor = executor
+        self._config = config
+        self._engines: dict[str, _Engine] = {}
+        for card in cards:
+            generator = load_text_generator(card)
+            if generator is not None:
+                self._engines[card.id] = _Engine(generator, executor.limiter, config.batch_decode)
+        self._sessions: set[_Session] = set()
+        self.started = 0
+        self.refused = 0
+
+    @property
+    def model_ids(self) -> list[str]:
+        return sorted(self._engines)
+
+    @property
+    def sessions(self) -> int:
+        """Generations running now."""
+        return len(self._sessions)
+
+    @property
+    def cache_bytes(self) -> int:
+        """The KV cache memory the running generations hold."""
+        return sum(s.nbytes for s in self._sessions)
+
+    def engine(self, model_id: str) -> _Engine:
+        return self._engines[model_id]
+
+    async def run(self) -> None:
+        """Run every model's engine until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for engine in self._engines.values():
+                nursery.start_soon(engine.run)
+
+    @asynccontextmanager
+    async def open_session(
+        self, model_id: str, prompt: str, max_tokens: int, sampling: Sampling
+    ) -> AsyncIterator[Generation]:
+        """A generation of up to `max_tokens` tokens after `prompt`, prefilled and
+        running in its model's engine; leaving the context ends it and frees its cache.
+        Raises JobError: UNKNOWN_MODEL, INVALID_INPUT (a bad prompt, too many tokens),
+        OVERLOADED (sessions or memory full), DEADLINE_EXCEEDED (idle too long)."""
+        engine = self._engine_for(model_id)
+        generator = engine.generator
+        prompt_ids = self._tokenize(generator, prompt, max_tokens)
+        max_new = min(max_tokens, generator.layout.max_tokens - len(prompt_ids))
+        self._admit(generator, len(prompt_ids) + max_new)
+        session = _Session(generator, prompt_ids, max_new, sampling)
+        self._sessions.add(session)
+        self.started += 1
+        idle = False
+        try:
+            async with self._executor.models.use(model_id) as loaded, trio.open_nursery() as n:
+                session.session = loaded.session
+                n.start_soon(self._end_when_idle, session, n.cancel_scope)
+                await self._prefill(session)
+                engine.add(session)
+                yield Generation(session, engine.wake)
+                n.cancel_scope.cancel()
+            idle = n.cancel_scope.cancelled_caught and session.error is not None
+        finally:
+            engine.remove(session)
+            self._sessions.discard(session)
+            session.cache = None
+        if idle:
+            assert session.error is not None
+            raise session.error
+
+    def _engine_for(self, model_id: str) -> _Engine:
+        engine = self._engines.get(model_id)
+        if engine is not None:
+            return engine
+        if model_id in self._executor.models:
+            raise JobError(
+                ErrorCode.INVALID_INPUT,
+                f"model {model_id} is not a text generator; this node generates with "
+                f"{self.model_ids or 'none'}",
+            )
+        raise JobError(
+            ErrorCode.UNKNOWN_MODEL,
+            f"this node does not serve model {model_id!r}; it generates with "
+            f"{self.model_ids or 'none'}",
+        )
+
+    def _tokenize(self, generator: TextGenerator, prompt: str, max_tokens: int) -> list[int]:
+        layout, limit = generator.layout, self._config.max_new_tokens
+        if max_tokens > limit:
+            raise JobError(
+                ErrorCode.INVALID_INPUT,
+                f"{max_tokens} new tokens asked; this node generates at most {limit} per "
+                "request (max_new_tokens, --max-new-tokens)",
+            )
+        ids: list[int] = generator.tokenizer.encode(prompt).ids
+        if not ids:
+            raise JobError(ErrorCode.INVALID_INPUT, "the prompt is empty: it has no tokens")
+        if len(ids) >= layout.max_tokens:
+            raise JobError(
+                ErrorCode.INVALID_INPUT,
+                f"the prompt has {len(ids)} tokens; model {generator.model_id} takes at most "
+                f"{layout.max_tokens - 1} to leave room for one new token",
+            )
+        if max(ids) >= layout.vocab_size:
+            raise JobError(
+                ErrorCode.INTERNAL, f"model {generator.model_id}: tokenizer and model disagree"
+            )
+        return ids
+
+    def _admit(self, generator: TextGenerator, tokens: int) -> None:
+        """OVERLOADED unless one more session, and its cache, fit this node's limits."""
+        limit = self._config.max_sessions
+        if len(self._sessions) >= limit:
+            self.refused += 1
+            raise JobError(
+                ErrorCode.OVERLOADED,
+                f"{len(self._sessions)} generations running, this node's limit "
+                "(max_sessions, --max-sessions); try again shortly",
+            )
+        budget = self._executor.models.budget_bytes
+        need = tokens * generator.layout.bytes_per_token
+        if budget is not None:
+            used = self._executor.models.used_bytes + self.cache_bytes
+            if used + need > budget:
+                self.refused += 1
+                raise JobError(
+                    ErrorCode.OVERLOADED,
+                    f"a generation of {tokens} tokens needs {need / MB:.3g} MB of cache and "
+                    f"{used / MB:.3g} of the {budget / MB:g} MB model memory budget "
+                    "(model_memory_mb) is in use; try again shortly",
+                )
+
+    async def _prefill(self, s: _Session) -> None:
+        assert s.session is not None and s.cache is not None
+        layout = s.generator.layout
+        logits, presents = await trio.to_thread.run_sync(
+            _run_step,
+            s.session,
+            prefill_feeds(s.prompt, layout),
+            layout.layers,
+            limiter=self._executor.limiter,
+        )
+        n = len(s.prompt)
+        s.cache[:, :, :, :n, :] = presents[:, :, 0]
+        s.length = n
+        s.take(choose_token(logits[0, -1], s.sampling, s.rng))
+
+    async def _end_when_idle(self, s: _Session, scope: trio.CancelScope) -> None:
+        """End `s` when its client has left a piece untaken for `session_idle_s`."""
+        idle_s = self._config.session_idle_s
+        while True:
+            if not s.queue:
+                await s.changed.park()
+                continue
+            if trio.current_time() < s.waiting_since + idle_s:
+                await trio.sleep_until(s.waiting_since + idle_s)
+                continue
+            s.fail(
+                JobError(
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    f"the generation's client took no token for {idle_s:g} s "
+                    "(session_idle_s, --session-idle-s)",
+                )
+            )
+            s.cache = None
+            scope.cancel()
+            return
