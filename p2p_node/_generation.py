@@ -29,7 +29,7 @@ import logging
 import secrets
 import tomllib
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -427,8 +427,14 @@ class Generations:
             if generator is not None:
                 self._engines[card.id] = _Engine(generator, executor.limiter, config.batch_decode)
         self._sessions: set[_Session] = set()
+        # Sessions started, refused at the start, and ended: all their tokens taken,
+        # failed (an error, idle too long), or left before the end (a hang-up).
         self.started = 0
         self.refused = 0
+        self.finished = 0
+        self.failed = 0
+        self.cancelled = 0
+        self._ended = trio.lowlevel.ParkingLot()
 
     @property
     def model_ids(self) -> list[str]:
@@ -443,6 +449,11 @@ class Generations:
     def cache_bytes(self) -> int:
         """The KV cache memory the running generations hold."""
         return sum(s.nbytes for s in self._sessions)
+
+    async def wait_until(self, predicate: Callable[[Generations], bool]) -> None:
+        """Until `predicate(self)` holds, checked as sessions end (tests use it)."""
+        while not predicate(self):
+            await self._ended.park()
 
     def engine(self, model_id: str) -> _Engine:
         return self._engines[model_id]
@@ -483,6 +494,13 @@ class Generations:
             engine.remove(session)
             self._sessions.discard(session)
             session.cache = None
+            if session.error is not None:
+                self.failed += 1
+            elif session.finish is not None and not session.queue:
+                self.finished += 1
+            else:
+                self.cancelled += 1
+            self._ended.unpark_all()
         if idle:
             assert session.error is not None
             raise session.error
@@ -552,13 +570,17 @@ class Generations:
     async def _prefill(self, s: _Session) -> None:
         assert s.session is not None and s.cache is not None
         layout = s.generator.layout
-        logits, presents = await trio.to_thread.run_sync(
-            _run_step,
-            s.session,
-            prefill_feeds(s.prompt, layout),
-            layout.layers,
-            limiter=self._executor.limiter,
-        )
+        try:
+            logits, presents = await trio.to_thread.run_sync(
+                _run_step,
+                s.session,
+                prefill_feeds(s.prompt, layout),
+                layout.layers,
+                limiter=self._executor.limiter,
+            )
+        except JobError as error:
+            s.fail(error)
+            raise
         n = len(s.prompt)
         s.cache[:, :, :, :n, :] = presents[:, :, 0]
         s.length = n

@@ -10,11 +10,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import multiaddr
 import psutil
 import trio
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.rcmgr import Direction
 
@@ -45,6 +47,7 @@ from ._channel import MessageLimits
 from ._config import MAX_ANNOUNCED_ADDRS, NodeConfig, parse_multiaddr, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
 from ._executor import Executor
+from ._generation import Generations
 from ._gossip import Gossip, open_gossip
 from ._handlers import serve_node
 from ._hardware import CpuMeter, Gpus, capabilities
@@ -68,6 +71,7 @@ from ._rpc import (
     open_rpc,
 )
 from ._serve import Server
+from ._stream_gen import GENERATE_PROTOCOL, serve_generate
 from ._tracker_store import load_tracker, save_periodically, save_tracker
 
 logger = logging.getLogger(__name__)
@@ -111,6 +115,7 @@ class Node:
         self.selector = EnhancedModelOrchestrator(
             self.orchestrator, self.catalog, tracker=tracker, distribution=config.strategy
         )
+        self.generations: Generations  # set by open_node: text generation sessions
         # Set by open_node once gossip and membership run.
         self.gossip: Gossip
         self.membership: Membership
@@ -155,6 +160,10 @@ class Node:
     async def connect(self, addr: str) -> str:
         """Dial a peer by its full multiaddr; returns its peer id. Its record follows by gossip."""
         return await self._rpc.connect(parse_peer_multiaddr(addr), self.config.dial_timeout)
+
+    async def open_stream(self, peer_id: str, protocol: TProtocol, timeout: float) -> INetStream:
+        """A new stream to `peer_id` for a protocol that is not request and reply."""
+        return await self._rpc.open_stream(peer_id, protocol, timeout)
 
     async def disconnect(self, peer_id: str) -> None:
         """Close this node's connections to `peer_id` (either side may dial again)."""
@@ -404,7 +413,10 @@ async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator
             trio.open_nursery() as nursery,
         ):
             node = Node(config, rpc, server, executor, gpus, tracker, gate)
+            node.generations = Generations(executor, cards, config.executor)
             serve_node(server, node)
+            host.set_stream_handler(GENERATE_PROTOCOL, partial(serve_generate, node))
+            nursery.start_soon(node.generations.run)
             host.get_network().register_notifee(_ConnectionEvents(events_send))
             async with open_gossip(host, node.view, config.gossip, node.make_record) as gossip:
                 node.gossip = gossip

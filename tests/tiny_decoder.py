@@ -45,7 +45,9 @@ def tiny_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def tiny_decoder(vocab: int, *, seed: int = 0, layers: int = LAYERS) -> onnx.ModelProto:
+def tiny_decoder(
+    vocab: int, *, seed: int = 0, layers: int = LAYERS, context: int = CONTEXT
+) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     d = HEADS * HEAD_DIM
 
@@ -55,7 +57,7 @@ def tiny_decoder(vocab: int, *, seed: int = 0, layers: int = LAYERS) -> onnx.Mod
 
     inits = [
         weight("wte", vocab, d, scale=np.sqrt(vocab)),
-        weight("wpe", CONTEXT, d, scale=np.sqrt(CONTEXT)),
+        weight("wpe", context, d, scale=np.sqrt(CONTEXT)),
         weight("lm_head", d, vocab, scale=4.0),
         numpy_helper.from_array(np.array([0, 0, HEADS, HEAD_DIM], np.int64), "split_heads"),
         numpy_helper.from_array(np.array([0, 0, d], np.int64), "merge_heads"),
@@ -142,24 +144,30 @@ def tiny_decoder(vocab: int, *, seed: int = 0, layers: int = LAYERS) -> onnx.Mod
 
 
 def write_tiny_decoder(
-    models_dir: Path, model_id: str = MODEL_ID, *, seed: int = 0, memory_mb: float | None = None
+    models_dir: Path,
+    model_id: str = MODEL_ID,
+    *,
+    seed: int = 0,
+    context: int = CONTEXT,
+    memory_mb: float | None = None,
 ) -> Path:
-    """`<models_dir>/<model_id>/` holding the tiny decoder as a served text generator."""
+    """`<models_dir>/<model_id>/` holding the tiny decoder as a served text generator,
+    with a context window of `context` tokens."""
     tokenizer = tiny_tokenizer()
     vocab = tokenizer.get_vocab_size()
     model_dir = models_dir / model_id
     model_dir.mkdir(parents=True, exist_ok=True)
-    onnx.save(tiny_decoder(vocab, seed=seed), model_dir / "model.onnx")
+    onnx.save(tiny_decoder(vocab, seed=seed, context=context), model_dir / "model.onnx")
     tokenizer.save(str(model_dir / "tokenizer.json"))
     memory = "" if memory_mb is None else f"memory_mb = {memory_mb}\n"
     (model_dir / "model.toml").write_text(
         f'id = "{model_id}"\nversion = "0.1.0"\ntask_type = "text-generation"\n'
-        f'languages = ["en"]\nmax_input_length = {CONTEXT}\naccuracy = 0.1\ncost = 1.0\n'
+        f'languages = ["en"]\nmax_input_length = {context}\naccuracy = 0.1\ncost = 1.0\n'
         f'description = "a random-weight decoder for tests"\n{memory}'
     )
     # The [text] table, beside model.toml until the repository reader knows it.
     (model_dir / "model.toml.text").write_text(
-        f'[text]\ntokenizer = "tokenizer.json"\nmax_tokens = {CONTEXT}\ntruncation = false\n'
+        f'[text]\ntokenizer = "tokenizer.json"\nmax_tokens = {context}\ntruncation = false\n'
         f'postprocess = "generate"\n\n[text.decoder]\nlayers = {LAYERS}\nheads = {HEADS}\n'
         f"head_dim = {HEAD_DIM}\nvocab_size = {vocab}\nbos_token_id = {EOS}\n"
         f"eos_token_id = {EOS}\npad_token_id = {EOS}\n"
