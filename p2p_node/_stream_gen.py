@@ -261,7 +261,8 @@ class GenerationStream:
     """A generation's frames, as a caller reads them from the node it asked.
 
     Iterate for the text pieces as they come; `summary` holds the end (with this
-    caller's own time to first token and total time), `tokens` the token ids.
+    caller's own time to first token and total time), `tokens` the token ids and
+    `pieces` their texts.
     Leaving `open_generation`'s context before the end hangs up: the generation
     stops wherever it runs, and its cache is freed.
     """
@@ -272,6 +273,7 @@ class GenerationStream:
         self._started = started
         self._first: float | None = None
         self.tokens: list[int] = []
+        self.pieces: list[str] = []
         self.summary: GenerateSummary | None = None
 
     def __aiter__(self) -> GenerationStream:
@@ -311,6 +313,7 @@ class GenerationStream:
         if self._first is None:
             self._first = now
         self.tokens.append(reply.token)
+        self.pieces.append(reply.text)
         return reply
 
     async def text(self) -> str:

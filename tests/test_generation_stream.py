@@ -4,13 +4,15 @@ leave no cache behind; and the generate protocol's messages on the wire."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import trio
+from test_cli import p2p_node, running_node
 from test_generation import reference_tokens
-from tiny_decoder import MODEL_ID, write_tiny_decoder
+from tiny_decoder import MODEL_ID, tiny_tokenizer, write_tiny_decoder
 
 from p2p_node import Client, NodeConfig
 from p2p_node._codec import decode_reply, decode_request, encode
@@ -221,3 +223,35 @@ def test_a_peer_s_bad_generate_request_is_malformed() -> None:
     with pytest.raises(WireError) as refused:
         decode_request(bad)
     assert refused.value.code is ErrorCode.MALFORMED_MESSAGE
+
+
+# --- the command line --------------------------------------------------------------------
+
+
+@pytest.mark.system
+def test_the_generate_command_prints_the_text_and_with_json_who_ran_it(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    expected = tiny_tokenizer().decode(reference_tokens(tiny_models / MODEL_ID, "Hello", 20))
+    with running_node(tmp_path / "node", "--models", str(tiny_models)) as (_proc, addr):
+        as_json = p2p_node(
+            *("generate", "--peer", addr, "--model", MODEL_ID, "--prompt", "Hello"),
+            *("--max-tokens", "20", "--json"),
+        )
+        as_text = p2p_node(
+            *("generate", "--peer", addr, "--task", "text-generation", "--prompt", "Hello"),
+            *("--max-tokens", "20"),
+        )
+        bad = p2p_node(
+            *("generate", "--peer", addr, "--model", MODEL_ID, "--prompt", "Hello"),
+            *("--top-p", "1.5"),
+        )
+    assert as_json.returncode == 0, as_json.stderr
+    answer = json.loads(as_json.stdout)
+    assert answer["text"] == expected and answer["tokens"] == 20
+    assert answer["executor"] == addr.rsplit("/", 1)[1] and answer["model"] == MODEL_ID
+    assert 0 < answer["ttft_ms"] <= answer["total_ms"]
+    assert as_text.returncode == 0, as_text.stderr
+    assert as_text.stdout == expected + "\n"
+    assert "20 tokens (length)" in as_text.stderr
+    assert bad.returncode == 2 and "--top-p must be in (0, 1]" in bad.stderr
