@@ -152,6 +152,12 @@ class Node:
         """Requests this node is answering right now, on every protocol."""
         return self._server.in_flight
 
+    @property
+    def running(self) -> int:
+        """Requests running on this node's models: ONNX runs holding a worker, and
+        generations (a session is one request for as long as it generates)."""
+        return self._executor.running + self.generations.sessions
+
     def connected_peers(self) -> frozenset[str]:
         """Peer ids this node holds a connection to (clients included)."""
         network = self._rpc.host.get_network()
@@ -184,7 +190,7 @@ class Node:
             capabilities=self._capabilities,
             models=tuple(ModelEntry(m, self._executor.models.is_loaded(m.id)) for m in self.models),
             load=Load(
-                in_flight=self._executor.running,
+                in_flight=self.running,
                 queue_length=self._executor.queue_length,
                 cpu_percent=self._cpu.percent(),
                 memory_available_mb=int(memory.available) // (1 << 20),
@@ -230,7 +236,7 @@ class Node:
             peer_id=self.peer_id,
             models_loaded=self._executor.models.loaded,
             models_on_disk=frozenset(m.id for m in self.models) - self._executor.models.loaded,
-            in_flight=self._executor.running,
+            in_flight=self.running,
             queue_length=self._executor.queue_length,
             cpu_count=caps.cpu_count,
             memory_mb=caps.memory_mb,
@@ -247,7 +253,7 @@ class Node:
         """How many requests `peer_id` (this node included) holds now, running and
         queued: what a coordinator asks its first candidates. Raises JobError."""
         if peer_id == self.peer_id:
-            return self._executor.in_flight
+            return self._executor.in_flight + self.generations.sessions
         reply = await self._rpc.call(peer_id, LOAD_PROTOCOL, LoadRequest(), timeout)
         answer: LoadReply = expect_reply(reply, LoadReply, peer_id)
         if answer.peer_id != peer_id:

@@ -120,24 +120,28 @@ async def run_here(node: Node, request: GenerateRequest, send: Send, started: fl
     """Run `request` on this node's generations, sending each piece, then the summary."""
     sampling = Sampling(request.temperature, request.top_k, request.top_p, request.seed)
     ttft_ms = None
-    async with node.generations.open_session(
-        request.model_id, request.prompt, request.max_tokens, sampling
-    ) as generation:
-        while (piece := await generation.next()) is not None:
-            if ttft_ms is None:
-                ttft_ms = (time.perf_counter() - started) * 1e3
-            await send(_codec.encode(GeneratedPiece(piece.token, piece.text)))
-        total_ms = (time.perf_counter() - started) * 1e3
-        summary = GenerateSummary(
-            request.job_id,
-            request.model_id,
-            generation.text,
-            generation.tokens,
-            generation.finish,
-            node.peer_id,
-            total_ms if ttft_ms is None else ttft_ms,
-            total_ms,
-        )
+    try:
+        async with node.generations.open_session(
+            request.model_id, request.prompt, request.max_tokens, sampling
+        ) as generation:
+            node.gossip.changed()  # a session is load while it runs: tell peers, now and after
+            while (piece := await generation.next()) is not None:
+                if ttft_ms is None:
+                    ttft_ms = (time.perf_counter() - started) * 1e3
+                await send(_codec.encode(GeneratedPiece(piece.token, piece.text)))
+            total_ms = (time.perf_counter() - started) * 1e3
+            summary = GenerateSummary(
+                request.job_id,
+                request.model_id,
+                generation.text,
+                generation.tokens,
+                generation.finish,
+                node.peer_id,
+                total_ms if ttft_ms is None else ttft_ms,
+                total_ms,
+            )
+    finally:
+        node.gossip.changed()
     await send(_codec.encode(summary))
 
 

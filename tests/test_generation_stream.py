@@ -134,6 +134,30 @@ async def test_too_many_sessions_is_overloaded_and_leaves_no_cache(
             await _wait_for_zero_cache(swarm, 1)
 
 
+async def test_a_running_generation_counts_as_load_and_the_next_goes_elsewhere(
+    tmp_path: Path,
+) -> None:
+    models_dir = tmp_path / "models"
+    write_tiny_decoder(models_dir, context=4096)
+    base = _base(models_dir, tmp_path / "nodes", max_new_tokens=4000)
+    with trio.fail_after(60):
+        async with open_swarm(3, models=[NOBODY, TINY, TINY], base=base) as swarm:
+            await swarm.wait_converged()
+            async with Client.connect(swarm[0].addrs[0]) as client:
+                async with client.generate("Hello", MODEL_ID, max_tokens=4000) as first:
+                    await first.next_piece()
+                    busy = next(i for i in (1, 2) if swarm[i].generations.sessions)
+                    busy_id = swarm[busy].peer_id
+                    assert swarm[busy].running == 1
+                    await swarm[0].view.wait_until(
+                        lambda view: view.peers[busy_id].record.load.in_flight == 1
+                    )
+                    async with client.generate("Hi", MODEL_ID, max_tokens=3) as second:
+                        await second.text()
+            assert second.summary is not None
+            assert second.summary.executor == swarm[3 - busy].peer_id
+
+
 @pytest.mark.parametrize(
     ("model", "prompt", "max_tokens", "code", "says"),
     [
