@@ -48,7 +48,7 @@ from ._repository import ModelCard, RepositoryError
 logger = logging.getLogger(__name__)
 
 MB = 1 << 20
-BUFFERED_TOKENS = 8  # generated but not taken by the client; past it the session waits
+BUFFERED_TOKENS = 16  # generated but not taken by the client; past it the session waits
 FLOAT_BYTES = 4
 
 Array = np.ndarray[Any, Any]
@@ -279,6 +279,16 @@ class Generation:
         s.waiting_since = trio.current_time()
         self._on_taken()
         return piece
+
+    def take_queued(self) -> list[Piece]:
+        """The pieces made and not taken yet, without waiting (maybe none)."""
+        s = self._session
+        pieces = list(s.queue)
+        s.queue.clear()
+        if pieces:
+            s.waiting_since = trio.current_time()
+            self._on_taken()
+        return pieces
 
     @property
     def text(self) -> str:

@@ -330,7 +330,8 @@ declare(
 MAX_PROMPT_CHARS = 1 << 20
 MAX_NEW_TOKENS = 1 << 20
 MAX_SEED = 2**64 - 1
-MAX_PIECE_CHARS = 4096
+MAX_PIECE_CHARS = 1 << 16
+MAX_PIECE_TOKENS = 1024
 MAX_TEXT_CHARS = 1 << 24
 
 
@@ -373,10 +374,12 @@ class GenerateRequest(Request):
 
 @dataclass(frozen=True, slots=True)
 class GeneratedPiece(Response):
-    """One generated token: its id, and the text it completes (may be empty while a
-    character's bytes are still coming)."""
+    """The tokens generated since the last piece (one, unless the reader fell behind)
+    and the text they complete (may be empty while a character's bytes are coming)."""
 
-    token: Annotated[int, Int(0, MAX_LOAD)]
+    tokens: Annotated[
+        tuple[int, ...], Items(MAX_PIECE_TOKENS, Int(0, MAX_LOAD, label="token"), min_len=1)
+    ]
     text: Annotated[str, Text(MAX_PIECE_CHARS, empty=True, label="piece")]
 
 

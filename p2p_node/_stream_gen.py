@@ -128,7 +128,11 @@ async def run_here(node: Node, request: GenerateRequest, send: Send, started: fl
             while (piece := await generation.next()) is not None:
                 if ttft_ms is None:
                     ttft_ms = (time.perf_counter() - started) * 1e3
-                await send(_codec.encode(GeneratedPiece(piece.token, piece.text)))
+                # What was made while the last frame went out goes in one frame.
+                pieces = [piece, *generation.take_queued()]
+                tokens = tuple(p.token for p in pieces)
+                text = "".join(p.text for p in pieces)
+                await send(_codec.encode(GeneratedPiece(tokens, text)))
             total_ms = (time.perf_counter() - started) * 1e3
             summary = GenerateSummary(
                 request.job_id,
@@ -316,7 +320,7 @@ class GenerationStream:
         assert isinstance(reply, GeneratedPiece)
         if self._first is None:
             self._first = now
-        self.tokens.append(reply.token)
+        self.tokens.extend(reply.tokens)
         self.pieces.append(reply.text)
         return reply
 

@@ -210,8 +210,8 @@ async def test_bad_input_is_refused_by_name_and_leaves_no_cache(
             {"language": "en"},
             forward=False,
         ),
-        GeneratedPiece(17, "lo"),
-        GeneratedPiece(0, ""),
+        GeneratedPiece((17,), "lo"),
+        GeneratedPiece((0, 1, 2), ""),
         GenerateSummary("job", MODEL_ID, "Hello there", 2, "eos", "peer", 1.5, 9.0),
     ],
 )
