@@ -348,7 +348,12 @@ class _Engine:
         feeds, longest = decode_feeds(batch, self.generator.layout)
         try:
             logits, presents = await trio.to_thread.run_sync(
-                _run_step, session, feeds, self.generator.layout.layers, limiter=self._limiter
+                _run_step,
+                session,
+                feeds,
+                self.generator.layout.layers,
+                longest,
+                limiter=self._limiter,
             )
         except JobError as error:
             for s in batch:
@@ -359,8 +364,7 @@ class _Engine:
         for row, s in enumerate(batch):
             if s.cache is None or s.finish is not None:  # left while the step ran
                 continue
-            s.cache[:, 0, :, s.length, :] = presents[:, 0, row, :, longest, :]
-            s.cache[:, 1, :, s.length, :] = presents[:, 1, row, :, longest, :]
+            s.cache[:, :, :, s.length, :] = presents[:, :, row]
             s.length += 1
             s.take(choose_token(logits[row, -1], s.sampling, s.rng))
 
@@ -403,10 +407,14 @@ def prefill_feeds(prompt: Sequence[int], layout: DecoderLayout) -> dict[str, Arr
 
 
 def _run_step(
-    session: ort.InferenceSession, feeds: dict[str, Array], layers: int
+    session: ort.InferenceSession,
+    feeds: dict[str, Array],
+    layers: int,
+    position: int | None = None,
 ) -> tuple[Array, Array]:
     """In a worker thread: the logits, and every layer's present key and value stacked
-    as [layers, 2, batch, heads, total, head_dim]."""
+    as [layers, 2, batch, heads, total, head_dim]; only at `position` when given
+    ([layers, 2, batch, heads, head_dim]: a decode step needs the new token's alone)."""
     names = ["logits"]
     for i in range(layers):
         names += [f"present.{i}.key", f"present.{i}.value"]
@@ -416,7 +424,8 @@ def _run_step(
         raise JobError(
             ErrorCode.INTERNAL, f"decoder step failed: {type(error).__name__}: {error}"
         ) from None
-    presents = np.stack([np.stack(values[1 + 2 * i : 3 + 2 * i]) for i in range(layers)])
+    kept = values[1:] if position is None else [v[:, :, position, :] for v in values[1:]]
+    presents = np.stack([np.stack(kept[2 * i : 2 * i + 2]) for i in range(layers)])
     return values[0], presents
 
 
