@@ -4,25 +4,33 @@ leave no cache behind; and the generate protocol's messages on the wire."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 from test_cli import p2p_node, running_node
 from test_generation import reference_tokens
 from tiny_decoder import MODEL_ID, tiny_tokenizer, write_tiny_decoder
 
 from p2p_node import Client, NodeConfig
+from p2p_node._channel import Channel
 from p2p_node._codec import decode_reply, decode_request, encode
 from p2p_node._messages import (
+    ErrorReply,
     GeneratedPiece,
     GenerateRequest,
     GenerateSummary,
     InvalidMessage,
+    RunRequest,
     WireError,
 )
+from p2p_node._stream_gen import GENERATE_PROTOCOL
 from p2p_node.testing import Swarm, open_swarm
 from scheduler import ErrorCode, JobError
 
@@ -274,3 +282,52 @@ def test_the_generate_command_prints_the_text_and_with_json_who_ran_it(
     assert as_text.stdout == expected + "\n"
     assert "20 tokens (length)" in as_text.stderr
     assert bad.returncode == 2 and "--top-p must be in (0, 1]" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("frame", "says"),
+    [
+        (b"\xc1garbage", "not a msgpack message"),
+        (
+            encode(GenerateSummary("job", MODEL_ID, "", 0, "eos", "peer", 0.0, 0.0)),
+            "unexpected message kind",
+        ),
+        (
+            encode(RunRequest("job", MODEL_ID, {"x": np.zeros(1, np.float32)}, 1000)),
+            "takes GenerateRequest, not RunRequest",
+        ),
+    ],
+)
+async def test_a_peer_s_bad_frame_on_the_generate_protocol_gets_a_typed_error(
+    tiny_models: Path, tmp_path: Path, frame: bytes, says: str
+) -> None:
+    base = _base(tiny_models, tmp_path)
+    with trio.fail_after(30):
+        async with open_swarm(1, base=base) as swarm:
+            async with Client.connect(swarm[0].addrs[0]) as client:
+                stream = await client._rpc.open_stream(swarm[0].peer_id, GENERATE_PROTOCOL, 5)
+                channel = Channel(stream, 1 << 20)
+                await channel.send(frame)
+                reply = decode_reply(await channel.receive())
+                await channel.discard()
+                assert await client.generate_text("Hello", MODEL_ID, max_tokens=3)
+    assert isinstance(reply, ErrorReply)
+    assert reply.code is ErrorCode.MALFORMED_MESSAGE and says in reply.message
+
+
+_VALID = [
+    encode(GenerateRequest("job", "", "Hé", 100, 5000, 0.7, 40, 0.9, 7, "text-generation")),
+    encode(GeneratedPiece((17, 3), "lo")),
+    encode(GenerateSummary("job", MODEL_ID, "Hello there", 2, "eos", "peer", 1.5, 9.0)),
+]
+
+
+@given(st.sampled_from(_VALID), st.integers(0, 2**16), st.binary(min_size=1, max_size=8))
+def test_mutated_generate_frames_decode_or_raise_a_wire_error(
+    payload: bytes, at: int, patch: bytes
+) -> None:
+    at %= len(payload)
+    mutated = payload[:at] + patch + payload[at + len(patch) :]
+    for decode in (decode_request, decode_reply):
+        with contextlib.suppress(WireError):  # anything else fails the test
+            decode(mutated)
