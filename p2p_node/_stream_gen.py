@@ -32,9 +32,9 @@ from scheduler import ErrorCode, JobError
 
 from . import _codec
 from ._channel import TRANSPORT_ERRORS, Channel
+from ._decoder import Sampling
 from ._errors import unwrap_single_errors
 from ._framing import FrameError
-from ._generation import Sampling
 from ._messages import (
     ErrorReply,
     GeneratedPiece,

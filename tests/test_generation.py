@@ -16,8 +16,9 @@ import trio
 from tiny_decoder import EOS, HEAD_DIM, HEADS, LAYERS, MODEL_ID, tiny_tokenizer
 
 from p2p_node._config import ExecutorConfig
+from p2p_node._decoder import Sampling, choose_token
 from p2p_node._executor import Executor
-from p2p_node._generation import Generations, Sampling, choose_token
+from p2p_node._generation import Generations
 from p2p_node._repository import read_repository
 from scheduler import ErrorCode, JobError
 
