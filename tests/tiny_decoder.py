@@ -46,10 +46,16 @@ def tiny_tokenizer() -> Tokenizer:
 
 
 def tiny_decoder(
-    vocab: int, *, seed: int = 0, layers: int = LAYERS, context: int = CONTEXT
+    vocab: int,
+    *,
+    seed: int = 0,
+    layers: int = LAYERS,
+    context: int = CONTEXT,
+    heads: int = HEADS,
+    head_dim: int = HEAD_DIM,
 ) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
-    d = HEADS * HEAD_DIM
+    d = heads * head_dim
 
     def weight(name: str, *shape: int, scale: float = 1.0) -> onnx.TensorProto:
         value = (rng.standard_normal(shape) * scale / np.sqrt(shape[0])).astype(np.float32)
@@ -59,9 +65,9 @@ def tiny_decoder(
         weight("wte", vocab, d, scale=np.sqrt(vocab)),
         weight("wpe", context, d, scale=np.sqrt(CONTEXT)),
         weight("lm_head", d, vocab, scale=4.0),
-        numpy_helper.from_array(np.array([0, 0, HEADS, HEAD_DIM], np.int64), "split_heads"),
+        numpy_helper.from_array(np.array([0, 0, heads, head_dim], np.int64), "split_heads"),
         numpy_helper.from_array(np.array([0, 0, d], np.int64), "merge_heads"),
-        numpy_helper.from_array(np.array(1 / np.sqrt(HEAD_DIM), np.float32), "scale"),
+        numpy_helper.from_array(np.array(1 / np.sqrt(head_dim), np.float32), "scale"),
         numpy_helper.from_array(np.array(-1e9, np.float32), "masked"),
         numpy_helper.from_array(np.array(1, np.int64), "one"),
         numpy_helper.from_array(np.array(0, np.int64), "zero"),
@@ -94,8 +100,8 @@ def tiny_decoder(
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
     ]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])]
-    kv_shape = ["batch", HEADS, "past", HEAD_DIM]
-    present_shape = ["batch", HEADS, "total", HEAD_DIM]
+    kv_shape = ["batch", heads, "past", head_dim]
+    present_shape = ["batch", heads, "total", head_dim]
     h = "h0"
     for i in range(layers):
         inits += [weight(f"w{x}{i}", d, d) for x in "qkvo"]
@@ -149,6 +155,9 @@ def write_tiny_decoder(
     *,
     seed: int = 0,
     context: int = CONTEXT,
+    layers: int = LAYERS,
+    heads: int = HEADS,
+    head_dim: int = HEAD_DIM,
     memory_mb: float | None = None,
 ) -> Path:
     """`<models_dir>/<model_id>/` holding the tiny decoder as a served text generator,
@@ -157,7 +166,10 @@ def write_tiny_decoder(
     vocab = tokenizer.get_vocab_size()
     model_dir = models_dir / model_id
     model_dir.mkdir(parents=True, exist_ok=True)
-    onnx.save(tiny_decoder(vocab, seed=seed, context=context), model_dir / "model.onnx")
+    graph = tiny_decoder(
+        vocab, seed=seed, layers=layers, context=context, heads=heads, head_dim=head_dim
+    )
+    onnx.save(graph, model_dir / "model.onnx")
     tokenizer.save(str(model_dir / "tokenizer.json"))
     memory = "" if memory_mb is None else f"memory_mb = {memory_mb}\n"
     (model_dir / "model.toml").write_text(
@@ -168,8 +180,8 @@ def write_tiny_decoder(
     # The [text] table, beside model.toml until the repository reader knows it.
     (model_dir / "model.toml.text").write_text(
         f'[text]\ntokenizer = "tokenizer.json"\nmax_tokens = {context}\ntruncation = false\n'
-        f'postprocess = "generate"\n\n[text.decoder]\nlayers = {LAYERS}\nheads = {HEADS}\n'
-        f"head_dim = {HEAD_DIM}\nvocab_size = {vocab}\nbos_token_id = {EOS}\n"
+        f'postprocess = "generate"\n\n[text.decoder]\nlayers = {layers}\nheads = {heads}\n'
+        f"head_dim = {head_dim}\nvocab_size = {vocab}\nbos_token_id = {EOS}\n"
         f"eos_token_id = {EOS}\npad_token_id = {EOS}\n"
     )
     return model_dir
