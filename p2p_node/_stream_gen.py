@@ -104,6 +104,12 @@ async def _answer(node: Node, payload: bytes, peer: str, channel: Channel) -> No
             )
     except JobError as error:
         await channel.send(_codec.encode(ErrorReply.from_error(error, node.peer_id)))
+    except TRANSPORT_ERRORS:
+        raise  # the stream is gone: nothing to answer on
+    except Exception:  # a bug: the caller still gets an answer, the node goes on
+        logger.exception("generation for %s failed", peer)
+        reply = ErrorReply(ErrorCode.INTERNAL, "internal error; see the node's log", node.peer_id)
+        await channel.send(_codec.encode(reply))
 
 
 async def _admit_placed(node: Node, sender: str) -> None:
