@@ -145,7 +145,7 @@ class _Session:
 class Generation:
     """A client's handle on its running session (see `Generations.open_session`)."""
 
-    def __init__(self, session: _Session, on_taken: Any) -> None:
+    def __init__(self, session: _Session, on_taken: Callable[[], None]) -> None:
         self._session = session
         self._on_taken = on_taken
 
@@ -193,7 +193,9 @@ class _Engine:
     """Runs the decode steps of one model's sessions, all of them in one batch per step
     (or, without `batch`, one session per step, in turn)."""
 
-    def __init__(self, generator: TextGenerator, limiter: trio.CapacityLimiter, batch: bool):
+    def __init__(
+        self, generator: TextGenerator, limiter: trio.CapacityLimiter, batch: bool
+    ) -> None:
         self.generator = generator
         self.sessions: list[_Session] = []
         self._limiter = limiter
