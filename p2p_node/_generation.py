@@ -202,6 +202,7 @@ class _Engine:
         self._batch = batch
         self._wake = trio.Event()
         self._turn = 0
+        self._kept: _KeptBatch | None = None
         self.steps = 0
         self.batched_rows = 0
 
@@ -220,6 +221,7 @@ class _Engine:
         while True:
             ready = [s for s in self.sessions if s.ready]
             if not ready:
+                self._kept = None  # its memory goes with the sessions
                 self._wake = trio.Event()
                 await self._wake.wait()
                 continue
@@ -229,16 +231,25 @@ class _Engine:
             await self._step(ready)
 
     async def _step(self, batch: list[_Session]) -> None:
+        """One token for each session of `batch`. When the batch is the last step's,
+        the caches the model returned are its inputs as they are; else they are
+        built again from the sessions' own (a session joined, left or paused)."""
+        layout = self.generator.layout
         session = next(s.session for s in batch if s.session is not None)
-        feeds, longest = decode_feeds(batch, self.generator.layout)
+        kept, self._kept = self._kept, None
+        if kept is not None and kept.rows == batch:
+            mask = np.concatenate([kept.mask, np.ones((len(batch), 1), np.int64)], axis=1)
+            feeds = {
+                "input_ids": np.array([[s.generated[-1]] for s in batch], np.int64),
+                "attention_mask": mask,
+                "position_ids": np.array([[s.length] for s in batch], np.int64),
+                **kept.past,
+            }
+        else:
+            feeds, _ = decode_feeds(batch, layout)
         try:
             logits, presents = await trio.to_thread.run_sync(
-                _run_step,
-                session,
-                feeds,
-                self.generator.layout.layers,
-                longest,
-                limiter=self._limiter,
+                _run_step, session, feeds, layout.layers, limiter=self._limiter
             )
         except JobError as error:
             for s in batch:
@@ -246,12 +257,36 @@ class _Engine:
             return
         self.steps += 1
         self.batched_rows += len(batch)
+        names = past_names(layout.layers)
+        self._kept = _KeptBatch(
+            list(batch), dict(zip(names, presents, strict=True)), feeds["attention_mask"]
+        )
+        new = stack_layers([p[:, :, -1, :] for p in presents], layout.layers)
         for row, s in enumerate(batch):
             if s.cache is None or s.finish is not None:  # left while the step ran
                 continue
-            s.cache[:, :, :, s.length, :] = presents[:, :, row]
+            s.cache[:, :, :, s.length, :] = new[:, :, row]
             s.length += 1
             s.take(choose_token(logits[row, -1], s.sampling, s.rng))
+
+
+@dataclass(frozen=True, slots=True)
+class _KeptBatch:
+    """The sessions of the last decode step, in row order, with the caches the model
+    returned for them (left-padded) and their attention mask."""
+
+    rows: list[_Session]
+    past: dict[str, Array]
+    mask: Array
+
+
+def past_names(layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def stack_layers(arrays: Sequence[Array], layers: int) -> Array:
+    """Per-layer keys and values, in the model's output order, as [layers, 2, ...]."""
+    return np.stack([np.stack(arrays[2 * i : 2 * i + 2]) for i in range(layers)])
 
 
 def decode_feeds(batch: Sequence[_Session], layout: DecoderLayout) -> tuple[dict[str, Array], int]:
@@ -292,14 +327,10 @@ def prefill_feeds(prompt: Sequence[int], layout: DecoderLayout) -> dict[str, Arr
 
 
 def _run_step(
-    session: ort.InferenceSession,
-    feeds: dict[str, Array],
-    layers: int,
-    position: int | None = None,
-) -> tuple[Array, Array]:
-    """In a worker thread: the logits, and every layer's present key and value stacked
-    as [layers, 2, batch, heads, total, head_dim]; only at `position` when given
-    ([layers, 2, batch, heads, head_dim]: a decode step needs the new token's alone)."""
+    session: ort.InferenceSession, feeds: dict[str, Array], layers: int
+) -> tuple[Array, list[Array]]:
+    """In a worker thread: the logits, and every layer's present key and value, in
+    that order ([batch, heads, total, head_dim] each)."""
     names = ["logits"]
     for i in range(layers):
         names += [f"present.{i}.key", f"present.{i}.value"]
@@ -309,9 +340,7 @@ def _run_step(
         raise JobError(
             ErrorCode.INTERNAL, f"decoder step failed: {type(error).__name__}: {error}"
         ) from None
-    kept = values[1:] if position is None else [v[:, :, position, :] for v in values[1:]]
-    presents = np.stack([np.stack(kept[2 * i : 2 * i + 2]) for i in range(layers)])
-    return values[0], presents
+    return values[0], values[1:]
 
 
 # --- the node's generations ----------------------------------------------------------------
@@ -486,7 +515,7 @@ class Generations:
             s.fail(error)
             raise
         n = len(s.prompt)
-        s.cache[:, :, :, :n, :] = presents[:, :, 0]
+        s.cache[:, :, :, :n, :] = stack_layers(presents, layout.layers)[:, :, 0]
         s.length = n
         s.take(choose_token(logits[0, -1], s.sampling, s.rng))
 
