@@ -205,6 +205,7 @@ class _Engine:
         self._kept: _KeptBatch | None = None
         self.steps = 0
         self.batched_rows = 0
+        self.rebuilds = 0  # steps whose batch was built from the sessions' caches
 
     def wake(self) -> None:
         self._wake.set()
@@ -247,6 +248,7 @@ class _Engine:
             }
         else:
             feeds, _ = decode_feeds(batch, layout)
+            self.rebuilds += 1
         try:
             logits, presents = await trio.to_thread.run_sync(
                 _run_step, session, feeds, layout.layers, limiter=self._limiter
