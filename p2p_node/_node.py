@@ -421,12 +421,12 @@ async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator
             node = Node(config, rpc, server, executor, gpus, tracker, gate)
             node.generations = Generations(executor, cards, config.executor)
             serve_node(server, node)
-            host.set_stream_handler(GENERATE_PROTOCOL, partial(serve_generate, node))
             nursery.start_soon(node.generations.run)
             host.get_network().register_notifee(_ConnectionEvents(events_send))
             async with open_gossip(host, node.view, config.gossip, node.make_record) as gossip:
                 node.gossip = gossip
                 host.set_stream_handler(BEAT_PROTOCOL, node._on_beat_stream)
+                host.set_stream_handler(GENERATE_PROTOCOL, partial(serve_generate, node))
                 executor.models.on_change = gossip.changed  # announce loads and unloads soon
                 node.membership = Membership(
                     dial=node.connect,
