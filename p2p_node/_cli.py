@@ -161,6 +161,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_submit_options(submit)
     submit.set_defaults(run=_submit, check=_submit_flag_error)
 
+    generate = commands.add_parser("generate", help="generate text, printed as it comes")
+    _add_generate_options(generate)
+    generate.set_defaults(run=_generate, check=_generate_flag_error)
+
     place = commands.add_parser("place", help="rank where a model would run; runs nothing")
     place.add_argument("--peer", required=True, metavar="MADDR")
     place.add_argument("--model", required=True, metavar="ID")
@@ -220,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
         "--identity", type=Path, metavar="FILE", help="new client identity; prints its peer id"
     )
     keygen.set_defaults(run=_keygen, check=_keygen_flag_error)
-    for client_command in (submit, place, select, feedback, models, peers, top):
+    for client_command in (submit, generate, place, select, feedback, models, peers, top):
         _add_psk_option(client_command)
         client_command.add_argument(
             "--identity",
@@ -411,6 +415,27 @@ def _add_limit_options(start: argparse.ArgumentParser) -> None:
         metavar="N",
         help="streams from peers served at once before answering OVERLOADED",
     )
+    start.add_argument(
+        "--max-sessions",
+        type=COUNT,
+        default=_DEFAULTS.max_sessions,
+        metavar="N",
+        help="text generations running at once before answering OVERLOADED",
+    )
+    start.add_argument(
+        "--max-new-tokens",
+        type=COUNT,
+        default=_DEFAULTS.max_new_tokens,
+        metavar="N",
+        help="tokens one generation may ask for before answering INVALID_INPUT",
+    )
+    start.add_argument(
+        "--session-idle-s",
+        type=POSITIVE,
+        default=_DEFAULTS.session_idle_s,
+        metavar="SECONDS",
+        help="a generation whose client takes no token this long ends, freeing its cache",
+    )
 
 
 def _add_submit_options(submit: argparse.ArgumentParser) -> None:
@@ -543,6 +568,53 @@ def _submit_flag_error(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _add_generate_options(generate: argparse.ArgumentParser) -> None:
+    generate.add_argument(
+        "--peer",
+        required=True,
+        metavar="MADDR",
+        help="node to send the generation to; it places it on a peer serving the model",
+    )
+    what = generate.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", metavar="ID")
+    what.add_argument("--task", metavar="TYPE", help="let the node select the model")
+    generate.add_argument("--prompt", required=True, metavar="TEXT")
+    generate.add_argument("--max-tokens", type=COUNT, default=64, metavar="N")
+    generate.add_argument(
+        "--temperature",
+        type=Number(integer=False, least=0),
+        default=0.0,
+        help="0 (the default): greedy; above it, sampling",
+    )
+    generate.add_argument(
+        "--top-k", type=Number(integer=True, least=0), default=0, help="0: every token"
+    )
+    generate.add_argument(
+        "--top-p", type=Number(integer=False, above=0), default=1.0, help="in (0, 1]"
+    )
+    generate.add_argument(
+        "--seed", type=Number(integer=True, least=0), help="the same seed, the same text"
+    )
+    generate.add_argument(
+        "--selection", choices=SELECTIONS, help="with --task: how to select (node's default)"
+    )
+    _add_context_argument(generate)
+    generate.add_argument("--timeout", type=POSITIVE, default=120.0, help="seconds")
+    generate.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object at the end: text, tokens, peer, ttft and total ms",
+    )
+
+
+def _generate_flag_error(args: argparse.Namespace) -> str | None:
+    if args.task is None and (args.selection or args.context):
+        return "--selection and --context go with --task"
+    if args.top_p > 1:
+        return "--top-p must be in (0, 1]"
+    return None
+
+
 def _keygen_flag_error(args: argparse.Namespace) -> str | None:
     if not (args.psk or args.identity):
         return "say what to write: --psk FILE, --identity FILE, or both"
@@ -589,6 +661,9 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
             queue_limit=args.queue_limit,
             model_memory_mb=args.model_memory_mb,
             max_batch_rows=args.max_batch_rows,
+            max_sessions=args.max_sessions,
+            max_new_tokens=args.max_new_tokens,
+            session_idle_s=args.session_idle_s,
         ),
         max_request_bytes=args.max_request_bytes,
         max_reply_bytes=max(args.max_request_bytes, _NODE_DEFAULTS.max_reply_bytes),
@@ -690,6 +765,50 @@ def _texts(args: argparse.Namespace) -> list[str] | None:
             raise InputFileError(f"cannot read texts from {args.texts_file}: {error}") from None
         texts += [line for line in lines if line.strip()]
     return texts
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    async with _connect(args) as client:
+        async with client.generate(
+            args.prompt,
+            args.model,
+            task=args.task,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            selection=args.selection,
+            context=parse_context(args.context),
+            timeout=args.timeout,
+        ) as generation:
+            async for piece in generation:
+                if not args.json:
+                    print(piece, end="", flush=True)
+    summary = generation.summary
+    assert summary is not None  # read to the end
+    if args.json:
+        fields = {
+            "job_id": summary.job_id,
+            "model": summary.model_id,
+            "text": summary.text,
+            "tokens": summary.tokens,
+            "finish": summary.finish,
+            "executor": summary.executor,
+            "ttft_ms": round(summary.ttft_ms, 3),
+            "total_ms": round(summary.total_ms, 3),
+        }
+        print(json.dumps(fields, ensure_ascii=False))
+        return 0
+    shown = "".join(generation.pieces)
+    print(summary.text[len(shown) :] if summary.text.startswith(shown) else "")
+    print(
+        f"{summary.tokens} tokens ({summary.finish}) by {summary.model_id} on "
+        f"{summary.executor}; first token {summary.ttft_ms:.1f} ms, "
+        f"total {summary.total_ms:.1f} ms",
+        file=sys.stderr,
+    )
+    return 0
 
 
 async def _submit_batch(

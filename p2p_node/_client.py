@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import replace
+from typing import Any
 
 import multiaddr
 import trio
@@ -45,6 +46,7 @@ from ._messages import (
     ContextValue,
     FeedbackReply,
     FeedbackRequest,
+    GenerateRequest,
     Learned,
     LoadReply,
     LoadRequest,
@@ -76,6 +78,7 @@ from ._rpc import (
     open_rpc,
     run_host,
 )
+from ._stream_gen import GENERATE_PROTOCOL, GenerationStream, open_generation
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 FAILOVER_DIAL_TIMEOUT_S = 2.0
@@ -106,6 +109,7 @@ class Client:
         self._dial_timeout = dial_timeout
         self._failing_over = trio.Lock()  # jobs that lose their node together move once
         self.failovers = 0
+        self._max_reply_bytes = rpc.limits.max_reply_bytes
 
     @classmethod
     @asynccontextmanager
@@ -266,6 +270,66 @@ class Client:
             hedge=hedge,
         )
         return await self._job(message, timeout)
+
+    @asynccontextmanager
+    async def generate(
+        self,
+        prompt: str,
+        model_id: str | None = None,
+        *,
+        task: str | None = None,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        selection: AdvancedModelSelectionStrategy | str | None = None,
+        context: Mapping[str, ContextValue] | None = None,
+        strategy: DistributionStrategy | None = None,
+        timeout: float = 60.0,
+        job_id: str | None = None,
+    ) -> AsyncIterator[GenerationStream]:
+        """Generate text after `prompt` with `model_id`, or a model the node selects for
+        `task`; the text comes piece by piece as the tokens are made::
+
+            async with client.generate("Once upon", "gpt-small", max_tokens=50) as gen:
+                async for piece in gen:
+                    print(piece, end="", flush=True)
+            print(gen.summary.executor, gen.summary.ttft_ms)
+
+        Greedy at `temperature` 0; else sampled from the `top_k` most likely tokens
+        (0: all), of those the fewest whose probabilities add up to `top_p`, drawn
+        with `seed`: the same seed gives the same text on any node. Leaving the
+        block before the end stops the generation where it runs. Raises JobError."""
+        request = GenerateRequest(
+            job_id=job_id or new_job_id(),
+            model_id=model_id or "",
+            prompt=prompt,
+            max_tokens=max_tokens,
+            timeout_ms=max(1, round(timeout * 1000)),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            task=task,
+            selection=None if selection is None else str(selection),
+            context=dict(context or {}),
+            strategy=strategy,
+        )
+        peer_id = self.peer_id
+        with trio.fail_after(timeout + REPLY_GRACE_S) if timeout else nullcontext():
+            async with open_generation(
+                lambda: self._rpc.open_stream(peer_id, GENERATE_PROTOCOL, self._dial_timeout),
+                peer_id,
+                request,
+                self._max_reply_bytes,
+            ) as generation:
+                yield generation
+
+    async def generate_text(self, prompt: str, model_id: str | None = None, **options: Any) -> str:
+        """The whole text `generate` makes (same arguments)."""
+        async with self.generate(prompt, model_id, **options) as generation:
+            return await generation.text()
 
     async def select(
         self,

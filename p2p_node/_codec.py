@@ -47,6 +47,9 @@ from ._messages import (
     ErrorReply,
     FeedbackReply,
     FeedbackRequest,
+    GeneratedPiece,
+    GenerateRequest,
+    GenerateSummary,
     InvalidMessage,
     LoadReply,
     LoadRequest,
@@ -469,3 +472,6 @@ register("load", LoadReply)
 register("sync", SyncReply)
 register("stats?", StatsRequest)
 register("stats", StatsReply)
+register("generate", GenerateRequest)
+register("piece", GeneratedPiece)
+register("generated", GenerateSummary)

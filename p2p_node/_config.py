@@ -42,6 +42,15 @@ class ExecutorConfig:
     needs it, unloading the least recently used first. `max_batch_rows` caps the
     rows (leading dimension) of one request's inputs; past it the request is
     INVALID_INPUT.
+
+    Text generation (models whose model.toml says `postprocess = "generate"`):
+    at most `max_sessions` generations run at once on this node (past it, a new
+    one is OVERLOADED); one generates at most `max_new_tokens` tokens (a request
+    for more is INVALID_INPUT); one whose client takes no token for
+    `session_idle_s` seconds ends (DEADLINE_EXCEEDED). Each holds its KV cache,
+    counted against `model_memory_mb`. With `batch_decode`, the decode steps of
+    all sessions of a model run as one batch (continuous batching); without it,
+    one session at a time (for comparison).
     """
 
     workers: int = 2
@@ -51,13 +60,22 @@ class ExecutorConfig:
     inline_below_ms: float = 0.5
     model_memory_mb: float | None = None
     max_batch_rows: int = 65_536
+    max_sessions: int = 32
+    max_new_tokens: int = 1024
+    session_idle_s: float = 30.0
+    batch_decode: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("workers", "intra_op_threads", "queue_limit", "max_batch_rows"):
+        names = ("workers", "intra_op_threads", "queue_limit", "max_batch_rows")
+        for name in (*names, "max_sessions", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.inline_below_ms >= 0:
             raise ConfigError(f"inline_below_ms must be >= 0, got {self.inline_below_ms}")
+        if not 0 < self.session_idle_s < float("inf"):
+            raise ConfigError(
+                f"session_idle_s must be a positive number, got {self.session_idle_s}"
+            )
         budget = self.model_memory_mb
         if budget is not None and not 0 < budget < float("inf"):
             raise ConfigError(f"model_memory_mb must be a positive number of MB, got {budget}")

@@ -177,7 +177,7 @@ class NodeHandlers:
         node = self.node
         if not (node.admission.allows(sender) or sender in node.view.snapshot().peers):
             raise node.admission.unauthorized(sender, "probe its load")
-        return LoadReply(node.peer_id, node.executor.running, node.executor.queue_length)
+        return LoadReply(node.peer_id, node.running, node.executor.queue_length)
 
     async def place(self, request: PlaceRequest, sender: str) -> PlaceReply:
         node = self.node

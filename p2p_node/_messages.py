@@ -373,3 +373,76 @@ declare(
     quality=NON_NEGATIVE,
     quality_weight=NON_NEGATIVE,
 )
+
+
+# --- generation (the generate protocol: one request, a stream of frames back) -----------
+
+MAX_PROMPT_CHARS = 1 << 20
+MAX_NEW_TOKENS = 1 << 20
+MAX_SEED = 2**64 - 1
+MAX_PIECE_CHARS = 1 << 16
+MAX_PIECE_TOKENS = 1024
+MAX_TEXT_CHARS = 1 << 24
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest(Request):
+    """Generate text from `prompt` with `model_id`, or a model of `task` selected with
+    `selection` in `context`; the tokens stream back as `GeneratedPiece`s, then one
+    `GenerateSummary` (or an `ErrorReply`).
+
+    `temperature` 0 is greedy; above it, sampling from the top `top_k` tokens (0:
+    all) whose probabilities add up to `top_p`, drawn with `seed` (None: the
+    executing node picks one). `forward` False asks the receiving node to run it
+    itself (a coordinator placed it there); True lets it place it on any peer.
+    """
+
+    job_id: Id
+    model_id: Annotated[str, Text(empty=True)]  # empty only with a task
+    prompt: Annotated[str, Text(MAX_PROMPT_CHARS, label="prompt")]
+    max_tokens: Annotated[int, Int(1, MAX_NEW_TOKENS)]
+    timeout_ms: Annotated[int, Int(1, MAX_TIMEOUT_MS)]
+    temperature: Annotated[float, Number(0.0, 100.0)] = 0.0
+    top_k: Annotated[int, Int(0, MAX_LOAD)] = 0
+    top_p: Annotated[float, Number(0.0, 1.0)] = 1.0
+    seed: Annotated[int | None, Int(0, MAX_SEED)] = None
+    task: Annotated[str | None, Text()] = None
+    selection: Annotated[str | None, Text()] = None
+    context: Annotated[Mapping[str, ContextValue], ContextMap()] = field(default_factory=dict)
+    strategy: DistributionStrategy | None = None  # None: the coordinator's default
+    forward: bool = True
+
+    def __post_init__(self) -> None:
+        check(self)
+        if self.task is None and not self.model_id:
+            raise invalid(f"model_id must be 1 to {MAX_ID_LENGTH} characters")
+        if self.task is not None and self.model_id:
+            raise invalid("a generate request names a model_id or a task, not both")
+        if not self.top_p > 0:
+            raise invalid(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedPiece(Response):
+    """The tokens generated since the last piece (one, unless the reader fell behind)
+    and the text they complete (may be empty while a character's bytes are coming)."""
+
+    tokens: Annotated[
+        tuple[int, ...], Items(MAX_PIECE_TOKENS, Int(0, MAX_LOAD, label="token"), min_len=1)
+    ]
+    text: Annotated[str, Text(MAX_PIECE_CHARS, empty=True, label="piece")]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateSummary(Response):
+    """The end of a generation: the whole text, how many tokens, why it stopped
+    ("eos" or "length"), who ran it, and its time to first token and in all."""
+
+    job_id: Id
+    model_id: Id
+    text: Annotated[str, Text(MAX_TEXT_CHARS, empty=True, label="text")]
+    tokens: Count
+    finish: Id
+    executor: Id
+    ttft_ms: Annotated[float, NON_NEGATIVE]
+    total_ms: Annotated[float, NON_NEGATIVE]

@@ -16,6 +16,7 @@ import multiaddr
 import psutil
 import trio
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.rcmgr import Direction
 
@@ -46,6 +47,7 @@ from ._channel import MessageLimits
 from ._config import MAX_ANNOUNCED_ADDRS, NodeConfig, parse_multiaddr, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
 from ._executor import Executor
+from ._generation import Generations
 from ._gossip import Gossip, open_gossip
 from ._handlers import serve_node
 from ._hardware import CpuMeter, Gpus, capabilities
@@ -70,6 +72,7 @@ from ._rpc import (
     open_rpc,
 )
 from ._serve import Server
+from ._stream_gen import GENERATE_PROTOCOL, serve_generate
 from ._tracker_store import load_tracker, save_periodically, save_tracker
 
 logger = logging.getLogger(__name__)
@@ -119,6 +122,7 @@ class Node:
             distribution=config.strategy,
             count_tokens=executor.texts.count_tokens,
         )
+        self.generations: Generations  # set by open_node: text generation sessions
         # Set by open_node once gossip and membership run.
         self.gossip: Gossip
         self.membership: Membership
@@ -155,6 +159,12 @@ class Node:
         """Requests this node is answering right now, on every protocol."""
         return self._server.in_flight
 
+    @property
+    def running(self) -> int:
+        """Requests running on this node's models: ONNX runs holding a worker, and
+        generations (a session is one request for as long as it generates)."""
+        return self._executor.running + self.generations.sessions
+
     def connected_peers(self) -> frozenset[str]:
         """Peer ids this node holds a connection to (clients included)."""
         network = self._rpc.host.get_network()
@@ -163,6 +173,10 @@ class Node:
     async def connect(self, addr: str) -> str:
         """Dial a peer by its full multiaddr; returns its peer id. Its record follows by gossip."""
         return await self._rpc.connect(parse_peer_multiaddr(addr), self.config.dial_timeout)
+
+    async def open_stream(self, peer_id: str, protocol: TProtocol, timeout: float) -> INetStream:
+        """A new stream to `peer_id` for a protocol that is not request and reply."""
+        return await self._rpc.open_stream(peer_id, protocol, timeout)
 
     async def disconnect(self, peer_id: str) -> None:
         """Close this node's connections to `peer_id` (either side may dial again)."""
@@ -183,7 +197,7 @@ class Node:
             capabilities=self._capabilities,
             models=tuple(ModelEntry(m, self._executor.models.is_loaded(m.id)) for m in self.models),
             load=Load(
-                in_flight=self._executor.running,
+                in_flight=self.running,
                 queue_length=self._executor.queue_length,
                 cpu_percent=self._cpu.percent(),
                 memory_available_mb=int(memory.available) // (1 << 20),
@@ -229,7 +243,7 @@ class Node:
             peer_id=self.peer_id,
             models_loaded=self._executor.models.loaded,
             models_on_disk=frozenset(m.id for m in self.models) - self._executor.models.loaded,
-            in_flight=self._executor.running,
+            in_flight=self.running,
             queue_length=self._executor.queue_length,
             cpu_count=caps.cpu_count,
             memory_mb=caps.memory_mb,
@@ -246,7 +260,7 @@ class Node:
         """How many requests `peer_id` (this node included) holds now, running and
         queued: what a coordinator asks its first candidates. Raises JobError."""
         if peer_id == self.peer_id:
-            return self._executor.in_flight
+            return self._executor.in_flight + self.generations.sessions
         reply = await self._rpc.call(peer_id, LOAD_PROTOCOL, LoadRequest(), timeout)
         answer: LoadReply = expect_reply(reply, LoadReply, peer_id)
         if answer.peer_id != peer_id:
@@ -441,11 +455,14 @@ async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator
             trio.open_nursery() as nursery,
         ):
             node = Node(config, rpc, server, executor, gpus, tracker, gate)
+            node.generations = Generations(executor, cards, config.executor)
             serve_node(server, node)
+            nursery.start_soon(node.generations.run)
             host.get_network().register_notifee(_ConnectionEvents(events_send))
             async with open_gossip(host, node.view, config.gossip, node.make_record) as gossip:
                 node.gossip = gossip
                 host.set_stream_handler(BEAT_PROTOCOL, node._on_beat_stream)
+                host.set_stream_handler(GENERATE_PROTOCOL, partial(serve_generate, node))
                 executor.models.on_change = gossip.changed  # announce loads and unloads soon
                 node.membership = Membership(
                     dial=node.connect,

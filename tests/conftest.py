@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,3 +27,13 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     """Held-out digits rows (float32 [N, 64]) and their labels."""
     data = np.load(bundled_models_dir() / "heldout" / "digits.npz")
     return data["x"], data["y"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory holding only the tiny test decoder (see tiny_decoder.py)."""
+    from tiny_decoder import write_tiny_decoder
+
+    models_dir = tmp_path_factory.mktemp("tiny-models")
+    write_tiny_decoder(models_dir)
+    return models_dir

@@ -191,6 +191,10 @@ def _new_messages() -> dict[str, object]:
     return rich_messages(_messages)
 
 
+# Kinds added after the hand-written codec: no golden bytes; their round trips are
+# tested beside their protocols (tests/test_generation_stream.py).
+NEWER_KINDS = frozenset({"generate", "piece", "generated"})
+
 # The cases, by the golden file's names (a case missing there fails the first test).
 NAMES = sorted(json.loads(GOLDEN.read_text())) if GOLDEN.exists() else []
 
@@ -205,7 +209,8 @@ def test_the_golden_bytes_hold_every_message_and_every_kind(golden: dict[str, by
 
     assert set(golden) == set(_new_messages())
     kinds = {msgpack.unpackb(payload)["kind"] for payload in golden.values()}
-    assert kinds == set(_REQUESTS) | set(_REPLIES)  # a new kind: add it to rich_messages
+    # a new kind: add it to rich_messages, or to NEWER_KINDS with its own round trip test
+    assert kinds == (set(_REQUESTS) | set(_REPLIES)) - NEWER_KINDS
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,0 +1,543 @@
+"""Text generation on the executing node: one session per request, holding its KV cache,
+and one engine per model that runs the decode steps of all its sessions as one batch.
+
+A decoder model is served in the layout of Hugging Face Optimum's decoder exports
+(`input_ids`, `attention_mask`, `position_ids`, `past_key_values.{i}.key/value`
+in; `logits`, `present.{i}.key/value` out), described by the `[text]` table of
+its model.toml (see `_decoder`).
+
+A session tokenizes its prompt, allocates its cache for the prompt plus the
+tokens it may generate (counted against the node's model memory budget), and
+runs its prefill alone. It then joins its model's engine, which, step after
+step, runs one token of every running session in one onnxruntime batch: the
+caches, of different lengths, are left-padded to the longest and masked with
+`attention_mask`; each row has its own `position_ids` (continuous batching, as
+vLLM does it, without paging). Sessions join and leave between steps. A session
+whose client has not taken its last tokens sits out of the batches until it
+does; one idle for `session_idle_s` ends. Leaving the session's context (the
+client hung up, the deadline passed) frees its cache at once.
+
+Each session samples with its own seeded generator (see `_decoder.choose_token`).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import trio
+
+from scheduler import ErrorCode, JobError
+
+from ._config import ExecutorConfig
+from ._decoder import (
+    DecoderLayout,
+    Sampling,
+    TextGenerator,
+    choose_token,
+    load_text_generator,
+)
+from ._executor import Executor
+from ._repository import ModelCard
+
+logger = logging.getLogger(__name__)
+
+MB = 1 << 20
+BUFFERED_TOKENS = 16  # generated but not taken by the client; past it the session waits
+
+Array = np.ndarray[Any, Any]
+
+
+# --- sessions ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One generated token and the text it completes ("" while a character is incomplete)."""
+
+    token: int
+    text: str
+
+
+class _Session:
+    """One generation: its cache, tokens, and what its client has not taken yet."""
+
+    def __init__(
+        self,
+        generator: TextGenerator,
+        prompt: list[int],
+        max_new: int,
+        sampling: Sampling,
+    ) -> None:
+        layout = generator.layout
+        self.generator = generator
+        self.prompt = prompt
+        self.max_new = max_new
+        self.sampling = sampling
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(64)
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        capacity = len(prompt) + max_new
+        shape = (layout.layers, 2, layout.heads, capacity, layout.head_dim)
+        self.cache: Array | None = np.zeros(shape, np.float32)
+        self.length = 0  # tokens in the cache
+        self.generated: list[int] = []
+        self.emitted = ""  # the text sent in pieces so far
+        self.queue: deque[Piece] = deque()
+        self.finish: str | None = None  # "eos" or "length" once it is done
+        self.error: JobError | None = None
+        self.changed = trio.lowlevel.ParkingLot()
+        self.session: ort.InferenceSession | None = None
+        self.waiting_since = trio.current_time()  # the oldest untaken piece's wait began
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.cache is None else self.cache.nbytes
+
+    @property
+    def ready(self) -> bool:
+        """Whether the next decode step may run for it."""
+        return (
+            self.finish is None
+            and self.error is None
+            and self.cache is not None
+            and len(self.queue) < BUFFERED_TOKENS
+        )
+
+    def take(self, token: int) -> None:
+        """`token` was chosen: queue it for the client, or end the generation."""
+        eos = token == self.generator.layout.eos_token_id
+        if not eos:
+            self.generated.append(token)
+            if not self.queue:
+                self.waiting_since = trio.current_time()
+            self.queue.append(Piece(token, self._next_text()))
+        if eos:
+            self.finish = "eos"
+        elif len(self.generated) >= self.max_new:
+            self.finish = "length"
+        self.changed.unpark_all()
+
+    def fail(self, error: JobError) -> None:
+        self.error = error
+        self.changed.unpark_all()
+
+    def _next_text(self) -> str:
+        """The text the newest token completes. Byte-level tokens may end inside a
+        character: its text waits (decoded as U+FFFD) for the bytes still to come."""
+        text = self.generator.tokenizer.decode(self.generated)
+        if text.endswith("\ufffd") or not text.startswith(self.emitted):
+            return ""
+        piece, self.emitted = text[len(self.emitted) :], text
+        return piece
+
+    @property
+    def text(self) -> str:
+        return self.generator.tokenizer.decode(self.generated)
+
+
+class Generation:
+    """A client's handle on its running session (see `Generations.open_session`)."""
+
+    def __init__(self, session: _Session, on_taken: Callable[[], None]) -> None:
+        self._session = session
+        self._on_taken = on_taken
+
+    async def next(self) -> Piece | None:
+        """The next piece, or None when the generation is done. Raises its JobError."""
+        s = self._session
+        while not s.queue:
+            if s.error is not None:
+                raise s.error
+            if s.finish is not None:
+                return None
+            await s.changed.park()
+        piece = s.queue.popleft()
+        s.waiting_since = trio.current_time()
+        self._on_taken()
+        return piece
+
+    def take_queued(self) -> list[Piece]:
+        """The pieces made and not taken yet, without waiting (maybe none)."""
+        s = self._session
+        pieces = list(s.queue)
+        s.queue.clear()
+        if pieces:
+            s.waiting_since = trio.current_time()
+            self._on_taken()
+        return pieces
+
+    @property
+    def text(self) -> str:
+        return self._session.text
+
+    @property
+    def tokens(self) -> int:
+        return len(self._session.generated)
+
+    @property
+    def finish(self) -> str:
+        return self._session.finish or "length"
+
+
+# --- the engine: one per model -------------------------------------------------------------
+
+
+class _Engine:
+    """Runs the decode steps of one model's sessions, all of them in one batch per step
+    (or, without `batch`, one session per step, in turn)."""
+
+    def __init__(
+        self, generator: TextGenerator, limiter: trio.CapacityLimiter, batch: bool
+    ) -> None:
+        self.generator = generator
+        self.sessions: list[_Session] = []
+        self._limiter = limiter
+        self._batch = batch
+        self._wake = trio.Event()
+        self._turn = 0
+        self._kept: _KeptBatch | None = None
+        self.steps = 0
+        self.batched_rows = 0
+        self.rebuilds = 0  # steps whose batch was built from the sessions' caches
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def add(self, session: _Session) -> None:
+        self.sessions.append(session)
+        self.wake()
+
+    def remove(self, session: _Session) -> None:
+        if session in self.sessions:
+            self.sessions.remove(session)
+
+    async def run(self) -> None:
+        while True:
+            ready = [s for s in self.sessions if s.ready]
+            if not ready:
+                self._kept = None  # its memory goes with the sessions
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue
+            if not self._batch:
+                self._turn = (self._turn + 1) % len(ready)
+                ready = [ready[self._turn]]
+            await self._step(ready)
+
+    async def _step(self, batch: list[_Session]) -> None:
+        """One token for each session of `batch`. When the batch is the last step's,
+        the caches the model returned are its inputs as they are; else they are
+        built again from the sessions' own (a session joined, left or paused)."""
+        layout = self.generator.layout
+        session = next(s.session for s in batch if s.session is not None)
+        kept, self._kept = self._kept, None
+        if kept is not None and kept.rows == batch:
+            mask = np.concatenate([kept.mask, np.ones((len(batch), 1), np.int64)], axis=1)
+            feeds = {
+                "input_ids": np.array([[s.generated[-1]] for s in batch], np.int64),
+                "attention_mask": mask,
+                "position_ids": np.array([[s.length] for s in batch], np.int64),
+                **kept.past,
+            }
+        else:
+            feeds, _ = decode_feeds(batch, layout)
+            self.rebuilds += 1
+        try:
+            logits, presents = await trio.to_thread.run_sync(
+                _run_step, session, feeds, layout.layers, limiter=self._limiter
+            )
+        except JobError as error:
+            for s in batch:
+                s.fail(error)
+            return
+        self.steps += 1
+        self.batched_rows += len(batch)
+        names = past_names(layout.layers)
+        self._kept = _KeptBatch(
+            list(batch), dict(zip(names, presents, strict=True)), feeds["attention_mask"]
+        )
+        new = stack_layers([p[:, :, -1, :] for p in presents], layout.layers)
+        for row, s in enumerate(batch):
+            if s.cache is None or s.finish is not None:  # left while the step ran
+                continue
+            s.cache[:, :, :, s.length, :] = new[:, :, row]
+            s.length += 1
+            s.take(choose_token(logits[row, -1], s.sampling, s.rng))
+
+
+@dataclass(frozen=True, slots=True)
+class _KeptBatch:
+    """The sessions of the last decode step, in row order, with the caches the model
+    returned for them (left-padded) and their attention mask."""
+
+    rows: list[_Session]
+    past: dict[str, Array]
+    mask: Array
+
+
+def past_names(layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def stack_layers(arrays: Sequence[Array], layers: int) -> Array:
+    """Per-layer keys and values, in the model's output order, as [layers, 2, ...]."""
+    return np.stack([np.stack(arrays[2 * i : 2 * i + 2]) for i in range(layers)])
+
+
+def decode_feeds(batch: Sequence[_Session], layout: DecoderLayout) -> tuple[dict[str, Array], int]:
+    """One decode step's inputs for `batch`: each session's last token at its own
+    position, its cache left-padded to the longest, the padding masked off. Also
+    returns the longest cache's length: the new token's index in the outputs."""
+    longest = max(s.length for s in batch)
+    rows = len(batch)
+    past = np.zeros((layout.layers, 2, rows, layout.heads, longest, layout.head_dim), np.float32)
+    mask: Array = np.zeros((rows, longest + 1), np.int64)
+    for row, s in enumerate(batch):
+        assert s.cache is not None
+        past[:, :, row, :, longest - s.length :, :] = s.cache[:, :, :, : s.length, :]
+        mask[row, longest - s.length :] = 1
+    feeds = {
+        "input_ids": np.array([[s.generated[-1]] for s in batch], np.int64),
+        "attention_mask": mask,
+        "position_ids": np.array([[s.length] for s in batch], np.int64),
+    }
+    for i in range(layout.layers):
+        feeds[f"past_key_values.{i}.key"] = past[i, 0]
+        feeds[f"past_key_values.{i}.value"] = past[i, 1]
+    return feeds, longest
+
+
+def prefill_feeds(prompt: Sequence[int], layout: DecoderLayout) -> dict[str, Array]:
+    n = len(prompt)
+    empty = np.zeros((1, layout.heads, 0, layout.head_dim), np.float32)
+    feeds: dict[str, Array] = {
+        "input_ids": np.array([prompt], np.int64),
+        "attention_mask": np.ones((1, n), np.int64),
+        "position_ids": np.arange(n, dtype=np.int64)[None, :],
+    }
+    for i in range(layout.layers):
+        feeds[f"past_key_values.{i}.key"] = empty
+        feeds[f"past_key_values.{i}.value"] = empty
+    return feeds
+
+
+def _run_step(
+    session: ort.InferenceSession, feeds: dict[str, Array], layers: int
+) -> tuple[Array, list[Array]]:
+    """In a worker thread: the logits, and every layer's present key and value, in
+    that order ([batch, heads, total, head_dim] each)."""
+    names = ["logits"]
+    for i in range(layers):
+        names += [f"present.{i}.key", f"present.{i}.value"]
+    try:
+        values = session.run(names, feeds)
+    except Exception as error:  # onnxruntime's pybind errors share no useful base
+        raise JobError(
+            ErrorCode.INTERNAL, f"decoder step failed: {type(error).__name__}: {error}"
+        ) from None
+    return values[0], values[1:]
+
+
+# --- the node's generations ----------------------------------------------------------------
+
+
+class Generations:
+    """The generation sessions of one node, within its limits and memory budget."""
+
+    def __init__(
+        self, executor: Executor, cards: Sequence[ModelCard], config: ExecutorConfig
+    ) -> None:
+        self._executor = executor
+        self._config = config
+        self._engines: dict[str, _Engine] = {}
+        for card in cards:
+            generator = load_text_generator(card)
+            if generator is not None:
+                self._engines[card.id] = _Engine(generator, executor.limiter, config.batch_decode)
+        self._sessions: set[_Session] = set()
+        # Sessions started, refused at the start, and ended: all their tokens taken,
+        # failed (an error, idle too long), or left before the end (a hang-up).
+        self.started = 0
+        self.refused = 0
+        self.finished = 0
+        self.failed = 0
+        self.cancelled = 0
+        self._ended = trio.lowlevel.ParkingLot()
+
+    @property
+    def model_ids(self) -> list[str]:
+        return sorted(self._engines)
+
+    @property
+    def sessions(self) -> int:
+        """Generations running now."""
+        return len(self._sessions)
+
+    @property
+    def cache_bytes(self) -> int:
+        """The KV cache memory the running generations hold."""
+        return sum(s.nbytes for s in self._sessions)
+
+    async def wait_until(self, predicate: Callable[[Generations], bool]) -> None:
+        """Until `predicate(self)` holds, checked as sessions end (tests use it)."""
+        while not predicate(self):
+            await self._ended.park()
+
+    def engine(self, model_id: str) -> _Engine:
+        return self._engines[model_id]
+
+    async def run(self) -> None:
+        """Run every model's engine until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for engine in self._engines.values():
+                nursery.start_soon(engine.run)
+
+    @asynccontextmanager
+    async def open_session(
+        self, model_id: str, prompt: str, max_tokens: int, sampling: Sampling
+    ) -> AsyncIterator[Generation]:
+        """A generation of up to `max_tokens` tokens after `prompt`, prefilled and
+        running in its model's engine; leaving the context ends it and frees its cache.
+        Raises JobError: UNKNOWN_MODEL, INVALID_INPUT (a bad prompt, too many tokens),
+        OVERLOADED (sessions or memory full), DEADLINE_EXCEEDED (idle too long)."""
+        engine = self._engine_for(model_id)
+        generator = engine.generator
+        prompt_ids = self._tokenize(generator, prompt, max_tokens)
+        max_new = min(max_tokens, generator.layout.max_tokens - len(prompt_ids))
+        self._admit(generator, len(prompt_ids) + max_new)
+        session = _Session(generator, prompt_ids, max_new, sampling)
+        self._sessions.add(session)
+        self.started += 1
+        idle = False
+        try:
+            async with self._executor.models.use(model_id) as loaded, trio.open_nursery() as n:
+                session.session = loaded.session
+                n.start_soon(self._end_when_idle, session, n.cancel_scope)
+                await self._prefill(session)
+                engine.add(session)
+                yield Generation(session, engine.wake)
+                n.cancel_scope.cancel()
+            idle = n.cancel_scope.cancelled_caught and session.error is not None
+        finally:
+            engine.remove(session)
+            self._sessions.discard(session)
+            session.cache = None
+            if session.error is not None:
+                self.failed += 1
+            elif session.finish is not None and not session.queue:
+                self.finished += 1
+            else:
+                self.cancelled += 1
+            self._ended.unpark_all()
+        if idle:
+            assert session.error is not None
+            raise session.error
+
+    def _engine_for(self, model_id: str) -> _Engine:
+        engine = self._engines.get(model_id)
+        if engine is not None:
+            return engine
+        if model_id in self._executor.models:
+            raise JobError(
+                ErrorCode.INVALID_INPUT,
+                f"model {model_id} is not a text generator; this node generates with "
+                f"{self.model_ids or 'none'}",
+            )
+        raise JobError(
+            ErrorCode.UNKNOWN_MODEL,
+            f"this node does not serve model {model_id!r}; it generates with "
+            f"{self.model_ids or 'none'}",
+        )
+
+    def _tokenize(self, generator: TextGenerator, prompt: str, max_tokens: int) -> list[int]:
+        layout, limit = generator.layout, self._config.max_new_tokens
+        if max_tokens > limit:
+            raise JobError(
+                ErrorCode.INVALID_INPUT,
+                f"{max_tokens} new tokens asked; this node generates at most {limit} per "
+                "request (max_new_tokens, --max-new-tokens)",
+            )
+        ids: list[int] = generator.tokenizer.encode(prompt).ids
+        if not ids:
+            raise JobError(ErrorCode.INVALID_INPUT, "the prompt is empty: it has no tokens")
+        if len(ids) >= layout.max_tokens:
+            raise JobError(
+                ErrorCode.INVALID_INPUT,
+                f"the prompt has {len(ids)} tokens; model {generator.model_id} takes at most "
+                f"{layout.max_tokens - 1} to leave room for one new token",
+            )
+        if max(ids) >= layout.vocab_size:
+            raise JobError(
+                ErrorCode.INTERNAL, f"model {generator.model_id}: tokenizer and model disagree"
+            )
+        return ids
+
+    def _admit(self, generator: TextGenerator, tokens: int) -> None:
+        """OVERLOADED unless one more session, and its cache, fit this node's limits."""
+        limit = self._config.max_sessions
+        if len(self._sessions) >= limit:
+            self.refused += 1
+            raise JobError(
+                ErrorCode.OVERLOADED,
+                f"{len(self._sessions)} generations running, this node's limit "
+                "(max_sessions, --max-sessions); try again shortly",
+            )
+        budget = self._executor.models.budget_bytes
+        need = tokens * generator.layout.bytes_per_token
+        if budget is not None:
+            used = self._executor.models.used_bytes + self.cache_bytes
+            if used + need > budget:
+                self.refused += 1
+                raise JobError(
+                    ErrorCode.OVERLOADED,
+                    f"a generation of {tokens} tokens needs {need / MB:.3g} MB of cache and "
+                    f"{used / MB:.3g} of the {budget / MB:g} MB model memory budget "
+                    "(model_memory_mb) is in use; try again shortly",
+                )
+
+    async def _prefill(self, s: _Session) -> None:
+        assert s.session is not None and s.cache is not None
+        layout = s.generator.layout
+        try:
+            logits, presents = await trio.to_thread.run_sync(
+                _run_step,
+                s.session,
+                prefill_feeds(s.prompt, layout),
+                layout.layers,
+                limiter=self._executor.limiter,
+            )
+        except JobError as error:
+            s.fail(error)
+            raise
+        n = len(s.prompt)
+        s.cache[:, :, :, :n, :] = stack_layers(presents, layout.layers)[:, :, 0]
+        s.length = n
+        s.take(choose_token(logits[0, -1], s.sampling, s.rng))
+
+    async def _end_when_idle(self, s: _Session, scope: trio.CancelScope) -> None:
+        """End `s` when its client has left a piece untaken for `session_idle_s`."""
+        idle_s = self._config.session_idle_s
+        while True:
+            if not s.queue:
+                await s.changed.park()
+                continue
+            if trio.current_time() < s.waiting_since + idle_s:
+                await trio.sleep_until(s.waiting_since + idle_s)
+                continue
+            s.fail(
+                JobError(
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    f"the generation's client took no token for {idle_s:g} s "
+                    "(session_idle_s, --session-idle-s)",
+                )
+            )
+            s.cache = None
+            scope.cancel()
+            return

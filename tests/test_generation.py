@@ -1,0 +1,259 @@
+"""Generation sessions on one node, without a network: the tokens a session gives
+against a direct onnxruntime loop, continuous batching against sessions alone,
+sampling with a seed, the limits, and the cache memory after each way a session ends."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import trio
+from tiny_decoder import EOS, HEAD_DIM, HEADS, LAYERS, MODEL_ID, tiny_tokenizer
+
+from p2p_node._config import ExecutorConfig
+from p2p_node._decoder import Sampling, choose_token
+from p2p_node._executor import Executor
+from p2p_node._generation import Generations
+from p2p_node._repository import read_repository
+from scheduler import ErrorCode, JobError
+
+GREEDY = Sampling()
+PROMPTS = ["Hello world", "The quick brown fox", "a", "def f(x):\n    return x"]
+
+
+def reference_tokens(model_dir: Path, prompt: str, max_new: int) -> list[int]:
+    """Greedy tokens by a plain prefill-and-decode loop on onnxruntime, one at a time."""
+    session = ort.InferenceSession(str(model_dir / "model.onnx"))
+    ids = tiny_tokenizer().encode(prompt).ids
+    past = {
+        f"past_key_values.{i}.{kv}": np.zeros((1, HEADS, 0, HEAD_DIM), np.float32)
+        for i in range(LAYERS)
+        for kv in ("key", "value")
+    }
+    feeds = {
+        "input_ids": np.array([ids]),
+        "attention_mask": np.ones((1, len(ids)), np.int64),
+        "position_ids": np.arange(len(ids))[None],
+    }
+    out: list[int] = []
+    total = len(ids)
+    while True:
+        values = session.run(None, {**feeds, **past})
+        token = int(np.argmax(values[0][0, -1]))
+        if token == EOS:
+            return out
+        out.append(token)
+        if len(out) == max_new:
+            return out
+        past = {
+            f"past_key_values.{i}.{kv}": values[1 + 2 * i + j]
+            for i in range(LAYERS)
+            for j, kv in enumerate(("key", "value"))
+        }
+        total += 1
+        feeds = {
+            "input_ids": np.array([[token]]),
+            "attention_mask": np.ones((1, total), np.int64),
+            "position_ids": np.array([[total - 1]]),
+        }
+
+
+@asynccontextmanager
+async def generations(models_dir: Path, **config: object) -> AsyncIterator[Generations]:
+    executor_config = ExecutorConfig(**config)  # type: ignore[arg-type]
+    cards = read_repository(models_dir)
+    executor = Executor.from_cards(cards, executor_config)
+    service = Generations(executor, cards, executor_config)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service.run)
+        yield service
+        nursery.cancel_scope.cancel()
+
+
+async def generate(
+    service: Generations, prompt: str, max_tokens: int, sampling: Sampling = GREEDY
+) -> list[int]:
+    tokens = []
+    async with service.open_session(MODEL_ID, prompt, max_tokens, sampling) as generation:
+        while (piece := await generation.next()) is not None:
+            tokens.append(piece.token)
+    return tokens
+
+
+async def test_a_session_gives_the_tokens_of_a_plain_decode_loop(tiny_models: Path) -> None:
+    with trio.fail_after(30):
+        async with generations(tiny_models) as service:
+            for prompt in PROMPTS:
+                got = await generate(service, prompt, 40)
+                assert got == reference_tokens(tiny_models / MODEL_ID, prompt, 40)
+            assert service.cache_bytes == 0 and service.sessions == 0
+
+
+async def test_the_pieces_add_up_to_the_text(tiny_models: Path) -> None:
+    with trio.fail_after(30):
+        async with generations(tiny_models) as service:
+            async with service.open_session(MODEL_ID, "Hello", 30, Sampling()) as generation:
+                pieces = []
+                while (piece := await generation.next()) is not None:
+                    pieces.append(piece.text)
+                text = generation.text
+    assert text == tiny_tokenizer().decode(reference_tokens(tiny_models / MODEL_ID, "Hello", 30))
+    assert text.startswith("".join(pieces))
+
+
+async def test_continuous_batching_gives_the_tokens_of_sessions_run_alone(
+    tiny_models: Path,
+) -> None:
+    samplings = [Sampling(), Sampling(0.8, 20, 0.9, seed=7), Sampling(1.5, seed=3), Sampling()]
+    with trio.fail_after(60):
+        async with generations(tiny_models, batch_decode=False) as alone:
+            expected = [
+                await generate(alone, p, 30, s) for p, s in zip(PROMPTS, samplings, strict=True)
+            ]
+        async with generations(tiny_models) as batched:
+            got: list[list[int]] = [[] for _ in PROMPTS]
+
+            async def one(i: int) -> None:
+                got[i] = await generate(batched, PROMPTS[i], 30, samplings[i])
+
+            async with trio.open_nursery() as nursery:
+                for i in range(len(PROMPTS)):
+                    nursery.start_soon(one, i)
+            engine = batched.engine(MODEL_ID)
+            assert batched.cache_bytes == 0
+    assert got == expected
+    assert engine.batched_rows > engine.steps  # some steps ran several sessions at once
+    assert engine.rebuilds < engine.steps  # some fed the last step's caches back as they were
+
+
+async def test_a_seed_gives_the_same_tokens_and_another_seed_others(tiny_models: Path) -> None:
+    sampling = Sampling(temperature=1.0, top_k=50, top_p=0.95, seed=1234)
+    with trio.fail_after(30):
+        async with generations(tiny_models) as service:
+            first = await generate(service, "Hello", 30, sampling)
+            again = await generate(service, "Hello", 30, sampling)
+            other = await generate(service, "Hello", 30, replace(sampling, seed=99))
+            greedy = await generate(service, "Hello", 30)
+    assert first == again
+    assert first != other and first != greedy
+
+
+@pytest.mark.parametrize(
+    ("sampling", "allowed"),
+    [
+        (Sampling(), {3}),
+        (Sampling(1.0, top_k=2, seed=0), {3, 1}),
+        (Sampling(1.0, top_p=0.5, seed=0), {3}),
+        (Sampling(1.0, top_p=0.75, seed=0), {3, 1}),
+        (Sampling(100.0, seed=0), {0, 1, 2, 3}),
+    ],
+)
+def test_sampling_draws_only_from_the_tokens_it_keeps(
+    sampling: Sampling, allowed: set[int]
+) -> None:
+    logits = np.log(np.array([0.05, 0.3, 0.05, 0.6]))
+    rng = np.random.Generator(np.random.PCG64(sampling.seed or 0))
+    drawn = {choose_token(logits, sampling, rng) for _ in range(300)}
+    assert drawn == allowed
+
+
+async def test_too_many_sessions_is_overloaded_and_leaves_no_cache(tiny_models: Path) -> None:
+    with trio.fail_after(30):
+        async with generations(tiny_models, max_sessions=2) as service:
+            async with (
+                service.open_session(MODEL_ID, "one", 20, Sampling()),
+                service.open_session(MODEL_ID, "two", 20, Sampling()),
+            ):
+                held = service.cache_bytes
+                assert held > 0
+                with pytest.raises(JobError) as refused:
+                    async with service.open_session(MODEL_ID, "three", 20, Sampling()):
+                        pass
+                assert refused.value.code is ErrorCode.OVERLOADED
+                assert "max_sessions" in refused.value.message
+                assert service.cache_bytes == held
+            assert service.cache_bytes == 0 and service.sessions == 0
+
+
+async def test_the_cache_counts_against_the_model_memory_budget(tiny_models: Path) -> None:
+    cards = read_repository(tiny_models)
+    model_mb = cards[0].memory_bytes / (1 << 20)
+    per_token = 2 * LAYERS * HEADS * HEAD_DIM * 4
+    room_tokens = 100
+    budget = model_mb + room_tokens * per_token / (1 << 20)
+    with trio.fail_after(30):
+        async with generations(tiny_models, model_memory_mb=budget) as service:
+            prompt = "x" * 10
+            async with service.open_session(MODEL_ID, prompt, 60, Sampling()):
+                assert service.cache_bytes == (10 + 60) * per_token
+                with pytest.raises(JobError) as refused:
+                    async with service.open_session(MODEL_ID, prompt, 60, Sampling()):
+                        pass
+                assert refused.value.code is ErrorCode.OVERLOADED
+                assert "model_memory_mb" in refused.value.message
+                async with service.open_session(MODEL_ID, prompt, 20, Sampling()):
+                    assert service.cache_bytes == (70 + 30) * per_token
+            assert service.cache_bytes == 0
+
+
+@pytest.mark.parametrize(
+    ("prompt", "max_tokens", "says"),
+    [
+        ("", 5, "the prompt is empty"),
+        ("x" * 200, 5, "takes at most 127"),
+        ("hello", 11, "at most 10 per request (max_new_tokens, --max-new-tokens)"),
+    ],
+)
+async def test_bad_input_is_invalid_and_leaves_no_cache(
+    tiny_models: Path, prompt: str, max_tokens: int, says: str
+) -> None:
+    with trio.fail_after(30):
+        async with generations(tiny_models, max_new_tokens=10) as service:
+            with pytest.raises(JobError) as refused:
+                async with service.open_session(MODEL_ID, prompt, max_tokens, Sampling()):
+                    pass
+            assert refused.value.code is ErrorCode.INVALID_INPUT
+            assert says in refused.value.message
+            assert service.cache_bytes == 0 and service.sessions == 0
+
+
+async def test_a_model_that_does_not_generate_is_named(tiny_models: Path) -> None:
+    with trio.fail_after(30):
+        async with generations(tiny_models) as service:
+            with pytest.raises(JobError) as unknown:
+                async with service.open_session("gpt-9", "hi", 5, Sampling()):
+                    pass
+    assert unknown.value.code is ErrorCode.UNKNOWN_MODEL and MODEL_ID in unknown.value.message
+
+
+async def test_a_client_that_leaves_frees_the_cache_at_once(tiny_models: Path) -> None:
+    with trio.fail_after(30):
+        async with generations(tiny_models) as service:
+            with trio.CancelScope() as hang_up:
+                async with service.open_session(MODEL_ID, "Hello", 100, Sampling()) as g:
+                    await g.next()
+                    assert service.cache_bytes > 0
+                    hang_up.cancel()
+                    await trio.sleep_forever()
+            assert service.cache_bytes == 0 and service.sessions == 0
+            # the engine goes on serving others
+            assert len(await generate(service, "Hello", 5)) > 0
+
+
+async def test_an_idle_client_ends_its_session(tiny_models: Path) -> None:
+    # A real clock: the decode steps run in worker threads, which autojump_clock
+    # would jump over.
+    with trio.fail_after(10):
+        async with generations(tiny_models, session_idle_s=0.3) as service:
+            with pytest.raises(JobError) as idle:
+                async with service.open_session(MODEL_ID, "Hello", 100, Sampling()) as g:
+                    await g.next()
+                    await trio.sleep_forever()  # takes nothing more
+            assert idle.value.code is ErrorCode.DEADLINE_EXCEEDED
+            assert "session_idle_s" in idle.value.message
+            assert service.cache_bytes == 0 and service.sessions == 0
