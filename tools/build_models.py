@@ -18,7 +18,9 @@ Training is deterministic (fixed seeds); the measured ``latency_us`` and
 ``cost`` depend on the machine the script runs on.
 
 Requires the ``build`` extra (scikit-learn, skl2onnx) plus onnxruntime.
-Run: ``python tools/build_models.py [--out DIR]``.
+Run: ``python tools/build_models.py [--out DIR]``. The text generators are
+built by ``tools/gpt.py`` (torch); ``--only classifiers`` or ``--only generators``
+builds one family.
 """
 
 from __future__ import annotations
@@ -460,18 +462,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_OUT,
         help=f"output directory (default: {DEFAULT_OUT})",
     )
+    parser.add_argument(
+        "--only",
+        choices=("classifiers", "generators"),
+        help="build one family (default: all; the text generators train for minutes)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.only in (None, "classifiers"):
+        build_classifiers(args.out)
+    if args.only in (None, "generators"):
+        import gpt  # tools/gpt.py, beside this file: it needs torch
+
+        gpt.build_generators(args.out)
+
+
+def build_classifiers(out: Path) -> None:
     datasets = load_datasets()
     built = measure_latencies([build_model(spec, datasets[spec.dataset]) for spec in MODEL_SPECS])
     costs = relative_costs(built)
     for b in built:
-        write_model(args.out, b, costs[b.spec.model_id])
+        write_model(out, b, costs[b.spec.model_id])
     for data in datasets.values():
-        write_heldout(args.out, data)
+        write_heldout(out, data)
     print(report(built, costs))
 
 
