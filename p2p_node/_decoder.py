@@ -1,11 +1,10 @@
 """A served decoder's text side: its layout (from the `[text]` table of its model.toml),
 its tokenizer, and how the next token is chosen from its logits.
 
-The table is read from model.toml, or from `model.toml.text` beside it while the
-repository reader does not take the table. Sampling is greedy at temperature 0;
-otherwise top-k, then top-p, over the tempered softmax, drawing one number per
-token from a `numpy.random.Generator`: the same seed gives the same tokens on
-any node.
+The table is model.toml's, which the repository has already checked. Sampling
+is greedy at temperature 0; otherwise top-k, then top-p, over the tempered
+softmax, drawing one number per token from a `numpy.random.Generator`: the
+same seed gives the same tokens on any node.
 """
 
 from __future__ import annotations
@@ -56,9 +55,9 @@ class TextGenerator:
 
 
 def read_text_table(card: ModelCard) -> dict[str, Any] | None:
-    """The `[text]` table of `card`'s model.toml (or of model.toml.text), or None."""
+    """The `[text]` table of `card`'s model.toml, or None."""
     model_dir = card.onnx_path.parent
-    for path in (model_dir / "model.toml", model_dir / "model.toml.text"):
+    for path in (model_dir / "model.toml",):
         if not path.is_file():
             continue
         try:

@@ -309,18 +309,21 @@ def test_the_bundled_repository() -> None:
     root = bundled_models_dir()
     cards = read_repository(root)
 
-    assert len(cards) == 8
+    assert len(cards) == 10
     assert collections.Counter(c.task_type for c in cards) == {
         "image-classification": 4,
         "tabular-classification": 3,
         "sentence-embedding": 1,
+        "text-generation": 2,
     }
     assert [c.id for c in cards] == sorted(c.id for c in cards)
     for card in cards:
         assert card.onnx_path.parent == root / card.id
         assert card.sha256 == hashlib.sha256(card.onnx_path.read_bytes()).hexdigest()
         assert 0.0 <= card.accuracy <= 1.0
-        assert (card.text is not None) == (card.task_type == "sentence-embedding")
+        assert (card.text is not None) == (
+            card.task_type in ("sentence-embedding", "text-generation")
+        )
 
 
 def test_the_bundled_embedding_model_takes_text() -> None:

@@ -176,11 +176,10 @@ def write_tiny_decoder(
         f'id = "{model_id}"\nversion = "0.1.0"\ntask_type = "text-generation"\n'
         f'languages = ["en"]\nmax_input_length = {context}\naccuracy = 0.1\ncost = 1.0\n'
         f'description = "a random-weight decoder for tests"\n{memory}'
-    )
-    # The [text] table, beside model.toml until the repository reader knows it.
-    (model_dir / "model.toml.text").write_text(
         f'[text]\ntokenizer = "tokenizer.json"\nmax_tokens = {context}\ntruncation = false\n'
-        f'postprocess = "generate"\n\n[text.decoder]\nlayers = {layers}\nheads = {heads}\n'
+        f'postprocess = "generate"\n\n[text.inputs]\ninput_ids = "input_ids"\n'
+        f'attention_mask = "attention_mask"\nposition_ids = "position_ids"\n\n'
+        f"[text.decoder]\nlayers = {layers}\nheads = {heads}\n"
         f"head_dim = {head_dim}\nvocab_size = {vocab}\nbos_token_id = {EOS}\n"
         f"eos_token_id = {EOS}\npad_token_id = {EOS}\n"
     )

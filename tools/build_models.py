@@ -22,6 +22,9 @@ Run: ``python tools/build_models.py [--out DIR]``.
 
 ``python tools/build_models.py minilm [...]`` builds the sentence-embedding
 model ``minilm-l6-v2`` instead (``tools/minilm.py``; ``minilm --help``).
+The text generators are
+built by ``tools/gpt.py`` (torch); ``--only classifiers`` or ``--only generators``
+builds one family.
 """
 
 from __future__ import annotations
@@ -465,6 +468,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_OUT,
         help=f"output directory (default: {DEFAULT_OUT})",
     )
+    parser.add_argument(
+        "--only",
+        choices=("classifiers", "generators"),
+        help="build one family (default: all; the text generators train for minutes)",
+    )
     return parser.parse_args(argv)
 
 
@@ -474,13 +482,22 @@ def main(argv: list[str] | None = None) -> None:
         minilm.main(argv[1:])
         return
     args = parse_args(argv)
+    if args.only in (None, "classifiers"):
+        build_classifiers(args.out)
+    if args.only in (None, "generators"):
+        import gpt  # tools/gpt.py, beside this file: it needs torch
+
+        gpt.build_generators(args.out)
+
+
+def build_classifiers(out: Path) -> None:
     datasets = load_datasets()
     built = measure_latencies([build_model(spec, datasets[spec.dataset]) for spec in MODEL_SPECS])
     costs = relative_costs(built)
     for b in built:
-        write_model(args.out, b, costs[b.spec.model_id])
+        write_model(out, b, costs[b.spec.model_id])
     for data in datasets.values():
-        write_heldout(args.out, data)
+        write_heldout(out, data)
     print(report(built, costs))
 
 
