@@ -88,6 +88,10 @@ class ResidentModels:
         slot = self._slots.get(model_id)
         return None if slot is None else slot.descriptor
 
+    def card(self, model_id: str) -> ModelCard | None:
+        slot = self._slots.get(model_id)
+        return None if slot is None else slot.card
+
     def __contains__(self, model_id: object) -> bool:
         return model_id in self._slots
 
