@@ -169,8 +169,6 @@ class ExecutorCounters:
     # Cancelled mid-run: its part is discarded, and onnxruntime told to terminate the
     # run once no request is left in it.
     cancelled_running: int = 0
-    runs: int = 0  # onnxruntime runs: fewer than requests when requests merge
-    merged: int = 0  # requests completed by a run shared with other requests
 
 
 class Executor:
@@ -211,6 +209,8 @@ class Executor:
         self._lanes: dict[str, Lane] = {}
         self._admitted = 0
         self._started = 0  # admitted requests in a batch that has been formed
+        self.runs = 0  # onnxruntime runs: fewer than requests when requests merge
+        self.merged = 0  # requests completed by a run shared with other requests
         # Recent compute time per model (ms, EWMA); decides inline vs worker thread.
         self._compute_ms: dict[str, float] = {}
         self._stats: dict[str, _ModelStats] = {}
@@ -363,7 +363,8 @@ class Executor:
             self._admitted -= 1
             if request.batch is not None:
                 self._started -= 1
-        self._count(completed=1, merged=int(answer.shared))
+        self.merged += answer.shared
+        self._count(completed=1)
         stats.record(ok=True, latency_ms=(answer.finished - admitted_at) * 1e3)
         return Execution(
             outputs=answer.outputs,
@@ -469,8 +470,7 @@ class Executor:
                 continue
             request.answer = result.answers.get(request) or _no_answer(lane.model_id)
             request.done.set()
-        if result.run_ms:
-            self._count(runs=len(result.run_ms))
+        self.runs += len(result.run_ms)
 
     def _leave(self, request: Request) -> str:
         """A cancelled request leaves its lane or its batch; the counter it ends in."""

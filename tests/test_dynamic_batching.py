@@ -100,7 +100,7 @@ async def test_merged_results_equal_unmerged_results_row_for_row(model_id: str) 
         alone = await run_alone(model_id, cards, requests)
     for m, a in zip(merged, alone, strict=True):
         assert_same(m, a)
-    assert (ex.counters.runs, ex.counters.merged, ex.counters.completed) == (1, 6, 6)
+    assert (ex.runs, ex.merged, ex.counters.completed) == (1, 6, 6)
     assert len({m.compute_ms for m in merged}) == 1  # the shared run's time, for each
     assert all(m.queue_ms >= 0 for m in merged)
     assert ex.in_flight == ex.running == ex.queue_length == 0
@@ -118,7 +118,7 @@ async def test_requests_asking_for_different_outputs_share_a_run(digits) -> None
     for m, a, w in zip(merged, alone, wanted, strict=True):
         assert tuple(m.outputs) == (tuple(w) or ("label", "probabilities"))
         assert_same(m, a)
-    assert ex.counters.runs == 1
+    assert ex.runs == 1
 
 
 async def test_concurrent_requests_on_an_idle_node_merge_without_holding_anything(digits) -> None:
@@ -134,7 +134,7 @@ async def test_concurrent_requests_on_an_idle_node_merge_without_holding_anythin
             for i in range(32):
                 nursery.start_soon(one, i)
     assert np.mean([labels[i] == y[i] for i in range(32)]) > 0.9
-    assert ex.counters.completed == 32 and ex.counters.runs < 32
+    assert ex.counters.completed == 32 and ex.runs < 32
 
 
 async def test_with_batching_off_every_request_is_its_own_run(digits) -> None:
@@ -142,7 +142,7 @@ async def test_with_batching_off_every_request_is_its_own_run(digits) -> None:
     ex = executor([card("digits-mlp")], batching=False)
     with trio.fail_after(30):
         await run_held(ex, "digits-mlp", [({"input": x[i : i + 1]}, ()) for i in range(5)])
-    assert (ex.counters.runs, ex.counters.merged) == (5, 0)
+    assert (ex.runs, ex.merged) == (5, 0)
     assert not ex.batch_policy("digits-mlp").merges
 
 
@@ -210,7 +210,7 @@ async def test_a_model_that_cannot_stack_is_never_merged(tmp_path: Path, which: 
     for m, a in zip(results, alone, strict=True):
         assert_same(m, a)
     assert not ex.batch_policy(model_card.id).merges
-    assert (ex.counters.runs, ex.counters.merged, ex.counters.completed) == (5, 0, 5)
+    assert (ex.runs, ex.merged, ex.counters.completed) == (5, 0, 5)
 
 
 def _spec(*shape: int | None) -> TensorSpec:
@@ -300,7 +300,7 @@ async def test_a_bad_request_is_refused_alone_while_the_good_ones_merge(digits) 
         int(a.outputs["label"][0]) for a in alone
     )
     c = ex.counters
-    assert (c.admitted, c.completed, c.failed, c.runs, c.merged) == (4, 4, 0, 1, 4)
+    assert (c.admitted, c.completed, c.failed, ex.runs, ex.merged) == (4, 4, 0, 1, 4)
 
 
 async def _append(results: list[Execution], run: Awaitable[Execution]) -> None:
@@ -351,7 +351,7 @@ async def test_a_failing_merged_run_is_retried_alone_so_only_the_bad_request_fai
     assert "model lookup failed" in failure.message and "idx=9" in failure.message
     c = ex.counters
     # The merged run, then each of the four alone.
-    assert (c.completed, c.failed, c.runs, c.merged) == (3, 1, 5, 0)
+    assert (c.completed, c.failed, ex.runs, ex.merged) == (3, 1, 5, 0)
 
 
 async def test_outputs_that_do_not_split_by_rows_are_answered_alone_and_merge_no_more(
@@ -370,15 +370,15 @@ async def test_outputs_that_do_not_split_by_rows_are_answered_alone_and_merge_no
     requests = [({"x": np.full((i + 1, 4), i, "f4")}, ()) for i in range(3)]
     with trio.fail_after(30):
         first = await run_held(ex, "twice", requests)
-        assert ex.counters.runs == 1 + 3  # merged, then each alone
+        assert ex.runs == 1 + 3  # merged, then each alone
         again = await run_held(ex, "twice", requests)
     for result in (*first, *again):
         (value,) = result.outputs.values()
         rows = value.shape[0] // 2
         np.testing.assert_array_equal(value, np.concatenate([value[:rows], value[:rows]]))
     assert [r.outputs["twice"].shape[0] for r in first] == [2, 4, 6]
-    assert ex.counters.runs == 4 + 3  # the model merges no more
-    assert ex.counters.merged == 0
+    assert ex.runs == 4 + 3  # the model merges no more
+    assert ex.merged == 0
 
 
 # --- cancellation ------------------------------------------------------------------------
@@ -406,7 +406,7 @@ async def test_a_request_cancelled_before_its_batch_starts_leaves_it(digits) -> 
     assert sorted(results) == [0, 2]
     assert ex.in_flight == ex.running == ex.queue_length == 0  # and the run was of two
     c = ex.counters
-    assert (c.completed, c.runs, c.merged) == (2, 1, 2)
+    assert (c.completed, ex.runs, ex.merged) == (2, 1, 2)
     assert (c.cancelled_waiting, c.cancelled_running) == (1, 0)
 
 
@@ -511,7 +511,7 @@ async def test_max_batch_rows_bounds_the_rows_of_a_merged_run(
         alone = await run_alone("digits-mlp", cards, one_row)
     for m, a in zip(merged, alone, strict=True):
         assert_same(m, a)
-    assert ex.counters.runs == runs  # ceil(requests / rows per run): each run full
+    assert ex.runs == runs  # ceil(requests / rows per run): each run full
 
 
 async def test_a_request_with_more_rows_than_the_models_max_runs_alone(digits) -> None:
@@ -522,7 +522,7 @@ async def test_a_request_with_more_rows_than_the_models_max_runs_alone(digits) -
             ex, "digits-mlp", [({"input": x[:6]}, ()), ({"input": x[6:7]}, ())]
         )
     assert results[0].outputs["label"].shape == (6,)
-    assert ex.counters.runs == 2
+    assert ex.runs == 2
 
 
 WAITING = ExecutorConfig(inline_below_ms=1e6, max_batch_rows=8)
@@ -563,7 +563,7 @@ async def test_a_run_waits_for_company_only_when_its_model_asks(
             for i in range(requests):
                 nursery.start_soon(ex.run, "digits-mlp", {"input": x[i : i + 1]})
         assert trio.current_time() - before == pytest.approx(waited_s)
-    assert ex.counters.runs == 2  # the warm-up, and one for all
+    assert ex.runs == 2  # the warm-up, and one for all
 
 
 async def test_a_waiting_run_takes_what_arrives_before_its_deadline(
@@ -585,8 +585,8 @@ async def test_a_waiting_run_takes_what_arrives_before_its_deadline(
             nursery.start_soon(late, 0.004, 2)  # within the first one's 5 ms
             nursery.start_soon(late, 0.007, 3)  # after: a run of its own, at 12 ms
         assert trio.current_time() - before == pytest.approx(0.012)
-    assert ex.counters.runs == 1 + 2
-    assert ex.counters.merged == 2
+    assert ex.runs == 1 + 2
+    assert ex.merged == 2
 
 
 # --- model.toml ------------------------------------------------------------------------
