@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,14 +127,26 @@ class Request:
         self.key: Key | None = None  # None: runs alone
         self.queued_at = 0.0  # trio time
         self.lane: Lane | None = None
-        # Cancelled when another request's batch takes this one: it stops waiting to run.
-        self.scope = trio.CancelScope()
+        # While it waits where only a cancel can reach it (a worker slot, company): set,
+        # and cancelled when another request's batch takes it.
+        self.scope: trio.CancelScope | None = None
         self.batch: Batch | None = None
         self.options = ort.RunOptions()  # terminates its own run when it leaves
         self.began = False  # set by the run, in its thread
         self.left = False  # cancelled after it was taken into a batch
         self.done = trio.Event()
         self.answer: Answer | None = None
+
+
+@contextmanager
+def taken_along(request: Request) -> Iterator[None]:
+    """A wait that ends, without error, if another request's batch takes `request`."""
+    request.scope = trio.CancelScope()
+    try:
+        with request.scope:
+            yield
+    finally:
+        request.scope = None
 
 
 class Batch:
@@ -185,10 +198,15 @@ class Lane:
     def head(self) -> Request | None:
         return self._queued[0] if self._queued else None
 
+    def waits_for(self, request: Request) -> bool:
+        """Whether a run formed for `request` waits for company (not by default)."""
+        return self.policy.wait_s > 0 and request.key is not None and self.merges
+
     async def gather(self, request: Request) -> None:
         """Wait, while `request` is queued, until the requests that stack with it fill
-        a run or it has waited `wait_s` since it was queued. No wait by default."""
-        if self.policy.wait_s <= 0 or request.key is None or not self.merges:
+        a run or it has waited `wait_s` since it was queued. Call it in
+        `taken_along(request)`: another batch may take `request` meanwhile."""
+        if not self.waits_for(request):
             return
         deadline = request.queued_at + self.policy.wait_s
         while request.batch is None and self._rows_with(request) < self.policy.max_rows:
@@ -214,8 +232,8 @@ class Lane:
         batch = Batch(members, slot)
         for r in members:
             r.batch = batch
-            if r is not caller:
-                r.scope.cancel()
+            if r is not caller and r.scope is not None:
+                r.scope.cancel()  # it stops waiting to run
         self._queued = [r for r in self._queued if r.batch is None]
         return batch
 

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gossip import ModelDescriptor, TensorSpec
 from p2p_node import ErrorCode, ExecutorConfig, JobError, bundled_models_dir
-from p2p_node._batching import BatchPolicy, Lane, Request, execute
+from p2p_node._batching import BatchPolicy, Lane, Request, execute, taken_along
 from p2p_node._executor import Execution, Executor, load_model
 from p2p_node._repository import ModelCard, RepositoryError, read_model_card, read_repository
 
@@ -477,7 +477,27 @@ async def test_a_batch_takes_queued_requests_in_order_within_max_rows(
     batch = lane.take(requests[0], requests[0], None)
     assert batch.members == [requests[i] for i in taken]
     assert len(lane) == len(rows) - len(taken)
-    assert all(r.scope.cancel_called for r in batch.members[1:])  # they stop waiting
+
+
+async def test_a_request_waiting_for_a_slot_stops_waiting_when_a_batch_takes_it(digits) -> None:
+    x, _ = digits
+    lane, (first, waiting) = _lane_with("digits-mlp", x, [1, 1])
+    lane.queue(first)
+    lane.queue(waiting)
+    released = trio.Event()
+
+    async def wait_for_a_slot() -> None:
+        with taken_along(waiting):
+            await trio.sleep_forever()  # as for a worker slot that never frees
+        released.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_for_a_slot)
+            await trio.testing.wait_all_tasks_blocked()
+            assert lane.take(first, first, None).members == [first, waiting]
+            await released.wait()
+    assert waiting.scope is None
 
 
 async def test_requests_that_do_not_stack_are_not_taken(digits) -> None:
