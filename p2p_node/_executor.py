@@ -27,6 +27,7 @@ from ._batching import (
     Lane,
     Request,
     execute,
+    mixes_rows,
     taken_along,
 )
 from ._config import ExecutorConfig
@@ -99,7 +100,7 @@ def load_model(card: ModelCard, config: ExecutorConfig) -> LoadedModel:
         inputs=tuple(_spec(card, node) for node in session.get_inputs()),
         outputs=tuple(_spec(card, node) for node in session.get_outputs()),
     )
-    return LoadedModel(descriptor, session, card)
+    return LoadedModel(descriptor, session, card, mixes_rows(card.onnx_path))
 
 
 def _spec(card: ModelCard, node: Any) -> TensorSpec:
@@ -409,7 +410,11 @@ class Executor:
             if descriptor is None or card is None:
                 raise KeyError(model_id)
             policy = BatchPolicy.of(
-                descriptor, card, self._config.max_batch_rows, enabled=self._batching
+                descriptor,
+                card,
+                self._config.max_batch_rows,
+                enabled=self._batching,
+                rows_mix=self.models.mixes_rows(model_id),
             )
             lane = self._lanes[model_id] = Lane(model_id, policy)
         return lane

@@ -20,11 +20,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gossip import ModelDescriptor, TensorSpec
 from p2p_node import ErrorCode, ExecutorConfig, JobError, bundled_models_dir
-from p2p_node._batching import BatchPolicy, Lane, Request, execute, taken_along
+from p2p_node._batching import BatchPolicy, Lane, Request, execute, mixes_rows, taken_along
 from p2p_node._executor import Execution, Executor, load_model
 from p2p_node._repository import ModelCard, RepositoryError, read_model_card, read_repository
 
-BUNDLED = sorted(c.id for c in read_repository(bundled_models_dir()))
+# The tensor models: the text model (MiniLM) has its own test below.
+BUNDLED = sorted(c.id for c in read_repository(bundled_models_dir()) if c.text is None)
 # Threads off the event loop's: a held slot holds every request back.
 HELD = ExecutorConfig(workers=1, inline_below_ms=0)
 
@@ -192,13 +193,45 @@ def fixed_batch_model(tmp_path: Path) -> ModelCard:
     )
 
 
-@pytest.mark.parametrize("which", ["fixed-batch-1", "max_batch_rows-1"])
+def quantizing_model(tmp_path: Path, model_id: str = "quantizing") -> ModelCard:
+    """y = dequantize(quantize(x)), x [N, 4], with the scale taken from all of x: as
+    onnxruntime's quantize_dynamic makes int8 models (the bundled MiniLM)."""
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "scale", "zero"]),
+        helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["y"]),
+    ]
+    return onnx_model(
+        tmp_path,
+        model_id,
+        nodes,
+        [V("x", TensorProto.FLOAT, ["N", 4])],
+        [V("y", TensorProto.FLOAT, ["N", 4])],
+    )
+
+
+def spread_rows(count: int) -> list[np.ndarray]:
+    """Rows of very different ranges: quantized together, the small ones lose detail."""
+    return [np.array([[0.0, 0.1, 0.2, 0.3]], "f4") * 10**i for i in range(count)]
+
+
+def test_a_dynamically_quantized_model_would_answer_differently_merged(tmp_path: Path) -> None:
+    model = load_model(quantizing_model(tmp_path), ExecutorConfig())
+    rows = spread_rows(3)
+    (merged,) = model.session.run(None, {"x": np.concatenate(rows)})
+    alone = [model.session.run(None, {"x": r})[0] for r in rows]
+    assert not np.allclose(merged[:1], alone[0], atol=1e-3)  # why it must never merge
+    assert model.mixes_rows
+
+
+@pytest.mark.parametrize("which", ["fixed-batch-1", "max_batch_rows-1", "dynamic-quantization"])
 async def test_a_model_that_cannot_stack_is_never_merged(tmp_path: Path, which: str) -> None:
     if which == "fixed-batch-1":
         model_card, requests = (
             fixed_batch_model(tmp_path),
             [np.full((1, 4), i, "f4") for i in range(5)],
         )
+    elif which == "dynamic-quantization":
+        model_card, requests = quantizing_model(tmp_path), spread_rows(5)
     else:
         model_card = card("digits-mlp", max_batch_rows=1)
         requests = [heldout("digits-mlp")[i : i + 1] for i in range(5)]
@@ -211,6 +244,60 @@ async def test_a_model_that_cannot_stack_is_never_merged(tmp_path: Path, which: 
         assert_same(m, a)
     assert not ex.batch_policy(model_card.id).merges
     assert (ex.runs, ex.merged, ex.counters.completed) == (5, 0, 5)
+
+
+def test_a_graph_mixes_rows_with_dynamic_quantization_even_in_a_branch(tmp_path: Path) -> None:
+    def branch(name: str, op: str) -> Any:
+        nodes = [helper.make_node(op, ["x"], ["q", "s", "z"] if op != "Identity" else ["q"])]
+        return helper.make_graph(nodes, name, [], [V("q", TensorProto.UINT8, ["N", 4])])
+
+    plain = fixed_batch_model(tmp_path)
+    assert not mixes_rows(plain.onnx_path)
+    if_node = helper.make_node(
+        "If",
+        ["c"],
+        ["y"],
+        then_branch=branch("then", "DynamicQuantizeLinear"),
+        else_branch=branch("else", "Identity"),
+    )
+    graph = helper.make_graph(
+        [if_node],
+        "g",
+        [V("c", TensorProto.BOOL, []), V("x", TensorProto.FLOAT, ["N", 4])],
+        [V("y", TensorProto.UINT8, ["N", 4])],
+    )
+    path = tmp_path / "branch.onnx"
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    assert mixes_rows(path)
+    unreadable = tmp_path / "garbage.onnx"
+    unreadable.write_bytes(b"\xff" * 64)
+    assert mixes_rows(unreadable)  # not known to be safe: not merged
+
+
+async def test_minilm_text_jobs_are_never_merged_and_answer_as_alone() -> None:
+    """Its int8 graph quantizes dynamically: merged, embeddings moved by up to 0.008."""
+    cards = [card("minilm-l6-v2")]
+    ex = executor(cards)
+    texts = [f"the {w} sat near the river today" for w in ("cat", "dog", "bird")]  # same length
+
+    async def job(i: int, into: list[np.ndarray]) -> None:
+        into[i] = (await ex.run("minilm-l6-v2", {}, texts=[texts[i]])).outputs["embeddings"]
+
+    merged: list[np.ndarray] = [np.empty(0)] * 3
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            async with ex.limiter:
+                for i in range(3):
+                    nursery.start_soon(job, i, merged)
+                await ex.wait_counters(lambda c: c.admitted == 3)
+        single = executor(cards, batching=False)
+        alone = [
+            (await single.run("minilm-l6-v2", {}, texts=[t])).outputs["embeddings"] for t in texts
+        ]
+    assert not ex.batch_policy("minilm-l6-v2").merges
+    assert (ex.runs, ex.merged) == (3, 0)
+    for m, a in zip(merged, alone, strict=True):
+        np.testing.assert_array_equal(m, a)
 
 
 def _spec(*shape: int | None) -> TensorSpec:
