@@ -1,7 +1,9 @@
-"""Runs ONNX models: validated inputs, bounded admission, worker threads."""
+"""Runs ONNX models: validated inputs, bounded admission, merged runs, worker threads."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import time
@@ -11,11 +13,23 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import outcome
 import trio
 
 from gossip import ModelDescriptor, ModelPerformance, TensorSpec
 from scheduler import ErrorCode, JobError, Tensors
 
+from ._batching import (
+    Answer,
+    Batch,
+    BatchPolicy,
+    BatchResult,
+    Lane,
+    Request,
+    execute,
+    mixes_rows,
+    taken_along,
+)
 from ._config import ExecutorConfig
 from ._repository import ModelCard, RepositoryError
 from ._residency import LoadedModel, ResidentModels
@@ -45,6 +59,10 @@ UNNAMED_INPUT = ""  # the only input of a single-input model, named by the execu
 
 @dataclass(frozen=True, slots=True)
 class Execution:
+    """A request's outputs. `queue_ms`: from its admission until the run that answered
+    it started. `compute_ms`: that run's time, which is shared: a request merged with
+    others reports the merged run's time, not a share of it."""
+
     outputs: dict[str, np.ndarray[Any, Any]]
     queue_ms: float
     compute_ms: float
@@ -82,7 +100,7 @@ def load_model(card: ModelCard, config: ExecutorConfig) -> LoadedModel:
         inputs=tuple(_spec(card, node) for node in session.get_inputs()),
         outputs=tuple(_spec(card, node) for node in session.get_outputs()),
     )
-    return LoadedModel(descriptor, session, card)
+    return LoadedModel(descriptor, session, card, mixes_rows(card.onnx_path))
 
 
 def _spec(card: ModelCard, node: Any) -> TensorSpec:
@@ -158,7 +176,9 @@ class ExecutorCounters:
     completed: int = 0
     failed: int = 0
     cancelled_waiting: int = 0  # cancelled before its ONNX run began: used no compute
-    cancelled_running: int = 0  # cancelled mid-run: onnxruntime was told to terminate
+    # Cancelled mid-run: its part is discarded, and onnxruntime told to terminate the
+    # run once no request is left in it.
+    cancelled_running: int = 0
 
 
 class Executor:
@@ -166,10 +186,18 @@ class Executor:
 
     Admitted requests wait for one of `workers` thread slots, then run in a
     worker thread (or inline, for models that have run fast: see ExecutorConfig).
-    A request cancelled while it waits never starts; one cancelled while it
-    runs is abandoned and onnxruntime is told to terminate it, which it does at
-    its next node boundary, and its thread slot is busy until then. Which models
-    are in memory, within the memory budget, is `models`' business.
+    The request that gets a slot takes along the requests for its model queued
+    behind it that stack with it, and they share one onnxruntime run
+    (`_batching`; `batching=False` turns that off). A request cancelled while it
+    waits never starts; one cancelled while it runs is abandoned, and once no
+    request is left in its run onnxruntime is told to terminate it, which it
+    does at its next node boundary; the thread slot is busy until then. Which
+    models are in memory, within the memory budget, is `models`' business.
+
+    The node's `max_batch_rows` caps the rows of one request (past it the
+    request is INVALID_INPUT) and of one merged run; `max_batch_rows` in a
+    model.toml lowers the cap on merged runs for that model (1: never merged),
+    and a request with more rows than that runs alone, never refused for it.
     """
 
     def __init__(
@@ -178,6 +206,7 @@ class Executor:
         config: ExecutorConfig,
         *,
         limiter: trio.CapacityLimiter | None = None,
+        batching: bool = True,
     ) -> None:
         """Serve `models`, kept loaded in order while they fit the memory budget."""
         self._config = config
@@ -186,11 +215,18 @@ class Executor:
         for model in models:
             self.models.add(model)
         self.texts = TextModels.load((m.card, m.descriptor) for m in models)
+        self._batching = batching
+        self._lanes: dict[str, Lane] = {}
         self._admitted = 0
+        self._started = 0  # admitted requests in a batch that has been formed
+        self.runs = 0  # onnxruntime runs: fewer than requests when requests merge
+        self.merged = 0  # requests completed by a run shared with other requests
         # Recent compute time per model (ms, EWMA); decides inline vs worker thread.
         self._compute_ms: dict[str, float] = {}
         self._stats: dict[str, _ModelStats] = {}
-        self.counters = ExecutorCounters()
+        # ExecutorCounters' fields, counted in place: a frozen copy per request costs
+        # more than a one-row run of a small model.
+        self._counts = dict.fromkeys(ExecutorCounters.__dataclass_fields__, 0)
         self._counted = trio.lowlevel.ParkingLot()
 
     @classmethod
@@ -200,11 +236,12 @@ class Executor:
         config: ExecutorConfig,
         *,
         limiter: trio.CapacityLimiter | None = None,
+        batching: bool = True,
     ) -> Executor:
         """Load each model once, for its descriptor (and to fail at start if it cannot
         load), keeping loaded those that fit the memory budget. Refuses a model bigger
         than the whole budget before loading anything."""
-        executor = cls._fitting(cards, config, limiter)
+        executor = cls._fitting(cards, config, limiter, batching)
         models = [load_model(card, config) for card in cards]
         for model in models:
             executor.models.add(model)
@@ -212,11 +249,13 @@ class Executor:
         return executor
 
     @classmethod
-    async def load(cls, cards: Sequence[ModelCard], config: ExecutorConfig) -> Executor:
+    async def load(
+        cls, cards: Sequence[ModelCard], config: ExecutorConfig, *, batching: bool = True
+    ) -> Executor:
         """`from_cards` with the sessions built in a worker thread, so that a node
         starting (onnxruntime builds and optimises each graph) does not stall the
         event loop it may share: the harness runs many nodes in one."""
-        executor = cls._fitting(cards, config, None)
+        executor = cls._fitting(cards, config, None, batching)
         models = await trio.to_thread.run_sync(lambda: [load_model(c, config) for c in cards])
         for model in models:
             executor.models.add(model)
@@ -229,9 +268,10 @@ class Executor:
         cards: Sequence[ModelCard],
         config: ExecutorConfig,
         limiter: trio.CapacityLimiter | None,
+        batching: bool,
     ) -> Executor:
         """An executor with no model yet; refuses any of `cards` bigger than the budget."""
-        executor = cls([], config, limiter=limiter)
+        executor = cls([], config, limiter=limiter, batching=batching)
         for card in cards:
             executor.models.check_fits(card)
         return executor
@@ -247,13 +287,17 @@ class Executor:
 
     @property
     def running(self) -> int:
-        """Admitted requests holding a worker slot."""
-        return self._admitted - self.queue_length
+        """Admitted requests whose run has started (requests merged share one run)."""
+        return self._started
 
     @property
     def queue_length(self) -> int:
-        """Admitted requests still waiting for a worker slot."""
-        return max(0, self._admitted - int(self._limiter.total_tokens))
+        """Admitted requests still waiting for their run to start."""
+        return self._admitted - self._started
+
+    def batch_policy(self, model_id: str) -> BatchPolicy:
+        """How requests for `model_id` merge (KeyError if it is not served)."""
+        return self._lane(model_id).policy
 
     def performance(self) -> tuple[ModelPerformance, ...]:
         """Per model: EWMA of latency (queue + compute) and of success, and run count."""
@@ -270,15 +314,21 @@ class Executor:
         """The worker slots; holding them all makes this node's requests queue."""
         return self._limiter
 
+    @property
+    def counters(self) -> ExecutorCounters:
+        """Requests by how they ended, so far."""
+        return ExecutorCounters(**self._counts)
+
     async def wait_counters(self, predicate: Callable[[ExecutorCounters], bool]) -> None:
         """Until the counters satisfy `predicate` (tests and the harness use it)."""
         while not predicate(self.counters):
             await self._counted.park()
 
     def _count(self, **increments: int) -> None:
-        counts = {name: getattr(self.counters, name) + n for name, n in increments.items()}
-        self.counters = replace(self.counters, **counts)
-        self._counted.unpark_all()
+        for name, n in increments.items():
+            self._counts[name] += n
+        if self._counted:  # someone waits in wait_counters
+            self._counted.unpark_all()
 
     async def run(
         self,
@@ -290,7 +340,11 @@ class Executor:
         truncate: bool = False,
     ) -> Execution:
         """Run `model_id` on `inputs`; answer the `outputs` named (all when empty). A
-        text job (`texts`, no inputs) is tokenized here, then run as tensors."""
+        text job (`texts`, no inputs) is tokenized here, then run as tensors.
+
+        A request is validated before it is queued, so a bad one is refused alone;
+        a good one may share its run with others queued for the model (see
+        Execution for what its timings then mean)."""
         if texts:
             return await self._run_texts(model_id, texts, truncate)
         descriptor = self.models.get(model_id)
@@ -310,27 +364,30 @@ class Executor:
         self._count(admitted=1)
         stats = self._stats.setdefault(model_id, _ModelStats())
         admitted_at = time.perf_counter()
-        run = _Run()
+        request = Request(feeds, names)
         try:
             async with self.models.use(model_id) as model:
-                answered, started, finished = await self._compute(model, feeds, names, run)
+                answer = await self._serve(model, request)
+            if answer.error is not None:
+                raise answer.error
         except JobError:
             self._count(failed=1)
             stats.record(ok=False, latency_ms=(time.perf_counter() - admitted_at) * 1e3)
             raise
         except trio.Cancelled:
-            run.options.terminate = True
-            self._count(**{"cancelled_running" if run.began else "cancelled_waiting": 1})
+            self._count(**{self._leave(request): 1})
             raise
         finally:
             self._admitted -= 1
+            if request.batch is not None:
+                self._started -= 1
+        self.merged += answer.shared
         self._count(completed=1)
-        stats.record(ok=True, latency_ms=(finished - admitted_at) * 1e3)
-        compute_ms = (finished - started) * 1e3
-        previous = self._compute_ms.get(model_id, compute_ms)
-        self._compute_ms[model_id] = previous + COMPUTE_EWMA_ALPHA * (compute_ms - previous)
+        stats.record(ok=True, latency_ms=(answer.finished - admitted_at) * 1e3)
         return Execution(
-            outputs=answered, queue_ms=(started - admitted_at) * 1e3, compute_ms=compute_ms
+            outputs=answer.outputs,
+            queue_ms=max(0.0, answer.started - admitted_at) * 1e3,
+            compute_ms=(answer.finished - answer.started) * 1e3,
         )
 
     async def _run_texts(self, model_id: str, texts: Sequence[str], truncate: bool) -> Execution:
@@ -346,25 +403,125 @@ class Executor:
         outputs, labels = job.finish(execution.outputs)
         return replace(execution, outputs=outputs, labels=labels)
 
-    async def _compute(
-        self,
-        model: LoadedModel,
-        feeds: dict[str, np.ndarray[Any, Any]],
-        names: list[str],
-        run: _Run,
-    ) -> tuple[dict[str, np.ndarray[Any, Any]], float, float]:
-        if self._compute_ms.get(model.descriptor.id, math.inf) < self._config.inline_below_ms:
+    def _lane(self, model_id: str) -> Lane:
+        lane = self._lanes.get(model_id)
+        if lane is None:
+            descriptor, card = self.models.get(model_id), self.models.card(model_id)
+            if descriptor is None or card is None:
+                raise KeyError(model_id)
+            policy = BatchPolicy.of(
+                descriptor,
+                card,
+                self._config.max_batch_rows,
+                enabled=self._batching,
+                rows_mix=self.models.mixes_rows(model_id),
+            )
+            lane = self._lanes[model_id] = Lane(model_id, policy)
+        return lane
+
+    async def _serve(self, model: LoadedModel, request: Request) -> Answer:
+        """Queue `request` and wait for its answer: from a batch it forms itself when
+        its turn comes, or from another request's batch that took it along."""
+        lane = self._lane(model.descriptor.id)
+        lane.queue(request)
+        inline = self._compute_ms.get(lane.model_id, math.inf) < self._config.inline_below_ms
+        if inline:
+            # Requests started with it queue meanwhile. Waking here, it finds out whether
+            # a batch took it: no cancel needed to tell it.
             await trio.lowlevel.checkpoint()
-            return _compute(model, feeds, names, run)
-        return await trio.to_thread.run_sync(
-            _compute,
-            model,
-            feeds,
-            names,
-            run,
-            limiter=self._limiter,
-            abandon_on_cancel=True,  # type: ignore[call-arg]  # trio-typing stubs predate it
+            if request.batch is None and lane.waits_for(request):
+                with taken_along(request):
+                    await lane.gather(request)
+            if request.batch is None:
+                batch = self._take(lane, request, request, None)
+                result = outcome.capture(execute, model, batch)
+                self._finish(lane, batch, _unwrap(result, model, batch))
+        else:
+            with taken_along(request):
+                await self._run_in_thread(model, lane, request)
+        if not request.done.is_set():
+            await request.done.wait()
+        assert request.answer is not None  # set with `done`
+        return request.answer
+
+    async def _run_in_thread(self, model: LoadedModel, lane: Lane, request: Request) -> None:
+        """Wait for a worker slot; then run in a worker thread the batch formed for
+        `request`, or, if another batch took it meanwhile, for the next one queued.
+        The slot is held until the thread ends, even if every request leaves."""
+        slot = object()
+        await self._limiter.acquire_on_behalf_of(slot)
+        try:
+            await lane.gather(request)
+        except BaseException:
+            self._limiter.release_on_behalf_of(slot)
+            raise
+        first = request if request.batch is None else lane.head()
+        if first is None:
+            self._limiter.release_on_behalf_of(slot)
+            return
+        batch = self._take(lane, first, request, slot)
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(result: outcome.Outcome[BatchResult]) -> None:  # in the worker thread
+            with contextlib.suppress(trio.RunFinishedError):  # the node stopped meanwhile
+                token.run_sync_soon(self._finish, lane, batch, _unwrap(result, model, batch))
+
+        trio.lowlevel.start_thread_soon(
+            functools.partial(execute, model, batch), deliver, name=f"onnx {lane.model_id}"
         )
+
+    def _take(self, lane: Lane, first: Request, caller: Request, slot: object | None) -> Batch:
+        batch = lane.take(first, caller, slot)
+        self._started += len(batch.members)
+        return batch
+
+    def _finish(self, lane: Lane, batch: Batch, result: BatchResult) -> None:
+        """Answer the requests still in `batch`; free its worker slot."""
+        if batch.slot is not None:
+            self._limiter.release_on_behalf_of(batch.slot)
+        for compute_ms in result.run_ms:
+            previous = self._compute_ms.get(lane.model_id, compute_ms)
+            self._compute_ms[lane.model_id] = previous + COMPUTE_EWMA_ALPHA * (
+                compute_ms - previous
+            )
+        if result.split_failed and lane.merges:
+            lane.merges = False
+            logger.warning(
+                "model %s: a merged run's outputs did not split by rows; its requests no "
+                "longer merge (set max_batch_rows = 1 in its model.toml)",
+                lane.model_id,
+            )
+        for request in batch.members:
+            if request.left:
+                continue
+            request.answer = result.answers.get(request) or _no_answer(lane.model_id)
+            request.done.set()
+        self.runs += len(result.run_ms)
+
+    def _leave(self, request: Request) -> str:
+        """A cancelled request leaves its lane or its batch; the counter it ends in."""
+        if request.batch is None:
+            if request.lane is not None:
+                request.lane.remove(request)
+            return "cancelled_waiting"
+        request.batch.leave(request)
+        return "cancelled_running" if request.began else "cancelled_waiting"
+
+
+def _unwrap(result: outcome.Outcome[BatchResult], model: LoadedModel, batch: Batch) -> BatchResult:
+    """The batch's result, or INTERNAL for each of its requests if running it raised
+    (a bug: the run's own errors are answers), so that none waits forever."""
+    try:
+        return result.unwrap()
+    except Exception as error:
+        logger.exception("model %s: running a batch failed", model.descriptor.id)
+        why = f"{type(error).__name__}: {error}"
+        return BatchResult({r: _no_answer(model.descriptor.id, why) for r in batch.members}, ())
+
+
+def _no_answer(model_id: str, why: str = "its run gave it no answer") -> Answer:
+    error = JobError(ErrorCode.INTERNAL, f"model {model_id} failed: {why}")
+    return Answer({}, error, time.perf_counter(), time.perf_counter(), shared=False)
 
 
 class _ModelStats:
@@ -382,33 +539,6 @@ class _ModelStats:
         self.latency_ms += alpha * (latency_ms - self.latency_ms)
         self.success_rate += COMPUTE_EWMA_ALPHA * ((1.0 if ok else 0.0) - self.success_rate)
         self.samples += 1
-
-
-class _Run:
-    """One run's handle, shared with its worker thread: setting `options.terminate`
-    stops onnxruntime at its next node boundary (or before it starts)."""
-
-    __slots__ = ("began", "options")
-
-    def __init__(self) -> None:
-        self.options = ort.RunOptions()
-        self.began = False
-
-
-def _compute(
-    model: LoadedModel, feeds: dict[str, np.ndarray[Any, Any]], names: list[str], run: _Run
-) -> tuple[dict[str, np.ndarray[Any, Any]], float, float]:
-    """Runs in a worker thread. onnxruntime errors become typed JobErrors here."""
-    started = time.perf_counter()
-    run.began = True
-    try:
-        values = model.session.run(names, feeds, run.options)
-    except Exception as error:  # onnxruntime's pybind error types share no useful base
-        kind = type(error).__name__
-        code = ErrorCode.INVALID_INPUT if kind == "InvalidArgument" else ErrorCode.INTERNAL
-        raise JobError(code, f"model {model.descriptor.id} failed: {kind}: {error}") from None
-    finished = time.perf_counter()
-    return dict(zip(names, values, strict=True)), started, finished
 
 
 def validate_outputs(model: ModelDescriptor, wanted: Sequence[str]) -> list[str]:

@@ -60,6 +60,11 @@ class ModelCard:
     sha256: str
     memory_mb: float | None = None  # what it takes loaded, when model.toml says
     text: TextSpec | None = None  # a text model's [text] table; None: tensors only
+    # Dynamic batching (see p2p_node/_batching.py): the most rows the executor merges
+    # into one run of this model (None: the node's max_batch_rows; 1: never merged),
+    # and how long a run may wait for more requests to merge (0: never waits).
+    max_batch_rows: int | None = None
+    max_batch_wait_us: float = 0.0
 
     @property
     def memory_bytes(self) -> int:
@@ -88,7 +93,10 @@ _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "training": dict,
     "memory_mb": (int, float),
     "text": dict,
+    "max_batch_rows": int,
+    "max_batch_wait_us": (int, float),
 }
+MAX_BATCH_WAIT_US = 1_000_000  # a longer wait for company is surely a typo
 
 
 def bundled_models_dir() -> Path:
@@ -141,6 +149,7 @@ def read_model_card(model_dir: Path) -> ModelCard:
         sha256=_sha256(onnx_path),
         memory_mb=_memory_mb(toml_path, meta.get("memory_mb")),
         text=_text_spec(toml_path, meta["text"]) if "text" in meta else None,
+        **_batching(toml_path, meta),
     )
 
 
@@ -210,6 +219,19 @@ def _memory_mb(path: Path, value: float | None) -> float | None:
     if value is not None and not 0 < value < float("inf"):
         raise RepositoryError(f"{path}: memory_mb must be a positive number, got {value}")
     return None if value is None else float(value)
+
+
+def _batching(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """`max_batch_rows` and `max_batch_wait_us`, checked, for the ModelCard."""
+    rows, wait_us = meta.get("max_batch_rows"), meta.get("max_batch_wait_us", 0)
+    if rows is not None and rows < 1:
+        raise RepositoryError(f"{path}: max_batch_rows must be >= 1 (1: never merged), got {rows}")
+    if not 0 <= wait_us <= MAX_BATCH_WAIT_US:
+        raise RepositoryError(
+            f"{path}: max_batch_wait_us must be 0 to {MAX_BATCH_WAIT_US:,} microseconds, "
+            f"got {wait_us}"
+        )
+    return {"max_batch_rows": rows, "max_batch_wait_us": float(wait_us)}
 
 
 def _check_fields(path: Path, meta: dict[str, Any]) -> None:

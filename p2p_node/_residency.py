@@ -41,6 +41,7 @@ class LoadedModel:
     descriptor: ModelDescriptor
     session: ort.InferenceSession
     card: ModelCard
+    mixes_rows: bool = False  # a row's result depends on the others in its run
 
 
 LoadFn = Callable[[ModelCard, ExecutorConfig], LoadedModel]
@@ -49,11 +50,20 @@ LoadFn = Callable[[ModelCard, ExecutorConfig], LoadedModel]
 class _Slot:
     """One served model: its descriptor always, its session while loaded."""
 
-    __slots__ = ("card", "descriptor", "last_used", "memory_bytes", "running", "session")
+    __slots__ = (
+        "card",
+        "descriptor",
+        "last_used",
+        "memory_bytes",
+        "mixes_rows",
+        "running",
+        "session",
+    )
 
     def __init__(self, model: LoadedModel) -> None:
         self.card = model.card
         self.descriptor = model.descriptor
+        self.mixes_rows = model.mixes_rows
         self.memory_bytes = model.card.memory_bytes
         self.session: ort.InferenceSession | None = model.session
         self.running = 0  # requests using the session now: never unloaded under them
@@ -87,6 +97,15 @@ class ResidentModels:
     def get(self, model_id: str) -> ModelDescriptor | None:
         slot = self._slots.get(model_id)
         return None if slot is None else slot.descriptor
+
+    def card(self, model_id: str) -> ModelCard | None:
+        slot = self._slots.get(model_id)
+        return None if slot is None else slot.card
+
+    def mixes_rows(self, model_id: str) -> bool:
+        """Whether a row's result depends on the other rows of its run (KeyError if
+        `model_id` is not served); known from its first load."""
+        return self._slots[model_id].mixes_rows
 
     def __contains__(self, model_id: object) -> bool:
         return model_id in self._slots
@@ -148,7 +167,7 @@ class ResidentModels:
         slot.running += 1
         slot.last_used = next(self._tick)
         try:
-            yield LoadedModel(slot.descriptor, session, slot.card)
+            yield LoadedModel(slot.descriptor, session, slot.card, slot.mixes_rows)
         finally:
             slot.running -= 1
 

@@ -138,3 +138,25 @@ async def test_with_inline_off_every_run_needs_a_worker_slot(digits) -> None:
             assert (len(done), ex.in_flight) == (1, 1)  # waiting for the slot
             limiter.release()
     assert len(done) == 2
+
+
+async def test_queued_requests_count_as_queued_until_their_run_starts(digits) -> None:
+    x, _ = digits
+    limiter = trio.CapacityLimiter(1)
+    ex = executor(ExecutorConfig(workers=1, inline_below_ms=0.0), limiter)
+    done = []
+
+    async def run_one(i: int) -> None:
+        done.append(await ex.run("digits-logreg", {"input": x[i : i + 1]}))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            async with limiter:
+                for i in range(3):
+                    nursery.start_soon(run_one, i)
+                await ex.wait_counters(lambda c: c.admitted == 3)
+                # Queued until their run starts, not by how many slots there are.
+                assert (ex.in_flight, ex.running, ex.queue_length) == (3, 0, 3)
+    assert len(done) == 3
+    assert (ex.in_flight, ex.running, ex.queue_length) == (0, 0, 0)
+    assert ex.runs == 1 and ex.merged == 3  # the slot, once free, ran them as one
