@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 MAX_VARINT_BYTES = 9  # enough for any length below 2**63
+COLLECT_ABOVE = 256 * 1024  # a TaggedBuffer collects a body larger than this in pieces
 
 
 class FrameError(ValueError):
@@ -153,25 +154,43 @@ class TaggedBuffer:
     arrive, never holding them, and goes on with the next frame. Any other
     FrameError (an unknown kind, an overlong varint) means the stream cannot be
     split any further.
+
+    A large body is collected as the pieces that bring it and joined once when
+    it is whole: appending 64 KiB reads to one buffer reallocated and copied a
+    16 MiB body many times over (a fifth of a node's CPU taking bulk requests).
     """
 
     def __init__(self, max_body: int) -> None:
         self.max_body = max_body
-        self._buffer = bytearray()
+        self._buffer = bytearray()  # bytes not split into frames yet
         self._skip = 0  # bytes of a refused body still to drop
+        self._head: tuple[Kind, int] | None = None  # of the large body being collected
+        self._pieces: list[bytes] = []  # what has come of that body
+        self._missing = 0  # and how much of it is still to come
 
     def feed(self, data: bytes) -> None:
         if self._skip:
             dropped = min(self._skip, len(data))
             self._skip -= dropped
             data = data[dropped:]
+        if self._missing:
+            piece = data[: self._missing]
+            self._pieces.append(piece)
+            self._missing -= len(piece)
+            data = data[len(piece) :]
         self._buffer += data
 
     def __len__(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) + sum(len(piece) for piece in self._pieces)
 
     def next_frame(self) -> Tagged | None:
         """The next whole frame, or None until more bytes arrive."""
+        if self._head is not None:
+            if self._missing:
+                return None
+            head, self._head = self._head, None
+            body, self._pieces = b"".join(self._pieces), []
+            return Tagged(head[0], head[1], body)
         if not self._buffer:
             return None
         try:
@@ -185,8 +204,8 @@ class TaggedBuffer:
         if length is None:
             return None
         size, start = length
+        held = len(self._buffer) - start
         if size > self.max_body:
-            held = len(self._buffer) - start
             self._skip = max(0, size - held)
             del self._buffer[: start + min(size, held)]
             raise FrameError(
@@ -196,7 +215,12 @@ class TaggedBuffer:
                 remaining=self._skip,
                 exchange=exchange[0],
             )
-        if len(self._buffer) < start + size:
+        if held < size:
+            if size > COLLECT_ABOVE:  # collect it in pieces from now on
+                self._head = (kind, exchange[0])
+                self._pieces = [bytes(self._buffer[start:])]
+                self._missing = size - held
+                del self._buffer[:]
             return None
         body = bytes(self._buffer[start : start + size])
         del self._buffer[: start + size]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from libp2p.utils.varint import encode_uvarint
 
+from p2p_node import _framing
 from p2p_node._framing import FrameBuffer, FrameError, Kind, Tagged, TaggedBuffer, encode_frame
 
 
@@ -178,3 +181,24 @@ def test_an_incomplete_tagged_frame_waits() -> None:
         assert buffer.next_frame() is None
     buffer.feed(encoded[-1:])
     assert buffer.next_frame() == Tagged(Kind.REQUEST, 200, b"body")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_large_bodies_collected_in_pieces_come_back_whole(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_framing, "COLLECT_ABOVE", 16)  # collect nearly every body
+    rng = random.Random(seed)
+    frames = [
+        Tagged(rng.choice(list(Kind)), rng.randrange(1000), rng.randbytes(rng.randrange(200)))
+        for _ in range(rng.randrange(1, 8))
+    ]
+    stream = b"".join(f.encode() for f in frames)
+    cuts = [rng.randrange(1, 90) for _ in range(60)]
+    buffer = TaggedBuffer(max_body=150)
+    out = _split(stream, cuts, buffer)
+    expected: list[Tagged | tuple[int, int]] = [
+        f if len(f.body) <= 150 else (f.exchange, len(f.body)) for f in frames
+    ]
+    assert [o if isinstance(o, Tagged) else (o.exchange, o.length) for o in out] == expected
+    assert len(buffer) == 0
