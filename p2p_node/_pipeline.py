@@ -54,16 +54,22 @@ class FrameWriter:
     """Writes the frames several tasks send on one stream, as many to a write as
     have queued up while the previous write was in progress.
 
-    `send` never waits; `run` (one task) does the writing, each write shielded
-    from cancellation so that none stops part way through a Noise message, and
-    bounded by SEND_TIMEOUT_S: a peer that stops reading raises SendTimedOut.
+    `send` queues a frame for the writer task (`run`); `write` writes it in the
+    caller's own task when no write is in progress (at low load that saves a
+    task switch per message), else queues it, and returns once it is written.
+    Every write is shielded from cancellation, so that none stops part way
+    through a Noise message, and bounded by SEND_TIMEOUT_S. A failed write, in
+    whichever task, is raised by `run`: a peer that stops reading raises
+    SendTimedOut there.
     """
 
     def __init__(self, stream: INetStream) -> None:
         self._stream = stream
         self._queued: list[bytes] = []
-        self._sent = 0  # frames handed to send
+        self._sent = 0  # frames handed to send or write
         self._written = 0  # of those, frames written
+        self._writing = False
+        self._failed: BaseException | None = None
         self._more = trio.Event()
         self._progress = trio.Event()
 
@@ -74,9 +80,18 @@ class FrameWriter:
         self._more.set()
         return self._sent
 
+    async def write(self, frame: bytes) -> None:
+        """Send `frame` and wait until it is written (or the writer failed: `run`
+        raises that)."""
+        if self._writing or self._queued or self._failed is not None:
+            await self.written(self.send(frame))
+            return
+        self._sent += 1
+        await self._write([frame])
+
     async def written(self, number: int) -> None:
         """Wait until frame `number` (and every one before it) is written."""
-        while self._written < number:
+        while self._written < number and self._failed is None:
             await self._progress.wait()
 
     async def flush(self) -> None:
@@ -86,16 +101,32 @@ class FrameWriter:
         while True:
             await self._more.wait()
             self._more = trio.Event()
+            if self._failed is not None:
+                raise self._failed
+            if self._writing or not self._queued:  # a write() in progress wakes us after
+                continue
             frames, self._queued = self._queued, []
+            await self._write(frames)
+
+    async def _write(self, frames: list[bytes]) -> None:
+        self._writing = True
+        try:
             data = frames[0] if len(frames) == 1 else b"".join(frames)
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(SEND_TIMEOUT_S) as stuck:
                     await self._stream.write(data)
             if stuck.cancelled_caught:
                 raise SendTimedOut("the peer did not take the message in time")
+        except Exception as error:
+            self._failed = error
+        else:
             self._written += len(frames)
+        finally:
+            self._writing = False
             self._progress.set()
             self._progress = trio.Event()
+            if self._queued or self._failed is not None:
+                self._more.set()
 
 
 class _Waiter:
@@ -136,8 +167,8 @@ class CallerPipe:
             raise self.failure
         exchange, self._next = self._next, self._next + 1
         waiter = self._waiting[exchange] = _Waiter()
-        self._writer.send(Tagged(Kind.REQUEST, exchange, payload).encode())
         try:
+            await self._writer.write(Tagged(Kind.REQUEST, exchange, payload).encode())
             await waiter.done.wait()
         except BaseException:  # the caller left: so does the server, for this one
             if self._waiting.pop(exchange, None) is not None and self.failure is None:

@@ -292,11 +292,10 @@ class Server:
                     reply = await self._dispatch(request.body, peer, protocol)
                 if scope.cancelled_caught:
                     return
-            sent = writer.send(
+            del working[request.exchange]  # the exchange id is free again
+            await writer.write(
                 Tagged(Kind.REPLY, request.exchange, self._encode_reply(reply)).encode()
             )
-            del working[request.exchange]  # the exchange id is free again
-            await writer.written(sent)  # answered once its reply is out
         finally:
             working.pop(request.exchange, None)
             self._inbound_slots.release()
