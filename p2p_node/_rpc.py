@@ -408,6 +408,9 @@ class Rpc:
             self._drop_pipe(key)
         # It may come back upgraded.
         self._unspoken = {k for k in self._unspoken if k[0] != peer_id}
+        for key in [k for k in self._pipe_opening if k[0] == peer_id]:
+            if not self._pipe_opening[key].locked():
+                del self._pipe_opening[key]
 
     def abandon(self, peer_id: str, why: str) -> None:
         """Give up on `peer_id` though its connection stays: every exchange in flight
