@@ -1,7 +1,7 @@
 """What the network costs: a direct onnxruntime call against jobs through real nodes.
 
-Usage: python -m bench.overhead [--model digits-mlp] [--jobs 300] [--concurrency 32]
-                                [--plot DIR]
+Usage: python -m bench.overhead [--model digits-mlp] [--jobs 300]
+                                [--concurrency 1,8,32,256] [--bulk 3] [--plot DIR]
 
 Two `p2p-node start` processes run on this machine: A serves the model, B does
 not. Measured side by side in one run:
@@ -10,9 +10,20 @@ not. Measured side by side in one run:
 - local job: a job sent to A, which runs the model itself;
 - forwarded: a job sent to B, which forwards it to A (one extra hop).
 
-Latency (p50/p99) is measured at concurrency 1, throughput at `--concurrency`
-concurrent jobs over one client connection. Every figure is printed beside its
-ratio to the direct call, since absolute times drift on a shared machine.
+At each concurrency c in `--concurrency`, c jobs are kept in flight for
+`--jobs` x 2 jobs (at least 4 per worker), and throughput and latency p50/p99
+are taken from that run. Up to 32 concurrent jobs go over one client
+connection; more come from c / 32 clients (256: 8 clients of 32), each its own
+libp2p host. Every job must be answered exactly once; any error (OVERLOADED
+included: the nodes run with a queue limit above the largest c) fails the run.
+
+Bulk: `--bulk` requests of 16 MiB (a batch of rows, the largest the default
+request limit takes) through one hop (client to the entry node, which runs
+them), in MB/s of request bytes, against the same bytes sent over raw trio TCP on
+loopback to a reader that answers each with one byte, in the same run.
+
+Every figure is printed beside its ratio to the direct call (or to raw TCP for
+bulk), since absolute times drift on a shared machine.
 
 `--plot DIR` also writes DIR/overhead_latency_cdf.png: the latency CDF per path,
 from the same samples as the table.
@@ -21,6 +32,7 @@ from the same samples as the table.
 from __future__ import annotations
 
 import argparse
+import functools
 import selectors
 import signal
 import subprocess
@@ -28,18 +40,24 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import trio
 
 from bench._plot import PLOT_HELP, cdf, plot_dir
-from p2p_node import Client, bundled_models_dir
+from p2p_node import Client, ErrorCode, JobError, bundled_models_dir
 
 HELDOUT = {"digits": "digits.npz", "cancer": "cancer.npz"}
+
+
+CLIENT_CONCURRENCY = 32  # jobs in flight per client; more come from more clients
+BULK_BYTES = 16 * 1024 * 1024  # the default max_request_bytes
+QUEUE_LIMIT = 1024  # the nodes' queue and inbound limits: above every c measured
 
 
 @dataclass(frozen=True)
@@ -48,6 +66,7 @@ class Figures:
     p99_ms: float
     per_s: float
     samples_ms: tuple[float, ...]  # the latencies p50 and p99 are taken from
+    failed: tuple[str, ...] = ()  # the error codes of jobs that were not answered
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -56,13 +75,7 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 def measure_direct(model_id: str, row: np.ndarray, jobs: int) -> Figures:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(
-        str(bundled_models_dir() / model_id / "model.onnx"),
-        options,
-        providers=["CPUExecutionProvider"],
-    )
+    session = direct_session(model_id)
     for _ in range(50):
         session.run(None, {"input": row})
     samples = []
@@ -77,30 +90,102 @@ def measure_direct(model_id: str, row: np.ndarray, jobs: int) -> Figures:
     return Figures(percentile(samples, 50), percentile(samples, 99), per_s, tuple(samples))
 
 
+def direct_session(model_id: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(
+        str(bundled_models_dir() / model_id / "model.onnx"),
+        options,
+        providers=["CPUExecutionProvider"],
+    )
+
+
 async def measure_jobs(
     addr: str, model_id: str, row: np.ndarray, jobs: int, concurrency: int
 ) -> Figures:
-    inputs = {"input": row}
-    async with Client.connect(addr) as client:
-        for _ in range(20):  # warm up: connection, streams, sessions
-            await client.submit(model_id, inputs)
-        samples = []
-        for _ in range(jobs):
-            started = time.perf_counter()
-            await client.submit(model_id, inputs)
-            samples.append((time.perf_counter() - started) * 1e3)
+    """`concurrency` jobs kept in flight until about 2 x `jobs` are answered.
 
-        async def worker(count: int) -> None:
-            for _ in range(count):
+    Each job must be answered exactly once: an error of any kind is counted in
+    `failed` (and printed beside the table)."""
+    inputs = {"input": row}
+    clients = max(1, -(-concurrency // CLIENT_CONCURRENCY))
+    per_worker = max(4, 2 * jobs // concurrency)
+    samples: list[float] = []
+    answered = 0
+    failed: list[str] = []
+    async with AsyncExitStack() as stack:
+        connected = [await stack.enter_async_context(Client.connect(addr)) for _ in range(clients)]
+        for client in connected:
+            for _ in range(20):  # warm up: connection, streams, sessions
                 await client.submit(model_id, inputs)
 
-        per_worker = max(1, jobs // concurrency) * 2
+        async def worker(client: Client) -> None:
+            nonlocal answered
+            for _ in range(per_worker):
+                started = time.perf_counter()
+                try:
+                    await client.submit(model_id, inputs)
+                except JobError as error:
+                    failed.append(error.code.name)
+                    continue
+                samples.append((time.perf_counter() - started) * 1e3)
+                answered += 1
+
         started = time.perf_counter()
         async with trio.open_nursery() as nursery:
-            for _ in range(concurrency):
-                nursery.start_soon(worker, per_worker)
+            for i in range(concurrency):
+                nursery.start_soon(worker, connected[i % clients])
         per_s = per_worker * concurrency / (time.perf_counter() - started)
-    return Figures(percentile(samples, 50), percentile(samples, 99), per_s, tuple(samples))
+    assert answered + len(failed) == per_worker * concurrency
+    print(
+        f"  {addr[-8:]} c={concurrency}: {per_s:.0f} jobs/s, {len(failed)} failed", file=sys.stderr
+    )
+    return Figures(
+        percentile(samples, 50), percentile(samples, 99), per_s, tuple(samples), tuple(failed)
+    )
+
+
+async def measure_bulk(addr: str, model_id: str, batch: np.ndarray, count: int) -> float:
+    """MB/s of request bytes: `count` jobs of `batch` each, one after another."""
+    async with Client.connect(addr) as client:
+        await client.submit(model_id, {"input": batch})  # warm up
+        started = time.perf_counter()
+        for _ in range(count):
+            await client.submit(model_id, {"input": batch})
+        return count * batch.nbytes / (time.perf_counter() - started) / 1e6
+
+
+async def measure_raw_tcp(size: int, count: int) -> float:
+    """MB/s of `count` messages of `size` bytes over trio TCP on loopback, each
+    read in full by the other end, which answers one byte."""
+
+    async def reader(stream: trio.SocketStream) -> None:
+        while True:
+            left = size
+            while left:
+                data = await stream.receive_some(1 << 20)
+                if not data:
+                    return
+                left -= len(data)
+            await stream.send_all(b"k")
+
+    payload = b"x" * size
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(
+            functools.partial(trio.serve_tcp, reader, 0, host="127.0.0.1")
+        )
+        port = listener.socket.getsockname()[1]
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(payload)  # warm up
+            await stream.receive_some(1)
+            started = time.perf_counter()
+            for _ in range(count):
+                await stream.send_all(payload)
+                await stream.receive_some(1)
+            per_s = count * size / (time.perf_counter() - started) / 1e6
+        nursery.cancel_scope.cancel()
+    return per_s
 
 
 @contextmanager
@@ -115,6 +200,10 @@ def node_process(data_dir: Path, *args: str) -> Iterator[str]:
             "/ip4/127.0.0.1/tcp/0",
             "--data-dir",
             str(data_dir),
+            "--queue-limit",
+            str(QUEUE_LIMIT),
+            "--max-inbound-streams",
+            str(QUEUE_LIMIT),
             *args,
         ],
         stdout=subprocess.PIPE,
@@ -134,8 +223,6 @@ def node_process(data_dir: Path, *args: str) -> Iterator[str]:
 
 async def wait_for_forwarding(addr: str, model_id: str, row: np.ndarray) -> None:
     """B learns A's models when A connects; retry until it can place the job."""
-    from p2p_node import ErrorCode, JobError
-
     with trio.fail_after(30):
         async with Client.connect(addr) as client:
             while True:
@@ -148,16 +235,15 @@ async def wait_for_forwarding(addr: str, model_id: str, row: np.ndarray) -> None
                 await trio.sleep(0.1)
 
 
-def table(rows: list[tuple[str, Figures]], direct: Figures) -> str:
+def table(rows: list[tuple[str, int, Figures]], direct: Figures) -> str:
     lines = [
-        f"{'path':<22}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'p50 x':>9}{'p99 x':>9}"
+        f"{'path':<22}{'c':>5}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}"
         f"{'jobs/s':>10}{'jobs/s x':>10}"
     ]
-    for name, f in rows:
+    for name, c, f in rows:
         lines.append(
-            f"{name:<22}{f.p50_ms:>9.3f}{f.p99_ms:>9.3f}{f.p50_ms - direct.p50_ms:>9.3f}"
-            f"{f.p50_ms / direct.p50_ms:>9.1f}{f.p99_ms / direct.p99_ms:>9.1f}"
-            f"{f.per_s:>10.0f}{f.per_s / direct.per_s:>10.4f}"
+            f"{name:<22}{c:>5}{f.p50_ms:>9.3f}{f.p99_ms:>9.3f}{f.p50_ms - direct.p50_ms:>9.3f}"
+            f"{f.p99_ms - direct.p99_ms:>9.3f}{f.per_s:>10.0f}{f.per_s / direct.per_s:>10.4f}"
         )
     return "\n".join(lines)
 
@@ -166,37 +252,66 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="digits-mlp")
     parser.add_argument("--jobs", type=int, default=300)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--concurrency",
+        type=lambda text: [int(c) for c in text.split(",")],
+        default=[1, 8, 32, 256],
+        help="comma-separated concurrencies (default 1,8,32,256)",
+    )
+    parser.add_argument("--bulk", type=int, default=3, help="16 MiB requests to time (0: none)")
     parser.add_argument("--plot", type=Path, metavar="DIR", help=PLOT_HELP)
     args = parser.parse_args(argv)
     plots = plot_dir(args.plot)
     data = np.load(bundled_models_dir() / "heldout" / HELDOUT[args.model.split("-")[0]])
     row = data["x"][:1]
+    # The largest batch whose request fits the default limit, with room for its header.
+    rows = (BULK_BYTES - 4096) // row.nbytes
+    batch = np.ascontiguousarray(np.resize(data["x"], (rows, row.shape[1])).astype(row.dtype))
     other = "cancer-logreg" if args.model.startswith("digits") else "digits-logreg"
 
     direct = measure_direct(args.model, row, args.jobs)
+    run: Callable[..., Any] = trio.run
+    results: list[tuple[str, int, Figures]] = []
+    bulk = raw = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         with node_process(Path(tmp) / "a", "--serve", args.model) as a:
             with node_process(Path(tmp) / "b", "--serve", other, "--bootstrap", a) as b:
-                run: Callable[..., Figures] = trio.run  # type: ignore[assignment]
                 run(wait_for_forwarding, b, args.model, row)
-                local = run(measure_jobs, a, args.model, row, args.jobs, args.concurrency)
-                forwarded = run(measure_jobs, b, args.model, row, args.jobs, args.concurrency)
+                for name, addr in (("job run by entry node", a), ("job forwarded 1 hop", b)):
+                    for c in args.concurrency:
+                        results.append(
+                            (name, c, run(measure_jobs, addr, args.model, row, args.jobs, c))
+                        )
+                if args.bulk:
+                    bulk = run(measure_bulk, a, args.model, batch, args.bulk)
+        if args.bulk:
+            raw = run(measure_raw_tcp, batch.nbytes, args.bulk)
     print(
-        f"model {args.model}, {args.jobs} jobs at concurrency 1, "
-        f"throughput at concurrency {args.concurrency}; x = ratio to the direct call"
+        f"model {args.model}; c jobs in flight ({CLIENT_CONCURRENCY} per client), "
+        f"{args.jobs} x 2 jobs per row; + = added to the direct call; "
+        "x = ratio to the direct call"
     )
-    rows = [
-        ("direct onnxruntime", direct),
-        ("job run by entry node", local),
-        ("job forwarded 1 hop", forwarded),
-    ]
-    print(table(rows, direct))
-    print(f"forwarding adds {forwarded.p50_ms - local.p50_ms:.2f} ms p50 over a local job")
+    print(table([("direct onnxruntime", 1, direct), *results], direct))
+    for name, c, f in results:
+        if f.failed:
+            counts = {code: f.failed.count(code) for code in sorted(set(f.failed))}
+            print(f"NOT ANSWERED: {name} at c={c}: {counts}")
+    if args.bulk:
+        session = direct_session(args.model)
+        started = time.perf_counter()
+        session.run(None, {"input": batch})
+        run_ms = (time.perf_counter() - started) * 1e3
+        print(
+            f"bulk: {args.bulk} x {batch.nbytes / 2**20:.1f} MiB requests ({rows} rows) through "
+            f"one hop: {bulk:.0f} MB/s; raw trio TCP on loopback: {raw:.0f} MB/s; "
+            f"ratio {bulk / raw:.3f} (a direct run of that batch takes {run_ms:.1f} ms)"
+        )
     if plots:
+        by_path = {"direct onnxruntime": direct.samples_ms}
+        by_path.update({f"{name}, c=1": f.samples_ms for name, c, f in results if c == 1})
         figure = cdf(
             plots / "overhead_latency_cdf.png",
-            {name: f.samples_ms for name, f in rows},
+            by_path,
             xlabel="latency per job at concurrency 1 (ms, log scale)",
             title=f"bench.overhead: {args.model}, {args.jobs} jobs per path",
             log_x=True,

@@ -1,42 +1,53 @@
-"""Varint length-prefixed frames, as libp2p's msgio writes them. Pure: no I/O.
+"""Varint length-prefixed frames, as libp2p's msgio writes them, and the tagged
+frames of pipelined streams. Pure: no I/O.
 
 `FrameBuffer` collects bytes as they arrive and hands out whole frames, so a
 reader can pull 64 KiB at a time instead of a byte at a time for each varint.
+
+A pipelined stream (`_pipeline`) carries many exchanges at once. Each of its
+messages is a `Tagged`: a kind byte, the exchange's id (varint), the body's
+length (varint), then the body. The id comes before the length so that a
+reader refusing an oversize body still knows whose it was, and skips just that
+body: the stream stays in step and the other exchanges on it go on.
+`TaggedBuffer` splits a byte stream into them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import IntEnum
+
 MAX_VARINT_BYTES = 9  # enough for any length below 2**63
+COLLECT_ABOVE = 256 * 1024  # a TaggedBuffer collects a body larger than this in pieces
 
 
 class FrameError(ValueError):
     """The byte stream cannot be split into frames: a bad prefix or an oversize frame.
 
     For an oversize frame, `length` is its declared length and `remaining` how
-    many of its bytes have not arrived yet (a reader may skip them).
+    many of its bytes have not arrived yet (a reader may skip them); on a
+    pipelined stream, `exchange` is the id of the exchange it belongs to.
     """
 
     def __init__(
-        self, message: str, *, too_large: bool = False, length: int = 0, remaining: int = 0
+        self,
+        message: str,
+        *,
+        too_large: bool = False,
+        length: int = 0,
+        remaining: int = 0,
+        exchange: int = 0,
     ) -> None:
         super().__init__(message)
         self.too_large = too_large
         self.length = length
         self.remaining = remaining
+        self.exchange = exchange
 
 
 def encode_frame(payload: bytes) -> bytes:
     """`payload` behind its unsigned LEB128 length."""
-    n = len(payload)
-    prefix = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            prefix.append(byte | 0x80)
-        else:
-            prefix.append(byte)
-            return bytes(prefix) + payload
+    return encode_varint(len(payload)) + payload
 
 
 class FrameBuffer:
@@ -82,3 +93,135 @@ class FrameBuffer:
         if len(self._buffer) >= MAX_VARINT_BYTES:
             raise FrameError(f"frame length prefix longer than {MAX_VARINT_BYTES} bytes")
         return None
+
+
+def encode_varint(n: int) -> bytes:
+    """`n` (>= 0) as unsigned LEB128."""
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if not n:
+            out.append(byte)
+            return bytes(out)
+        out.append(byte | 0x80)
+
+
+def _read_varint(buffer: bytearray, start: int) -> tuple[int, int] | None:
+    """(value, index after it) of the varint at `start`, or None until it is whole.
+    Raises FrameError past MAX_VARINT_BYTES."""
+    value = 0
+    for i in range(MAX_VARINT_BYTES):
+        if start + i >= len(buffer):
+            return None
+        byte = buffer[start + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return value, start + i + 1
+    raise FrameError(f"varint longer than {MAX_VARINT_BYTES} bytes")
+
+
+class Kind(IntEnum):
+    """What a tagged frame is. Numbers are on the wire: never reuse one."""
+
+    REQUEST = 0  # caller -> server: body is an encoded request
+    REPLY = 1  # server -> caller: body is the encoded reply to request `exchange`
+    CANCEL = 2  # caller -> server: the caller left exchange `exchange`; empty body
+    GOAWAY = 3  # server -> caller: no more requests are read; body is an encoded ErrorReply
+    # that answers every exchange still unanswered
+
+
+@dataclass(frozen=True, slots=True)
+class Tagged:
+    kind: Kind
+    exchange: int  # the caller's id for the exchange; 0 in a GOAWAY
+    body: bytes
+
+    def encode(self) -> bytes:
+        return (
+            bytes((self.kind,))
+            + encode_varint(self.exchange)
+            + encode_varint(len(self.body))
+            + self.body
+        )
+
+
+class TaggedBuffer:
+    """Bytes received so far on a pipelined stream, and the tagged frames they complete.
+
+    A body above `max_body` raises FrameError(too_large=True, exchange=...) as
+    soon as its length is known; the buffer then drops that body's bytes as they
+    arrive, never holding them, and goes on with the next frame. Any other
+    FrameError (an unknown kind, an overlong varint) means the stream cannot be
+    split any further.
+
+    A large body is collected as the pieces that bring it and joined once when
+    it is whole: appending 64 KiB reads to one buffer reallocated and copied a
+    16 MiB body many times over (a fifth of a node's CPU taking bulk requests).
+    """
+
+    def __init__(self, max_body: int) -> None:
+        self.max_body = max_body
+        self._buffer = bytearray()  # bytes not split into frames yet
+        self._skip = 0  # bytes of a refused body still to drop
+        self._head: tuple[Kind, int] | None = None  # of the large body being collected
+        self._pieces: list[bytes] = []  # what has come of that body
+        self._missing = 0  # and how much of it is still to come
+
+    def feed(self, data: bytes) -> None:
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
+        if self._missing:
+            piece = data[: self._missing]
+            self._pieces.append(piece)
+            self._missing -= len(piece)
+            data = data[len(piece) :]
+        self._buffer += data
+
+    def __len__(self) -> int:
+        return len(self._buffer) + sum(len(piece) for piece in self._pieces)
+
+    def next_frame(self) -> Tagged | None:
+        """The next whole frame, or None until more bytes arrive."""
+        if self._head is not None:
+            if self._missing:
+                return None
+            head, self._head = self._head, None
+            body, self._pieces = b"".join(self._pieces), []
+            return Tagged(head[0], head[1], body)
+        if not self._buffer:
+            return None
+        try:
+            kind = Kind(self._buffer[0])
+        except ValueError:
+            raise FrameError(f"unknown frame kind {self._buffer[0]}") from None
+        exchange = _read_varint(self._buffer, 1)
+        if exchange is None:
+            return None
+        length = _read_varint(self._buffer, exchange[1])
+        if length is None:
+            return None
+        size, start = length
+        held = len(self._buffer) - start
+        if size > self.max_body:
+            self._skip = max(0, size - held)
+            del self._buffer[: start + min(size, held)]
+            raise FrameError(
+                f"frame of {size} bytes exceeds the limit of {self.max_body}",
+                too_large=True,
+                length=size,
+                remaining=self._skip,
+                exchange=exchange[0],
+            )
+        if held < size:
+            if size > COLLECT_ABOVE:  # collect it in pieces from now on
+                self._head = (kind, exchange[0])
+                self._pieces = [bytes(self._buffer[start:])]
+                self._missing = size - held
+                del self._buffer[:]
+            return None
+        body = bytes(self._buffer[start : start + size])
+        del self._buffer[: start + size]
+        return Tagged(kind, exchange[0], body)

@@ -5,9 +5,12 @@ Each exchange is one varint-framed request and one framed reply on a libp2p
 stream, as with libp2p's request_response; but a stream is not closed after its
 reply. It goes back to a per-peer pool and carries the next request, which
 saves the stream open and multistream negotiation that dominate a small job
-(see bench/overhead.py). A stream carries one exchange at a time, so
-concurrency is the number of streams; nothing is multiplexed by request id.
-The other end is `_serve.Server`.
+(see bench/overhead.py). On most protocols a stream carries one exchange at a
+time, so concurrency is the number of streams. The job and infer protocols,
+which carry small jobs by the thousand, are pipelined (`_pipeline`): one stream
+per peer and protocol carries every exchange at once, tagged by id, and frames
+sent meanwhile share a write. A peer that does not speak the pipelined version
+is called one exchange per stream, as before. The other end is `_serve.Server`.
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ from ._host import new_libp2p_host as new_libp2p_host  # where callers have foun
 from ._host import run_host as run_host
 from ._libp2p import PeerRefused, caused_by
 from ._messages import ErrorReply, Reply, Request, RunRequest, WireError
+from ._pipeline import INFER_PROTOCOL as INFER_PROTOCOL
+from ._pipeline import JOB_PROTOCOL as JOB_PROTOCOL
+from ._pipeline import PIPELINED, CallerPipe
 
 logger = logging.getLogger(__name__)
 
-INFER_PROTOCOL = TProtocol("/p2p-node/infer/1.0.0")
-JOB_PROTOCOL = TProtocol("/p2p-node/job/1.0.0")
 MODELS_PROTOCOL = TProtocol("/p2p-node/models/1.0.0")
 PEERS_PROTOCOL = TProtocol("/p2p-node/peers/1.0.0")
 PLACE_PROTOCOL = TProtocol("/p2p-node/place/1.0.0")
@@ -129,6 +133,10 @@ class Rpc:
         # was failed (empty until then).
         self._calls: dict[str, dict[trio.CancelScope, str]] = {}
         self.traffic = Traffic()  # bytes of our requests and their replies, per protocol
+        # Pipelined streams by (peer, pipelined protocol), and those a peer does not speak.
+        self._pipes: dict[tuple[str, TProtocol], CallerPipe] = {}
+        self._pipe_opening: dict[tuple[str, TProtocol], trio.Lock] = {}
+        self._unspoken: set[tuple[str, TProtocol]] = set()
 
     async def connect(self, addr: multiaddr.Multiaddr, timeout: float) -> str:
         """Dial a peer by its full multiaddr; returns its peer id."""
@@ -209,6 +217,16 @@ class Rpc:
         return channel.stream
 
     async def _exchange(self, peer_id: str, protocol: TProtocol, payload: bytes) -> bytes:
+        pipelined = PIPELINED.get(protocol)
+        if pipelined is not None and (peer_id, pipelined) not in self._unspoken:
+            try:
+                pipe = await self._pipe(peer_id, pipelined)
+            except JobError:
+                if (peer_id, pipelined) not in self._unspoken:
+                    raise
+                logger.info("%s does not speak %s; calling it on %s", peer_id, pipelined, protocol)
+            else:
+                return await pipe.exchange(payload)
         key = (peer_id, protocol)
         pooled = await self._take_idle(key)
         if pooled is not None:
@@ -251,6 +269,50 @@ class Rpc:
             raise
         await self._keep_idle(key, channel)
         return reply
+
+    async def _pipe(self, peer_id: str, protocol: TProtocol) -> CallerPipe:
+        """The pipelined stream to `peer_id` for `protocol`, opened if there is none
+        (or the one there failed, or idled past CLIENT_IDLE_S). Raises JobError."""
+        key = (peer_id, protocol)
+        pipe = self._pipes.get(key)
+        if pipe is not None and self._usable(pipe):
+            return pipe
+        opening = self._pipe_opening.setdefault(key, trio.Lock())
+        async with opening:  # one opening at a time: the others wait and share it
+            pipe = self._pipes.get(key)
+            if pipe is not None and self._usable(pipe):
+                return pipe
+            if pipe is not None:
+                self._drop_pipe(key)
+            channel = await self._open(peer_id, protocol)
+            pipe = self._pipes[key] = CallerPipe(
+                channel.stream, self.limits.max_reply_bytes, peer_id, self.traffic.of(protocol)
+            )
+            self._tasks.start_soon(self._run_pipe, key, pipe)
+            return pipe
+
+    @staticmethod
+    def _usable(pipe: CallerPipe) -> bool:
+        if pipe.failure is not None:
+            return False
+        conn = getattr(pipe.stream, "muxed_conn", None)
+        closing = getattr(conn, "event_shutting_down", None)
+        if closing is not None and closing.is_set():
+            return False
+        # The server closes a stream idle for SERVER_IDLE_S; we never reuse one near that.
+        return bool(pipe.in_flight) or trio.current_time() - pipe.last_used < CLIENT_IDLE_S
+
+    async def _run_pipe(self, key: tuple[str, TProtocol], pipe: CallerPipe) -> None:
+        try:
+            await pipe.run()
+        finally:
+            if self._pipes.get(key) is pipe:
+                del self._pipes[key]
+
+    def _drop_pipe(self, key: tuple[str, TProtocol]) -> None:
+        pipe = self._pipes.pop(key, None)
+        if pipe is not None:
+            pipe.close()
 
     async def _keep_idle(self, key: tuple[str, TProtocol], channel: Channel) -> None:
         channel.idle_since = trio.current_time()
@@ -323,6 +385,7 @@ class Rpc:
         except StreamFailure as error:
             if isinstance(error.__cause__, MultiselectClientError):
                 message = f"peer does not speak {protocol}"
+                self._unspoken.add((peer_id, protocol))
             else:
                 message = f"cannot open a stream: {error}"
             return JobError(ErrorCode.PEER_UNREACHABLE, message, peer=peer_id)
@@ -342,6 +405,13 @@ class Rpc:
         self._fail_calls(peer_id, "the connection to the peer was lost")
         for key in [k for k in self._idle if k[0] == peer_id]:
             del self._idle[key]
+        for key in [k for k in self._pipes if k[0] == peer_id]:
+            self._drop_pipe(key)
+        # It may come back upgraded.
+        self._unspoken = {k for k in self._unspoken if k[0] != peer_id}
+        for key in [k for k in self._pipe_opening if k[0] == peer_id]:
+            if not self._pipe_opening[key].locked():
+                del self._pipe_opening[key]
 
     def abandon(self, peer_id: str, why: str) -> None:
         """Give up on `peer_id` though its connection stays: every exchange in flight
@@ -351,10 +421,13 @@ class Rpc:
         For a peer the failure detector reported departed: a frozen process
         (SIGSTOP, a VM paused) keeps its connections open, since its kernel still
         answers, so nothing else would fail a call to it before the call's own
-        timeout. Its streams in use are reset as their exchanges end; if it comes
-        back, the next exchange opens a new stream.
+        timeout. Its streams in use are reset as their exchanges end, its
+        pipelined streams at once; if it comes back, the next exchange opens a
+        new stream.
         """
         self._fail_calls(peer_id, why)
+        for key in [k for k in self._pipes if k[0] == peer_id]:
+            self._drop_pipe(key)
         for key in [k for k in self._idle if k[0] == peer_id]:
             for channel in self._idle.pop(key):
                 self._tasks.start_soon(channel.discard)

@@ -1,8 +1,11 @@
 """Answering peers' requests: one varint-framed request and one framed reply at a time
-on each stream a peer opens, for as long as the peer keeps the stream (see _rpc).
+on each stream a peer opens, for as long as the peer keeps the stream (see _rpc);
+or, on a pipelined protocol (see _pipeline), every request a stream brings at
+once, each answered when it is done.
 
 Every failure, the peer's or ours, becomes an `ErrorReply`; nothing a peer sends
-ends more than its own stream.
+ends more than its own stream, and on a pipelined stream a request that cannot
+be taken (oversize, not a request, past the inbound limit) ends only itself.
 """
 
 from __future__ import annotations
@@ -19,9 +22,18 @@ from libp2p.custom_types import TProtocol
 from scheduler import ErrorCode, JobError
 
 from . import _codec
-from ._channel import TRANSPORT_ERRORS, Channel, MessageLimits, Traffic, only_transport_errors
-from ._framing import FrameError
+from ._channel import (
+    READ_CHUNK,
+    SEND_TIMEOUT_S,
+    TRANSPORT_ERRORS,
+    Channel,
+    MessageLimits,
+    Traffic,
+    only_transport_errors,
+)
+from ._framing import FrameError, Kind, Tagged, TaggedBuffer
 from ._messages import ErrorReply, Reply, Request, WireError
+from ._pipeline import PIPELINED, FrameWriter
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +67,12 @@ class Server:
     (`serve`); any other request, or bytes that are no request, is answered
     MALFORMED_MESSAGE before a handler sees it. Sizes are bounded by `limits`:
     an oversize request is refused as soon as its length prefix arrives. At most
-    `max_concurrent_inbound` streams opened by peers are served at once (idle
-    kept streams included); past it a new stream is answered OVERLOADED.
+    `max_concurrent_inbound` streams opened by peers, and requests in flight on
+    pipelined streams, are served at once (idle kept streams included); past it
+    a new stream, or a new request on a pipelined one, is answered OVERLOADED.
+
+    A protocol in `_pipeline.PIPELINED` is served both ways: one exchange at a
+    time on its own id, and pipelined on its pipelined id.
     """
 
     def __init__(self, host: IHost, limits: MessageLimits, *, max_concurrent_inbound: int) -> None:
@@ -91,6 +107,10 @@ class Server:
         if handlers is None:
             handlers = self._handlers[protocol] = {}
             self.host.set_stream_handler(protocol, self._stream_handler(protocol))
+            if protocol in PIPELINED:
+                self.host.set_stream_handler(
+                    PIPELINED[protocol], self._stream_handler(protocol, pipelined=True)
+                )
         if kind in handlers:
             raise ValueError(f"{protocol} already has a handler for {kind.__name__}")
         handlers[kind] = handler
@@ -107,11 +127,14 @@ class Server:
             await self._all_answered.wait()
         return self._answering
 
-    def _stream_handler(self, protocol: TProtocol) -> Callable[[INetStream], Awaitable[None]]:
+    def _stream_handler(
+        self, protocol: TProtocol, *, pipelined: bool = False
+    ) -> Callable[[INetStream], Awaitable[None]]:
+        serve = self._serve_pipelined if pipelined else self._serve_channel
+
         async def on_stream(stream: INetStream) -> None:
-            channel = Channel(
-                stream, self.limits.request_limit(protocol), self.traffic.of(protocol)
-            )
+            wire = PIPELINED[protocol] if pipelined else protocol  # bytes counted by wire id
+            channel = Channel(stream, self.limits.request_limit(protocol), self.traffic.of(wire))
             peer = str(stream.muxed_conn.peer_id)
             try:
                 self._inbound_slots.acquire_nowait()
@@ -122,10 +145,10 @@ class Server:
                     f"{self._max_inbound} streams from peers at once (max_concurrent_inbound); "
                     "try again shortly"
                 )
-                await self._refuse(channel, why)
+                await self._refuse(channel, why, pipelined=pipelined)
                 return
             try:
-                await self._serve_channel(channel, peer, protocol)
+                await serve(channel, peer, protocol)
             except Exception as error:
                 if only_transport_errors(error):  # the caller left: reset, closed, gone
                     logger.debug("stream from %s for %s ended: %r", peer, protocol, error)
@@ -167,6 +190,123 @@ class Server:
                 break  # idle too long
             nursery.cancel_scope.cancel()
 
+    async def _serve_pipelined(self, channel: Channel, peer: str, protocol: TProtocol) -> None:
+        """Answer every request on a pipelined stream as it is done, until the caller
+        leaves (every request in flight is then cancelled) or idles.
+
+        A request the caller cancels is cancelled alone, and gets no reply. Bytes
+        that cannot be split into frames end the stream: what is in flight is
+        answered, then a GOAWAY says why.
+        """
+        writer = FrameWriter(channel.stream, self.traffic.of(PIPELINED[protocol]))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            async with trio.open_nursery() as work:  # cancelled, with the work, on a hang-up
+                why = await self._read_pipelined(channel.stream, writer, work, peer, protocol)
+            if why is not None:
+                writer.send(Tagged(Kind.GOAWAY, 0, self._encode_reply(why)).encode())
+            await writer.flush()
+            nursery.cancel_scope.cancel()
+
+    async def _read_pipelined(
+        self,
+        stream: INetStream,
+        writer: FrameWriter,
+        work: trio.Nursery,
+        peer: str,
+        protocol: TProtocol,
+    ) -> ErrorReply | None:
+        """Read requests and start their work until the stream idles with nothing in
+        flight (None) or cannot be read further (why). Transport errors raise."""
+        frames = TaggedBuffer(self.limits.request_limit(protocol))
+        working: dict[int, trio.CancelScope] = {}
+        while True:
+            with trio.move_on_after(SERVER_IDLE_S) as idle:
+                data = await stream.read(READ_CHUNK)
+            if idle.cancelled_caught:
+                if working:
+                    continue
+                return None
+            if not data:
+                raise EOFError("the caller closed the stream")
+            self.traffic.of(PIPELINED[protocol]).received += len(data)
+            frames.feed(data)
+            while True:
+                try:
+                    frame = frames.next_frame()
+                except FrameError as error:
+                    if not error.too_large:
+                        logger.info("unreadable %s stream from %s: %s", protocol, peer, error)
+                        return ErrorReply(ErrorCode.MALFORMED_MESSAGE, str(error), self.peer_id)
+                    reply = self._too_large(error, peer, protocol)
+                    writer.send(
+                        Tagged(Kind.REPLY, error.exchange, self._encode_reply(reply)).encode()
+                    )
+                    continue
+                if frame is None:
+                    break
+                if frame.kind is Kind.CANCEL:
+                    if (scope := working.get(frame.exchange)) is not None:
+                        scope.cancel()
+                elif frame.kind is not Kind.REQUEST:
+                    why = f"a caller sent a {frame.kind.name} frame"
+                    return ErrorReply(ErrorCode.MALFORMED_MESSAGE, why, self.peer_id)
+                elif (refused := self._admit(frame.exchange, working)) is not None:
+                    writer.send(
+                        Tagged(Kind.REPLY, frame.exchange, self._encode_reply(refused)).encode()
+                    )
+                else:
+                    working[frame.exchange] = trio.CancelScope()
+                    work.start_soon(self._answer_tagged, frame, writer, working, peer, protocol)
+
+    def _admit(self, exchange: int, working: dict[int, trio.CancelScope]) -> ErrorReply | None:
+        """Take an inbound slot for a pipelined request; or why it is refused."""
+        if exchange in working:
+            why = f"exchange {exchange} is already in flight on this stream"
+            return ErrorReply(ErrorCode.MALFORMED_MESSAGE, why, self.peer_id)
+        try:
+            self._inbound_slots.acquire_nowait()
+        except trio.WouldBlock:
+            why = (
+                "too many requests in flight to this node: it serves at most "
+                f"{self._max_inbound} streams and requests from peers at once "
+                "(max_concurrent_inbound); try again shortly"
+            )
+            return ErrorReply(ErrorCode.OVERLOADED, why, self.peer_id)
+        return None
+
+    async def _answer_tagged(
+        self,
+        request: Tagged,
+        writer: FrameWriter,
+        working: dict[int, trio.CancelScope],
+        peer: str,
+        protocol: TProtocol,
+    ) -> None:
+        """Answer one pipelined request, unless its caller cancels it first."""
+        self._answering += 1
+        try:
+            reply: Reply
+            if self._closing:
+                reply = ErrorReply(
+                    ErrorCode.SHUTTING_DOWN, "this node is shutting down", self.peer_id
+                )
+            else:
+                with working[request.exchange] as scope:
+                    reply = await self._dispatch(request.body, peer, protocol)
+                if scope.cancelled_caught:
+                    return
+            del working[request.exchange]  # the exchange id is free again
+            await writer.write(
+                Tagged(Kind.REPLY, request.exchange, self._encode_reply(reply)).encode()
+            )
+        finally:
+            working.pop(request.exchange, None)
+            self._inbound_slots.release()
+            self._answering -= 1
+            if self._closing and self._answering == 0:
+                self._all_answered.set()
+
     async def _refuse_frame(
         self, channel: Channel, error: FrameError, peer: str, protocol: TProtocol
     ) -> None:
@@ -177,6 +317,11 @@ class Server:
             reply = ErrorReply(ErrorCode.MALFORMED_MESSAGE, str(error), self.peer_id)
             await self._send_reply(channel, reply)
             return
+        await self._send_reply(channel, self._too_large(error, peer, protocol))
+        if not await channel.skip(error.remaining, SKIP_OVERSIZE_S):
+            await channel.discard()
+
+    def _too_large(self, error: FrameError, peer: str, protocol: TProtocol) -> ErrorReply:
         limit = self.limits.request_limit(protocol)
         logger.info(
             "refused a %s request of %d bytes from %s (limit %d)",
@@ -189,11 +334,7 @@ class Server:
             f"a {protocol} request of {error.length} bytes exceeds this node's limit of "
             f"{limit} bytes for that protocol"
         )
-        await self._send_reply(
-            channel, ErrorReply(ErrorCode.MESSAGE_TOO_LARGE, message, self.peer_id)
-        )
-        if not await channel.skip(error.remaining, SKIP_OVERSIZE_S):
-            await channel.discard()
+        return ErrorReply(ErrorCode.MESSAGE_TOO_LARGE, message, self.peer_id)
 
     async def _answer(
         self,
@@ -262,14 +403,24 @@ class Server:
             )
 
     async def _send_reply(self, channel: Channel, reply: Reply) -> None:
+        await channel.send(self._encode_reply(reply))
+
+    def _encode_reply(self, reply: Reply) -> bytes:
         payload = _codec.encode(reply)
         limit = self.limits.max_reply_bytes
         if len(payload) > limit:
             message = f"reply of {len(payload)} bytes exceeds the limit of {limit}"
             payload = _codec.encode(ErrorReply(ErrorCode.MESSAGE_TOO_LARGE, message, self.peer_id))
-        await channel.send(payload)
+        return payload
 
-    async def _refuse(self, channel: Channel, why: str) -> None:
+    async def _refuse(self, channel: Channel, why: str, *, pipelined: bool) -> None:
+        reply = ErrorReply(ErrorCode.OVERLOADED, why, self.peer_id)
         with suppress(*TRANSPORT_ERRORS):
-            await self._send_reply(channel, ErrorReply(ErrorCode.OVERLOADED, why, self.peer_id))
+            if pipelined:  # a GOAWAY answers whatever the caller sent on it
+                with trio.CancelScope(shield=True), trio.move_on_after(SEND_TIMEOUT_S):
+                    await channel.stream.write(
+                        Tagged(Kind.GOAWAY, 0, self._encode_reply(reply)).encode()
+                    )
+            else:
+                await self._send_reply(channel, reply)
         await channel.close()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from libp2p.utils.varint import encode_uvarint
 
-from p2p_node._framing import FrameBuffer, FrameError, encode_frame
+from p2p_node import _framing
+from p2p_node._framing import FrameBuffer, FrameError, Kind, Tagged, TaggedBuffer, encode_frame
 
 
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16384, 70000])
@@ -75,3 +78,127 @@ def test_an_oversize_frame_is_dropped_and_says_how_much_is_still_to_come() -> No
         frames.next_frame()
     assert (caught.value.length, caught.value.remaining) == (100, 71)
     assert len(frames) == 0  # nothing of it is held
+
+
+# --- tagged frames of pipelined streams ---------------------------------------------------
+
+
+def _split(stream: bytes, cuts: list[int], buffer: TaggedBuffer) -> list[Tagged | FrameError]:
+    """Feed `stream` in pieces of `cuts`; every frame or too-large error, in order."""
+    out: list[Tagged | FrameError] = []
+    position = 0
+    for cut in [*cuts, len(stream)]:
+        buffer.feed(stream[position : position + cut])
+        position += cut
+        while True:
+            try:
+                frame = buffer.next_frame()
+            except FrameError as error:
+                assert error.too_large
+                out.append(error)
+                continue
+            if frame is None:
+                break
+            out.append(frame)
+    return out
+
+
+tagged = st.builds(
+    Tagged,
+    st.sampled_from(Kind),
+    st.integers(min_value=0, max_value=2**40),
+    st.binary(max_size=300),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    frames=st.lists(tagged, max_size=8),
+    cuts=st.lists(st.integers(min_value=1, max_value=50), max_size=40),
+)
+def test_tagged_frames_come_back_whole_however_the_bytes_arrive(
+    frames: list[Tagged], cuts: list[int]
+) -> None:
+    stream = b"".join(f.encode() for f in frames)
+    buffer = TaggedBuffer(max_body=1024)
+    assert _split(stream, cuts, buffer) == frames
+    assert len(buffer) == 0
+
+
+def test_a_tagged_frame_is_kind_then_id_then_length_then_body() -> None:
+    assert Tagged(Kind.REPLY, 300, b"ab").encode() == b"\x01" + encode_uvarint(300) + b"\x02ab"
+    assert Tagged(Kind.CANCEL, 5, b"").encode() == b"\x02\x05\x00"
+    assert [k.value for k in Kind] == [0, 1, 2, 3]  # on the wire: never renumber
+
+
+@settings(max_examples=100, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=1, max_value=700), max_size=20))
+def test_an_oversize_body_is_refused_by_its_id_and_skipped_not_held(cuts: list[int]) -> None:
+    before = Tagged(Kind.REQUEST, 1, b"first")
+    big = Tagged(Kind.REQUEST, 2, b"x" * 2000)
+    after = Tagged(Kind.REQUEST, 3, b"last")
+    buffer = TaggedBuffer(max_body=100)
+    out = _split(before.encode() + big.encode() + after.encode(), cuts, buffer)
+    assert out[0] == before and out[2] == after
+    error = out[1]
+    assert isinstance(error, FrameError)
+    assert (error.too_large, error.exchange, error.length) == (True, 2, 2000)
+    assert len(out) == 3
+
+
+def test_a_body_longer_than_what_is_held_is_never_buffered() -> None:
+    buffer = TaggedBuffer(max_body=100)
+    buffer.feed(Tagged(Kind.REQUEST, 9, b"x" * 100_000).encode()[:5000])
+    with pytest.raises(FrameError) as caught:
+        buffer.next_frame()
+    assert caught.value.remaining == 100_000 - (5000 - 5)  # header: kind, id, 3-byte length
+    assert len(buffer) == 0
+    buffer.feed(b"x" * 60_000)  # more of the refused body: dropped as it comes
+    assert len(buffer) == 0 and buffer.next_frame() is None
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x07\x01\x00", "unknown frame kind 7"),
+        (b"\x00" + b"\xff" * 10, "varint longer than 9 bytes"),
+        (b"\x00\x01" + b"\xff" * 10, "varint longer than 9 bytes"),
+    ],
+)
+def test_unsplittable_tagged_bytes_raise(data: bytes, message: str) -> None:
+    buffer = TaggedBuffer(max_body=100)
+    buffer.feed(data)
+    with pytest.raises(FrameError, match=message) as caught:
+        buffer.next_frame()
+    assert not caught.value.too_large
+
+
+def test_an_incomplete_tagged_frame_waits() -> None:
+    encoded = Tagged(Kind.REQUEST, 200, b"body").encode()
+    buffer = TaggedBuffer(max_body=100)
+    for byte in encoded[:-1]:
+        buffer.feed(bytes([byte]))
+        assert buffer.next_frame() is None
+    buffer.feed(encoded[-1:])
+    assert buffer.next_frame() == Tagged(Kind.REQUEST, 200, b"body")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_large_bodies_collected_in_pieces_come_back_whole(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_framing, "COLLECT_ABOVE", 16)  # collect nearly every body
+    rng = random.Random(seed)
+    frames = [
+        Tagged(rng.choice(list(Kind)), rng.randrange(1000), rng.randbytes(rng.randrange(200)))
+        for _ in range(rng.randrange(1, 8))
+    ]
+    stream = b"".join(f.encode() for f in frames)
+    cuts = [rng.randrange(1, 90) for _ in range(60)]
+    buffer = TaggedBuffer(max_body=150)
+    out = _split(stream, cuts, buffer)
+    expected: list[Tagged | tuple[int, int]] = [
+        f if len(f.body) <= 150 else (f.exchange, len(f.body)) for f in frames
+    ]
+    assert [o if isinstance(o, Tagged) else (o.exchange, o.length) for o in out] == expected
+    assert len(buffer) == 0

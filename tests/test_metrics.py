@@ -19,6 +19,7 @@ from p2p_node import Client, ErrorCode, JobError, NodeConfig, open_node
 from p2p_node._cli import parse_args
 from p2p_node._config import ConfigError, parse_host_port
 from p2p_node._metrics import MAX_LABEL_VALUES, OTHER, NodeMetrics, serve_metrics
+from p2p_node._pipeline import PIPELINED
 from p2p_node._rpc import JOB_PROTOCOL
 from p2p_node.testing import open_swarm
 from scheduler import InferenceResult
@@ -228,7 +229,7 @@ async def test_a_node_scraped_over_http_counts_the_jobs_it_answered(
             with pytest.raises(JobError) as refused:
                 await client.submit("no-such-model", {"input": x[:1]})
             after = await scrape(port, host)
-            caller = client._rpc.traffic.of(JOB_PROTOCOL)
+            caller = client._rpc.traffic.of(PIPELINED[JOB_PROTOCOL])
             sent, received = caller.sent, caller.received
 
     def moved(name: str, **labels: str) -> float:
@@ -258,7 +259,7 @@ async def test_a_node_scraped_over_http_counts_the_jobs_it_answered(
     assert value(after, "p2p_node_requests_queued") == 0
     # The node, as server of the job protocol, took what the client sent and sent what
     # it took: the same frames, counted at both ends.
-    job = {"protocol": str(JOB_PROTOCOL), "side": "server"}
+    job = {"protocol": str(PIPELINED[JOB_PROTOCOL]), "side": "server"}
     assert value(after, "p2p_node_received_bytes_total", **job) == sent
     assert value(after, "p2p_node_sent_bytes_total", **job) == received
     assert sent > jobs * x[:2].nbytes  # the tensors, at least
@@ -294,7 +295,7 @@ async def test_a_forwarded_job_is_remote_and_the_view_and_records_are_counted(
     )
     assert value(got, "p2p_node_peers", state="alive") == 1
     assert value(got, "p2p_node_records_received_total") >= 1
-    infer = {"protocol": "/p2p-node/infer/1.0.0", "side": "caller"}
+    infer = {"protocol": "/p2p-node/infer/2.0.0", "side": "caller"}  # pipelined
     assert value(got, "p2p_node_sent_bytes_total", **infer) > 3 * x[:1].nbytes
     assert value(got, "p2p_node_executor_requests_total", outcome="admitted") == 0
 

@@ -1,0 +1,265 @@
+"""Pipelined exchanges: many requests in flight at once on one kept stream.
+
+On the pipelined protocols (`PIPELINED`: job and infer, the ones that carry
+small jobs by the thousand) a caller keeps one stream per peer and protocol and
+tags each request with an exchange id; the server answers each as it is done,
+in any order (`_framing.Tagged`). Every frame a side sends goes through its
+`FrameWriter`, which writes whatever has queued up meanwhile in one
+`stream.write`: one yamux frame and one Noise message for many small frames,
+where each message costs about a millisecond of CPU per side in py-libp2p.
+
+A caller that leaves an exchange (its deadline, a cancellation) sends CANCEL
+for it, and the server cancels that work alone; a reset stream cancels all of
+it, as on the one-exchange-per-stream protocols. A write is never cut part way
+by a caller: it runs in the writer's task, bounded only by SEND_TIMEOUT_S.
+
+The versions before (`/1.0.0`, one exchange per stream at a time) are still
+served and still spoken to a peer that does not speak `/2.0.0`, so that a
+network can be upgraded a node at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import suppress
+
+import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+
+from scheduler import ErrorCode, JobError
+
+from ._channel import (
+    READ_CHUNK,
+    SEND_TIMEOUT_S,
+    TRANSPORT_ERRORS,
+    Bytes,
+    SendTimedOut,
+    only_transport_errors,
+)
+from ._errors import leaves
+from ._framing import FrameError, Kind, Tagged, TaggedBuffer
+
+logger = logging.getLogger(__name__)
+
+INFER_PROTOCOL = TProtocol("/p2p-node/infer/1.0.0")
+JOB_PROTOCOL = TProtocol("/p2p-node/job/1.0.0")
+# The protocols that also come pipelined, and the id each is pipelined under.
+PIPELINED = {
+    INFER_PROTOCOL: TProtocol("/p2p-node/infer/2.0.0"),
+    JOB_PROTOCOL: TProtocol("/p2p-node/job/2.0.0"),
+}
+
+
+class FrameWriter:
+    """Writes the frames several tasks send on one stream, as many to a write as
+    have queued up while the previous write was in progress.
+
+    `send` queues a frame for the writer task (`run`); `write` writes it in the
+    caller's own task when no write is in progress (at low load that saves a
+    task switch per message), else queues it, and returns once it is written.
+    Every write is shielded from cancellation, so that none stops part way
+    through a Noise message, and bounded by SEND_TIMEOUT_S. A failed write, in
+    whichever task, is raised by `run`: a peer that stops reading raises
+    SendTimedOut there.
+    """
+
+    def __init__(self, stream: INetStream, counts: Bytes | None = None) -> None:
+        self._stream = stream
+        self._counts = counts or Bytes()  # where the bytes it writes are counted
+        self._queued: list[bytes] = []
+        self._sent = 0  # frames handed to send or write
+        self._written = 0  # of those, frames written
+        self._writing = False
+        self._failed: BaseException | None = None
+        self._more = trio.Event()
+        self._progress = trio.Event()
+
+    def send(self, frame: bytes) -> int:
+        """Queue `frame`; returns its number, for `written`."""
+        self._queued.append(frame)
+        self._sent += 1
+        self._more.set()
+        return self._sent
+
+    async def write(self, frame: bytes) -> None:
+        """Send `frame` and wait until it is written (or the writer failed: `run`
+        raises that)."""
+        if self._writing or self._queued or self._failed is not None:
+            await self.written(self.send(frame))
+            return
+        self._sent += 1
+        await self._write([frame])
+
+    async def written(self, number: int) -> None:
+        """Wait until frame `number` (and every one before it) is written."""
+        while self._written < number and self._failed is None:
+            await self._progress.wait()
+
+    async def flush(self) -> None:
+        await self.written(self._sent)
+
+    async def run(self) -> None:
+        while True:
+            await self._more.wait()
+            self._more = trio.Event()
+            if self._failed is not None:
+                raise self._failed
+            if self._writing or not self._queued:  # a write() in progress wakes us after
+                continue
+            frames, self._queued = self._queued, []
+            await self._write(frames)
+
+    async def _write(self, frames: list[bytes]) -> None:
+        self._writing = True
+        try:
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(SEND_TIMEOUT_S) as stuck:
+                    await self._stream.write(data)
+            if stuck.cancelled_caught:
+                raise SendTimedOut("the peer did not take the message in time")
+            self._counts.sent += len(data)
+        except Exception as error:
+            self._failed = error
+        else:
+            self._written += len(frames)
+        finally:
+            self._writing = False
+            self._progress.set()
+            self._progress = trio.Event()
+            if self._queued or self._failed is not None:
+                self._more.set()
+
+
+class _Waiter:
+    __slots__ = ("done", "error", "reply")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.reply = b""
+        self.error: JobError | None = None
+
+
+class CallerPipe:
+    """The caller's end of one pipelined stream: sends requests, routes replies.
+
+    Run `run` in a task for as long as the stream is used; `exchange` from any
+    number of tasks. Once the stream fails, every exchange on it raises the
+    failure, and so does every later one (`failure`).
+    """
+
+    def __init__(
+        self, stream: INetStream, max_reply: int, peer_id: str, counts: Bytes | None = None
+    ) -> None:
+        self.stream = stream
+        self._counts = counts or Bytes()
+        self.peer_id = peer_id
+        self.failure: JobError | None = None
+        self.last_used = trio.current_time()
+        self._frames = TaggedBuffer(max_reply)
+        self._writer = FrameWriter(stream, self._counts)
+        self._waiting: dict[int, _Waiter] = {}
+        self._next = 1
+        self._scope = trio.CancelScope()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._waiting)
+
+    async def exchange(self, payload: bytes) -> bytes:
+        """The reply to `payload` (an encoded request). Raises JobError."""
+        if self.failure is not None:
+            raise self.failure
+        exchange, self._next = self._next, self._next + 1
+        waiter = self._waiting[exchange] = _Waiter()
+        try:
+            await self._writer.write(Tagged(Kind.REQUEST, exchange, payload).encode())
+            await waiter.done.wait()
+        except BaseException:  # the caller left: so does the server, for this one
+            if self._waiting.pop(exchange, None) is not None and self.failure is None:
+                self._writer.send(Tagged(Kind.CANCEL, exchange, b"").encode())
+            raise
+        self.last_used = trio.current_time()
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.reply
+
+    def close(self) -> None:
+        """Reset the stream: every exchange on it fails now."""
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer.run)
+                    await self._read()
+        except Exception as error:
+            self.failure = self.failure or self._failure(error)
+        finally:
+            self.failure = self.failure or JobError(
+                ErrorCode.PEER_UNREACHABLE, "the stream was closed", peer=self.peer_id
+            )
+            for waiter in self._waiting.values():
+                waiter.error = self.failure
+                waiter.done.set()
+            self._waiting.clear()
+            with trio.CancelScope(shield=True), trio.move_on_after(1), suppress(*TRANSPORT_ERRORS):
+                await self.stream.reset()
+
+    def _failure(self, error: Exception) -> JobError:
+        """What the exchanges on a stream that failed with `error` raise."""
+        found = list(leaves(error))
+        for leaf in found:
+            if isinstance(leaf, FrameError):
+                return JobError(
+                    ErrorCode.MALFORMED_MESSAGE, f"bad reply: {leaf}", peer=self.peer_id
+                )
+        for leaf in found:
+            if isinstance(leaf, SendTimedOut):  # a live peer that is slow: not "gone"
+                return JobError(ErrorCode.DEADLINE_EXCEEDED, str(leaf), peer=self.peer_id)
+        if not only_transport_errors(error):
+            logger.error("pipelined stream to %s failed", self.peer_id, exc_info=error)
+        why = f"stream broke: {found[0] or type(found[0]).__name__}"
+        return JobError(ErrorCode.PEER_UNREACHABLE, why, peer=self.peer_id)
+
+    async def _read(self) -> None:
+        while True:
+            data = await self.stream.read(READ_CHUNK)
+            if not data:
+                raise EOFError("stream closed by the peer")
+            self._counts.received += len(data)
+            self._frames.feed(data)
+            while True:
+                try:
+                    frame = self._frames.next_frame()
+                except FrameError as error:
+                    if not error.too_large:
+                        raise
+                    self._answer(
+                        error.exchange,
+                        error=JobError(
+                            ErrorCode.MESSAGE_TOO_LARGE, f"bad reply: {error}", peer=self.peer_id
+                        ),
+                    )
+                    continue
+                if frame is None:
+                    break
+                if frame.kind is Kind.REPLY:
+                    self._answer(frame.exchange, reply=frame.body)
+                elif frame.kind is Kind.GOAWAY:  # its body answers whatever is unanswered
+                    self.failure = JobError(
+                        ErrorCode.PEER_UNREACHABLE, "the peer closed the stream", peer=self.peer_id
+                    )
+                    for exchange in list(self._waiting):
+                        self._answer(exchange, reply=frame.body)
+                else:
+                    raise FrameError(f"a server sent a {frame.kind.name} frame")
+
+    def _answer(self, exchange: int, *, reply: bytes = b"", error: JobError | None = None) -> None:
+        waiter = self._waiting.pop(exchange, None)
+        if waiter is None:  # cancelled by its caller meanwhile
+            return
+        waiter.reply, waiter.error = reply, error
+        waiter.done.set()

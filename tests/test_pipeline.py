@@ -1,0 +1,348 @@
+"""Pipelined exchanges (many in flight on one stream) between real libp2p hosts on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import multiaddr
+import numpy as np
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+
+from p2p_node import ErrorCode, JobError, _serve
+from p2p_node._channel import MessageLimits
+from p2p_node._codec import decode_reply, encode
+from p2p_node._framing import Kind, Tagged, TaggedBuffer
+from p2p_node._host import new_libp2p_host, run_host
+from p2p_node._messages import ErrorReply, ModelsReply, Reply, RunRequest
+from p2p_node._pipeline import PIPELINED
+from p2p_node._rpc import INFER_PROTOCOL, Rpc, open_rpc
+from p2p_node._serve import Server
+
+LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
+PIPELINED_INFER = PIPELINED[INFER_PROTOCOL]
+
+Handler = Callable[[RunRequest, str], Awaitable[Reply]]
+
+
+@asynccontextmanager
+async def pipe_pair(
+    handler: Handler, *, max_request_bytes: int = 4096, max_concurrent_inbound: int = 64
+) -> AsyncIterator[tuple[Rpc, Server]]:
+    """(caller, server): the server answers INFER_PROTOCOL (pipelined) with `handler`."""
+    limits = MessageLimits(max_request_bytes, 4096)
+    server = Server(
+        new_libp2p_host(create_new_key_pair()),
+        limits,
+        max_concurrent_inbound=max_concurrent_inbound,
+    )
+    server.serve(INFER_PROTOCOL, RunRequest, handler)
+    host = new_libp2p_host(create_new_key_pair())
+    async with run_host(server.host, [LOOPBACK]), run_host(host, []), open_rpc(host, limits) as rpc:
+        await rpc.connect(server.host.get_addrs()[0], timeout=5)
+        yield rpc, server
+
+
+def job(name: str, size: int = 4) -> RunRequest:
+    return RunRequest(name, "model", {"x": np.zeros(size, np.uint8)}, 10_000)
+
+
+def echo(request: RunRequest) -> Reply:
+    return ModelsReply(request.job_id, ())
+
+
+def _streams(rpc: Rpc, server: Server) -> list[Any]:
+    (conn,) = rpc.host.get_network().connections[ID.from_base58(server.peer_id)]
+    return [s for s in conn.get_streams() if s.get_protocol() == PIPELINED_INFER]
+
+
+def _count_messages(rpc: Rpc, server: Server) -> list[int]:
+    """Counts, in [0], the Noise messages both ends write on their connection from now on."""
+    counted = [0]
+    for host, other in ((rpc.host, server.peer_id), (server.host, rpc.peer_id)):
+        (conn,) = host.get_network().connections[ID.from_base58(other)]
+        secured = conn.muxed_conn.secured_conn
+        write = secured.write
+
+        async def counting(data: bytes, write: Any = write) -> None:
+            counted[0] += 1
+            await write(data)
+
+        secured.write = counting
+    return counted
+
+
+async def test_concurrent_exchanges_share_one_stream_and_few_messages_in_any_order() -> None:
+    arrived: list[str] = []
+    everyone = trio.Event()
+    order: list[str] = []
+
+    async def last_in_first_out(request: RunRequest, sender: str) -> Reply:
+        if request.job_id == "warm":
+            return echo(request)
+        arrived.append(request.job_id)
+        if len(arrived) == 32:
+            everyone.set()
+        await everyone.wait()
+        # Answer in the reverse order of arrival.
+        for _ in range(32 - arrived.index(request.job_id)):
+            await trio.lowlevel.checkpoint()
+        order.append(request.job_id)
+        return echo(request)
+
+    replies: dict[str, Reply] = {}
+    with trio.fail_after(30):
+        async with pipe_pair(last_in_first_out) as (caller, server):
+            await caller.call(server.peer_id, INFER_PROTOCOL, job("warm"), 5)
+            messages = _count_messages(caller, server)
+
+            async def one(i: int) -> None:
+                reply = await caller.call(server.peer_id, INFER_PROTOCOL, job(f"job-{i}"), 10)
+                assert f"job-{i}" not in replies
+                replies[f"job-{i}"] = reply
+
+            async with trio.open_nursery() as nursery:
+                for i in range(32):
+                    nursery.start_soon(one, i)
+            assert len(_streams(caller, server)) == 1
+    assert replies == {f"job-{i}": ModelsReply(f"job-{i}", ()) for i in range(32)}
+    assert order != arrived  # answered out of order, each to its own caller
+    # 32 requests and 32 replies, a message each, were 64; batched they are a few
+    # (plus window updates). The bound leaves room for a loaded machine's scheduling.
+    assert messages[0] <= 16
+
+
+async def test_a_cancelled_exchange_is_cancelled_on_the_server_and_the_others_go_on() -> None:
+    started: set[str] = set()
+    all_started, one_cancelled, release = trio.Event(), trio.Event(), trio.Event()
+    cancelled: list[str] = []
+
+    async def held(request: RunRequest, sender: str) -> Reply:
+        started.add(request.job_id)
+        if len(started) == 4:
+            all_started.set()
+        try:
+            await release.wait()
+        except trio.Cancelled:
+            cancelled.append(request.job_id)
+            one_cancelled.set()
+            raise
+        return echo(request)
+
+    replies: list[Reply] = []
+    leaving = trio.CancelScope()
+    with trio.fail_after(30):
+        async with pipe_pair(held) as (caller, server):
+
+            async def call(name: str) -> None:
+                replies.append(await caller.call(server.peer_id, INFER_PROTOCOL, job(name), 10))
+
+            async def leave_early() -> None:
+                with leaving:
+                    await call("gone")
+
+            async with trio.open_nursery() as nursery:
+                for name in ("a", "b", "c"):
+                    nursery.start_soon(call, name)
+                nursery.start_soon(leave_early)
+                await all_started.wait()
+                leaving.cancel()
+                await one_cancelled.wait()
+                release.set()
+            assert len(_streams(caller, server)) == 1  # the stream was not reset for it
+    assert cancelled == ["gone"]
+    assert sorted(r.peer_id for r in replies if isinstance(r, ModelsReply)) == ["a", "b", "c"]
+
+
+async def test_a_hang_up_cancels_every_exchange_in_flight_and_the_next_opens_a_stream() -> None:
+    started: set[str] = set()
+    cancelled: set[str] = set()
+    all_started, all_cancelled = trio.Event(), trio.Event()
+
+    async def held(request: RunRequest, sender: str) -> Reply:
+        if request.job_id == "again":
+            return echo(request)
+        started.add(request.job_id)
+        if len(started) == 3:
+            all_started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.add(request.job_id)
+            if len(cancelled) == 3:
+                all_cancelled.set()
+        raise AssertionError
+
+    with trio.fail_after(30):
+        async with pipe_pair(held) as (caller, server):
+            async with trio.open_nursery() as nursery:
+                for name in ("a", "b", "c"):
+                    nursery.start_soon(_call_failing, caller, server, name)
+                await all_started.wait()
+                (stream,) = _streams(caller, server)
+                caller.abandon(server.peer_id, "the peer froze")  # resets the stream
+            await all_cancelled.wait()
+            again = await caller.call(server.peer_id, INFER_PROTOCOL, job("again"), 5)
+            (other,) = _streams(caller, server)
+    assert cancelled == {"a", "b", "c"}
+    assert again == ModelsReply("again", ())
+    assert other is not stream
+
+
+async def _call_failing(caller: Rpc, server: Server, name: str) -> None:
+    with pytest.raises(JobError) as caught:
+        await caller.call(server.peer_id, INFER_PROTOCOL, job(name), 60)
+    assert caught.value.code is ErrorCode.PEER_UNREACHABLE
+
+
+async def test_abandon_fails_the_exchanges_in_flight_at_once() -> None:
+    arrived: list[str] = []
+    both = trio.Event()
+
+    async def frozen(request: RunRequest, sender: str) -> Reply:
+        arrived.append(request.job_id)
+        if len(arrived) == 2:
+            both.set()
+        await trio.sleep_forever()
+        raise AssertionError
+
+    with trio.fail_after(30):
+        async with pipe_pair(frozen) as (caller, server):
+            errors: list[JobError] = []
+
+            async def call() -> None:
+                with pytest.raises(JobError) as caught:
+                    await caller.call(server.peer_id, INFER_PROTOCOL, job("x"), 60)
+                errors.append(caught.value)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call)
+                nursery.start_soon(call)
+                await both.wait()
+                caller.abandon(server.peer_id, "reported departed")
+    assert [(e.code, e.message) for e in errors] == [
+        (ErrorCode.PEER_UNREACHABLE, "reported departed")
+    ] * 2
+
+
+async def _raw_pipe(caller: Rpc, server: Server) -> Any:
+    return await caller.host.new_stream(ID.from_base58(server.peer_id), [PIPELINED_INFER])
+
+
+async def _replies(stream: Any, count: int) -> dict[int, Reply]:
+    frames = TaggedBuffer(1 << 20)
+    replies: dict[int, Reply] = {}
+    while len(replies) < count:
+        frames.feed(await stream.read(65536))
+        while (frame := frames.next_frame()) is not None:
+            assert frame.exchange not in replies
+            replies[frame.exchange] = decode_reply(frame.body)
+    return replies
+
+
+async def test_an_oversize_or_malformed_request_is_refused_alone() -> None:
+    async def answer(request: RunRequest, sender: str) -> Reply:
+        await trio.sleep(0.05)  # still in flight when the bad ones arrive
+        return echo(request)
+
+    with trio.fail_after(30):
+        async with pipe_pair(answer, max_request_bytes=4096) as (caller, server):
+            stream = await _raw_pipe(caller, server)
+            await stream.write(
+                Tagged(Kind.REQUEST, 1, encode(job("first"))).encode()
+                + Tagged(Kind.REQUEST, 2, b"\x00" * 5000).encode()  # over the limit
+                + Tagged(Kind.REQUEST, 3, b"\xc1 not msgpack").encode()
+                + Tagged(Kind.REQUEST, 4, encode(job("last"))).encode()
+            )
+            replies = await _replies(stream, 4)
+            held = sum(
+                len(b)
+                for cs in server.host.get_network().connections.values()
+                for c in cs
+                for b in c.muxed_conn.stream_buffers.values()
+            )
+    assert replies[1] == ModelsReply("first", ())
+    assert replies[4] == ModelsReply("last", ())
+    too_large, malformed = replies[2], replies[3]
+    assert isinstance(too_large, ErrorReply) and too_large.code is ErrorCode.MESSAGE_TOO_LARGE
+    assert "5000 bytes" in too_large.message and "4096" in too_large.message
+    assert isinstance(malformed, ErrorReply) and malformed.code is ErrorCode.MALFORMED_MESSAGE
+    assert held < 5000
+
+
+async def test_unsplittable_bytes_end_the_stream_after_what_is_in_flight() -> None:
+    async def answer(request: RunRequest, sender: str) -> Reply:
+        await trio.sleep(0.05)
+        return echo(request)
+
+    with trio.fail_after(30):
+        async with pipe_pair(answer) as (caller, server):
+            stream = await _raw_pipe(caller, server)
+            await stream.write(Tagged(Kind.REQUEST, 7, encode(job("kept"))).encode() + b"\x09junk")
+            frames = TaggedBuffer(1 << 20)
+            got: list[Tagged] = []
+            while len(got) < 2:
+                frames.feed(await stream.read(65536))
+                while (frame := frames.next_frame()) is not None:
+                    got.append(frame)
+            # The caller's own calls are untouched: they are on a stream of their own.
+            reply = await caller.call(server.peer_id, INFER_PROTOCOL, job("other"), 5)
+    (answered, goaway) = got
+    assert (answered.kind, answered.exchange) == (Kind.REPLY, 7)
+    assert decode_reply(answered.body) == ModelsReply("kept", ())
+    assert goaway.kind is Kind.GOAWAY
+    why = decode_reply(goaway.body)
+    assert isinstance(why, ErrorReply) and why.code is ErrorCode.MALFORMED_MESSAGE
+    assert "unknown frame kind 9" in why.message
+    assert reply == ModelsReply("other", ())
+
+
+async def test_past_the_inbound_limit_a_request_is_told_overloaded_and_the_others_run() -> None:
+    entered, release = trio.Event(), trio.Event()
+
+    async def held(request: RunRequest, sender: str) -> Reply:
+        entered.set()
+        await release.wait()
+        return echo(request)
+
+    with trio.fail_after(30):
+        # One slot for the stream, one for a request in flight.
+        async with pipe_pair(held, max_concurrent_inbound=2) as (caller, server):
+            async with trio.open_nursery() as nursery:
+                first: list[Reply] = []
+
+                async def call_first() -> None:
+                    first.append(await caller.call(server.peer_id, INFER_PROTOCOL, job("a"), 10))
+
+                nursery.start_soon(call_first)
+                await entered.wait()
+                refused = await caller.call(server.peer_id, INFER_PROTOCOL, job("b"), 10)
+                release.set()
+            after = await caller.call(server.peer_id, INFER_PROTOCOL, job("c"), 10)
+    assert first == [ModelsReply("a", ())]
+    assert isinstance(refused, ErrorReply) and refused.code is ErrorCode.OVERLOADED
+    assert "at most 2 streams and requests" in refused.message
+    assert after == ModelsReply("c", ())
+
+
+async def test_a_peer_without_the_pipelined_protocol_is_called_one_exchange_per_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_serve, "PIPELINED", {})  # a node of the version before
+
+    async def answer(request: RunRequest, sender: str) -> Reply:
+        return echo(request)
+
+    with trio.fail_after(30):
+        async with pipe_pair(answer) as (caller, server):
+            replies = [
+                await caller.call(server.peer_id, INFER_PROTOCOL, job(f"j{i}"), 5) for i in range(3)
+            ]
+            (conn,) = caller.host.get_network().connections[ID.from_base58(server.peer_id)]
+            protocols = {s.get_protocol() for s in conn.get_streams()}
+    assert replies == [ModelsReply(f"j{i}", ()) for i in range(3)]
+    assert INFER_PROTOCOL in protocols and PIPELINED_INFER not in protocols
