@@ -9,43 +9,16 @@ distributed.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
-
 import numpy as np
 import trio
+from seed_network import LOGREG, MLP, SVM, own_node_in_a_network
 
-from p2p_node import Node, NodeConfig, open_node
-from p2p_node.testing import open_swarm
 from scheduler import (
     DistributionStrategy,
     InferenceRequest,
     get_distributed_orchestrator,
     majority_vote,
 )
-
-SVM, LOGREG, MLP = "digits-svm", "digits-logreg", "digits-mlp"
-
-
-@asynccontextmanager
-async def own_node_in_a_network(data_dir: Path) -> AsyncIterator[tuple[Node, list[Node]]]:
-    """This task's own node, serving MLP, joined to two more serving SVM and LOGREG.
-
-    `open_node` in this task is what binds `get_distributed_orchestrator()` here.
-    Yields when the node's view holds both peers alive (their models with them).
-    """
-    async with open_swarm(2, models=[frozenset({SVM}), frozenset({LOGREG})]) as swarm:
-        config = NodeConfig(
-            data_dir=data_dir,
-            serve_models=frozenset({MLP}),
-            bootstrap=tuple(swarm[i].addrs[0] for i in range(2)),
-            shutdown_grace=1.0,
-        )
-        async with open_node(config) as node:
-            others = {swarm[0].peer_id, swarm[1].peer_id}
-            await node.view.wait_until(lambda v: others <= {p.peer_id for p in v.alive()})
-            yield node, [swarm[0], swarm[1]]
 
 
 async def test_run_distributed_inference_as_the_seed_writes_it(tmp_path, digits) -> None:
