@@ -196,11 +196,15 @@ def test_demo_shows_a_table_with_several_executing_peers() -> None:
     header, *rows = done.stdout.strip().splitlines()
     assert header.split()[:3] == ["job", "entry", "peer"]
     executors = {row.split()[2] for row in rows}
-    assert len(rows) == 9 and len(executors) >= 2
-    assert os.linesep.join(rows).count("right") >= 8
-    selected = [row.split()[3:6] for row in rows[-2:]]  # "<task> -> <model>"
+    assert len(rows) == 11 and len(executors) >= 2
+    assert os.linesep.join(rows[:9]).count("right") >= 8
+    selected = [row.split()[3:6] for row in rows[7:9]]  # "<task> -> <model>"
     assert [s[0] for s in selected] == ["image-classification", "tabular-classification"]
     assert all(s[1] == "->" and s[2].split("-")[0] in ("digits", "cancer") for s in selected)
+    embedded, generated = (row.split()[3:6] for row in rows[9:])
+    assert embedded == ["sentence-embedding", "->", "minilm-l6-v2"]
+    assert "(right)" in rows[9]  # the two alike sentences are the closer pair
+    assert generated[:2] == ["text-generation", "->"] and generated[2].startswith("pydoc-gpt")
 
 
 @pytest.mark.system

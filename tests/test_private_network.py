@@ -211,7 +211,8 @@ async def test_the_demo_runs_as_a_private_network() -> None:
     with trio.fail_after(60):
         rows = await run_demo(2, PreSharedKey.generate())
     assert len(rows) > 1
-    assert all("right" in row[4] or "wrong" in row[4] for row in rows[1:])
+    assert all("right" in row[4] or "wrong" in row[4] for row in rows[1:-1])
+    assert "tokens" in rows[-1][4]  # the generation, streamed under the key too
 
 
 class _FailingNetwork:
