@@ -87,9 +87,6 @@ class Membership:
         self._blocked.clear()
         self.kick()
 
-    def is_blocked(self, peer_id: str) -> bool:
-        return peer_id in self._blocked
-
     @property
     def found_peers(self) -> frozenset[str]:
         """The peers found on the LAN that this node keeps connected."""
