@@ -371,6 +371,14 @@ class Generations:
         self.cancelled = 0
         self._ended = trio.lowlevel.ParkingLot()
 
+    def add(self, card: ModelCard) -> None:
+        """Generate with `card`'s model too, if it is a generator (a model fetched after start)."""
+        generator = load_text_generator(card)
+        if generator is not None:
+            self._engines[card.id] = _Engine(
+                generator, self._executor.limiter, self._config.batch_decode
+            )
+
     @property
     def model_ids(self) -> list[str]:
         return sorted(self._engines)
