@@ -101,6 +101,8 @@ class _Progress:
     done_bytes: int = 0
     total_bytes: int = 0
     peers: set[str] = field(default_factory=set)
+    download_s: float = 0.0  # from the first manifest to the last chunk checked
+    bytes_from: dict[str, int] = field(default_factory=dict)  # by peer: chunks it gave
 
     def frozen(self) -> Progress:
         state = self.state[:1000] or "?"
@@ -352,6 +354,7 @@ class _Fetch:
         return self.manifest is not None and not self._pending and not self._in_flight
 
     async def run(self) -> Path:
+        started = trio.current_time()
         self.manifest = await self._first_manifest()
         self._check_limits(self.manifest)
         self.progress.total_bytes = self.manifest.total_bytes
@@ -368,31 +371,49 @@ class _Fetch:
             for fd in self._fds.values():
                 os.close(fd)
             self.progress.peers.clear()
+        self.progress.download_s = trio.current_time() - started
         self.progress.state = "verifying"
         await trio.to_thread.run_sync(self._finish, self.manifest)
         return self.final
 
     async def _first_manifest(self) -> Manifest:
-        """The manifest of the first announcing peer that gives a valid one."""
-        snapshot = self._node.view.snapshot()
-        peers = announcers(snapshot, self.descriptor.id, None)
-        for peer, descriptor in sorted(peers.items()):
-            if descriptor.sha256 != self.descriptor.sha256:
-                continue
-            try:
-                channel = await self._open(peer)
-            except JobError:
-                continue
-            try:
-                return await self._ask_manifest(channel)
-            except _PeerFailed as failure:
-                logger.info("no manifest of %s from %s: %s", self.descriptor.id, peer, failure)
-            finally:
-                await channel.close()
+        """The manifest of the first announcing peer that gives a valid one: peers this
+        node is connected to first, then others as they are announced, for up to
+        `find_timeout` (a record may outlive its node)."""
+        tried: set[str] = set()
+        with trio.move_on_after(self._config.find_timeout):
+            while True:
+                view = await self._node.view.wait_until(lambda v: bool(self._untried(v, tried)))
+                connected = self._node.connected_peers()
+                for peer in sorted(
+                    self._untried(view, tried), key=lambda p: (p not in connected, p)
+                ):
+                    tried.add(peer)
+                    manifest = await self._manifest_from(peer)
+                    if manifest is not None:
+                        return manifest
         raise FetchError(
             FetchFailure.NO_PEER,
-            f"no peer announcing {self.descriptor.id} gave a valid manifest",
+            f"none of the {len(tried)} peers announcing {self.descriptor.id} gave a valid manifest",
         )
+
+    def _untried(self, view: ViewSnapshot, tried: set[str]) -> set[str]:
+        found = announcers(view, self.descriptor.id, None)
+        return {p for p, d in found.items() if d.sha256 == self.descriptor.sha256} - tried
+
+    async def _manifest_from(self, peer: str) -> Manifest | None:
+        try:
+            channel = await self._open(peer)
+        except JobError as error:
+            logger.info("no manifest of %s from %s: %s", self.descriptor.id, peer, error.message)
+            return None
+        try:
+            return await self._ask_manifest(channel)
+        except _PeerFailed as failure:
+            logger.info("no manifest of %s from %s: %s", self.descriptor.id, peer, failure)
+            return None
+        finally:
+            await channel.close()
 
     def _check_limits(self, manifest: Manifest) -> None:
         limit = round(self._config.max_model_mb * MB)
@@ -438,8 +459,7 @@ class _Fetch:
                     nursery.start_soon(self._work, peer)
 
     def _new_peers(self, view: ViewSnapshot) -> set[str]:
-        found = announcers(view, self.descriptor.id, None)
-        return {p for p, d in found.items() if d.sha256 == self.descriptor.sha256} - self._tried
+        return self._untried(view, self._tried)
 
     async def _until_complete(self) -> None:
         while not self.complete:
@@ -519,6 +539,7 @@ class _Fetch:
         os.pwrite(self._fds[i], reply, c * self.manifest.chunk_bytes)
         self._in_flight -= 1
         self.progress.done_bytes += len(reply)
+        self.progress.bytes_from[peer] = self.progress.bytes_from.get(peer, 0) + len(reply)
         self._changed.unpark_all()
 
     async def _open(self, peer: str) -> Channel:
