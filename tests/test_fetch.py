@@ -5,6 +5,7 @@ a restart, the node's limits, and a server that refuses what it does not announc
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -272,3 +273,49 @@ async def test_under_an_allowlist_only_peers_and_allowed_clients_fetch(tmp_path:
             async with fetcher(swarm, tmp_path / "f") as node:  # a peer of the network
                 await node.fetches.fetch(MINILM)
                 assert node.executor.serves(MINILM)
+
+
+async def test_a_file_changed_on_disk_is_never_sent(tmp_path: Path) -> None:
+    """The serving side checks each chunk against the manifest as it reads it."""
+    models = tmp_path / "models"
+    shutil.copytree(SOURCE, models / MINILM)
+    onnx_sha = sha256(SOURCE / "model.onnx")
+    base = NodeConfig(data_dir=Path(), models_dir=models, shutdown_grace=1.0, target_degree=0)
+    with trio.fail_after(TIMEOUT_S):
+        async with open_swarm(1, base=base) as swarm, Client.connect(swarm[0].addrs[0]) as client:
+            channel = Channel(await client.open_stream(FETCH_PROTOCOL), 1 << 22)
+            manifest = await ask(channel, encode_request(ManifestAsk(MINILM, onnx_sha)))
+            assert isinstance(manifest, Manifest)
+            with (models / MINILM / "model.onnx").open("r+b") as f:
+                f.seek(2 * manifest.chunk_bytes + 5)
+                f.write(b"\x00\x01\x02")
+            reply = await ask(channel, encode_request(ChunkAsk(onnx_sha, 2)))
+            assert reply == Refusal(
+                ErrorCode.INTERNAL, "model.onnx changed on the serving node's disk"
+            )
+            assert isinstance(await ask(channel, encode_request(ChunkAsk(onnx_sha, 1))), bytes)
+
+
+async def test_a_fetched_generator_generates(tmp_path: Path) -> None:
+    gpt = "pydoc-gpt-small"
+    base = NodeConfig(data_dir=Path(), shutdown_grace=1.0, target_degree=0)
+    with trio.fail_after(TIMEOUT_S):
+        async with open_swarm(1, base=base, models=[frozenset({gpt})]) as swarm:
+            async with open_node(
+                NodeConfig(
+                    data_dir=tmp_path / "f",
+                    serve_models=frozenset({"digits-logreg"}),
+                    bootstrap=(swarm[0].addrs[0],),
+                    target_degree=0,
+                    shutdown_grace=1.0,
+                    fetch=FetchConfig(models=(gpt,)),
+                )
+            ) as node:
+                assert (await node.fetches.wait_ended(gpt)).state == "done"
+                async with Client.connect(swarm[0].addrs[0]) as client:
+                    there = await client.generate_text("def ", gpt, max_tokens=8)
+                await swarm.kill(0)  # the fetched copy is the only one left
+                async with Client.connect(node.addrs[0]) as client:
+                    here = await client.generate_text("def ", gpt, max_tokens=8)
+                assert here == there and here
+                assert node.generations.started == 1
