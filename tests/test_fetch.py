@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import trio
 
-from p2p_node import Client, ExecutorConfig, NodeConfig, bundled_models_dir
+from p2p_node import Client, ExecutorConfig, NodeConfig, PreSharedKey, bundled_models_dir
 from p2p_node._channel import Channel
 from p2p_node._config import AdmissionConfig, FetchConfig
 from p2p_node._fetch import FETCH_PROTOCOL, FetchError, FetchFailure, announcers
@@ -256,8 +256,11 @@ async def test_the_server_refuses_what_it_does_not_announce_and_bad_requests(
             assert await ask(channel, encode_request(ProgressAsk())) == ()
 
 
-async def test_under_an_allowlist_only_peers_and_allowed_clients_fetch(tmp_path: Path) -> None:
+async def test_in_a_private_network_with_an_allowlist_only_peers_and_allowed_clients_fetch(
+    tmp_path: Path,
+) -> None:
     onnx_sha = sha256(SOURCE / "model.onnx")
+    psk = PreSharedKey.generate()
     base = NodeConfig(
         data_dir=Path(),
         shutdown_grace=1.0,
@@ -265,14 +268,34 @@ async def test_under_an_allowlist_only_peers_and_allowed_clients_fetch(tmp_path:
         admission=AdmissionConfig(allowed_clients=frozenset()),
     )
     with trio.fail_after(TIMEOUT_S):
-        async with open_swarm(2, base=base, models=[frozenset({MINILM})] * 2) as swarm:
-            async with Client.connect(swarm[0].addrs[0]) as client:
+        async with open_swarm(2, base=base, models=[frozenset({MINILM})] * 2, psk=psk) as swarm:
+            async with Client.connect(swarm[0].addrs[0], psk=psk) as client:
                 channel = Channel(await client.open_stream(FETCH_PROTOCOL), 1 << 22)
                 reply = await ask(channel, encode_request(ManifestAsk(MINILM, onnx_sha)))
                 assert isinstance(reply, Refusal) and reply.code is ErrorCode.UNAUTHORIZED
-            async with fetcher(swarm, tmp_path / "f") as node:  # a peer of the network
+                reply = await ask(channel, encode_request(ChunkAsk(onnx_sha, 0)))
+                assert isinstance(reply, Refusal) and reply.code is ErrorCode.UNAUTHORIZED
+            async with fetcher(swarm, tmp_path / "f", psk=psk) as node:  # a peer of the network
                 await node.fetches.fetch(MINILM)
                 assert node.executor.serves(MINILM)
+
+
+async def test_a_fetch_cut_short_keeps_the_chunks_it_had(tmp_path: Path) -> None:
+    """Chunks already in the fetching directory with the right hash are not asked for."""
+    partial = tmp_path / "f" / "fetching" / MINILM
+    partial.mkdir(parents=True)
+    shutil.copyfile(SOURCE / "model.onnx", partial / "model.onnx")
+    with (partial / "model.onnx").open("r+b") as f:  # chunk 5 went bad
+        f.seek(5 * (1 << 20))
+        f.write(b"\x00" * 16)
+    with trio.fail_after(TIMEOUT_S):
+        async with serving_swarm() as swarm, fetcher(swarm, tmp_path / "f") as node:
+            await node.fetches.fetch(MINILM)
+            served = swarm[0].fetches.served_chunks + swarm[1].fetches.served_chunks
+            others = [p for p in SOURCE.iterdir() if p.name != "model.onnx"]
+            assert served == 1 + sum(-(-p.stat().st_size // (1 << 20)) for p in others)
+            assert_same_files(tmp_path / "f" / "models" / MINILM)
+            assert not partial.exists()
 
 
 async def test_a_file_changed_on_disk_is_never_sent(tmp_path: Path) -> None:
