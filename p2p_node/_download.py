@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import trio
 from libp2p.custom_types import TProtocol
 
-from gossip import ModelDescriptor, ViewSnapshot
+from gossip import ModelDescriptor, ModelEntry, ViewSnapshot
 from scheduler import JobError
 
 from ._channel import TRANSPORT_ERRORS, Channel
@@ -98,18 +98,19 @@ def announcers(view: ViewSnapshot, model_id: str, stage: int | None) -> dict[str
     found = {}
     for peer in view.alive():
         for entry in peer.record.models:
-            if _matches(entry.descriptor, model_id, stage):
+            if matches(entry, model_id, stage):
                 found[peer.record.peer_id] = entry.descriptor
     return found
 
 
-def _matches(descriptor: ModelDescriptor, model_id: str, stage: int | None) -> bool:
+def matches(entry: ModelEntry, model_id: str, stage: int | None) -> bool:
+    """Whether a record's model entry is `model_id`, or stage `stage` of it: an entry
+    whose `stage` (a `StageOf`, from issue 16's stage records) names that parent and
+    index. An entry with no stage is no stage of anything."""
     if stage is None:
-        return descriptor.id == model_id
-    # A stage's record names its parent model and its index (issue 16's stage fields);
-    # a record without them is no stage of anything.
-    parent, index = getattr(descriptor, "parent", None), getattr(descriptor, "stage", None)
-    return parent == model_id and index == stage
+        return entry.descriptor.id == model_id
+    of = getattr(entry, "stage", None)
+    return of is not None and (of.parent, of.index) == (model_id, stage)
 
 
 def most_announced(found: dict[str, ModelDescriptor]) -> ModelDescriptor:

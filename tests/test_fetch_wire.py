@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgpack
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from p2p_node import bundled_models_dir
 from p2p_node._config import ConfigError, FetchConfig, parse_fetch_target
+from p2p_node._download import matches
 from p2p_node._manifest import (
     CHUNK_BYTES,
     ChunkAsk,
@@ -182,3 +184,17 @@ def test_bad_fetch_targets_are_config_errors(text: str) -> None:
 def test_file_entries_count_their_chunks(tmp_path: Path) -> None:
     assert FileEntry("x", 0, SHA, ()).chunk_count(CHUNK_BYTES) == 0
     assert FileEntry("x", CHUNK_BYTES + 1, SHA, ()).chunk_count(CHUNK_BYTES) == 2
+
+
+def test_a_stage_target_matches_the_entry_of_that_stage_only() -> None:
+    """`MODEL@STAGE` matches a record entry whose stage names that parent and index.
+    (A stand-in entry: records carry `stage` once issue 16's stage records are in.)"""
+    descriptor = SimpleNamespace(id="gpt.stage1")
+    whole = SimpleNamespace(descriptor=SimpleNamespace(id="gpt"), stage=None)
+    stage1 = SimpleNamespace(descriptor=descriptor, stage=SimpleNamespace(parent="gpt", index=1))
+    stage0 = SimpleNamespace(descriptor=descriptor, stage=SimpleNamespace(parent="gpt", index=0))
+    other = SimpleNamespace(descriptor=descriptor, stage=SimpleNamespace(parent="bert", index=1))
+    assert matches(whole, "gpt", None) and not matches(whole, "gpt", 1)  # type: ignore[arg-type]
+    assert matches(stage1, "gpt", 1)  # type: ignore[arg-type]
+    assert not any(matches(e, "gpt", 1) for e in (stage0, other))  # type: ignore[arg-type]
+    assert matches(stage1, "gpt.stage1", None)  # type: ignore[arg-type]
