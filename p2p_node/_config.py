@@ -153,7 +153,7 @@ MAX_ANNOUNCED_ADDRS = 16  # in a record
 class FetchConfig:
     """Models to fetch from peers at start (`p2p-node start --fetch`), and its bounds.
 
-    `models`: `MODEL_ID`, or `MODEL_ID@STAGE` for one stage of a staged model. A
+    `models`: `MODEL_ID`, or `MODEL_ID@STAGE` for one stage (from 1) of a staged model. A
     model bigger than `max_model_mb` (all its files) is refused, as is one whose
     memory estimate is over the node's model memory budget. `find_timeout`: how
     long to wait for a peer announcing it; `request_timeout`: for one manifest or
@@ -178,15 +178,22 @@ class FetchConfig:
 
 
 def parse_fetch_target(text: str) -> tuple[str, int | None]:
-    """`MODEL_ID` or `MODEL_ID@STAGE` as (model id, stage index or None)."""
-    model_id, at, stage = text.partition("@")
-    if not model_id or len(model_id) > 128 or not model_id.isprintable() or "/" in model_id:
-        raise ConfigError(f"--fetch {text!r}: expected MODEL_ID or MODEL_ID@STAGE")
-    if not at:
-        return model_id, None
-    if not (stage.isascii() and stage.isdigit()):
-        raise ConfigError(f"--fetch {text!r}: STAGE must be a stage index (0, 1, ...)")
-    return model_id, int(stage)
+    """`MODEL_ID` or `MODEL_ID@STAGE` as (model id, 0-based stage index or None).
+
+    STAGE counts from 1, as `p2p-node peers` and `place` show stages; a stage
+    model's own id (`minilm-l6-v2@2of2`) is a plain model id.
+    """
+    bad = ConfigError(f"--fetch {text!r}: expected MODEL_ID or MODEL_ID@STAGE (STAGE from 1)")
+    if not text or len(text) > 128 or not text.isprintable() or "/" in text:
+        raise bad
+    model_id, at, stage = text.rpartition("@")
+    if not (at and stage.isascii() and stage.isdigit()):
+        if text.endswith("@") or text.startswith("@"):
+            raise bad
+        return text, None
+    if not model_id or int(stage) < 1:
+        raise bad
+    return model_id, int(stage) - 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,5 +33,5 @@ def test_a_node_started_with_fetch_serves_the_model_and_peers_shows_it(tmp_path:
 
 
 def test_a_bad_fetch_target_is_refused_naming_the_flag(tmp_path: Path) -> None:
-    done = p2p_node("start", "--data-dir", str(tmp_path), "--fetch", "gpt@x")
+    done = p2p_node("start", "--data-dir", str(tmp_path), "--fetch", "gpt@0")
     assert done.returncode != 0 and "--fetch" in done.stderr

@@ -168,14 +168,20 @@ def test_a_refusal_of_an_unknown_code_reads_as_internal() -> None:
 
 @pytest.mark.parametrize(
     ("text", "parsed"),
-    [("minilm-l6-v2", ("minilm-l6-v2", None)), ("gpt@0", ("gpt", 0)), ("gpt@12", ("gpt", 12))],
+    [
+        ("minilm-l6-v2", ("minilm-l6-v2", None)),
+        ("gpt@1", ("gpt", 0)),
+        ("gpt@12", ("gpt", 11)),
+        ("minilm-l6-v2@2of2", ("minilm-l6-v2@2of2", None)),  # a stage model's own id
+        ("a@b@3", ("a@b", 2)),
+    ],
 )
 def test_fetch_targets(text: str, parsed: tuple[str, int | None]) -> None:
     assert parse_fetch_target(text) == parsed
     assert FetchConfig(models=(text,)).models == (text,)
 
 
-@pytest.mark.parametrize("text", ["", "@1", "gpt@", "gpt@x", "gpt@-1", "a/b", "gpt@1@2"])
+@pytest.mark.parametrize("text", ["", "@1", "gpt@", "gpt@0", "a/b", "x" * 129, "a\nb"])
 def test_bad_fetch_targets_are_config_errors(text: str) -> None:
     with pytest.raises(ConfigError):
         parse_fetch_target(text)
