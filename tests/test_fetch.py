@@ -342,3 +342,30 @@ async def test_a_fetched_generator_generates(tmp_path: Path) -> None:
                     here = await client.generate_text("def ", gpt, max_tokens=8)
                 assert here == there and here
                 assert node.generations.started == 1
+
+
+async def test_one_stage_of_a_staged_model_is_fetched_by_its_number(tmp_path: Path) -> None:
+    """`--fetch MODEL@2` fetches the model a peer announces as stage 2 of MODEL."""
+    shard = pytest.importorskip("p2p_node._shard", reason="stages are not merged yet").shard
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shard(SOURCE, 2, repo)
+    base = NodeConfig(data_dir=Path(), models_dir=repo, shutdown_grace=1.0, target_degree=0)
+    target = f"{MINILM}@2"
+    with trio.fail_after(TIMEOUT_S):
+        async with open_swarm(1, base=base) as swarm:
+            config = NodeConfig(
+                data_dir=tmp_path / "f",
+                serve_models=frozenset({"digits-logreg"}),
+                bootstrap=(swarm[0].addrs[0],),
+                target_degree=0,
+                shutdown_grace=1.0,
+                fetch=FetchConfig(models=(target,)),
+            )
+            async with open_node(config) as node:
+                progress = await node.fetches.wait_ended(target)
+                assert progress.state == "done"
+                card = node.executor.models.card(progress.model_id)
+                assert card is not None and card.stage is not None  # type: ignore[attr-defined]
+                assert (card.stage.parent, card.stage.index) == (MINILM, 1)  # type: ignore[attr-defined]
+                assert sorted(node.executor.models.ids()) == ["digits-logreg", progress.model_id]
