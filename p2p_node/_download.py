@@ -234,7 +234,11 @@ class Download:
 
     def _plan(self, manifest: Manifest) -> None:
         """Open the partial files; queue every chunk not already there (a fetch cut
-        short resumes) with the right hash."""
+        short resumes) with the right hash. Files the manifest does not list go."""
+        listed = {entry.name for entry in manifest.files}
+        for stale in self.partial.iterdir():
+            if stale.name not in listed:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         for i, entry in enumerate(manifest.files):
             path = self.partial / entry.name
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -26,7 +26,7 @@ from libp2p.abc import INetStream
 from scheduler import ErrorCode, JobError
 
 from ._channel import TRANSPORT_ERRORS, Channel
-from ._config import parse_fetch_target
+from ._config import ConfigError, parse_fetch_target
 from ._download import FETCH_PROTOCOL as FETCH_PROTOCOL
 from ._download import (
     Download,
@@ -52,6 +52,7 @@ from ._manifest import (
     Refusal,
     Reply,
     build_manifest,
+    check_file_name,
     decode_reply,
     decode_request,
     encode_reply,
@@ -90,6 +91,7 @@ class FetchService:
         self.served_chunks = 0  # chunks this node sent to peers
         self._ended: set[str] = set()  # targets of fetch_all, once they end
         self._ending = trio.lowlevel.ParkingLot()
+        self._locks: dict[str, trio.Lock] = {}  # by model id: its download
 
     async def serve(self, stream: INetStream) -> None:
         """Answer requests on `stream` in turn until the peer closes it."""
@@ -191,6 +193,9 @@ class FetchService:
     def _count(self, code: ErrorCode) -> None:
         self.refused[code] = self.refused.get(code, 0) + 1
 
+    def _lock(self, model_id: str) -> trio.Lock:
+        return self._locks.setdefault(model_id, trio.Lock())
+
     def _count_corrupt(self) -> None:
         self.corrupt_chunks += 1
 
@@ -235,18 +240,27 @@ class FetchService:
             raise FetchError(FetchFailure.NO_PEER, f"no peer announces {target}")
         descriptor = most_announced(found)
         progress.model_id = descriptor.id
-        if node.executor.serves(descriptor.id):
-            progress.state = "done"
-            return descriptor.id
-        fetch = Download(node, descriptor, progress, self._count_corrupt)
-        model_dir = await fetch.run()
-        try:
-            card = read_model_card(model_dir)
-            await node.serve_model(card)
-        except (RepositoryError, ValueError) as error:
-            shutil.rmtree(model_dir, ignore_errors=True)
-            failure = FetchFailure.OVER_BUDGET if "budget" in str(error) else FetchFailure.BAD_MODEL
-            raise FetchError(failure, str(error)) from None
+        try:  # the id names a directory here: a peer's record must not name another
+            check_file_name(descriptor.id)
+        except FetchWireError:
+            raise FetchError(
+                FetchFailure.BAD_MODEL, f"{descriptor.id!r} cannot name a model directory"
+            ) from None
+        async with self._lock(descriptor.id):  # one download of a model at a time
+            if node.executor.serves(descriptor.id):
+                progress.state = "done"
+                return descriptor.id
+            model_dir = await Download(node, descriptor, progress, self._count_corrupt).run()
+            try:
+                await node.serve_model(read_model_card(model_dir))
+            except (RepositoryError, ConfigError) as error:
+                shutil.rmtree(model_dir, ignore_errors=True)
+                failure = (
+                    FetchFailure.OVER_BUDGET
+                    if isinstance(error, ConfigError)
+                    else FetchFailure.BAD_MODEL
+                )
+                raise FetchError(failure, str(error)) from None
         progress.state = "done"
         logger.info("fetched %s (%d bytes) and serving it", descriptor.id, progress.total_bytes)
         return descriptor.id

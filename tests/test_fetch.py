@@ -285,6 +285,7 @@ async def test_a_fetch_cut_short_keeps_the_chunks_it_had(tmp_path: Path) -> None
     partial = tmp_path / "f" / "fetching" / MINILM
     partial.mkdir(parents=True)
     shutil.copyfile(SOURCE / "model.onnx", partial / "model.onnx")
+    (partial / "weights.bin").write_bytes(b"left from another fetch")  # not in the manifest
     with (partial / "model.onnx").open("r+b") as f:  # chunk 5 went bad
         f.seek(5 * (1 << 20))
         f.write(b"\x00" * 16)
