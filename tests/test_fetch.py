@@ -325,6 +325,8 @@ async def test_a_fetched_generator_generates(tmp_path: Path) -> None:
     base = NodeConfig(data_dir=Path(), shutdown_grace=1.0, target_degree=0)
     with trio.fail_after(TIMEOUT_S):
         async with open_swarm(1, base=base, models=[frozenset({gpt})]) as swarm:
+            async with Client.connect(swarm[0].addrs[0]) as client:  # the only copy yet
+                there = await client.generate_text("def ", gpt, max_tokens=8)
             async with open_node(
                 NodeConfig(
                     data_dir=tmp_path / "f",
@@ -336,8 +338,6 @@ async def test_a_fetched_generator_generates(tmp_path: Path) -> None:
                 )
             ) as node:
                 assert (await node.fetches.wait_ended(gpt)).state == "done"
-                async with Client.connect(swarm[0].addrs[0]) as client:
-                    there = await client.generate_text("def ", gpt, max_tokens=8)
                 await swarm.kill(0)  # the fetched copy is the only one left
                 async with Client.connect(node.addrs[0]) as client:
                     here = await client.generate_text("def ", gpt, max_tokens=8)
