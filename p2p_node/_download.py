@@ -327,7 +327,10 @@ class Download:
         reply = await self._ask(channel, ChunkAsk(entry.sha256, c))
         if not isinstance(reply, bytes):
             raise _PeerFailed(f"answered a chunk request with {type(reply).__name__}")
-        if sha256_hex(reply) != entry.chunks[c]:
+        offset, fd = c * self.manifest.chunk_bytes, self._fds[i]
+        # Hash and write in a worker thread (hashlib lets go of the GIL), so that the
+        # event loop goes on reading the other streams meanwhile.
+        if not await trio.to_thread.run_sync(_write_checked, fd, offset, reply, entry.chunks[c]):
             self._bad.add(peer)
             self._on_corrupt()
             self._changed.unpark_all()
@@ -340,7 +343,6 @@ class Download:
                 entry.name,
             )
             raise _PeerFailed("sent a corrupted chunk")
-        os.pwrite(self._fds[i], reply, c * self.manifest.chunk_bytes)
         self._in_flight -= 1
         self.progress.done_bytes += len(reply)
         self.progress.bytes_from[peer] = self.progress.bytes_from.get(peer, 0) + len(reply)
@@ -380,6 +382,14 @@ class Download:
             shutil.rmtree(self.final)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.partial.rename(self.final)
+
+
+def _write_checked(fd: int, offset: int, data: bytes, sha256: str) -> bool:
+    """Write `data` at `offset` if it hashes to `sha256`; whether it did."""
+    if sha256_hex(data) != sha256:
+        return False
+    os.pwrite(fd, data, offset)
+    return True
 
 
 class _PeerFailed(Exception):
