@@ -43,14 +43,17 @@ from ._config import (
     AdmissionConfig,
     ConfigError,
     ExecutorConfig,
+    FetchConfig,
     GossipConfig,
     NodeConfig,
     load_bootstrap_file,
     load_client_allowlist,
+    parse_fetch_target,
     parse_host_port,
 )
 from ._errors import leaves
 from ._executor import UNNAMED_INPUT
+from ._fetch import FETCH_PROTOCOL, fetch_progress, progress_text
 from ._flags import (
     COUNT,
     POSITIVE,
@@ -65,6 +68,7 @@ from ._flags import (
 )
 from ._identity import IdentityError, create_identity_file, load_identity_file, peer_id_of
 from ._logging import LOG_FORMATS, LOG_LEVELS, configure_logging
+from ._manifest import Progress
 from ._node import open_node
 from ._psk import PskError, read_psk_file, write_new_psk_file
 from ._repository import RepositoryError
@@ -351,6 +355,22 @@ def _add_start_options(start: argparse.ArgumentParser) -> None:
         help="connections to hold beyond the bootstrap peers",
     )
     start.add_argument("--mdns", action="store_true", help="discover peers on the LAN")
+    start.add_argument(
+        "--fetch",
+        action="append",
+        type=fetch_target,
+        default=[],
+        metavar="MODEL_ID[@STAGE]",
+        help="fetch this model (or one stage of it) from peers that announce it, then "
+        "serve it; kept in the data dir (repeatable)",
+    )
+    start.add_argument(
+        "--fetch-max-mb",
+        type=POSITIVE,
+        default=FetchConfig().max_model_mb,
+        metavar="MB",
+        help="refuse to fetch a model whose files total more than this",
+    )
     _add_psk_option(start)
     start.add_argument(
         "--allow-client",
@@ -674,7 +694,17 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         psk=read_psk_file(args.psk) if args.psk else None,
         admission=_admission_config(args),
         metrics_listen=args.metrics_listen,
+        fetch=FetchConfig(models=tuple(args.fetch), max_model_mb=args.fetch_max_mb),
     )
+
+
+def fetch_target(text: str) -> str:
+    """An argparse type: MODEL_ID or MODEL_ID@STAGE."""
+    try:
+        parse_fetch_target(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -933,8 +963,19 @@ async def _models(args: argparse.Namespace) -> int:
 async def _peers(args: argparse.Namespace) -> int:
     async with _connect(args) as client:
         peers = await client.peers()
+        fetches = () if args.json else await _fetches(client)
     print(_render.peers_json(peers) if args.json else _render.peers_text(peers))
+    if fetches:
+        print(progress_text(fetches))
     return 0
+
+
+async def _fetches(client: Client) -> tuple[Progress, ...]:
+    """What the node is fetching; () from a node that does not say."""
+    try:
+        return await fetch_progress(await client.open_stream(FETCH_PROTOCOL))
+    except JobError:
+        return ()
 
 
 async def _top(args: argparse.Namespace) -> int:

@@ -20,8 +20,10 @@ from typing import Any
 
 import multiaddr
 import trio
+from libp2p.abc import INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
+from libp2p.custom_types import TProtocol
 
 from gossip import ModelDescriptor
 from scheduler import (
@@ -430,6 +432,10 @@ class Client:
         reply = await self._rpc.call(self.peer_id, PLACE_PROTOCOL, request, timeout)
         placed: PlaceReply = expect_reply(reply, PlaceReply, self.peer_id)
         return placed.placement
+
+    async def open_stream(self, protocol: TProtocol, *, timeout: float = 10.0) -> INetStream:
+        """A new stream to the node for a protocol of its own (fetch progress)."""
+        return await self._rpc.open_stream(self.peer_id, protocol, timeout)
 
     async def peers(self, *, timeout: float = 10.0) -> tuple[PeerReport, ...]:
         """The connected node's view of the network: each peer's record, age and state."""

@@ -150,6 +150,53 @@ MAX_ANNOUNCED_ADDRS = 16  # in a record
 
 
 @dataclass(frozen=True, slots=True)
+class FetchConfig:
+    """Models to fetch from peers at start (`p2p-node start --fetch`), and its bounds.
+
+    `models`: `MODEL_ID`, or `MODEL_ID@STAGE` for one stage (from 1) of a staged model. A
+    model bigger than `max_model_mb` (all its files) is refused, as is one whose
+    memory estimate is over the node's model memory budget. `find_timeout`: how
+    long to wait for a peer announcing it; `request_timeout`: for one manifest or
+    chunk. `streams_per_peer` chunks are in flight from each peer at once.
+    """
+
+    models: tuple[str, ...] = ()
+    max_model_mb: float = 4096.0
+    find_timeout: float = 300.0
+    request_timeout: float = 30.0
+    streams_per_peer: int = 2
+
+    def __post_init__(self) -> None:
+        for target in self.models:
+            parse_fetch_target(target)
+        if not self.max_model_mb > 0:
+            raise ConfigError(f"max_model_mb must be > 0, got {self.max_model_mb}")
+        if not (self.find_timeout > 0 and self.request_timeout > 0):
+            raise ConfigError("fetch timeouts must be > 0")
+        if self.streams_per_peer < 1:
+            raise ConfigError(f"streams_per_peer must be >= 1, got {self.streams_per_peer}")
+
+
+def parse_fetch_target(text: str) -> tuple[str, int | None]:
+    """`MODEL_ID` or `MODEL_ID@STAGE` as (model id, 0-based stage index or None).
+
+    STAGE counts from 1, as `p2p-node peers` and `place` show stages; a stage
+    model's own id (`minilm-l6-v2@2of2`) is a plain model id.
+    """
+    bad = ConfigError(f"--fetch {text!r}: expected MODEL_ID or MODEL_ID@STAGE (STAGE from 1)")
+    if not text or len(text) > 128 or not text.isprintable() or "/" in text:
+        raise bad
+    model_id, at, stage = text.rpartition("@")
+    if not (at and stage.isascii() and stage.isdigit()):
+        if text.endswith("@") or text.startswith("@"):
+            raise bad
+        return text, None
+    if not model_id or int(stage) < 1:
+        raise bad
+    return model_id, int(stage) - 1
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     data_dir: Path
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
@@ -182,6 +229,7 @@ class NodeConfig:
     # Serve Prometheus metrics on http://HOST:PORT/metrics (port 0: any free one; host
     # "": every interface). None: no endpoint.
     metrics_listen: tuple[str, int] | None = None
+    fetch: FetchConfig = field(default_factory=FetchConfig)  # models fetched from peers
 
     def __post_init__(self) -> None:
         if not self.listen:

@@ -362,6 +362,7 @@ class Generations:
             if generator is not None:
                 self._engines[card.id] = _Engine(generator, executor.limiter, config.batch_decode)
         self._sessions: set[_Session] = set()
+        self._nursery: trio.Nursery | None = None  # where engines run, once `run` does
         # Sessions started, refused at the start, and ended: all their tokens taken,
         # failed (an error, idle too long), or left before the end (a hang-up).
         self.started = 0
@@ -370,6 +371,15 @@ class Generations:
         self.failed = 0
         self.cancelled = 0
         self._ended = trio.lowlevel.ParkingLot()
+
+    def add(self, card: ModelCard) -> None:
+        """Generate with `card`'s model too, if it is a generator (a model fetched after start)."""
+        generator = load_text_generator(card)
+        if generator is not None:
+            engine = _Engine(generator, self._executor.limiter, self._config.batch_decode)
+            self._engines[card.id] = engine
+            if self._nursery is not None:
+                self._nursery.start_soon(engine.run)
 
     @property
     def model_ids(self) -> list[str]:
@@ -394,10 +404,12 @@ class Generations:
         return self._engines[model_id]
 
     async def run(self) -> None:
-        """Run every model's engine until cancelled."""
+        """Run every model's engine (those added later too) until cancelled."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for engine in self._engines.values():
                 nursery.start_soon(engine.run)
+            await trio.sleep_forever()
 
     @asynccontextmanager
     async def open_session(

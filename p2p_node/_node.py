@@ -46,7 +46,8 @@ from ._beats import BEAT_PROTOCOL, answer_beats, lead_beats
 from ._channel import MessageLimits
 from ._config import MAX_ANNOUNCED_ADDRS, NodeConfig, parse_multiaddr, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
-from ._executor import Executor
+from ._executor import Executor, load_model
+from ._fetch import FETCH_PROTOCOL, FetchService, fetched_cards
 from ._generation import Generations
 from ._gossip import Gossip, open_gossip
 from ._handlers import serve_node
@@ -59,7 +60,7 @@ from ._mdns import lan_addrs, run_mdns
 from ._membership import Found, Membership
 from ._messages import LoadReply, LoadRequest, SyncReply, SyncRequest
 from ._metrics import NodeMetrics, node_families, serve_metrics
-from ._repository import bundled_models_dir, read_repository
+from ._repository import ModelCard, bundled_models_dir, read_repository
 from ._rpc import (
     LOAD_PROTOCOL,
     MODELS_PROTOCOL,
@@ -73,6 +74,7 @@ from ._rpc import (
 )
 from ._serve import Server
 from ._stream_gen import GENERATE_PROTOCOL, serve_generate
+from ._text import TextModel, TextModels
 from ._tracker_store import load_tracker, save_periodically, save_tracker
 
 logger = logging.getLogger(__name__)
@@ -123,6 +125,7 @@ class Node:
             count_tokens=executor.texts.count_tokens,
         )
         self.generations: Generations  # set by open_node: text generation sessions
+        self.fetches = FetchService(self)  # models shared with peers by content
         # Set by open_node once gossip and membership run.
         self.gossip: Gossip
         self.membership: Membership
@@ -206,6 +209,22 @@ class Node:
             performance=self._executor.performance(),
             departed=departed,
         )
+
+    async def serve_model(self, card: ModelCard) -> None:
+        """Serve a model found after start (one fetched from peers), and announce it.
+        ConfigError if it can never fit the memory budget; RepositoryError if it does
+        not load."""
+        executor = self._executor
+        executor.models.check_fits(card)
+        model = await trio.to_thread.run_sync(load_model, card, self.config.executor)
+        text = TextModel.load(card, model.descriptor)
+        executor.models.add(model)
+        if text is not None:
+            known = (executor.texts.get(i) for i in executor.texts.ids())
+            executor.texts = TextModels([*(t for t in known if t is not None), text])
+        self.generations.add(card)
+        self._catalog_source = self._index_source = None
+        self.gossip.changed()
 
     def note_load(self) -> None:
         """Publish early when the load moved a lot since the last record."""
@@ -432,6 +451,8 @@ async def open_node(config: NodeConfig, *, gate: PeerGate | None = None) -> Asyn
 async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator[Node]:
     key_pair = load_or_create_identity(config.data_dir)
     cards = read_repository(config.models_dir or bundled_models_dir(), config.serve_models)
+    known = [c.id for c in cards]
+    cards += tuple(await trio.to_thread.run_sync(fetched_cards, config.data_dir, known))
     executor = await Executor.load(cards, config.executor)
     tracker = load_tracker(config.data_dir)
     host = new_libp2p_host(key_pair, psk=config.psk, gate=gate)
@@ -463,6 +484,7 @@ async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator
                 node.gossip = gossip
                 host.set_stream_handler(BEAT_PROTOCOL, node._on_beat_stream)
                 host.set_stream_handler(GENERATE_PROTOCOL, partial(serve_generate, node))
+                host.set_stream_handler(FETCH_PROTOCOL, node.fetches.serve)
                 executor.models.on_change = gossip.changed  # announce loads and unloads soon
                 node.membership = Membership(
                     dial=node.connect,
@@ -480,6 +502,8 @@ async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator
                 nursery.start_soon(node.membership.run)
                 if config.mdns:
                     await nursery.start(run_mdns, host, node.addrs, found_send)
+                if config.fetch.models:
+                    nursery.start_soon(node.fetches.fetch_all, config.fetch.models)
                 nursery.start_soon(
                     save_periodically, config.data_dir, tracker, config.tracker_save_interval
                 )

@@ -63,6 +63,8 @@ max-inbound-streams = 9
 max-sessions = 3
 max-new-tokens = 77
 session-idle-s = 2.5
+fetch = ["minilm-l6-v2", "pydoc-gpt-large@2"]
+fetch-max-mb = 100
 network = "lab"
 interval = 0.5
 refresh = 30
@@ -88,6 +90,7 @@ log-format = "json"
         *("--model-memory-mb", "512", "--max-batch-rows", "1000"),
         *("--max-request-bytes", "2048", "--max-inbound-streams", "9"),
         *("--max-sessions", "3", "--max-new-tokens", "77", "--session-idle-s", "2.5"),
+        *("--fetch", "minilm-l6-v2", "--fetch", "pydoc-gpt-large@2", "--fetch-max-mb", "100"),
         *("--network", "lab", "--interval", "0.5", "--refresh", "30", "--degree", "0"),
         *("--mdns", "--psk", "swarm.key", "--allow-client", ALICE),
         *("--allow-clients-file", "clients.toml", "--job-rate", "2.5", "--job-burst", "7"),
@@ -106,6 +109,8 @@ log-format = "json"
     assert config.psk is not None and config.mdns and config.gossip.refresh == 30.0
     assert config.announce == ("/ip4/203.0.113.7/tcp/4001",)
     assert config.metrics_listen == ("127.0.0.1", 9100)
+    assert config.fetch.models == ("minilm-l6-v2", "pydoc-gpt-large@2")
+    assert config.fetch.max_model_mb == 100.0
     assert (from_file.log_level, from_file.log_format) == ("info", "json")
     assert (from_flags.log_level, from_flags.log_format) == ("info", "json")
 
