@@ -224,6 +224,12 @@ def _parser() -> argparse.ArgumentParser:
         "--identity", type=Path, metavar="FILE", help="new client identity; prints its peer id"
     )
     keygen.set_defaults(run=_keygen, check=_keygen_flag_error)
+
+    shard = commands.add_parser("shard", help="split a model into stages at layer boundaries")
+    shard.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory")
+    shard.add_argument("--stages", type=int, required=True, metavar="K", help="how many stages")
+    shard.add_argument("--out", type=Path, required=True, metavar="DIR", help="repository to write")
+    shard.set_defaults(run=_shard)
     for client_command in (submit, generate, place, select, feedback, models, peers, top):
         _add_psk_option(client_command)
         client_command.add_argument(
@@ -951,6 +957,19 @@ async def _demo(args: argparse.Namespace) -> int:
 
     rows = await run_demo(args.nodes, read_psk_file(args.psk) if args.psk else None)
     print(_render.format_table(rows))
+    return 0
+
+
+async def _shard(args: argparse.Namespace) -> int:
+    from ._shard import ShardError, shard
+
+    try:
+        written = shard(args.model, args.stages, args.out)
+    except (ShardError, RepositoryError) as error:
+        print(f"p2p-node shard: {error}", file=sys.stderr)
+        return 1
+    for directory in written:
+        print(f"wrote {directory}")
     return 0
 
 

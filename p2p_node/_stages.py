@@ -1,0 +1,416 @@
+"""Serving a stage of a chain: the stage protocol.
+
+A chain runs a model split into stages (see `_shard`) on one peer per stage.
+The coordinator opens a stream to the first stage's peer and sends it a
+`StageStep`: the remaining hops of the chain (peer and stage model id each) and
+the tensors. That peer runs its stage (and any consecutive stages it also
+serves, without a hop), opens a stream to the next hop's peer, and sends it the
+step with the activations the later stages take: activations go peer to peer,
+never back through the coordinator. The last stage's answer (the parent's
+outputs: logits, an embedding) travels back along the open streams.
+
+A stream is a session: a decoder stage keeps its own layers' cache
+(`past_key_values.*` in, `present.*` out) for the stream's life, so each decode
+step of a generation sends only the new token down the chain, and a hang-up
+anywhere frees the caches of every stage after it. A peer that cannot reach
+the next hop answers `StageFailure` naming that peer, so that the coordinator
+replaces it (see `_chain`).
+
+Frames: msgpack maps. Tensors: ``{name: [dtype, shape, bytes]}``, little-endian.
+Everything from a peer is checked; a bad frame is a typed error, never a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import numpy as np
+import onnxruntime as ort
+import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+
+from scheduler import ErrorCode, JobError
+
+from ._channel import TRANSPORT_ERRORS, Channel
+from ._framing import FrameError
+from ._repository import ModelCard, StageSpec
+
+if TYPE_CHECKING:
+    from ._node import Node
+
+logger = logging.getLogger(__name__)
+
+STAGE_PROTOCOL = TProtocol("/p2p-node/stage/1.0.0")
+STATE_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+MAX_HOPS = 16
+MAX_STAGE_TENSORS = 256
+STEP_WAIT_S = 300.0  # a session's next step (a client reading slowly)
+HOP_DIAL_S = 5.0
+DTYPES = frozenset({"float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"})
+
+Array = np.ndarray[Any, Any]
+
+
+# --- wire -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """One stage of the chain: the peer that runs it, and the stage's model id."""
+
+    peer_id: str
+    model_id: str
+
+
+@dataclass(slots=True)
+class StageStep:
+    """A step of a chain, sent to the peer of `hops[0]`. `hops` is set on a stream's
+    first step only. `last_only`: answer only the last position of `logits`."""
+
+    tensors: dict[str, Array]
+    hops: tuple[Hop, ...] = ()
+    last_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StageFailure:
+    """What went wrong in a chain, and at which peer (empty: no peer to blame)."""
+
+    code: ErrorCode
+    message: str
+    peer_id: str = ""
+
+    def error(self) -> JobError:
+        return JobError(self.code, self.message)
+
+
+def _tensors_to_wire(tensors: Mapping[str, Array]) -> dict[str, list[Any]]:
+    wire = {}
+    for name, array in tensors.items():
+        a = np.ascontiguousarray(array)
+        if a.dtype.name not in DTYPES:
+            raise JobError(ErrorCode.INVALID_INPUT, f"tensor {name!r}: dtype {a.dtype} not sent")
+        wire[name] = [a.dtype.name, list(a.shape), a.astype(a.dtype.newbyteorder("<")).tobytes()]
+    return wire
+
+
+def _tensors_from_wire(raw: object) -> dict[str, Array]:
+    if not isinstance(raw, dict) or len(raw) > MAX_STAGE_TENSORS:
+        raise ValueError(f"tensors must be a map of at most {MAX_STAGE_TENSORS}")
+    out = {}
+    for name, value in raw.items():
+        if not isinstance(name, str) or not isinstance(value, list) or len(value) != 3:
+            raise ValueError("a tensor is [dtype, shape, bytes] under its name")
+        dtype, shape, data = value
+        if dtype not in DTYPES or not isinstance(data, bytes) or not isinstance(shape, list):
+            raise ValueError(f"tensor {name!r}: bad dtype, shape or data")
+        if len(shape) > 8 or not all(type(d) is int and 0 <= d < 2**31 for d in shape):
+            raise ValueError(f"tensor {name!r}: bad shape {shape!r}")
+        kind = np.dtype(dtype).newbyteorder("<")
+        if int(np.prod(shape, dtype=np.int64)) * kind.itemsize != len(data):
+            raise ValueError(f"tensor {name!r}: {len(data)} bytes for shape {shape}")
+        out[name] = np.frombuffer(data, kind).reshape(shape).astype(kind.newbyteorder("="))
+    return out
+
+
+def encode_step(step: StageStep, limit: int) -> bytes:
+    """A step's frame; JobError(MESSAGE_TOO_LARGE) naming `limit` if it is larger."""
+    body: dict[str, Any] = {"t": _tensors_to_wire(step.tensors)}
+    if step.hops:
+        body["hops"] = [[h.peer_id, h.model_id] for h in step.hops]
+    if step.last_only:
+        body["last"] = True
+    payload: bytes = msgpack.packb(body, use_bin_type=True)
+    if len(payload) > limit:
+        raise JobError(
+            ErrorCode.MESSAGE_TOO_LARGE,
+            f"activations of {len(payload):,} bytes exceed the request size limit of "
+            f"{limit:,} bytes (max_request_bytes, --max-request-bytes)",
+        )
+    return payload
+
+
+def decode_step(payload: bytes) -> StageStep:
+    """Raises ValueError for anything but a well-formed step."""
+    raw = _unpack(payload)
+    if set(raw) - {"t", "hops", "last"} or "t" not in raw:
+        raise ValueError(f"a stage step has fields t, hops, last; got {sorted(raw)}")
+    hops_raw = raw.get("hops", [])
+    if not isinstance(hops_raw, list) or len(hops_raw) > MAX_HOPS:
+        raise ValueError(f"hops must be a list of at most {MAX_HOPS}")
+    hops = []
+    for hop in hops_raw:
+        if (
+            not isinstance(hop, list)
+            or len(hop) != 2
+            or not all(isinstance(x, str) and 0 < len(x) <= 128 for x in hop)
+        ):
+            raise ValueError("a hop is [peer id, stage model id]")
+        hops.append(Hop(hop[0], hop[1]))
+    last = raw.get("last", False)
+    if type(last) is not bool:
+        raise ValueError("last must be a bool")
+    return StageStep(_tensors_from_wire(raw["t"]), tuple(hops), last)
+
+
+def encode_answer(answer: dict[str, Array] | StageFailure, limit: int) -> bytes:
+    if isinstance(answer, StageFailure):
+        body: dict[str, Any] = {"err": int(answer.code), "msg": answer.message[:1000]}
+        if answer.peer_id:
+            body["peer"] = answer.peer_id
+    else:
+        body = {"t": _tensors_to_wire(answer)}
+    payload: bytes = msgpack.packb(body, use_bin_type=True)
+    if len(payload) > limit:
+        return encode_answer(
+            StageFailure(
+                ErrorCode.MESSAGE_TOO_LARGE,
+                f"the chain's answer of {len(payload):,} bytes exceeds the reply size limit of "
+                f"{limit:,} bytes (max_reply_bytes)",
+            ),
+            limit,
+        )
+    return payload
+
+
+def decode_answer(payload: bytes) -> dict[str, Array] | StageFailure:
+    """Raises ValueError for anything but a well-formed answer."""
+    raw = _unpack(payload)
+    if "t" in raw and set(raw) == {"t"}:
+        return _tensors_from_wire(raw["t"])
+    if set(raw) - {"err", "msg", "peer"} or "err" not in raw:
+        raise ValueError(f"a stage answer has t, or err, msg and peer; got {sorted(raw)}")
+    try:
+        code = ErrorCode(raw["err"])
+    except ValueError:
+        code = ErrorCode.INTERNAL
+    msg, peer = raw.get("msg", ""), raw.get("peer", "")
+    if not isinstance(msg, str) or not isinstance(peer, str) or len(peer) > 128:
+        raise ValueError("msg and peer must be strings")
+    return StageFailure(code, msg, peer)
+
+
+def _unpack(payload: bytes) -> dict[str, Any]:
+    try:
+        raw = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as error:
+        raise ValueError(f"not msgpack: {error or type(error).__name__}") from None
+    if not isinstance(raw, dict):
+        raise ValueError("a stage frame must be a map")
+    return raw
+
+
+# --- running a stage ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class StageState:
+    """One session's cache at one stage: `past_key_values.*` as the stage takes them."""
+
+    past: dict[str, Array] = field(default_factory=dict)
+
+
+def empty_past(session: ort.InferenceSession, batch: int) -> dict[str, Array]:
+    """Zero-length caches for each `past_key_values.*` input of `session`."""
+    past = {}
+    for arg in session.get_inputs():
+        if arg.name.startswith(STATE_PREFIX):
+            dims = [d if isinstance(d, int) else 0 for d in arg.shape]
+            dims[0] = batch
+            past[arg.name] = np.zeros(dims, np.float32)
+    return past
+
+
+def run_stage(
+    session: ort.InferenceSession,
+    spec: StageSpec,
+    received: Mapping[str, Array],
+    state: StageState | None,
+    last_only: bool = False,
+) -> tuple[dict[str, Array], dict[str, Array]]:
+    """Run one stage (in a worker thread): what goes on to the next stage, and the
+    parent's outputs this stage makes (the last stage's answer). Updates `state`'s
+    cache. Raises JobError(INVALID_INPUT) for missing inputs."""
+    feeds = {}
+    for name in spec.inputs:
+        if name.startswith(STATE_PREFIX):
+            continue
+        if name not in received:
+            raise JobError(ErrorCode.INVALID_INPUT, f"stage {spec.index + 1} needs tensor {name!r}")
+        feeds[name] = received[name]
+    if any(n.startswith(STATE_PREFIX) for n in spec.inputs):
+        if state is None:
+            state = StageState()
+        if not state.past:
+            rows = next(iter(feeds.values())).shape[0] if feeds else 1
+            state.past = empty_past(session, rows)
+        feeds.update({n: state.past[n] for n in spec.inputs if n.startswith(STATE_PREFIX)})
+    try:
+        values = session.run(list(spec.outputs), feeds)
+    except Exception as error:  # onnxruntime's errors share no useful base
+        raise JobError(
+            ErrorCode.INVALID_INPUT,
+            f"stage {spec.index + 1} failed: {type(error).__name__}: {error}",
+        ) from None
+    made = dict(zip(spec.outputs, values, strict=True))
+    if state is not None:
+        for name, value in made.items():
+            if name.startswith(PRESENT_PREFIX):
+                state.past[STATE_PREFIX + name[len(PRESENT_PREFIX) :]] = value
+    forward = {}
+    for name in spec.boundary_out:
+        forward[name] = made[name] if name in made else received[name]
+    final = {
+        n: v
+        for n, v in made.items()
+        if n not in spec.boundary_out and not n.startswith(PRESENT_PREFIX)
+    }
+    if last_only and "logits" in final:
+        final["logits"] = np.ascontiguousarray(final["logits"][:, -1:, :])
+    return forward, final
+
+
+def run_chain_locally(
+    stages: Sequence[tuple[ort.InferenceSession, StageSpec]],
+    tensors: Mapping[str, Array],
+    states: Sequence[StageState] | None = None,
+    last_only: bool = False,
+) -> dict[str, Array]:
+    """Every stage in turn, in this process: the parent's outputs (tests, benchmarks)."""
+    received: dict[str, Array] = dict(tensors)
+    final: dict[str, Array] = {}
+    for i, (session, spec) in enumerate(stages):
+        state = states[i] if states is not None else None
+        received, made = run_stage(session, spec, received, state, last_only)
+        final.update(made)
+    return final
+
+
+# --- serving --------------------------------------------------------------------------------
+
+
+class _Downstream:
+    """The stream to the next hop's peer, opened on the first step that needs it."""
+
+    def __init__(self, node: Node, hops: tuple[Hop, ...]) -> None:
+        self.node = node
+        self.hops = hops
+        self.channel: Channel | None = None
+
+    async def exchange(self, step: StageStep) -> dict[str, Array] | StageFailure:
+        peer = self.hops[0].peer_id
+        limit = self.node.config.max_request_bytes
+        try:
+            payload = encode_step(step, limit)
+        except JobError as error:
+            return StageFailure(error.code, error.message)
+        try:
+            if self.channel is None:
+                stream = await self.node.open_stream(peer, STAGE_PROTOCOL, HOP_DIAL_S)
+                self.channel = Channel(stream, self.node.config.max_reply_bytes)
+                step_hops = self.hops
+            else:
+                step_hops = ()
+            if step_hops:
+                payload = encode_step(StageStep(step.tensors, step_hops, step.last_only), limit)
+            await self.channel.send(payload)
+            with trio.fail_after(STEP_WAIT_S):
+                return decode_answer(await self.channel.receive())
+        except JobError as error:
+            if error.code is ErrorCode.MESSAGE_TOO_LARGE:
+                return StageFailure(error.code, error.message)
+            return StageFailure(ErrorCode.PEER_UNREACHABLE, f"stage peer {peer}: {error}", peer)
+        except (ValueError, FrameError, trio.TooSlowError, EOFError, *TRANSPORT_ERRORS) as error:
+            return StageFailure(
+                ErrorCode.PEER_UNREACHABLE, f"stage peer {peer} failed: {error!r}", peer
+            )
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.discard()
+
+
+async def serve_stage(node: Node, stream: INetStream) -> None:
+    """Answer the steps of one chain session on `stream` until the caller hangs up."""
+    peer = str(stream.muxed_conn.peer_id)
+    channel = Channel(stream, node.config.max_request_bytes)
+    downstream: _Downstream | None = None
+    mine: list[tuple[ModelCard, StageState]] = []
+    try:
+        first = True
+        while True:
+            with trio.fail_after(STEP_WAIT_S):
+                payload = await channel.receive()
+            try:
+                step = decode_step(payload)
+                if first:
+                    mine, rest = _my_hops(node, step.hops)
+                    downstream = _Downstream(node, rest) if rest else None
+                    first = False
+                elif step.hops:
+                    raise ValueError("hops go on a session's first step only")
+                answer = await _run_mine(node, mine, step, downstream)
+            except ValueError as error:
+                answer = StageFailure(ErrorCode.MALFORMED_MESSAGE, f"bad stage step: {error}")
+            except JobError as error:
+                answer = StageFailure(error.code, error.message)
+            await channel.send(encode_answer(answer, node.config.max_reply_bytes))
+            if isinstance(answer, StageFailure):
+                break
+    except (trio.TooSlowError, FrameError, EOFError, *TRANSPORT_ERRORS) as error:
+        logger.debug("stage stream from %s ended: %r", peer, error)
+    finally:
+        if downstream is not None:
+            await downstream.close()
+        await channel.discard()
+
+
+def _my_hops(
+    node: Node, hops: tuple[Hop, ...]
+) -> tuple[list[tuple[ModelCard, StageState]], tuple[Hop, ...]]:
+    """The leading hops that are this node's (consecutive stages run without a hop)."""
+    if not hops or hops[0].peer_id != node.peer_id:
+        raise ValueError("a session's first step names this node as its first hop")
+    mine = []
+    i = 0
+    while i < len(hops) and hops[i].peer_id == node.peer_id:
+        card = node.executor.models.card(hops[i].model_id)
+        if card is None or card.stage is None:
+            raise JobError(
+                ErrorCode.UNKNOWN_MODEL, f"this node serves no stage {hops[i].model_id!r}"
+            )
+        mine.append((card, StageState()))
+        i += 1
+    return mine, hops[i:]
+
+
+async def _run_mine(
+    node: Node,
+    mine: list[tuple[ModelCard, StageState]],
+    step: StageStep,
+    downstream: _Downstream | None,
+) -> dict[str, Array] | StageFailure:
+    received = step.tensors
+    final: dict[str, Array] = {}
+    for card, state in mine:
+        assert card.stage is not None
+        async with node.executor.models.use(card.id) as loaded:
+            received, made = await trio.to_thread.run_sync(
+                run_stage,
+                loaded.session,
+                card.stage,
+                received,
+                state,
+                step.last_only,
+                limiter=node.executor.limiter,
+            )
+        final.update(made)
+    if downstream is None:
+        return final
+    return await downstream.exchange(StageStep(received, (), step.last_only))
