@@ -28,6 +28,7 @@ from gossip import (
     ModelEntry,
     PeerRecord,
     PeerView,
+    StageOf,
     ViewEvent,
 )
 from scheduler import (
@@ -43,6 +44,7 @@ from selection import EnhancedModelOrchestrator, ModelCatalog, PerformanceTracke
 
 from ._admission import Admission
 from ._beats import BEAT_PROTOCOL, answer_beats, lead_beats
+from ._chain import Chains
 from ._channel import MessageLimits
 from ._config import MAX_ANNOUNCED_ADDRS, NodeConfig, parse_multiaddr, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
@@ -72,6 +74,7 @@ from ._rpc import (
     open_rpc,
 )
 from ._serve import Server
+from ._stages import STAGE_PROTOCOL, serve_stage
 from ._stream_gen import GENERATE_PROTOCOL, serve_generate
 from ._tracker_store import load_tracker, save_periodically, save_tracker
 
@@ -123,6 +126,7 @@ class Node:
             count_tokens=executor.texts.count_tokens,
         )
         self.generations: Generations  # set by open_node: text generation sessions
+        self.chains = Chains(self)  # jobs and generations on models served as stages
         # Set by open_node once gossip and membership run.
         self.gossip: Gossip
         self.membership: Membership
@@ -195,7 +199,10 @@ class Node:
             interval=interval,
             addrs=self.announced_addrs,
             capabilities=self._capabilities,
-            models=tuple(ModelEntry(m, self._executor.models.is_loaded(m.id)) for m in self.models),
+            models=tuple(
+                ModelEntry(m, self._executor.models.is_loaded(m.id), self._stage_of(m.id))
+                for m in self.models
+            ),
             load=Load(
                 in_flight=self.running,
                 queue_length=self._executor.queue_length,
@@ -206,6 +213,12 @@ class Node:
             performance=self._executor.performance(),
             departed=departed,
         )
+
+    def _stage_of(self, model_id: str) -> StageOf | None:
+        card = self._executor.models.card(model_id)
+        if card is None or card.stage is None:
+            return None
+        return StageOf(card.stage.parent, card.stage.index, card.stage.k)
 
     def note_load(self) -> None:
         """Publish early when the load moved a lot since the last record."""
@@ -463,6 +476,7 @@ async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator
                 node.gossip = gossip
                 host.set_stream_handler(BEAT_PROTOCOL, node._on_beat_stream)
                 host.set_stream_handler(GENERATE_PROTOCOL, partial(serve_generate, node))
+                host.set_stream_handler(STAGE_PROTOCOL, partial(serve_stage, node))
                 executor.models.on_change = gossip.changed  # announce loads and unloads soon
                 node.membership = Membership(
                     dial=node.connect,

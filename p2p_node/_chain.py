@@ -1,0 +1,229 @@
+"""Coordinating a chain: a job or a generation on a model served as stages.
+
+The coordinator places the chain (`scheduler.plan_chain` over the view's stage
+offers), opens a session on the first stage's peer (itself, without a hop, when
+it serves the first stage) and sends each step down the chain (see `_stages`).
+
+Failover, as Petals does it: when a stage peer dies (the hop before it cannot
+reach it, or its stream breaks), the chain answers `StageFailure` naming it; the
+coordinator places the chain again without that peer (nor any other that failed
+this job: a peer that comes back is not used for the running session), opens
+new sessions, and replays what the stages need to rebuild their caches: for a
+generation, the prompt and every token generated so far, in one prefill. The
+caller sees the same tokens and no error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import trio
+
+from scheduler import ChainPlan, ErrorCode, JobError, NodeInfo, StageOffer, plan_chain
+
+from ._decoder import Sampling, choose_token
+from ._stages import Hop, StageFailure, StageStep, _Downstream, _my_hops, _run_mine
+
+if TYPE_CHECKING:
+    from ._node import Node
+
+logger = logging.getLogger(__name__)
+
+Array = np.ndarray[Any, Any]
+MAX_ATTEMPTS = 6  # chains tried for one job or one generation step
+
+
+@dataclass(slots=True)
+class HopTimes:
+    """What the coordinator measured: per step, the wall time of the chain."""
+
+    steps_ms: list[float] = field(default_factory=list)
+    failovers: list[float] = field(default_factory=list)  # seconds from failure to answer
+
+
+class ChainSession:
+    """One session along a placed chain: each `step` goes down it and back."""
+
+    def __init__(self, node: Node, plan: ChainPlan) -> None:
+        self.node = node
+        self.plan = plan
+        hops = tuple(Hop(h.peer_id, h.model_id) for h in plan.hops)
+        if hops[0].peer_id == node.peer_id:
+            self._mine, rest = _my_hops(node, hops)
+            self._down = _Downstream(node, rest) if rest else None
+        else:
+            self._mine, self._down = [], _Downstream(node, hops)
+
+    async def step(self, tensors: Mapping[str, Array], last_only: bool) -> dict[str, Array]:
+        """The chain's answer; StageFailure as an exception when it fails."""
+        step = StageStep(dict(tensors), (), last_only)
+        if self._mine:
+            try:
+                answer = await _run_mine(self.node, self._mine, step, self._down)
+            except JobError as error:
+                answer = StageFailure(error.code, error.message)
+        else:
+            assert self._down is not None
+            answer = await self._down.exchange(step)
+        if isinstance(answer, StageFailure):
+            raise ChainFailed(answer)
+        return answer
+
+    async def close(self) -> None:
+        if self._down is not None:
+            await self._down.close()
+
+
+class ChainFailed(Exception):
+    def __init__(self, failure: StageFailure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+class Chains:
+    """A node's chains: placing them, running jobs and generations through them."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.rtt_ms: dict[str, float] = {}
+        self.times = HopTimes()
+
+    def offers(self) -> list[StageOffer]:
+        """Every stage the view (this node included) serves."""
+        offers = []
+        for peer in self.node.view.snapshot().alive():
+            for entry in peer.record.models:
+                if entry.stage is not None:
+                    s = entry.stage
+                    offers.append(
+                        StageOffer(s.parent, s.index, s.k, entry.descriptor.id, peer.peer_id)
+                    )
+        for descriptor in self.node.models:
+            card = self.node.executor.models.card(descriptor.id)
+            if card is not None and card.stage is not None:
+                s2 = card.stage
+                offers.append(StageOffer(s2.parent, s2.index, s2.k, card.id, self.node.peer_id))
+        return offers
+
+    def plan(self, parent: str, exclude: Sequence[str] = ()) -> ChainPlan:
+        """The chain for `parent`; JobError(NO_CAPABLE_PEER) when no split is complete."""
+        index = self.node.node_index()
+        nodes: dict[str, NodeInfo] = {n.peer_id: n for n in index.nodes}
+        plan = plan_chain(
+            parent,
+            self.offers(),
+            nodes,
+            self.rtt_ms,
+            exclude=frozenset(exclude),
+            local_peer_id=self.node.peer_id,
+        )
+        if plan is None:
+            raise JobError(
+                ErrorCode.NO_CAPABLE_PEER,
+                f"no complete chain of stages of {parent!r} in the view"
+                + (f" without the failed peers {sorted(exclude)}" if exclude else ""),
+            )
+        return plan
+
+    async def run(self, parent: str, tensors: Mapping[str, Array]) -> dict[str, Array]:
+        """One job through a chain of `parent`'s stages (e.g. an embedding)."""
+        failed: list[str] = []
+        for _ in range(MAX_ATTEMPTS):
+            plan = self.plan(parent, failed)
+            session = ChainSession(self.node, plan)
+            try:
+                started = time.perf_counter()
+                answer = await session.step(tensors, last_only=False)
+                self._timed(plan, time.perf_counter() - started)
+                return answer
+            except ChainFailed as failure:
+                if not self._blame(failure.failure, failed):
+                    raise failure.failure.error() from None
+            finally:
+                await session.close()
+        raise JobError(ErrorCode.PEER_UNREACHABLE, f"chain of {parent!r} failed {MAX_ATTEMPTS}x")
+
+    async def generate(
+        self,
+        parent: str,
+        prompt: Sequence[int],
+        max_new: int,
+        sampling: Sampling | None = None,
+        eos_token_id: int | None = None,
+    ) -> AsyncIterator[int]:
+        """Token ids after `prompt`, each decode step flowing down the chain; a stage
+        peer that dies is replaced and its session rebuilt from the tokens so far."""
+        sampling = sampling or Sampling()
+        rng = np.random.default_rng(sampling.seed)
+        tokens: list[int] = []
+        failed: list[str] = []
+        session: ChainSession | None = None
+        failed_at: float | None = None
+        try:
+            while len(tokens) < max_new:
+                if session is None:
+                    session = ChainSession(self.node, self.plan(parent, failed))
+                    feeds = _prefill(list(prompt) + tokens)
+                else:
+                    feeds = _decode_step(tokens[-1], len(prompt) + len(tokens) - 1)
+                started = time.perf_counter()
+                try:
+                    answer = await session.step(feeds, last_only=True)
+                except ChainFailed as failure:
+                    await session.close()
+                    session = None
+                    if len(failed) >= MAX_ATTEMPTS or not self._blame(failure.failure, failed):
+                        raise failure.failure.error() from None
+                    failed_at = failed_at or time.perf_counter()
+                    continue
+                self._timed(session.plan, time.perf_counter() - started)
+                if failed_at is not None:
+                    self.times.failovers.append(time.perf_counter() - failed_at)
+                    failed_at = None
+                token = choose_token(answer["logits"][0, -1], sampling, rng)
+                tokens.append(token)
+                yield token
+                if token == eos_token_id:
+                    return
+        finally:
+            if session is not None:
+                with trio.CancelScope(shield=True):
+                    await session.close()
+
+    def _blame(self, failure: StageFailure, failed: list[str]) -> bool:
+        """Note the peer a failure names; whether another chain may do better."""
+        if not failure.peer_id or not failure.code.retryable:
+            return False
+        logger.info("chain stage peer %s failed (%s); placing again", failure.peer_id, failure)
+        failed.append(failure.peer_id)
+        return True
+
+    def _timed(self, plan: ChainPlan, seconds: float) -> None:
+        ms = seconds * 1e3
+        self.times.steps_ms.append(ms)
+        first = plan.hops[0].peer_id
+        if first != self.node.peer_id:
+            old = self.rtt_ms.get(first)
+            self.rtt_ms[first] = ms if old is None else old + 0.2 * (ms - old)
+
+
+def _prefill(ids: Sequence[int]) -> dict[str, Array]:
+    n = len(ids)
+    return {
+        "input_ids": np.array([list(ids)], np.int64),
+        "attention_mask": np.ones((1, n), np.int64),
+        "position_ids": np.arange(n, dtype=np.int64)[None],
+    }
+
+
+def _decode_step(token: int, position: int) -> dict[str, Array]:
+    return {
+        "input_ids": np.array([[token]], np.int64),
+        "attention_mask": np.ones((1, position + 1), np.int64),
+        "position_ids": np.array([[position]], np.int64),
+    }

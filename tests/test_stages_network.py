@@ -1,0 +1,168 @@
+"""Chains over real nodes: activations go stage peer to stage peer, the answers match
+the whole model's, a stage peer killed mid-generation is replaced without the client
+seeing an error, and no node needs memory for the whole model."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import trio
+
+from p2p_node import bundled_models_dir
+from p2p_node._config import ExecutorConfig, NodeConfig
+from p2p_node._repository import read_model_card
+from p2p_node._shard import shard
+from p2p_node.testing import open_swarm
+from scheduler import ErrorCode, JobError
+
+BUNDLED = bundled_models_dir()
+GPT = "pydoc-gpt-small"
+MINILM = "minilm-l6-v2"
+PROMPT = [5, 17, 99, 3, 250, 7, 42]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("stage-repo")
+    shard(BUNDLED / GPT, 3, out)
+    shard(BUNDLED / MINILM, 2, out)
+    shutil.copytree(BUNDLED / GPT, out / GPT)
+    return out
+
+
+def _base(repo: Path, tmp: Path, **changes: object) -> NodeConfig:
+    config = NodeConfig(data_dir=tmp, shutdown_grace=1.0, target_degree=0, models_dir=repo)
+    return replace(config, **changes)  # type: ignore[arg-type]
+
+
+def _greedy_whole(prompt: list[int], steps: int) -> list[int]:
+    from test_shard import _greedy_whole as whole
+
+    return whole(prompt, steps)
+
+
+async def _converged_with_stages(swarm: object, coordinator: int, parent: str) -> None:
+    node = swarm[coordinator]  # type: ignore[index]
+    while True:
+        try:
+            node.chains.plan(parent)
+            return
+        except JobError:
+            await trio.sleep(0.05)
+
+
+async def test_embedding_through_two_stage_peers_matches_the_whole_model(
+    repo: Path, tmp_path: Path
+) -> None:
+    models = [frozenset(), frozenset({f"{MINILM}@1of2"}), frozenset({f"{MINILM}@2of2"})]
+    rng = np.random.default_rng(1)
+    ids = rng.integers(100, 3000, (2, 21)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[0, 15:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    whole = ort.InferenceSession(
+        str(BUNDLED / MINILM / "model.onnx"), providers=["CPUExecutionProvider"]
+    ).run(["sentence_embedding"], feeds)[0]
+    with trio.fail_after(60):
+        async with open_swarm(3, models=models, base=_base(repo, tmp_path)) as swarm:
+            await swarm.wait_converged()
+            await _converged_with_stages(swarm, 0, MINILM)
+            plan = swarm[0].chains.plan(MINILM)
+            assert plan.peers == (swarm[1].peer_id, swarm[2].peer_id)
+            staged = await swarm[0].chains.run(MINILM, feeds)
+    np.testing.assert_allclose(staged["sentence_embedding"], whole, atol=1e-5, rtol=0)
+    # Stage 2's peer got the activations from stage 1's, not from the coordinator.
+    assert set(staged) == {"sentence_embedding"}
+
+
+async def test_activations_over_the_request_limit_are_a_typed_error(
+    repo: Path, tmp_path: Path
+) -> None:
+    models = [frozenset(), frozenset({f"{MINILM}@1of2"}), frozenset({f"{MINILM}@2of2"})]
+    ids = np.full((4, 200), 1000, np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": 0 * ids}
+    base = _base(repo, tmp_path, max_request_bytes=256 * 1024)
+    with trio.fail_after(60):
+        async with open_swarm(3, models=models, base=base) as swarm:
+            await swarm.wait_converged()
+            await _converged_with_stages(swarm, 0, MINILM)
+            with pytest.raises(JobError) as caught:
+                await swarm[0].chains.run(MINILM, feeds)
+    assert caught.value.code is ErrorCode.MESSAGE_TOO_LARGE
+    assert "262,144" in caught.value.message and "max_request_bytes" in caught.value.message
+
+
+async def test_generation_through_three_stage_peers_token_for_token(
+    repo: Path, tmp_path: Path
+) -> None:
+    models = [frozenset()] + [frozenset({f"{GPT}@{i}of3"}) for i in (1, 2, 3)]
+    with trio.fail_after(120):
+        async with open_swarm(4, models=models, base=_base(repo, tmp_path)) as swarm:
+            await swarm.wait_converged()
+            await _converged_with_stages(swarm, 0, GPT)
+            tokens = [t async for t in swarm[0].chains.generate(GPT, PROMPT, 100)]
+    assert tokens == _greedy_whole(PROMPT, 100)
+
+
+async def test_consecutive_stages_on_one_peer_run_without_a_hop(repo: Path, tmp_path: Path) -> None:
+    models = [frozenset({f"{GPT}@1of3", f"{GPT}@2of3"}), frozenset({f"{GPT}@3of3"})]
+    with trio.fail_after(60):
+        async with open_swarm(2, models=models, base=_base(repo, tmp_path)) as swarm:
+            await swarm.wait_converged()
+            await _converged_with_stages(swarm, 0, GPT)
+            plan = swarm[0].chains.plan(GPT)
+            assert plan.peers == (swarm[0].peer_id, swarm[0].peer_id, swarm[1].peer_id)
+            assert "no hop" in plan.hops[1].reason
+            tokens = [t async for t in swarm[0].chains.generate(GPT, PROMPT, 20)]
+    assert tokens == _greedy_whole(PROMPT, 20)
+
+
+async def test_a_middle_stage_peer_killed_mid_generation_is_replaced(
+    repo: Path, tmp_path: Path
+) -> None:
+    # Node 0 coordinates, 1 serves stage 1, 2 and 3 both serve stage 2, 4 serves stage 3.
+    models = [
+        frozenset(),
+        frozenset({f"{GPT}@1of3"}),
+        frozenset({f"{GPT}@2of3"}),
+        frozenset({f"{GPT}@2of3"}),
+        frozenset({f"{GPT}@3of3"}),
+    ]
+    with trio.fail_after(120):
+        async with open_swarm(5, models=models, base=_base(repo, tmp_path)) as swarm:
+            await swarm.wait_converged()
+            await _converged_with_stages(swarm, 0, GPT)
+            chains = swarm[0].chains
+            used = chains.plan(GPT).peers[1]
+            victim = next(i for i in (2, 3) if swarm[i].peer_id == used)
+            tokens = []
+            async for token in chains.generate(GPT, PROMPT, 60):
+                tokens.append(token)
+                if len(tokens) == 20:
+                    await swarm.kill(victim)
+    assert tokens == _greedy_whole(PROMPT, 60)
+    assert len(chains.times.failovers) == 1
+
+
+async def test_no_node_can_hold_the_whole_model_yet_jobs_succeed(
+    repo: Path, tmp_path: Path
+) -> None:
+    whole_mb = sum(f.stat().st_size for f in (BUNDLED / GPT).iterdir()) / (1 << 20)
+    budget = whole_mb * 0.6  # below the whole model, above its largest stage
+    executor = ExecutorConfig(model_memory_mb=budget)
+    assert read_model_card(repo / GPT).memory_bytes > budget * (1 << 20)
+    models = [frozenset({f"{GPT}@{i}of3"}) for i in (1, 2, 3)]
+    with trio.fail_after(60):
+        base = _base(repo, tmp_path, executor=executor)
+        async with open_swarm(3, models=models, base=base) as swarm:
+            await swarm.wait_converged()
+            await _converged_with_stages(swarm, 0, GPT)
+            for i in range(3):
+                assert swarm[i].executor.models.used_bytes <= budget * (1 << 20)
+            tokens = [t async for t in swarm[0].chains.generate(GPT, PROMPT, 30)]
+    assert tokens == _greedy_whole(PROMPT, 30)
