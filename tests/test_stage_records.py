@@ -49,7 +49,7 @@ def test_a_stage_entry_round_trips_and_plain_entries_keep_their_bytes() -> None:
 def test_a_bad_stage_entry_is_refused(stage: object) -> None:
     raw = msgpack.unpackb(encode_record(STAGED))
     raw["models"][1]["stage"] = stage
-    with pytest.raises(RecordError, match="stage|bool|integer"):
+    with pytest.raises(RecordError, match=r"stage|bool|integer"):
         decode_record(msgpack.packb(raw, use_bin_type=True))
 
 
