@@ -901,11 +901,34 @@ async def _place(args: argparse.Namespace) -> int:
         placement = await client.place(
             args.model, DistributionStrategy(args.strategy), requirements=requirements
         )
+        chain = None if args.json else await _place_chain(client, args.model)
     if args.json:
         print(_render.placement_json(placement, args.strategy))
-    else:
+    elif chain is None or placement.candidates:
         print(_render.placement_text(placement))
+    if chain is not None:
+        print(chain)
     return 0
+
+
+async def _place_chain(client: Client, model_id: str) -> str | None:
+    """How the model would run as a chain of stages, from the node's view (None: it
+    is not served as stages)."""
+    from scheduler import NodeInfo, estimate_whole, offers_from_ids, plan_chain
+
+    peers = await client.peers()
+    own = await client.models()
+    offers = offers_from_ids(client.peer_id, [m.id for m in own])
+    nodes = {client.peer_id: NodeInfo(client.peer_id, frozenset(), frozenset(m.id for m in own))}
+    for report in peers:
+        if report.state == "alive":
+            info = NodeInfo.from_record(report.record)
+            nodes[info.peer_id] = info
+            offers += offers_from_ids(info.peer_id, [m.descriptor.id for m in report.record.models])
+    plan = plan_chain(model_id, offers, nodes, {}, local_peer_id=client.peer_id)
+    if plan is None:
+        return None
+    return _render.chain_text(plan, estimate_whole(model_id, nodes, {}, client.peer_id))
 
 
 async def _select(args: argparse.Namespace) -> int:
@@ -940,6 +963,8 @@ async def _peers(args: argparse.Namespace) -> int:
     async with _connect(args) as client:
         peers = await client.peers()
     print(_render.peers_json(peers) if args.json else _render.peers_text(peers))
+    if not args.json and (chains := _render.chains_text(peers)):
+        print(chains)
     return 0
 
 

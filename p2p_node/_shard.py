@@ -84,9 +84,9 @@ def plan_stages(model: onnx.ModelProto, k: int) -> tuple[list[StagePlan], list[l
     layer_ids = sorted({x for i, x in enumerate(own) if x is not None and not constant[i]})
     if not layer_ids:
         raise ShardError("found no layers (no node or weight named blocks.N, layer.N or h.N)")
-    if not 2 <= k <= len(layer_ids):
+    if not 1 <= k <= len(layer_ids):
         raise ShardError(
-            f"the model has {len(layer_ids)} layers: stages must be 2 to that, got {k}"
+            f"the model has {len(layer_ids)} layers: stages must be 1 to that, got {k}"
         )
     n = len(layer_ids)
     stage_of_layer = {layer: (j * k) // n for j, layer in enumerate(layer_ids)}

@@ -23,6 +23,8 @@ Everything from a peer is checked; a bad frame is a typed error, never a crash.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -292,6 +294,9 @@ def run_chain_locally(
     return final
 
 
+_compute_ms: dict[str, float] = {}  # stage model id -> EWMA of its run's wall time
+
+
 # --- serving --------------------------------------------------------------------------------
 
 
@@ -401,15 +406,20 @@ async def _run_mine(
     for card, state in mine:
         assert card.stage is not None
         async with node.executor.models.use(card.id) as loaded:
-            received, made = await trio.to_thread.run_sync(
-                run_stage,
-                loaded.session,
-                card.stage,
-                received,
-                state,
-                step.last_only,
-                limiter=node.executor.limiter,
-            )
+            # A stage that has run fast runs in the event loop's thread: for a
+            # decode step the hop to a worker thread and back costs more than it.
+            inline = _compute_ms.get(card.id, math.inf) < node.config.executor.inline_below_ms
+            started = time.perf_counter()
+            args = (loaded.session, card.stage, received, state, step.last_only)
+            if inline:
+                received, made = run_stage(*args)
+            else:
+                received, made = await trio.to_thread.run_sync(
+                    run_stage, *args, limiter=node.executor.limiter
+                )
+            ms = (time.perf_counter() - started) * 1e3
+            old = _compute_ms.get(card.id)
+            _compute_ms[card.id] = ms if old is None else old + 0.2 * (ms - old)
         final.update(made)
     if downstream is None:
         return final

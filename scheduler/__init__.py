@@ -5,6 +5,8 @@ from ._chain import ChainHop as ChainHop
 from ._chain import ChainPlan as ChainPlan
 from ._chain import StageOffer as StageOffer
 from ._chain import complete_chains as complete_chains
+from ._chain import estimate_whole as estimate_whole
+from ._chain import offers_from_ids as offers_from_ids
 from ._chain import plan_chain as plan_chain
 from ._errors import ErrorCode as ErrorCode
 from ._errors import JobError as JobError
@@ -47,6 +49,8 @@ __all__ = [
     "ChainPlan",
     "StageOffer",
     "complete_chains",
+    "estimate_whole",
+    "offers_from_ids",
     "plan_chain",
     "NO_REQUIREMENTS",
     "PROBED",

@@ -159,3 +159,29 @@ def _shortest(
         )
         hops.append(ChainHop(i, p, model_of[(i, p)], ms, hop, reason))
     return ChainPlan(parent, k, tuple(hops), total if math.isfinite(total) else math.inf)
+
+
+def estimate_whole(
+    model_id: str, nodes: Mapping[str, NodeInfo], rtt_ms: Mapping[str, float], local: str = ""
+) -> tuple[float, str] | None:
+    """The estimated time of `model_id` run whole on the best peer serving it, and
+    that peer; None when no peer serves it whole. Same terms as a chain's."""
+    best: tuple[float, str] | None = None
+    for peer, node in sorted(nodes.items()):
+        if not node.serves(model_id):
+            continue
+        ms = stage_compute_ms(node, model_id)[0] + 2 * _rtt(rtt_ms, peer, local)
+        if best is None or ms < best[0]:
+            best = (ms, peer)
+    return best
+
+
+def offers_from_ids(peer_id: str, model_ids: Iterable[str]) -> list[StageOffer]:
+    """Stage offers read from model ids of the form ``parent@IofK`` (1-based I)."""
+    offers = []
+    for model_id in model_ids:
+        parent, sep, rest = model_id.rpartition("@")
+        index, of, k = rest.partition("of")
+        if sep and of and index.isdigit() and k.isdigit() and 0 < int(index) <= int(k):
+            offers.append(StageOffer(parent, int(index) - 1, int(k), model_id, peer_id))
+    return offers

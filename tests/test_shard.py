@@ -133,6 +133,8 @@ def test_staged_generation_matches_token_for_token(stages_dir: Path, k: int) -> 
 def test_shard_refuses_what_it_cannot_split(tmp_path: Path) -> None:
     with pytest.raises(ShardError, match="layers"):
         shard(BUNDLED / "pydoc-gpt-small", 5, tmp_path)
+    with pytest.raises(ShardError, match="layers"):
+        shard(BUNDLED / "pydoc-gpt-small", 0, tmp_path)
     with pytest.raises(ShardError, match="no layers"):
         shard(BUNDLED / "digits-logreg", 2, tmp_path)
     written = shard(BUNDLED / "pydoc-gpt-small", 2, tmp_path)
