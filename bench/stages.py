@@ -6,8 +6,8 @@ Usage: python -m bench.stages [--model pydoc-gpt-small] [--tokens 64] [--steps 2
 The bundled generator is split with `p2p-node shard` (1, 2 and 3 stages) into a
 temporary repository. Figures:
 
-- **hop overhead**: a coordinator node and one node per stage (in this process,
-  on loopback). For each greedy decode step, the chain's wall time as the
+- **hop overhead**: a coordinator node (this process) and one `p2p-node start`
+  process per stage, on loopback. For each greedy decode step, the chain's wall time as the
   coordinator sees it, minus the same step's stage compute run in this process
   without any network (median of the same positions), divided by the hops (the
   coordinator's to the first stage, and one between each pair of stages).
@@ -45,7 +45,6 @@ from p2p_node._node import open_node
 from p2p_node._repository import read_model_card
 from p2p_node._shard import shard, stage_id
 from p2p_node._stages import StageState, run_chain_locally
-from p2p_node.testing import open_swarm
 
 PROMPT = [5, 17, 99, 3, 250, 7, 42]
 
@@ -61,7 +60,9 @@ def _local_step_ms(repo: Path, model: str, k: int, steps: int) -> list[float]:
         card = read_model_card(repo / stage_id(model, i, k))
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
-        session = ort.InferenceSession(str(card.onnx_path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(card.onnx_path), options, providers=["CPUExecutionProvider"]
+        )
         chain.append((session, card.stage))
     states = [StageState() for _ in range(k)]
     n = len(PROMPT)
@@ -90,40 +91,67 @@ def _base(repo: Path, data: Path) -> NodeConfig:
     return NodeConfig(data_dir=data, shutdown_grace=1.0, target_degree=0, models_dir=repo)
 
 
-async def _chain_network(repo: Path, model: str, k: int, data: Path, tokens: int, steps: int):  # type: ignore[no-untyped-def]
-    models = [frozenset()] + [frozenset({stage_id(model, i, k)}) for i in range(k)]
-    async with open_swarm(k + 1, models=models, base=_base(repo, data)) as swarm:
-        await swarm.wait_converged()
-        chains = swarm[0].chains
-        while True:
-            try:
-                chains.plan(model)
-                break
-            except Exception:
+async def _chain_network(  # type: ignore[no-untyped-def]
+    repo: Path, model: str, k: int, data: Path, tokens: int, steps: int
+):
+    """One `p2p-node start` process per stage; the coordinator is this process."""
+    procs: list[tuple[subprocess.Popen[str], str]] = []
+    try:
+        for i in range(k):
+            first = procs[0][1] if procs else None
+            procs.append(_start_process(repo, data / f"p{i}", stage_id(model, i, k), first))
+        config = replace(
+            _base(repo, data / "coordinator"),
+            bootstrap=tuple(a for _, a in procs),
+            serve_models=frozenset(),
+        )
+        async with open_node(config) as node:
+            chains = node.chains
+            while True:
+                try:
+                    if chains.plan(model).k == k:
+                        break
+                except Exception:
+                    pass
                 await trio.sleep(0.05)
-        # Warm up (loads every stage), then time single decode steps.
-        _ = [t async for t in chains.generate(model, PROMPT, 8)]
-        chains.times.steps_ms.clear()
-        _ = [t async for t in chains.generate(model, PROMPT, steps + 1)]
-        step_ms = chains.times.steps_ms[1:]  # the prefill is not a decode step
-        rates = {}
-        for sessions in (1, 16):
-            made = 0
+            # Warm up (loads every stage), then time single decode steps.
+            _ = [t async for t in chains.generate(model, PROMPT, 8)]
+            chains.times.steps_ms.clear()
+            _ = [t async for t in chains.generate(model, PROMPT, steps + 1)]
+            step_ms = chains.times.steps_ms[1:]  # the prefill is not a decode step
+            rates = {}
+            for sessions in (1, 16):
+                made = 0
 
-            async def one() -> None:
-                nonlocal made
-                async for _ in chains.generate(model, PROMPT, tokens):
-                    made += 1
+                async def one() -> None:
+                    nonlocal made
+                    async for _ in chains.generate(model, PROMPT, tokens):
+                        made += 1
 
-            started = time.perf_counter()
-            async with trio.open_nursery() as nursery:
-                for _ in range(sessions):
-                    nursery.start_soon(one)
-            rates[sessions] = made / (time.perf_counter() - started)
-        return step_ms, rates
+                started = time.perf_counter()
+                async with trio.open_nursery() as nursery:
+                    for _ in range(sessions):
+                        nursery.start_soon(one)
+                rates[sessions] = made / (time.perf_counter() - started)
+            return step_ms, rates
+    finally:
+        _stop(procs)
 
 
-def _start_process(repo: Path, data: Path, serve: str, bootstrap: str | None) -> tuple[subprocess.Popen[str], str]:
+def _stop(procs: list[tuple[subprocess.Popen[str], str]]) -> None:
+    for proc, _ in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc, _ in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _start_process(
+    repo: Path, data: Path, serve: str, bootstrap: str | None
+) -> tuple[subprocess.Popen[str], str]:
     args = [sys.executable, "-m", "p2p_node", "start", "--listen", "/ip4/127.0.0.1/tcp/0"]
     args += ["--data-dir", str(data), "--models", str(repo), "--serve", serve]
     if bootstrap:
@@ -140,17 +168,24 @@ def _start_process(repo: Path, data: Path, serve: str, bootstrap: str | None) ->
 
 async def _failover(repo: Path, model: str, data: Path, tokens: int) -> tuple[float, bool]:
     k = 3
-    serving = [stage_id(model, 0, k), stage_id(model, 1, k), stage_id(model, 1, k), stage_id(model, 2, k)]
+    serving = [
+        stage_id(model, 0, k),
+        stage_id(model, 1, k),
+        stage_id(model, 1, k),
+        stage_id(model, 2, k),
+    ]
     procs: list[tuple[subprocess.Popen[str], str]] = []
     try:
         for i, serve in enumerate(serving):
-            procs.append(_start_process(repo, data / f"p{i}", serve, procs[0][1] if procs else None))
+            procs.append(
+                _start_process(repo, data / f"p{i}", serve, procs[0][1] if procs else None)
+            )
         by_peer = {addr.rsplit("/p2p/", 1)[1]: proc for proc, addr in procs}
         config = replace(
-        _base(repo, data / "coordinator"),
-        bootstrap=tuple(a for _, a in procs),
-        serve_models=frozenset(),
-    )
+            _base(repo, data / "coordinator"),
+            bootstrap=tuple(a for _, a in procs),
+            serve_models=frozenset(),
+        )
         async with open_node(config) as node:
             chains = node.chains
             while True:
@@ -175,14 +210,7 @@ async def _failover(repo: Path, model: str, data: Path, tokens: int) -> tuple[fl
                     gap = time.perf_counter() - killed_at
             return gap, got == undisturbed
     finally:
-        for proc, _ in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc, _ in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop(procs)
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -191,24 +219,43 @@ async def main_async(args: argparse.Namespace) -> None:
         repo = root / "repo"
         for k in (1, 2, 3):
             shard(bundled_models_dir() / args.model, k, repo)
-        print(f"# bench.stages: {args.model}, {args.steps} decode steps, {args.tokens} tokens per session")
+        print(
+            f"# bench.stages: {args.model}, {args.steps} decode steps, {args.tokens} tokens per session"
+        )
         print(f"# machine: {os.cpu_count()} cpus (shared: compare within this run)")
         rows = []
         for k in (1, 2, 3):
             local = _local_step_ms(repo, args.model, k, args.steps)
-            step_ms, rates = await _chain_network(repo, args.model, k, root / f"net{k}", args.tokens, args.steps)
+            step_ms, rates = await _chain_network(
+                repo, args.model, k, root / f"net{k}", args.tokens, args.steps
+            )
             compute = statistics.median(local)
             overhead = [(ms - compute) / k for ms in step_ms]  # k hops: coordinator->1, i->i+1
-            rows.append((k, compute, _percentile(overhead, 50), _percentile(overhead, 99), rates[1], rates[16]))
+            rows.append(
+                (
+                    k,
+                    compute,
+                    _percentile(overhead, 50),
+                    _percentile(overhead, 99),
+                    rates[1],
+                    rates[16],
+                )
+            )
         print()
-        print("stages | compute ms/step p50 | hop overhead ms p50 | p99 | tokens/s 1 session | 16 sessions")
+        print(
+            "stages | compute ms/step p50 | hop overhead ms p50 | p99 | tokens/s 1 session | 16 sessions"
+        )
         for k, compute, p50, p99, one, sixteen in rows:
-            print(f"{k:6d} | {compute:19.3f} | {p50:19.3f} | {p99:6.3f} | {one:18.1f} | {sixteen:11.1f}")
+            print(
+                f"{k:6d} | {compute:19.3f} | {p50:19.3f} | {p99:6.3f} | {one:18.1f} | {sixteen:11.1f}"
+            )
         if not args.no_failover:
             gap, same = await _failover(repo, args.model, root / "failover", max(args.tokens, 40))
             print()
-            print(f"failover (3 stages, middle peer SIGKILLed at token 20): next token after "
-                  f"{gap * 1e3:.0f} ms; tokens same as undisturbed: {same}")
+            print(
+                f"failover (3 stages, middle peer SIGKILLed at token 20): next token after "
+                f"{gap * 1e3:.0f} ms; tokens same as undisturbed: {same}"
+            )
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ from libp2p.custom_types import TProtocol
 from scheduler import ErrorCode, JobError
 
 from ._channel import TRANSPORT_ERRORS, Channel
+from ._config import ConfigError
 from ._framing import FrameError
 from ._repository import ModelCard, StageSpec
 
@@ -317,6 +318,7 @@ class _Downstream:
             return StageFailure(error.code, error.message)
         try:
             if self.channel is None:
+                await _dial(self.node, peer)
                 stream = await self.node.open_stream(peer, STAGE_PROTOCOL, HOP_DIAL_S)
                 self.channel = Channel(stream, self.node.config.max_reply_bytes)
                 step_hops = self.hops
@@ -339,6 +341,20 @@ class _Downstream:
     async def close(self) -> None:
         if self.channel is not None:
             await self.channel.discard()
+
+
+async def _dial(node: Node, peer: str) -> None:
+    """Connect to `peer` by the addresses of its record, unless connected already:
+    the next stage's peer need not be one of this node's neighbours."""
+    if peer in node.connected_peers():
+        return
+    known = node.view.snapshot().peers.get(peer)
+    for addr in known.record.addrs if known is not None else ():
+        try:
+            await node.connect(f"{addr}/p2p/{peer}")
+            return
+        except (JobError, ConfigError):
+            continue
 
 
 async def serve_stage(node: Node, stream: INetStream) -> None:
