@@ -215,6 +215,11 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="a local network answering jobs")
     demo.add_argument("--nodes", type=int, default=3)
+    demo.add_argument(
+        "--stages",
+        action="store_true",
+        help="models bigger than any node's memory budget, served through chains of stages",
+    )
     _add_psk_option(demo)
     demo.set_defaults(run=_demo)
 
@@ -980,6 +985,13 @@ async def _top(args: argparse.Namespace) -> int:
 async def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
+    if args.stages:
+        from ._demo_stages import run_stage_demo
+
+        notes, table = await run_stage_demo()
+        print("\n".join(notes))
+        print(_render.format_table(table))
+        return 0
     rows = await run_demo(args.nodes, read_psk_file(args.psk) if args.psk else None)
     print(_render.format_table(rows))
     return 0
