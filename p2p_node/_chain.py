@@ -24,7 +24,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import trio
 
-from scheduler import ChainPlan, ErrorCode, JobError, NodeInfo, StageOffer, plan_chain
+from scheduler import (
+    ChainPlan,
+    ErrorCode,
+    InferenceResult,
+    JobError,
+    NodeInfo,
+    StageOffer,
+    estimate_whole,
+    plan_chain,
+)
 
 from ._decoder import Sampling, choose_token
 from ._stages import Hop, StageFailure, StageStep, _Downstream, _my_hops, _run_mine
@@ -92,6 +101,7 @@ class Chains:
         self.node = node
         self.rtt_ms: dict[str, float] = {}
         self.times = HopTimes()
+        self.last_executor = ""  # the last stage's peer of the last job
 
     def offers(self) -> list[StageOffer]:
         """Every stage the view (this node included) serves."""
@@ -130,6 +140,41 @@ class Chains:
             )
         return plan
 
+    def prefers_chain(self, model_id: str) -> bool:
+        """Whether a job on `model_id` should go through a chain of its stages: some
+        split is complete, and no peer serves it whole or the chain's estimate is
+        lower than the best whole peer's (same terms: compute, load, latency)."""
+        index = self.node.node_index()
+        nodes = {n.peer_id: n for n in index.nodes}
+        plan = plan_chain(
+            model_id, self.offers(), nodes, self.rtt_ms, local_peer_id=self.node.peer_id
+        )
+        if plan is None:
+            return False
+        whole = estimate_whole(model_id, nodes, self.rtt_ms, self.node.peer_id)
+        return whole is None or plan.estimate_ms < whole[0]
+
+    async def run_job(
+        self, job_id: str, model_id: str, tensors: Mapping[str, Array], timeout: float
+    ) -> Any:
+        """A tensor job through a chain, as the job protocol answers it, by `timeout` s."""
+        started = time.perf_counter()
+        try:
+            with trio.fail_after(timeout):
+                outputs = await self.run(model_id, tensors)
+        except trio.TooSlowError:
+            raise JobError(
+                ErrorCode.DEADLINE_EXCEEDED, f"the chain took longer than {timeout:g} s"
+            ) from None
+        return InferenceResult(
+            job_id=job_id,
+            model_id=model_id,
+            outputs=outputs,
+            executor=self.last_executor,
+            queue_ms=0.0,
+            compute_ms=(time.perf_counter() - started) * 1e3,
+        )
+
     async def run(self, parent: str, tensors: Mapping[str, Array]) -> dict[str, Array]:
         """One job through a chain of `parent`'s stages (e.g. an embedding)."""
         failed: list[str] = []
@@ -140,6 +185,7 @@ class Chains:
                 started = time.perf_counter()
                 answer = await session.step(tensors, last_only=False)
                 self._timed(plan, time.perf_counter() - started)
+                self.last_executor = plan.hops[-1].peer_id
                 return answer
             except ChainFailed as failure:
                 if not self._blame(failure.failure, failed):

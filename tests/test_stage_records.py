@@ -12,7 +12,7 @@ from test_codec_bytes import RECORD, _descriptor
 
 from gossip import ModelEntry, RecordError, StageOf, decode_record, encode_record
 from gossip._model import SchemaError
-from scheduler import NodeInfo, StageOffer, complete_chains, plan_chain
+from scheduler import NodeInfo, StageOffer, complete_chains, estimate_whole, plan_chain
 
 STAGED = replace(
     RECORD,
@@ -119,3 +119,22 @@ def test_plan_prefers_the_faster_split() -> None:
     nodes = {p: _node(p, ids) for p in "abc"}
     plan = plan_chain("gpt", offers, nodes, dict.fromkeys("abc", 5.0))
     assert plan is not None and plan.k == 2
+
+
+def test_whole_or_chain_goes_to_the_lower_estimate() -> None:
+    offers = _offers("gpt", 2, {0: ["a"], 1: ["b"]})
+    ids = {o.model_id for o in offers}
+    nodes = {
+        "a": _node("a", ids),
+        "b": _node("b", ids),
+        "w": _node("w", {"gpt"}, ms=4.0),
+    }
+    rtt = {"a": 0.5, "b": 0.5, "w": 0.5}
+    plan = plan_chain("gpt", offers, nodes, rtt)
+    whole = estimate_whole("gpt", nodes, rtt)
+    assert plan is not None and whole is not None and whole[1] == "w"
+    assert plan.estimate_ms < whole[0]  # two 1 ms stages and two hops beat 4 ms whole
+    busy = {**nodes, "a": _node("a", ids, load=9)}
+    busy_plan = plan_chain("gpt", offers, busy, rtt)
+    assert busy_plan is not None and busy_plan.estimate_ms > whole[0]
+    assert estimate_whole("nothing", nodes, rtt) is None

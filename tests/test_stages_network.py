@@ -166,3 +166,24 @@ async def test_no_node_can_hold_the_whole_model_yet_jobs_succeed(
                 assert swarm[i].executor.models.used_bytes <= budget * (1 << 20)
             tokens = [t async for t in swarm[0].chains.generate(GPT, PROMPT, 30)]
     assert tokens == _greedy_whole(PROMPT, 30)
+
+
+async def test_a_job_on_a_model_served_only_as_stages_goes_through_the_chain(
+    repo: Path, tmp_path: Path
+) -> None:
+    from p2p_node import Client
+
+    models = [frozenset(), frozenset({f"{MINILM}@1of2"}), frozenset({f"{MINILM}@2of2"})]
+    ids = np.array([[101, 2023, 2003, 1037, 3231, 102]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": 0 * ids}
+    whole = ort.InferenceSession(
+        str(BUNDLED / MINILM / "model.onnx"), providers=["CPUExecutionProvider"]
+    ).run(["sentence_embedding"], feeds)[0]
+    with trio.fail_after(60):
+        async with open_swarm(3, models=models, base=_base(repo, tmp_path)) as swarm:
+            await swarm.wait_converged()
+            await _converged_with_stages(swarm, 0, MINILM)
+            async with Client.connect(swarm[0].addrs[0]) as client:
+                result = await client.submit(MINILM, feeds)
+    assert result.executor == swarm[2].peer_id  # the last stage's peer answered
+    np.testing.assert_allclose(result.outputs["sentence_embedding"], whole, atol=1e-5, rtol=0)
