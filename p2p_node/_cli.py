@@ -967,8 +967,13 @@ async def _models(args: argparse.Namespace) -> int:
 async def _peers(args: argparse.Namespace) -> int:
     async with _connect(args) as client:
         peers = await client.peers()
+        own = [] if args.json else [m.id for m in await client.models()]
     print(_render.peers_json(peers) if args.json else _render.peers_text(peers))
-    if not args.json and (chains := _render.chains_text(peers)):
+    from scheduler import offers_from_ids
+
+    if not args.json and (
+        chains := _render.chains_text(peers, offers_from_ids(client.peer_id, own))
+    ):
         print(chains)
     return 0
 

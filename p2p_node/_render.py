@@ -261,10 +261,10 @@ def peers_text(peers: Sequence[PeerReport]) -> str:
     return format_table(rows)
 
 
-def chains_text(peers: Sequence[PeerReport]) -> str:
-    """The models the view can run as a chain of stages: each split whose every
-    stage some alive peer serves, with the peers of each stage."""
-    offers = [
+def chains_text(peers: Sequence[PeerReport], own: Sequence[StageOffer] = ()) -> str:
+    """The models the view (and the node's `own` stages) can run as a chain of
+    stages: each split whose every stage some alive peer serves, with its peers."""
+    offers = [*own] + [
         StageOffer(m.stage.parent, m.stage.index, m.stage.k, m.descriptor.id, r.record.peer_id)
         for r in peers
         if r.state == "alive"
