@@ -15,7 +15,9 @@ caller sees the same tokens and no error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +38,15 @@ from scheduler import (
 )
 
 from ._decoder import Sampling, choose_token
-from ._stages import Hop, StageFailure, StageStep, _Downstream, _my_hops, _run_mine
+from ._stages import (
+    STEP_WAIT_S,
+    Answer,
+    Downstream,
+    Hop,
+    StageFailure,
+    StageSession,
+    StageStep,
+)
 
 if TYPE_CHECKING:
     from ._node import Node
@@ -56,36 +66,65 @@ class HopTimes:
 
 
 class ChainSession:
-    """One session along a placed chain: each `step` goes down it and back."""
+    """One session along a placed chain: each `step` goes down it, and its answer
+    comes from the last stage's peer straight to this node."""
 
-    def __init__(self, node: Node, plan: ChainPlan) -> None:
-        self.node = node
+    def __init__(self, chains: Chains, plan: ChainPlan) -> None:
+        self.chains = chains
         self.plan = plan
+        self.id = secrets.token_hex(8)
+        self._answers_in, self._answers = trio.open_memory_channel[Answer](4)
+        chains.sessions[self.id] = (plan.hops[-1].peer_id, self._answers_in)
+        node = chains.node
         hops = tuple(Hop(h.peer_id, h.model_id) for h in plan.hops)
+        reply = (node.peer_id, self.id)
+        self._head: StageSession | None = None
         if hops[0].peer_id == node.peer_id:
-            self._mine, rest = _my_hops(node, hops)
-            self._down = _Downstream(node, rest) if rest else None
+            self._head = StageSession(node, hops, reply)
+            self._down = self._head.down
         else:
-            self._mine, self._down = [], _Downstream(node, hops)
+            self._down = Downstream(node, hops, reply)
+        if self._down is not None:
+            chains.nursery.start_soon(self._watch, self._down)
+
+    async def _watch(self, down: Downstream) -> None:
+        failure = await down.watch()
+        if not down.closed:
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                self._answers_in.send_nowait(failure)
 
     async def step(self, tensors: Mapping[str, Array], last_only: bool) -> dict[str, Array]:
-        """The chain's answer; StageFailure as an exception when it fails."""
+        """The chain's answer; ChainFailed when it fails."""
         step = StageStep(dict(tensors), (), last_only)
-        if self._mine:
-            try:
-                answer = await _run_mine(self.node, self._mine, step, self._down)
-            except JobError as error:
-                answer = StageFailure(error.code, error.message)
-        else:
-            assert self._down is not None
-            answer = await self._down.exchange(step)
+        try:
+            if self._head is not None:
+                failure = await self._head.step(step)
+            else:
+                assert self._down is not None
+                failure = await self._down.send(step)
+        except JobError as error:
+            failure = StageFailure(error.code, error.message)
+        if failure is not None:
+            raise ChainFailed(failure)
+        try:
+            with trio.fail_after(STEP_WAIT_S):
+                answer = await self._answers.receive()
+        except trio.TooSlowError:
+            raise ChainFailed(
+                StageFailure(ErrorCode.DEADLINE_EXCEEDED, "the chain did not answer")
+            ) from None
         if isinstance(answer, StageFailure):
             raise ChainFailed(answer)
         return answer
 
     async def close(self) -> None:
-        if self._down is not None:
-            await self._down.close()
+        self.chains.sessions.pop(self.id, None)
+        self._answers_in.close()
+        with trio.CancelScope(shield=True):
+            if self._head is not None:
+                await self._head.close()
+            elif self._down is not None:
+                await self._down.close()
 
 
 class ChainFailed(Exception):
@@ -102,6 +141,21 @@ class Chains:
         self.rtt_ms: dict[str, float] = {}
         self.times = HopTimes()
         self.last_executor = ""  # the last stage's peer of the last job
+        # Open sessions: id -> (the last stage's peer, where its answers go).
+        self.sessions: dict[str, tuple[str, trio.MemorySendChannel[Answer]]] = {}
+        self.nursery: trio.Nursery  # set by open_node: the sessions' watchers run in it
+
+    def deliver(self, session_id: str, sender: str, answer: Answer) -> bool:
+        """An answer from the last stage's peer of an open session; False when there
+        is no such session (or `sender` is not its last stage's peer)."""
+        entry = self.sessions.get(session_id)
+        if entry is None or entry[0] != sender:
+            return False
+        try:
+            entry[1].send_nowait(answer)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            return False
+        return True
 
     def offers(self) -> list[StageOffer]:
         """Every stage the view (this node included) serves."""
@@ -180,7 +234,7 @@ class Chains:
         failed: list[str] = []
         for _ in range(MAX_ATTEMPTS):
             plan = self.plan(parent, failed)
-            session = ChainSession(self.node, plan)
+            session = ChainSession(self, plan)
             try:
                 started = time.perf_counter()
                 answer = await session.step(tensors, last_only=False)
@@ -213,7 +267,7 @@ class Chains:
         try:
             while len(tokens) < max_new:
                 if session is None:
-                    session = ChainSession(self.node, self.plan(parent, failed))
+                    session = ChainSession(self, self.plan(parent, failed))
                     feeds = _prefill(list(prompt) + tokens)
                 else:
                     feeds = _decode_step(tokens[-1], len(prompt) + len(tokens) - 1)

@@ -74,7 +74,7 @@ from ._rpc import (
     open_rpc,
 )
 from ._serve import Server
-from ._stages import STAGE_PROTOCOL, serve_stage
+from ._stages import ANSWER_PROTOCOL, STAGE_PROTOCOL, serve_answers, serve_stage
 from ._stream_gen import GENERATE_PROTOCOL, serve_generate
 from ._tracker_store import load_tracker, save_periodically, save_tracker
 
@@ -469,6 +469,7 @@ async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator
         ):
             node = Node(config, rpc, server, executor, gpus, tracker, gate)
             node.generations = Generations(executor, cards, config.executor)
+            node.chains.nursery = nursery
             serve_node(server, node)
             nursery.start_soon(node.generations.run)
             host.get_network().register_notifee(_ConnectionEvents(events_send))
@@ -477,6 +478,7 @@ async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator
                 host.set_stream_handler(BEAT_PROTOCOL, node._on_beat_stream)
                 host.set_stream_handler(GENERATE_PROTOCOL, partial(serve_generate, node))
                 host.set_stream_handler(STAGE_PROTOCOL, partial(serve_stage, node))
+                host.set_stream_handler(ANSWER_PROTOCOL, partial(serve_answers, node))
                 executor.models.on_change = gossip.changed  # announce loads and unloads soon
                 node.membership = Membership(
                     dial=node.connect,

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STAGE_PROTOCOL = TProtocol("/p2p-node/stage/1.0.0")
+ANSWER_PROTOCOL = TProtocol("/p2p-node/stage-answer/1.0.0")
 STATE_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 MAX_HOPS = 16
@@ -79,6 +80,7 @@ class StageStep:
     tensors: dict[str, Array]
     hops: tuple[Hop, ...] = ()
     last_only: bool = False
+    reply: tuple[str, str] | None = None  # first step: (coordinator, session id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +131,8 @@ def encode_step(step: StageStep, limit: int) -> bytes:
         body["hops"] = [[h.peer_id, h.model_id] for h in step.hops]
     if step.last_only:
         body["last"] = True
+    if step.reply is not None:
+        body["reply"] = list(step.reply)
     payload: bytes = msgpack.packb(body, use_bin_type=True)
     if len(payload) > limit:
         raise JobError(
@@ -142,8 +146,8 @@ def encode_step(step: StageStep, limit: int) -> bytes:
 def decode_step(payload: bytes) -> StageStep:
     """Raises ValueError for anything but a well-formed step."""
     raw = _unpack(payload)
-    if set(raw) - {"t", "hops", "last"} or "t" not in raw:
-        raise ValueError(f"a stage step has fields t, hops, last; got {sorted(raw)}")
+    if set(raw) - {"t", "hops", "last", "reply"} or "t" not in raw:
+        raise ValueError(f"a stage step has fields t, hops, last, reply; got {sorted(raw)}")
     hops_raw = raw.get("hops", [])
     if not isinstance(hops_raw, list) or len(hops_raw) > MAX_HOPS:
         raise ValueError(f"hops must be a list of at most {MAX_HOPS}")
@@ -159,7 +163,16 @@ def decode_step(payload: bytes) -> StageStep:
     last = raw.get("last", False)
     if type(last) is not bool:
         raise ValueError("last must be a bool")
-    return StageStep(_tensors_from_wire(raw["t"]), tuple(hops), last)
+    reply = raw.get("reply")
+    if reply is not None and (
+        not isinstance(reply, list)
+        or len(reply) != 2
+        or not all(isinstance(x, str) and 0 < len(x) <= 128 for x in reply)
+    ):
+        raise ValueError("reply is [coordinator peer id, session id]")
+    return StageStep(
+        _tensors_from_wire(raw["t"]), tuple(hops), last, (reply[0], reply[1]) if reply else None
+    )
 
 
 def encode_answer(answer: dict[str, Array] | StageFailure, limit: int) -> bytes:
@@ -300,47 +313,152 @@ _compute_ms: dict[str, float] = {}  # stage model id -> EWMA of its run's wall t
 
 # --- serving --------------------------------------------------------------------------------
 
+Answer = dict[str, Array] | StageFailure
 
-class _Downstream:
-    """The stream to the next hop's peer, opened on the first step that needs it."""
 
-    def __init__(self, node: Node, hops: tuple[Hop, ...]) -> None:
+class Downstream:
+    """The stream to the next hop's peer: steps go down it, and only a failure
+    ever comes back up it (the answers go from the last stage to the coordinator)."""
+
+    def __init__(self, node: Node, hops: tuple[Hop, ...], reply: tuple[str, str]) -> None:
         self.node = node
         self.hops = hops
+        self.reply = reply
         self.channel: Channel | None = None
+        self.opened = trio.Event()
+        self.closed = False
 
-    async def exchange(self, step: StageStep) -> dict[str, Array] | StageFailure:
-        peer = self.hops[0].peer_id
-        limit = self.node.config.max_request_bytes
+    @property
+    def peer(self) -> str:
+        return self.hops[0].peer_id
+
+    async def send(self, step: StageStep) -> StageFailure | None:
+        """Send `step` on; a failure naming the next peer if it cannot be."""
+        first = self.channel is None
         try:
-            payload = encode_step(step, limit)
+            payload = encode_step(
+                StageStep(
+                    step.tensors,
+                    self.hops if first else (),
+                    step.last_only,
+                    self.reply if first else None,
+                ),
+                self.node.config.max_request_bytes,
+            )
         except JobError as error:
             return StageFailure(error.code, error.message)
         try:
             if self.channel is None:
-                await _dial(self.node, peer)
-                stream = await self.node.open_stream(peer, STAGE_PROTOCOL, HOP_DIAL_S)
+                await _dial(self.node, self.peer)
+                stream = await self.node.open_stream(self.peer, STAGE_PROTOCOL, HOP_DIAL_S)
                 self.channel = Channel(stream, self.node.config.max_reply_bytes)
-                step_hops = self.hops
-            else:
-                step_hops = ()
-            if step_hops:
-                payload = encode_step(StageStep(step.tensors, step_hops, step.last_only), limit)
+                self.opened.set()
             await self.channel.send(payload)
-            with trio.fail_after(STEP_WAIT_S):
-                return decode_answer(await self.channel.receive())
         except JobError as error:
-            if error.code is ErrorCode.MESSAGE_TOO_LARGE:
-                return StageFailure(error.code, error.message)
-            return StageFailure(ErrorCode.PEER_UNREACHABLE, f"stage peer {peer}: {error}", peer)
-        except (ValueError, FrameError, trio.TooSlowError, EOFError, *TRANSPORT_ERRORS) as error:
             return StageFailure(
-                ErrorCode.PEER_UNREACHABLE, f"stage peer {peer} failed: {error!r}", peer
+                ErrorCode.PEER_UNREACHABLE, f"stage peer {self.peer}: {error}", self.peer
+            )
+        except (trio.TooSlowError, *TRANSPORT_ERRORS) as error:
+            return StageFailure(
+                ErrorCode.PEER_UNREACHABLE, f"stage peer {self.peer} failed: {error!r}", self.peer
+            )
+        return None
+
+    async def watch(self) -> StageFailure:
+        """The failure the chain after this hop reports, or that breaks its stream."""
+        await self.opened.wait()
+        assert self.channel is not None
+        try:
+            while True:
+                answer = decode_answer(await self.channel.receive())
+                if isinstance(answer, StageFailure):
+                    return answer
+        except (ValueError, FrameError, EOFError, *TRANSPORT_ERRORS) as error:
+            return StageFailure(
+                ErrorCode.PEER_UNREACHABLE, f"stage peer {self.peer} failed: {error!r}", self.peer
             )
 
     async def close(self) -> None:
+        self.closed = True
         if self.channel is not None:
             await self.channel.discard()
+
+
+class ReplyStream:
+    """The last stage's stream to the coordinator, for its answers."""
+
+    def __init__(self, node: Node, coordinator: str, session_id: str) -> None:
+        self.node = node
+        self.coordinator = coordinator
+        self.session_id = session_id
+        self.channel: Channel | None = None
+
+    async def send(self, answer: Answer) -> None:
+        """Raises a transport error (or JobError) when the coordinator is gone."""
+        if self.coordinator == self.node.peer_id:
+            self.node.chains.deliver(self.session_id, self.node.peer_id, answer)
+            return
+        if self.channel is None:
+            await _dial(self.node, self.coordinator)
+            stream = await self.node.open_stream(self.coordinator, ANSWER_PROTOCOL, HOP_DIAL_S)
+            self.channel = Channel(stream, self.node.config.max_request_bytes)
+            await self.channel.send(msgpack.packb({"s": self.session_id}))
+        await self.channel.send(encode_answer(answer, self.node.config.max_reply_bytes))
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+
+class StageSession:
+    """This node's part of one chain session: its leading hops (consecutive stages
+    run without a hop), each with its cache, and what comes after them."""
+
+    def __init__(self, node: Node, hops: tuple[Hop, ...], reply: tuple[str, str]) -> None:
+        self.node = node
+        self.mine, rest = _my_hops(node, hops)
+        self.down = Downstream(node, rest, reply) if rest else None
+        self.reply = None if rest else ReplyStream(node, *reply)
+
+    async def step(self, step: StageStep) -> StageFailure | None:
+        """Run this node's stages on `step`; send the activations on, or the answer
+        to the coordinator. A failure to report upstream, or None."""
+        received = step.tensors
+        final: dict[str, Array] = {}
+        for card, state in self.mine:
+            received, made = await _run_one(self.node, card, state, received, step.last_only)
+            final.update(made)
+        if self.down is not None:
+            return await self.down.send(StageStep(received, (), step.last_only))
+        assert self.reply is not None
+        await self.reply.send(final)
+        return None
+
+    async def close(self) -> None:
+        if self.down is not None:
+            await self.down.close()
+        if self.reply is not None:
+            await self.reply.close()
+
+
+async def _run_one(
+    node: Node, card: ModelCard, state: StageState, received: dict[str, Array], last_only: bool
+) -> tuple[dict[str, Array], dict[str, Array]]:
+    assert card.stage is not None
+    async with node.executor.models.use(card.id) as loaded:
+        # A stage that has run fast runs in the event loop's thread: for a decode
+        # step the hop to a worker thread and back costs more than it.
+        inline = _compute_ms.get(card.id, math.inf) < node.config.executor.inline_below_ms
+        started = time.perf_counter()
+        args = (loaded.session, card.stage, received, state, last_only)
+        if inline:
+            result = run_stage(*args)
+        else:
+            result = await trio.to_thread.run_sync(run_stage, *args, limiter=node.executor.limiter)
+        ms = (time.perf_counter() - started) * 1e3
+        old = _compute_ms.get(card.id)
+        _compute_ms[card.id] = ms if old is None else old + 0.2 * (ms - old)
+    return result
 
 
 async def _dial(node: Node, peer: str) -> None:
@@ -358,43 +476,91 @@ async def _dial(node: Node, peer: str) -> None:
 
 
 async def serve_stage(node: Node, stream: INetStream) -> None:
-    """Answer the steps of one chain session on `stream` until the caller hangs up."""
+    """Run the steps of one chain session from `stream` until the caller hangs up;
+    report a failure (here or after this hop) back up the stream, and end."""
     peer = str(stream.muxed_conn.peer_id)
     channel = Channel(stream, node.config.max_request_bytes)
-    downstream: _Downstream | None = None
-    mine: list[tuple[ModelCard, StageState]] = []
-    try:
-        first = True
+    lock = trio.Lock()
+    sessions: list[StageSession] = []
+    reported = False
+
+    async def report(failure: StageFailure) -> None:
+        nonlocal reported
+        async with lock:
+            await channel.send(encode_answer(failure, node.config.max_reply_bytes))
+            reported = True
+
+    async def watch(down: Downstream, scope: trio.CancelScope) -> None:
+        failure = await down.watch()
+        if not down.closed:
+            await report(failure)
+        scope.cancel()
+
+    async def steps(nursery: trio.Nursery) -> None:
         while True:
             with trio.fail_after(STEP_WAIT_S):
                 payload = await channel.receive()
+            failure: StageFailure | None
             try:
                 step = decode_step(payload)
-                if first:
-                    mine, rest = _my_hops(node, step.hops)
-                    downstream = _Downstream(node, rest) if rest else None
-                    first = False
-                elif step.hops:
-                    raise ValueError("hops go on a session's first step only")
-                answer = await _run_mine(node, mine, step, downstream)
+                if not sessions:
+                    if step.reply is None:
+                        raise ValueError("a session's first step names its coordinator")
+                    sessions.append(StageSession(node, step.hops, step.reply))
+                    if sessions[0].down is not None:
+                        nursery.start_soon(watch, sessions[0].down, nursery.cancel_scope)
+                elif step.hops or step.reply:
+                    raise ValueError("hops and reply go on a session's first step only")
+                failure = await sessions[0].step(step)
             except ValueError as error:
-                answer = StageFailure(ErrorCode.MALFORMED_MESSAGE, f"bad stage step: {error}")
+                failure = StageFailure(ErrorCode.MALFORMED_MESSAGE, f"bad stage step: {error}")
             except JobError as error:
-                answer = StageFailure(error.code, error.message)
-            await channel.send(encode_answer(answer, node.config.max_reply_bytes))
-            if isinstance(answer, StageFailure):
-                break
-    except (trio.TooSlowError, FrameError, EOFError, *TRANSPORT_ERRORS) as error:
-        logger.debug("stage stream from %s ended: %r", peer, error)
+                failure = StageFailure(error.code, error.message)
+            if failure is not None:
+                await report(failure)
+                return
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await steps(nursery)
+            nursery.cancel_scope.cancel()
+    except* (trio.TooSlowError, FrameError, EOFError, *TRANSPORT_ERRORS) as group:
+        # Also when they come with the node's own shutdown (Cancelled goes on).
+        logger.debug("stage stream from %s ended: %r", peer, group.exceptions)
     finally:
-        if downstream is not None:
-            await downstream.close()
+        with trio.CancelScope(shield=True):
+            for session in sessions:
+                await session.close()
+            if reported:  # a reset would overtake the report: close; the caller resets
+                await channel.close()
+            else:
+                await channel.discard()
+
+
+async def serve_answers(node: Node, stream: INetStream) -> None:
+    """The last stage's answers for one of this node's chain sessions."""
+    peer = str(stream.muxed_conn.peer_id)
+    channel = Channel(stream, node.config.max_reply_bytes)
+    try:
+        with trio.fail_after(HOP_DIAL_S):
+            opening = _unpack(await channel.receive())
+        session_id = opening.get("s")
+        if set(opening) != {"s"} or not isinstance(session_id, str):
+            raise ValueError("an answer stream opens with its session id")
+        while True:
+            answer = decode_answer(await channel.receive())
+            if not node.chains.deliver(session_id, peer, answer):
+                break
+    except (ValueError, trio.TooSlowError, FrameError, EOFError, *TRANSPORT_ERRORS) as error:
+        logger.debug("stage answers from %s ended: %r", peer, error)
+    finally:
         await channel.discard()
 
 
-def _my_hops(
-    node: Node, hops: tuple[Hop, ...]
-) -> tuple[list[tuple[ModelCard, StageState]], tuple[Hop, ...]]:
+Mine = list[tuple[ModelCard, StageState]]
+
+
+def _my_hops(node: Node, hops: tuple[Hop, ...]) -> tuple[Mine, tuple[Hop, ...]]:
     """The leading hops that are this node's (consecutive stages run without a hop)."""
     if not hops or hops[0].peer_id != node.peer_id:
         raise ValueError("a session's first step names this node as its first hop")
@@ -409,34 +575,3 @@ def _my_hops(
         mine.append((card, StageState()))
         i += 1
     return mine, hops[i:]
-
-
-async def _run_mine(
-    node: Node,
-    mine: list[tuple[ModelCard, StageState]],
-    step: StageStep,
-    downstream: _Downstream | None,
-) -> dict[str, Array] | StageFailure:
-    received = step.tensors
-    final: dict[str, Array] = {}
-    for card, state in mine:
-        assert card.stage is not None
-        async with node.executor.models.use(card.id) as loaded:
-            # A stage that has run fast runs in the event loop's thread: for a
-            # decode step the hop to a worker thread and back costs more than it.
-            inline = _compute_ms.get(card.id, math.inf) < node.config.executor.inline_below_ms
-            started = time.perf_counter()
-            args = (loaded.session, card.stage, received, state, step.last_only)
-            if inline:
-                received, made = run_stage(*args)
-            else:
-                received, made = await trio.to_thread.run_sync(
-                    run_stage, *args, limiter=node.executor.limiter
-                )
-            ms = (time.perf_counter() - started) * 1e3
-            old = _compute_ms.get(card.id)
-            _compute_ms[card.id] = ms if old is None else old + 0.2 * (ms - old)
-        final.update(made)
-    if downstream is None:
-        return final
-    return await downstream.exchange(StageStep(received, (), step.last_only))
