@@ -19,12 +19,14 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+import tomllib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import trio
+from tokenizers import Tokenizer
 
 from scheduler import (
     ChainPlan,
@@ -282,6 +284,7 @@ class Chains:
                     failed_at = failed_at or time.perf_counter()
                     continue
                 self._timed(session.plan, time.perf_counter() - started)
+                self.last_executor = session.plan.hops[-1].peer_id
                 if failed_at is not None:
                     self.times.failovers.append(time.perf_counter() - failed_at)
                     failed_at = None
@@ -294,6 +297,69 @@ class Chains:
             if session is not None:
                 with trio.CancelScope(shield=True):
                     await session.close()
+
+    def text_side(self, parent: str) -> tuple[Tokenizer, int, int]:
+        """The tokenizer, eos token id and context window of `parent`, from the
+        `[stage.text]` table beside a stage of it this node serves. JobError when
+        this node serves no stage of it (it cannot tokenize for the chain)."""
+        for descriptor in self.node.models:
+            card = self.node.executor.models.card(descriptor.id)
+            if card is None or card.stage is None or card.stage.parent != parent:
+                continue
+            with (card.onnx_path.parent / "model.toml").open("rb") as f:
+                text = tomllib.load(f).get("stage", {}).get("text", {})
+            tokenizer = card.onnx_path.parent / str(text.get("tokenizer", "tokenizer.json"))
+            if text.get("postprocess") == "generate" and tokenizer.is_file():
+                eos = int(text.get("decoder", {}).get("eos_token_id", -1))
+                return Tokenizer.from_file(str(tokenizer)), eos, int(text["max_tokens"])
+        raise JobError(
+            ErrorCode.NO_CAPABLE_PEER,
+            f"model {parent} is served as stages; to generate through them, ask a node that "
+            "serves one of its stages (it has the tokenizer)",
+        )
+
+    async def serve_generation(
+        self, request: Any, send: Callable[[bytes], Awaitable[None]]
+    ) -> None:
+        """A `GenerateRequest` through a chain: pieces as the tokens come, then the
+        summary, as the generate protocol answers."""
+        from . import _codec
+        from ._messages import GeneratedPiece, GenerateSummary
+
+        started = time.perf_counter()
+        tokenizer, eos, window = self.text_side(request.model_id)
+        prompt = tokenizer.encode(request.prompt).ids
+        if not prompt or len(prompt) >= window:
+            raise JobError(
+                ErrorCode.INVALID_INPUT, f"the prompt must have 1 to {window - 1} tokens"
+            )
+        sampling = Sampling(request.temperature, request.top_k, request.top_p, request.seed)
+        max_new = min(request.max_tokens, window - len(prompt))
+        made: list[int] = []
+        emitted, ttft_ms, finish = "", None, "length"
+        async for token in self.generate(request.model_id, prompt, max_new, sampling, eos):
+            if token == eos:
+                finish = "eos"
+                break
+            made.append(token)
+            text = tokenizer.decode(made)
+            piece = ""
+            if not text.endswith("\ufffd") and text.startswith(emitted):
+                piece, emitted = text[len(emitted) :], text
+            ttft_ms = ttft_ms or (time.perf_counter() - started) * 1e3
+            await send(_codec.encode(GeneratedPiece((token,), piece)))
+        total_ms = (time.perf_counter() - started) * 1e3
+        summary = GenerateSummary(
+            request.job_id,
+            request.model_id,
+            tokenizer.decode(made),
+            len(made),
+            finish,
+            self.last_executor or self.node.peer_id,
+            ttft_ms or total_ms,
+            total_ms,
+        )
+        await send(_codec.encode(summary))
 
     def _blame(self, failure: StageFailure, failed: list[str]) -> bool:
         """Note the peer a failure names; whether another chain may do better."""

@@ -187,3 +187,27 @@ async def test_a_job_on_a_model_served_only_as_stages_goes_through_the_chain(
                 result = await client.submit(MINILM, feeds)
     assert result.executor == swarm[2].peer_id  # the last stage's peer answered
     np.testing.assert_allclose(result.outputs["sentence_embedding"], whole, atol=1e-5, rtol=0)
+
+
+async def test_generate_protocol_runs_a_generation_through_the_chain(
+    repo: Path, tmp_path: Path
+) -> None:
+    from tokenizers import Tokenizer
+
+    from p2p_node import Client
+
+    tokenizer = Tokenizer.from_file(str(BUNDLED / GPT / "tokenizer.json"))
+    prompt = "The module"
+    models = [frozenset({f"{GPT}@{i}of3"}) for i in (1, 2, 3)]
+    with trio.fail_after(60):
+        async with open_swarm(3, models=models, base=_base(repo, tmp_path)) as swarm:
+            await swarm.wait_converged()
+            await _converged_with_stages(swarm, 0, GPT)
+            async with Client.connect(swarm[0].addrs[0]) as client:
+                async with client.generate(prompt, GPT, max_tokens=24) as generation:
+                    text = await generation.text()
+    summary = generation.summary
+    assert summary is not None and summary.executor == swarm[2].peer_id
+    expected = _greedy_whole(tokenizer.encode(prompt).ids, 24)
+    assert summary.tokens == len(expected)
+    assert text == tokenizer.decode(expected)
