@@ -9,8 +9,8 @@ temporary repository. Figures:
 - **hop overhead**: a coordinator node (this process) and one `p2p-node start`
   process per stage, on loopback. For each greedy decode step, the chain's wall time as the
   coordinator sees it, minus the same step's stage compute run in this process
-  without any network (median of the same positions), divided by the hops (the
-  coordinator's to the first stage, and one between each pair of stages).
+  without any network (its median), divided by the hops: k + 1 for k stages
+  (coordinator to stage 1, each stage to the next, the last to the coordinator).
   Reported p50 and p99 over the steps.
 - **tokens/s**: the same network per split, 1 and 16 concurrent sessions, each of
   `--tokens` greedy tokens; aggregate tokens over wall time.
@@ -230,7 +230,9 @@ async def main_async(args: argparse.Namespace) -> None:
                 repo, args.model, k, root / f"net{k}", args.tokens, args.steps
             )
             compute = statistics.median(local)
-            overhead = [(ms - compute) / k for ms in step_ms]  # k hops: coordinator->1, i->i+1
+            # k + 1 hops a step: coordinator to stage 1, each stage to the next, the
+            # last stage to the coordinator.
+            overhead = [(ms - compute) / (k + 1) for ms in step_ms]
             rows.append(
                 (
                     k,
