@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,11 @@ _LAYER = re.compile(r"(?:^|[./_])(?:blocks|layer|layers|h)[./_](\d+)(?=[./_]|$)"
 _PRESENT = re.compile(r"^present\.(\d+)\.")
 STATE_PREFIX = "past_key_values."  # a decoder's cache: each stage keeps its own layers'
 STAGE_SEPARATOR = "@"  # a stage's model id: parent id, "@", index, "of", k
+
+
+def bundled_stages_dir() -> Path:
+    """The bundled generators' 2- and 3-stage splits (see its README.md)."""
+    return Path(str(resources.files("p2p_node") / "bundled_stages"))
 
 
 class ShardError(ValueError):

@@ -195,3 +195,17 @@ def test_stage_frames_round_trip_and_refuse_bad_input() -> None:
             decode_step(bad)
     answer = decode_answer(encode_answer({"x": np.ones((1, 2), np.float32)}, 1000))
     assert isinstance(answer, dict) and answer["x"].shape == (1, 2)
+
+
+def test_the_bundled_stages_are_what_shard_writes(tmp_path: Path) -> None:
+    from p2p_node._shard import bundled_stages_dir
+
+    shipped = {c.id: c for c in read_repository(bundled_stages_dir())}
+    assert len(shipped) == 10
+    for model in ("pydoc-gpt-small", "pydoc-gpt-large"):
+        for k in (2, 3):
+            for directory in shard(BUNDLED / model, k, tmp_path):
+                card = read_model_card(directory)
+                assert shipped[card.id].sha256 == card.sha256, card.id
+                mine = (directory / "model.toml").read_text()
+                assert (shipped[card.id].onnx_path.parent / "model.toml").read_text() == mine

@@ -211,3 +211,13 @@ async def test_generate_protocol_runs_a_generation_through_the_chain(
     expected = _greedy_whole(tokenizer.encode(prompt).ids, 24)
     assert summary.tokens == len(expected)
     assert text == tokenizer.decode(expected)
+
+
+async def test_demo_stages_serves_models_bigger_than_any_node() -> None:
+    from p2p_node._demo_stages import run_stage_demo
+
+    with trio.fail_after(120):
+        notes, rows = await run_stage_demo()
+    assert len(rows) == 3 and "same as whole" in rows[1][3]
+    assert "max |staged - whole| 0.0e+00" in rows[2][3]
+    assert all("every node's --model-memory-mb" in note for note in notes)
