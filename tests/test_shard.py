@@ -4,6 +4,7 @@ token over 100 tokens)."""
 
 from __future__ import annotations
 
+import contextlib
 import tomllib
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import msgpack
 import numpy as np
 import onnxruntime as ort
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2p_node import bundled_models_dir
 from p2p_node._cli import main
@@ -209,3 +212,11 @@ def test_the_bundled_stages_are_what_shard_writes(tmp_path: Path) -> None:
                 assert shipped[card.id].sha256 == card.sha256, card.id
                 mine = (directory / "model.toml").read_text()
                 assert (shipped[card.id].onnx_path.parent / "model.toml").read_text() == mine
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=200))
+def test_stage_frames_from_any_bytes_are_a_step_or_a_value_error(data: bytes) -> None:
+    for decode in (decode_step, decode_answer):
+        with contextlib.suppress(ValueError):
+            decode(data)

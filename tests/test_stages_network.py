@@ -221,3 +221,63 @@ async def test_demo_stages_serves_models_bigger_than_any_node() -> None:
     assert len(rows) == 3 and "same as whole" in rows[1][3]
     assert "max |staged - whole| 0.0e+00" in rows[2][3]
     assert all("every node's --model-memory-mb" in note for note in notes)
+
+
+async def test_bad_stage_steps_get_typed_errors_and_the_node_goes_on(
+    repo: Path, tmp_path: Path
+) -> None:
+    from p2p_node._channel import Channel
+    from p2p_node._stages import (
+        ANSWER_PROTOCOL,
+        STAGE_PROTOCOL,
+        Hop,
+        StageFailure,
+        StageStep,
+        decode_answer,
+        encode_step,
+    )
+
+    models = [frozenset(), frozenset({f"{MINILM}@1of2"}), frozenset({f"{MINILM}@2of2"})]
+    with trio.fail_after(60):
+        async with open_swarm(3, models=models, base=_base(repo, tmp_path)) as swarm:
+            await swarm.wait_converged()
+            target = swarm[1].peer_id
+            steps = [
+                b"\xc1garbage",
+                encode_step(
+                    StageStep({}, (Hop(target, "no-such@1of2"),), reply=("x", "y")), 1 << 20
+                ),
+                encode_step(StageStep({}, (Hop(swarm[2].peer_id, f"{MINILM}@2of2"),)), 1 << 20),
+                encode_step(
+                    StageStep({}, (Hop(target, f"{MINILM}@1of2"),), reply=("x", "y")), 1 << 20
+                ),
+            ]
+            codes = []
+            for payload in steps:
+                stream = await swarm[0].open_stream(target, STAGE_PROTOCOL, 5)
+                channel = Channel(stream, 1 << 20)
+                await channel.send(payload)
+                answer = decode_answer(await channel.receive())
+                assert isinstance(answer, StageFailure)
+                codes.append(answer.code)
+                await channel.discard()
+            # Answers for a session nobody opened are dropped.
+            stream = await swarm[0].open_stream(target, ANSWER_PROTOCOL, 5)
+            channel = Channel(stream, 1 << 20)
+            await channel.send(b"\x81\xa1s\xa4nope")
+            await channel.discard()
+            await _converged_with_stages(swarm, 0, MINILM)
+            ids = np.array([[101, 2023, 102]], np.int64)
+            feeds = {
+                "input_ids": ids,
+                "attention_mask": np.ones_like(ids),
+                "token_type_ids": 0 * ids,
+            }
+            staged = await swarm[0].chains.run(MINILM, feeds)
+    assert codes == [
+        ErrorCode.MALFORMED_MESSAGE,
+        ErrorCode.UNKNOWN_MODEL,
+        ErrorCode.MALFORMED_MESSAGE,
+        ErrorCode.INVALID_INPUT,
+    ]
+    assert staged["sentence_embedding"].shape == (1, 384)
