@@ -220,7 +220,8 @@ async def main_async(args: argparse.Namespace) -> None:
         for k in (1, 2, 3):
             shard(bundled_models_dir() / args.model, k, repo)
         print(
-            f"# bench.stages: {args.model}, {args.steps} decode steps, {args.tokens} tokens per session"
+            f"# bench.stages: {args.model}, {args.steps} decode steps, "
+            f"{args.tokens} tokens per session"
         )
         print(f"# machine: {os.cpu_count()} cpus (shared: compare within this run)")
         rows = []
@@ -245,11 +246,13 @@ async def main_async(args: argparse.Namespace) -> None:
             )
         print()
         print(
-            "stages | compute ms/step p50 | hop overhead ms p50 | p99 | tokens/s 1 session | 16 sessions"
+            "stages | compute ms/step p50 | hop overhead ms p50 | p99 "
+            "| tokens/s 1 session | 16 sessions"
         )
         for k, compute, p50, p99, one, sixteen in rows:
             print(
-                f"{k:6d} | {compute:19.3f} | {p50:19.3f} | {p99:6.3f} | {one:18.1f} | {sixteen:11.1f}"
+                f"{k:6d} | {compute:19.3f} | {p50:19.3f} | {p99:6.3f} "
+                f"| {one:18.1f} | {sixteen:11.1f}"
             )
         if not args.no_failover:
             gap, same = await _failover(repo, args.model, root / "failover", max(args.tokens, 40))
