@@ -146,6 +146,9 @@ class Chains:
         # Open sessions: id -> (the last stage's peer, where its answers go).
         self.sessions: dict[str, tuple[str, trio.MemorySendChannel[Answer]]] = {}
         self.nursery: trio.Nursery  # set by open_node: the sessions' watchers run in it
+        self._offers: list[StageOffer] = []
+        self._offers_source: object = None
+        self._parents: frozenset[str] = frozenset()
 
     def deliver(self, session_id: str, sender: str, answer: Answer) -> bool:
         """An answer from the last stage's peer of an open session; False when there
@@ -160,9 +163,13 @@ class Chains:
         return True
 
     def offers(self) -> list[StageOffer]:
-        """Every stage the view (this node included) serves."""
+        """Every stage the view (this node included) serves; kept until the view
+        changes, so that the job path's `prefers_chain` costs a lookup."""
+        snapshot = self.node.view.snapshot()
+        if self._offers_source is snapshot:
+            return self._offers
         offers = []
-        for peer in self.node.view.snapshot().alive():
+        for peer in snapshot.alive():
             for entry in peer.record.models:
                 if entry.stage is not None:
                     s = entry.stage
@@ -174,6 +181,8 @@ class Chains:
             if card is not None and card.stage is not None:
                 s2 = card.stage
                 offers.append(StageOffer(s2.parent, s2.index, s2.k, card.id, self.node.peer_id))
+        self._offers, self._offers_source = offers, snapshot
+        self._parents = frozenset(o.parent for o in offers)
         return offers
 
     def plan(self, parent: str, exclude: Sequence[str] = ()) -> ChainPlan:
@@ -200,11 +209,12 @@ class Chains:
         """Whether a job on `model_id` should go through a chain of its stages: some
         split is complete, and no peer serves it whole or the chain's estimate is
         lower than the best whole peer's (same terms: compute, load, latency)."""
+        offers = self.offers()
+        if model_id not in self._parents:
+            return False
         index = self.node.node_index()
         nodes = {n.peer_id: n for n in index.nodes}
-        plan = plan_chain(
-            model_id, self.offers(), nodes, self.rtt_ms, local_peer_id=self.node.peer_id
-        )
+        plan = plan_chain(model_id, offers, nodes, self.rtt_ms, local_peer_id=self.node.peer_id)
         if plan is None:
             return False
         whole = estimate_whole(model_id, nodes, self.rtt_ms, self.node.peer_id)
