@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 Array = np.ndarray[Any, Any]
 MAX_ATTEMPTS = 6  # chains tried for one job or one generation step
+VIEW_CHECK_S = 0.25  # while a step is out: how often the chain's peers are checked
 
 
 @dataclass(slots=True)
@@ -108,16 +109,33 @@ class ChainSession:
             failure = StageFailure(error.code, error.message)
         if failure is not None:
             raise ChainFailed(failure)
-        try:
-            with trio.fail_after(STEP_WAIT_S):
+        deadline = trio.current_time() + STEP_WAIT_S
+        while True:
+            with trio.move_on_after(VIEW_CHECK_S):
                 answer = await self._answers.receive()
-        except trio.TooSlowError:
-            raise ChainFailed(
-                StageFailure(ErrorCode.DEADLINE_EXCEEDED, "the chain did not answer")
-            ) from None
+                break
+            # A stage peer that stopped without its connections dropping (frozen,
+            # cut off) leaves the view by the failure detector: fail over then.
+            gone = self._gone()
+            if gone:
+                raise ChainFailed(
+                    StageFailure(
+                        ErrorCode.PEER_UNREACHABLE, f"stage peer {gone} left the view", gone
+                    )
+                )
+            if trio.current_time() > deadline:
+                raise ChainFailed(
+                    StageFailure(ErrorCode.DEADLINE_EXCEEDED, "the chain did not answer")
+                )
         if isinstance(answer, StageFailure):
             raise ChainFailed(answer)
         return answer
+
+    def _gone(self) -> str:
+        """A peer of this chain that the view no longer counts alive, or ''."""
+        node = self.chains.node
+        alive = {p.peer_id for p in node.view.snapshot().alive()} | {node.peer_id}
+        return next((p for p in self.plan.peers if p not in alive), "")
 
     async def close(self) -> None:
         self.chains.sessions.pop(self.id, None)

@@ -281,3 +281,35 @@ async def test_bad_stage_steps_get_typed_errors_and_the_node_goes_on(
         ErrorCode.INVALID_INPUT,
     ]
     assert staged["sentence_embedding"].shape == (1, 384)
+
+
+async def test_a_frozen_stage_peer_is_replaced_when_the_failure_detector_drops_it(
+    repo: Path, tmp_path: Path
+) -> None:
+    from contextlib import ExitStack
+
+    models = [
+        frozenset(),
+        frozenset({f"{GPT}@1of3"}),
+        frozenset({f"{GPT}@2of3"}),
+        frozenset({f"{GPT}@2of3"}),
+        frozenset({f"{GPT}@3of3"}),
+    ]
+    # Stages run in worker threads, so that holding a node's workers freezes it.
+    base = _base(repo, tmp_path, executor=ExecutorConfig(inline_below_ms=0))
+    with trio.fail_after(90):
+        async with open_swarm(5, models=models, base=base) as swarm:
+            await swarm.wait_converged()
+            await _converged_with_stages(swarm, 0, GPT)
+            chains = swarm[0].chains
+            used = chains.plan(GPT).peers[1]
+            victim = next(i for i in (2, 3) if swarm[i].peer_id == used)
+            tokens = []
+            with ExitStack() as frozen:
+                async for token in chains.generate(GPT, PROMPT, 40):
+                    tokens.append(token)
+                    if len(tokens) == 10:  # alive, connected, silent and stuck
+                        frozen.enter_context(swarm.busy(victim))
+                        swarm.stall(victim, 60)
+    assert tokens == _greedy_whole(PROMPT, 40)
+    assert len(chains.times.failovers) == 1
