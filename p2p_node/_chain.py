@@ -159,6 +159,7 @@ class Chains:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.rtt_ms: dict[str, float] = {}
+        self.compute_ms: dict[str, float] = {}  # this node's stages: EWMA of a run, ms
         self.times = HopTimes()
         self.last_executor = ""  # the last stage's peer of the last job
         # Open sessions: id -> (the last stage's peer, where its answers go).

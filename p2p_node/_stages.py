@@ -308,9 +308,6 @@ def run_chain_locally(
     return final
 
 
-_compute_ms: dict[str, float] = {}  # stage model id -> EWMA of its run's wall time
-
-
 # --- serving --------------------------------------------------------------------------------
 
 Answer = dict[str, Array] | StageFailure
@@ -448,7 +445,8 @@ async def _run_one(
     async with node.executor.models.use(card.id) as loaded:
         # A stage that has run fast runs in the event loop's thread: for a decode
         # step the hop to a worker thread and back costs more than it.
-        inline = _compute_ms.get(card.id, math.inf) < node.config.executor.inline_below_ms
+        compute_ms = node.chains.compute_ms  # stage model id -> EWMA of a run's wall time
+        inline = compute_ms.get(card.id, math.inf) < node.config.executor.inline_below_ms
         started = time.perf_counter()
         args = (loaded.session, card.stage, received, state, last_only)
         if inline:
@@ -456,8 +454,9 @@ async def _run_one(
         else:
             result = await trio.to_thread.run_sync(run_stage, *args, limiter=node.executor.limiter)
         ms = (time.perf_counter() - started) * 1e3
-        old = _compute_ms.get(card.id)
-        _compute_ms[card.id] = ms if old is None else old + 0.2 * (ms - old)
+        node.executor.note_run(card.id, ok=True, latency_ms=ms)  # announced: placement uses it
+        old = compute_ms.get(card.id)
+        compute_ms[card.id] = ms if old is None else old + 0.2 * (ms - old)
     return result
 
 

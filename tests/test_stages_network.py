@@ -75,6 +75,9 @@ async def test_embedding_through_two_stage_peers_matches_the_whole_model(
             plan = swarm[0].chains.plan(MINILM)
             assert plan.peers == (swarm[1].peer_id, swarm[2].peer_id)
             staged = await swarm[0].chains.run(MINILM, feeds)
+            # Each stage peer counts its runs, as it does jobs: records announce them.
+            for i, stage in ((1, f"{MINILM}@1of2"), (2, f"{MINILM}@2of2")):
+                assert [p.model_id for p in swarm[i].executor.performance()] == [stage]
     np.testing.assert_allclose(staged["sentence_embedding"], whole, atol=1e-5, rtol=0)
     # Stage 2's peer got the activations from stage 1's, not from the coordinator.
     assert set(staged) == {"sentence_embedding"}
