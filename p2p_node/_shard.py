@@ -12,7 +12,8 @@ but never before what it reads; nodes computed from constants alone are copied
 into each stage that needs them. So a decoder's stage takes the hidden state
 (and the attention mask computed from the first stage's inputs) and its own
 layers' `past_key_values`, and returns the next hidden state and its own
-layers' `present`; the last stage returns the logits.
+layers' `present`; the last stage returns the logits. k = 1 writes the whole
+graph as a one-stage chain (what `bench.stages` compares against).
 """
 
 from __future__ import annotations

@@ -2,12 +2,14 @@
 
 A chain runs a model split into stages (see `_shard`) on one peer per stage.
 The coordinator opens a stream to the first stage's peer and sends it a
-`StageStep`: the remaining hops of the chain (peer and stage model id each) and
-the tensors. That peer runs its stage (and any consecutive stages it also
-serves, without a hop), opens a stream to the next hop's peer, and sends it the
-step with the activations the later stages take: activations go peer to peer,
-never back through the coordinator. The last stage's answer (the parent's
-outputs: logits, an embedding) travels back along the open streams.
+`StageStep`: the remaining hops of the chain (peer and stage model id each),
+the coordinator and session to answer, and the tensors. That peer runs its
+stage (and any consecutive stages it also serves, without a hop), opens a
+stream to the next hop's peer, and sends it the step with the activations the
+later stages take: activations go peer to peer, never back through the
+coordinator. The last stage sends its answer (the parent's outputs: logits, an
+embedding) straight to the coordinator on the stage-answer protocol; up the
+chain, the streams carry only failures.
 
 A stream is a session: a decoder stage keeps its own layers' cache
 (`past_key_values.*` in, `present.*` out) for the stream's life, so each decode
