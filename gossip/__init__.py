@@ -25,6 +25,7 @@ from ._record import ModelPerformance as ModelPerformance
 from ._record import PeerRecord as PeerRecord
 from ._record import RecordError as RecordError
 from ._record import Rejection as Rejection
+from ._record import StageOf as StageOf
 from ._record import check_record as check_record
 from ._record import decode_record as decode_record
 from ._record import encode_record as encode_record
@@ -52,6 +53,7 @@ __all__ = [
     "Load",
     "ModelDescriptor",
     "ModelEntry",
+    "StageOf",
     "ModelPerformance",
     "PeerRecord",
     "PeerState",

@@ -78,18 +78,41 @@ class Capabilities:
             check_text("provider", provider, MAX_ID_LENGTH)
 
 
+MAX_STAGES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class StageOf:
+    """The model is stage `index` (0-based) of `k` of model `parent` (see p2p_node/_shard)."""
+
+    parent: str
+    index: int
+    k: int
+
+    def __post_init__(self) -> None:
+        check_text("stage parent", self.parent, MAX_ID_LENGTH)
+        _check_int("stage index", self.index)
+        _check_int("stage k", self.k)
+        if not self.index < self.k <= MAX_STAGES:
+            raise SchemaError(f"stage index {self.index} of k {self.k}: need index < k <= 64")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelEntry:
-    """A model the node serves: `loaded` in memory, or only on disk (loaded on first use)."""
+    """A model the node serves: `loaded` in memory, or only on disk (loaded on first use).
+    `stage`: it is a stage of a larger model (the descriptor's sha256 is the stage's)."""
 
     descriptor: ModelDescriptor
     loaded: bool
+    stage: StageOf | None = None
 
     def __post_init__(self) -> None:
         if type(self.descriptor) is not ModelDescriptor:
             raise SchemaError(f"model entry needs a ModelDescriptor, got {_name(self.descriptor)}")
         if type(self.loaded) is not bool:
             raise SchemaError(f"model {self.descriptor.id!r}: loaded must be a bool")
+        if self.stage is not None and type(self.stage) is not StageOf:
+            raise SchemaError(f"model {self.descriptor.id!r}: stage must be a StageOf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,9 +309,7 @@ def encode_record(record: PeerRecord) -> bytes:
         "interval": record.interval,
         "addrs": list(record.addrs),
         "caps": _capabilities_to_wire(record.capabilities),
-        "models": [
-            {"model": descriptor_to_wire(m.descriptor), "loaded": m.loaded} for m in record.models
-        ],
+        "models": [_entry_to_wire(m) for m in record.models],
         "load": _load_to_wire(record.load),
         "perf": [_performance_to_wire(p) for p in record.performance],
         "gone": [{"peer": d.peer_id, "boot": d.boot_id, "seq": d.seq} for d in record.departed],
@@ -301,6 +322,13 @@ def encode_record(record: PeerRecord) -> bytes:
             f"announce fewer models ({len(record.models)}) or shorter descriptions",
         )
     return packed
+
+
+def _entry_to_wire(entry: ModelEntry) -> dict[str, Any]:
+    wire = {"model": descriptor_to_wire(entry.descriptor), "loaded": entry.loaded}
+    if entry.stage is not None:  # optional: records without stages keep their bytes
+        wire["stage"] = [entry.stage.parent, entry.stage.index, entry.stage.k]
+    return wire
 
 
 def _capabilities_to_wire(caps: Capabilities) -> dict[str, Any]:
@@ -353,6 +381,7 @@ _RECORD_KEYS = frozenset(
 _CAPS_KEYS = frozenset({"cpus", "cpu_model", "mem_mb", "gpus", "providers"})
 _GPU_KEYS = frozenset({"name", "mem_mb"})
 _ENTRY_KEYS = frozenset({"model", "loaded"})
+_STAGE_ENTRY_KEYS = _ENTRY_KEYS | {"stage"}
 _LOAD_KEYS = frozenset({"in_flight", "queue", "cpu_pct", "mem_avail_mb", "gpu_util"})
 _PERF_KEYS = frozenset({"model", "latency_ms", "success_rate", "samples"})
 _GONE_KEYS = frozenset({"peer", "boot", "seq"})
@@ -440,8 +469,16 @@ def _entry_from_wire(raw: object) -> ModelEntry:
 
 @functools.lru_cache(maxsize=MAX_KEPT_ENTRIES)
 def _entry_from_packed(packed: bytes) -> ModelEntry:
-    f = expect_map(msgpack.unpackb(packed, raw=False), _ENTRY_KEYS, "model entry")
-    return ModelEntry(descriptor=descriptor_from_wire(f["model"]), loaded=f["loaded"])
+    raw = msgpack.unpackb(packed, raw=False)
+    keys = _STAGE_ENTRY_KEYS if isinstance(raw, dict) and "stage" in raw else _ENTRY_KEYS
+    f = expect_map(raw, keys, "model entry")
+    stage = None
+    if "stage" in f:
+        parts = expect_list(f["stage"], "stage", 3)
+        if len(parts) != 3:
+            raise SchemaError("stage is [parent, index, k]")
+        stage = StageOf(*parts)
+    return ModelEntry(descriptor=descriptor_from_wire(f["model"]), loaded=f["loaded"], stage=stage)
 
 
 def _load_from_wire(raw: object) -> Load:

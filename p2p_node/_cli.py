@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from scheduler import DistributionStrategy, GpuNeed, JobError, Requirements
+from scheduler import DistributionStrategy, GpuNeed, JobError, Requirements, offers_from_ids
 from selection import CONTEXT_KEYS, AdvancedModelSelectionStrategy
 
 from . import _render
@@ -219,6 +219,11 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="a local network answering jobs")
     demo.add_argument("--nodes", type=int, default=3)
+    demo.add_argument(
+        "--stages",
+        action="store_true",
+        help="models bigger than any node's memory budget, served through chains of stages",
+    )
     _add_psk_option(demo)
     demo.set_defaults(run=_demo)
 
@@ -228,6 +233,12 @@ def _parser() -> argparse.ArgumentParser:
         "--identity", type=Path, metavar="FILE", help="new client identity; prints its peer id"
     )
     keygen.set_defaults(run=_keygen, check=_keygen_flag_error)
+
+    shard = commands.add_parser("shard", help="split a model into stages at layer boundaries")
+    shard.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory")
+    shard.add_argument("--stages", type=int, required=True, metavar="K", help="how many stages")
+    shard.add_argument("--out", type=Path, required=True, metavar="DIR", help="repository to write")
+    shard.set_defaults(run=_shard)
     for client_command in (submit, generate, place, select, feedback, models, peers, top):
         _add_psk_option(client_command)
         client_command.add_argument(
@@ -925,11 +936,34 @@ async def _place(args: argparse.Namespace) -> int:
         placement = await client.place(
             args.model, DistributionStrategy(args.strategy), requirements=requirements
         )
+        chain = None if args.json else await _place_chain(client, args.model)
     if args.json:
         print(_render.placement_json(placement, args.strategy))
-    else:
+    elif chain is None or placement.candidates:
         print(_render.placement_text(placement))
+    if chain is not None:
+        print(chain)
     return 0
+
+
+async def _place_chain(client: Client, model_id: str) -> str | None:
+    """How the model would run as a chain of stages, from the node's view (None: it
+    is not served as stages)."""
+    from scheduler import NodeInfo, estimate_whole, offers_from_ids, plan_chain
+
+    peers = await client.peers()
+    own = await client.models()
+    offers = offers_from_ids(client.peer_id, [m.id for m in own])
+    nodes = {client.peer_id: NodeInfo(client.peer_id, frozenset(), frozenset(m.id for m in own))}
+    for report in peers:
+        if report.state == "alive":
+            info = NodeInfo.from_record(report.record)
+            nodes[info.peer_id] = info
+            offers += offers_from_ids(info.peer_id, [m.descriptor.id for m in report.record.models])
+    plan = plan_chain(model_id, offers, nodes, {}, local_peer_id=client.peer_id)
+    if plan is None:
+        return None
+    return _render.chain_text(plan, estimate_whole(model_id, nodes, {}, client.peer_id))
 
 
 async def _select(args: argparse.Namespace) -> int:
@@ -964,7 +998,12 @@ async def _peers(args: argparse.Namespace) -> int:
     async with _connect(args) as client:
         peers = await client.peers()
         fetches = () if args.json else await _fetches(client)
+        own = [] if args.json else [m.id for m in await client.models()]
     print(_render.peers_json(peers) if args.json else _render.peers_text(peers))
+    if not args.json and (
+        chains := _render.chains_text(peers, offers_from_ids(client.peer_id, own))
+    ):
+        print(chains)
     if fetches:
         print(progress_text(fetches))
     return 0
@@ -990,8 +1029,28 @@ async def _top(args: argparse.Namespace) -> int:
 async def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
+    if args.stages:
+        from ._demo_stages import run_stage_demo
+
+        notes, table = await run_stage_demo()
+        print("\n".join(notes))
+        print(_render.format_table(table))
+        return 0
     rows = await run_demo(args.nodes, read_psk_file(args.psk) if args.psk else None)
     print(_render.format_table(rows))
+    return 0
+
+
+async def _shard(args: argparse.Namespace) -> int:
+    from ._shard import ShardError, shard
+
+    try:
+        written = shard(args.model, args.stages, args.out)
+    except (ShardError, RepositoryError) as error:
+        print(f"p2p-node shard: {error}", file=sys.stderr)
+        return 1
+    for directory in written:
+        print(f"wrote {directory}")
     return 0
 
 

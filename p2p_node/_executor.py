@@ -309,6 +309,11 @@ class Executor:
     def serves(self, model_id: str) -> bool:
         return model_id in self.models
 
+    def note_run(self, model_id: str, *, ok: bool, latency_ms: float) -> None:
+        """A run of `model_id` made outside `run` (a chain's stage: p2p_node/_stages),
+        counted in `performance()` as the executor's own runs are."""
+        self._stats.setdefault(model_id, _ModelStats()).record(ok=ok, latency_ms=latency_ms)
+
     @property
     def limiter(self) -> trio.CapacityLimiter:
         """The worker slots; holding them all makes this node's requests queue."""

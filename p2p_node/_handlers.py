@@ -126,6 +126,12 @@ class NodeHandlers:
                 texts=request.texts,
                 truncate=bool(request.truncate),
             )
+        if not request.texts and node.chains.prefers_chain(request.model_id):
+            # Served as stages (and not faster whole): see p2p_node/_chain.py.
+            result: InferenceResult = await node.chains.run_job(
+                request.job_id, request.model_id, request.inputs, request.timeout_ms / 1000
+            )
+            return result
         return await node.selector.run_model(to_inference(request), strategy, hedge=request.hedge)
 
     async def infer(self, request: RunRequest, sender: str) -> InferenceResult:

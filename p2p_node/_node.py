@@ -28,6 +28,7 @@ from gossip import (
     ModelEntry,
     PeerRecord,
     PeerView,
+    StageOf,
     ViewEvent,
 )
 from scheduler import (
@@ -43,6 +44,7 @@ from selection import EnhancedModelOrchestrator, ModelCatalog, PerformanceTracke
 
 from ._admission import Admission
 from ._beats import BEAT_PROTOCOL, answer_beats, lead_beats
+from ._chain import Chains
 from ._channel import MessageLimits
 from ._config import MAX_ANNOUNCED_ADDRS, NodeConfig, parse_multiaddr, parse_peer_multiaddr
 from ._errors import unwrap_single_errors
@@ -73,6 +75,7 @@ from ._rpc import (
     open_rpc,
 )
 from ._serve import Server
+from ._stages import ANSWER_PROTOCOL, STAGE_PROTOCOL, serve_answers, serve_stage
 from ._stream_gen import GENERATE_PROTOCOL, serve_generate
 from ._text import TextModel, TextModels
 from ._tracker_store import load_tracker, save_periodically, save_tracker
@@ -126,6 +129,7 @@ class Node:
         )
         self.generations: Generations  # set by open_node: text generation sessions
         self.fetches = FetchService(self)  # models shared with peers by content
+        self.chains = Chains(self)  # jobs and generations on models served as stages
         # Set by open_node once gossip and membership run.
         self.gossip: Gossip
         self.membership: Membership
@@ -198,7 +202,10 @@ class Node:
             interval=interval,
             addrs=self.announced_addrs,
             capabilities=self._capabilities,
-            models=tuple(ModelEntry(m, self._executor.models.is_loaded(m.id)) for m in self.models),
+            models=tuple(
+                ModelEntry(m, self._executor.models.is_loaded(m.id), self._stage_of(m.id))
+                for m in self.models
+            ),
             load=Load(
                 in_flight=self.running,
                 queue_length=self._executor.queue_length,
@@ -225,6 +232,12 @@ class Node:
         self.generations.add(card)
         self._catalog_source = self._index_source = None
         self.gossip.changed()
+
+    def _stage_of(self, model_id: str) -> StageOf | None:
+        card = self._executor.models.card(model_id)
+        if card is None or card.stage is None:
+            return None
+        return StageOf(card.stage.parent, card.stage.index, card.stage.k)
 
     def note_load(self) -> None:
         """Publish early when the load moved a lot since the last record."""
@@ -477,6 +490,7 @@ async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator
         ):
             node = Node(config, rpc, server, executor, gpus, tracker, gate)
             node.generations = Generations(executor, cards, config.executor)
+            node.chains.nursery = nursery
             serve_node(server, node)
             nursery.start_soon(node.generations.run)
             host.get_network().register_notifee(_ConnectionEvents(events_send))
@@ -485,6 +499,8 @@ async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator
                 host.set_stream_handler(BEAT_PROTOCOL, node._on_beat_stream)
                 host.set_stream_handler(GENERATE_PROTOCOL, partial(serve_generate, node))
                 host.set_stream_handler(FETCH_PROTOCOL, node.fetches.serve)
+                host.set_stream_handler(STAGE_PROTOCOL, partial(serve_stage, node))
+                host.set_stream_handler(ANSWER_PROTOCOL, partial(serve_answers, node))
                 executor.models.on_change = gossip.changed  # announce loads and unloads soon
                 node.membership = Membership(
                     dial=node.connect,

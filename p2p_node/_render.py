@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from gossip import ModelDescriptor, descriptor_to_wire
-from scheduler import InferenceResult, Placement
+from scheduler import ChainPlan, InferenceResult, Placement, StageOffer, complete_chains
 from selection import Selection
 
 from ._batch import BatchResult
@@ -227,6 +227,11 @@ def _peer_json(report: PeerReport) -> dict[str, Any]:
         },
         "models": [
             {"id": m.descriptor.id, "loaded": m.loaded, "task_type": m.descriptor.task_type}
+            | (
+                {"stage": {"parent": m.stage.parent, "index": m.stage.index, "k": m.stage.k}}
+                if m.stage is not None
+                else {}
+            )
             for m in record.models
         ],
         "gpus": [{"name": g.name, "memory_mb": g.memory_mb} for g in record.capabilities.gpus],
@@ -254,3 +259,38 @@ def peers_text(peers: Sequence[PeerReport]) -> str:
             )
         )
     return format_table(rows)
+
+
+def chains_text(peers: Sequence[PeerReport], own: Sequence[StageOffer] = ()) -> str:
+    """The models the view (and the node's `own` stages) can run as a chain of
+    stages: each split whose every stage some alive peer serves, with its peers."""
+    offers = [*own] + [
+        StageOffer(m.stage.parent, m.stage.index, m.stage.k, m.descriptor.id, r.record.peer_id)
+        for r in peers
+        if r.state == "alive"
+        for m in r.record.models
+        if m.stage is not None
+    ]
+    chains = complete_chains(offers)
+    if not chains:
+        return ""
+    lines = ["complete chains of stages:"]
+    for (parent, k), serving in sorted(chains.items()):
+        stages = "; ".join(f"stage {i + 1}: {', '.join(sorted(p))}" for i, p in enumerate(serving))
+        lines.append(f"  {parent} in {k} stages: {stages}")
+    return "\n".join(lines)
+
+
+def chain_text(plan: ChainPlan, whole: tuple[float, str] | None) -> str:
+    rows = [("stage", "peer", "model", "est ms", "reason")]
+    rows += [
+        (str(h.index + 1), h.peer_id, h.model_id, f"{h.compute_ms + h.hop_ms:.3g}", h.reason)
+        for h in plan.hops
+    ]
+    verdict = f"chain of {plan.k} stages, estimated {plan.estimate_ms:.3g} ms" + (
+        f"; whole on {whole[1]}: {whole[0]:.3g} ms: runs "
+        + ("whole" if whole[0] <= plan.estimate_ms else "as the chain")
+        if whole
+        else "; no peer serves it whole"
+    )
+    return verdict + "\n" + format_table(rows)

@@ -44,6 +44,21 @@ class TextSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class StageSpec:
+    """A model.toml's `[stage]` table: this model is stage `index` (0-based) of `k` of
+    model `parent`; it takes `inputs` (`boundary_in` from the stages before it) and
+    returns `outputs` (`boundary_out` for the stages after it)."""
+
+    parent: str
+    index: int
+    k: int
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    boundary_in: tuple[str, ...]
+    boundary_out: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ModelCard:
     """What model.toml says about a model, plus where its ONNX file is."""
 
@@ -65,6 +80,7 @@ class ModelCard:
     # and how long a run may wait for more requests to merge (0: never waits).
     max_batch_rows: int | None = None
     max_batch_wait_us: float = 0.0
+    stage: StageSpec | None = None  # a stage of a larger model (see p2p_node/_shard.py)
 
     @property
     def memory_bytes(self) -> int:
@@ -95,6 +111,7 @@ _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "text": dict,
     "max_batch_rows": int,
     "max_batch_wait_us": (int, float),
+    "stage": dict,
 }
 MAX_BATCH_WAIT_US = 1_000_000  # a longer wait for company is surely a typo
 
@@ -150,7 +167,30 @@ def read_model_card(model_dir: Path) -> ModelCard:
         memory_mb=_memory_mb(toml_path, meta.get("memory_mb")),
         text=_text_spec(toml_path, meta["text"]) if "text" in meta else None,
         **_batching(toml_path, meta),
+        stage=_stage_spec(toml_path, meta["stage"]) if "stage" in meta else None,
     )
+
+
+def _stage_spec(path: Path, table: dict[str, Any]) -> StageSpec:
+    names = ("inputs", "outputs", "boundary_in", "boundary_out")
+    parent, index, k = table.get("parent"), table.get("index"), table.get("k")
+    if (
+        not isinstance(parent, str)
+        or not 0 < len(parent) <= MAX_ID_LENGTH
+        or type(k) is not int
+        or type(index) is not int
+        or not 0 <= index < k
+        or not all(
+            isinstance(table.get(n), list) and all(isinstance(x, str) for x in table[n])
+            for n in names
+        )
+    ):
+        raise RepositoryError(
+            f"{path}: [stage] needs parent (a model id), index in [0, k), k, "
+            f"and lists of tensor names {list(names)}"
+        )
+    lists = {n: tuple(table[n]) for n in names}
+    return StageSpec(parent=parent, index=index, k=k, **lists)
 
 
 def _text_spec(path: Path, table: object) -> TextSpec:

@@ -163,6 +163,9 @@ async def coordinate(node: Node, request: GenerateRequest, send: Send) -> None:
             request.task, request.selection or node.config.selection, request.context
         )
         model_id = chosen.best
+    if node.chains.prefers_chain(model_id):  # served as stages: see p2p_node/_chain.py
+        await node.chains.serve_generation(replace(request, model_id=model_id), send)
+        return
     strategy = request.strategy or node.config.strategy
     placement = node.orchestrator.placement(model_id, strategy)
     if not placement.candidates:

@@ -1,6 +1,13 @@
 """Scheduler layer: distributed execution. Requests, the error vocabulary, placement
 strategies over a node's view, and the orchestrator that runs, retries and hedges."""
 
+from ._chain import ChainHop as ChainHop
+from ._chain import ChainPlan as ChainPlan
+from ._chain import StageOffer as StageOffer
+from ._chain import complete_chains as complete_chains
+from ._chain import estimate_whole as estimate_whole
+from ._chain import offers_from_ids as offers_from_ids
+from ._chain import plan_chain as plan_chain
 from ._errors import ErrorCode as ErrorCode
 from ._errors import JobError as JobError
 from ._node_info import NO_REQUIREMENTS as NO_REQUIREMENTS
@@ -38,6 +45,13 @@ from ._strategies import to_probe as to_probe
 from ._strategies import worth_probing as worth_probing
 
 __all__ = [
+    "ChainHop",
+    "ChainPlan",
+    "StageOffer",
+    "complete_chains",
+    "estimate_whole",
+    "offers_from_ids",
+    "plan_chain",
     "NO_REQUIREMENTS",
     "PROBED",
     "Candidate",

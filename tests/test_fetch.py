@@ -31,6 +31,7 @@ from p2p_node._manifest import (
     encode_request,
 )
 from p2p_node._node import Node, open_node
+from p2p_node._shard import shard
 from p2p_node.testing import Swarm, open_swarm
 from scheduler import ErrorCode
 
@@ -347,7 +348,6 @@ async def test_a_fetched_generator_generates(tmp_path: Path) -> None:
 
 async def test_one_stage_of_a_staged_model_is_fetched_by_its_number(tmp_path: Path) -> None:
     """`--fetch MODEL@2` fetches the model a peer announces as stage 2 of MODEL."""
-    shard = pytest.importorskip("p2p_node._shard", reason="stages are not merged yet").shard
     repo = tmp_path / "repo"
     repo.mkdir()
     shard(SOURCE, 2, repo)

@@ -1,0 +1,578 @@
+"""Serving a stage of a chain: the stage protocol.
+
+A chain runs a model split into stages (see `_shard`) on one peer per stage.
+The coordinator opens a stream to the first stage's peer and sends it a
+`StageStep`: the remaining hops of the chain (peer and stage model id each),
+the coordinator and session to answer, and the tensors. That peer runs its
+stage (and any consecutive stages it also serves, without a hop), opens a
+stream to the next hop's peer, and sends it the step with the activations the
+later stages take: activations go peer to peer, never back through the
+coordinator. The last stage sends its answer (the parent's outputs: logits, an
+embedding) straight to the coordinator on the stage-answer protocol; up the
+chain, the streams carry only failures.
+
+A stream is a session: a decoder stage keeps its own layers' cache
+(`past_key_values.*` in, `present.*` out) for the stream's life, so each decode
+step of a generation sends only the new token down the chain, and a hang-up
+anywhere frees the caches of every stage after it. A peer that cannot reach
+the next hop answers `StageFailure` naming that peer, so that the coordinator
+replaces it (see `_chain`).
+
+Frames: msgpack maps. Tensors: ``{name: [dtype, shape, bytes]}``, little-endian.
+Everything from a peer is checked; a bad frame is a typed error, never a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import numpy as np
+import onnxruntime as ort
+import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+
+from scheduler import ErrorCode, JobError
+
+from ._channel import TRANSPORT_ERRORS, Channel
+from ._config import ConfigError
+from ._framing import FrameError
+from ._repository import ModelCard, StageSpec
+
+if TYPE_CHECKING:
+    from ._node import Node
+
+logger = logging.getLogger(__name__)
+
+STAGE_PROTOCOL = TProtocol("/p2p-node/stage/1.0.0")
+ANSWER_PROTOCOL = TProtocol("/p2p-node/stage-answer/1.0.0")
+STATE_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+MAX_HOPS = 16
+MAX_STAGE_TENSORS = 256
+STEP_WAIT_S = 300.0  # a session's next step (a client reading slowly)
+HOP_DIAL_S = 5.0
+DTYPES = frozenset({"float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"})
+
+Array = np.ndarray[Any, Any]
+
+
+# --- wire -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """One stage of the chain: the peer that runs it, and the stage's model id."""
+
+    peer_id: str
+    model_id: str
+
+
+@dataclass(slots=True)
+class StageStep:
+    """A step of a chain, sent to the peer of `hops[0]`. `hops` is set on a stream's
+    first step only. `last_only`: answer only the last position of `logits`."""
+
+    tensors: dict[str, Array]
+    hops: tuple[Hop, ...] = ()
+    last_only: bool = False
+    reply: tuple[str, str] | None = None  # first step: (coordinator, session id)
+
+
+@dataclass(frozen=True, slots=True)
+class StageFailure:
+    """What went wrong in a chain, and at which peer (empty: no peer to blame)."""
+
+    code: ErrorCode
+    message: str
+    peer_id: str = ""
+
+    def error(self) -> JobError:
+        return JobError(self.code, self.message)
+
+
+def _tensors_to_wire(tensors: Mapping[str, Array]) -> dict[str, list[Any]]:
+    wire = {}
+    for name, array in tensors.items():
+        a = np.ascontiguousarray(array)
+        if a.dtype.name not in DTYPES:
+            raise JobError(ErrorCode.INVALID_INPUT, f"tensor {name!r}: dtype {a.dtype} not sent")
+        wire[name] = [a.dtype.name, list(a.shape), a.astype(a.dtype.newbyteorder("<")).tobytes()]
+    return wire
+
+
+def _tensors_from_wire(raw: object) -> dict[str, Array]:
+    if not isinstance(raw, dict) or len(raw) > MAX_STAGE_TENSORS:
+        raise ValueError(f"tensors must be a map of at most {MAX_STAGE_TENSORS}")
+    out = {}
+    for name, value in raw.items():
+        if not isinstance(name, str) or not isinstance(value, list) or len(value) != 3:
+            raise ValueError("a tensor is [dtype, shape, bytes] under its name")
+        dtype, shape, data = value
+        if dtype not in DTYPES or not isinstance(data, bytes) or not isinstance(shape, list):
+            raise ValueError(f"tensor {name!r}: bad dtype, shape or data")
+        if len(shape) > 8 or not all(type(d) is int and 0 <= d < 2**31 for d in shape):
+            raise ValueError(f"tensor {name!r}: bad shape {shape!r}")
+        kind = np.dtype(dtype).newbyteorder("<")
+        if int(np.prod(shape, dtype=np.int64)) * kind.itemsize != len(data):
+            raise ValueError(f"tensor {name!r}: {len(data)} bytes for shape {shape}")
+        out[name] = np.frombuffer(data, kind).reshape(shape).astype(kind.newbyteorder("="))
+    return out
+
+
+def encode_step(step: StageStep, limit: int) -> bytes:
+    """A step's frame; JobError(MESSAGE_TOO_LARGE) naming `limit` if it is larger."""
+    body: dict[str, Any] = {"t": _tensors_to_wire(step.tensors)}
+    if step.hops:
+        body["hops"] = [[h.peer_id, h.model_id] for h in step.hops]
+    if step.last_only:
+        body["last"] = True
+    if step.reply is not None:
+        body["reply"] = list(step.reply)
+    payload: bytes = msgpack.packb(body, use_bin_type=True)
+    if len(payload) > limit:
+        raise JobError(
+            ErrorCode.MESSAGE_TOO_LARGE,
+            f"activations of {len(payload):,} bytes exceed the request size limit of "
+            f"{limit:,} bytes (max_request_bytes, --max-request-bytes)",
+        )
+    return payload
+
+
+def decode_step(payload: bytes) -> StageStep:
+    """Raises ValueError for anything but a well-formed step."""
+    raw = _unpack(payload)
+    if set(raw) - {"t", "hops", "last", "reply"} or "t" not in raw:
+        raise ValueError(f"a stage step has fields t, hops, last, reply; got {sorted(raw)}")
+    hops_raw = raw.get("hops", [])
+    if not isinstance(hops_raw, list) or len(hops_raw) > MAX_HOPS:
+        raise ValueError(f"hops must be a list of at most {MAX_HOPS}")
+    hops = []
+    for hop in hops_raw:
+        if (
+            not isinstance(hop, list)
+            or len(hop) != 2
+            or not all(isinstance(x, str) and 0 < len(x) <= 128 for x in hop)
+        ):
+            raise ValueError("a hop is [peer id, stage model id]")
+        hops.append(Hop(hop[0], hop[1]))
+    last = raw.get("last", False)
+    if type(last) is not bool:
+        raise ValueError("last must be a bool")
+    reply = raw.get("reply")
+    if reply is not None and (
+        not isinstance(reply, list)
+        or len(reply) != 2
+        or not all(isinstance(x, str) and 0 < len(x) <= 128 for x in reply)
+    ):
+        raise ValueError("reply is [coordinator peer id, session id]")
+    return StageStep(
+        _tensors_from_wire(raw["t"]), tuple(hops), last, (reply[0], reply[1]) if reply else None
+    )
+
+
+def encode_answer(answer: dict[str, Array] | StageFailure, limit: int) -> bytes:
+    if isinstance(answer, StageFailure):
+        body: dict[str, Any] = {"err": int(answer.code), "msg": answer.message[:1000]}
+        if answer.peer_id:
+            body["peer"] = answer.peer_id
+    else:
+        body = {"t": _tensors_to_wire(answer)}
+    payload: bytes = msgpack.packb(body, use_bin_type=True)
+    if len(payload) > limit:
+        return encode_answer(
+            StageFailure(
+                ErrorCode.MESSAGE_TOO_LARGE,
+                f"the chain's answer of {len(payload):,} bytes exceeds the reply size limit of "
+                f"{limit:,} bytes (max_reply_bytes)",
+            ),
+            limit,
+        )
+    return payload
+
+
+def decode_answer(payload: bytes) -> dict[str, Array] | StageFailure:
+    """Raises ValueError for anything but a well-formed answer."""
+    raw = _unpack(payload)
+    if "t" in raw and set(raw) == {"t"}:
+        return _tensors_from_wire(raw["t"])
+    if set(raw) - {"err", "msg", "peer"} or "err" not in raw:
+        raise ValueError(f"a stage answer has t, or err, msg and peer; got {sorted(raw)}")
+    try:
+        code = ErrorCode(raw["err"])
+    except ValueError:
+        code = ErrorCode.INTERNAL
+    msg, peer = raw.get("msg", ""), raw.get("peer", "")
+    if not isinstance(msg, str) or not isinstance(peer, str) or len(peer) > 128:
+        raise ValueError("msg and peer must be strings")
+    return StageFailure(code, msg, peer)
+
+
+def _unpack(payload: bytes) -> dict[str, Any]:
+    try:
+        raw = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as error:
+        raise ValueError(f"not msgpack: {error or type(error).__name__}") from None
+    if not isinstance(raw, dict):
+        raise ValueError("a stage frame must be a map")
+    return raw
+
+
+# --- running a stage ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class StageState:
+    """One session's cache at one stage: `past_key_values.*` as the stage takes them."""
+
+    past: dict[str, Array] = field(default_factory=dict)
+
+
+def empty_past(session: ort.InferenceSession, batch: int) -> dict[str, Array]:
+    """Zero-length caches for each `past_key_values.*` input of `session`."""
+    past = {}
+    for arg in session.get_inputs():
+        if arg.name.startswith(STATE_PREFIX):
+            dims = [d if isinstance(d, int) else 0 for d in arg.shape]
+            dims[0] = batch
+            past[arg.name] = np.zeros(dims, np.float32)
+    return past
+
+
+def run_stage(
+    session: ort.InferenceSession,
+    spec: StageSpec,
+    received: Mapping[str, Array],
+    state: StageState | None,
+    last_only: bool = False,
+) -> tuple[dict[str, Array], dict[str, Array]]:
+    """Run one stage (in a worker thread): what goes on to the next stage, and the
+    parent's outputs this stage makes (the last stage's answer). Updates `state`'s
+    cache. Raises JobError(INVALID_INPUT) for missing inputs."""
+    feeds = {}
+    for name in spec.inputs:
+        if name.startswith(STATE_PREFIX):
+            continue
+        if name not in received:
+            raise JobError(ErrorCode.INVALID_INPUT, f"stage {spec.index + 1} needs tensor {name!r}")
+        feeds[name] = received[name]
+    if any(n.startswith(STATE_PREFIX) for n in spec.inputs):
+        if state is None:
+            state = StageState()
+        if not state.past:
+            rows = next(iter(feeds.values())).shape[0] if feeds else 1
+            state.past = empty_past(session, rows)
+        feeds.update({n: state.past[n] for n in spec.inputs if n.startswith(STATE_PREFIX)})
+    try:
+        values = session.run(list(spec.outputs), feeds)
+    except Exception as error:  # onnxruntime's errors share no useful base
+        raise JobError(
+            ErrorCode.INVALID_INPUT,
+            f"stage {spec.index + 1} failed: {type(error).__name__}: {error}",
+        ) from None
+    made = dict(zip(spec.outputs, values, strict=True))
+    if state is not None:
+        for name, value in made.items():
+            if name.startswith(PRESENT_PREFIX):
+                state.past[STATE_PREFIX + name[len(PRESENT_PREFIX) :]] = value
+    forward = {}
+    for name in spec.boundary_out:
+        forward[name] = made[name] if name in made else received[name]
+    final = {
+        n: v
+        for n, v in made.items()
+        if n not in spec.boundary_out and not n.startswith(PRESENT_PREFIX)
+    }
+    if last_only and "logits" in final:
+        final["logits"] = np.ascontiguousarray(final["logits"][:, -1:, :])
+    return forward, final
+
+
+def run_chain_locally(
+    stages: Sequence[tuple[ort.InferenceSession, StageSpec]],
+    tensors: Mapping[str, Array],
+    states: Sequence[StageState] | None = None,
+    last_only: bool = False,
+) -> dict[str, Array]:
+    """Every stage in turn, in this process: the parent's outputs (tests, benchmarks)."""
+    received: dict[str, Array] = dict(tensors)
+    final: dict[str, Array] = {}
+    for i, (session, spec) in enumerate(stages):
+        state = states[i] if states is not None else None
+        received, made = run_stage(session, spec, received, state, last_only)
+        final.update(made)
+    return final
+
+
+# --- serving --------------------------------------------------------------------------------
+
+Answer = dict[str, Array] | StageFailure
+
+
+class Downstream:
+    """The stream to the next hop's peer: steps go down it, and only a failure
+    ever comes back up it (the answers go from the last stage to the coordinator)."""
+
+    def __init__(self, node: Node, hops: tuple[Hop, ...], reply: tuple[str, str]) -> None:
+        self.node = node
+        self.hops = hops
+        self.reply = reply
+        self.channel: Channel | None = None
+        self.opened = trio.Event()
+        self.closed = False
+
+    @property
+    def peer(self) -> str:
+        return self.hops[0].peer_id
+
+    async def send(self, step: StageStep) -> StageFailure | None:
+        """Send `step` on; a failure naming the next peer if it cannot be."""
+        first = self.channel is None
+        try:
+            payload = encode_step(
+                StageStep(
+                    step.tensors,
+                    self.hops if first else (),
+                    step.last_only,
+                    self.reply if first else None,
+                ),
+                self.node.config.max_request_bytes,
+            )
+        except JobError as error:
+            return StageFailure(error.code, error.message)
+        try:
+            if self.channel is None:
+                await _dial(self.node, self.peer)
+                stream = await self.node.open_stream(self.peer, STAGE_PROTOCOL, HOP_DIAL_S)
+                self.channel = Channel(stream, self.node.config.max_reply_bytes)
+                self.opened.set()
+            await self.channel.send(payload)
+        except JobError as error:
+            return StageFailure(
+                ErrorCode.PEER_UNREACHABLE, f"stage peer {self.peer}: {error}", self.peer
+            )
+        except (trio.TooSlowError, *TRANSPORT_ERRORS) as error:
+            return StageFailure(
+                ErrorCode.PEER_UNREACHABLE, f"stage peer {self.peer} failed: {error!r}", self.peer
+            )
+        return None
+
+    async def watch(self) -> StageFailure:
+        """The failure the chain after this hop reports, or that breaks its stream."""
+        await self.opened.wait()
+        assert self.channel is not None
+        try:
+            while True:
+                answer = decode_answer(await self.channel.receive())
+                if isinstance(answer, StageFailure):
+                    return answer
+        except (ValueError, FrameError, EOFError, *TRANSPORT_ERRORS) as error:
+            return StageFailure(
+                ErrorCode.PEER_UNREACHABLE, f"stage peer {self.peer} failed: {error!r}", self.peer
+            )
+
+    async def close(self) -> None:
+        self.closed = True
+        if self.channel is not None:
+            await self.channel.discard()
+
+
+class ReplyStream:
+    """The last stage's stream to the coordinator, for its answers."""
+
+    def __init__(self, node: Node, coordinator: str, session_id: str) -> None:
+        self.node = node
+        self.coordinator = coordinator
+        self.session_id = session_id
+        self.channel: Channel | None = None
+
+    async def send(self, answer: Answer) -> None:
+        """Raises a transport error (or JobError) when the coordinator is gone."""
+        if self.coordinator == self.node.peer_id:
+            self.node.chains.deliver(self.session_id, self.node.peer_id, answer)
+            return
+        if self.channel is None:
+            await _dial(self.node, self.coordinator)
+            stream = await self.node.open_stream(self.coordinator, ANSWER_PROTOCOL, HOP_DIAL_S)
+            self.channel = Channel(stream, self.node.config.max_request_bytes)
+            await self.channel.send(msgpack.packb({"s": self.session_id}))
+        await self.channel.send(encode_answer(answer, self.node.config.max_reply_bytes))
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+
+class StageSession:
+    """This node's part of one chain session: its leading hops (consecutive stages
+    run without a hop), each with its cache, and what comes after them."""
+
+    def __init__(self, node: Node, hops: tuple[Hop, ...], reply: tuple[str, str]) -> None:
+        self.node = node
+        self.mine, rest = _my_hops(node, hops)
+        self.down = Downstream(node, rest, reply) if rest else None
+        self.reply = None if rest else ReplyStream(node, *reply)
+
+    async def step(self, step: StageStep) -> StageFailure | None:
+        """Run this node's stages on `step`; send the activations on, or the answer
+        to the coordinator. A failure to report upstream, or None."""
+        received = step.tensors
+        final: dict[str, Array] = {}
+        for card, state in self.mine:
+            received, made = await _run_one(self.node, card, state, received, step.last_only)
+            final.update(made)
+        if self.down is not None:
+            return await self.down.send(StageStep(received, (), step.last_only))
+        assert self.reply is not None
+        await self.reply.send(final)
+        return None
+
+    async def close(self) -> None:
+        if self.down is not None:
+            await self.down.close()
+        if self.reply is not None:
+            await self.reply.close()
+
+
+async def _run_one(
+    node: Node, card: ModelCard, state: StageState, received: dict[str, Array], last_only: bool
+) -> tuple[dict[str, Array], dict[str, Array]]:
+    assert card.stage is not None
+    async with node.executor.models.use(card.id) as loaded:
+        # A stage that has run fast runs in the event loop's thread: for a decode
+        # step the hop to a worker thread and back costs more than it.
+        compute_ms = node.chains.compute_ms  # stage model id -> EWMA of a run's wall time
+        inline = compute_ms.get(card.id, math.inf) < node.config.executor.inline_below_ms
+        started = time.perf_counter()
+        args = (loaded.session, card.stage, received, state, last_only)
+        if inline:
+            result = run_stage(*args)
+        else:
+            result = await trio.to_thread.run_sync(run_stage, *args, limiter=node.executor.limiter)
+        ms = (time.perf_counter() - started) * 1e3
+        node.executor.note_run(card.id, ok=True, latency_ms=ms)  # announced: placement uses it
+        old = compute_ms.get(card.id)
+        compute_ms[card.id] = ms if old is None else old + 0.2 * (ms - old)
+    return result
+
+
+async def _dial(node: Node, peer: str) -> None:
+    """Connect to `peer` by the addresses of its record, unless connected already:
+    the next stage's peer need not be one of this node's neighbours."""
+    if peer in node.connected_peers():
+        return
+    known = node.view.snapshot().peers.get(peer)
+    for addr in known.record.addrs if known is not None else ():
+        try:
+            await node.connect(f"{addr}/p2p/{peer}")
+            return
+        except (JobError, ConfigError):
+            continue
+
+
+async def serve_stage(node: Node, stream: INetStream) -> None:
+    """Run the steps of one chain session from `stream` until the caller hangs up;
+    report a failure (here or after this hop) back up the stream, and end."""
+    peer = str(stream.muxed_conn.peer_id)
+    channel = Channel(stream, node.config.max_request_bytes)
+    lock = trio.Lock()
+    sessions: list[StageSession] = []
+    reported = False
+
+    async def report(failure: StageFailure) -> None:
+        nonlocal reported
+        async with lock:
+            await channel.send(encode_answer(failure, node.config.max_reply_bytes))
+            reported = True
+
+    async def watch(down: Downstream, scope: trio.CancelScope) -> None:
+        failure = await down.watch()
+        if not down.closed:
+            await report(failure)
+        scope.cancel()
+
+    async def steps(nursery: trio.Nursery) -> None:
+        while True:
+            with trio.fail_after(STEP_WAIT_S):
+                payload = await channel.receive()
+            failure: StageFailure | None
+            try:
+                step = decode_step(payload)
+                if not sessions:
+                    if step.reply is None:
+                        raise ValueError("a session's first step names its coordinator")
+                    sessions.append(StageSession(node, step.hops, step.reply))
+                    if sessions[0].down is not None:
+                        nursery.start_soon(watch, sessions[0].down, nursery.cancel_scope)
+                elif step.hops or step.reply:
+                    raise ValueError("hops and reply go on a session's first step only")
+                failure = await sessions[0].step(step)
+            except ValueError as error:
+                failure = StageFailure(ErrorCode.MALFORMED_MESSAGE, f"bad stage step: {error}")
+            except JobError as error:
+                failure = StageFailure(error.code, error.message)
+            if failure is not None:
+                await report(failure)
+                return
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await steps(nursery)
+            nursery.cancel_scope.cancel()
+    except* (trio.TooSlowError, FrameError, EOFError, *TRANSPORT_ERRORS) as group:
+        # Also when they come with the node's own shutdown (Cancelled goes on).
+        logger.debug("stage stream from %s ended: %r", peer, group.exceptions)
+    finally:
+        with trio.CancelScope(shield=True):
+            for session in sessions:
+                await session.close()
+            if reported:  # a reset would overtake the report: close; the caller resets
+                await channel.close()
+            else:
+                await channel.discard()
+
+
+async def serve_answers(node: Node, stream: INetStream) -> None:
+    """The last stage's answers for one of this node's chain sessions."""
+    peer = str(stream.muxed_conn.peer_id)
+    channel = Channel(stream, node.config.max_reply_bytes)
+    try:
+        with trio.fail_after(HOP_DIAL_S):
+            opening = _unpack(await channel.receive())
+        session_id = opening.get("s")
+        if set(opening) != {"s"} or not isinstance(session_id, str):
+            raise ValueError("an answer stream opens with its session id")
+        while True:
+            answer = decode_answer(await channel.receive())
+            if not node.chains.deliver(session_id, peer, answer):
+                break
+    except (ValueError, trio.TooSlowError, FrameError, EOFError, *TRANSPORT_ERRORS) as error:
+        logger.debug("stage answers from %s ended: %r", peer, error)
+    finally:
+        await channel.discard()
+
+
+Mine = list[tuple[ModelCard, StageState]]
+
+
+def _my_hops(node: Node, hops: tuple[Hop, ...]) -> tuple[Mine, tuple[Hop, ...]]:
+    """The leading hops that are this node's (consecutive stages run without a hop)."""
+    if not hops or hops[0].peer_id != node.peer_id:
+        raise ValueError("a session's first step names this node as its first hop")
+    mine = []
+    i = 0
+    while i < len(hops) and hops[i].peer_id == node.peer_id:
+        card = node.executor.models.card(hops[i].model_id)
+        if card is None or card.stage is None:
+            raise JobError(
+                ErrorCode.UNKNOWN_MODEL, f"this node serves no stage {hops[i].model_id!r}"
+            )
+        mine.append((card, StageState()))
+        i += 1
+    return mine, hops[i:]
