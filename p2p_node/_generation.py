@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 MB = 1 << 20
 BUFFERED_TOKENS = 16  # generated but not taken by the client; past it the session waits
+FRAME_TOKENS = 8  # pieces a frame waits for while other sessions share the batches
 
 Array = np.ndarray[Any, Any]
 
@@ -92,7 +93,11 @@ class _Session:
         self.queue: deque[Piece] = deque()
         self.finish: str | None = None  # "eos" or "length" once it is done
         self.error: JobError | None = None
+        # Its client waits on `changed` for `wanted` pieces (or the end); the idle
+        # watch waits on `queued` for the first piece not taken.
         self.changed = trio.lowlevel.ParkingLot()
+        self.queued = trio.lowlevel.ParkingLot()
+        self.wanted = 1
         self.session: ort.InferenceSession | None = None
         self.waiting_since = trio.current_time()  # the oldest untaken piece's wait began
 
@@ -117,16 +122,19 @@ class _Session:
             self.generated.append(token)
             if not self.queue:
                 self.waiting_since = trio.current_time()
+                self.queued.unpark_all()
             self.queue.append(Piece(token, self._next_text()))
         if eos:
             self.finish = "eos"
         elif len(self.generated) >= self.max_new:
             self.finish = "length"
-        self.changed.unpark_all()
+        if self.finish is not None or len(self.queue) >= self.wanted:
+            self.changed.unpark_all()  # (waking its client for less costs a task switch)
 
     def fail(self, error: JobError) -> None:
         self.error = error
         self.changed.unpark_all()
+        self.queued.unpark_all()
 
     def _next_text(self) -> str:
         """The text the newest token completes. Byte-level tokens may end inside a
@@ -145,13 +153,18 @@ class _Session:
 class Generation:
     """A client's handle on its running session (see `Generations.open_session`)."""
 
-    def __init__(self, session: _Session, on_taken: Callable[[], None]) -> None:
+    def __init__(
+        self, session: _Session, on_taken: Callable[[], None], sharing: Callable[[], int]
+    ) -> None:
         self._session = session
         self._on_taken = on_taken
+        self._sharing = sharing
+        self._first_taken = False
 
     async def next(self) -> Piece | None:
         """The next piece, or None when the generation is done. Raises its JobError."""
         s = self._session
+        s.wanted = 1
         while not s.queue:
             if s.error is not None:
                 raise s.error
@@ -162,6 +175,21 @@ class Generation:
         s.waiting_since = trio.current_time()
         self._on_taken()
         return piece
+
+    async def next_pieces(self) -> list[Piece]:
+        """The pieces made and not taken yet: at least one, or none once the generation
+        is done. Raises its JobError. The first piece comes alone, at once. After it,
+        while other sessions share its model's batches, it waits for `FRAME_TOKENS`
+        of them: a frame costs the node far more than a row of a decode step, so a
+        busy node sends fewer, fuller frames (vLLM's stream interval)."""
+        s = self._session
+        s.wanted = FRAME_TOKENS if self._first_taken and self._sharing() > 1 else 1
+        self._first_taken = True
+        while len(s.queue) < s.wanted and s.finish is None and s.error is None:
+            await s.changed.park()
+        if not s.queue and s.error is not None:
+            raise s.error
+        return self.take_queued()
 
     def take_queued(self) -> list[Piece]:
         """The pieces made and not taken yet, without waiting (maybe none)."""
@@ -422,7 +450,7 @@ class Generations:
                 n.start_soon(self._end_when_idle, session, n.cancel_scope)
                 await self._prefill(session)
                 engine.add(session)
-                yield Generation(session, engine.wake)
+                yield Generation(session, engine.wake, lambda: len(engine.sessions))
                 n.cancel_scope.cancel()
             idle = n.cancel_scope.cancelled_caught and session.error is not None
         finally:
@@ -526,7 +554,7 @@ class Generations:
         idle_s = self._config.session_idle_s
         while True:
             if not s.queue:
-                await s.changed.park()
+                await s.queued.park()
                 continue
             if trio.current_time() < s.waiting_since + idle_s:
                 await trio.sleep_until(s.waiting_since + idle_s)

@@ -131,11 +131,10 @@ async def run_here(node: Node, request: GenerateRequest, send: Send, started: fl
             request.model_id, request.prompt, request.max_tokens, sampling
         ) as generation:
             node.gossip.changed()  # a session is load while it runs: tell peers, now and after
-            while (piece := await generation.next()) is not None:
+            # What was made while the last frame went out goes in one frame.
+            while pieces := await generation.next_pieces():
                 if ttft_ms is None:
                     ttft_ms = (time.perf_counter() - started) * 1e3
-                # What was made while the last frame went out goes in one frame.
-                pieces = [piece, *generation.take_queued()]
                 tokens = tuple(p.token for p in pieces)
                 text = "".join(p.text for p in pieces)
                 await send(_codec.encode(GeneratedPiece(tokens, text)))

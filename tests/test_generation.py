@@ -18,7 +18,7 @@ from tiny_decoder import EOS, HEAD_DIM, HEADS, LAYERS, MODEL_ID, tiny_tokenizer
 from p2p_node._config import ExecutorConfig
 from p2p_node._decoder import Sampling, choose_token
 from p2p_node._executor import Executor
-from p2p_node._generation import Generations
+from p2p_node._generation import FRAME_TOKENS, Generations
 from p2p_node._repository import read_repository
 from scheduler import ErrorCode, JobError
 
@@ -129,6 +129,42 @@ async def test_continuous_batching_gives_the_tokens_of_sessions_run_alone(
     assert got == expected
     assert engine.batched_rows > engine.steps  # some steps ran several sessions at once
     assert engine.rebuilds < engine.steps  # some fed the last step's caches back as they were
+
+
+async def test_sessions_sharing_batches_take_their_pieces_in_fuller_frames(
+    tiny_models: Path,
+) -> None:
+    frames: dict[int, list[int]] = {}
+
+    async def one(i: int, ready: trio.Event | None, go: trio.Event) -> None:
+        async with batched.open_session(MODEL_ID, PROMPTS[i], 40, GREEDY) as generation:
+            if ready is not None:
+                ready.set()
+            await go.wait()
+            sizes = frames[i] = []
+            while pieces := await generation.next_pieces():
+                sizes.append(len(pieces))
+
+    with trio.fail_after(60):
+        async with generations(tiny_models) as batched:
+            async with trio.open_nursery() as nursery:  # alone: each piece as it comes
+                alone = trio.Event()
+                nursery.start_soon(one, 0, None, alone)
+                alone.set()
+            assert batched.sessions == 0
+            async with trio.open_nursery() as nursery:  # two share the batches
+                go, started = trio.Event(), [trio.Event(), trio.Event()]
+                for i in (1, 2):
+                    nursery.start_soon(one, i, started[i - 1], go)
+                for event in started:
+                    await event.wait()
+                go.set()
+            assert batched.cache_bytes == 0
+    expected = {i: len(reference_tokens(tiny_models / MODEL_ID, PROMPTS[i], 40)) for i in frames}
+    assert {i: sum(sizes) for i, sizes in frames.items()} == expected
+    assert frames[0].count(1) > len(frames[0]) // 2  # alone: mostly one piece a frame
+    for i in (1, 2):
+        assert all(n >= FRAME_TOKENS for n in frames[i][1:-1])  # after the first, fuller
 
 
 async def test_a_seed_gives_the_same_tokens_and_another_seed_others(tiny_models: Path) -> None:
