@@ -390,6 +390,8 @@ class Generations:
             if generator is not None:
                 self._engines[card.id] = _Engine(generator, executor.limiter, config.batch_decode)
         self._sessions: set[_Session] = set()
+        # The caches count against the model memory budget, also when a model loads.
+        executor.models.held_bytes = lambda: self.cache_bytes
         # Sessions started, refused at the start, and ended: all their tokens taken,
         # failed (an error, idle too long), or left before the end (a hang-up).
         self.started = 0
@@ -517,18 +519,14 @@ class Generations:
                 f"{len(self._sessions)} generations running, this node's limit "
                 "(max_sessions, --max-sessions); try again shortly",
             )
-        budget = self._executor.models.budget_bytes
         need = tokens * generator.layout.bytes_per_token
-        if budget is not None:
-            used = self._executor.models.used_bytes + self.cache_bytes
-            if used + need > budget:
-                self.refused += 1
-                raise JobError(
-                    ErrorCode.OVERLOADED,
-                    f"a generation of {tokens} tokens needs {need / MB:.3g} MB of cache and "
-                    f"{used / MB:.3g} of the {budget / MB:g} MB model memory budget "
-                    "(model_memory_mb) is in use; try again shortly",
-                )
+        try:  # idle models make room for the cache, as they do for a model loaded on demand
+            self._executor.models.make_room(
+                need, f"a generation of {tokens} tokens' KV cache", keep=generator.model_id
+            )
+        except JobError:
+            self.refused += 1
+            raise
 
     async def _prefill(self, s: _Session) -> None:
         assert s.session is not None and s.cache is not None

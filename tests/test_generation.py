@@ -4,6 +4,7 @@ sampling with a seed, the limits, and the cache memory after each way a session 
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -19,7 +20,7 @@ from p2p_node._config import ExecutorConfig
 from p2p_node._decoder import Sampling, choose_token
 from p2p_node._executor import Executor
 from p2p_node._generation import FRAME_TOKENS, Generations
-from p2p_node._repository import read_repository
+from p2p_node._repository import bundled_models_dir, read_repository
 from scheduler import ErrorCode, JobError
 
 GREEDY = Sampling()
@@ -235,6 +236,38 @@ async def test_the_cache_counts_against_the_model_memory_budget(tiny_models: Pat
                 async with service.open_session(MODEL_ID, prompt, 20, Sampling()):
                     assert service.cache_bytes == (70 + 30) * per_token
             assert service.cache_bytes == 0
+
+
+async def test_a_live_cache_counts_when_another_model_loads_on_demand(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    """Budget for the decoder, digits-logreg and a 100-token cache less a byte: the
+    cache unloads the idle digits model, which cannot load again until it ends."""
+    shutil.copytree(tiny_models / MODEL_ID, tmp_path / MODEL_ID)
+    shutil.copytree(bundled_models_dir() / "digits-logreg", tmp_path / "digits-logreg")
+    cards = {c.id: c for c in read_repository(tmp_path)}
+    cache = 100 * 2 * LAYERS * HEADS * HEAD_DIM * 4
+    memory = cards[MODEL_ID].memory_bytes + cards["digits-logreg"].memory_bytes
+    config = ExecutorConfig(model_memory_mb=(memory + cache - 1) / (1 << 20))
+    executor = Executor.from_cards(list(cards.values()), config)
+    service = Generations(executor, list(cards.values()), config)
+    rows = {"input": np.zeros((1, 64), np.float32)}
+    assert executor.models.loaded == {MODEL_ID, "digits-logreg"}
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.run)
+            async with service.open_session(MODEL_ID, "x" * 10, 90, GREEDY):
+                assert service.cache_bytes == cache
+                assert executor.models.loaded == {MODEL_ID}  # made room for the cache
+                with pytest.raises(JobError) as refused:
+                    await executor.run("digits-logreg", rows)
+            assert service.cache_bytes == 0
+            labels = (await executor.run("digits-logreg", rows)).outputs
+            nursery.cancel_scope.cancel()
+    assert refused.value.code is ErrorCode.OVERLOADED
+    assert "KV caches" in refused.value.message and "model_memory_mb" in refused.value.message
+    assert executor.models.loaded == {MODEL_ID, "digits-logreg"}
+    assert "label" in labels
 
 
 @pytest.mark.parametrize(
