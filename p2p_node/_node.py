@@ -462,7 +462,7 @@ async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator
             async with open_gossip(host, node.view, config.gossip, node.make_record) as gossip:
                 node.gossip = gossip
                 host.set_stream_handler(BEAT_PROTOCOL, node._on_beat_stream)
-                host.set_stream_handler(GENERATE_PROTOCOL, partial(serve_generate, node))
+                server.serve_stream(GENERATE_PROTOCOL, partial(serve_generate, node))
                 executor.models.on_change = gossip.changed  # announce loads and unloads soon
                 node.membership = Membership(
                     dial=node.connect,

@@ -137,6 +137,33 @@ async def test_too_many_sessions_is_overloaded_and_leaves_no_cache(
             await _wait_for_zero_cache(swarm, 1)
 
 
+async def test_generate_streams_count_under_the_inbound_stream_limit(tmp_path: Path) -> None:
+    models_dir = tmp_path / "models"
+    write_tiny_decoder(models_dir, context=4096)
+    base = replace(
+        _base(models_dir, tmp_path / "nodes", max_new_tokens=4000), max_concurrent_inbound=2
+    )
+    with trio.fail_after(60):
+        async with open_swarm(1, base=base) as swarm:
+            generations = swarm[0].generations
+            async with Client.connect(swarm[0].addrs[0]) as client:
+                async with contextlib.AsyncExitStack() as stack:
+                    for _ in range(2):
+                        running = await stack.enter_async_context(
+                            client.generate("Hello", MODEL_ID, max_tokens=4000)
+                        )
+                        await running.next_piece()
+                    held = generations.cache_bytes
+                    with pytest.raises(JobError) as refused:
+                        await client.generate_text("Hi", MODEL_ID, max_tokens=5)
+                    assert refused.value.code is ErrorCode.OVERLOADED
+                    assert "max_concurrent_inbound" in refused.value.message
+                    assert generations.sessions == 2 and generations.cache_bytes == held
+                    assert generations.started == 2
+                await _wait_for_zero_cache(swarm, 0)
+                assert await client.generate_text("Hi", MODEL_ID, max_tokens=5)  # room again
+
+
 async def test_a_running_generation_counts_as_load_and_the_next_goes_elsewhere(
     tmp_path: Path,
 ) -> None:
