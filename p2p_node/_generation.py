@@ -470,6 +470,41 @@ class Generations:
             assert session.error is not None
             raise session.error
 
+    async def complete(self, model_id: str, prompts: Sequence[str]) -> list[tuple[str, int]]:
+        """The greedy completion of each prompt, and its count of tokens, to its end: the
+        end of text, the model's window or `max_new_tokens`. The prompts run at once,
+        sharing their decode steps. Raises JobError as `open_session` does, and
+        INVALID_INPUT for no prompt or more than `max_sessions`."""
+        limit = self._config.max_sessions
+        if not prompts or len(prompts) > limit:
+            raise JobError(
+                ErrorCode.INVALID_INPUT,
+                f"{len(prompts)} prompts for {model_id}: a generation job takes 1 to {limit} "
+                "(max_sessions, --max-sessions)",
+            )
+        self._engine_for(model_id)  # before any session: UNKNOWN_MODEL or not a generator
+        done: list[tuple[str, int]] = [("", 0)] * len(prompts)
+        failed: list[JobError] = []
+
+        async def one(i: int, stop: trio.CancelScope) -> None:
+            try:
+                async with self.open_session(
+                    model_id, prompts[i], self._config.max_new_tokens, Sampling()
+                ) as generation:
+                    while await generation.next_pieces():
+                        pass
+                    done[i] = (generation.text, generation.tokens)
+            except JobError as error:  # the first ends them all
+                failed.append(error)
+                stop.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(prompts)):
+                nursery.start_soon(one, i, nursery.cancel_scope)
+        if failed:
+            raise failed[0]
+        return done
+
     def _engine_for(self, model_id: str) -> _Engine:
         engine = self._engines.get(model_id)
         if engine is not None:

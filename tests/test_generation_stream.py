@@ -32,7 +32,7 @@ from p2p_node._messages import (
 )
 from p2p_node._stream_gen import GENERATE_PROTOCOL
 from p2p_node.testing import Swarm, open_swarm
-from scheduler import ErrorCode, JobError
+from scheduler import ErrorCode, InferenceRequest, JobError
 
 NOBODY: frozenset[str] = frozenset()
 TINY = frozenset({MODEL_ID})
@@ -70,6 +70,29 @@ async def test_greedy_generation_through_a_forwarding_node_is_the_direct_loop(
     assert summary.tokens == len(expected) and summary.text.startswith("".join(pieces))
     assert 0 < summary.ttft_ms <= summary.total_ms
     assert by_task == summary.text[: len(by_task)]  # the same greedy start
+
+
+async def test_run_distributed_inference_on_a_generation_request_returns_the_whole_text(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    prompts = ("Hello world", "The quick brown fox", "a")
+    expected = [reference_tokens(tiny_models / MODEL_ID, p, 40) for p in prompts]
+    base = _base(tiny_models, tmp_path, max_new_tokens=40)
+    with trio.fail_after(60):
+        async with open_swarm(2, models=[NOBODY, TINY], base=base) as swarm:
+            await swarm.wait_converged()
+            request = InferenceRequest(MODEL_ID, {}, texts=prompts)
+            result = await swarm[0].orchestrator.run_distributed_inference(request)
+            async with Client.connect(swarm[0].addrs[0]) as client:
+                submitted = await client.submit(MODEL_ID, texts=prompts[:1])
+                with pytest.raises(JobError) as tensors:
+                    await client.submit(MODEL_ID, {"input_ids": np.zeros((1, 2), np.int64)})
+            await _wait_for_zero_cache(swarm, 1)
+    assert result.executor == swarm[1].peer_id and result.model_id == MODEL_ID
+    assert result.texts == tuple(tiny_tokenizer().decode(tokens) for tokens in expected)
+    assert result.outputs["tokens"].tolist() == [len(tokens) for tokens in expected]
+    assert submitted.texts == result.texts[:1]
+    assert tensors.value.code is ErrorCode.INVALID_INPUT
 
 
 async def test_a_seed_gives_the_same_tokens_on_two_different_nodes(
