@@ -23,7 +23,9 @@ Each session samples with its own seeded generator (see `_decoder.choose_token`)
 from __future__ import annotations
 
 import logging
+import math
 import secrets
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -222,11 +224,20 @@ class _Engine:
     (or, without `batch`, one session per step, in turn)."""
 
     def __init__(
-        self, generator: TextGenerator, limiter: trio.CapacityLimiter, batch: bool
+        self,
+        generator: TextGenerator,
+        limiter: trio.CapacityLimiter,
+        batch: bool,
+        inline_below_ms: float = 0.0,
     ) -> None:
         self.generator = generator
         self.sessions: list[_Session] = []
         self._limiter = limiter
+        self._inline_below_ms = inline_below_ms
+        # The compute of the last one-row decode step, and of a prefill per prompt
+        # token: what tells whether the next runs on the event loop's thread.
+        self._alone_ms = math.inf
+        self._prefill_ms_per_token = math.inf
         self._batch = batch
         self._wake = trio.Event()
         self._turn = 0
@@ -277,9 +288,10 @@ class _Engine:
         else:
             feeds, _ = decode_feeds(batch, layout)
             self.rebuilds += 1
+        alone = len(batch) == 1
         try:
-            logits, presents = await trio.to_thread.run_sync(
-                _run_step, session, feeds, layout.layers, limiter=self._limiter
+            logits, presents = await self.compute(
+                session, feeds, alone and self._alone_ms < self._inline_below_ms
             )
         except JobError as error:
             for s in batch:
@@ -298,6 +310,42 @@ class _Engine:
             s.cache[:, :, :, s.length, :] = new[:, :, row]
             s.length += 1
             s.take(choose_token(logits[row, -1], s.sampling, s.rng))
+
+    async def prefill(self, session: ort.InferenceSession, prompt: list[int]) -> Step:
+        """The logits and presents of `prompt`'s prefill."""
+        estimate = self._prefill_ms_per_token * len(prompt)
+        feeds = prefill_feeds(prompt, self.generator.layout)
+        out, took = await self._timed(session, feeds, estimate < self._inline_below_ms)
+        self._prefill_ms_per_token = took / len(prompt)
+        return out
+
+    async def compute(
+        self, session: ort.InferenceSession, feeds: dict[str, Array], inline: bool
+    ) -> Step:
+        """One decode step."""
+        out, took = await self._timed(session, feeds, inline)
+        if feeds["input_ids"].shape[0] == 1:
+            self._alone_ms = took
+        return out
+
+    async def _timed(
+        self, session: ort.InferenceSession, feeds: dict[str, Array], inline: bool
+    ) -> tuple[Step, float]:
+        """One run of the model and its compute in ms: on the event loop's own thread
+        when `inline` (a small model, where the hop to a worker thread and back costs
+        more than the run: `inline_below_ms`, as for the executor's requests), else
+        in a worker thread."""
+        layers = self.generator.layout.layers
+        if not inline:
+            return await trio.to_thread.run_sync(
+                _timed_step, session, feeds, layers, limiter=self._limiter
+            )
+        out = _timed_step(session, feeds, layers)
+        await trio.lowlevel.checkpoint()  # the sessions' senders go between steps
+        return out
+
+
+Step = tuple[Array, list[Array]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +404,14 @@ def prefill_feeds(prompt: Sequence[int], layout: DecoderLayout) -> dict[str, Arr
     return feeds
 
 
+def _timed_step(
+    session: ort.InferenceSession, feeds: dict[str, Array], layers: int
+) -> tuple[Step, float]:
+    started = time.perf_counter()
+    out = _run_step(session, feeds, layers)
+    return out, (time.perf_counter() - started) * 1e3
+
+
 def _run_step(
     session: ort.InferenceSession, feeds: dict[str, Array], layers: int
 ) -> tuple[Array, list[Array]]:
@@ -388,7 +444,9 @@ class Generations:
         for card in cards:
             generator = load_text_generator(card)
             if generator is not None:
-                self._engines[card.id] = _Engine(generator, executor.limiter, config.batch_decode)
+                self._engines[card.id] = _Engine(
+                    generator, executor.limiter, config.batch_decode, config.inline_below_ms
+                )
         self._sessions: set[_Session] = set()
         # The caches count against the model memory budget, also when a model loads.
         executor.models.held_bytes = lambda: self.cache_bytes
@@ -567,12 +625,8 @@ class Generations:
         assert s.session is not None and s.cache is not None
         layout = s.generator.layout
         try:
-            logits, presents = await trio.to_thread.run_sync(
-                _run_step,
-                s.session,
-                prefill_feeds(s.prompt, layout),
-                layout.layers,
-                limiter=self._executor.limiter,
+            logits, presents = await self._engines[s.generator.model_id].prefill(
+                s.session, s.prompt
             )
         except JobError as error:
             s.fail(error)
