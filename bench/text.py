@@ -31,11 +31,15 @@ times on a shared machine drift.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +48,7 @@ import onnxruntime as ort
 import trio
 from tokenizers import Tokenizer
 
-from p2p_node import Client, NodeConfig
+from p2p_node import Client, NodeConfig, open_node
 from p2p_node._repository import bundled_models_dir
 from p2p_node.testing import open_swarm
 
@@ -178,22 +182,34 @@ class Figures:
 
 
 async def measure_generation(
-    models_dir: Path, model_id: str, sessions: list[int], tokens: int, repeats: int, data: Path
+    models_dir: Path,
+    model_id: str,
+    sessions: list[int],
+    tokens: int,
+    repeats: int,
+    data: Path,
+    node_process: bool,
 ) -> dict[str, list[Figures]]:
     """Per count of sessions: batched and alone (two nodes, measured in turn, so that
     a machine's drifting load falls on both), and the same sessions one at a time;
-    each the best of `repeats` runs (the least disturbed by the machine's other work)."""
-    base = NodeConfig(data_dir=data, shutdown_grace=1.0, target_degree=0, models_dir=models_dir)
-    executor = replace(base.executor, max_new_tokens=tokens, max_sessions=max(sessions))
-    configs = [replace(base, executor=replace(executor, batch_decode=b)) for b in (True, False)]
-    only = [frozenset({model_id})]
+    each the best of `repeats` runs (the least disturbed by the machine's other work).
+    With `node_process`, each node runs in a process of its own, as a node does: its
+    clients' work (reading their frames) is then not the node's."""
     out: dict[str, list[Figures]] = {"batched": [], "alone": [], "one at a time": []}
-    async with (
-        open_swarm(1, base=configs[0], models=only) as on,
-        open_swarm(1, base=replace(configs[1], data_dir=data / "off"), models=only) as off,
-        Client.connect(on[0].addrs[0]) as batched,
-        Client.connect(off[0].addrs[0]) as alone,
-    ):
+    settings = [(models_dir, model_id, batch, max(sessions), tokens) for batch in (True, False)]
+    async with contextlib.AsyncExitStack() as stack:
+        addrs = []
+        for i, setting in enumerate(settings):
+            where = data / str(i)
+            if node_process:
+                addrs.append(await stack.enter_async_context(_node_process(*setting, where)))
+            else:
+                swarm = await stack.enter_async_context(
+                    open_swarm(1, base=_node_config(*setting, where))
+                )
+                addrs.append(swarm[0].addrs[0])
+        batched = await stack.enter_async_context(Client.connect(addrs[0]))
+        alone = await stack.enter_async_context(Client.connect(addrs[1]))
         for client in (batched, alone):
             await client.generate_text("warm up", model_id, max_tokens=4)
         for n in sessions:
@@ -207,6 +223,57 @@ async def measure_generation(
             for name, figures in runs.items():
                 out[name].append(max(figures, key=lambda f: f.per_s))
     return out
+
+
+def _node_config(
+    models_dir: Path, model_id: str, batch: bool, sessions: int, tokens: int, data: Path
+) -> NodeConfig:
+    base = NodeConfig(data_dir=data, shutdown_grace=1.0, target_degree=0, models_dir=models_dir)
+    executor = replace(
+        base.executor, batch_decode=batch, max_sessions=sessions, max_new_tokens=tokens
+    )
+    return replace(base, executor=executor, serve_models=frozenset({model_id}))
+
+
+@contextlib.asynccontextmanager
+async def _node_process(
+    models_dir: Path, model_id: str, batch: bool, sessions: int, tokens: int, data: Path
+) -> AsyncIterator[str]:
+    """A node serving `model_id` in a process of its own; yields its address."""
+    argv = [sys.executable, "-m", "bench.text", "--serve-node", str(models_dir), model_id]
+    argv += [str(int(batch)), str(sessions), str(tokens), str(data)]
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(
+            partial(
+                trio.run_process,
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                check=False,
+            )
+        )
+        line = b""
+        with trio.fail_after(60):
+            while not line.endswith(b"\n"):
+                line += await process.stdout.receive_some(1)
+        yield line.decode().strip()
+        process.terminate()
+
+
+def serve_node(argv: Sequence[str]) -> None:
+    """(In the node's process) run one node until terminated; print its address."""
+    models_dir, model_id, batch, sessions, tokens, data = argv
+    config = _node_config(
+        Path(models_dir), model_id, batch == "1", int(sessions), int(tokens), Path(data)
+    )
+
+    async def serve() -> None:
+        async with open_node(config) as node:
+            print(node.addrs[0], flush=True)
+            await trio.sleep_forever()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(serve)
 
 
 async def _run(
@@ -330,7 +397,13 @@ async def run(args: argparse.Namespace, data: Path) -> None:
                     print_latency(args, latency, prefill)
     if "generation" in parts:
         results = await measure_generation(
-            models_dir, args.generator, args.sessions, args.tokens, args.repeats, data / "gen"
+            models_dir,
+            args.generator,
+            args.sessions,
+            args.tokens,
+            args.repeats,
+            data / "gen",
+            not args.in_process,
         )
         print_generation(args, results)
 
@@ -354,7 +427,8 @@ def print_embeddings(args: argparse.Namespace, rows: list[EmbedRow]) -> None:
 def print_generation(args: argparse.Namespace, results: dict[str, list[Figures]]) -> None:
     print(
         f"\ngeneration with {args.generator}, {args.tokens} greedy tokens per session, one "
-        f"node, best of {args.repeats}"
+        f"node ({'in this process' if args.in_process else 'a process of its own'}), "
+        f"best of {args.repeats}"
     )
     print("aggregate tokens/s: batched = continuous batching on; alone = off (one session")
     print("per step); one at a time = the same sessions sent one after another")
@@ -415,7 +489,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         choices=["embeddings", "generation", "latency"],
         default=["embeddings", "generation", "latency"],
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="generation: run the nodes in this process, with the clients, not each in its own",
+    )
+    parser.add_argument("--serve-node", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_node:
+        serve_node(args.serve_node)
+        return
     quick = args.quick
     defaults = {
         "batches": [1, 8, 32] if quick else [1, 8, 32, 128],
