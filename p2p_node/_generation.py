@@ -100,6 +100,7 @@ class _Session:
         self.changed = trio.lowlevel.ParkingLot()
         self.queued = trio.lowlevel.ParkingLot()
         self.wanted = 1
+        self.client_waiting = False  # for a fuller frame: the client is there, not idle
         self.session: ort.InferenceSession | None = None
         self.waiting_since = trio.current_time()  # the oldest untaken piece's wait began
 
@@ -122,8 +123,9 @@ class _Session:
         eos = token == self.generator.layout.eos_token_id
         if not eos:
             self.generated.append(token)
-            if not self.queue:
+            if not self.queue or self.client_waiting:
                 self.waiting_since = trio.current_time()
+            if not self.queue:
                 self.queued.unpark_all()
             self.queue.append(Piece(token, self._next_text()))
         if eos:
@@ -187,8 +189,12 @@ class Generation:
         s = self._session
         s.wanted = FRAME_TOKENS if self._first_taken and self._sharing() > 1 else 1
         self._first_taken = True
-        while len(s.queue) < s.wanted and s.finish is None and s.error is None:
-            await s.changed.park()
+        s.client_waiting = True
+        try:
+            while len(s.queue) < s.wanted and s.finish is None and s.error is None:
+                await s.changed.park()
+        finally:
+            s.client_waiting = False
         if not s.queue and s.error is not None:
             raise s.error
         return self.take_queued()

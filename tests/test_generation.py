@@ -5,10 +5,12 @@ sampling with a seed, the limits, and the cache memory after each way a session 
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -16,6 +18,7 @@ import pytest
 import trio
 from tiny_decoder import EOS, HEAD_DIM, HEADS, LAYERS, MODEL_ID, tiny_tokenizer
 
+from p2p_node import _generation as generation_module
 from p2p_node._config import ExecutorConfig
 from p2p_node._decoder import Sampling, choose_token
 from p2p_node._executor import Executor
@@ -314,6 +317,32 @@ async def test_a_client_that_leaves_frees_the_cache_at_once(tiny_models: Path) -
             assert service.cache_bytes == 0 and service.sessions == 0
             # the engine goes on serving others
             assert len(await generate(service, "Hello", 5)) > 0
+
+
+async def test_a_client_waiting_for_a_fuller_frame_is_not_idle(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_step = generation_module._run_step
+
+    def slow_step(*args: Any) -> Any:
+        time.sleep(0.02)  # a bigger model: 8 steps take longer than session_idle_s
+        return run_step(*args)
+
+    monkeypatch.setattr(generation_module, "_run_step", slow_step)
+    got: list[int] = []
+
+    async def one(sizes: list[int]) -> None:
+        async with service.open_session(MODEL_ID, PROMPTS[0], 20, GREEDY) as generation:
+            while pieces := await generation.next_pieces():
+                sizes.append(len(pieces))
+
+    with trio.fail_after(30):  # a real clock, as below
+        async with generations(tiny_models, session_idle_s=0.1) as service:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, got)
+                nursery.start_soon(one, [])
+            assert service.failed == 0 and service.cache_bytes == 0
+    assert max(got) >= FRAME_TOKENS  # it did wait for fuller frames, past 0.1 s
 
 
 async def test_an_idle_client_ends_its_session(tiny_models: Path) -> None:
