@@ -138,17 +138,21 @@ async def test_continuous_batching_gives_the_tokens_of_sessions_run_alone(
 async def test_sessions_sharing_batches_take_their_pieces_in_fuller_frames(
     tiny_models: Path,
 ) -> None:
-    frames: dict[int, list[int]] = {}
+    # Per session, each frame: its pieces, and whether other sessions shared the
+    # batches when its client asked for it.
+    frames: dict[int, list[tuple[int, bool]]] = {}
 
     async def one(i: int, ready: trio.Event | None, go: trio.Event) -> None:
-        # The same prompt for all: the two sharing batches end at the same step.
         async with batched.open_session(MODEL_ID, PROMPTS[0], 40, GREEDY) as generation:
             if ready is not None:
                 ready.set()
             await go.wait()
-            sizes = frames[i] = []
-            while pieces := await generation.next_pieces():
-                sizes.append(len(pieces))
+            got = frames[i] = []
+            while True:
+                shared = len(batched.engine(MODEL_ID).sessions) > 1
+                if not (pieces := await generation.next_pieces()):
+                    break
+                got.append((len(pieces), shared))
 
     with trio.fail_after(60):
         async with generations(tiny_models) as batched:
@@ -167,10 +171,14 @@ async def test_sessions_sharing_batches_take_their_pieces_in_fuller_frames(
             assert batched.cache_bytes == 0
     expected = len(reference_tokens(tiny_models / MODEL_ID, PROMPTS[0], 40))
     assert expected > 2 * FRAME_TOKENS
-    assert {i: sum(sizes) for i, sizes in frames.items()} == dict.fromkeys(frames, expected)
-    assert min(frames[0]) < FRAME_TOKENS  # alone: a frame does not wait for more pieces
-    for i in (1, 2):
-        assert all(n >= FRAME_TOKENS for n in frames[i][1:-1])  # after the first, fuller
+    assert {i: sum(n for n, _ in got) for i, got in frames.items()} == dict.fromkeys(
+        frames, expected
+    )
+    assert min(n for n, _ in frames[0]) < FRAME_TOKENS  # alone: no wait for more pieces
+    # After the first frame and before the last, a frame asked for while sessions
+    # shared the batches waited for FRAME_TOKENS pieces.
+    middle = [n for i in (1, 2) for n, shared in frames[i][1:-1] if shared]
+    assert middle and min(middle) >= FRAME_TOKENS
 
 
 async def test_a_seed_gives_the_same_tokens_and_another_seed_others(tiny_models: Path) -> None:
