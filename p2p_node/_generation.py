@@ -101,6 +101,9 @@ class _Session:
         self.queued = trio.lowlevel.ParkingLot()
         self.wanted = 1
         self.client_waiting = False  # for a fuller frame: the client is there, not idle
+        # The client came back after its first piece (sent it): until then its decode
+        # steps leave the event loop to that first frame.
+        self.first_sent = False
         self.session: ort.InferenceSession | None = None
         self.waiting_since = trio.current_time()  # the oldest untaken piece's wait began
 
@@ -169,6 +172,8 @@ class Generation:
         """The next piece, or None when the generation is done. Raises its JobError."""
         s = self._session
         s.wanted = 1
+        s.first_sent = s.first_sent or self._first_taken
+        self._first_taken = True
         while not s.queue:
             if s.error is not None:
                 raise s.error
@@ -188,6 +193,7 @@ class Generation:
         busy node sends fewer, fuller frames (vLLM's stream interval)."""
         s = self._session
         s.wanted = FRAME_TOKENS if self._first_taken and self._sharing() > 1 else 1
+        s.first_sent = s.first_sent or self._first_taken
         self._first_taken = True
         s.client_waiting = True
         try:
@@ -294,10 +300,12 @@ class _Engine:
         else:
             feeds, _ = decode_feeds(batch, layout)
             self.rebuilds += 1
-        alone = len(batch) == 1
+        # A lone session's small steps run inline, once its first frame is out: inline
+        # steps between the first frame's sends doubled the time to first token.
+        inline = len(batch) == 1 and batch[0].first_sent
         try:
             logits, presents = await self.compute(
-                session, feeds, alone and self._alone_ms < self._inline_below_ms
+                session, feeds, inline and self._alone_ms < self._inline_below_ms
             )
         except JobError as error:
             for s in batch:
