@@ -3,6 +3,7 @@
 Usage: python -m bench.text [--quick] [--models DIR] [--embedder ID] [--generator ID]
                             [--batches 1 8 32 128] [--sessions 1 4 16 64] [--tokens 64]
                             [--repeats 3] [--rounds 20] [--parts embeddings generation latency]
+                            [--in-process]
 
 Three parts, each printed as a table (`--quick`: smaller sizes, a few minutes):
 
@@ -23,9 +24,11 @@ Three parts, each printed as a table (`--quick`: smaller sizes, a few minutes):
   `--rounds` generations each, against the prefill's own compute (onnxruntime
   here, the same prompt, median of as many runs).
 
-All nodes run in this process, on loopback, with the client: a figure counts the
-client's work too. Compare figures of one run only (ratios), since absolute
-times on a shared machine drift.
+Each node runs in a process of its own, on loopback, as a node does, and the
+clients in this one; `--in-process` runs the nodes in this process too (then a
+figure counts the clients' work as the node's, but no message waits for
+another process to be scheduled). Compare figures of one run only (ratios),
+since absolute times on a shared machine drift.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ import onnxruntime as ort
 import trio
 from tokenizers import Tokenizer
 
-from p2p_node import Client, NodeConfig, open_node
+from p2p_node import Client, JobError, NodeConfig, open_node
 from p2p_node._repository import bundled_models_dir
 from p2p_node.testing import open_swarm
 
@@ -196,7 +199,8 @@ async def measure_generation(
     With `node_process`, each node runs in a process of its own, as a node does: its
     clients' work (reading their frames) is then not the node's."""
     out: dict[str, list[Figures]] = {"batched": [], "alone": [], "one at a time": []}
-    settings = [(models_dir, model_id, batch, max(sessions), tokens) for batch in (True, False)]
+    only = frozenset({model_id})
+    settings = [(models_dir, only, batch, max(sessions), tokens) for batch in (True, False)]
     async with contextlib.AsyncExitStack() as stack:
         addrs = []
         for i, setting in enumerate(settings):
@@ -226,22 +230,41 @@ async def measure_generation(
 
 
 def _node_config(
-    models_dir: Path, model_id: str, batch: bool, sessions: int, tokens: int, data: Path
+    models_dir: Path,
+    model_ids: frozenset[str],
+    batch: bool,
+    sessions: int,
+    tokens: int,
+    data: Path,
+    bootstrap: tuple[str, ...] = (),
 ) -> NodeConfig:
-    base = NodeConfig(data_dir=data, shutdown_grace=1.0, target_degree=0, models_dir=models_dir)
+    base = NodeConfig(
+        data_dir=data,
+        shutdown_grace=1.0,
+        target_degree=0,
+        models_dir=models_dir,
+        bootstrap=bootstrap,
+    )
     executor = replace(
         base.executor, batch_decode=batch, max_sessions=sessions, max_new_tokens=tokens
     )
-    return replace(base, executor=executor, serve_models=frozenset({model_id}))
+    return replace(base, executor=executor, serve_models=model_ids)
 
 
 @contextlib.asynccontextmanager
 async def _node_process(
-    models_dir: Path, model_id: str, batch: bool, sessions: int, tokens: int, data: Path
+    models_dir: Path,
+    model_ids: frozenset[str],
+    batch: bool,
+    sessions: int,
+    tokens: int,
+    data: Path,
+    bootstrap: tuple[str, ...] = (),
 ) -> AsyncIterator[str]:
-    """A node serving `model_id` in a process of its own; yields its address."""
-    argv = [sys.executable, "-m", "bench.text", "--serve-node", str(models_dir), model_id]
-    argv += [str(int(batch)), str(sessions), str(tokens), str(data)]
+    """A node serving `model_ids` in a process of its own; yields its address."""
+    argv = [sys.executable, "-m", "bench.text", "--serve-node", str(models_dir)]
+    argv += [",".join(sorted(model_ids)), str(int(batch)), str(sessions), str(tokens)]
+    argv += [str(data), ",".join(bootstrap)]
     async with trio.open_nursery() as nursery:
         process = await nursery.start(
             partial(
@@ -262,9 +285,15 @@ async def _node_process(
 
 def serve_node(argv: Sequence[str]) -> None:
     """(In the node's process) run one node until terminated; print its address."""
-    models_dir, model_id, batch, sessions, tokens, data = argv
+    models_dir, model_ids, batch, sessions, tokens, data, bootstrap = argv
     config = _node_config(
-        Path(models_dir), model_id, batch == "1", int(sessions), int(tokens), Path(data)
+        Path(models_dir),
+        frozenset(filter(None, model_ids.split(","))),
+        batch == "1",
+        int(sessions),
+        int(tokens),
+        Path(data),
+        tuple(filter(None, bootstrap.split(","))),
     )
 
     async def serve() -> None:
@@ -367,18 +396,14 @@ def pct(values: Sequence[float], q: float) -> float:
 
 async def run(args: argparse.Namespace, data: Path) -> None:
     models_dir: Path = args.models
-    base = NodeConfig(data_dir=data, shutdown_grace=1.0, target_degree=0, models_dir=models_dir)
     parts = set(args.parts)
     if parts & {"embeddings", "latency"}:
-        served = frozenset({args.embedder, args.generator})
-        async with (
-            open_swarm(2, models=[frozenset(), served], base=base) as swarm,
-        ):
-            await swarm.wait_converged()
+        async with _two_nodes(args, data / "two") as (serving, forwarding):
             async with (
-                Client.connect(swarm[1].addrs[0]) as local,
-                Client.connect(swarm[0].addrs[0]) as forwarder,
+                Client.connect(serving) as local,
+                Client.connect(forwarding) as forwarder,
             ):
+                await _until_forwarded(forwarder, args.generator)
                 if "embeddings" in parts:
                     rows = await measure_embeddings(
                         local,
@@ -406,6 +431,37 @@ async def run(args: argparse.Namespace, data: Path) -> None:
             not args.in_process,
         )
         print_generation(args, results)
+
+
+@contextlib.asynccontextmanager
+async def _two_nodes(args: argparse.Namespace, data: Path) -> AsyncIterator[tuple[str, str]]:
+    """A node serving the embedder and the generator, and one serving nothing that
+    forwards to it: their addresses. Each in a process of its own unless
+    `--in-process`."""
+    served = frozenset({args.embedder, args.generator})
+    settings = (True, 64, args.tokens)
+    if args.in_process:
+        base = _node_config(args.models, served, *settings, data)
+        async with open_swarm(2, models=[frozenset(), served], base=base) as swarm:
+            await swarm.wait_converged()
+            yield swarm[1].addrs[0], swarm[0].addrs[0]
+        return
+    async with _node_process(args.models, served, *settings, data / "serving") as serving:
+        async with _node_process(
+            args.models, frozenset(), *settings, data / "forwarding", (serving,)
+        ) as forwarding:
+            yield serving, forwarding
+
+
+async def _until_forwarded(client: Client, model_id: str) -> None:
+    """Until the forwarding node knows who generates with `model_id`."""
+    with trio.fail_after(60):
+        while True:
+            try:
+                await client.generate_text("warm up", model_id, max_tokens=2)
+                return
+            except JobError:
+                await trio.sleep(0.2)
 
 
 def print_embeddings(args: argparse.Namespace, rows: list[EmbedRow]) -> None:
@@ -492,9 +548,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--in-process",
         action="store_true",
-        help="generation: run the nodes in this process, with the clients, not each in its own",
+        help="run the nodes in this process, with the clients, not each in its own",
     )
-    parser.add_argument("--serve-node", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-node", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_node:
         serve_node(args.serve_node)
