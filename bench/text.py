@@ -1,36 +1,58 @@
-"""Text generation: aggregate tokens/s with concurrent sessions, continuous batching on
-and off, side by side in one run.
+"""Text models through a node against onnxruntime called directly, side by side in one run.
 
-Usage: python -m bench.text [--models DIR --model ID | --size small|tiny]
-                            [--sessions 1 4 16] [--tokens 64]
+Usage: python -m bench.text [--quick] [--models DIR] [--embedder ID] [--generator ID]
+                            [--batches 1 8 32 128] [--sessions 1 4 16 64] [--tokens 64]
+                            [--repeats 3] [--rounds 20] [--parts embeddings generation latency]
+                            [--in-process]
 
-One node (in this process, on loopback) serves the generator; one client sends
-`--sessions` generations at once, each of `--tokens` greedy tokens, and the
-aggregate tokens/s is all their tokens over the wall time from the first
-request to the last token. With batching on, the node's engine runs the decode
-steps of all running sessions as one onnxruntime batch; off, one session per
-step, in turn. Also printed: time to first token (p50, as the client sees it)
-and time per output token (p50 over sessions, after the first token).
+Three parts, each printed as a table (`--quick`: smaller sizes, a few minutes):
 
-Without `--models`, the generator is a random-weight decoder built like the
-tests' (`--size small`: 4 layers, d 128, the shape of the feasibility run's
-GPT; `--size tiny`: the tests' own, whose compute is so small that the figures
-measure the node's own cost per step, which is what batching shares out).
+- embeddings: sentences/s of the embedding model (default: the bundled
+  minilm-l6-v2) at each batch size, through the node that serves it (local),
+  through another node that forwards the job to it (one hop), and run by
+  onnxruntime here on the same tokens (direct: tokenized here, one intra-op
+  thread as the node's). Rounds of the three are interleaved, each figure the
+  median round, and the ratios say what the node costs.
+- generation: aggregate tokens/s of the generator (default: the bundled
+  pydoc-gpt-small) with 1, 4, 16 and 64 concurrent greedy sessions on one
+  node: continuous batching on ("batched"), off ("alone": one session per
+  decode step, in turn), and the same sessions sent one after another ("one at
+  a time"); each the best of `--repeats` runs. Also the time to first token
+  and per output token (p50) as the clients see them.
+- latency: one generation at a time, local and forwarded one hop: time to
+  first token (TTFT) and time per output token (TPOT), p50 and p99 over
+  `--rounds` generations each, against the prefill's own compute (onnxruntime
+  here, the same prompt, median of as many runs).
+
+Each node runs in a process of its own, on loopback, as a node does, and the
+clients in this one; `--in-process` runs the nodes in this process too (then a
+figure counts the clients' work as the node's, but no message waits for
+another process to be scheduled). Compare figures of one run only (ratios),
+since absolute times on a shared machine drift.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import onnxruntime as ort
 import trio
+from tokenizers import Tokenizer
 
-from p2p_node import Client, NodeConfig
+from p2p_node import Client, JobError, NodeConfig, open_node
+from p2p_node._repository import bundled_models_dir
 from p2p_node.testing import open_swarm
 
 PROMPTS = [
@@ -43,6 +65,110 @@ PROMPTS = [
     "The quick brown fox",
     "Hello, world",
 ]
+LATENCY_PROMPT = "The built-in function"
+
+Array = np.ndarray[Any, Any]
+
+
+# --- embeddings ----------------------------------------------------------------------------
+
+
+def english_sentences(n: int) -> list[str]:
+    """`n` real English sentences, from the documentation Python ships (pydoc_data)."""
+    from pydoc_data.topics import topics
+
+    found: list[str] = []
+    for name in sorted(topics):
+        for line in topics[name].split(". "):
+            sentence = " ".join(line.split())
+            if 40 <= len(sentence) <= 200 and sentence[0].isupper() and sentence.isascii():
+                found.append(sentence + ".")
+                if len(found) == n:
+                    return found
+    raise RuntimeError(f"only {len(found)} sentences found")
+
+
+class DirectEmbedder:
+    """The embedding model run by onnxruntime here: tokenized as its model.toml says,
+    one intra-op thread (the node's default), pooled when the graph does not."""
+
+    def __init__(self, model_dir: Path, max_tokens: int) -> None:
+        self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self._tokenizer.enable_truncation(max_length=max_tokens)
+        self._tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(
+            str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"]
+        )
+        self._inputs = [i.name for i in self._session.get_inputs()]
+
+    def embed(self, texts: Sequence[str]) -> Array:
+        encodings = self._tokenizer.encode_batch(list(texts))
+        made = {
+            "input_ids": np.array([e.ids for e in encodings], np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encodings], np.int64),
+        }
+        out: Array = self._session.run(None, {name: made[name] for name in self._inputs})[0]
+        if out.ndim == 3:
+            mask = made["attention_mask"][:, :, None]
+            out = (out * mask).sum(axis=1) / mask.sum(axis=1)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class EmbedRow:
+    batch: int
+    direct: float  # sentences/s
+    local: float
+    forwarded: float
+    cosine: float  # the least cosine between the node's embeddings and direct's
+
+
+async def measure_embeddings(
+    local: Client,
+    forwarder: Client,
+    model_id: str,
+    model_dir: Path,
+    batches: list[int],
+    rounds: int,
+) -> list[EmbedRow]:
+    max_tokens = _max_tokens(model_dir)
+    direct = DirectEmbedder(model_dir, max_tokens)
+    sentences = english_sentences(max(batches))
+    rows = []
+    for batch in batches:
+        texts = sentences[:batch]
+        times: dict[str, list[float]] = {"direct": [], "local": [], "forwarded": []}
+        # Warm up each path at this batch size (allocations, the dynamic batcher's timings).
+        expected = direct.embed(texts)
+        got = (await forwarder.submit(model_id, texts=texts, timeout=120)).outputs["embeddings"]
+        await local.submit(model_id, texts=texts, timeout=120)
+        for _ in range(rounds):
+            started = time.perf_counter()
+            direct.embed(texts)
+            times["direct"].append(time.perf_counter() - started)
+            await trio.lowlevel.checkpoint()
+            for name, client in (("local", local), ("forwarded", forwarder)):
+                started = time.perf_counter()
+                await client.submit(model_id, texts=texts, timeout=120)
+                times[name].append(time.perf_counter() - started)
+        rate = {name: batch / statistics.median(t) for name, t in times.items()}
+        cosine = float(np.min(np.sum(got * expected, axis=1)))
+        rows.append(EmbedRow(batch, rate["direct"], rate["local"], rate["forwarded"], cosine))
+    return rows
+
+
+def _max_tokens(model_dir: Path) -> int:
+    import tomllib
+
+    with (model_dir / "model.toml").open("rb") as f:
+        return int(tomllib.load(f)["text"]["max_tokens"])
+
+
+# --- generation ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -58,24 +184,36 @@ class Figures:
         return self.tokens / self.seconds
 
 
-async def measure(
-    models_dir: Path, model_id: str, sessions: list[int], tokens: int, repeats: int, data: Path
+async def measure_generation(
+    models_dir: Path,
+    model_id: str,
+    sessions: list[int],
+    tokens: int,
+    repeats: int,
+    data: Path,
+    node_process: bool,
 ) -> dict[str, list[Figures]]:
     """Per count of sessions: batched and alone (two nodes, measured in turn, so that
     a machine's drifting load falls on both), and the same sessions one at a time;
-    each the best of `repeats` runs (the least disturbed by the machine's other work)."""
-    base = NodeConfig(data_dir=data, shutdown_grace=1.0, target_degree=0, models_dir=models_dir)
-    configs = [
-        replace(base, executor=replace(base.executor, batch_decode=batch, max_new_tokens=tokens))
-        for batch in (True, False)
-    ]
+    each the best of `repeats` runs (the least disturbed by the machine's other work).
+    With `node_process`, each node runs in a process of its own, as a node does: its
+    clients' work (reading their frames) is then not the node's."""
     out: dict[str, list[Figures]] = {"batched": [], "alone": [], "one at a time": []}
-    async with (
-        open_swarm(1, base=configs[0]) as on,
-        open_swarm(1, base=replace(configs[1], data_dir=data / "off")) as off,
-        Client.connect(on[0].addrs[0]) as batched,
-        Client.connect(off[0].addrs[0]) as alone,
-    ):
+    only = frozenset({model_id})
+    settings = [(models_dir, only, batch, max(sessions), tokens) for batch in (True, False)]
+    async with contextlib.AsyncExitStack() as stack:
+        addrs = []
+        for i, setting in enumerate(settings):
+            where = data / str(i)
+            if node_process:
+                addrs.append(await stack.enter_async_context(_node_process(*setting, where)))
+            else:
+                swarm = await stack.enter_async_context(
+                    open_swarm(1, base=_node_config(*setting, where))
+                )
+                addrs.append(swarm[0].addrs[0])
+        batched = await stack.enter_async_context(Client.connect(addrs[0]))
+        alone = await stack.enter_async_context(Client.connect(addrs[1]))
         for client in (batched, alone):
             await client.generate_text("warm up", model_id, max_tokens=4)
         for n in sessions:
@@ -89,6 +227,82 @@ async def measure(
             for name, figures in runs.items():
                 out[name].append(max(figures, key=lambda f: f.per_s))
     return out
+
+
+def _node_config(
+    models_dir: Path,
+    model_ids: frozenset[str],
+    batch: bool,
+    sessions: int,
+    tokens: int,
+    data: Path,
+    bootstrap: tuple[str, ...] = (),
+) -> NodeConfig:
+    base = NodeConfig(
+        data_dir=data,
+        shutdown_grace=1.0,
+        target_degree=0,
+        models_dir=models_dir,
+        bootstrap=bootstrap,
+    )
+    executor = replace(
+        base.executor, batch_decode=batch, max_sessions=sessions, max_new_tokens=tokens
+    )
+    return replace(base, executor=executor, serve_models=model_ids)
+
+
+@contextlib.asynccontextmanager
+async def _node_process(
+    models_dir: Path,
+    model_ids: frozenset[str],
+    batch: bool,
+    sessions: int,
+    tokens: int,
+    data: Path,
+    bootstrap: tuple[str, ...] = (),
+) -> AsyncIterator[str]:
+    """A node serving `model_ids` in a process of its own; yields its address."""
+    argv = [sys.executable, "-m", "bench.text", "--serve-node", str(models_dir)]
+    argv += [",".join(sorted(model_ids)), str(int(batch)), str(sessions), str(tokens)]
+    argv += [str(data), ",".join(bootstrap)]
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(
+            partial(
+                trio.run_process,
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                check=False,
+            )
+        )
+        line = b""
+        with trio.fail_after(60):
+            while not line.endswith(b"\n"):
+                line += await process.stdout.receive_some(1)
+        yield line.decode().strip()
+        process.terminate()
+
+
+def serve_node(argv: Sequence[str]) -> None:
+    """(In the node's process) run one node until terminated; print its address."""
+    models_dir, model_ids, batch, sessions, tokens, data, bootstrap = argv
+    config = _node_config(
+        Path(models_dir),
+        frozenset(filter(None, model_ids.split(","))),
+        batch == "1",
+        int(sessions),
+        int(tokens),
+        Path(data),
+        tuple(filter(None, bootstrap.split(","))),
+    )
+
+    async def serve() -> None:
+        async with open_node(config) as node:
+            print(node.addrs[0], flush=True)
+            await trio.sleep_forever()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(serve)
 
 
 async def _run(
@@ -123,54 +337,153 @@ async def _run(
     return Figures(n, made, seconds, statistics.median(ttfts), statistics.median(tpots or [0.0]))
 
 
-# Random-weight decoders of the tests' kind (tests/tiny_decoder.py): "tiny" is the
-# tests' own (1 layer, d 16); "small" has the shape of the feasibility run's GPT
-# (4 layers, d 128, 4 heads).
-SIZES = {
-    "tiny": {"layers": 1, "heads": 2, "head_dim": 8},
-    "small": {"layers": 4, "heads": 4, "head_dim": 32},
-}
+# --- latency -------------------------------------------------------------------------------
 
 
-def random_decoder(root: Path, size: str) -> tuple[Path, str]:
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from tiny_decoder import MODEL_ID, write_tiny_decoder
-
-    write_tiny_decoder(root, context=1024, **SIZES[size])
-    return root, MODEL_ID
+@dataclass(frozen=True)
+class Latency:
+    ttft_ms: list[float]
+    tpot_ms: list[float]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=Path, help="a model repository (default: tiny)")
-    parser.add_argument("--model", help="the generator's id in --models")
-    parser.add_argument(
-        "--size",
-        choices=sorted(SIZES),
-        default="small",
-        help="without --models: a random-weight decoder of this size",
-    )
-    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--tokens", type=int, default=64, help="new tokens per session")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the best")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-text-") as tmp:
-        if args.models is None:
-            models_dir, model_id = random_decoder(Path(tmp) / "models", args.size)
-        else:
-            models_dir, model_id = args.models, args.model
-        results = trio.run(
-            measure,
+def prefill_ms(model_dir: Path, prompt: str, rounds: int) -> float:
+    """The median time onnxruntime here takes for `prompt`'s prefill (one thread)."""
+    from p2p_node._decoder import load_text_generator
+    from p2p_node._generation import prefill_feeds
+    from p2p_node._repository import read_repository
+
+    card = next(c for c in read_repository(model_dir.parent) if c.onnx_path.parent == model_dir)
+    generator = load_text_generator(card)
+    assert generator is not None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(card.onnx_path), options, providers=["CPUExecutionProvider"])
+    feeds = prefill_feeds(generator.tokenizer.encode(prompt).ids, generator.layout)
+    times = []
+    for _ in range(rounds + 3):
+        started = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[3:]) * 1e3
+
+
+async def measure_latency(
+    local: Client, forwarder: Client, model_id: str, tokens: int, rounds: int
+) -> dict[str, Latency]:
+    out = {"local": Latency([], []), "forwarded": Latency([], [])}
+    for client in (local, forwarder):
+        await client.generate_text(LATENCY_PROMPT, model_id, max_tokens=4)
+    for _ in range(rounds):
+        for name, client in (("local", local), ("forwarded", forwarder)):
+            async with client.generate(LATENCY_PROMPT, model_id, max_tokens=tokens) as gen:
+                await gen.text()
+            summary = gen.summary
+            assert summary is not None
+            out[name].ttft_ms.append(summary.ttft_ms)
+            if summary.tokens > 1:
+                tpot = (summary.total_ms - summary.ttft_ms) / (summary.tokens - 1)
+                out[name].tpot_ms.append(tpot)
+    return out
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace, data: Path) -> None:
+    models_dir: Path = args.models
+    parts = set(args.parts)
+    if parts & {"embeddings", "latency"}:
+        async with _two_nodes(args, data / "two") as (serving, forwarding):
+            async with (
+                Client.connect(serving) as local,
+                Client.connect(forwarding) as forwarder,
+            ):
+                await _until_forwarded(forwarder, args.generator)
+                if "embeddings" in parts:
+                    rows = await measure_embeddings(
+                        local,
+                        forwarder,
+                        args.embedder,
+                        models_dir / args.embedder,
+                        args.batches,
+                        args.rounds,
+                    )
+                    print_embeddings(args, rows)
+                if "latency" in parts:
+                    latency = await measure_latency(
+                        local, forwarder, args.generator, args.tokens, args.rounds
+                    )
+                    prefill = prefill_ms(models_dir / args.generator, LATENCY_PROMPT, args.rounds)
+                    print_latency(args, latency, prefill)
+    if "generation" in parts:
+        results = await measure_generation(
             models_dir,
-            model_id,
+            args.generator,
             args.sessions,
             args.tokens,
             args.repeats,
-            Path(tmp) / "nodes",
+            data / "gen",
+            not args.in_process,
         )
-    name = model_id if args.models else f"a random {args.size} decoder"
+        print_generation(args, results)
+
+
+@contextlib.asynccontextmanager
+async def _two_nodes(args: argparse.Namespace, data: Path) -> AsyncIterator[tuple[str, str]]:
+    """A node serving the embedder and the generator, and one serving nothing that
+    forwards to it: their addresses. Each in a process of its own unless
+    `--in-process`."""
+    served = frozenset({args.embedder, args.generator})
+    settings = (True, 64, args.tokens)
+    if args.in_process:
+        base = _node_config(args.models, served, *settings, data)
+        async with open_swarm(2, models=[frozenset(), served], base=base) as swarm:
+            await swarm.wait_converged()
+            yield swarm[1].addrs[0], swarm[0].addrs[0]
+        return
+    async with _node_process(args.models, served, *settings, data / "serving") as serving:
+        async with _node_process(
+            args.models, frozenset(), *settings, data / "forwarding", (serving,)
+        ) as forwarding:
+            yield serving, forwarding
+
+
+async def _until_forwarded(client: Client, model_id: str) -> None:
+    """Until the forwarding node knows who generates with `model_id`."""
+    with trio.fail_after(60):
+        while True:
+            try:
+                await client.generate_text("warm up", model_id, max_tokens=2)
+                return
+            except JobError:
+                await trio.sleep(0.2)
+
+
+def print_embeddings(args: argparse.Namespace, rows: list[EmbedRow]) -> None:
     print(
-        f"generation with {name}, {args.tokens} greedy tokens per session, one node, "
+        f"\nembeddings with {args.embedder}: sentences/s, median of {args.rounds} rounds; "
+        "local = through the node serving it, forwarded = one hop more"
+    )
+    print(
+        f"{'batch':>6}  {'direct':>9}  {'local':>9}  {'forwarded':>9}  "
+        f"{'local/direct':>12}  {'fwd/direct':>10}  {'min cosine':>10}"
+    )
+    for r in rows:
+        print(
+            f"{r.batch:>6}  {r.direct:>9.1f}  {r.local:>9.1f}  {r.forwarded:>9.1f}  "
+            f"{r.local / r.direct:>11.2f}x  {r.forwarded / r.direct:>9.2f}x  {r.cosine:>10.6f}"
+        )
+
+
+def print_generation(args: argparse.Namespace, results: dict[str, list[Figures]]) -> None:
+    print(
+        f"\ngeneration with {args.generator}, {args.tokens} greedy tokens per session, one "
+        f"node ({'in this process' if args.in_process else 'a process of its own'}), "
         f"best of {args.repeats}"
     )
     print("aggregate tokens/s: batched = continuous batching on; alone = off (one session")
@@ -185,7 +498,7 @@ def main() -> None:
             f"{on.sessions:>8}  {on.per_s:>9.1f}  {off.per_s:>9.1f}  {serial.per_s:>13.1f}  "
             f"{on.per_s / off.per_s:>12.2f}x  {on.per_s / serial.per_s:>20.2f}x"
         )
-    print("\ntime to first token and per output token, p50 ms, as the client sees them")
+    print("time to first token and per output token, p50 ms, as the clients see them")
     print(
         f"{'sessions':>8}  {'ttft batched':>12}  {'ttft alone':>10}  {'tpot batched':>12}  "
         f"{'tpot alone':>10}"
@@ -195,6 +508,66 @@ def main() -> None:
             f"{on.sessions:>8}  {on.ttft_ms:>12.2f}  {off.ttft_ms:>10.2f}  {on.tpot_ms:>12.3f}  "
             f"{off.tpot_ms:>10.3f}"
         )
+
+
+def print_latency(args: argparse.Namespace, latency: dict[str, Latency], prefill: float) -> None:
+    print(
+        f"\nlatency with {args.generator}: one generation at a time of {args.tokens} greedy "
+        f"tokens, {args.rounds} each, ms; prefill compute (onnxruntime here): {prefill:.2f} ms"
+    )
+    print(
+        f"{'path':>9}  {'ttft p50':>8}  {'ttft p99':>8}  {'tpot p50':>8}  {'tpot p99':>8}  "
+        f"{'ttft p50 - prefill':>18}"
+    )
+    for name, figures in latency.items():
+        ttft50 = pct(figures.ttft_ms, 50)
+        print(
+            f"{name:>9}  {ttft50:>8.2f}  {pct(figures.ttft_ms, 99):>8.2f}  "
+            f"{pct(figures.tpot_ms, 50):>8.3f}  {pct(figures.tpot_ms, 99):>8.3f}  "
+            f"{ttft50 - prefill:>18.2f}"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes: a few minutes")
+    parser.add_argument("--models", type=Path, default=bundled_models_dir())
+    parser.add_argument("--embedder", default="minilm-l6-v2")
+    parser.add_argument("--generator", default="pydoc-gpt-small")
+    parser.add_argument("--batches", type=int, nargs="+", help="default 1 8 32 128")
+    parser.add_argument("--sessions", type=int, nargs="+", help="default 1 4 16 64")
+    parser.add_argument("--tokens", type=int, help="new tokens per generation (default 64)")
+    parser.add_argument("--repeats", type=int, help="generation runs per figure (default 3)")
+    parser.add_argument("--rounds", type=int, help="embedding and latency rounds (default 20)")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=["embeddings", "generation", "latency"],
+        default=["embeddings", "generation", "latency"],
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the nodes in this process, with the clients, not each in its own",
+    )
+    parser.add_argument("--serve-node", nargs=7, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_node:
+        serve_node(args.serve_node)
+        return
+    quick = args.quick
+    defaults = {
+        "batches": [1, 8, 32] if quick else [1, 8, 32, 128],
+        "sessions": [1, 4, 16] if quick else [1, 4, 16, 64],
+        "tokens": 32 if quick else 64,
+        "repeats": 1 if quick else 3,
+        "rounds": 8 if quick else 20,
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    with tempfile.TemporaryDirectory(prefix="bench-text-") as tmp:
+        trio.run(run, args, Path(tmp))
 
 
 if __name__ == "__main__":

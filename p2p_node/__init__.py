@@ -16,6 +16,8 @@ from ._config import ExecutorConfig as ExecutorConfig
 from ._config import GossipConfig as GossipConfig
 from ._config import NodeConfig as NodeConfig
 from ._config import load_bootstrap_file as load_bootstrap_file
+from ._messages import GeneratedPiece as GeneratedPiece
+from ._messages import GenerateSummary as GenerateSummary
 from ._node import Node as Node
 from ._node import open_node as open_node
 from ._psk import PreSharedKey as PreSharedKey
@@ -23,6 +25,7 @@ from ._psk import PskError as PskError
 from ._psk import read_psk_file as read_psk_file
 from ._repository import RepositoryError as RepositoryError
 from ._repository import bundled_models_dir as bundled_models_dir
+from ._stream_gen import GenerationStream as GenerationStream
 
 __all__ = [
     "AdmissionConfig",
@@ -30,6 +33,9 @@ __all__ = [
     "ConfigError",
     "ErrorCode",
     "ExecutorConfig",
+    "GenerateSummary",
+    "GeneratedPiece",
+    "GenerationStream",
     "GossipConfig",
     "InferenceRequest",
     "InferenceResult",

@@ -23,7 +23,9 @@ Each session samples with its own seeded generator (see `_decoder.choose_token`)
 from __future__ import annotations
 
 import logging
+import math
 import secrets
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -51,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 MB = 1 << 20
 BUFFERED_TOKENS = 16  # generated but not taken by the client; past it the session waits
+FRAME_TOKENS = 8  # pieces a frame waits for while other sessions share the batches
 
 Array = np.ndarray[Any, Any]
 
@@ -92,7 +95,15 @@ class _Session:
         self.queue: deque[Piece] = deque()
         self.finish: str | None = None  # "eos" or "length" once it is done
         self.error: JobError | None = None
+        # Its client waits on `changed` for `wanted` pieces (or the end); the idle
+        # watch waits on `queued` for the first piece not taken.
         self.changed = trio.lowlevel.ParkingLot()
+        self.queued = trio.lowlevel.ParkingLot()
+        self.wanted = 1
+        self.client_waiting = False  # for a fuller frame: the client is there, not idle
+        # The client came back after its first piece (sent it): until then its decode
+        # steps leave the event loop to that first frame.
+        self.first_sent = False
         self.session: ort.InferenceSession | None = None
         self.waiting_since = trio.current_time()  # the oldest untaken piece's wait began
 
@@ -115,18 +126,22 @@ class _Session:
         eos = token == self.generator.layout.eos_token_id
         if not eos:
             self.generated.append(token)
-            if not self.queue:
+            if not self.queue or self.client_waiting:
                 self.waiting_since = trio.current_time()
+            if not self.queue:
+                self.queued.unpark_all()
             self.queue.append(Piece(token, self._next_text()))
         if eos:
             self.finish = "eos"
         elif len(self.generated) >= self.max_new:
             self.finish = "length"
-        self.changed.unpark_all()
+        if self.finish is not None or len(self.queue) >= self.wanted:
+            self.changed.unpark_all()  # (waking its client for less costs a task switch)
 
     def fail(self, error: JobError) -> None:
         self.error = error
         self.changed.unpark_all()
+        self.queued.unpark_all()
 
     def _next_text(self) -> str:
         """The text the newest token completes. Byte-level tokens may end inside a
@@ -145,13 +160,20 @@ class _Session:
 class Generation:
     """A client's handle on its running session (see `Generations.open_session`)."""
 
-    def __init__(self, session: _Session, on_taken: Callable[[], None]) -> None:
+    def __init__(
+        self, session: _Session, on_taken: Callable[[], None], sharing: Callable[[], int]
+    ) -> None:
         self._session = session
         self._on_taken = on_taken
+        self._sharing = sharing
+        self._first_taken = False
 
     async def next(self) -> Piece | None:
         """The next piece, or None when the generation is done. Raises its JobError."""
         s = self._session
+        s.wanted = 1
+        s.first_sent = s.first_sent or self._first_taken
+        self._first_taken = True
         while not s.queue:
             if s.error is not None:
                 raise s.error
@@ -162,6 +184,26 @@ class Generation:
         s.waiting_since = trio.current_time()
         self._on_taken()
         return piece
+
+    async def next_pieces(self) -> list[Piece]:
+        """The pieces made and not taken yet: at least one, or none once the generation
+        is done. Raises its JobError. The first piece comes alone, at once. After it,
+        while other sessions share its model's batches, it waits for `FRAME_TOKENS`
+        of them: a frame costs the node far more than a row of a decode step, so a
+        busy node sends fewer, fuller frames (vLLM's stream interval)."""
+        s = self._session
+        s.wanted = FRAME_TOKENS if self._first_taken and self._sharing() > 1 else 1
+        s.first_sent = s.first_sent or self._first_taken
+        self._first_taken = True
+        s.client_waiting = True
+        try:
+            while len(s.queue) < s.wanted and s.finish is None and s.error is None:
+                await s.changed.park()
+        finally:
+            s.client_waiting = False
+        if not s.queue and s.error is not None:
+            raise s.error
+        return self.take_queued()
 
     def take_queued(self) -> list[Piece]:
         """The pieces made and not taken yet, without waiting (maybe none)."""
@@ -194,11 +236,20 @@ class _Engine:
     (or, without `batch`, one session per step, in turn)."""
 
     def __init__(
-        self, generator: TextGenerator, limiter: trio.CapacityLimiter, batch: bool
+        self,
+        generator: TextGenerator,
+        limiter: trio.CapacityLimiter,
+        batch: bool,
+        inline_below_ms: float = 0.0,
     ) -> None:
         self.generator = generator
         self.sessions: list[_Session] = []
         self._limiter = limiter
+        self._inline_below_ms = inline_below_ms
+        # The compute of the last one-row decode step, and of a prefill per prompt
+        # token: what tells whether the next runs on the event loop's thread.
+        self._alone_ms = math.inf
+        self._prefill_ms_per_token = math.inf
         self._batch = batch
         self._wake = trio.Event()
         self._turn = 0
@@ -249,9 +300,12 @@ class _Engine:
         else:
             feeds, _ = decode_feeds(batch, layout)
             self.rebuilds += 1
+        # A lone session's small steps run inline, once its first frame is out: inline
+        # steps between the first frame's sends doubled the time to first token.
+        inline = len(batch) == 1 and batch[0].first_sent
         try:
-            logits, presents = await trio.to_thread.run_sync(
-                _run_step, session, feeds, layout.layers, limiter=self._limiter
+            logits, presents = await self.compute(
+                session, feeds, inline and self._alone_ms < self._inline_below_ms
             )
         except JobError as error:
             for s in batch:
@@ -270,6 +324,42 @@ class _Engine:
             s.cache[:, :, :, s.length, :] = new[:, :, row]
             s.length += 1
             s.take(choose_token(logits[row, -1], s.sampling, s.rng))
+
+    async def prefill(self, session: ort.InferenceSession, prompt: list[int]) -> Step:
+        """The logits and presents of `prompt`'s prefill."""
+        estimate = self._prefill_ms_per_token * len(prompt)
+        feeds = prefill_feeds(prompt, self.generator.layout)
+        out, took = await self._timed(session, feeds, estimate < self._inline_below_ms)
+        self._prefill_ms_per_token = took / len(prompt)
+        return out
+
+    async def compute(
+        self, session: ort.InferenceSession, feeds: dict[str, Array], inline: bool
+    ) -> Step:
+        """One decode step."""
+        out, took = await self._timed(session, feeds, inline)
+        if feeds["input_ids"].shape[0] == 1:
+            self._alone_ms = took
+        return out
+
+    async def _timed(
+        self, session: ort.InferenceSession, feeds: dict[str, Array], inline: bool
+    ) -> tuple[Step, float]:
+        """One run of the model and its compute in ms: on the event loop's own thread
+        when `inline` (a small model, where the hop to a worker thread and back costs
+        more than the run: `inline_below_ms`, as for the executor's requests), else
+        in a worker thread."""
+        layers = self.generator.layout.layers
+        if not inline:
+            return await trio.to_thread.run_sync(
+                _timed_step, session, feeds, layers, limiter=self._limiter
+            )
+        out = _timed_step(session, feeds, layers)
+        await trio.lowlevel.checkpoint()  # the sessions' senders go between steps
+        return out
+
+
+Step = tuple[Array, list[Array]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +418,14 @@ def prefill_feeds(prompt: Sequence[int], layout: DecoderLayout) -> dict[str, Arr
     return feeds
 
 
+def _timed_step(
+    session: ort.InferenceSession, feeds: dict[str, Array], layers: int
+) -> tuple[Step, float]:
+    started = time.perf_counter()
+    out = _run_step(session, feeds, layers)
+    return out, (time.perf_counter() - started) * 1e3
+
+
 def _run_step(
     session: ort.InferenceSession, feeds: dict[str, Array], layers: int
 ) -> tuple[Array, list[Array]]:
@@ -357,12 +455,12 @@ class Generations:
         self._executor = executor
         self._config = config
         self._engines: dict[str, _Engine] = {}
-        for card in cards:
-            generator = load_text_generator(card)
-            if generator is not None:
-                self._engines[card.id] = _Engine(generator, executor.limiter, config.batch_decode)
-        self._sessions: set[_Session] = set()
         self._nursery: trio.Nursery | None = None  # where engines run, once `run` does
+        for card in cards:
+            self.add(card)
+        self._sessions: set[_Session] = set()
+        # The caches count against the model memory budget, also when a model loads.
+        executor.models.held_bytes = lambda: self.cache_bytes
         # Sessions started, refused at the start, and ended: all their tokens taken,
         # failed (an error, idle too long), or left before the end (a hang-up).
         self.started = 0
@@ -373,10 +471,13 @@ class Generations:
         self._ended = trio.lowlevel.ParkingLot()
 
     def add(self, card: ModelCard) -> None:
-        """Generate with `card`'s model too, if it is a generator (a model fetched after start)."""
+        """Generate with `card`'s model, if it is a generator (also one fetched after start)."""
         generator = load_text_generator(card)
         if generator is not None:
-            engine = _Engine(generator, self._executor.limiter, self._config.batch_decode)
+            config = self._config
+            engine = _Engine(
+                generator, self._executor.limiter, config.batch_decode, config.inline_below_ms
+            )
             self._engines[card.id] = engine
             if self._nursery is not None:
                 self._nursery.start_soon(engine.run)
@@ -434,7 +535,7 @@ class Generations:
                 n.start_soon(self._end_when_idle, session, n.cancel_scope)
                 await self._prefill(session)
                 engine.add(session)
-                yield Generation(session, engine.wake)
+                yield Generation(session, engine.wake, lambda: len(engine.sessions))
                 n.cancel_scope.cancel()
             idle = n.cancel_scope.cancelled_caught and session.error is not None
         finally:
@@ -451,6 +552,41 @@ class Generations:
         if idle:
             assert session.error is not None
             raise session.error
+
+    async def complete(self, model_id: str, prompts: Sequence[str]) -> list[tuple[str, int]]:
+        """The greedy completion of each prompt, and its count of tokens, to its end: the
+        end of text, the model's window or `max_new_tokens`. The prompts run at once,
+        sharing their decode steps. Raises JobError as `open_session` does, and
+        INVALID_INPUT for no prompt or more than `max_sessions`."""
+        limit = self._config.max_sessions
+        if not prompts or len(prompts) > limit:
+            raise JobError(
+                ErrorCode.INVALID_INPUT,
+                f"{len(prompts)} prompts for {model_id}: a generation job takes 1 to {limit} "
+                "(max_sessions, --max-sessions)",
+            )
+        self._engine_for(model_id)  # before any session: UNKNOWN_MODEL or not a generator
+        done: list[tuple[str, int]] = [("", 0)] * len(prompts)
+        failed: list[JobError] = []
+
+        async def one(i: int, stop: trio.CancelScope) -> None:
+            try:
+                async with self.open_session(
+                    model_id, prompts[i], self._config.max_new_tokens, Sampling()
+                ) as generation:
+                    while await generation.next_pieces():
+                        pass
+                    done[i] = (generation.text, generation.tokens)
+            except JobError as error:  # the first ends them all
+                failed.append(error)
+                stop.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(prompts)):
+                nursery.start_soon(one, i, nursery.cancel_scope)
+        if failed:
+            raise failed[0]
+        return done
 
     def _engine_for(self, model_id: str) -> _Engine:
         engine = self._engines.get(model_id)
@@ -501,29 +637,21 @@ class Generations:
                 f"{len(self._sessions)} generations running, this node's limit "
                 "(max_sessions, --max-sessions); try again shortly",
             )
-        budget = self._executor.models.budget_bytes
         need = tokens * generator.layout.bytes_per_token
-        if budget is not None:
-            used = self._executor.models.used_bytes + self.cache_bytes
-            if used + need > budget:
-                self.refused += 1
-                raise JobError(
-                    ErrorCode.OVERLOADED,
-                    f"a generation of {tokens} tokens needs {need / MB:.3g} MB of cache and "
-                    f"{used / MB:.3g} of the {budget / MB:g} MB model memory budget "
-                    "(model_memory_mb) is in use; try again shortly",
-                )
+        try:  # idle models make room for the cache, as they do for a model loaded on demand
+            self._executor.models.make_room(
+                need, f"a generation of {tokens} tokens' KV cache", keep=generator.model_id
+            )
+        except JobError:
+            self.refused += 1
+            raise
 
     async def _prefill(self, s: _Session) -> None:
         assert s.session is not None and s.cache is not None
         layout = s.generator.layout
         try:
-            logits, presents = await trio.to_thread.run_sync(
-                _run_step,
-                s.session,
-                prefill_feeds(s.prompt, layout),
-                layout.layers,
-                limiter=self._executor.limiter,
+            logits, presents = await self._engines[s.generator.model_id].prefill(
+                s.session, s.prompt
             )
         except JobError as error:
             s.fail(error)
@@ -538,7 +666,7 @@ class Generations:
         idle_s = self._config.session_idle_s
         while True:
             if not s.queue:
-                await s.changed.park()
+                await s.queued.park()
                 continue
             if trio.current_time() < s.waiting_since + idle_s:
                 await trio.sleep_until(s.waiting_since + idle_s)

@@ -62,6 +62,7 @@ MAX_RANKED = 4 * MAX_LIST_LENGTH
 MAX_REASONS = 16
 MAX_LEARNED = 4096
 MAX_INT = 2**63 - 1
+MAX_TEXT_CHARS = 1 << 24
 MAX_TEXTS = 1024  # texts in one job; a node may cap them lower (max_batch_rows)
 MAX_TEXT_LENGTH = 1_000_000  # characters of one text; a model's token limit comes first
 
@@ -336,6 +337,7 @@ declare(
     ),
     load=(Int(0, MAX_LOAD), SPARSE),  # None: the executor did not say
     labels=(Items(MAX_TEXTS, Text(label="label")), SPARSE),  # a text classifier's answer
+    texts=(Items(MAX_TEXTS, Text(MAX_TEXT_CHARS, empty=True, label="text")), SPARSE),
 )
 declare(
     Requirements,
@@ -382,7 +384,6 @@ MAX_NEW_TOKENS = 1 << 20
 MAX_SEED = 2**64 - 1
 MAX_PIECE_CHARS = 1 << 16
 MAX_PIECE_TOKENS = 1024
-MAX_TEXT_CHARS = 1 << 24
 
 
 @dataclass(frozen=True, slots=True)

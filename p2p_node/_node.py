@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 import multiaddr
+import numpy as np
 import psutil
 import trio
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
@@ -323,6 +324,8 @@ class Node:
 
     async def run_local(self, request: InferenceRequest) -> InferenceResult:
         """Run `request` on this node's executor (the orchestrator's local path)."""
+        if request.model_id in self.generations.model_ids:
+            return await self._complete_local(request)
         execution = await self._executor.run(
             request.model_id,
             request.inputs,
@@ -339,6 +342,31 @@ class Node:
             execution.compute_ms,
             load=self._executor.in_flight,
             labels=execution.labels,
+        )
+
+    async def _complete_local(self, request: InferenceRequest) -> InferenceResult:
+        """A job for a text generator: each text a prompt, completed greedily."""
+        if request.inputs or request.outputs:
+            raise JobError(
+                ErrorCode.INVALID_INPUT,
+                f"model {request.model_id} generates text: send it texts (prompts), "
+                "not input tensors or output names",
+            )
+        started = time.perf_counter()
+        self.gossip.changed()  # its sessions are load: tell peers, now and after
+        try:
+            done = await self.generations.complete(request.model_id, request.texts)
+        finally:
+            self.gossip.changed()
+        return InferenceResult(
+            request.job_id,
+            request.model_id,
+            {"tokens": np.array([tokens for _, tokens in done], np.int64)},
+            self.peer_id,
+            0.0,
+            (time.perf_counter() - started) * 1e3,
+            load=self._executor.in_flight,
+            texts=tuple(text for text, _ in done),
         )
 
     # --- links to peers -----------------------------------------------------------
@@ -497,7 +525,7 @@ async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator
             async with open_gossip(host, node.view, config.gossip, node.make_record) as gossip:
                 node.gossip = gossip
                 host.set_stream_handler(BEAT_PROTOCOL, node._on_beat_stream)
-                host.set_stream_handler(GENERATE_PROTOCOL, partial(serve_generate, node))
+                server.serve_stream(GENERATE_PROTOCOL, partial(serve_generate, node))
                 host.set_stream_handler(FETCH_PROTOCOL, node.fetches.serve)
                 host.set_stream_handler(STAGE_PROTOCOL, partial(serve_stage, node))
                 host.set_stream_handler(ANSWER_PROTOCOL, partial(serve_answers, node))

@@ -48,6 +48,7 @@ def result_json(result: InferenceResult, total_ms: float) -> str:
             "total_ms": round(total_ms, 3),
             "route": [{"model": model, "rows": rows} for model, rows in result.route],
             **({"labels": list(result.labels)} if result.labels else {}),
+            **({"texts": list(result.texts)} if result.texts else {}),
             "outputs": {
                 name: {"dtype": a.dtype.name, "shape": list(a.shape), "data": a.tolist()}
                 for name, a in result.outputs.items()
@@ -70,6 +71,7 @@ def result_text(result: InferenceResult, total_ms: float) -> str:
         lines.append(f"{name} {array.dtype.name} {list(array.shape)}: {values}")
     if result.labels:
         lines.append(f"labels: {', '.join(result.labels)}")
+    lines.extend(f"text {i}: {text!r}" for i, text in enumerate(result.texts))
     return "\n".join(lines)
 
 

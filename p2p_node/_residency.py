@@ -87,6 +87,8 @@ class ResidentModels:
         self.loads_by_model: Counter[str] = Counter()  # the same, per served model
         self.unloads_by_model: Counter[str] = Counter()
         self.on_change: Callable[[], None] = lambda: None  # the loaded set changed
+        # Memory the budget holds besides the loaded models: generations' KV caches.
+        self.held_bytes: Callable[[], int] = lambda: 0
 
     # --- what is served and what is loaded ------------------------------------------
 
@@ -148,7 +150,7 @@ class ResidentModels:
         self.check_fits(model.card)
         slot = _Slot(model)
         budget = self.budget_bytes
-        if budget is not None and self.used_bytes + slot.memory_bytes > budget:
+        if budget is not None and self.used_bytes + self.held_bytes() + slot.memory_bytes > budget:
             slot.session = None
             logger.info("model %s stays on disk: the memory budget is full", model.card.id)
         self._slots[model.descriptor.id] = slot
@@ -198,28 +200,45 @@ class ResidentModels:
     def _make_room(self, slot: _Slot) -> None:
         """Unload idle models, least recently used first, until `slot` fits; OVERLOADED
         (and nothing unloaded) if the models in use leave too little."""
+        self.make_room(slot.memory_bytes, f"model {slot.descriptor.id}")
+
+    def make_room(self, needed: int, what: str, keep: str | None = None) -> None:
+        """Unload idle models (but `keep`), least recently used first, until `needed`
+        more bytes fit in the budget beside the loaded models and `held_bytes`;
+        OVERLOADED (and nothing unloaded) if the models in use and the held bytes
+        leave too little."""
         budget = self.budget_bytes
         if budget is None:
             return
         idle = sorted(
-            (s for s in self._slots.values() if s.session is not None and s.running == 0),
+            (
+                s
+                for i, s in self._slots.items()
+                if s.session is not None and s.running == 0 and i != keep
+            ),
             key=lambda s: s.last_used,
         )
-        free = budget - self.used_bytes
-        victims = list(_until_enough(idle, slot.memory_bytes - free))
-        if free + sum(v.memory_bytes for v in victims) < slot.memory_bytes:
+        held = self.held_bytes()
+        free = budget - self.used_bytes - held
+        victims = list(_until_enough(idle, needed - free))
+        if free + sum(v.memory_bytes for v in victims) < needed:
             busy = sorted(i for i, s in self._slots.items() if s.session is not None and s.running)
+            holders = [f"models in use ({', '.join(busy)})"] if busy else []
+            if held:
+                holders.append(f"generations' KV caches ({held / MB:.3g} MB)")
             raise JobError(
                 ErrorCode.OVERLOADED,
-                f"model {slot.descriptor.id} needs about {slot.memory_bytes / MB:.3g} MB and "
-                f"the model memory budget of {budget / MB:g} MB (model_memory_mb) is held by "
-                f"models in use ({', '.join(busy)}); try again shortly",
+                f"{what} needs about {needed / MB:.3g} MB and the model memory budget of "
+                f"{budget / MB:g} MB (model_memory_mb) is held by "
+                f"{' and '.join(holders) or 'nothing'}; try again shortly",
             )
         for victim in victims:
             victim.session = None
             self.unloads += 1
             self.unloads_by_model[victim.descriptor.id] += 1
             logger.info("unloaded model %s (least recently used)", victim.descriptor.id)
+        if victims:
+            self.on_change()
 
 
 def _until_enough(slots: Iterable[_Slot], needed: int) -> Iterable[_Slot]:

@@ -115,6 +115,40 @@ class Server:
             raise ValueError(f"{protocol} already has a handler for {kind.__name__}")
         handlers[kind] = handler
 
+    def serve_stream(
+        self, protocol: TProtocol, handler: Callable[[INetStream], Awaitable[None]]
+    ) -> None:
+        """Serve `protocol` with `handler(stream)`, which speaks it on its own (the
+        generate protocol), counted under `max_concurrent_inbound` as the streams
+        of `serve` are: past it, a new stream is answered OVERLOADED and closed."""
+
+        async def on_stream(stream: INetStream) -> None:
+            if not self._take_inbound(protocol, str(stream.muxed_conn.peer_id)):
+                channel = Channel(stream, self.limits.request_limit(protocol))
+                await self._refuse(channel, self._inbound_full(), pipelined=False)
+                return
+            try:
+                await handler(stream)
+            finally:
+                self._inbound_slots.release()
+
+        self.host.set_stream_handler(protocol, on_stream)
+
+    def _take_inbound(self, protocol: TProtocol, peer: str) -> bool:
+        try:
+            self._inbound_slots.acquire_nowait()
+        except trio.WouldBlock:
+            logger.info("refused a %s stream from %s: inbound streams full", protocol, peer)
+            return False
+        return True
+
+    def _inbound_full(self) -> str:
+        return (
+            "too many open streams to this node: it serves at most "
+            f"{self._max_inbound} streams from peers at once (max_concurrent_inbound); "
+            "try again shortly"
+        )
+
     async def drain(self, grace: float) -> int:
         """Answer new requests SHUTTING_DOWN; wait up to `grace` s for the others.
 
@@ -136,16 +170,8 @@ class Server:
             wire = PIPELINED[protocol] if pipelined else protocol  # bytes counted by wire id
             channel = Channel(stream, self.limits.request_limit(protocol), self.traffic.of(wire))
             peer = str(stream.muxed_conn.peer_id)
-            try:
-                self._inbound_slots.acquire_nowait()
-            except trio.WouldBlock:
-                logger.info("refused a %s stream from %s: inbound streams full", protocol, peer)
-                why = (
-                    "too many open streams to this node: it serves at most "
-                    f"{self._max_inbound} streams from peers at once (max_concurrent_inbound); "
-                    "try again shortly"
-                )
-                await self._refuse(channel, why, pipelined=pipelined)
+            if not self._take_inbound(protocol, peer):
+                await self._refuse(channel, self._inbound_full(), pipelined=pipelined)
                 return
             try:
                 await serve(channel, peer, protocol)

@@ -130,15 +130,17 @@ async def run_here(node: Node, request: GenerateRequest, send: Send, started: fl
         async with node.generations.open_session(
             request.model_id, request.prompt, request.max_tokens, sampling
         ) as generation:
-            node.gossip.changed()  # a session is load while it runs: tell peers, now and after
-            while (piece := await generation.next()) is not None:
-                if ttft_ms is None:
-                    ttft_ms = (time.perf_counter() - started) * 1e3
-                # What was made while the last frame went out goes in one frame.
-                pieces = [piece, *generation.take_queued()]
+            # What was made while the last frame went out goes in one frame.
+            while pieces := await generation.next_pieces():
                 tokens = tuple(p.token for p in pieces)
                 text = "".join(p.text for p in pieces)
                 await send(_codec.encode(GeneratedPiece(tokens, text)))
+                if ttft_ms is None:
+                    ttft_ms = (time.perf_counter() - started) * 1e3
+                    # A session is load while it runs: tell peers (after the first
+                    # frame, which the record's signing and sending would delay), and
+                    # again when it ends.
+                    node.gossip.changed()
             total_ms = (time.perf_counter() - started) * 1e3
             summary = GenerateSummary(
                 request.job_id,

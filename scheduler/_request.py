@@ -63,7 +63,8 @@ class InferenceResult:
     many rows (a cascade lists every stage, cheapest first). `load` is how many
     requests (from anyone) the executor held when it answered, None if it did not
     say: what its coordinator places the next requests by. `labels` is a text
-    classifier's answer by name, one per text.
+    classifier's answer by name, one per text; `texts` a text generator's greedy
+    completion, one per prompt (the request's texts).
     """
 
     job_id: str
@@ -75,3 +76,4 @@ class InferenceResult:
     route: tuple[tuple[str, int], ...] = ()
     load: int | None = None
     labels: tuple[str, ...] = ()  # a text classifier's label per text; () otherwise
+    texts: tuple[str, ...] = ()  # a text generator's completion per prompt; () otherwise

@@ -4,10 +4,13 @@ sampling with a seed, the limits, and the cache memory after each way a session 
 
 from __future__ import annotations
 
+import shutil
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -15,11 +18,12 @@ import pytest
 import trio
 from tiny_decoder import EOS, HEAD_DIM, HEADS, LAYERS, MODEL_ID, tiny_tokenizer
 
+from p2p_node import _generation as generation_module
 from p2p_node._config import ExecutorConfig
 from p2p_node._decoder import Sampling, choose_token
 from p2p_node._executor import Executor
-from p2p_node._generation import Generations
-from p2p_node._repository import read_repository
+from p2p_node._generation import FRAME_TOKENS, Generations
+from p2p_node._repository import bundled_models_dir, read_repository
 from scheduler import ErrorCode, JobError
 
 GREEDY = Sampling()
@@ -131,6 +135,52 @@ async def test_continuous_batching_gives_the_tokens_of_sessions_run_alone(
     assert engine.rebuilds < engine.steps  # some fed the last step's caches back as they were
 
 
+async def test_sessions_sharing_batches_take_their_pieces_in_fuller_frames(
+    tiny_models: Path,
+) -> None:
+    # Per session, each frame: its pieces, and whether other sessions shared the
+    # batches when its client asked for it.
+    frames: dict[int, list[tuple[int, bool]]] = {}
+
+    async def one(i: int, ready: trio.Event | None, go: trio.Event) -> None:
+        async with batched.open_session(MODEL_ID, PROMPTS[0], 40, GREEDY) as generation:
+            if ready is not None:
+                ready.set()
+            await go.wait()
+            got = frames[i] = []
+            while True:
+                shared = len(batched.engine(MODEL_ID).sessions) > 1
+                if not (pieces := await generation.next_pieces()):
+                    break
+                got.append((len(pieces), shared))
+
+    with trio.fail_after(60):
+        async with generations(tiny_models) as batched:
+            async with trio.open_nursery() as nursery:  # alone: each piece as it comes
+                alone = trio.Event()
+                nursery.start_soon(one, 0, None, alone)
+                alone.set()
+            assert batched.sessions == 0
+            async with trio.open_nursery() as nursery:  # two share the batches
+                go, started = trio.Event(), [trio.Event(), trio.Event()]
+                for i in (1, 2):
+                    nursery.start_soon(one, i, started[i - 1], go)
+                for event in started:
+                    await event.wait()
+                go.set()
+            assert batched.cache_bytes == 0
+    expected = len(reference_tokens(tiny_models / MODEL_ID, PROMPTS[0], 40))
+    assert expected > 2 * FRAME_TOKENS
+    assert {i: sum(n for n, _ in got) for i, got in frames.items()} == dict.fromkeys(
+        frames, expected
+    )
+    assert min(n for n, _ in frames[0]) < FRAME_TOKENS  # alone: no wait for more pieces
+    # After the first frame and before the last, a frame asked for while sessions
+    # shared the batches waited for FRAME_TOKENS pieces.
+    middle = [n for i in (1, 2) for n, shared in frames[i][1:-1] if shared]
+    assert middle and min(middle) >= FRAME_TOKENS
+
+
 async def test_a_seed_gives_the_same_tokens_and_another_seed_others(tiny_models: Path) -> None:
     sampling = Sampling(temperature=1.0, top_k=50, top_p=0.95, seed=1234)
     with trio.fail_after(30):
@@ -201,6 +251,38 @@ async def test_the_cache_counts_against_the_model_memory_budget(tiny_models: Pat
             assert service.cache_bytes == 0
 
 
+async def test_a_live_cache_counts_when_another_model_loads_on_demand(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    """Budget for the decoder, digits-logreg and a 100-token cache less a byte: the
+    cache unloads the idle digits model, which cannot load again until it ends."""
+    shutil.copytree(tiny_models / MODEL_ID, tmp_path / MODEL_ID)
+    shutil.copytree(bundled_models_dir() / "digits-logreg", tmp_path / "digits-logreg")
+    cards = {c.id: c for c in read_repository(tmp_path)}
+    cache = 100 * 2 * LAYERS * HEADS * HEAD_DIM * 4
+    memory = cards[MODEL_ID].memory_bytes + cards["digits-logreg"].memory_bytes
+    config = ExecutorConfig(model_memory_mb=(memory + cache - 1) / (1 << 20))
+    executor = Executor.from_cards(list(cards.values()), config)
+    service = Generations(executor, list(cards.values()), config)
+    rows = {"input": np.zeros((1, 64), np.float32)}
+    assert executor.models.loaded == {MODEL_ID, "digits-logreg"}
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.run)
+            async with service.open_session(MODEL_ID, "x" * 10, 90, GREEDY):
+                assert service.cache_bytes == cache
+                assert executor.models.loaded == {MODEL_ID}  # made room for the cache
+                with pytest.raises(JobError) as refused:
+                    await executor.run("digits-logreg", rows)
+            assert service.cache_bytes == 0
+            labels = (await executor.run("digits-logreg", rows)).outputs
+            nursery.cancel_scope.cancel()
+    assert refused.value.code is ErrorCode.OVERLOADED
+    assert "KV caches" in refused.value.message and "model_memory_mb" in refused.value.message
+    assert executor.models.loaded == {MODEL_ID, "digits-logreg"}
+    assert "label" in labels
+
+
 @pytest.mark.parametrize(
     ("prompt", "max_tokens", "says"),
     [
@@ -243,6 +325,32 @@ async def test_a_client_that_leaves_frees_the_cache_at_once(tiny_models: Path) -
             assert service.cache_bytes == 0 and service.sessions == 0
             # the engine goes on serving others
             assert len(await generate(service, "Hello", 5)) > 0
+
+
+async def test_a_client_waiting_for_a_fuller_frame_is_not_idle(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_step = generation_module._run_step
+
+    def slow_step(*args: Any) -> Any:
+        time.sleep(0.02)  # a bigger model: 8 steps take longer than session_idle_s
+        return run_step(*args)
+
+    monkeypatch.setattr(generation_module, "_run_step", slow_step)
+    got: list[int] = []
+
+    async def one(sizes: list[int]) -> None:
+        async with service.open_session(MODEL_ID, PROMPTS[0], 20, GREEDY) as generation:
+            while pieces := await generation.next_pieces():
+                sizes.append(len(pieces))
+
+    with trio.fail_after(30):  # a real clock, as below
+        async with generations(tiny_models, session_idle_s=0.1) as service:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, got)
+                nursery.start_soon(one, [])
+            assert service.failed == 0 and service.cache_bytes == 0
+    assert max(got) >= FRAME_TOKENS  # it did wait for fuller frames, past 0.1 s
 
 
 async def test_an_idle_client_ends_its_session(tiny_models: Path) -> None:

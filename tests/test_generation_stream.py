@@ -32,7 +32,7 @@ from p2p_node._messages import (
 )
 from p2p_node._stream_gen import GENERATE_PROTOCOL
 from p2p_node.testing import Swarm, open_swarm
-from scheduler import ErrorCode, JobError
+from scheduler import ErrorCode, InferenceRequest, JobError
 
 NOBODY: frozenset[str] = frozenset()
 TINY = frozenset({MODEL_ID})
@@ -70,6 +70,29 @@ async def test_greedy_generation_through_a_forwarding_node_is_the_direct_loop(
     assert summary.tokens == len(expected) and summary.text.startswith("".join(pieces))
     assert 0 < summary.ttft_ms <= summary.total_ms
     assert by_task == summary.text[: len(by_task)]  # the same greedy start
+
+
+async def test_run_distributed_inference_on_a_generation_request_returns_the_whole_text(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    prompts = ("Hello world", "The quick brown fox", "a")
+    expected = [reference_tokens(tiny_models / MODEL_ID, p, 40) for p in prompts]
+    base = _base(tiny_models, tmp_path, max_new_tokens=40)
+    with trio.fail_after(60):
+        async with open_swarm(2, models=[NOBODY, TINY], base=base) as swarm:
+            await swarm.wait_converged()
+            request = InferenceRequest(MODEL_ID, {}, texts=prompts)
+            result = await swarm[0].orchestrator.run_distributed_inference(request)
+            async with Client.connect(swarm[0].addrs[0]) as client:
+                submitted = await client.submit(MODEL_ID, texts=prompts[:1])
+                with pytest.raises(JobError) as tensors:
+                    await client.submit(MODEL_ID, {"input_ids": np.zeros((1, 2), np.int64)})
+            await _wait_for_zero_cache(swarm, 1)
+    assert result.executor == swarm[1].peer_id and result.model_id == MODEL_ID
+    assert result.texts == tuple(tiny_tokenizer().decode(tokens) for tokens in expected)
+    assert result.outputs["tokens"].tolist() == [len(tokens) for tokens in expected]
+    assert submitted.texts == result.texts[:1]
+    assert tensors.value.code is ErrorCode.INVALID_INPUT
 
 
 async def test_a_seed_gives_the_same_tokens_on_two_different_nodes(
@@ -135,6 +158,33 @@ async def test_too_many_sessions_is_overloaded_and_leaves_no_cache(
                     assert "max_sessions" in refused.value.message
                     assert generations.cache_bytes == held and generations.refused == 1
             await _wait_for_zero_cache(swarm, 1)
+
+
+async def test_generate_streams_count_under_the_inbound_stream_limit(tmp_path: Path) -> None:
+    models_dir = tmp_path / "models"
+    write_tiny_decoder(models_dir, context=4096)
+    base = replace(
+        _base(models_dir, tmp_path / "nodes", max_new_tokens=4000), max_concurrent_inbound=2
+    )
+    with trio.fail_after(60):
+        async with open_swarm(1, base=base) as swarm:
+            generations = swarm[0].generations
+            async with Client.connect(swarm[0].addrs[0]) as client:
+                async with contextlib.AsyncExitStack() as stack:
+                    for _ in range(2):
+                        running = await stack.enter_async_context(
+                            client.generate("Hello", MODEL_ID, max_tokens=4000)
+                        )
+                        await running.next_piece()
+                    held = generations.cache_bytes
+                    with pytest.raises(JobError) as refused:
+                        await client.generate_text("Hi", MODEL_ID, max_tokens=5)
+                    assert refused.value.code is ErrorCode.OVERLOADED
+                    assert "max_concurrent_inbound" in refused.value.message
+                    assert generations.sessions == 2 and generations.cache_bytes == held
+                    assert generations.started == 2
+                await _wait_for_zero_cache(swarm, 0)
+                assert await client.generate_text("Hi", MODEL_ID, max_tokens=5)  # room again
 
 
 async def test_a_running_generation_counts_as_load_and_the_next_goes_elsewhere(

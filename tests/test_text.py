@@ -3,6 +3,7 @@ and selection counting a text job's length in tokens."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import msgpack
@@ -15,7 +16,7 @@ from text_models import HIDDEN, embedding_table, write_text_model, write_tokeniz
 from gossip import ModelDescriptor, TensorSpec
 from p2p_node import ExecutorConfig, _codec, bundled_models_dir
 from p2p_node._cli import parse_args
-from p2p_node._executor import Executor
+from p2p_node._executor import TOKENIZE_INLINE_CHARS, Executor
 from p2p_node._jobs import fingerprint
 from p2p_node._messages import InvalidMessage, RunRequest, WireError
 from p2p_node._repository import (
@@ -25,7 +26,7 @@ from p2p_node._repository import (
     parse_text_spec,
     read_repository,
 )
-from p2p_node._text import mean_pool_normalize
+from p2p_node._text import TextModel, mean_pool_normalize
 from scheduler import ErrorCode, InferenceRequest, InferenceResult, JobError
 from selection import (
     AdvancedModelSelectionStrategy,
@@ -66,6 +67,25 @@ async def test_an_embedding_job_is_tokenized_pooled_and_normalised_per_text(tmp_
     assert got.shape == (len(SENTENCES), HIDDEN)
     assert np.allclose(got, want, atol=1e-5)  # padding of the shorter texts changed nothing
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+async def test_a_large_text_job_is_tokenized_off_the_event_loop(tmp_path, monkeypatch) -> None:
+    write_text_model(tmp_path, "emb", max_tokens=32)
+    threads: list[bool] = []
+    prepare = TextModel.prepare
+
+    def recording(self: TextModel, *args: object, **kwargs: object) -> object:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return prepare(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TextModel, "prepare", recording)
+    many = SENTENCES * (TOKENIZE_INLINE_CHARS // len("".join(SENTENCES)) + 1)
+    with trio.fail_after(30):
+        ex = executor(tmp_path)
+        small = await ex.run("emb", {}, texts=SENTENCES)
+        large = await ex.run("emb", {}, texts=many)
+    assert threads == [True, False]  # a few sentences inline; many in a worker thread
+    assert np.allclose(large.outputs["embeddings"][: len(SENTENCES)], small.outputs["embeddings"])
 
 
 async def test_a_classifier_answers_label_names_from_its_table(tmp_path) -> None:
