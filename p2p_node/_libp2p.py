@@ -51,6 +51,10 @@ MAX_WARNED_ADDRESSES = 4096  # refused addresses remembered, to warn once for ea
 PeerGate = Callable[[str], bool]  # peer id -> whether this host keeps a connection with it
 
 
+# py-libp2p's own functions that a patch replaced, by name (tests put them back).
+REPLACED: dict[str, Any] = {}
+
+
 class Libp2pChanged(RuntimeError):
     """py-libp2p changed under a patch: something it replaces or relies on is gone or reshaped."""
 
@@ -309,11 +313,14 @@ def _yamux_writers_wait_for_window() -> None:
     for name, kind in (("HEADER_SIZE", int), ("TYPE_DATA", int), ("YAMUX_HEADER_FORMAT", str)):
         _expect(patch, isinstance(getattr(yamux, name, None), kind), f"yamux.{name} is gone")
     _expect(
-        patch, "send_window" not in vars(stream), "YamuxStream.send_window is a class attribute"
+        patch,
+        isinstance(vars(stream).get("send_window", _SendWindow()), _SendWindow),
+        "YamuxStream.send_window is a class attribute",
     )
     _expect_shape(patch, yamux.Yamux, "_write_frame", "(self, data)", is_async=True)
     _expect_uses(patch, yamux.Yamux._write_frame, "_write_lock", "secured_conn")
     _expect_uses(patch, yamux.Yamux.__init__, "_write_lock", "secured_conn")
+    REPLACED["YamuxStream.write"] = stream.write
     stream.send_window = _SendWindow()  # type: ignore[assignment]
     stream.write = _write_woken_by_window  # type: ignore[method-assign]
     yamux.Yamux._write_frame = _write_frame_quietly  # type: ignore[method-assign]

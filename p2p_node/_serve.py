@@ -298,7 +298,8 @@ class Server:
                     return
             del working[request.exchange]  # the exchange id is free again
             await writer.write(
-                Tagged(Kind.REPLY, request.exchange, self._encode_reply(reply)).encode()
+                Tagged(Kind.REPLY, request.exchange, self._encode_reply(reply)).encode(),
+                alone=not working,
             )
         finally:
             working.pop(request.exchange, None)
