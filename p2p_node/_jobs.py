@@ -131,7 +131,8 @@ class JobOnce:
             if entry.outcome is None:
                 continue  # the first try was abandoned: run it (again)
             return _unwrap(entry.outcome)
-        entry = self._entries[key] = _Entry(print_, trio.Event(), holds)
+        lazy = not isinstance(print_, bytes)
+        entry = self._entries[key] = _Entry(print_, trio.Event(), holds if lazy else 0)
         try:
             result = await job()
         except JobError as error:
