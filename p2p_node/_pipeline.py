@@ -66,9 +66,11 @@ class FrameWriter:
     frame, one Noise message and one socket write for all of them. Writing each
     task's first frame at once, in its own task, made two writes of every
     round's frames, and each write costs a send and a receive system call and a
-    Noise message per side. A frame sent `alone` (no other exchange in flight on
-    the stream, so none to wait for) is written at once in the caller's task,
-    when no write is in progress: at low load that saves the rounds.
+    Noise message per side; and it broke the rhythm: the peer took the lone frame
+    alone, and answered it alone (bench.overhead, c=32 forwarded: 4 frames per
+    write, 20 to 23 gathered). Writing a frame at once when it is the stream's
+    only exchange in flight (to save the round at low load) also fell back to 9
+    per write at c=32, with no gain measurable at c=1.
 
     Every write is shielded from cancellation, so that none stops part way
     through a Noise message, and bounded by SEND_TIMEOUT_S. A failed write, in
@@ -94,13 +96,9 @@ class FrameWriter:
         self._more.set()
         return self._sent
 
-    async def write(self, frame: bytes, *, alone: bool = False) -> None:
+    async def write(self, frame: bytes) -> None:
         """Send `frame` and wait until it is written (or the writer failed: `run`
-        raises that). `alone`: no other exchange is in flight on the stream."""
-        if alone and not (self._writing or self._queued or self._failed is not None):
-            self._sent += 1
-            await self._write([frame])
-            return
+        raises that)."""
         await self.written(self.send(frame))
 
     async def written(self, number: int) -> None:
@@ -188,9 +186,7 @@ class CallerPipe:
         exchange, self._next = self._next, self._next + 1
         waiter = self._waiting[exchange] = _Waiter()
         try:
-            await self._writer.write(
-                Tagged(Kind.REQUEST, exchange, payload).encode(), alone=len(self._waiting) == 1
-            )
+            await self._writer.write(Tagged(Kind.REQUEST, exchange, payload).encode())
             await waiter.done.wait()
         except BaseException:  # the caller left: so does the server, for this one
             if self._waiting.pop(exchange, None) is not None and self.failure is None:

@@ -298,8 +298,7 @@ class Server:
                     return
             del working[request.exchange]  # the exchange id is free again
             await writer.write(
-                Tagged(Kind.REPLY, request.exchange, self._encode_reply(reply)).encode(),
-                alone=not working,
+                Tagged(Kind.REPLY, request.exchange, self._encode_reply(reply)).encode()
             )
         finally:
             working.pop(request.exchange, None)

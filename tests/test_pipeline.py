@@ -372,12 +372,3 @@ async def test_frames_sent_in_one_scheduling_round_share_one_write() -> None:
             nursery.cancel_scope.cancel()
     assert len(stream.writes) == 1  # not the first frame alone, then the 31 others
     assert sorted(stream.writes[0]) == sorted(b"".join(frames))
-
-
-async def test_a_frame_alone_is_written_at_once_by_its_own_task() -> None:
-    stream = _RecordingStream()
-    writer = FrameWriter(stream)  # type: ignore[arg-type]
-    frame = Tagged(Kind.REQUEST, 1, b"job").encode()
-    with trio.fail_after(10):
-        await writer.write(frame, alone=True)  # no writer task runs: this task wrote it
-    assert stream.writes == [frame]
