@@ -629,25 +629,20 @@ def _output_names(text: str | None) -> tuple[str, ...]:
 # --- start ---------------------------------------------------------------------------
 
 
-# A node allocates a few hundred objects per job. With the collector's default
-# thresholds (700, 10, 10) it ran a young collection every few jobs and, every
-# few seconds under load, a full one over everything libp2p, onnxruntime and the
-# models made at start-up: about 100 ms each, 7% of a coordinator's CPU and its
-# p99. Start-up's objects live as long as the process: frozen, no collection
-# scans them again; and young collections come 30 times less often.
-GC_THRESHOLDS = (20_000, 20, 20)
-
-
-def _tune_gc() -> None:
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
+# A node allocates a few hundred objects per job, and the caches of what it
+# answered (JobOnce, the selection tracker) keep thousands alive: under load the
+# collector's default thresholds (700, 10, 10) ran a full collection, 100 to 170
+# ms over everything libp2p and onnxruntime made, every second or two. The
+# young generations keep their thresholds (their pauses stay short).
+# (gc.freeze() of start-up's objects made every young collection take ~17 ms.)
+GC_THRESHOLDS = (700, 10, 1000)
 
 
 async def _start(args: argparse.Namespace) -> int:
     config = _node_config(args)
+    gc.set_threshold(*GC_THRESHOLDS)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_node(config) as node:
-            _tune_gc()
             for addr in node.addrs:
                 print(f"listening on {addr}", flush=True)
             if node.metrics_addr is not None:
