@@ -250,6 +250,7 @@ async def _write_woken_by_window(self: yamux.YamuxStream, data: bytes) -> None:
     if self.send_closed:
         raise MuxedStreamError("Stream is closed for sending")
     total = len(data)
+    view = memoryview(data)  # each frame's chunk is copied once, into the frame
     sent = 0
     while sent < total:
         frame: bytes | None = None
@@ -270,7 +271,7 @@ async def _write_woken_by_window(self: yamux.YamuxStream, data: bytes) -> None:
                         header = struct.pack(
                             yamux.YAMUX_HEADER_FORMAT, 0, yamux.TYPE_DATA, 0, self.stream_id, size
                         )
-                        frame = header + data[sent : sent + size]
+                        frame = header + view[sent : sent + size]
             if frame is None:
                 await _until_window(self)
         await self.conn._write_frame(frame)
