@@ -14,7 +14,7 @@ import trio
 from scheduler import DistributionStrategy, ErrorCode, InferenceRequest, InferenceResult, JobError
 from selection import SelectionContext
 
-from ._jobs import fingerprint
+from ._jobs import fingerprint, request_bytes
 from ._messages import (
     FeedbackReply,
     FeedbackRequest,
@@ -83,8 +83,9 @@ class NodeHandlers:
         return await node.jobs.run(
             sender,
             request.job_id,
-            fingerprint(request),
+            lambda: fingerprint(request),
             lambda: self._with_load_notes(self._coordinate, request),
+            holds=request_bytes(request),
         )
 
     async def _coordinate(self, request: RunRequest) -> InferenceResult:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import struct
 import time
 from collections.abc import Callable
 from importlib.metadata import version
@@ -32,6 +33,7 @@ from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise import io as noise_io
+from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.stream_muxer.yamux import yamux
 from libp2p.transport.exceptions import SecurityUpgradeFailure
 from libp2p.transport.upgrader import TransportUpgrader
@@ -47,6 +49,10 @@ ADDRS_TTL_S = 5.0  # how long a host's addresses are reused (see cache_addrs)
 MAX_WARNED_ADDRESSES = 4096  # refused addresses remembered, to warn once for each
 
 PeerGate = Callable[[str], bool]  # peer id -> whether this host keeps a connection with it
+
+
+# py-libp2p's own functions that a patch replaced, by name (tests put them back).
+REPLACED: dict[str, Any] = {}
 
 
 class Libp2pChanged(RuntimeError):
@@ -126,10 +132,42 @@ async def _window_update_when_half_read(self: yamux.YamuxStream, *, bytes_read: 
         buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
         threshold = self._grow_threshold()
         if self.target_recv_window - (self.recv_window + buffered) >= max(threshold, 1):
-            delta = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+            delta = self._grow_to_delta(buffered) + _grow_target(self, buffered)
             self._pending_recv_release = 0
     if delta > 0:
         await self.send_window_update(delta, skip_lock=True)
+
+
+AUTOTUNE_MIN_RTT_S = 0.005  # the round trip a window update is timed against, at least
+
+
+def _grow_target(self: yamux.YamuxStream, buffered: int) -> int:
+    """py-libp2p 0.8.1's `_apply_autotune_epoch` (go-yamux's rule: double the receive
+    window when updates come within 4 round trips, up to 16 MiB), with the round
+    trip taken as at least AUTOTUNE_MIN_RTT_S.
+
+    py-libp2p times updates against the ping round trip, a fraction of a
+    millisecond on loopback or a LAN, while an update's real round trip includes
+    both ends' processing: a 256 KiB window never grew, and a 16 MiB request
+    through one hop waited for 128 window updates in turn (bench.overhead: the
+    request's write took 110 ms, both ends mostly idle). Returns the extra
+    credit to send.
+    """
+    rtt = max(self._effective_rtt(), AUTOTUNE_MIN_RTT_S)
+    now = trio.current_time()
+    if self.epoch_start > 0 and now - self.epoch_start >= rtt * 4:
+        self.epoch_start = now
+        return 0
+    extra = 0
+    target = min(self.target_recv_window * 2, yamux.MAX_WINDOW_SIZE)
+    if target > self.target_recv_window:
+        self.target_recv_window = target
+        grow = target - (self.recv_window + buffered)
+        if grow > 0:
+            self.recv_window += grow
+            extra = grow
+    self.epoch_start = now
+    return extra
 
 
 def _yamux_credits_once_half_read() -> None:
@@ -143,7 +181,10 @@ def _yamux_credits_once_half_read() -> None:
     _expect_uses(patch, stream.read, "_auto_tune_and_send_window_update")  # its one caller
     _expect_shape(patch, stream, "_grow_threshold", "(self)", is_async=False)
     _expect_shape(patch, stream, "_grow_to_delta", "(self, buffered)", is_async=False)
-    _expect_shape(patch, stream, "_apply_autotune_epoch", "(self, buffered)", is_async=False)
+    _expect_shape(patch, stream, "_effective_rtt", "(self)", is_async=False)
+    _expect(
+        patch, isinstance(getattr(yamux, "MAX_WINDOW_SIZE", None), int), "MAX_WINDOW_SIZE is gone"
+    )
     _expect_shape(
         patch, stream, "send_window_update", "(self, increment, skip_lock=False)", is_async=True
     )
@@ -156,15 +197,141 @@ def _yamux_credits_once_half_read() -> None:
         "recv_window",
         "conn",
         "stream_id",
+        "epoch_start",
     )
     _expect_uses(patch, yamux.Yamux.__init__, "stream_buffers")
     stream._auto_tune_and_send_window_update = _window_update_when_half_read  # type: ignore[method-assign]
+
+
+WINDOW_WAIT_S = 5.0  # py-libp2p's own bound on waiting for send window
+CLOSED_RECHECK_S = 0.05  # a writer waiting for window looks this often whether the stream closed
+
+
+class _SendWindow:
+    """`YamuxStream.send_window`, stored as before, that wakes the writer waiting for
+    window as soon as it grows (every way it grows assigns it: `+=`)."""
+
+    def __get__(self, stream: Any, owner: Any = None) -> Any:
+        if stream is None:
+            return self
+        return stream.__dict__["_p2p_send_window"]
+
+    def __set__(self, stream: Any, value: int) -> None:
+        held = stream.__dict__
+        grew = value > held.get("_p2p_send_window", 0)
+        held["_p2p_send_window"] = value
+        if grew and (waiting := held.pop("_p2p_window_grew", None)) is not None:
+            waiting.set()
+
+
+async def _until_window(stream: yamux.YamuxStream) -> None:
+    """Until `stream` has send window again, or is closed; raises after WINDOW_WAIT_S."""
+    with trio.move_on_after(WINDOW_WAIT_S):
+        while True:
+            async with stream.window_lock:
+                if stream.send_window > 0 or stream.closed:
+                    return
+                grew = stream.__dict__.setdefault("_p2p_window_grew", trio.Event())
+            with trio.move_on_after(CLOSED_RECHECK_S):
+                await grew.wait()
+    raise MuxedStreamError(f"Timed out waiting for window update after {WINDOW_WAIT_S:g} seconds.")
+
+
+async def _write_woken_by_window(self: yamux.YamuxStream, data: bytes) -> None:
+    """py-libp2p 0.8.1's `YamuxStream.write`, but a writer out of send window waits
+    for the window update itself instead of polling every 10 ms (and writes no
+    debug strings per frame).
+
+    A 16 MiB request fills a 256 KiB window 64 times; the receiver credits it as
+    it reads, but py-libp2p's writer only looked again after `trio.sleep(0.01)`:
+    a bulk request spent most of its time asleep (bench.overhead: 16 MiB through
+    one hop moved at 4% of raw TCP, the node's CPU mostly idle).
+    """
+    if self.send_closed:
+        raise MuxedStreamError("Stream is closed for sending")
+    total = len(data)
+    view = memoryview(data)  # each frame's chunk is copied once, into the frame
+    sent = 0
+    while sent < total:
+        frame: bytes | None = None
+        while frame is None:
+            async with self.rw_lock.write_lock():
+                if self.send_closed:
+                    raise MuxedStreamError("Stream is closed for sending")
+                async with self.window_lock:
+                    if self.closed:
+                        raise MuxedStreamError("Stream is closed")
+                    if self.send_window > 0:
+                        size = min(
+                            self.send_window,
+                            yamux.MAX_MESSAGE_SIZE - yamux.HEADER_SIZE,
+                            total - sent,
+                        )
+                        self.send_window -= size
+                        header = struct.pack(
+                            yamux.YAMUX_HEADER_FORMAT, 0, yamux.TYPE_DATA, 0, self.stream_id, size
+                        )
+                        frame = header + view[sent : sent + size]
+            if frame is None:
+                await _until_window(self)
+        await self.conn._write_frame(frame)
+        sent += len(frame) - yamux.HEADER_SIZE
+
+
+async def _write_frame_quietly(self: yamux.Yamux, data: bytes) -> None:
+    """py-libp2p 0.8.1's `Yamux._write_frame` without its per-frame debug line, which
+    unpacked the header and formatted a string for every frame whether or not
+    debug logging was on (a few percent of a node's CPU at thousands of jobs a
+    second)."""
+    async with self._write_lock:
+        await self.secured_conn.write(data)
+    await trio.lowlevel.checkpoint()
+
+
+def _yamux_writers_wait_for_window() -> None:
+    patch = "yamux writers wake on window update"
+    stream = yamux.YamuxStream
+    if stream.write is _write_woken_by_window:
+        return
+    _expect_shape(patch, stream, "write", "(self, data)", is_async=True)
+    _expect_uses(
+        patch,
+        stream.write,
+        "send_closed",
+        "rw_lock",
+        "write_lock",
+        "window_lock",
+        "closed",
+        "send_window",
+        "MAX_MESSAGE_SIZE",
+        "HEADER_SIZE",
+        "YAMUX_HEADER_FORMAT",
+        "TYPE_DATA",
+        "stream_id",
+        "_write_frame",
+    )
+    _expect_uses(patch, stream.__init__, "send_window", "window_lock", "rw_lock", "closed")
+    for name, kind in (("HEADER_SIZE", int), ("TYPE_DATA", int), ("YAMUX_HEADER_FORMAT", str)):
+        _expect(patch, isinstance(getattr(yamux, name, None), kind), f"yamux.{name} is gone")
+    _expect(
+        patch,
+        isinstance(vars(stream).get("send_window", _SendWindow()), _SendWindow),
+        "YamuxStream.send_window is a class attribute",
+    )
+    _expect_shape(patch, yamux.Yamux, "_write_frame", "(self, data)", is_async=True)
+    _expect_uses(patch, yamux.Yamux._write_frame, "_write_lock", "secured_conn")
+    _expect_uses(patch, yamux.Yamux.__init__, "_write_lock", "secured_conn")
+    REPLACED["YamuxStream.write"] = stream.write
+    stream.send_window = _SendWindow()  # type: ignore[assignment]
+    stream.write = _write_woken_by_window  # type: ignore[method-assign]
+    yamux.Yamux._write_frame = _write_frame_quietly  # type: ignore[method-assign]
 
 
 def apply_to_process() -> None:
     """The patches that change py-libp2p's classes for the whole process. Idempotent."""
     _yamux_frames_fit_one_noise_message()
     _yamux_credits_once_half_read()
+    _yamux_writers_wait_for_window()
 
 
 # --- per host ---------------------------------------------------------------------------

@@ -188,22 +188,24 @@ class Rpc:
                 f"a {protocol} request of {len(payload)} bytes exceeds the limit of {limit} "
                 "bytes for that protocol",
             )
-        lost = trio.CancelScope()  # cancelled by peer_gone or abandon
+        # One scope for both ends of the call: its deadline, and peer_gone or abandon
+        # (which say why in `calls`).
+        scope = trio.CancelScope(deadline=trio.current_time() + timeout)
         calls = self._calls.setdefault(peer_id, {})
-        calls[lost] = ""
+        calls[scope] = ""
         try:
-            with trio.fail_after(timeout), lost:
+            with scope:
                 reply = await self._exchange(peer_id, protocol, payload)
-        except trio.TooSlowError:
-            raise JobError(
-                ErrorCode.DEADLINE_EXCEEDED, f"no reply within {timeout:g} s", peer=peer_id
-            ) from None
         finally:
-            why = calls.pop(lost)
+            why = calls.pop(scope)
             if not calls:
                 self._calls.pop(peer_id, None)
-        if lost.cancelled_caught:
-            raise JobError(ErrorCode.PEER_UNREACHABLE, why, peer=peer_id)
+        if scope.cancelled_caught:
+            if why:
+                raise JobError(ErrorCode.PEER_UNREACHABLE, why, peer=peer_id)
+            raise JobError(
+                ErrorCode.DEADLINE_EXCEEDED, f"no reply within {timeout:g} s", peer=peer_id
+            )
         try:
             return _codec.decode_reply(reply)
         except WireError as error:

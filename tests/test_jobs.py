@@ -101,6 +101,48 @@ async def test_the_same_id_for_a_different_request_is_refused(
     assert caught.value.code is ErrorCode.INVALID_INPUT
 
 
+class Prints:
+    """Fingerprints computed on demand, counted."""
+
+    def __init__(self) -> None:
+        self.computed: list[bytes] = []
+
+    def of(self, value: bytes):  # type: ignore[no-untyped-def]
+        def compute() -> bytes:
+            self.computed.append(value)
+            return value
+
+        return compute
+
+
+async def test_a_fingerprint_is_computed_only_when_an_id_comes_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    once, prints = JobOnce(), Prints()
+    with trio.fail_after(10):
+        for i in range(3):
+            await once.run("client", f"j{i}", prints.of(PRINT), Runs(delay=0))
+        assert prints.computed == []  # no id came twice: nothing hashed
+        await once.run("client", "j1", prints.of(PRINT), Runs(delay=0))  # resent: same answer
+        assert prints.computed == [PRINT, PRINT]  # the kept job's, and the newcomer's
+        with pytest.raises(JobError, match="already used for a different request") as caught:
+            await once.run("client", "j2", prints.of(b"another"), Runs(delay=0))
+    assert caught.value.code is ErrorCode.INVALID_INPUT
+    assert once.duplicates == 1
+
+
+async def test_what_an_unhashed_request_holds_counts_towards_the_bytes_bound(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    once = JobOnce(max_bytes=1000, ttl_s=60)
+    with trio.fail_after(10):
+        await once.run("client", "small", lambda: PRINT, Runs(delay=0), holds=100)
+        await once.run("client", "big", lambda: PRINT, Runs(delay=0), holds=900)
+        assert len(once) == 1  # 108 + 908 bytes > 1000: the older went
+        await once.run("client", "hashed", PRINT, Runs(delay=0), holds=900)
+        assert len(once) == 2  # a fingerprint given as bytes holds nothing: 908 + 8
+
+
 async def test_the_cache_is_bounded_by_count_bytes_and_age(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -19,7 +19,7 @@ from p2p_node._codec import decode_reply, encode
 from p2p_node._framing import Kind, Tagged, TaggedBuffer
 from p2p_node._host import new_libp2p_host, run_host
 from p2p_node._messages import ErrorReply, ModelsReply, Reply, RunRequest
-from p2p_node._pipeline import PIPELINED
+from p2p_node._pipeline import PIPELINED, FrameWriter
 from p2p_node._rpc import INFER_PROTOCOL, Rpc, open_rpc
 from p2p_node._serve import Server
 
@@ -346,3 +346,29 @@ async def test_a_peer_without_the_pipelined_protocol_is_called_one_exchange_per_
             protocols = {s.get_protocol() for s in conn.get_streams()}
     assert replies == [ModelsReply(f"j{i}", ()) for i in range(3)]
     assert INFER_PROTOCOL in protocols and PIPELINED_INFER not in protocols
+
+
+class _RecordingStream:
+    """What FrameWriter needs of a stream: writes, recorded (pure logic, no I/O)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    async def write(self, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        self.writes.append(data)
+
+
+async def test_frames_sent_in_one_scheduling_round_share_one_write() -> None:
+    stream = _RecordingStream()
+    writer = FrameWriter(stream)  # type: ignore[arg-type]
+    frames = [Tagged(Kind.REPLY, i, b"x" * i).encode() for i in range(1, 33)]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            async with trio.open_nursery() as senders:
+                for frame in frames:
+                    senders.start_soon(writer.write, frame)
+            nursery.cancel_scope.cancel()
+    assert len(stream.writes) == 1  # not the first frame alone, then the 31 others
+    assert sorted(stream.writes[0]) == sorted(b"".join(frames))
