@@ -265,7 +265,7 @@ async def open_swarm(
                 nursery.cancel_scope.cancel()
 
 
-STARTS_PER_WORKER = 4  # nodes a worker starts at once
+STARTS_PER_WORKER = 4
 
 
 @asynccontextmanager
