@@ -36,7 +36,6 @@ from gossip import (
     RecordError,
     Rejection,
     check_record,
-    decode_record,
     encode_record,
     is_newer,
     publish_interval,
@@ -47,7 +46,6 @@ from ._libp2p import GuardedGossipSub, GuardedPubsub
 
 logger = logging.getLogger(__name__)
 
-MAX_VALIDATED_PENDING = 1024  # records validated, not yet taken by receive()
 
 
 RecordMaker = Callable[[float, tuple[Departure, ...]], PeerRecord]
@@ -97,7 +95,6 @@ class Gossip:
         self._dirty = False
         self._silent_until = -float("inf")
         self._departures: dict[str, tuple[Departure, float]] = {}
-        self._validated: dict[tuple[bytes, bytes], PeerRecord] = {}
         self._mine: PeerRecord | None = None  # our last published record
         # The signed GossipSub message of each record in the view (and ours): what a sync sends.
         self._signed: dict[str, rpc_pb2.Message] = {}
@@ -277,9 +274,19 @@ class Gossip:
     # --- validation, receiving, publishing --------------------------------------------
 
     def validate(self, forwarder: ID, msg: Any) -> bool:
-        """GossipSub topic validator: only well-formed, signer-owned, newer records pass."""
+        """GossipSub topic validator: only well-formed, signer-owned, newer records pass.
+
+        A record that passes is taken into the view here, at once: py-libp2p hands
+        validated messages to the subscription through a channel of 32 slots and
+        drops what does not fit, which a burst of records (nodes joining, a sync
+        passed on) overflows. `receive` only drains that channel.
+        """
         try:
             signer = ID(msg.from_id).to_base58()
+            if signer == self._my_id:
+                if forwarder == self._pubsub.my_id:
+                    self._signed[self._my_id] = msg  # ours, as peers will check it
+                return True  # one of ours coming back: pubsub drops it after this
             held = self._signed.get(signer)
             if held is not None and held.seqno == msg.seqno and held.data == msg.data:
                 return True  # the message we took by sync first: pass it on, nothing to check
@@ -292,25 +299,13 @@ class Gossip:
             self.rejects[Rejection.MALFORMED] += 1
             logger.debug("rejected a message forwarded by %s: %r", forwarder, error)
             return False
-        # Decoding a record is ~1 ms of Python: keep it for receive() to use.
-        self._validated[(msg.from_id, msg.seqno)] = record
-        while len(self._validated) > MAX_VALIDATED_PENDING:
-            self._validated.pop(next(iter(self._validated)))
+        self._take(record, msg, trio.current_time())
         return True
 
     async def receive(self, subscription: Any) -> None:
+        """Drain the subscription (`validate` took every record already)."""
         while True:
-            msg = await subscription.get()
-            record = self._validated.pop((msg.from_id, msg.seqno), None)
-            if record is None:
-                try:
-                    record = decode_record(msg.data)
-                except RecordError:
-                    continue
-            if record.peer_id == self._my_id:
-                self._signed[self._my_id] = msg  # ours, as peers will check it
-                continue
-            self._take(record, msg, trio.current_time())
+            await subscription.get()
 
     def _take(self, record: PeerRecord, msg: rpc_pb2.Message, now: float) -> bool:
         self.received += 1
