@@ -47,7 +47,6 @@ from ._libp2p import GuardedGossipSub, GuardedPubsub
 logger = logging.getLogger(__name__)
 
 
-
 RecordMaker = Callable[[float, tuple[Departure, ...]], PeerRecord]
 
 

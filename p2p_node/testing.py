@@ -15,6 +15,7 @@ and Yamux, GossipSub, onnxruntime); only the process is shared. ::
 
 from __future__ import annotations
 
+import gc
 import inspect
 import random
 import tempfile
@@ -259,9 +260,14 @@ async def open_swarm(
                 node = await nursery.start(_run_node, config, scope, blocklists[i])
                 nodes.append(node)
                 scopes.append(scope)
+            # What the started nodes hold lives as long as they do: out of the
+            # collector's full passes, which would stall every node at once.
+            gc.collect()
+            gc.freeze()
             try:
                 yield Swarm(nodes, scopes, blocklists)
             finally:
+                gc.unfreeze()
                 nursery.cancel_scope.cancel()
 
 
@@ -292,7 +298,6 @@ async def _open_process_swarm(
             await trio.to_thread.run_sync(netns.create)
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as body:
-
                 for w in range(k):
                     prefix = netns.prefix(w) if netns is not None else ()
                     worker, posted = await _swarm_proc.spawn_worker(
