@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
+import importlib.util
 import inspect
 import itertools
 import logging
@@ -145,11 +147,45 @@ def worker(argv: Sequence[str]) -> None:
     # Many nodes in one process make much long-lived garbage-free state: a full
     # collection walks all of it and stalls every node's loop (beats go late).
     gc.set_threshold(50_000, 50, 100)
+    _load_parents_main()
     try:
         trio.run(_worker_main, int(argv[0]))
     except BaseException:
         traceback.print_exc()
         sys.exit(1)
+
+
+def _parents_main() -> str:
+    """How a worker finds the functions the parent defined in its __main__."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name and not spec.name.endswith("__main__"):
+        return f"module:{spec.name}"
+    path = getattr(main, "__file__", None)
+    return f"path:{os.path.abspath(path)}" if path else ""
+
+
+def _load_parents_main() -> None:
+    """Load the parent's main module as this process's __main__, not run as a
+    program (its `if __name__ == "__main__"` block stays out), as multiprocessing
+    does: a function the parent defined there then unpickles here."""
+    kind, _, where = os.environ.get("P2P_NODE_SWARM_MAIN", "").partition(":")
+    try:
+        if kind == "module":
+            module = importlib.import_module(where)
+        elif kind == "path" and where.endswith(".py"):
+            spec = importlib.util.spec_from_file_location("__mp_main__", where)
+            if spec is None or spec.loader is None:
+                return
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["__mp_main__"] = module
+            spec.loader.exec_module(module)
+        else:
+            return
+    except Exception:
+        logger.warning("could not load the parent's main module %s", where, exc_info=True)
+        return
+    sys.modules["__main__"] = module
 
 
 # --- functions run in a worker -------------------------------------------------------------
@@ -310,6 +346,7 @@ async def spawn_worker(
     parent_sock, child_sock = socket.socketpair()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env["P2P_NODE_SWARM_MAIN"] = _parents_main()
     command = [*prefix, sys.executable, "-m", "p2p_node._swarm_proc", str(child_sock.fileno())]
     with open(log, "wb") as err:  # noqa: ASYNC230 (a local file, opened once)
         try:
