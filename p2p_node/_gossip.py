@@ -47,6 +47,8 @@ from ._libp2p import GuardedGossipSub, GuardedPubsub
 logger = logging.getLogger(__name__)
 
 
+MESHED_AFTER_HEARTBEATS = 3
+
 RecordMaker = Callable[[float, tuple[Departure, ...]], PeerRecord]
 
 
@@ -330,6 +332,15 @@ class Gossip:
             logger.info("reported departed by a neighbour while alive: publishing again")
             self.changed()
 
+    async def publish_once_meshed(self) -> None:
+        """Publish once more when GossipSub's mesh has had time to form (a few
+        heartbeats after start). A node's first record goes out before it has a
+        mesh, and in a burst of joins its neighbours' meshes are still forming
+        too, so it reaches only a part of the network; a sync fills the gaps
+        only between neighbours. One more record per start closes them."""
+        await trio.sleep(MESHED_AFTER_HEARTBEATS * self.config.heartbeat_s)
+        self.changed()
+
     async def publish_forever(self) -> None:
         pacer = PublishPacer()
         last: float | None = None
@@ -388,6 +399,12 @@ async def open_gossip(
         spam_protection_enabled=False,  # validation and the record budget bound the rate
         eclipse_protection_enabled=False,
     )
+    # GRAFT flood protection takes a GRAFT from a peer within 10 s of a PRUNE
+    # *received from* that peer for a flood, and answers with a PRUNE, which the
+    # other side records the same way: two nodes that prune each other once (a
+    # mesh over its high degree, as when nodes join in a burst) refuse each
+    # other's GRAFTs from then on, and records stop flowing over their link.
+    router.graft_flood_threshold = 0.0
     pubsub = GuardedPubsub(host, router, strict_signing=True)
     # py-libp2p's service shutdown turns an exception passing through it into
     # Cancelled, which an enclosing cancelled scope then absorbs: the body's own
@@ -404,6 +421,7 @@ async def open_gossip(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(gossip.receive, subscription)
                 nursery.start_soon(gossip.publish_forever)
+                nursery.start_soon(gossip.publish_once_meshed)
                 nursery.start_soon(gossip.tick_forever)
                 try:
                     yield gossip

@@ -328,6 +328,16 @@ class Node:
             nursery.cancel_scope.cancel()
 
     async def _sync_with(self, peer_id: str) -> None:
+        """Swap records now, and once more when GossipSub's mesh has formed: nodes
+        that join in a burst publish their first records before they have a mesh,
+        and what the first sync passed on went into a mesh still forming; the
+        second sync fills the gaps and passes on what is still missing."""
+        await self._sync_once(peer_id)
+        await trio.sleep(2 * self.config.gossip.heartbeat_s)
+        if peer_id in self.connected_peers():
+            await self._sync_once(peer_id)
+
+    async def _sync_once(self, peer_id: str) -> None:
         try:
             reply = await self._rpc.call(
                 peer_id,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import os
 import random
 import tempfile
 import time
@@ -223,6 +224,8 @@ async def open_swarm(
     """
     if n < 1:
         raise ValueError("a swarm needs at least one node")
+    # Where workers write their stderr (workerW.log): kept there when set.
+    logs = os.environ.get("P2P_NODE_SWARM_LOGS")
     if processes < 1:
         raise ValueError("a swarm needs at least one process")
     links = edges(n, topology, degree, seed)
@@ -245,7 +248,7 @@ async def open_swarm(
 
         if processes > 1 or namespaces:
             async with _open_process_swarm(
-                n, min(processes, n), namespaces, links, config_of, Path(tmp)
+                n, min(processes, n), namespaces, links, config_of, Path(logs or tmp)
             ) as process_swarm:
                 yield process_swarm
             return
