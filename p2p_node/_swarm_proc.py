@@ -143,6 +143,7 @@ async def _worker_main(fd: int) -> None:
 def worker(argv: Sequence[str]) -> None:
     """Entry point of a worker process: argv[0] is the control socket's fd."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("p2p_node").setLevel(os.environ.get("P2P_NODE_SWARM_LOG_LEVEL", "WARNING"))
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     # Many nodes in one process make much long-lived garbage-free state: a full
     # collection walks all of it and stalls every node's loop (beats go late).
