@@ -445,7 +445,7 @@ class ProcessSwarm:
         member = {i: g for g, group in enumerate(groups) for i in group}
         if self.netns is not None:
             by_worker: dict[int, int | None] = {}
-            for i in range(len(self.nodes)):
+            for i in self.live:
                 w = self.owner[i]
                 if by_worker.setdefault(w, member.get(i)) != member.get(i):
                     raise ValueError(
