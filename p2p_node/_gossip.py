@@ -101,6 +101,7 @@ class Gossip:
         self._signed: dict[str, rpc_pb2.Message] = {}
         self._heard: dict[str, float] = {}  # neighbour -> when its last beat came (local clock)
         self._beat = trio.Event()  # set, and replaced, once per beat period
+        self._started_at = trio.current_time()
 
     @property
     def garbled(self) -> int:
@@ -264,6 +265,11 @@ class Gossip:
                 continue
             if self._take(record, msg, now):
                 fresh.append(msg)
+        if trio.current_time() - self._started_at < self._meshed_after:
+            # Just started: what is fresh here is old news to the network (and a
+            # burst of it overflows py-libp2p's 100-message queue per peer, which
+            # then drops new records). Our own late record covers the rest.
+            return len(fresh)
         forwarder = _parse_peer_id(sender) or self._pubsub.my_id
         for msg in fresh:
             try:  # GossipSub skips what it has seen, and forwards the rest
@@ -338,8 +344,12 @@ class Gossip:
         mesh, and in a burst of joins its neighbours' meshes are still forming
         too, so it reaches only a part of the network; a sync fills the gaps
         only between neighbours. One more record per start closes them."""
-        await trio.sleep(MESHED_AFTER_HEARTBEATS * self.config.heartbeat_s)
+        await trio.sleep_until(self._started_at + self._meshed_after)
         self.changed()
+
+    @property
+    def _meshed_after(self) -> float:
+        return MESHED_AFTER_HEARTBEATS * self.config.heartbeat_s
 
     async def publish_forever(self) -> None:
         pacer = PublishPacer()
