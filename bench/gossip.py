@@ -67,12 +67,13 @@ from gossip import (
     DEFAULT_BUDGET,
     EventKind,
     PeerState,
-    ViewEvent,
     ViewSnapshot,
 )
 from p2p_node import Node
 from p2p_node._config import GossipConfig
-from p2p_node.testing import Swarm, open_swarm
+from p2p_node.testing import ProcessSwarm, Swarm, open_swarm
+
+AnySwarm = Swarm | ProcessSwarm
 
 DEFAULT_SIZES = (10, 30, 60)
 CHANGES = 20
@@ -128,6 +129,8 @@ class Run:
     false_pairs: int = 0
     cpu_pct_per_node: float | None = None
     cpu_pct_total: float | None = None
+    partition_split_s: float | None = None
+    heal_s: float | None = None
     records_per_node_s: float | None = None
     lag_p50: float | None = None
     lag_p99: float | None = None
@@ -140,7 +143,7 @@ class Run:
 # --- steps ---------------------------------------------------------------------------------
 
 
-def _alive_ids(swarm: Swarm) -> list[str]:
+def _alive_ids(swarm: AnySwarm) -> list[str]:
     return [swarm[i].peer_id for i in swarm.live]
 
 
@@ -158,38 +161,121 @@ def _gone(peer_id: str, view: ViewSnapshot) -> bool:
     return peer_id not in view.peers
 
 
+# Functions of one node, run where the node is (`swarm.run`): module-level, so that
+# they reach worker processes. Times are time.monotonic(), one clock for all processes.
+
+
+async def _wait_view(node: Node, predicate: Callable[[ViewSnapshot], bool]) -> float:
+    await node.view.wait_until(predicate)
+    return time.monotonic()
+
+
+def _alive_count(node: Node) -> int:
+    return len(node.view.snapshot().alive())
+
+
+def _holds(peer_id: str, node: Node) -> bool:
+    return peer_id in node.view.snapshot().peers
+
+
+def _sees_alive(peer_id: str, node: Node) -> bool:
+    return not _not_alive(peer_id, node.view.snapshot())
+
+
+def _change(node: Node) -> int:
+    before = node._seq  # every record made after the change has a larger seq
+    node.gossip.changed()
+    return before
+
+
+async def _seq_above(node: Node, before: int) -> float:
+    # The seq is a plain attribute (no event to wait on): poll it.
+    while node._seq <= before:  # noqa: ASYNC110
+        await trio.sleep(0.005)
+    return time.monotonic()
+
+
+def _rejects(node: Node) -> dict[str, int]:
+    return {str(k): v for k, v in node.gossip.rejects.items()}
+
+
+async def _steady_watch(
+    node: Node, live: frozenset[str], seconds: float
+) -> tuple[list[tuple[str, str]], int, int, int]:
+    """Over `seconds`: live peers this node saw leave or turn suspect, records it
+    took, records it published, view events it dropped."""
+    deaths: list[tuple[str, str]] = []
+    applied = 0
+    published, dropped = node.gossip.published, node.view.dropped_events
+    events = node.view.subscribe()
+    with trio.move_on_after(seconds):
+        async for event in events:
+            if event.kind in (EventKind.LEFT, EventKind.SUSPECT):
+                if event.peer_id in live:
+                    deaths.append((event.peer_id, str(event.kind)))
+            else:
+                applied += 1
+    return (
+        deaths,
+        applied,
+        node.gossip.published - published,
+        node.view.dropped_events - dropped,
+    )
+
+
+async def _loop_lag(node: Node, seconds: float) -> list[float]:
+    lags: list[float] = []
+    with trio.move_on_after(seconds):
+        while True:
+            due = trio.current_time() + LAG_TICK_S
+            await trio.sleep_until(due)
+            lags.append(trio.current_time() - due)
+    return lags
+
+
+def _one_per_loop(swarm: AnySwarm) -> list[int]:
+    """A live node of each trio loop (each worker process, or the one loop)."""
+    owner = getattr(swarm, "owner", None)
+    if owner is None:
+        return swarm.live[:1]
+    first: dict[int, int] = {}
+    for i in swarm.live:
+        first.setdefault(owner[i], i)
+    return list(first.values())
+
+
 async def _watch_all(
-    swarm: Swarm,
+    swarm: AnySwarm,
     observers: Sequence[int],
     predicate: Callable[[ViewSnapshot], bool],
     t0: float,
     out: list[float],
 ) -> None:
-    """Append, per observer, the time from t0 until its view satisfies `predicate`."""
+    """Append, per observer, the time from t0 (time.monotonic) until its view
+    satisfies `predicate`."""
 
     async def one(i: int) -> None:
-        await swarm[i].view.wait_until(predicate)
-        out.append(trio.current_time() - t0)
+        out.append(await swarm.run(i, _wait_view, predicate) - t0)
 
     async with trio.open_nursery() as nursery:
         for i in observers:
             nursery.start_soon(one, i)
 
 
-async def measure_converge(swarm: Swarm, run: Run, timeout: float) -> None:
+async def measure_converge(swarm: AnySwarm, run: Run, timeout: float) -> None:
     t0 = trio.current_time()
     with trio.move_on_after(timeout):
         await swarm.wait_converged()
         run.converge_s = trio.current_time() - t0
     if run.converge_s is None:
-        seen = sum(len(swarm[i].view.snapshot().alive()) for i in swarm.live) / len(swarm.live)
+        seen = sum([await swarm.run(i, _alive_count) for i in swarm.live]) / len(swarm.live)
         run.notes.append(
             f"converge: timeout after {timeout:g} s; a node sees {seen:.1f} of "
             f"{len(swarm.live) - 1} peers alive on average"
         )
 
 
-async def settle(swarm: Swarm, run: Run, after: str, timeout: float) -> None:
+async def settle(swarm: AnySwarm, run: Run, after: str, timeout: float) -> None:
     """Wait for convergence between steps, so one step's disturbance ends before the next."""
     with trio.move_on_after(timeout) as scope:
         await swarm.wait_converged()
@@ -198,7 +284,7 @@ async def settle(swarm: Swarm, run: Run, after: str, timeout: float) -> None:
 
 
 async def measure_changes(
-    swarm: Swarm, run: Run, rng: random.Random, timeout: float, per_change: float
+    swarm: AnySwarm, run: Run, rng: random.Random, timeout: float, per_change: float
 ) -> None:
     # Rounds over every live node in a shuffled order: a node changes again only after
     # all others have, so its pacer has its tokens back (each change meets a quiet node).
@@ -213,20 +299,18 @@ async def measure_changes(
     timed_out = 0
     with trio.move_on_after(timeout) as step:
         for i in picks:
-            node = swarm[i]
             others = [j for j in swarm.live if j != i]
-            before = node._seq  # every record made after the change has a larger seq
             arrivals: list[float] = []
-            t0 = trio.current_time()
-            node.gossip.changed()
+            t0 = time.monotonic()
+            before = await swarm.run(i, _change)
             with trio.move_on_after(per_change) as scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_publish_delay, node, before, t0, run.publish_delay)
+                    nursery.start_soon(_publish_delay, swarm, i, before, t0, run.publish_delay)
                     nursery.start_soon(
                         _watch_all,
                         swarm,
                         others,
-                        partial(_has_newer, node.peer_id, before),
+                        partial(_has_newer, swarm[i].peer_id, before),
                         t0,
                         arrivals,
                     )
@@ -261,29 +345,26 @@ async def measure_changes(
         )
 
 
-async def _publish_delay(node: Node, before: int, t0: float, out: list[float]) -> None:
-    # The seq is a plain attribute (no event to wait on): poll it.
-    while node._seq <= before:  # noqa: ASYNC110
-        await trio.sleep(0.005)
-    out.append(trio.current_time() - t0)
+async def _publish_delay(swarm: AnySwarm, i: int, before: int, t0: float, out: list[float]) -> None:
+    out.append(await swarm.run(i, _seq_above, before) - t0)
 
 
-async def measure_kill(swarm: Swarm, run: Run, rng: random.Random, timeout: float) -> None:
+async def measure_kill(swarm: AnySwarm, run: Run, rng: random.Random, timeout: float) -> None:
     victim = rng.choice(swarm.live)
     victim_id = swarm[victim].peer_id
     survivors = [j for j in swarm.live if j != victim]
     # Only a survivor that sees the victim alive can see it drop.
-    observers = [j for j in survivors if not _not_alive(victim_id, swarm[j].view.snapshot())]
+    observers = [j for j in survivors if await swarm.run(j, partial(_sees_alive, victim_id))]
     run.kill.expected = len(observers)
     kill_call: list[float] = []
     with trio.move_on_after(timeout):
         async with trio.open_nursery() as nursery:
-            t0 = trio.current_time()
+            t0 = time.monotonic()
             nursery.start_soon(
                 _watch_all, swarm, observers, partial(_not_alive, victim_id), t0, run.kill.samples
             )
             await swarm.kill(victim)
-            kill_call.append(trio.current_time() - t0)
+            kill_call.append(time.monotonic() - t0)
     run.kill.complete = len(run.kill.samples) == len(observers)
     if note := run.kill.note("kill"):
         run.notes.append(note)
@@ -296,16 +377,16 @@ async def measure_kill(swarm: Swarm, run: Run, rng: random.Random, timeout: floa
 
 
 async def measure_stall(
-    swarm: Swarm, run: Run, rng: random.Random, ttl: float, timeout: float
+    swarm: AnySwarm, run: Run, rng: random.Random, ttl: float, timeout: float
 ) -> None:
     j = rng.choice(swarm.live)
     stalled = swarm[j].peer_id
     others = [i for i in swarm.live if i != j]
     # Only a node that holds j's record can see it leave.
-    observers = [i for i in others if stalled in swarm[i].view.snapshot().peers]
+    observers = [i for i in others if await swarm.run(i, partial(_holds, stalled))]
     run.stall.expected = len(observers)
     with trio.move_on_after(timeout):
-        t0 = trio.current_time()
+        t0 = time.monotonic()
         swarm.stall(j, seconds=2 * ttl)
         await _watch_all(swarm, observers, partial(_gone, stalled), t0, run.stall.samples)
     run.stall.complete = len(run.stall.samples) == len(observers)
@@ -315,52 +396,42 @@ async def measure_stall(
     run.notes.append(f"stall: ttl {ttl:g} s, silent for {2 * ttl:g} s{seen}")
 
 
-async def measure_steady(swarm: Swarm, run: Run, seconds: float) -> None:
-    live = set(_alive_ids(swarm))
-    deaths: list[tuple[int, str, EventKind]] = []
-    applied = [0]  # records taken into a view (joined, updated, alive again)
+async def measure_steady(swarm: AnySwarm, run: Run, seconds: float) -> None:
+    live = frozenset(_alive_ids(swarm))
+    results: dict[int, tuple[list[tuple[str, str]], int, int, int]] = {}
     lags: list[float] = []
-    dropped_before = sum(swarm[i].view.dropped_events for i in swarm.live)
-    published_before = sum(swarm[i].gossip.published for i in swarm.live)
 
-    async def drain(i: int, events: trio.MemoryReceiveChannel[ViewEvent]) -> None:
-        async for event in events:
-            if event.kind in (EventKind.LEFT, EventKind.SUSPECT):
-                if event.peer_id in live:
-                    deaths.append((i, event.peer_id, event.kind))
-            else:
-                applied[0] += 1
+    async def watch(i: int) -> None:
+        results[i] = await swarm.run(i, _steady_watch, live, seconds)
 
-    async def lag() -> None:
-        while True:
-            due = trio.current_time() + LAG_TICK_S
-            await trio.sleep_until(due)
-            lags.append(trio.current_time() - due)
+    async def lag(i: int) -> None:
+        lags.extend(await swarm.run(i, _loop_lag, seconds))
 
+    cpu0, t0 = await swarm.cpu_seconds(), trio.current_time()
     async with trio.open_nursery() as nursery:
         for i in swarm.live:
-            nursery.start_soon(drain, i, swarm[i].view.subscribe())
-        nursery.start_soon(lag)
-        cpu0, t0 = time.process_time(), trio.current_time()
-        await trio.sleep(seconds)
-        cpu, elapsed = time.process_time() - cpu0, trio.current_time() - t0
-        nursery.cancel_scope.cancel()
+            nursery.start_soon(watch, i)
+        for i in _one_per_loop(swarm):
+            nursery.start_soon(lag, i)
+    cpu, elapsed = await swarm.cpu_seconds() - cpu0, trio.current_time() - t0
     n = len(swarm.live)
+    deaths = [(i, p, k) for i, (d, _, _, _) in results.items() for p, k in d]
+    applied = sum(r[1] for r in results.values())
+    published = sum(r[2] for r in results.values())
     run.false_deaths = len(deaths)
     run.false_pairs = len({(i, p) for i, p, _ in deaths})
     run.cpu_pct_total = 100 * cpu / elapsed
     run.cpu_pct_per_node = run.cpu_pct_total / n
-    published = sum(swarm[i].gossip.published for i in swarm.live) - published_before
     run.records_per_node_s = published / elapsed / n
-    run.dropped_events = sum(swarm[i].view.dropped_events for i in swarm.live) - dropped_before
+    run.dropped_events = sum(r[3] for r in results.values())
     if lags:
         run.lag_p50, run.lag_p99 = percentile(lags, 50), percentile(lags, 99)
-    kinds = Counter(str(k) for _, _, k in deaths)
+    kinds = Counter(k for _, _, k in deaths)
     run.notes.append(
-        f"steady {elapsed:.0f} s: process CPU {run.cpu_pct_total:.0f}% of one core, "
+        f"steady {elapsed:.0f} s: CPU {run.cpu_pct_total:.0f}% of one core (all processes), "
         f"{run.records_per_node_s:.2f} records/s published per node "
         f"(every node should take ~{run.records_per_node_s * (n - 1):.0f}/s, "
-        f"took {applied[0] / elapsed / n:.1f}/s), "
+        f"took {applied / elapsed / n:.1f}/s), "
         f"loop lag p50/p99 {run.lag_p50 or 0:.3f}/{run.lag_p99 or 0:.3f} s, "
         f"machine load avg (1 min) {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
         + (
@@ -370,6 +441,49 @@ async def measure_steady(swarm: Swarm, run: Run, seconds: float) -> None:
         )
         + (f", {run.dropped_events} view events dropped" if run.dropped_events else "")
     )
+
+
+async def measure_partition(swarm: AnySwarm, run: Run, split_s: float, timeout: float) -> None:
+    """Cut the live nodes 50/50 (by index; with namespaces, by whole workers), wait
+    until each side has dropped the other (at most `split_s`: a node left without
+    a link on its side learns nothing until records expire), then heal: the time
+    until every view is whole again."""
+    live = swarm.live
+    half = len(live) // 2
+    left, right = live[:half], live[half:]
+    if getattr(swarm, "netns", None) is not None:  # cuts whole workers: split by worker
+        owner = swarm.owner  # type: ignore[union-attr]
+        workers = sorted({owner[i] for i in live})
+        cut = workers[: max(1, len(workers) // 2)]
+        left = [i for i in live if owner[i] in cut]
+        right = [i for i in live if owner[i] not in cut]
+    t0 = time.monotonic()
+    await swarm.partition([left, right])
+    split: list[float] = []
+    with trio.move_on_after(split_s) as scope:
+        async with trio.open_nursery() as nursery:
+            for side, other in ((left, right), (right, left)):
+                ids = frozenset(swarm[j].peer_id for j in other)
+                nursery.start_soon(_watch_all, swarm, side, partial(_none_alive, ids), t0, split)
+    if scope.cancelled_caught:
+        run.notes.append(
+            f"partition: {len(split)}/{len(live)} nodes dropped the other side within {split_s:g} s"
+        )
+    else:
+        run.partition_split_s = max(split)
+    t1 = trio.current_time()
+    await swarm.heal()
+    with trio.move_on_after(timeout):
+        await swarm.wait_converged()
+        run.heal_s = trio.current_time() - t1
+    run.notes.append(
+        f"partition {len(left)}/{len(right)}: every node dropped the other side after "
+        f"{_fmt(run.partition_split_s)} s; whole again {_fmt(run.heal_s)} s after the heal"
+    )
+
+
+def _none_alive(peer_ids: frozenset[str], view: ViewSnapshot) -> bool:
+    return all(_not_alive(p, view) for p in peer_ids)
 
 
 # --- one N ---------------------------------------------------------------------------------
@@ -387,7 +501,13 @@ async def bench_one(n: int, args: argparse.Namespace) -> Run:
     # A hard cap on the whole N, so a wedged step cannot stop the benchmark.
     with trio.move_on_after(8 * timeout + 2 * args.steady_seconds) as whole:
         async with open_swarm(
-            n, topology="random", degree=4, seed=args.seed, gossip=config
+            n,
+            topology="random",
+            degree=4,
+            seed=args.seed,
+            gossip=config,
+            processes=args.processes,
+            namespaces=args.namespaces,
         ) as swarm:
             run.started_s = trio.current_time() - start
             log(f"N={n}: {n} nodes started in {run.started_s:.1f} s; converging")
@@ -405,8 +525,11 @@ async def bench_one(n: int, args: argparse.Namespace) -> Run:
             await settle(swarm, run, "the stall", args.settle_timeout)
             log(f"N={n}: stall {run.stall.cell()} s; steady {args.steady_seconds:g} s")
             await measure_steady(swarm, run, args.steady_seconds)
-            for node in swarm.nodes:
-                run.rejects.update({str(k): v for k, v in node.gossip.rejects.items()})
+            for i in swarm.live:
+                run.rejects.update(await swarm.run(i, _rejects))
+            if not args.no_partition:
+                log(f"N={n}: false deaths {run.false_deaths}; partition 50/50 and heal")
+                await measure_partition(swarm, run, 10 * ttl, timeout)
             log(f"N={n}: stopping")
     if whole.cancelled_caught:
         run.notes.append("aborted: the whole run for this N hit its time cap")
@@ -442,7 +565,13 @@ async def trial(n: int, args: argparse.Namespace) -> Trial:
     log(f"find-max N={n}: starting")
     with trio.move_on_after(FIND_MAX_CONVERGE_S + FIND_MAX_STEADY_S + 10 * n + 60):
         async with open_swarm(
-            n, topology="random", degree=4, seed=args.seed, gossip=config
+            n,
+            topology="random",
+            degree=4,
+            seed=args.seed,
+            gossip=config,
+            processes=args.processes,
+            namespaces=args.namespaces,
         ) as swarm:
             await measure_converge(swarm, run, FIND_MAX_CONVERGE_S)
             out.converge_s = run.converge_s
@@ -479,7 +608,7 @@ async def find_max(args: argparse.Namespace) -> None:
             low, high = (middle, high) if trials[-1].holds else (low, middle)
     trials.sort(key=lambda t: t.n)
     print(
-        f"largest N one process holds: converge within {FIND_MAX_CONVERGE_S:g} s and no "
+        f"largest N {_where(args)} hold: converge within {FIND_MAX_CONVERGE_S:g} s and no "
         f"false death in a {FIND_MAX_STEADY_S:g} s steady run (interval {args.interval:g} s)"
     )
     print(
@@ -528,13 +657,14 @@ COLUMNS = (
     ("stall drop p50/p99/max s", 24),
     ("false deaths", 12),
     ("idle CPU %/node", 15),
+    ("heal s", 7),
     ("rejects", 7),
 )
 
 
 def print_runs(runs: Sequence[Run], args: argparse.Namespace) -> None:
     print(
-        f"real nodes in one trio process, topology random degree 4, interval "
+        f"real nodes in {_where(args)}, topology random degree 4, interval "
         f"{args.interval:g} s, steady {args.steady_seconds:g} s, step timeout "
         f"{args.step_timeout:g} s; change = until the last peer has it, arrive = per peer; "
         "* = some timed out (see notes)"
@@ -551,6 +681,7 @@ def print_runs(runs: Sequence[Run], args: argparse.Namespace) -> None:
             r.stall.cell(),
             _fmt(r.false_deaths, "-"),
             _fmt(r.cpu_pct_per_node, "-", 1),
+            _fmt(r.heal_s, "-"),
             str(rejects)
             + (
                 " (" + ", ".join(f"{k} {v}" for k, v in sorted(r.rejects.items())) + ")"
@@ -565,6 +696,14 @@ def print_runs(runs: Sequence[Run], args: argparse.Namespace) -> None:
         print(f"  N={r.n}: wall {r.wall_s:.0f} s, {r.n} nodes started in {started}")
         for note in r.notes:
             print(f"    {note}")
+
+
+def _where(args: argparse.Namespace) -> str:
+    if args.processes <= 1 and not args.namespaces:
+        return "one trio process"
+    return f"{args.processes} worker processes" + (
+        ", each in a network namespace" if args.namespaces else ""
+    )
 
 
 def print_law(quick: bool) -> None:
@@ -666,6 +805,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--find-max-limit", type=int, default=200)
     parser.add_argument("--no-law", action="store_true", help="skip the record-rate law table")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--processes", type=int, default=1, help="spread the nodes over K worker processes"
+    )
+    parser.add_argument(
+        "--namespaces", action="store_true", help="each worker in a network namespace (root)"
+    )
+    parser.add_argument("--no-partition", action="store_true", help="skip the 50/50 partition")
     parser.add_argument("--plot", type=Path, metavar="DIR", help=PLOT_HELP)
     args = parser.parse_args(argv)
     args.plot = plot_dir(args.plot)
@@ -681,4 +827,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run this module's main as bench.gossip, not __main__: the functions it sends to
+    # worker processes must pickle by a name they can import.
+    from bench.gossip import main as _main
+
+    _main()

@@ -36,7 +36,6 @@ from gossip import (
     RecordError,
     Rejection,
     check_record,
-    decode_record,
     encode_record,
     is_newer,
     publish_interval,
@@ -47,8 +46,8 @@ from ._libp2p import GuardedGossipSub, GuardedPubsub
 
 logger = logging.getLogger(__name__)
 
-MAX_VALIDATED_PENDING = 1024  # records validated, not yet taken by receive()
 
+MESHED_AFTER_HEARTBEATS = 3
 
 RecordMaker = Callable[[float, tuple[Departure, ...]], PeerRecord]
 
@@ -97,12 +96,12 @@ class Gossip:
         self._dirty = False
         self._silent_until = -float("inf")
         self._departures: dict[str, tuple[Departure, float]] = {}
-        self._validated: dict[tuple[bytes, bytes], PeerRecord] = {}
         self._mine: PeerRecord | None = None  # our last published record
         # The signed GossipSub message of each record in the view (and ours): what a sync sends.
         self._signed: dict[str, rpc_pb2.Message] = {}
         self._heard: dict[str, float] = {}  # neighbour -> when its last beat came (local clock)
         self._beat = trio.Event()  # set, and replaced, once per beat period
+        self._started_at = trio.current_time()
 
     @property
     def garbled(self) -> int:
@@ -266,6 +265,11 @@ class Gossip:
                 continue
             if self._take(record, msg, now):
                 fresh.append(msg)
+        if trio.current_time() - self._started_at < self._meshed_after:
+            # Just started: what is fresh here is old news to the network (and a
+            # burst of it overflows py-libp2p's 100-message queue per peer, which
+            # then drops new records). Our own late record covers the rest.
+            return len(fresh)
         forwarder = _parse_peer_id(sender) or self._pubsub.my_id
         for msg in fresh:
             try:  # GossipSub skips what it has seen, and forwards the rest
@@ -277,9 +281,19 @@ class Gossip:
     # --- validation, receiving, publishing --------------------------------------------
 
     def validate(self, forwarder: ID, msg: Any) -> bool:
-        """GossipSub topic validator: only well-formed, signer-owned, newer records pass."""
+        """GossipSub topic validator: only well-formed, signer-owned, newer records pass.
+
+        A record that passes is taken into the view here, at once: py-libp2p hands
+        validated messages to the subscription through a channel of 32 slots and
+        drops what does not fit, which a burst of records (nodes joining, a sync
+        passed on) overflows. `receive` only drains that channel.
+        """
         try:
             signer = ID(msg.from_id).to_base58()
+            if signer == self._my_id:
+                if forwarder == self._pubsub.my_id:
+                    self._signed[self._my_id] = msg  # ours, as peers will check it
+                return True  # one of ours coming back: pubsub drops it after this
             held = self._signed.get(signer)
             if held is not None and held.seqno == msg.seqno and held.data == msg.data:
                 return True  # the message we took by sync first: pass it on, nothing to check
@@ -292,25 +306,13 @@ class Gossip:
             self.rejects[Rejection.MALFORMED] += 1
             logger.debug("rejected a message forwarded by %s: %r", forwarder, error)
             return False
-        # Decoding a record is ~1 ms of Python: keep it for receive() to use.
-        self._validated[(msg.from_id, msg.seqno)] = record
-        while len(self._validated) > MAX_VALIDATED_PENDING:
-            self._validated.pop(next(iter(self._validated)))
+        self._take(record, msg, trio.current_time())
         return True
 
     async def receive(self, subscription: Any) -> None:
+        """Drain the subscription (`validate` took every record already)."""
         while True:
-            msg = await subscription.get()
-            record = self._validated.pop((msg.from_id, msg.seqno), None)
-            if record is None:
-                try:
-                    record = decode_record(msg.data)
-                except RecordError:
-                    continue
-            if record.peer_id == self._my_id:
-                self._signed[self._my_id] = msg  # ours, as peers will check it
-                continue
-            self._take(record, msg, trio.current_time())
+            await subscription.get()
 
     def _take(self, record: PeerRecord, msg: rpc_pb2.Message, now: float) -> bool:
         self.received += 1
@@ -335,6 +337,19 @@ class Gossip:
         if mine is not None and gone.boot_id == mine.boot_id and gone.seq >= mine.seq:
             logger.info("reported departed by a neighbour while alive: publishing again")
             self.changed()
+
+    async def publish_once_meshed(self) -> None:
+        """Publish once more when GossipSub's mesh has had time to form (a few
+        heartbeats after start). A node's first record goes out before it has a
+        mesh, and in a burst of joins its neighbours' meshes are still forming
+        too, so it reaches only a part of the network; a sync fills the gaps
+        only between neighbours. One more record per start closes them."""
+        await trio.sleep_until(self._started_at + self._meshed_after)
+        self.changed()
+
+    @property
+    def _meshed_after(self) -> float:
+        return MESHED_AFTER_HEARTBEATS * self.config.heartbeat_s
 
     async def publish_forever(self) -> None:
         pacer = PublishPacer()
@@ -394,6 +409,12 @@ async def open_gossip(
         spam_protection_enabled=False,  # validation and the record budget bound the rate
         eclipse_protection_enabled=False,
     )
+    # GRAFT flood protection takes a GRAFT from a peer within 10 s of a PRUNE
+    # *received from* that peer for a flood, and answers with a PRUNE, which the
+    # other side records the same way: two nodes that prune each other once (a
+    # mesh over its high degree, as when nodes join in a burst) refuse each
+    # other's GRAFTs from then on, and records stop flowing over their link.
+    router.graft_flood_threshold = 0.0
     pubsub = GuardedPubsub(host, router, strict_signing=True)
     # py-libp2p's service shutdown turns an exception passing through it into
     # Cancelled, which an enclosing cancelled scope then absorbs: the body's own
@@ -410,6 +431,7 @@ async def open_gossip(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(gossip.receive, subscription)
                 nursery.start_soon(gossip.publish_forever)
+                nursery.start_soon(gossip.publish_once_meshed)
                 nursery.start_soon(gossip.tick_forever)
                 try:
                     yield gossip

@@ -372,7 +372,7 @@ class Node:
     # --- links to peers -----------------------------------------------------------
 
     async def _keep_in_touch(self, peer_id: str) -> None:
-        """For a new connection to `peer_id`: swap records, then beat while connected.
+        """For a new connection to `peer_id`: swap records, and beat while connected.
 
         The peer that dialed opens both, so each link carries one sync and one
         beat stream, and no node calls a client (clients dial, nodes do not
@@ -380,7 +380,24 @@ class Node:
         one does not speak the protocol: that ends it. A beat stream that ends
         while the connection stays is opened again.
         """
-        period = self.config.gossip.beat_period
+        async with trio.open_nursery() as nursery:
+            # Beats start with the sync, not after it: a link cut (or a peer
+            # gone silent) while a slow sync is under way is still found out.
+            nursery.start_soon(self._sync_with, peer_id)
+            await self._beat_with(peer_id)
+            nursery.cancel_scope.cancel()
+
+    async def _sync_with(self, peer_id: str) -> None:
+        """Swap records now, and once more when GossipSub's mesh has formed: nodes
+        that join in a burst publish their first records before they have a mesh,
+        and what the first sync passed on went into a mesh still forming; the
+        second sync fills the gaps and passes on what is still missing."""
+        await self._sync_once(peer_id)
+        await trio.sleep(2 * self.config.gossip.heartbeat_s)
+        if peer_id in self.connected_peers():
+            await self._sync_once(peer_id)
+
+    async def _sync_once(self, peer_id: str) -> None:
         try:
             reply = await self._rpc.call(
                 peer_id,
@@ -392,6 +409,9 @@ class Node:
             await self.gossip.take_synced(synced.messages, peer_id)
         except JobError as error:  # no verdict on the link: beats decide
             logger.debug("no sync with %s: %s", peer_id, error.message)
+
+    async def _beat_with(self, peer_id: str) -> None:
+        period = self.config.gossip.beat_period
         beaten = False
         try:
             while peer_id in self.connected_peers():
@@ -418,6 +438,9 @@ class Node:
     ) -> None:
         async for connected, peer_id, outbound in events:
             if connected:
+                # The link's clock starts now, either side: a link on which no beat
+                # ever comes (cut before its first) is reported as a silent one is.
+                self.gossip.heard_from(peer_id)
                 if self._gate is not None and not self._gate(peer_id):
                     # Connected while its handshake was under way as the gate closed.
                     await self.disconnect(peer_id)

@@ -214,8 +214,13 @@ class Rpc:
     async def open_stream(self, peer_id: str, protocol: TProtocol, timeout: float) -> INetStream:
         """A stream to `peer_id` for a protocol that is not request and reply (beats).
         Raises JobError."""
-        with trio.fail_after(timeout):  # _open raises its own error at the deadline
-            channel = await self._open(peer_id, protocol)
+        try:
+            with trio.fail_after(timeout):  # _open raises its own error at the deadline
+                channel = await self._open(peer_id, protocol)
+        except trio.TooSlowError:  # ... unless the deadline lands outside it
+            raise JobError(
+                ErrorCode.DEADLINE_EXCEEDED, f"no stream within {timeout:g} s", peer=peer_id
+            ) from None
         return channel.stream
 
     async def _exchange(self, peer_id: str, protocol: TProtocol, payload: bytes) -> bytes:

@@ -15,9 +15,13 @@ and Yamux, GossipSub, onnxruntime); only the process is shared. ::
 
 from __future__ import annotations
 
+import gc
+import inspect
+import os
 import random
 import tempfile
-from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import replace
 from functools import partial
@@ -29,17 +33,32 @@ import trio
 
 from gossip import Capabilities, PeerState, ViewSnapshot
 
+from . import _swarm_proc
 from ._config import GossipConfig, NodeConfig
 from ._node import Node, open_node
 from ._psk import PreSharedKey
+from ._swarm_proc import NodeHandle, ProcessSwarm, RemoteError, SwarmWorkerError
 
 if TYPE_CHECKING:
     # libp2p pulls in trio-typing, whose trio stubs shadow trio's own annotations.
     from trio_typing import TaskStatus
 
+    from ._swarm_netns import Namespaces
+
 Topology = Literal["full", "ring", "random"]
 
-__all__ = ["Blocklist", "Swarm", "Topology", "edges", "open_rogue", "open_swarm"]
+__all__ = [
+    "Blocklist",
+    "NodeHandle",
+    "ProcessSwarm",
+    "RemoteError",
+    "Swarm",
+    "SwarmWorkerError",
+    "Topology",
+    "edges",
+    "open_rogue",
+    "open_swarm",
+]
 
 
 def edges(n: int, topology: Topology, degree: int = 4, seed: int = 0) -> set[tuple[int, int]]:
@@ -93,16 +112,24 @@ class Swarm:
     def live(self) -> list[int]:
         return [i for i in range(len(self.nodes)) if i not in self.dead]
 
+    async def run(self, i: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(node_i, *args)`, awaited if it returns an awaitable: the way to reach a
+        node that works for every swarm (in a `ProcessSwarm` fn runs in the node's
+        worker, so it must be picklable: a module-level function or a partial)."""
+        result = fn(self.nodes[i], *args)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def cpu_seconds(self) -> float:
+        """CPU time this process has used so far (all nodes run in it)."""
+        return time.process_time()
+
     async def kill(self, i: int) -> None:
         """Stop node i abruptly, as a SIGKILL would: its TCP sockets close at once, so
         peers see the connections drop, then the node's tasks are cancelled."""
         self.dead.add(i)
-        network = self.nodes[i]._rpc.host.get_network()
-        for conns in list(network.connections.values()):
-            for conn in conns:
-                _close_socket(conn)
-        self._scopes[i].cancel()
-        await self.nodes[i]._rpc.host.close()
+        await kill_node(self.nodes[i], self._scopes[i])
 
     def stall(self, i: int, seconds: float) -> None:
         """Node i stays up but publishes no record for `seconds`."""
@@ -130,11 +157,7 @@ class Swarm:
         dials, and its membership dials them no more; so one side's block keeps
         the link cut, though the other side keeps redialing.
         """
-        node = self.nodes[i]
-        self.blocklists[i].peers |= set(peer_ids)
-        node.membership.block(peer_ids)
-        for peer_id in set(peer_ids) & node.connected_peers():
-            await node.disconnect(peer_id)
+        await block_node(self.nodes[i], self.blocklists[i], peer_ids)
 
     async def partition(self, groups: Iterable[Iterable[int]]) -> None:
         """Cut every connection between groups, and keep them cut until `heal()`."""
@@ -146,8 +169,7 @@ class Swarm:
     async def heal(self) -> None:
         """Lift every block at once; the nodes that had blocked dial their peers again."""
         for i in self.live:
-            self.blocklists[i].peers.clear()
-            self.nodes[i].membership.unblock_all()
+            unblock_node(self.nodes[i], self.blocklists[i])
 
     def converged(self) -> bool:
         return all(self._complete(i) for i in self.live)
@@ -180,17 +202,32 @@ async def open_swarm(
     base: NodeConfig | None = None,
     data_root: Path | None = None,
     psk: PreSharedKey | None = None,
-) -> AsyncIterator[Swarm]:
-    """Start n real nodes on loopback, dialing each other per `topology`.
+    processes: int = 1,
+    namespaces: bool = False,
+) -> AsyncIterator[Any]:
+    """Start n real nodes, dialing each other per `topology`.
 
     `models[i]` limits node i to some of the repository's models (None: all),
     `capabilities[i]` replaces what node i announces (e.g. a fake GPU). `base`
     is the NodeConfig every node starts from (data_dir is set per node); `psk`
     makes the swarm a private network of that key.
+
+    `processes=1` (the default) runs every node in this trio loop on loopback and
+    yields a `Swarm` of the nodes themselves. `processes=k > 1` spreads them over
+    k worker processes, in blocks of consecutive indices, and yields a
+    `ProcessSwarm`: the same API, with `NodeHandle`s for nodes (reach a node with
+    `await swarm.run(i, fn, *args)`). `namespaces=True` (Linux, root; implies
+    worker processes) runs each worker in a network namespace of its own, with
+    its own address, and `partition` cuts links there (see `_swarm_netns`).
+    A worker that crashes makes `open_swarm` raise `SwarmWorkerError`.
     Yields as soon as all nodes run; call `wait_converged()` to wait for views.
     """
     if n < 1:
         raise ValueError("a swarm needs at least one node")
+    # Where workers write their stderr (workerW.log): kept there when set.
+    logs = os.environ.get("P2P_NODE_SWARM_LOGS")
+    if processes < 1:
+        raise ValueError("a swarm needs at least one process")
     links = edges(n, topology, degree, seed)
     with tempfile.TemporaryDirectory(prefix="p2p-node-swarm-") as tmp:
         root = data_root or Path(tmp)
@@ -199,27 +236,145 @@ async def open_swarm(
             template = replace(template, gossip=gossip)
         if psk is not None:
             template = replace(template, psk=psk)
+
+        def config_of(i: int, addrs: Sequence[str]) -> NodeConfig:
+            return replace(
+                template,
+                data_dir=root / f"node{i}",
+                serve_models=models[i] if models else template.serve_models,
+                capabilities=capabilities[i] if capabilities else template.capabilities,
+                bootstrap=tuple(addrs[j] for (a, j) in sorted(links) if a == i),
+            )
+
+        if processes > 1 or namespaces:
+            async with _open_process_swarm(
+                n, min(processes, n), namespaces, links, config_of, Path(logs or tmp)
+            ) as process_swarm:
+                yield process_swarm
+            return
         async with AsyncExitStack() as stack:
             nursery = await stack.enter_async_context(trio.open_nursery())
             nodes: list[Node] = []
             scopes: list[trio.CancelScope] = []
             blocklists = [Blocklist() for _ in range(n)]
             for i in range(n):
-                config = replace(
-                    template,
-                    data_dir=root / f"node{i}",
-                    serve_models=models[i] if models else template.serve_models,
-                    capabilities=capabilities[i] if capabilities else template.capabilities,
-                    bootstrap=tuple(nodes[j].addrs[0] for (a, j) in sorted(links) if a == i),
-                )
+                config = config_of(i, [node.addrs[0] for node in nodes])
                 scope = trio.CancelScope()
                 node = await nursery.start(_run_node, config, scope, blocklists[i])
                 nodes.append(node)
                 scopes.append(scope)
+            # What the started nodes hold lives as long as they do: out of the
+            # collector's full passes, which would stall every node at once.
+            gc.collect()
+            gc.freeze()
             try:
                 yield Swarm(nodes, scopes, blocklists)
             finally:
+                gc.unfreeze()
                 nursery.cancel_scope.cancel()
+
+
+STARTS_PER_WORKER = 4
+
+
+@asynccontextmanager
+async def _open_process_swarm(
+    n: int,
+    k: int,
+    namespaces: bool,
+    links: set[tuple[int, int]],
+    config_of: Callable[[int, Sequence[str]], NodeConfig],
+    logs: Path,
+) -> AsyncIterator[ProcessSwarm]:
+
+    owner = [i * k // n for i in range(n)]
+    netns: Namespaces | None = None
+    if namespaces:
+        from ._swarm_netns import Namespaces, unavailable
+
+        if (why := unavailable()) is not None:
+            raise RuntimeError(why)
+        netns = Namespaces(k)
+    workers: list[_swarm_proc._Worker] = []
+    try:
+        if netns is not None:
+            await trio.to_thread.run_sync(netns.create)
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as body:
+                for w in range(k):
+                    prefix = netns.prefix(w) if netns is not None else ()
+                    worker, posted = await _swarm_proc.spawn_worker(
+                        w, logs / f"worker{w}.log", prefix
+                    )
+                    workers.append(worker)
+                    nursery.start_soon(worker.read, body.cancel)
+                    nursery.start_soon(worker.send_posted, posted)
+                swarm = _swarm_proc.ProcessSwarm(workers, owner, netns)
+                addrs: list[str] = [""] * n
+                handles: list[_swarm_proc.NodeHandle | None] = [None] * n
+                started = [trio.Event() for _ in range(n)]
+                slots = [trio.Semaphore(STARTS_PER_WORKER) for _ in range(k)]
+
+                async def start(i: int) -> None:
+                    for a, j in links:
+                        if a == i:
+                            await started[j].wait()
+                    config = config_of(i, addrs)
+                    if netns is not None:
+                        config = replace(config, listen=(f"/ip4/{netns.ips[owner[i]]}/tcp/0",))
+                    async with slots[owner[i]]:
+                        peer_id, node_addrs = await workers[owner[i]].call(
+                            _swarm_proc.start_node, i, config
+                        )
+                    addrs[i] = node_addrs[0]
+                    handles[i] = _swarm_proc.NodeHandle(swarm, i, peer_id, node_addrs)
+                    started[i].set()
+
+                async with trio.open_nursery() as starting:
+                    for i in range(n):
+                        starting.start_soon(start, i)
+                swarm.nodes = [h for h in handles if h is not None]
+                for worker in workers:
+                    await worker.call(_swarm_proc.settle_gc)
+                try:
+                    yield swarm
+                except BaseException:
+                    # A call that met the dead worker first: the crash is the error.
+                    if not any(w.failure for w in workers):
+                        raise
+                finally:
+                    nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            for worker in workers:
+                await _swarm_proc.stop_worker(worker)
+            if netns is not None:
+                await trio.to_thread.run_sync(netns.close)
+    failures = [w.failure for w in workers if w.failure]
+    if failures:
+        raise _swarm_proc.SwarmWorkerError("\n".join(failures))
+
+
+async def kill_node(node: Node, scope: trio.CancelScope) -> None:
+    network = node._rpc.host.get_network()
+    for conns in list(network.connections.values()):
+        for conn in conns:
+            _close_socket(conn)
+    scope.cancel()
+    await node._rpc.host.close()
+
+
+async def block_node(node: Node, blocklist: Blocklist, peer_ids: Collection[str]) -> None:
+    blocklist.peers |= set(peer_ids)
+    node.membership.block(peer_ids)
+    for peer_id in set(peer_ids) & node.connected_peers():
+        await node.disconnect(peer_id)
+
+
+def unblock_node(node: Node, blocklist: Blocklist) -> None:
+    blocklist.peers.clear()
+    node.membership.unblock_all()
 
 
 def _close_socket(conn: object) -> None:
