@@ -25,6 +25,7 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.host.exceptions import StreamFailure
+from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.protocol_muxer.exceptions import MultiselectClientError
@@ -141,6 +142,13 @@ class Rpc:
     async def connect(self, addr: multiaddr.Multiaddr, timeout: float) -> str:
         """Dial a peer by its full multiaddr; returns its peer id."""
         info = info_from_p2p_addr(addr)
+        # py-libp2p refuses for 60 s to dial a peer all of whose addresses failed
+        # once (its negative cache), so a peer back from a cut link or a restart
+        # stayed apart for a minute. Whoever calls this backs off by its own rule
+        # (membership: 0.25 s doubling to 10 s): a dial asked for is a dial made.
+        network = self.host.get_network()
+        if isinstance(network, Swarm):
+            network.unblock_peer(info.peer_id)
         try:
             with trio.fail_after(timeout):
                 await self.host.connect(info)

@@ -15,6 +15,7 @@ from gossip import EventKind, PeerState, Rejection, encode_record
 from p2p_node import NodeConfig
 from p2p_node._config import GossipConfig
 from p2p_node.testing import Swarm, edges, open_rogue, open_swarm
+from scheduler import JobError
 
 N = 10
 TOPIC = "/p2p-node/default/records/1"
@@ -182,6 +183,21 @@ async def test_a_one_sided_block_holds_while_the_blocked_peer_redials() -> None:
     assert apart
     assert connects_while_blocked == 0
     assert healed
+
+
+async def test_a_peer_whose_dials_failed_is_dialed_again_as_soon_as_asked() -> None:
+    """py-libp2p refuses for 60 s to dial a peer whose every address failed (its
+    negative cache). Membership has its own backoff: a dial it asks for goes out."""
+    with trio.fail_after(30):
+        async with open_swarm(2, topology="full") as swarm:
+            await swarm.wait_converged()
+            dialer, other = swarm[1], swarm[0]
+            await swarm.block(0, [dialer.peer_id])
+            with pytest.raises(JobError):  # refused at the handshake: a failed dial
+                await dialer.connect(other.addrs[0])
+            await swarm.heal()
+            await dialer.connect(other.addrs[0])
+            assert other.peer_id in dialer.connected_peers()
 
 
 async def test_membership_dials_peers_it_learns_from_records() -> None:
