@@ -45,6 +45,7 @@ from ._stages import (
     Answer,
     Downstream,
     Hop,
+    StageBatcher,
     StageFailure,
     StageSession,
     StageStep,
@@ -160,6 +161,7 @@ class Chains:
         self.node = node
         self.rtt_ms: dict[str, float] = {}
         self.compute_ms: dict[str, float] = {}  # this node's stages: EWMA of a run, ms
+        self.batchers: dict[str, StageBatcher] = {}  # stage model id -> its decode batches
         self.times = HopTimes()
         self.last_executor = ""  # the last stage's peer of the last job
         # Open sessions: id -> (the last stage's peer, where its answers go).
