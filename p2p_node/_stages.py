@@ -312,13 +312,16 @@ def decode_rows(spec: StageSpec, received: Mapping[str, Array], state: StageStat
     return length
 
 
-def batch_key(spec: StageSpec, received: Mapping[str, Array]) -> tuple[object, ...]:
-    """Decode steps with the same key may run as one batch."""
-    return tuple(
-        (n, received[n].dtype.str, received[n].ndim)
-        for n in spec.inputs
-        if not n.startswith(STATE_PREFIX)
-    )
+def batch_key(spec: StageSpec, received: Mapping[str, Array], length: int) -> tuple[object, ...]:
+    """Decode steps with the same key may run as one batch: their tensors agree in
+    dtype and shape but for the rows, and a mask's length (the cache's plus one)."""
+    key: list[object] = []
+    for name in spec.inputs:
+        if not name.startswith(STATE_PREFIX):
+            value = received[name]
+            last = "mask" if value.shape[-1] == length + 1 else value.shape[-1]
+            key.append((name, value.dtype.str, value.shape[1:-1], last))
+    return tuple(key)
 
 
 class Unpaddable(ValueError):
@@ -343,22 +346,13 @@ def _mask_pad(name: str, rows: Sequence[Array]) -> object:
     raise Unpaddable(f"cannot pad {name!r}: its values are {sorted(values)[:4]}")
 
 
-def run_stage_batch(
+def _batch_feeds(
     session: ort.InferenceSession,
     spec: StageSpec,
     steps: Sequence[tuple[Mapping[str, Array], StageState, bool]],
-) -> list[tuple[dict[str, Array], dict[str, Array]]]:
-    """Decode steps of several sessions (`decode_rows` >= 0, one `batch_key`) as one run,
-    as `_generation._Engine` batches a whole model: each session's cache left-padded to
-    the longest, the padding masked off in the mask-like inputs (those whose last,
-    dynamic axis is the cache plus the new token: `attention_mask`, or a mask an
-    earlier stage derived from it). Per session, what `run_stage` returns; each state
-    keeps its own cache. In a worker thread. Raises Unpaddable, having changed
-    nothing, when the caches differ in length and a mask-like input cannot be padded."""
-    if len(steps) == 1:
-        received, state, last_only = steps[0]
-        return [run_stage(session, spec, received, state, last_only)]
-    lengths = [int(next(iter(state.past.values())).shape[-2]) for _, state, _ in steps]
+    lengths: Sequence[int],
+) -> dict[str, Array]:
+    """The inputs of `run_stage_batch`'s one run (see there)."""
     longest = max(lengths)
     same = len(set(lengths)) == 1
     dynamic = {a.name for a in session.get_inputs() if a.shape and not isinstance(a.shape[-1], int)}
@@ -389,6 +383,33 @@ def run_stage_batch(
             feeds[name] = np.concatenate(values)
         else:
             raise Unpaddable(f"cannot batch {name!r} of shapes {[v.shape for v in values]}")
+    return feeds
+
+
+def run_stage_batch(
+    session: ort.InferenceSession,
+    spec: StageSpec,
+    steps: Sequence[tuple[Mapping[str, Array], StageState, bool]],
+) -> list[tuple[dict[str, Array], dict[str, Array]]]:
+    """Decode steps of several sessions (`decode_rows` >= 0, one `batch_key`) as one run,
+    as `_generation._Engine` batches a whole model: each session's cache left-padded to
+    the longest, the padding masked off in the mask-like inputs (those whose last,
+    dynamic axis is the cache plus the new token: `attention_mask`, or a mask an
+    earlier stage derived from it). Per session, what `run_stage` returns; each state
+    keeps its own cache. In a worker thread. Raises Unpaddable, having changed
+    nothing, when the caches differ in length and a mask-like input cannot be padded."""
+    if len(steps) == 1:
+        received, state, last_only = steps[0]
+        return [run_stage(session, spec, received, state, last_only)]
+    lengths = [int(next(iter(state.past.values())).shape[-2]) for _, state, _ in steps]
+    longest = max(lengths)
+    try:
+        feeds = _batch_feeds(session, spec, steps, lengths)
+    except Unpaddable:
+        raise
+    except ValueError as error:  # numpy: tensors that do not stack
+        raise JobError(ErrorCode.INVALID_INPUT, f"stage {spec.index + 1}: {error}") from None
+    same = len(set(lengths)) == 1
     try:
         values_out = session.run(list(spec.outputs), feeds)
     except Exception as error:  # onnxruntime's errors share no useful base
@@ -403,6 +424,7 @@ def run_stage_batch(
         if not same
         and a.shape
         and not isinstance(a.shape[-1], int)
+        and a.name in made
         and not a.name.startswith(PRESENT_PREFIX)
         and made[a.name].shape[-1] == longest + 1
     }
@@ -581,7 +603,7 @@ async def _run_one(
     node: Node, card: ModelCard, state: StageState, received: dict[str, Array], last_only: bool
 ) -> tuple[dict[str, Array], dict[str, Array]]:
     assert card.stage is not None
-    if decode_rows(card.stage, received, state) >= 0:
+    if node.config.executor.batch_decode and decode_rows(card.stage, received, state) >= 0:
         batcher = node.chains.batchers.get(card.id)
         if batcher is None:
             batcher = node.chains.batchers[card.id] = StageBatcher(node, card)
@@ -689,8 +711,11 @@ class StageBatcher:
                 await self._run_group(same)
             return
         except JobError as error:
-            for w in group:
-                w.error = error
+            if len(group) > 1:  # one session's bad step fails that session alone
+                for w in group:
+                    await self._run_group([w])
+                return
+            group[0].error = error
             return
         self.runs += 1
         self.rows += len(group)
@@ -702,7 +727,8 @@ class StageBatcher:
         assert self.card.stage is not None
         groups: dict[tuple[object, ...], list[_Waiting]] = {}
         for w in batch:
-            groups.setdefault(batch_key(self.card.stage, w.received), []).append(w)
+            length = int(next(iter(w.state.past.values())).shape[-2])
+            groups.setdefault(batch_key(self.card.stage, w.received, length), []).append(w)
         try:
             for group in groups.values():
                 await self._run_group(group)

@@ -11,11 +11,12 @@ import pytest
 import trio
 
 from p2p_node import bundled_models_dir
-from p2p_node._config import NodeConfig
+from p2p_node._config import ExecutorConfig, NodeConfig
 from p2p_node._repository import read_model_card
 from p2p_node._shard import shard, stage_id
 from p2p_node._stages import (
     StageState,
+    Unpaddable,
     decode_rows,
     run_chain_locally,
     run_stage_batch,
@@ -90,18 +91,22 @@ def test_batched_stage_steps_of_sessions_of_different_lengths_match_the_whole_mo
             assert f["logits"].shape == (1, 1, 512)
             t.append(int(np.argmax(f["logits"][0, -1])))
     assert tokens == [_greedy_whole(p, steps) for p in PROMPTS]
-    # A prefill is no decode step: it runs alone.
-    session, spec = chain[0]
-    assert decode_rows(spec, {"input_ids": np.array([[1, 2]])}, StageState()) == -1  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("batch", [True, False])
 async def test_concurrent_sessions_share_batches_at_each_stage_peer(
-    repo: Path, tmp_path: Path
+    repo: Path, tmp_path: Path, batch: bool
 ) -> None:
     models = [frozenset()] + [frozenset({f"{GPT}@{i}of2"}) for i in (1, 2)]
     steps = 30
     got: dict[int, list[int]] = {}
-    config = NodeConfig(data_dir=tmp_path, shutdown_grace=1.0, target_degree=0, models_dir=repo)
+    config = NodeConfig(
+        data_dir=tmp_path,
+        shutdown_grace=1.0,
+        target_degree=0,
+        models_dir=repo,
+        executor=ExecutorConfig(batch_decode=batch),  # False: --no-batch-decode
+    )
     with trio.fail_after(120):
         async with open_swarm(3, models=models, base=config) as swarm:
             await swarm.wait_converged()
@@ -118,10 +123,45 @@ async def test_concurrent_sessions_share_batches_at_each_stage_peer(
             async with trio.open_nursery() as nursery:
                 for i in range(len(PROMPTS)):
                     nursery.start_soon(one, i)
-            batchers = [swarm[j].chains.batchers[stage_id(GPT, j - 1, 2)] for j in (1, 2)]
+            batchers = [swarm[j].chains.batchers.get(stage_id(GPT, j - 1, 2)) for j in (1, 2)]
     assert got == {i: _greedy_whole(p, steps) for i, p in enumerate(PROMPTS)}
+    if not batch:
+        assert batchers == [None, None]
+        return
     for b in batchers:
+        assert b is not None
         # Every decode step ran, and some of them together: fewer runs than steps.
         assert b.rows == len(PROMPTS) * (steps - 1)
         assert b.largest >= 2
         assert b.runs < b.rows
+
+
+def test_a_mask_that_cannot_be_padded_changes_nothing_and_steps_run_per_length(
+    repo: Path,
+) -> None:
+    from test_shard import _session
+
+    card = read_model_card(repo / stage_id(GPT, 0, 2))
+    session, spec = _session(card.onnx_path), card.stage
+    assert spec is not None
+    states = [StageState(), StageState()]
+    for prompt, state in zip(PROMPTS[:2], states, strict=True):
+        n = len(prompt)
+        feeds = {
+            "input_ids": np.array([prompt], np.int64),
+            "attention_mask": np.ones((1, n), np.int64),
+            "position_ids": np.arange(n, dtype=np.int64)[None],
+        }
+        run_chain_locally([(session, spec)], feeds, [state])
+    before = [dict(s.past) for s in states]
+    # A session's own mask with a hole in it: which value pads it is not known.
+    odd = _decode(1, len(PROMPTS[0]))
+    odd["attention_mask"][0, 0] = 0
+    steps = [(odd, states[0], True), (_decode(2, len(PROMPTS[1])), states[1], True)]
+    with pytest.raises(Unpaddable):
+        run_stage_batch(session, spec, steps)
+    assert all(s.past == b for s, b in zip(states, before, strict=True))
+    # Steps whose caches are as long run together without padding.
+    assert len(run_stage_batch(session, spec, steps[:1])) == 1
+    # A prefill is no decode step: it runs alone.
+    assert decode_rows(spec, {"input_ids": np.array([[1, 2]])}, StageState()) == -1
