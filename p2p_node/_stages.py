@@ -35,6 +35,7 @@ import msgpack
 import numpy as np
 import onnxruntime as ort
 import trio
+import trio.testing
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
@@ -58,6 +59,7 @@ MAX_HOPS = 16
 MAX_STAGE_TENSORS = 256
 STEP_WAIT_S = 300.0  # a session's next step (a client reading slowly)
 HOP_DIAL_S = 5.0
+GATHER_S = 0.002  # how long a decode step waits at most for others to join its batch
 DTYPES = frozenset({"float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"})
 
 Array = np.ndarray[Any, Any]
@@ -575,6 +577,10 @@ class StageSession:
     def __init__(self, node: Node, hops: tuple[Hop, ...], reply: tuple[str, str]) -> None:
         self.node = node
         self.mine, rest = _my_hops(node, hops)
+        batching = node.config.executor.batch_decode
+        self.batchers = [batcher(node, card) for card, _ in self.mine] if batching else []
+        for b in self.batchers:
+            b.sessions += 1
         self.down = Downstream(node, rest, reply) if rest else None
         self.reply = None if rest else ReplyStream(node, *reply)
 
@@ -593,6 +599,9 @@ class StageSession:
         return None
 
     async def close(self) -> None:
+        for b in self.batchers:
+            b.sessions -= 1
+        self.batchers = []
         if self.down is not None:
             await self.down.close()
         if self.reply is not None:
@@ -604,11 +613,16 @@ async def _run_one(
 ) -> tuple[dict[str, Array], dict[str, Array]]:
     assert card.stage is not None
     if node.config.executor.batch_decode and decode_rows(card.stage, received, state) >= 0:
-        batcher = node.chains.batchers.get(card.id)
-        if batcher is None:
-            batcher = node.chains.batchers[card.id] = StageBatcher(node, card)
-        return await batcher.step(received, state, last_only)
+        return await batcher(node, card).step(received, state, last_only)
     return (await _compute(node, card, [(received, state, last_only)]))[0]
+
+
+def batcher(node: Node, card: ModelCard) -> StageBatcher:
+    """The node's batcher of `card`'s decode steps."""
+    found = node.chains.batchers.get(card.id)
+    if found is None:
+        found = node.chains.batchers[card.id] = StageBatcher(node, card)
+    return found
 
 
 async def _compute(
@@ -667,6 +681,7 @@ class StageBatcher:
         self.card = card
         self.waiting: list[_Waiting] = []
         self.leader: _Waiting | None = None
+        self.sessions = 0  # open sessions through this stage here
         self.runs = 0  # onnxruntime runs of decode steps
         self.rows = 0  # decode steps they ran
         self.largest = 0  # the most rows in one run
@@ -682,7 +697,7 @@ class StageBatcher:
             else:
                 await me.woken.wait()
             if self.leader is me:
-                await trio.lowlevel.checkpoint()
+                await self._gather()
                 batch, self.waiting = self.waiting, []
                 await self._run(batch)
             if me.error is not None:
@@ -696,6 +711,16 @@ class StageBatcher:
                 self.leader = self.waiting[0] if self.waiting else None
                 if self.leader is not None:
                     self.leader.woken.set()
+
+    async def _gather(self) -> None:
+        """Let the steps that arrived with the leader's join its run: with other
+        sessions open here, until every other task waits (their frames read), for at
+        most `GATHER_S`; else one checkpoint."""
+        if self.sessions <= len(self.waiting):
+            await trio.lowlevel.checkpoint()
+            return
+        with trio.move_on_after(GATHER_S):
+            await trio.testing.wait_all_tasks_blocked()
 
     async def _run_group(self, group: list[_Waiting]) -> None:
         """One run for `group`; runs per cache length if its masks cannot be padded."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import trio
 
-from p2p_node import bundled_models_dir
+from p2p_node import _stages, bundled_models_dir
 from p2p_node._config import ExecutorConfig, NodeConfig
 from p2p_node._repository import read_model_card
 from p2p_node._shard import shard, stage_id
@@ -95,8 +95,11 @@ def test_batched_stage_steps_of_sessions_of_different_lengths_match_the_whole_mo
 
 @pytest.mark.parametrize("batch", [True, False])
 async def test_concurrent_sessions_share_batches_at_each_stage_peer(
-    repo: Path, tmp_path: Path, batch: bool
+    repo: Path, tmp_path: Path, batch: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A step waits for the others' frames until every task waits (all nodes run in
+    # this process), not the production bound of a few ms that a loaded machine passes.
+    monkeypatch.setattr(_stages, "GATHER_S", 30.0)
     models = [frozenset()] + [frozenset({f"{GPT}@{i}of2"}) for i in (1, 2)]
     steps = 30
     got: dict[int, list[int]] = {}
