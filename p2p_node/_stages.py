@@ -59,7 +59,8 @@ MAX_HOPS = 16
 MAX_STAGE_TENSORS = 256
 STEP_WAIT_S = 300.0  # a session's next step (a client reading slowly)
 HOP_DIAL_S = 5.0
-GATHER_S = 0.002  # how long a decode step waits at most for others to join its batch
+GATHER_S = 0.002  # the most a decode step waits for others to join its batch
+GATHER_RUNS = 1.0  # ... and at most this many of the stage's runs' time
 DTYPES = frozenset({"float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"})
 
 Array = np.ndarray[Any, Any]
@@ -715,11 +716,13 @@ class StageBatcher:
     async def _gather(self) -> None:
         """Let the steps that arrived with the leader's join its run: with other
         sessions open here, until every other task waits (their frames read), for at
-        most `GATHER_S`; else one checkpoint."""
+        most a run's time (waiting longer costs more than a second run) and
+        `GATHER_S`; else one checkpoint."""
         if self.sessions <= len(self.waiting):
             await trio.lowlevel.checkpoint()
             return
-        with trio.move_on_after(GATHER_S):
+        run_s = self.node.chains.compute_ms.get(self.card.id, 0.0) / 1e3
+        with trio.move_on_after(min(GATHER_S, GATHER_RUNS * run_s)):
             await trio.testing.wait_all_tasks_blocked()
 
     async def _run_group(self, group: list[_Waiting]) -> None:

@@ -100,6 +100,7 @@ async def test_concurrent_sessions_share_batches_at_each_stage_peer(
     # A step waits for the others' frames until every task waits (all nodes run in
     # this process), not the production bound of a few ms that a loaded machine passes.
     monkeypatch.setattr(_stages, "GATHER_S", 30.0)
+    monkeypatch.setattr(_stages, "GATHER_RUNS", 1e6)
     models = [frozenset()] + [frozenset({f"{GPT}@{i}of2"}) for i in (1, 2)]
     steps = 30
     got: dict[int, list[int]] = {}
