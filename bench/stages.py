@@ -13,7 +13,9 @@ temporary repository. Figures:
   (coordinator to stage 1, each stage to the next, the last to the coordinator).
   Reported p50 and p99 over the steps.
 - **tokens/s**: the same network per split, 1 and 16 concurrent sessions, each of
-  `--tokens` greedy tokens; aggregate tokens over wall time.
+  `--tokens` greedy tokens; aggregate tokens over wall time. Also 16 sessions with
+  the stage peers started with `--no-batch-decode` (each session's decode step run
+  alone at every stage, as before continuous batching per stage), and the ratio.
 - **failover**: the stage peers are `p2p-node start` processes (stage 2 served
   by two of them); the coordinator (this process) generates, and at token 20
   the middle peer in use gets SIGKILL. Reported: the time from the kill to the
@@ -92,14 +94,14 @@ def _base(repo: Path, data: Path) -> NodeConfig:
 
 
 async def _chain_network(  # type: ignore[no-untyped-def]
-    repo: Path, model: str, k: int, data: Path, tokens: int, steps: int
+    repo: Path, model: str, k: int, data: Path, tokens: int, steps: int, batch: bool = True
 ):
     """One `p2p-node start` process per stage; the coordinator is this process."""
     procs: list[tuple[subprocess.Popen[str], str]] = []
     try:
         for i in range(k):
             first = procs[0][1] if procs else None
-            procs.append(_start_process(repo, data / f"p{i}", stage_id(model, i, k), first))
+            procs.append(_start_process(repo, data / f"p{i}", stage_id(model, i, k), first, batch))
         config = replace(
             _base(repo, data / "coordinator"),
             bootstrap=tuple(a for _, a in procs),
@@ -150,10 +152,12 @@ def _stop(procs: list[tuple[subprocess.Popen[str], str]]) -> None:
 
 
 def _start_process(
-    repo: Path, data: Path, serve: str, bootstrap: str | None
+    repo: Path, data: Path, serve: str, bootstrap: str | None, batch: bool = True
 ) -> tuple[subprocess.Popen[str], str]:
     args = [sys.executable, "-m", "p2p_node", "start", "--listen", "/ip4/127.0.0.1/tcp/0"]
     args += ["--data-dir", str(data), "--models", str(repo), "--serve", serve]
+    if not batch:
+        args.append("--no-batch-decode")
     if bootstrap:
         args += ["--bootstrap", bootstrap]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -230,6 +234,10 @@ async def main_async(args: argparse.Namespace) -> None:
             step_ms, rates = await _chain_network(
                 repo, args.model, k, root / f"net{k}", args.tokens, args.steps
             )
+            # The same, each session's decode steps alone at every stage peer.
+            _, alone = await _chain_network(
+                repo, args.model, k, root / f"alone{k}", args.tokens, 8, batch=False
+            )
             compute = statistics.median(local)
             # k + 1 hops a step: coordinator to stage 1, each stage to the next, the
             # last stage to the coordinator.
@@ -242,17 +250,19 @@ async def main_async(args: argparse.Namespace) -> None:
                     _percentile(overhead, 99),
                     rates[1],
                     rates[16],
+                    alone[16],
                 )
             )
         print()
         print(
             "stages | compute ms/step p50 | hop overhead ms p50 | p99 "
-            "| tokens/s 1 session | 16 sessions"
+            "| tokens/s 1 session | 16 sessions | 16 unbatched | ratio"
         )
-        for k, compute, p50, p99, one, sixteen in rows:
+        for k, compute, p50, p99, one, sixteen, unbatched in rows:
             print(
                 f"{k:6d} | {compute:19.3f} | {p50:19.3f} | {p99:6.3f} "
-                f"| {one:18.1f} | {sixteen:11.1f}"
+                f"| {one:18.1f} | {sixteen:11.1f} | {unbatched:12.1f} "
+                f"| {sixteen / unbatched:5.2f}x"
             )
         if not args.no_failover:
             gap, same = await _failover(repo, args.model, root / "failover", max(args.tokens, 40))

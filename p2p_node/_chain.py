@@ -21,7 +21,7 @@ import secrets
 import time
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,15 +40,18 @@ from scheduler import (
 )
 
 from ._decoder import Sampling, choose_token
+from ._repository import Postprocess, RepositoryError, parse_text_spec
 from ._stages import (
     STEP_WAIT_S,
     Answer,
     Downstream,
     Hop,
+    StageBatcher,
     StageFailure,
     StageSession,
     StageStep,
 )
+from ._text import TextModel
 
 if TYPE_CHECKING:
     from ._node import Node
@@ -160,6 +163,7 @@ class Chains:
         self.node = node
         self.rtt_ms: dict[str, float] = {}
         self.compute_ms: dict[str, float] = {}  # this node's stages: EWMA of a run, ms
+        self.batchers: dict[str, StageBatcher] = {}  # stage model id -> its decode batches
         self.times = HopTimes()
         self.last_executor = ""  # the last stage's peer of the last job
         # Open sessions: id -> (the last stage's peer, where its answers go).
@@ -326,6 +330,96 @@ class Chains:
             if session is not None:
                 with trio.CancelScope(shield=True):
                     await session.close()
+
+    def wants_text_chain(self, model_id: str) -> bool:
+        """Whether a text job (strings) on `model_id` goes through a chain: as a tensor
+        job would (`prefers_chain`), and this node can tokenize for it or no peer
+        serves the model whole (then the job fails naming why)."""
+        if not self.prefers_chain(model_id):
+            return False
+        if self._text_tables(model_id):
+            return True
+        nodes = {n.peer_id: n for n in self.node.node_index().nodes}
+        return estimate_whole(model_id, nodes, self.rtt_ms, self.node.peer_id) is None
+
+    async def run_text_job(
+        self, job_id: str, model_id: str, texts: Sequence[str], truncate: bool, timeout: float
+    ) -> InferenceResult:
+        """A text job through a chain: tokenized here with the tokenizer beside a stage
+        of the model this node serves, answered as the executor answers text jobs."""
+        text = self.text_model(model_id)
+        job = text.prepare(
+            texts, truncate=truncate, max_rows=self.node.config.executor.max_batch_rows
+        )
+        result: InferenceResult = await self.run_job(job_id, model_id, job.feeds, timeout)
+        outputs, labels = job.finish(result.outputs)
+        return replace(result, outputs=outputs, labels=labels)
+
+    def text_model(self, parent: str) -> TextModel:
+        """`parent`'s text side for one-shot text jobs: the `[stage.text]` table and
+        tokenizer beside a stage of it this node serves, and the first and last
+        stages' descriptors (the parent's inputs and outputs) from the view. JobError
+        naming what is missing."""
+        tables = self._text_tables(parent)
+        if not tables:
+            raise JobError(
+                ErrorCode.NO_CAPABLE_PEER,
+                f"model {parent} is served only as stages, and this node serves none of them "
+                "with its tokenizer: send the texts to a node that serves one of its stages, "
+                "or tokenize them and send tensors",
+            )
+        card, table = tables[0]
+        try:
+            spec = parse_text_spec(card.onnx_path.parent / "model.toml", table)
+        except RepositoryError as error:
+            raise JobError(ErrorCode.INTERNAL, f"model {parent}: {error}") from None
+        if spec.postprocess is Postprocess.GENERATE:
+            raise JobError(
+                ErrorCode.INVALID_INPUT,
+                f"model {parent} generates text: run it as a generation, not a one-shot job",
+            )
+        ends: dict[int, Any] = {}
+        views = [(o, self._descriptor(o.peer_id, o.model_id)) for o in self.offers()]
+        for offer, descriptor in views:
+            if offer.parent == parent and descriptor is not None:
+                if offer.index == 0:
+                    ends.setdefault(0, descriptor)
+                if offer.index == offer.k - 1:
+                    ends.setdefault(1, descriptor)
+        if len(ends) < 2:
+            raise JobError(
+                ErrorCode.NO_CAPABLE_PEER, f"no first and last stage of {parent!r} in the view"
+            )
+        descriptor = replace(ends[1], id=parent, inputs=ends[0].inputs)
+        try:
+            model = TextModel.load(replace(card, id=parent, text=spec), descriptor)
+        except RepositoryError as error:
+            raise JobError(ErrorCode.INTERNAL, f"model {parent}: {error}") from None
+        assert model is not None
+        return model
+
+    def _text_tables(self, parent: str) -> list[tuple[Any, dict[str, Any]]]:
+        """This node's stages of `parent` with a `[stage.text]` table and its tokenizer."""
+        found = []
+        for descriptor in self.node.models:
+            card = self.node.executor.models.card(descriptor.id)
+            if card is None or card.stage is None or card.stage.parent != parent:
+                continue
+            with (card.onnx_path.parent / "model.toml").open("rb") as f:
+                text = tomllib.load(f).get("stage", {}).get("text")
+            if isinstance(text, dict):
+                tokenizer = card.onnx_path.parent / str(text.get("tokenizer", "tokenizer.json"))
+                if tokenizer.is_file():
+                    found.append((card, text))
+        return found
+
+    def _descriptor(self, peer_id: str, model_id: str) -> Any:
+        """The descriptor of `model_id` as `peer_id` announces it (this node: its own)."""
+        if peer_id == self.node.peer_id:
+            return next((d for d in self.node.models if d.id == model_id), None)
+        known = self.node.view.snapshot().peers.get(peer_id)
+        entries = known.record.models if known is not None else ()
+        return next((e.descriptor for e in entries if e.descriptor.id == model_id), None)
 
     def text_side(self, parent: str) -> tuple[Tokenizer, int, int]:
         """The tokenizer, eos token id and context window of `parent`, from the

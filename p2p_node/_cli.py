@@ -427,6 +427,12 @@ def _add_limit_options(start: argparse.ArgumentParser) -> None:
         "(default: no limit)",
     )
     start.add_argument(
+        "--no-batch-decode",
+        action="store_true",
+        help="run each generation's decode steps alone, not batched with those of the "
+        "other sessions of its model (whole or stage; for comparing)",
+    )
+    start.add_argument(
         "--max-batch-rows",
         type=COUNT,
         default=_DEFAULTS.max_batch_rows,
@@ -706,6 +712,7 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
             max_sessions=args.max_sessions,
             max_new_tokens=args.max_new_tokens,
             session_idle_s=args.session_idle_s,
+            batch_decode=not args.no_batch_decode,
         ),
         max_request_bytes=args.max_request_bytes,
         max_reply_bytes=max(args.max_request_bytes, _NODE_DEFAULTS.max_reply_bytes),

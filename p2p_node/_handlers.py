@@ -127,6 +127,14 @@ class NodeHandlers:
                 texts=request.texts,
                 truncate=bool(request.truncate),
             )
+        if request.texts and node.chains.wants_text_chain(request.model_id):
+            return await node.chains.run_text_job(
+                request.job_id,
+                request.model_id,
+                request.texts,
+                bool(request.truncate),
+                request.timeout_ms / 1000,
+            )
         if not request.texts and node.chains.prefers_chain(request.model_id):
             # Served as stages (and not faster whole): see p2p_node/_chain.py.
             result: InferenceResult = await node.chains.run_job(

@@ -35,6 +35,7 @@ import msgpack
 import numpy as np
 import onnxruntime as ort
 import trio
+import trio.testing
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
@@ -58,6 +59,8 @@ MAX_HOPS = 16
 MAX_STAGE_TENSORS = 256
 STEP_WAIT_S = 300.0  # a session's next step (a client reading slowly)
 HOP_DIAL_S = 5.0
+GATHER_S = 0.002  # the most a decode step waits for others to join its batch
+GATHER_RUNS = 1.0  # ... and at most this many of the stage's runs' time
 DTYPES = frozenset({"float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"})
 
 Array = np.ndarray[Any, Any]
@@ -294,6 +297,165 @@ def run_stage(
     return forward, final
 
 
+def decode_rows(spec: StageSpec, received: Mapping[str, Array], state: StageState) -> int:
+    """The cache length of `state` if `received` is one session's decode step that may
+    share a batch (one row; one position, or as many as the cache plus one, as a mask
+    has); else -1."""
+    if not state.past or not any(n.startswith(STATE_PREFIX) for n in spec.inputs):
+        return -1
+    length = int(next(iter(state.past.values())).shape[-2])
+    for name in spec.inputs:
+        if name.startswith(STATE_PREFIX):
+            continue
+        value = received.get(name)
+        if value is None or value.ndim < 2 or value.shape[0] != 1:
+            return -1
+        if value.shape[1] != 1 and value.shape[-1] != length + 1:
+            return -1
+    return length
+
+
+def batch_key(spec: StageSpec, received: Mapping[str, Array], length: int) -> tuple[object, ...]:
+    """Decode steps with the same key may run as one batch: their tensors agree in
+    dtype and shape but for the rows, and a mask's length (the cache's plus one)."""
+    key: list[object] = []
+    for name in spec.inputs:
+        if not name.startswith(STATE_PREFIX):
+            value = received[name]
+            last = "mask" if value.shape[-1] == length + 1 else value.shape[-1]
+            key.append((name, value.dtype.str, value.shape[1:-1], last))
+    return tuple(key)
+
+
+class Unpaddable(ValueError):
+    """Steps whose caches differ in length, with a tensor this stage cannot pad."""
+
+
+def _mask_pad(name: str, rows: Sequence[Array]) -> object:
+    """What a mask-like tensor (its last axis: the cache plus the new token) holds at a
+    padded position: the opposite of what each session's own rows hold (one value
+    throughout: no session has padding of its own). A keep-mask (1, True) pads with
+    0 or False; a Not-mask (False) with True; an additive bias (0.0) with the least
+    float."""
+    values = {v for row in rows for v in np.unique(row).tolist()}
+    if len(values) == 1:
+        (real,) = values
+        if isinstance(real, bool):
+            return not real
+        if real == 1:
+            return 0
+        if real == 0 and np.issubdtype(rows[0].dtype, np.floating):
+            return np.finfo(rows[0].dtype).min
+    raise Unpaddable(f"cannot pad {name!r}: its values are {sorted(values)[:4]}")
+
+
+def _batch_feeds(
+    session: ort.InferenceSession,
+    spec: StageSpec,
+    steps: Sequence[tuple[Mapping[str, Array], StageState, bool]],
+    lengths: Sequence[int],
+) -> dict[str, Array]:
+    """The inputs of `run_stage_batch`'s one run (see there)."""
+    longest = max(lengths)
+    same = len(set(lengths)) == 1
+    dynamic = {a.name for a in session.get_inputs() if a.shape and not isinstance(a.shape[-1], int)}
+    rows = len(steps)
+    feeds: dict[str, Array] = {}
+    for name in spec.inputs:
+        values = [
+            state.past[name] if name.startswith(STATE_PREFIX) else received[name]
+            for received, state, _ in steps
+        ]
+        if same:
+            feeds[name] = np.concatenate(values)
+        elif name.startswith(STATE_PREFIX):
+            first = values[0]
+            padded = np.zeros((rows, *first.shape[1:-2], longest, first.shape[-1]), first.dtype)
+            for row, (value, n) in enumerate(zip(values, lengths, strict=True)):
+                padded[row, ..., longest - n :, :] = value[0]
+            feeds[name] = padded
+        elif name in dynamic and all(
+            v.shape[-1] == n + 1 for v, n in zip(values, lengths, strict=True)
+        ):
+            shape = (rows, *values[0].shape[1:-1], longest + 1)
+            padded = np.full(shape, _mask_pad(name, values), values[0].dtype)
+            for row, (value, n) in enumerate(zip(values, lengths, strict=True)):
+                padded[row, ..., longest - n :] = value[0]
+            feeds[name] = padded
+        elif all(v.shape == values[0].shape for v in values):
+            feeds[name] = np.concatenate(values)
+        else:
+            raise Unpaddable(f"cannot batch {name!r} of shapes {[v.shape for v in values]}")
+    return feeds
+
+
+def run_stage_batch(
+    session: ort.InferenceSession,
+    spec: StageSpec,
+    steps: Sequence[tuple[Mapping[str, Array], StageState, bool]],
+) -> list[tuple[dict[str, Array], dict[str, Array]]]:
+    """Decode steps of several sessions (`decode_rows` >= 0, one `batch_key`) as one run,
+    as `_generation._Engine` batches a whole model: each session's cache left-padded to
+    the longest, the padding masked off in the mask-like inputs (those whose last,
+    dynamic axis is the cache plus the new token: `attention_mask`, or a mask an
+    earlier stage derived from it). Per session, what `run_stage` returns; each state
+    keeps its own cache. In a worker thread. Raises Unpaddable, having changed
+    nothing, when the caches differ in length and a mask-like input cannot be padded."""
+    if len(steps) == 1:
+        received, state, last_only = steps[0]
+        return [run_stage(session, spec, received, state, last_only)]
+    lengths = [int(next(iter(state.past.values())).shape[-2]) for _, state, _ in steps]
+    longest = max(lengths)
+    try:
+        feeds = _batch_feeds(session, spec, steps, lengths)
+    except Unpaddable:
+        raise
+    except ValueError as error:  # numpy: tensors that do not stack
+        raise JobError(ErrorCode.INVALID_INPUT, f"stage {spec.index + 1}: {error}") from None
+    same = len(set(lengths)) == 1
+    try:
+        values_out = session.run(list(spec.outputs), feeds)
+    except Exception as error:  # onnxruntime's errors share no useful base
+        raise JobError(
+            ErrorCode.INVALID_INPUT,
+            f"stage {spec.index + 1} failed: {type(error).__name__}: {error}",
+        ) from None
+    made = dict(zip(spec.outputs, values_out, strict=True))
+    trim = {
+        a.name
+        for a in session.get_outputs()
+        if not same
+        and a.shape
+        and not isinstance(a.shape[-1], int)
+        and a.name in made
+        and not a.name.startswith(PRESENT_PREFIX)
+        and made[a.name].shape[-1] == longest + 1
+    }
+    out = []
+    for row, ((received, state, last_only), n) in enumerate(zip(steps, lengths, strict=True)):
+        cut = longest - n
+        mine = {}
+        for name, value in made.items():
+            if name.startswith(PRESENT_PREFIX):
+                state.past[STATE_PREFIX + name[len(PRESENT_PREFIX) :]] = value[
+                    row : row + 1, ..., cut:, :
+                ]
+            else:
+                mine[name] = (
+                    value[row : row + 1, ..., cut:] if name in trim else value[row : row + 1]
+                )
+        forward = {name: mine.get(name, received.get(name)) for name in spec.boundary_out}
+        final = {
+            name: np.ascontiguousarray(value)
+            for name, value in mine.items()
+            if name not in spec.boundary_out
+        }
+        if last_only and "logits" in final:
+            final["logits"] = np.ascontiguousarray(final["logits"][:, -1:, :])
+        out.append(({k: v for k, v in forward.items() if v is not None}, final))
+    return out
+
+
 def run_chain_locally(
     stages: Sequence[tuple[ort.InferenceSession, StageSpec]],
     tensors: Mapping[str, Array],
@@ -416,6 +578,10 @@ class StageSession:
     def __init__(self, node: Node, hops: tuple[Hop, ...], reply: tuple[str, str]) -> None:
         self.node = node
         self.mine, rest = _my_hops(node, hops)
+        batching = node.config.executor.batch_decode
+        self.batchers = [batcher(node, card) for card, _ in self.mine] if batching else []
+        for b in self.batchers:
+            b.sessions += 1
         self.down = Downstream(node, rest, reply) if rest else None
         self.reply = None if rest else ReplyStream(node, *reply)
 
@@ -434,6 +600,9 @@ class StageSession:
         return None
 
     async def close(self) -> None:
+        for b in self.batchers:
+            b.sessions -= 1
+        self.batchers = []
         if self.down is not None:
             await self.down.close()
         if self.reply is not None:
@@ -444,22 +613,158 @@ async def _run_one(
     node: Node, card: ModelCard, state: StageState, received: dict[str, Array], last_only: bool
 ) -> tuple[dict[str, Array], dict[str, Array]]:
     assert card.stage is not None
+    if node.config.executor.batch_decode and decode_rows(card.stage, received, state) >= 0:
+        return await batcher(node, card).step(received, state, last_only)
+    return (await _compute(node, card, [(received, state, last_only)]))[0]
+
+
+def batcher(node: Node, card: ModelCard) -> StageBatcher:
+    """The node's batcher of `card`'s decode steps."""
+    found = node.chains.batchers.get(card.id)
+    if found is None:
+        found = node.chains.batchers[card.id] = StageBatcher(node, card)
+    return found
+
+
+async def _compute(
+    node: Node, card: ModelCard, steps: list[tuple[Mapping[str, Array], StageState, bool]]
+) -> list[tuple[dict[str, Array], dict[str, Array]]]:
+    """One run of `card`'s stage on `steps` (one, or decode steps that share a batch)."""
+    assert card.stage is not None
     async with node.executor.models.use(card.id) as loaded:
         # A stage that has run fast runs in the event loop's thread: for a decode
         # step the hop to a worker thread and back costs more than it.
         compute_ms = node.chains.compute_ms  # stage model id -> EWMA of a run's wall time
         inline = compute_ms.get(card.id, math.inf) < node.config.executor.inline_below_ms
         started = time.perf_counter()
-        args = (loaded.session, card.stage, received, state, last_only)
-        if inline:
-            result = run_stage(*args)
+        if len(steps) == 1:
+            received, state, last_only = steps[0]
+            args = (loaded.session, card.stage, received, state, last_only)
+            if inline:
+                return [run_stage(*args)]
+            result = [
+                await trio.to_thread.run_sync(run_stage, *args, limiter=node.executor.limiter)
+            ]
+        elif inline:
+            result = run_stage_batch(loaded.session, card.stage, steps)
         else:
-            result = await trio.to_thread.run_sync(run_stage, *args, limiter=node.executor.limiter)
+            result = await trio.to_thread.run_sync(
+                run_stage_batch, loaded.session, card.stage, steps, limiter=node.executor.limiter
+            )
         ms = (time.perf_counter() - started) * 1e3
         node.executor.note_run(card.id, ok=True, latency_ms=ms)  # announced: placement uses it
         old = compute_ms.get(card.id)
         compute_ms[card.id] = ms if old is None else old + 0.2 * (ms - old)
     return result
+
+
+@dataclass(slots=True, eq=False)
+class _Waiting:
+    """A session's decode step waiting for its batch (or its turn to run one)."""
+
+    received: Mapping[str, Array]
+    state: StageState
+    last_only: bool
+    woken: trio.Event = field(default_factory=trio.Event)
+    result: tuple[dict[str, Array], dict[str, Array]] | None = None
+    error: JobError | None = None
+
+
+class StageBatcher:
+    """Continuous batching at a stage peer: the decode steps of all sessions of one stage
+    model that are waiting when a run starts go in that run, one row each. The step
+    that finds no run going leads: after one checkpoint (the steps that arrived with
+    it join), it runs every waiting step; the steps that come while it runs wait, and
+    the first of them leads the next run. Prefills run alone (see `_run_one`)."""
+
+    def __init__(self, node: Node, card: ModelCard) -> None:
+        self.node = node
+        self.card = card
+        self.waiting: list[_Waiting] = []
+        self.leader: _Waiting | None = None
+        self.sessions = 0  # open sessions through this stage here
+        self.runs = 0  # onnxruntime runs of decode steps
+        self.rows = 0  # decode steps they ran
+        self.largest = 0  # the most rows in one run
+
+    async def step(
+        self, received: Mapping[str, Array], state: StageState, last_only: bool
+    ) -> tuple[dict[str, Array], dict[str, Array]]:
+        me = _Waiting(received, state, last_only)
+        self.waiting.append(me)
+        try:
+            if self.leader is None:
+                self.leader = me
+            else:
+                await me.woken.wait()
+            if self.leader is me:
+                await self._gather()
+                batch, self.waiting = self.waiting, []
+                await self._run(batch)
+            if me.error is not None:
+                raise me.error
+            assert me.result is not None
+            return me.result
+        finally:
+            if me in self.waiting:  # cancelled before its run
+                self.waiting.remove(me)
+            if self.leader is me:
+                self.leader = self.waiting[0] if self.waiting else None
+                if self.leader is not None:
+                    self.leader.woken.set()
+
+    async def _gather(self) -> None:
+        """Let the steps that arrived with the leader's join its run: with other
+        sessions open here, until every other task waits (their frames read), for at
+        most a run's time (waiting longer costs more than a second run) and
+        `GATHER_S`; else one checkpoint."""
+        if self.sessions <= len(self.waiting):
+            await trio.lowlevel.checkpoint()
+            return
+        run_s = self.node.chains.compute_ms.get(self.card.id, 0.0) / 1e3
+        with trio.move_on_after(min(GATHER_S, GATHER_RUNS * run_s)):
+            await trio.testing.wait_all_tasks_blocked()
+
+    async def _run_group(self, group: list[_Waiting]) -> None:
+        """One run for `group`; runs per cache length if its masks cannot be padded."""
+        try:
+            steps = [(w.received, w.state, w.last_only) for w in group]
+            results = await _compute(self.node, self.card, steps)
+        except Unpaddable:
+            by_length: dict[int, list[_Waiting]] = {}
+            for w in group:
+                length = int(next(iter(w.state.past.values())).shape[-2])
+                by_length.setdefault(length, []).append(w)
+            for same in by_length.values():
+                await self._run_group(same)
+            return
+        except JobError as error:
+            if len(group) > 1:  # one session's bad step fails that session alone
+                for w in group:
+                    await self._run_group([w])
+                return
+            group[0].error = error
+            return
+        self.runs += 1
+        self.rows += len(group)
+        self.largest = max(self.largest, len(group))
+        for w, result in zip(group, results, strict=True):
+            w.result = result
+
+    async def _run(self, batch: list[_Waiting]) -> None:
+        assert self.card.stage is not None
+        groups: dict[tuple[object, ...], list[_Waiting]] = {}
+        for w in batch:
+            length = int(next(iter(w.state.past.values())).shape[-2])
+            groups.setdefault(batch_key(self.card.stage, w.received, length), []).append(w)
+        try:
+            for group in groups.values():
+                await self._run_group(group)
+        finally:
+            for w in batch:
+                if w.result is None and w.error is None:
+                    w.error = JobError(ErrorCode.INTERNAL, "the stage's batch did not run")
+                w.woken.set()
 
 
 async def _dial(node: Node, peer: str) -> None:

@@ -61,6 +61,7 @@ max-batch-rows = 1000
 max-request-bytes = 2048
 max-inbound-streams = 9
 max-sessions = 3
+no-batch-decode = true
 max-new-tokens = 77
 session-idle-s = 2.5
 fetch = ["minilm-l6-v2", "pydoc-gpt-large@2"]
@@ -92,7 +93,7 @@ log-format = "json"
         *("--max-sessions", "3", "--max-new-tokens", "77", "--session-idle-s", "2.5"),
         *("--fetch", "minilm-l6-v2", "--fetch", "pydoc-gpt-large@2", "--fetch-max-mb", "100"),
         *("--network", "lab", "--interval", "0.5", "--refresh", "30", "--degree", "0"),
-        *("--mdns", "--psk", "swarm.key", "--allow-client", ALICE),
+        *("--mdns", "--no-batch-decode", "--psk", "swarm.key", "--allow-client", ALICE),
         *("--allow-clients-file", "clients.toml", "--job-rate", "2.5", "--job-burst", "7"),
         *("--metrics-listen", "127.0.0.1:9100"),
         *("--log-level", "info", "--log-format", "json"),
@@ -105,7 +106,7 @@ log-format = "json"
     assert config == _node_config(from_flags)
     assert config.executor.workers == 3 and config.admission.allowed_clients == {ALICE, BOB}
     assert (config.executor.max_sessions, config.executor.max_new_tokens) == (3, 77)
-    assert config.executor.session_idle_s == 2.5
+    assert config.executor.session_idle_s == 2.5 and not config.executor.batch_decode
     assert config.psk is not None and config.mdns and config.gossip.refresh == 30.0
     assert config.announce == ("/ip4/203.0.113.7/tcp/4001",)
     assert config.metrics_listen == ("127.0.0.1", 9100)
