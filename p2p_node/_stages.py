@@ -248,6 +248,20 @@ def empty_past(session: ort.InferenceSession, batch: int) -> dict[str, Array]:
     return past
 
 
+def _run(
+    session: ort.InferenceSession, spec: StageSpec, feeds: dict[str, Array]
+) -> dict[str, Array]:
+    """The stage's outputs by name; a failed run is the request's INVALID_INPUT."""
+    try:
+        values = session.run(list(spec.outputs), feeds)
+    except Exception as error:  # onnxruntime's errors share no useful base
+        raise JobError(
+            ErrorCode.INVALID_INPUT,
+            f"stage {spec.index + 1} failed: {type(error).__name__}: {error}",
+        ) from None
+    return dict(zip(spec.outputs, values, strict=True))
+
+
 def run_stage(
     session: ort.InferenceSession,
     spec: StageSpec,
@@ -272,14 +286,7 @@ def run_stage(
             rows = next(iter(feeds.values())).shape[0] if feeds else 1
             state.past = empty_past(session, rows)
         feeds.update({n: state.past[n] for n in spec.inputs if n.startswith(STATE_PREFIX)})
-    try:
-        values = session.run(list(spec.outputs), feeds)
-    except Exception as error:  # onnxruntime's errors share no useful base
-        raise JobError(
-            ErrorCode.INVALID_INPUT,
-            f"stage {spec.index + 1} failed: {type(error).__name__}: {error}",
-        ) from None
-    made = dict(zip(spec.outputs, values, strict=True))
+    made = _run(session, spec, feeds)
     if state is not None:
         for name, value in made.items():
             if name.startswith(PRESENT_PREFIX):
@@ -413,14 +420,7 @@ def run_stage_batch(
     except ValueError as error:  # numpy: tensors that do not stack
         raise JobError(ErrorCode.INVALID_INPUT, f"stage {spec.index + 1}: {error}") from None
     same = len(set(lengths)) == 1
-    try:
-        values_out = session.run(list(spec.outputs), feeds)
-    except Exception as error:  # onnxruntime's errors share no useful base
-        raise JobError(
-            ErrorCode.INVALID_INPUT,
-            f"stage {spec.index + 1} failed: {type(error).__name__}: {error}",
-        ) from None
-    made = dict(zip(spec.outputs, values_out, strict=True))
+    made = _run(session, spec, feeds)
     trim = {
         a.name
         for a in session.get_outputs()
