@@ -135,9 +135,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--streams", type=int, default=2, help="streams per peer")
     args = parser.parse_args()
-    size = model_bytes(bundled_models_dir() / args.model)
-    rows = run_bench(args.model, args.repeat, args.streams)
-    print(f"{args.model}: {size / MB:.1f} MiB, median of {args.repeat}")
+    print_rows(args.model, args.repeat, run_bench(args.model, args.repeat, args.streams))
+
+
+def print_rows(model: str, repeat: int, rows: list[Row]) -> None:
+    size = model_bytes(bundled_models_dir() / model)
+    print(f"fetch of {model}: {size / MB:.1f} MiB, median of {repeat}")
     print(f"{'':<22} {'MB/s':>8} {'/ copy':>8} {'/ TCP':>8}")
     for row in rows:
         print(f"{row.what:<22} {row.mb_per_s:>8.1f} {row.vs_copy:>8.3f} {row.vs_tcp:>8.3f}")
