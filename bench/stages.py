@@ -99,6 +99,17 @@ def _base(repo: Path, data: Path) -> NodeConfig:
     return NodeConfig(data_dir=data, shutdown_grace=1.0, target_degree=0, models_dir=repo)
 
 
+def _coordinator(
+    repo: Path, data: Path, procs: list[tuple[subprocess.Popen[str], str]]
+) -> NodeConfig:
+    """This process's node: serves nothing, bootstraps from the stage processes."""
+    return replace(
+        _base(repo, data / "coordinator"),
+        bootstrap=tuple(a for _, a in procs),
+        serve_models=frozenset(),
+    )
+
+
 async def _chain_network(  # type: ignore[no-untyped-def]
     repo: Path, model: str, k: int, data: Path, tokens: int, steps: int, batch: bool = True
 ):
@@ -108,11 +119,7 @@ async def _chain_network(  # type: ignore[no-untyped-def]
         for i in range(k):
             first = procs[0][1] if procs else None
             procs.append(_start_process(repo, data / f"p{i}", stage_id(model, i, k), first, batch))
-        config = replace(
-            _base(repo, data / "coordinator"),
-            bootstrap=tuple(a for _, a in procs),
-            serve_models=frozenset(),
-        )
+        config = _coordinator(repo, data, procs)
         async with open_node(config) as node:
             chains = node.chains
             while True:
@@ -191,11 +198,7 @@ async def _failover(repo: Path, model: str, data: Path, tokens: int) -> tuple[fl
                 _start_process(repo, data / f"p{i}", serve, procs[0][1] if procs else None)
             )
         by_peer = {addr.rsplit("/p2p/", 1)[1]: proc for proc, addr in procs}
-        config = replace(
-            _base(repo, data / "coordinator"),
-            bootstrap=tuple(a for _, a in procs),
-            serve_models=frozenset(),
-        )
+        config = _coordinator(repo, data, procs)
         async with open_node(config) as node:
             chains = node.chains
             while True:

@@ -5,6 +5,7 @@ seeing an error, and no node needs memory for the whole model."""
 from __future__ import annotations
 
 import shutil
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,6 +55,16 @@ async def _converged_with_stages(swarm: object, coordinator: int, parent: str) -
             return
         except JobError:
             await trio.sleep(0.05)
+
+
+# Node 0 coordinates, 1 serves stage 1, 2 and 3 both serve stage 2, 4 serves stage 3.
+MIDDLE_TWICE = [
+    frozenset(),
+    frozenset({f"{GPT}@1of3"}),
+    frozenset({f"{GPT}@2of3"}),
+    frozenset({f"{GPT}@2of3"}),
+    frozenset({f"{GPT}@3of3"}),
+]
 
 
 async def test_embedding_through_two_stage_peers_matches_the_whole_model(
@@ -128,14 +139,7 @@ async def test_consecutive_stages_on_one_peer_run_without_a_hop(repo: Path, tmp_
 async def test_a_middle_stage_peer_killed_mid_generation_is_replaced(
     repo: Path, tmp_path: Path
 ) -> None:
-    # Node 0 coordinates, 1 serves stage 1, 2 and 3 both serve stage 2, 4 serves stage 3.
-    models = [
-        frozenset(),
-        frozenset({f"{GPT}@1of3"}),
-        frozenset({f"{GPT}@2of3"}),
-        frozenset({f"{GPT}@2of3"}),
-        frozenset({f"{GPT}@3of3"}),
-    ]
+    models = MIDDLE_TWICE
     with trio.fail_after(120):
         async with open_swarm(5, models=models, base=_base(repo, tmp_path)) as swarm:
             await swarm.wait_converged()
@@ -289,15 +293,7 @@ async def test_bad_stage_steps_get_typed_errors_and_the_node_goes_on(
 async def test_a_frozen_stage_peer_is_replaced_when_the_failure_detector_drops_it(
     repo: Path, tmp_path: Path
 ) -> None:
-    from contextlib import ExitStack
-
-    models = [
-        frozenset(),
-        frozenset({f"{GPT}@1of3"}),
-        frozenset({f"{GPT}@2of3"}),
-        frozenset({f"{GPT}@2of3"}),
-        frozenset({f"{GPT}@3of3"}),
-    ]
+    models = MIDDLE_TWICE
     # Stages run in worker threads, so that holding a node's workers freezes it.
     base = _base(repo, tmp_path, executor=ExecutorConfig(inline_below_ms=0))
     with trio.fail_after(90):
