@@ -31,7 +31,7 @@ from p2p_node._manifest import (
     encode_request,
 )
 from p2p_node._node import Node, open_node
-from p2p_node._shard import shard
+from p2p_node._shard import copy_bundled_stages
 from p2p_node.testing import Swarm, open_swarm
 from scheduler import ErrorCode
 
@@ -350,7 +350,7 @@ async def test_one_stage_of_a_staged_model_is_fetched_by_its_number(tmp_path: Pa
     """`--fetch MODEL@2` fetches the model a peer announces as stage 2 of MODEL."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    shard(SOURCE, 2, repo)
+    copy_bundled_stages(MINILM, 2, repo)
     base = NodeConfig(data_dir=Path(), models_dir=repo, shutdown_grace=1.0, target_degree=0)
     target = f"{MINILM}@2"
     with trio.fail_after(TIMEOUT_S):

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 
 from p2p_node import Client, bundled_models_dir
 from p2p_node._config import NodeConfig
-from p2p_node._shard import shard
+from p2p_node._shard import copy_bundled_stages
 from p2p_node.testing import open_swarm
 from scheduler import ErrorCode, JobError
 
@@ -27,9 +27,9 @@ TEXTS = ["the cat sat on the mat", "a stage is a range of layers", "hello"]
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("stage-text-repo")
-    shard(BUNDLED / MINILM, 2, out)
+    copy_bundled_stages(MINILM, 2, out)
     shutil.copytree(BUNDLED / "pydoc-gpt-small", out / "pydoc-gpt-small")
-    shard(BUNDLED / "pydoc-gpt-small", 2, out)
+    copy_bundled_stages("pydoc-gpt-small", 2, out)
     return out
 
 
