@@ -196,7 +196,7 @@ class FetchService:
     def _lock(self, model_id: str) -> trio.Lock:
         return self._locks.setdefault(model_id, trio.Lock())
 
-    def _count_corrupt(self) -> None:
+    def count_corrupt(self) -> None:
         self.corrupt_chunks += 1
 
     # --- fetching --------------------------------------------------------------------
@@ -250,7 +250,7 @@ class FetchService:
             if node.executor.serves(descriptor.id):
                 progress.state = "done"
                 return descriptor.id
-            model_dir = await Download(node, descriptor, progress, self._count_corrupt).run()
+            model_dir = await Download(node, descriptor, progress, self.count_corrupt).run()
             try:
                 await node.serve_model(read_model_card(model_dir))
             except (RepositoryError, ConfigError) as error:
