@@ -29,7 +29,9 @@ from tokenizers import Tokenizer
 
 from scheduler import (
     ChainPlan,
+    DistributionStrategy,
     ErrorCode,
+    InferenceRequest,
     InferenceResult,
     JobError,
     NodeInfo,
@@ -247,6 +249,25 @@ class Chains:
         whole = estimate_whole(model_id, nodes, self.rtt_ms, self.node.peer_id)
         return whole is None or plan.estimate_ms < whole[0]
 
+    async def run_selected(
+        self, request: InferenceRequest, strategy: DistributionStrategy, hedge: bool
+    ) -> InferenceResult:
+        """How this node runs a model named or selected for a job: through a chain of
+        its stages when `prefers_chain`, else whole on the best peer (the scheduler)."""
+        model_id, timeout = request.model_id, request.timeout
+        if not self.prefers_chain(model_id):
+            return await self.node.orchestrator.run_distributed_inference(
+                request, strategy, hedge=hedge
+            )
+        if request.texts:
+            return await self.run_text_job(
+                request.job_id, model_id, request.texts, request.truncate, timeout
+            )
+        result: InferenceResult = await self.run_job(
+            request.job_id, model_id, request.inputs, timeout
+        )
+        return result
+
     async def run_job(
         self, job_id: str, model_id: str, tensors: Mapping[str, Array], timeout: float
     ) -> Any:
@@ -334,12 +355,6 @@ class Chains:
             if session is not None:
                 with trio.CancelScope(shield=True):
                     await session.close()
-
-    def wants_text_chain(self, model_id: str) -> bool:
-        """Whether a text job (strings) on `model_id` goes through a chain: as a tensor
-        job would (`prefers_chain`). This node tokenizes for the chain, with the
-        tokenizer of a stage it serves or one read from a stage's peer."""
-        return self.prefers_chain(model_id)
 
     async def run_text_job(
         self, job_id: str, model_id: str, texts: Sequence[str], truncate: bool, timeout: float

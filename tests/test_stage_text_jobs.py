@@ -171,3 +171,53 @@ async def test_no_tokenizer_anywhere_is_a_typed_error_naming_why(
         "tokenizer" in refused.value.message and "does not match its hash" in refused.value.message
     )
     np.testing.assert_allclose(result.outputs["embeddings"], _whole(TEXTS), atol=1e-5, rtol=0)
+
+
+async def test_task_named_requests_select_a_model_served_only_as_stages(
+    repo: Path, tmp_path: Path
+) -> None:
+    """A job naming only its task, on a network where the model is a chain of stages:
+    the catalog lists the parent (never a stage), and the job runs through the chain,
+    asked of a node with no models and of a stage's peer alike."""
+    from test_shard import _greedy_whole
+
+    gpt = "pydoc-gpt-small"
+    models = [
+        frozenset(),
+        frozenset({f"{MINILM}@1of2", f"{gpt}@1of2"}),
+        frozenset({f"{MINILM}@2of2", f"{gpt}@2of2"}),
+    ]
+    tokenizer = Tokenizer.from_file(str(BUNDLED / gpt / "tokenizer.json"))
+    prompt = "The module"
+    config = NodeConfig(data_dir=tmp_path, shutdown_grace=1.0, target_degree=0, models_dir=repo)
+    with trio.fail_after(90):
+        async with open_swarm(3, models=models, base=config) as swarm:
+            await swarm.wait_converged()
+            while True:
+                try:
+                    swarm[0].chains.plan(MINILM)
+                    swarm[0].chains.plan(gpt)
+                    swarm[1].chains.plan(gpt)
+                    break
+                except JobError:
+                    await trio.sleep(0.05)
+            catalogs = [
+                {(e.model_id, e.stages) for e in swarm[i].catalog().entries()} for i in (0, 1)
+            ]
+            results, texts = [], []
+            for i in (0, 1):
+                async with Client.connect(swarm[i].addrs[0]) as client:
+                    results.append(await client.submit_task("sentence-embedding", texts=TEXTS))
+                    async with client.generate(
+                        prompt, task="text-generation", max_tokens=16
+                    ) as generation:
+                        texts.append((await generation.text(), generation.summary))
+    assert catalogs == [{(MINILM, 2), (gpt, 2)}] * 2
+    whole = _whole(TEXTS)
+    for result in results:
+        assert result.model_id == MINILM and result.executor == swarm[2].peer_id
+        np.testing.assert_allclose(result.outputs["embeddings"], whole, atol=1e-5, rtol=0)
+    expected = tokenizer.decode(_greedy_whole(tokenizer.encode(prompt).ids, 16))
+    for text, summary in texts:
+        assert text == expected
+        assert summary is not None and summary.model_id == gpt
