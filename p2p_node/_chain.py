@@ -360,12 +360,20 @@ class Chains:
         self, job_id: str, model_id: str, texts: Sequence[str], truncate: bool, timeout: float
     ) -> InferenceResult:
         """A text job through a chain: tokenized here with the model's tokenizer (see
-        `stage_text`), answered as the executor answers text jobs."""
-        text = await self.text_model(model_id)
+        `stage_text`), answered as the executor answers text jobs, by `timeout` s."""
+        deadline = trio.current_time() + timeout
+        with trio.move_on_at(deadline) as waited:  # reading a tokenizer from a peer counts too
+            text = await self.text_model(model_id)
+        if waited.cancelled_caught:
+            raise JobError(
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"no tokenizer of {model_id} within the job's {timeout:g} s",
+            )
         job = text.prepare(
             texts, truncate=truncate, max_rows=self.node.config.executor.max_batch_rows
         )
-        result: InferenceResult = await self.run_job(job_id, model_id, job.feeds, timeout)
+        left = max(deadline - trio.current_time(), 1e-3)
+        result: InferenceResult = await self.run_job(job_id, model_id, job.feeds, left)
         outputs, labels = job.finish(result.outputs)
         return replace(result, outputs=outputs, labels=labels)
 
