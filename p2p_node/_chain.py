@@ -19,7 +19,6 @@ import contextlib
 import logging
 import secrets
 import time
-import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,9 @@ from tokenizers import Tokenizer
 
 from scheduler import (
     ChainPlan,
+    DistributionStrategy,
     ErrorCode,
+    InferenceRequest,
     InferenceResult,
     JobError,
     NodeInfo,
@@ -39,8 +40,10 @@ from scheduler import (
     plan_chain,
 )
 
+from ._chain_text import StageText, fetch_stage_text, local_stage_text
 from ._decoder import Sampling, choose_token
-from ._repository import Postprocess, RepositoryError, parse_text_spec
+from ._download import FetchError
+from ._repository import Postprocess, RepositoryError
 from ._stages import (
     STEP_WAIT_S,
     Answer,
@@ -172,6 +175,9 @@ class Chains:
         self._offers: list[StageOffer] = []
         self._offers_source: object = None
         self._parents: frozenset[str] = frozenset()
+        self._texts: dict[str, StageText] = {}  # by parent: its text side (_chain_text)
+        self._text_locks: dict[str, trio.Lock] = {}
+        self._text_models: dict[str, tuple[tuple[StageText, Any], TextModel]] = {}
 
     def deliver(self, session_id: str, sender: str, answer: Answer) -> bool:
         """An answer from the last stage's peer of an open session; False when there
@@ -242,6 +248,25 @@ class Chains:
             return False
         whole = estimate_whole(model_id, nodes, self.rtt_ms, self.node.peer_id)
         return whole is None or plan.estimate_ms < whole[0]
+
+    async def run_selected(
+        self, request: InferenceRequest, strategy: DistributionStrategy, hedge: bool
+    ) -> InferenceResult:
+        """How this node runs a model named or selected for a job: through a chain of
+        its stages when `prefers_chain`, else whole on the best peer (the scheduler)."""
+        model_id, timeout = request.model_id, request.timeout
+        if not self.prefers_chain(model_id):
+            return await self.node.orchestrator.run_distributed_inference(
+                request, strategy, hedge=hedge
+            )
+        if request.texts:
+            return await self.run_text_job(
+                request.job_id, model_id, request.texts, request.truncate, timeout
+            )
+        result: InferenceResult = await self.run_job(
+            request.job_id, model_id, request.inputs, timeout
+        )
+        return result
 
     async def run_job(
         self, job_id: str, model_id: str, tensors: Mapping[str, Array], timeout: float
@@ -331,48 +356,56 @@ class Chains:
                 with trio.CancelScope(shield=True):
                     await session.close()
 
-    def wants_text_chain(self, model_id: str) -> bool:
-        """Whether a text job (strings) on `model_id` goes through a chain: as a tensor
-        job would (`prefers_chain`), and this node can tokenize for it or no peer
-        serves the model whole (then the job fails naming why)."""
-        if not self.prefers_chain(model_id):
-            return False
-        if self._text_tables(model_id):
-            return True
-        nodes = {n.peer_id: n for n in self.node.node_index().nodes}
-        return estimate_whole(model_id, nodes, self.rtt_ms, self.node.peer_id) is None
-
     async def run_text_job(
         self, job_id: str, model_id: str, texts: Sequence[str], truncate: bool, timeout: float
     ) -> InferenceResult:
-        """A text job through a chain: tokenized here with the tokenizer beside a stage
-        of the model this node serves, answered as the executor answers text jobs."""
-        text = self.text_model(model_id)
+        """A text job through a chain: tokenized here with the model's tokenizer (see
+        `stage_text`), answered as the executor answers text jobs, by `timeout` s."""
+        deadline = trio.current_time() + timeout
+        with trio.move_on_at(deadline) as waited:  # reading a tokenizer from a peer counts too
+            text = await self.text_model(model_id)
+        if waited.cancelled_caught:
+            raise JobError(
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"no tokenizer of {model_id} within the job's {timeout:g} s",
+            )
         job = text.prepare(
             texts, truncate=truncate, max_rows=self.node.config.executor.max_batch_rows
         )
-        result: InferenceResult = await self.run_job(job_id, model_id, job.feeds, timeout)
+        left = max(deadline - trio.current_time(), 1e-3)
+        result: InferenceResult = await self.run_job(job_id, model_id, job.feeds, left)
         outputs, labels = job.finish(result.outputs)
         return replace(result, outputs=outputs, labels=labels)
 
-    def text_model(self, parent: str) -> TextModel:
-        """`parent`'s text side for one-shot text jobs: the `[stage.text]` table and
-        tokenizer beside a stage of it this node serves, and the first and last
-        stages' descriptors (the parent's inputs and outputs) from the view. JobError
-        naming what is missing."""
-        tables = self._text_tables(parent)
-        if not tables:
-            raise JobError(
-                ErrorCode.NO_CAPABLE_PEER,
-                f"model {parent} is served only as stages, and this node serves none of them "
-                "with its tokenizer: send the texts to a node that serves one of its stages, "
-                "or tokenize them and send tensors",
-            )
-        card, table = tables[0]
-        try:
-            spec = parse_text_spec(card.onnx_path.parent / "model.toml", table)
-        except RepositoryError as error:
-            raise JobError(ErrorCode.INTERNAL, f"model {parent}: {error}") from None
+    async def stage_text(self, parent: str) -> StageText:
+        """`parent`'s `[text]` table and tokenizer: beside a stage of it this node
+        serves, or else read once from a peer serving one (`_chain_text`) and kept.
+        JobError(NO_CAPABLE_PEER) naming why when neither has them."""
+        found = self._texts.get(parent)
+        if found is not None:
+            return found
+        async with self._text_locks.setdefault(parent, trio.Lock()):
+            found = self._texts.get(parent) or local_stage_text(self.node, parent)
+            if found is None:
+                try:
+                    found = await fetch_stage_text(
+                        self.node, parent, self.offers(), self.node.fetches.count_corrupt
+                    )
+                except FetchError as error:
+                    raise JobError(
+                        ErrorCode.NO_CAPABLE_PEER,
+                        f"model {parent} is served only as stages, and this node has no "
+                        f"tokenizer for it: {error.message}",
+                    ) from None
+            self._texts[parent] = found
+            return found
+
+    async def text_model(self, parent: str) -> TextModel:
+        """`parent`'s text side for one-shot text jobs: its `[text]` table and tokenizer
+        (`stage_text`), and the first and last stages' descriptors (the parent's inputs
+        and outputs) from the view. JobError naming what is missing."""
+        text = await self.stage_text(parent)
+        spec = text.spec()
         if spec.postprocess is Postprocess.GENERATE:
             raise JobError(
                 ErrorCode.INVALID_INPUT,
@@ -391,27 +424,15 @@ class Chains:
                 ErrorCode.NO_CAPABLE_PEER, f"no first and last stage of {parent!r} in the view"
             )
         descriptor = replace(ends[1], id=parent, inputs=ends[0].inputs)
+        kept = self._text_models.get(parent)
+        if kept is not None and kept[0][0] is text and kept[0][1] == descriptor:
+            return kept[1]
         try:
-            model = TextModel.load(replace(card, id=parent, text=spec), descriptor)
+            model = TextModel.with_tokenizer(descriptor, spec, text.tokenizer())
         except RepositoryError as error:
             raise JobError(ErrorCode.INTERNAL, f"model {parent}: {error}") from None
-        assert model is not None
+        self._text_models[parent] = ((text, descriptor), model)
         return model
-
-    def _text_tables(self, parent: str) -> list[tuple[Any, dict[str, Any]]]:
-        """This node's stages of `parent` with a `[stage.text]` table and its tokenizer."""
-        found = []
-        for descriptor in self.node.models:
-            card = self.node.executor.models.card(descriptor.id)
-            if card is None or card.stage is None or card.stage.parent != parent:
-                continue
-            with (card.onnx_path.parent / "model.toml").open("rb") as f:
-                text = tomllib.load(f).get("stage", {}).get("text")
-            if isinstance(text, dict):
-                tokenizer = card.onnx_path.parent / str(text.get("tokenizer", "tokenizer.json"))
-                if tokenizer.is_file():
-                    found.append((card, text))
-        return found
 
     def _descriptor(self, peer_id: str, model_id: str) -> Any:
         """The descriptor of `model_id` as `peer_id` announces it (this node: its own)."""
@@ -421,25 +442,10 @@ class Chains:
         entries = known.record.models if known is not None else ()
         return next((e.descriptor for e in entries if e.descriptor.id == model_id), None)
 
-    def text_side(self, parent: str) -> tuple[Tokenizer, int, int]:
-        """The tokenizer, eos token id and context window of `parent`, from the
-        `[stage.text]` table beside a stage of it this node serves. JobError when
-        this node serves no stage of it (it cannot tokenize for the chain)."""
-        for descriptor in self.node.models:
-            card = self.node.executor.models.card(descriptor.id)
-            if card is None or card.stage is None or card.stage.parent != parent:
-                continue
-            with (card.onnx_path.parent / "model.toml").open("rb") as f:
-                text = tomllib.load(f).get("stage", {}).get("text", {})
-            tokenizer = card.onnx_path.parent / str(text.get("tokenizer", "tokenizer.json"))
-            if text.get("postprocess") == "generate" and tokenizer.is_file():
-                eos = int(text.get("decoder", {}).get("eos_token_id", -1))
-                return Tokenizer.from_file(str(tokenizer)), eos, int(text["max_tokens"])
-        raise JobError(
-            ErrorCode.NO_CAPABLE_PEER,
-            f"model {parent} is served as stages; to generate through them, ask a node that "
-            "serves one of its stages (it has the tokenizer)",
-        )
+    async def text_side(self, parent: str) -> tuple[Tokenizer, int, int]:
+        """The tokenizer, eos token id and context window of generator `parent`
+        (`stage_text`). JobError when this node cannot have them."""
+        return (await self.stage_text(parent)).generation()
 
     async def serve_generation(
         self, request: Any, send: Callable[[bytes], Awaitable[None]]
@@ -450,7 +456,7 @@ class Chains:
         from ._messages import GeneratedPiece, GenerateSummary
 
         started = time.perf_counter()
-        tokenizer, eos, window = self.text_side(request.model_id)
+        tokenizer, eos, window = await self.text_side(request.model_id)
         prompt = tokenizer.encode(request.prompt).ids
         if not prompt or len(prompt) >= window:
             raise JobError(

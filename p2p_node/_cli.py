@@ -54,7 +54,7 @@ from ._config import (
 )
 from ._errors import leaves
 from ._executor import UNNAMED_INPUT
-from ._fetch import FETCH_PROTOCOL, fetch_progress, progress_text
+from ._fetch import node_fetches, progress_json, progress_text
 from ._flags import (
     COUNT,
     POSITIVE,
@@ -69,7 +69,6 @@ from ._flags import (
 )
 from ._identity import IdentityError, create_identity_file, load_identity_file, peer_id_of
 from ._logging import LOG_FORMATS, LOG_LEVELS, configure_logging
-from ._manifest import Progress
 from ._node import open_node
 from ._psk import PskError, read_psk_file, write_new_psk_file
 from ._repository import RepositoryError
@@ -1015,24 +1014,17 @@ async def _models(args: argparse.Namespace) -> int:
 async def _peers(args: argparse.Namespace) -> int:
     async with _connect(args) as client:
         peers = await client.peers()
-        fetches = () if args.json else await _fetches(client)
+        fetches = await node_fetches(client)
         own = [] if args.json else [m.id for m in await client.models()]
-    print(_render.peers_json(peers) if args.json else _render.peers_text(peers))
-    if not args.json and (
-        chains := _render.chains_text(peers, offers_from_ids(client.peer_id, own))
-    ):
+    if args.json:  # {"peers": [...], "fetches": [...]}
+        print(_render.peers_json(peers, progress_json(fetches)))
+        return 0
+    print(_render.peers_text(peers))
+    if chains := _render.chains_text(peers, offers_from_ids(client.peer_id, own)):
         print(chains)
     if fetches:
         print(progress_text(fetches))
     return 0
-
-
-async def _fetches(client: Client) -> tuple[Progress, ...]:
-    """What the node is fetching; () from a node that does not say."""
-    try:
-        return await fetch_progress(await client.open_stream(FETCH_PROTOCOL))
-    except JobError:
-        return ()
 
 
 async def _top(args: argparse.Namespace) -> int:

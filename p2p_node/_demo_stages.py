@@ -1,8 +1,7 @@
 """`p2p-node demo --stages`: models bigger than any node, served through stages.
 
-The bundled generator pydoc-gpt-large runs as its shipped 3-stage split
-(`p2p_node/bundled_stages`), and MiniLM as 2 stages (`p2p-node shard`, into a
-temporary repository). Each runs on a network of its
+The bundled generator pydoc-gpt-large runs as its shipped 3-stage split,
+and MiniLM as its shipped 2-stage split (`p2p_node/bundled_stages`). Each runs on a network of its
 own: one coordinator and one node per stage, every node's model memory budget
 below the whole model, so that no node could load it. The coordinator places a
 chain (one peer per stage), and the activations go stage peer to stage peer.
@@ -11,7 +10,6 @@ Each answer is checked against the whole model run in this process.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +22,7 @@ from tokenizers import Tokenizer
 
 from ._config import ExecutorConfig, NodeConfig
 from ._repository import bundled_models_dir, read_model_card
-from ._shard import bundled_stages_dir, shard, stage_id
+from ._shard import copy_bundled_stages, stage_id
 from .testing import open_swarm
 
 GENERATOR = "pydoc-gpt-large"
@@ -50,14 +48,7 @@ async def run_stage_demo() -> tuple[list[str], list[Row]]:
     with tempfile.TemporaryDirectory(prefix="p2p-node-stages-") as tmp:
         root = Path(tmp)
         for model, k in ((GENERATOR, 3), (EMBEDDER, 2)):
-            if model == GENERATOR:  # shipped split (p2p_node/bundled_stages)
-                for i in range(k):
-                    shutil.copytree(
-                        bundled_stages_dir() / stage_id(model, i, k),
-                        root / "repo" / stage_id(model, i, k),
-                    )
-            else:
-                shard(bundled_models_dir() / model, k, root / "repo")
+            copy_bundled_stages(model, k, root / "repo")  # the shipped split
             whole_mb = read_model_card(bundled_models_dir() / model).memory_bytes / (1 << 20)
             stages_mb = [
                 read_model_card(root / "repo" / stage_id(model, i, k)).memory_bytes / (1 << 20)

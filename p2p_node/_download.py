@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -357,7 +357,66 @@ class Download:
         reply = await self._ask(channel, ManifestAsk(self.descriptor.id, self.descriptor.sha256))
         if not isinstance(reply, Manifest) or reply.model_id != self.descriptor.id:
             raise _PeerFailed(f"answered a manifest request with {_describe(reply)}")
+        if reply.model_sha256 != self.descriptor.sha256:  # its model.onnx hashes to this
+            raise _PeerFailed("answered with the manifest of another model.onnx")
         return reply
+
+    async def read_files(self, names: Sequence[str], max_bytes: int) -> dict[str, bytes]:
+        """Files `names` of the model, into memory (nothing is written), from the first
+        announcing peer that gives them all: each chunk checked against that peer's
+        manifest (whose model.onnx hashes to the announced sha256), each file against
+        its whole hash and `max_bytes`. FetchError(NO_PEER) naming why when none does."""
+        view = self._node.view.snapshot()
+        connected = self._node.connected_peers()
+        peers = sorted(self._untried(view, set()), key=lambda p: (p not in connected, p))
+        why: list[str] = []
+        for peer in peers:
+            try:
+                channel = await self._open(peer)
+            except JobError as error:
+                why.append(f"{peer}: {error.message}")
+                continue
+            failed = True
+            try:
+                manifest = await self._ask_manifest(channel)
+                files = {
+                    name: await self._read_file(channel, manifest, name, max_bytes)
+                    for name in names
+                }
+                failed = False
+                return files
+            except _PeerFailed as failure:
+                logger.info(
+                    "reading %s of %s from %s: %s", names, self.descriptor.id, peer, failure
+                )
+                why.append(f"{peer}: {failure}")
+            finally:
+                await (channel.discard() if failed else channel.close())
+        raise FetchError(
+            FetchFailure.NO_PEER,
+            f"none of the {len(peers)} peers announcing {self.descriptor.id} gave its "
+            f"{', '.join(names)}" + (f" ({'; '.join(why[:3])})" if why else ""),
+        )
+
+    async def _read_file(
+        self, channel: Channel, manifest: Manifest, name: str, max_bytes: int
+    ) -> bytes:
+        entry = next((f for f in manifest.files if f.name == name), None)
+        if entry is None:
+            raise _PeerFailed(f"its manifest lists no {name}")
+        if entry.size > max_bytes:
+            raise _PeerFailed(f"its {name} is {entry.size:,} bytes, over {max_bytes:,}")
+        parts = []
+        for c, expected in enumerate(entry.chunks):
+            reply = await self._ask(channel, ChunkAsk(entry.sha256, c))
+            if not isinstance(reply, bytes) or sha256_hex(reply) != expected:
+                self._on_corrupt()
+                raise _PeerFailed(f"sent chunk {c} of {name} that does not match its hash")
+            parts.append(reply)
+        data = b"".join(parts)
+        if len(data) != entry.size or sha256_hex(data) != entry.sha256:
+            raise _PeerFailed(f"its {name} does not match its hash")
+        return data
 
     async def _ask(self, channel: Channel, request: FetchRequest) -> Reply:
         try:

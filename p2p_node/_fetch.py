@@ -63,6 +63,7 @@ from ._manifest import (
 from ._repository import ModelCard, RepositoryError, read_model_card
 
 if TYPE_CHECKING:
+    from ._client import Client
     from ._node import Node
 
 logger = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ class FetchService:
     def _lock(self, model_id: str) -> trio.Lock:
         return self._locks.setdefault(model_id, trio.Lock())
 
-    def _count_corrupt(self) -> None:
+    def count_corrupt(self) -> None:
         self.corrupt_chunks += 1
 
     # --- fetching --------------------------------------------------------------------
@@ -250,7 +251,7 @@ class FetchService:
             if node.executor.serves(descriptor.id):
                 progress.state = "done"
                 return descriptor.id
-            model_dir = await Download(node, descriptor, progress, self._count_corrupt).run()
+            model_dir = await Download(node, descriptor, progress, self.count_corrupt).run()
             try:
                 await node.serve_model(read_model_card(model_dir))
             except (RepositoryError, ConfigError) as error:
@@ -320,6 +321,27 @@ async def fetch_progress(stream: INetStream, timeout: float = 10.0) -> tuple[Pro
     if not isinstance(reply, tuple):
         raise JobError(ErrorCode.MALFORMED_MESSAGE, f"answered a progress request with {reply!r}")
     return reply
+
+
+async def node_fetches(client: Client) -> tuple[Progress, ...]:
+    """What the node `client` is connected to is fetching; () from one that does not say."""
+    try:
+        return await fetch_progress(await client.open_stream(FETCH_PROTOCOL))
+    except JobError:
+        return ()
+
+
+def progress_json(fetches: Iterable[Progress]) -> list[dict[str, object]]:
+    return [
+        {
+            "model_id": p.model_id,
+            "state": p.state,
+            "done_bytes": p.done_bytes,
+            "total_bytes": p.total_bytes,
+            "peers": p.peers,
+        }
+        for p in fetches
+    ]
 
 
 def progress_text(fetches: Iterable[Progress]) -> str:

@@ -127,20 +127,7 @@ class NodeHandlers:
                 texts=request.texts,
                 truncate=bool(request.truncate),
             )
-        if request.texts and node.chains.wants_text_chain(request.model_id):
-            return await node.chains.run_text_job(
-                request.job_id,
-                request.model_id,
-                request.texts,
-                bool(request.truncate),
-                request.timeout_ms / 1000,
-            )
-        if not request.texts and node.chains.prefers_chain(request.model_id):
-            # Served as stages (and not faster whole): see p2p_node/_chain.py.
-            result: InferenceResult = await node.chains.run_job(
-                request.job_id, request.model_id, request.inputs, request.timeout_ms / 1000
-            )
-            return result
+        # Whole, or through a chain of its stages: node.chains.run_selected decides.
         return await node.selector.run_model(to_inference(request), strategy, hedge=request.hedge)
 
     async def infer(self, request: RunRequest, sender: str) -> InferenceResult:

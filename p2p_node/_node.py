@@ -127,6 +127,7 @@ class Node:
             tracker=tracker,
             distribution=config.strategy,
             count_tokens=executor.texts.count_tokens,
+            run=lambda request, strategy, hedge: self.chains.run_selected(request, strategy, hedge),
         )
         self.generations: Generations  # set by open_node: text generation sessions
         self.fetches = FetchService(self)  # models shared with peers by content
@@ -255,6 +256,9 @@ class Node:
                 local_peer_id=self.peer_id,
                 local_models=self.models,
                 local_latency_ms={p.model_id: p.latency_ms for p in self._executor.performance()},
+                local_stages={
+                    m.id: of for m in self.models if (of := self._stage_of(m.id)) is not None
+                },
             )
             self._catalog_source = snapshot
         return self._catalog

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,8 +208,9 @@ def models_text(models: Sequence[ModelDescriptor]) -> str:
     return format_table(rows)
 
 
-def peers_json(peers: Sequence[PeerReport]) -> str:
-    return json.dumps([_peer_json(p) for p in peers])
+def peers_json(peers: Sequence[PeerReport], fetches: Sequence[Mapping[str, Any]] = ()) -> str:
+    """The view, and the node's own fetches (`_fetch.progress_json`)."""
+    return json.dumps({"peers": [_peer_json(p) for p in peers], "fetches": list(fetches)})
 
 
 def _peer_json(report: PeerReport) -> dict[str, Any]:

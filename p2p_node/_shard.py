@@ -19,6 +19,7 @@ graph as a one-stage chain (what `bench.stages` compares against).
 from __future__ import annotations
 
 import re
+import shutil
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -37,8 +38,18 @@ STAGE_SEPARATOR = "@"  # a stage's model id: parent id, "@", index, "of", k
 
 
 def bundled_stages_dir() -> Path:
-    """The bundled generators' 2- and 3-stage splits (see its README.md)."""
+    """The bundled generators' and MiniLM's 2- and 3-stage splits (see its README.md)."""
     return Path(str(resources.files("p2p_node") / "bundled_stages"))
+
+
+def copy_bundled_stages(parent_id: str, k: int, out: Path) -> list[Path]:
+    """Copy the shipped k-stage split of `parent_id` under `out`: what `shard` writes."""
+    written = []
+    for index in range(k):
+        sid = stage_id(parent_id, index, k)
+        shutil.copytree(bundled_stages_dir() / sid, out / sid, dirs_exist_ok=True)
+        written.append(out / sid)
+    return written
 
 
 class ShardError(ValueError):

@@ -166,7 +166,8 @@ async def coordinate(node: Node, request: GenerateRequest, send: Send) -> None:
         )
         model_id = chosen.best
     if node.chains.prefers_chain(model_id):  # served as stages: see p2p_node/_chain.py
-        await node.chains.serve_generation(replace(request, model_id=model_id), send)
+        chained = replace(request, model_id=model_id, task=None, selection=None, context={})
+        await node.chains.serve_generation(chained, send)
         return
     strategy = request.strategy or node.config.strategy
     placement = node.orchestrator.placement(model_id, strategy)

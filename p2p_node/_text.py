@@ -88,6 +88,14 @@ class TextModel:
             raise RepositoryError(
                 f"{path}: not a tokenizer.json `tokenizers` reads: {error}"
             ) from None
+        return cls.with_tokenizer(descriptor, spec, tokenizer)
+
+    @classmethod
+    def with_tokenizer(
+        cls, descriptor: ModelDescriptor, spec: TextSpec, tokenizer: Tokenizer
+    ) -> TextModel:
+        """A text model around `tokenizer` as read (e.g. one fetched from a peer; this
+        sets its truncation and padding)."""
         tokenizer.no_truncation()  # this module truncates, to max_tokens, when allowed
         padding = tokenizer.padding or {}
         tokenizer.enable_padding(

@@ -1,8 +1,8 @@
 """`p2p-node top`: a live view of the network as one node sees it.
 
-Once per interval it asks the node for its view (the peers request) and for
+Once per interval it asks the node for its view (the peers request), for
 what it counts of itself (the stats request: its load, and per model the jobs
-it coordinated with their p50/p99), and redraws. Jobs/s come from the change
+it coordinated with their p50/p99) and for its fetches, and redraws. Jobs/s come from the change
 in the node's job counts between two samples.
 
 Building a frame (`frame_of`) and drawing it (`render`, `frame_text`) are pure
@@ -34,10 +34,13 @@ from rich.table import Table
 from rich.text import Text
 
 from ._client import Client
+from ._fetch import node_fetches
+from ._manifest import Progress
 from ._messages import ModelStats, PeerReport, StatsReply
 
 DEFAULT_INTERVAL_S = 1.0
 QUIT_KEYS = frozenset(b"qQ")
+MB = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,7 @@ class Sample:
     at: float
     stats: StatsReply
     peers: tuple[PeerReport, ...]
+    fetches: tuple[Progress, ...] = ()  # what the node is fetching (`--fetch`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,7 @@ class Frame:
     models: tuple[ModelRow, ...]
     taken_at: float  # wall clock, for the header
     measured: bool  # an earlier sample gave the rates
+    fetches: tuple[Progress, ...] = ()
 
     @property
     def jobs_per_s(self) -> float | None:
@@ -83,7 +88,8 @@ class Frame:
 async def take_sample(client: Client) -> Sample:
     peers = await client.peers()
     stats = await client.stats()
-    return Sample(trio.current_time(), stats, peers)
+    fetches = await node_fetches(client)
+    return Sample(trio.current_time(), stats, peers, fetches)
 
 
 def frame_of(
@@ -113,6 +119,7 @@ def frame_of(
         tuple(rows),
         taken_at,
         measured=elapsed is not None and elapsed > 0,
+        fetches=sample.fetches,
     )
 
 
@@ -137,7 +144,22 @@ def render(frame: Frame) -> RenderableType:
         f"{len(frame.peers)} peers ({alive} alive, {len(frame.peers) - alive} suspect); "
         f"{_rate(rate)} jobs/s coordinated here",
     )
-    return Group(header, _peers_table(frame.peers), _models_table(frame.models))
+    parts: list[RenderableType] = [header, _peers_table(frame.peers), _models_table(frame.models)]
+    if frame.fetches:
+        parts.append(_fetches_table(frame.fetches))
+    return Group(*parts)
+
+
+def _fetches_table(fetches: Sequence[Progress]) -> Table:
+    table = Table(title="models this node fetches", title_justify="left", expand=False)
+    table.add_column("model")
+    table.add_column("state")
+    for name in ("MiB", "of MiB", "peers"):
+        table.add_column(name, justify="right")
+    for p in fetches:
+        total = f"{p.total_bytes / MB:.1f}" if p.total_bytes else "-"
+        table.add_row(p.model_id, p.state, f"{p.done_bytes / MB:.1f}", total, str(p.peers))
+    return table
 
 
 def _peers_table(peers: Sequence[PeerReport]) -> Table:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -78,11 +78,15 @@ class ModelOrchestrator:
         distribution: DistributionStrategy = DistributionStrategy.LEAST_LOADED,
         rng: random.Random | None = None,
         count_tokens: TokenCounter | None = None,
+        run: RunModel | None = None,
     ) -> None:
         """`count_tokens(model_id, texts)`: the most tokens any of `texts` takes in that
         model's own tokenizer, None where this node does not hold it (then the tokens
-        are estimated: `estimate_tokens`)."""
+        are estimated: `estimate_tokens`). `run(request, distribution, hedge)` runs a
+        selected model (default: the scheduler's `run_distributed_inference`; a node
+        passes one that also runs models served only as stages, through a chain)."""
         self.scheduler = scheduler
+        self._run = run or self._run_whole
         self._count_tokens = count_tokens or (lambda model_id, texts: None)
         self.tracker = tracker if tracker is not None else PerformanceTracker()
         self.distribution = distribution
@@ -91,6 +95,11 @@ class ModelOrchestrator:
 
     def catalog(self) -> ModelCatalog:
         return self._catalog()
+
+    async def _run_whole(
+        self, request: InferenceRequest, distribution: DistributionStrategy, hedge: bool
+    ) -> InferenceResult:
+        return await self.scheduler.run_distributed_inference(request, distribution, hedge=hedge)
 
     def select_models(self, task_type: str, k: int | None = None) -> list[str]:
         """Models of `task_type`, most accurate first (learned accuracy where there is
@@ -118,9 +127,7 @@ class ModelOrchestrator:
         """Run `request` through the scheduler and track the outcome. Raises JobError."""
         started = trio.current_time()
         try:
-            result = await self.scheduler.run_distributed_inference(
-                request, distribution or self.distribution, hedge=hedge
-            )
+            result = await self._run(request, distribution or self.distribution, hedge)
         except JobError as error:
             if error.code not in _CALLER_ERRORS:
                 self.tracker.record_run(
@@ -470,6 +477,9 @@ def _rows(inputs: Tensors) -> int:
 
 
 TokenCounter = Callable[[str, Sequence[str]], int | None]
+RunModel = Callable[
+    [InferenceRequest, DistributionStrategy, bool], Awaitable[InferenceResult]
+]  # (request, distribution, hedge) -> its result, as run_distributed_inference
 BYTES_PER_TOKEN_ESTIMATE = 1  # never fewer tokens than this would say: see estimate_tokens
 SPECIAL_TOKENS_ESTIMATE = 2
 

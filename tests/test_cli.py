@@ -102,7 +102,8 @@ def test_two_processes_run_each_others_models(tmp_path: Path, digits_npy: Path) 
     assert on_b["outputs"]["label"]["shape"] == [3]
     assert f"executed by {on_b['executor']}" in text.stdout
     assert [m["id"] for m in listed] == ["digits-mlp"]
-    (b_seen,) = view
+    (b_seen,) = view["peers"]
+    assert view["fetches"] == []
     assert b_seen["peer_id"] == b_addr.rsplit("/", 1)[1]
     # A record is republished at least every refresh (120 s) with nothing changed.
     assert b_seen["state"] == "alive" and b_seen["record_age_s"] < 125

@@ -27,11 +27,12 @@ from p2p_node._manifest import (
     ManifestAsk,
     ProgressAsk,
     Refusal,
+    build_manifest,
     decode_reply,
     encode_request,
 )
 from p2p_node._node import Node, open_node
-from p2p_node._shard import shard
+from p2p_node._shard import copy_bundled_stages
 from p2p_node.testing import Swarm, open_swarm
 from scheduler import ErrorCode
 
@@ -145,6 +146,32 @@ async def test_a_peer_only_sending_corrupt_chunks_leaves_no_model(tmp_path: Path
                 assert not node.executor.serves(MINILM)
                 assert not (tmp_path / "f" / "models" / MINILM).exists()
                 assert node.fetches.corrupt_chunks >= 2  # at least one from each peer
+
+
+async def test_a_manifest_of_another_model_onnx_is_refused(tmp_path: Path) -> None:
+    """A peer answering for MiniLM with the manifest of another model.onnx (valid in
+    itself: its model.onnx hashes to its own model_sha256) is never fetched from."""
+    other = build_manifest(bundled_models_dir() / "digits-logreg", MINILM)
+
+    with trio.fail_after(TIMEOUT_S):
+        async with serving_swarm(1) as swarm:
+            honest = swarm[0].fetches._reply
+
+            async def lying(request: object) -> object:
+                if isinstance(request, ManifestAsk):
+                    await trio.lowlevel.checkpoint()
+                    return other
+                return await honest(request)  # type: ignore[arg-type]
+
+            swarm[0].fetches._reply = lying  # type: ignore[method-assign,assignment]
+            config = FetchConfig(find_timeout=0.5)
+            async with fetcher(swarm, tmp_path / "f", wait_for=1, fetch=config) as node:
+                with pytest.raises(FetchError) as caught:
+                    await node.fetches.fetch(MINILM)
+                assert caught.value.failure is FetchFailure.NO_PEER
+                assert "valid manifest" in caught.value.message
+                assert not node.executor.serves(MINILM)
+                assert swarm[0].fetches.served_chunks == 0
 
 
 async def test_a_peer_dying_mid_fetch_leaves_the_rest_to_the_other(tmp_path: Path) -> None:
@@ -350,7 +377,7 @@ async def test_one_stage_of_a_staged_model_is_fetched_by_its_number(tmp_path: Pa
     """`--fetch MODEL@2` fetches the model a peer announces as stage 2 of MODEL."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    shard(SOURCE, 2, repo)
+    copy_bundled_stages(MINILM, 2, repo)
     base = NodeConfig(data_dir=Path(), models_dir=repo, shutdown_grace=1.0, target_degree=0)
     target = f"{MINILM}@2"
     with trio.fail_after(TIMEOUT_S):

@@ -1,4 +1,5 @@
-"""System: `p2p-node start --fetch` in real processes, and `p2p-node peers` showing it."""
+"""System: `p2p-node start --fetch` in real processes, and `p2p-node peers` (text and
+--json) and `top` showing it."""
 
 from __future__ import annotations
 
@@ -27,7 +28,14 @@ def test_a_node_started_with_fetch_serves_the_model_and_peers_shows_it(tmp_path:
                 assert time.monotonic() < deadline, table
                 time.sleep(0.2)
             listed = json.loads(p2p_node("models", "--peer", b_addr, "--json").stdout)
+            shown = json.loads(p2p_node("peers", "--peer", b_addr, "--json").stdout)
+            top = p2p_node("top", "--peer", b_addr, "--interval", "0.1").stdout
     assert sorted(m["id"] for m in listed) == ["digits-logreg", MINILM]
+    (fetch,) = shown["fetches"]
+    assert fetch["model_id"] == MINILM and fetch["state"] == "done"
+    assert fetch["done_bytes"] == fetch["total_bytes"] > 20 * 1e6
+    assert [p["peer_id"] for p in shown["peers"]] == [a_addr.rsplit("/", 1)[1]]
+    assert "models this node fetches" in top and MINILM in top.split("fetches", 1)[1]
     assert (tmp_path / "b" / "models" / MINILM / "model.onnx").is_file()
     assert b.returncode == 0
 

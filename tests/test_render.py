@@ -124,7 +124,7 @@ def test_a_selection_table_says_how_it_chose() -> None:
 
 def test_peers_as_json_show_the_record_as_it_came() -> None:
     report = PeerReport(REALISTIC, 2.34567, "alive")
-    (shown,) = json.loads(_render.peers_json([report]))
+    (shown,) = json.loads(_render.peers_json([report]))["peers"]
     assert shown["peer_id"] == REALISTIC.peer_id and shown["state"] == "alive"
     assert shown["record_age_s"] == 2.346
     assert shown["addrs"] == list(REALISTIC.addrs)

@@ -20,7 +20,7 @@ from p2p_node._cli import main
 from p2p_node._decoder import DecoderLayout
 from p2p_node._generation import prefill_feeds
 from p2p_node._repository import read_model_card, read_repository
-from p2p_node._shard import ShardError, shard, stage_id
+from p2p_node._shard import ShardError, bundled_stages_dir, shard, stage_id
 from p2p_node._stages import (
     StageState,
     StageStep,
@@ -42,12 +42,9 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 @pytest.fixture(scope="module")
-def stages_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("stages")
-    for model in ("minilm-l6-v2", "pydoc-gpt-small"):
-        for k in (2, 3):
-            shard(BUNDLED / model, k, out)
-    return out
+def stages_dir() -> Path:
+    """The shipped splits: `test_the_bundled_stages_are_what_shard_writes` checks them."""
+    return bundled_stages_dir()
 
 
 def _chain(stages_dir: Path, model: str, k: int) -> list[tuple[ort.InferenceSession, object]]:
@@ -56,8 +53,8 @@ def _chain(stages_dir: Path, model: str, k: int) -> list[tuple[ort.InferenceSess
 
 
 def test_stage_cards_say_parent_index_and_boundaries(stages_dir: Path) -> None:
-    cards = read_repository(stages_dir)
-    assert len(cards) == 10
+    cards = [c for c in read_repository(stages_dir) if c.id.startswith("pydoc-gpt-small@")]
+    assert len(cards) == 5
     middle = read_model_card(stages_dir / "pydoc-gpt-small@2of3")
     assert middle.stage is not None
     assert (middle.stage.parent, middle.stage.index, middle.stage.k) == ("pydoc-gpt-small", 1, 3)
@@ -70,7 +67,7 @@ def test_stage_cards_say_parent_index_and_boundaries(stages_dir: Path) -> None:
     sha = {c.id: c.sha256 for c in cards}
     # Layers 0-1 of 4 make the first stage of both splits: the same graph, the same id.
     assert sha["pydoc-gpt-small@1of2"] == sha["pydoc-gpt-small@1of3"]
-    assert len(set(sha.values())) == 9
+    assert len(set(sha.values())) == 4
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -201,17 +198,24 @@ def test_stage_frames_round_trip_and_refuse_bad_input() -> None:
 
 
 def test_the_bundled_stages_are_what_shard_writes(tmp_path: Path) -> None:
-    from p2p_node._shard import bundled_stages_dir
-
     shipped = {c.id: c for c in read_repository(bundled_stages_dir())}
-    assert len(shipped) == 10
-    for model in ("pydoc-gpt-small", "pydoc-gpt-large"):
+    assert len(shipped) == 15
+    for model in ("pydoc-gpt-small", "pydoc-gpt-large", "minilm-l6-v2"):
         for k in (2, 3):
             for directory in shard(BUNDLED / model, k, tmp_path):
                 card = read_model_card(directory)
                 assert shipped[card.id].sha256 == card.sha256, card.id
-                mine = (directory / "model.toml").read_text()
-                assert (shipped[card.id].onnx_path.parent / "model.toml").read_text() == mine
+                there = shipped[card.id].onnx_path.parent
+                assert sorted(p.name for p in there.iterdir()) == sorted(
+                    p.name for p in directory.iterdir()
+                )
+                for name in ("model.toml", "tokenizer.json"):
+                    assert (there / name).read_bytes() == (directory / name).read_bytes()
+
+
+def test_a_default_node_announces_no_stage() -> None:
+    """The splits live apart from bundled_models, so a default record does not grow."""
+    assert not [c.id for c in read_repository(BUNDLED) if c.stage is not None]
 
 
 @settings(max_examples=300)

@@ -13,7 +13,7 @@ import trio
 from p2p_node import _stages, bundled_models_dir
 from p2p_node._config import ExecutorConfig, NodeConfig
 from p2p_node._repository import read_model_card
-from p2p_node._shard import shard, stage_id
+from p2p_node._shard import copy_bundled_stages, stage_id
 from p2p_node._stages import (
     StageState,
     Unpaddable,
@@ -32,8 +32,8 @@ PROMPTS = [[5, 17, 99, 3, 250, 7, 42], [11, 300, 4], [8, 8, 120, 77, 5, 61, 200,
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("stage-batch-repo")
-    shard(BUNDLED / GPT, 2, out)
-    shard(BUNDLED / GPT, 3, out)
+    copy_bundled_stages(GPT, 2, out)
+    copy_bundled_stages(GPT, 3, out)
     return out
 
 

@@ -138,3 +138,70 @@ def test_whole_or_chain_goes_to_the_lower_estimate() -> None:
     busy_plan = plan_chain("gpt", offers, busy, rtt)
     assert busy_plan is not None and busy_plan.estimate_ms > whole[0]
     assert estimate_whole("nothing", nodes, rtt) is None
+
+
+def _stage_record(peer: str, *stages: tuple[str, int, int], whole: tuple[str, ...] = ()) -> object:
+    from gossip import TensorSpec
+
+    entries = [ModelEntry(_descriptor(m), loaded=True) for m in whole]
+    for parent, index, k in stages:
+        descriptor = replace(
+            _descriptor(f"{parent}@{index + 1}of{k}"),
+            description=f"Stage {index + 1} of {k} of {parent} (layers {index}-{index}). A GPT.",
+            outputs=(TensorSpec(f"h{index}", "float32", (None, 8)),),
+        )
+        entries.append(ModelEntry(descriptor, loaded=True, stage=StageOf(parent, index, k)))
+    return replace(RECORD, peer_id=peer, models=tuple(entries), performance=())
+
+
+@pytest.mark.parametrize(
+    ("records", "expected"),
+    [
+        pytest.param([[("gpt", 0, 2)]], {}, id="incomplete-split-is-no-model"),
+        pytest.param(
+            [[("gpt", 0, 2)], [("gpt", 1, 2)]], {"gpt": (2, ("a", "b"))}, id="complete-split"
+        ),
+        pytest.param(
+            [[("gpt", 0, 3), ("gpt", 0, 2)], [("gpt", 1, 2), ("gpt", 1, 3)], [("gpt", 2, 3)]],
+            {"gpt": (2, ("a", "b"))},
+            id="fewest-stages-split",
+        ),
+        pytest.param(
+            [[("gpt", 0, 2)], [("gpt", 1, 2)], [("other", 0, 2)]],
+            {"gpt": (2, ("a", "b"))},
+            id="other-parent-incomplete",
+        ),
+    ],
+)
+def test_the_catalog_lists_a_model_served_only_as_a_complete_chain(
+    records: list[list[tuple[str, int, int]]], expected: dict[str, tuple[int, tuple[str, ...]]]
+) -> None:
+    from selection import ModelCatalog
+
+    catalog = ModelCatalog.from_records(
+        _stage_record(peer, *stages)  # type: ignore[misc]
+        for peer, stages in zip("abc", records, strict=False)
+    )
+    got = {e.model_id: (e.stages, e.peers) for e in catalog.entries()}
+    assert got == expected
+    for model_id, (k, _) in expected.items():
+        entry = catalog.get(model_id)
+        assert entry.descriptor.outputs[0].name == f"h{k - 1}"  # the last stage's
+        assert entry.descriptor.description == f"Served as {k} stages. A GPT."
+        assert [e.model_id for e in catalog.for_task("image-classification")] == [model_id]
+
+
+def test_a_model_served_whole_keeps_its_entry_and_local_stages_count() -> None:
+    from selection import ModelCatalog
+
+    whole = ModelCatalog.from_records(
+        [_stage_record("a", ("gpt", 0, 2), whole=("gpt",)), _stage_record("b", ("gpt", 1, 2))]  # type: ignore[list-item]
+    )
+    assert [(e.model_id, e.stages, e.peers) for e in whole.entries()] == [("gpt", 0, ("a",))]
+    local = ModelCatalog.from_records(
+        [_stage_record("b", ("gpt", 1, 2))],  # type: ignore[list-item]
+        local_peer_id="me",
+        local_models=[_descriptor("gpt@1of2")],
+        local_stages={"gpt@1of2": StageOf("gpt", 0, 2)},
+    )
+    assert [(e.model_id, e.stages, e.peers) for e in local.entries()] == [("gpt", 2, ("b", "me"))]

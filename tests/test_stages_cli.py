@@ -74,8 +74,8 @@ async def _generate_and_kill(
     config = replace(config, bootstrap=tuple(addr for _, addr in procs))
     with trio.fail_after(90):
         async with open_node(config) as node:
-            while len([o for o in node.chains.offers() if o.index == 1]) < 2:  # noqa: ASYNC110
-                await trio.sleep(0.1)  # records arrive by gossip
+            while not _every_stage_and_two_middles(node):  # noqa: ASYNC110
+                await trio.sleep(0.1)  # records arrive by gossip, in any order
             victim = node.chains.plan(GPT).peers[1]
             tokens = []
             async for token in node.chains.generate(GPT, PROMPT, 60):
@@ -83,3 +83,9 @@ async def _generate_and_kill(
                 if len(tokens) == 20:
                     by_peer[victim].send_signal(signal.SIGKILL)
             return tokens, len(node.chains.times.failovers)
+
+
+def _every_stage_and_two_middles(node: object) -> bool:
+    offers = node.chains.offers()  # type: ignore[attr-defined]
+    indices = [o.index for o in offers if o.parent == GPT]
+    return indices.count(1) >= 2 and 0 in indices and 2 in indices

@@ -17,7 +17,7 @@ import trio
 from p2p_node import bundled_models_dir
 from p2p_node._config import ExecutorConfig, NodeConfig
 from p2p_node._repository import read_model_card
-from p2p_node._shard import shard
+from p2p_node._shard import copy_bundled_stages
 from p2p_node.testing import open_swarm
 from scheduler import ErrorCode, JobError
 
@@ -30,8 +30,8 @@ PROMPT = [5, 17, 99, 3, 250, 7, 42]
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("stage-repo")
-    shard(BUNDLED / GPT, 3, out)
-    shard(BUNDLED / MINILM, 2, out)
+    copy_bundled_stages(GPT, 3, out)
+    copy_bundled_stages(MINILM, 2, out)
     shutil.copytree(BUNDLED / GPT, out / GPT)
     return out
 

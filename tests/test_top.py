@@ -85,6 +85,16 @@ def test_the_first_frame_has_no_rates_and_an_empty_network_says_so() -> None:
     assert later.jobs_per_s == 3.5
 
 
+def test_a_frame_shows_the_fetches_when_there_are_some() -> None:
+    from p2p_node._manifest import Progress
+
+    going = Progress("minilm-l6-v2", "fetching", 9 << 20, 22 << 20, 2)
+    now = dataclasses.replace(sample(5.0, 7), fetches=(going,))
+    text = frame_text(frame_of(now, None, (MLP,), taken_at=0.0), width=140)
+    assert row_of(text, "minilm-l6-v2") == ["minilm-l6-v2", "fetching", "9.0", "22.0", "2"]
+    assert "fetches" not in frame_text(frame_of(sample(5.0, 7), None, (MLP,), taken_at=0.0))
+
+
 def test_short_ids_keep_both_ends() -> None:
     shown = short_id(NODE)
     assert len(shown) < 20 and shown.startswith(NODE[:8]) and shown.endswith(NODE[-6:])

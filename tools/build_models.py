@@ -25,6 +25,11 @@ model ``minilm-l6-v2`` instead (``tools/minilm.py``; ``minilm --help``).
 The text generators are
 built by ``tools/gpt.py`` (torch); ``--only classifiers`` or ``--only generators``
 builds one family.
+
+``python tools/build_models.py stages`` writes the 2- and 3-stage splits of the
+generators and MiniLM into ``p2p_node/bundled_stages`` (``tools/bundled_stages.py``,
+which runs without the ``build`` extra); a run that builds the generators ends
+with it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import bundled_stages
 import minilm
 import numpy as np
 import onnxruntime as ort
@@ -481,6 +487,9 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["minilm"]:
         minilm.main(argv[1:])
         return
+    if argv[:1] == ["stages"]:
+        bundled_stages.main(argv[1:])
+        return
     args = parse_args(argv)
     if args.only in (None, "classifiers"):
         build_classifiers(args.out)
@@ -488,6 +497,7 @@ def main(argv: list[str] | None = None) -> None:
         import gpt  # tools/gpt.py, beside this file: it needs torch
 
         gpt.build_generators(args.out)
+        bundled_stages.build_stages(models=args.out)  # the splits follow the models they split
 
 
 def build_classifiers(out: Path) -> None:
