@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trio
+from text_models import wait_for_chains
 
 from p2p_node import _stages, bundled_models_dir
 from p2p_node._config import ExecutorConfig, NodeConfig
@@ -22,7 +23,6 @@ from p2p_node._stages import (
     run_stage_batch,
 )
 from p2p_node.testing import open_swarm
-from scheduler import JobError
 
 BUNDLED = bundled_models_dir()
 GPT = "pydoc-gpt-small"
@@ -114,12 +114,7 @@ async def test_concurrent_sessions_share_batches_at_each_stage_peer(
     with trio.fail_after(120):
         async with open_swarm(3, models=models, base=config) as swarm:
             await swarm.wait_converged()
-            while True:
-                try:
-                    swarm[0].chains.plan(GPT)
-                    break
-                except JobError:
-                    await trio.sleep(0.05)
+            await wait_for_chains(swarm[0], GPT)
 
             async def one(i: int) -> None:
                 got[i] = [t async for t in swarm[0].chains.generate(GPT, PROMPTS[i], steps)]

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import trio
+from text_models import wait_for_chains
 from tokenizers import Tokenizer
 
 from p2p_node import Client, bundled_models_dir
@@ -64,13 +65,8 @@ async def test_a_text_job_on_a_model_served_only_as_stages_goes_through_the_chai
     with trio.fail_after(60):
         async with open_swarm(3, models=models, base=config) as swarm:
             await swarm.wait_converged()
-            while True:
-                try:
-                    swarm[0].chains.plan(MINILM)
-                    swarm[1].chains.plan(MINILM)
-                    break
-                except JobError:
-                    await trio.sleep(0.05)
+            await wait_for_chains(swarm[0], MINILM)
+            await wait_for_chains(swarm[1], MINILM)
             async with Client.connect(swarm[1].addrs[0]) as client:
                 result = await client.submit(MINILM, texts=TEXTS)
             # A node that serves no stage of it reads the tokenizer from a stage's peer.
@@ -105,13 +101,7 @@ async def test_a_node_with_no_models_coordinates_generation_and_embeddings(
     with trio.fail_after(90):
         async with open_swarm(3, models=models, base=config) as swarm:
             await swarm.wait_converged()
-            while True:
-                try:
-                    swarm[0].chains.plan(MINILM)
-                    swarm[0].chains.plan(gpt)
-                    break
-                except JobError:
-                    await trio.sleep(0.05)
+            await wait_for_chains(swarm[0], MINILM, gpt)
             # Stage 1's peer sends MiniLM's tokenizer corrupted: it is read from stage 2's.
             swarm[1].fetches.tamper = lambda sha, i, data: (
                 b"!" + data[1:] if sha == bad_sha else data
@@ -152,12 +142,7 @@ async def test_no_tokenizer_anywhere_is_a_typed_error_naming_why(
     with trio.fail_after(60):
         async with open_swarm(3, models=models, base=config) as swarm:
             await swarm.wait_converged()
-            while True:
-                try:
-                    swarm[0].chains.plan(MINILM)
-                    break
-                except JobError:
-                    await trio.sleep(0.05)
+            await wait_for_chains(swarm[0], MINILM)
             for i in (1, 2):
                 swarm[i].fetches.tamper = lambda s, i, data: data[:-1] if s == sha else data
             async with Client.connect(swarm[0].addrs[0]) as client:
@@ -193,14 +178,8 @@ async def test_task_named_requests_select_a_model_served_only_as_stages(
     with trio.fail_after(90):
         async with open_swarm(3, models=models, base=config) as swarm:
             await swarm.wait_converged()
-            while True:
-                try:
-                    swarm[0].chains.plan(MINILM)
-                    swarm[0].chains.plan(gpt)
-                    swarm[1].chains.plan(gpt)
-                    break
-                except JobError:
-                    await trio.sleep(0.05)
+            await wait_for_chains(swarm[0], MINILM, gpt)
+            await wait_for_chains(swarm[1], gpt)
             catalogs = [
                 {(e.model_id, e.stages) for e in swarm[i].catalog().entries()} for i in (0, 1)
             ]

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import trio
+from text_models import wait_for_chains
 
 from p2p_node import bundled_models_dir
 from p2p_node._config import ExecutorConfig, NodeConfig
@@ -47,16 +48,6 @@ def _greedy_whole(prompt: list[int], steps: int) -> list[int]:
     return whole(prompt, steps)
 
 
-async def _converged_with_stages(swarm: object, coordinator: int, parent: str) -> None:
-    node = swarm[coordinator]  # type: ignore[index]
-    while True:
-        try:
-            node.chains.plan(parent)
-            return
-        except JobError:
-            await trio.sleep(0.05)
-
-
 # Node 0 coordinates, 1 serves stage 1, 2 and 3 both serve stage 2, 4 serves stage 3.
 MIDDLE_TWICE = [
     frozenset(),
@@ -82,7 +73,7 @@ async def test_embedding_through_two_stage_peers_matches_the_whole_model(
     with trio.fail_after(60):
         async with open_swarm(3, models=models, base=_base(repo, tmp_path)) as swarm:
             await swarm.wait_converged()
-            await _converged_with_stages(swarm, 0, MINILM)
+            await wait_for_chains(swarm[0], MINILM)
             plan = swarm[0].chains.plan(MINILM)
             assert plan.peers == (swarm[1].peer_id, swarm[2].peer_id)
             staged = await swarm[0].chains.run(MINILM, feeds)
@@ -104,7 +95,7 @@ async def test_activations_over_the_request_limit_are_a_typed_error(
     with trio.fail_after(60):
         async with open_swarm(3, models=models, base=base) as swarm:
             await swarm.wait_converged()
-            await _converged_with_stages(swarm, 0, MINILM)
+            await wait_for_chains(swarm[0], MINILM)
             with pytest.raises(JobError) as caught:
                 await swarm[0].chains.run(MINILM, feeds)
     assert caught.value.code is ErrorCode.MESSAGE_TOO_LARGE
@@ -118,7 +109,7 @@ async def test_generation_through_three_stage_peers_token_for_token(
     with trio.fail_after(120):
         async with open_swarm(4, models=models, base=_base(repo, tmp_path)) as swarm:
             await swarm.wait_converged()
-            await _converged_with_stages(swarm, 0, GPT)
+            await wait_for_chains(swarm[0], GPT)
             tokens = [t async for t in swarm[0].chains.generate(GPT, PROMPT, 100)]
     assert tokens == _greedy_whole(PROMPT, 100)
 
@@ -128,7 +119,7 @@ async def test_consecutive_stages_on_one_peer_run_without_a_hop(repo: Path, tmp_
     with trio.fail_after(60):
         async with open_swarm(2, models=models, base=_base(repo, tmp_path)) as swarm:
             await swarm.wait_converged()
-            await _converged_with_stages(swarm, 0, GPT)
+            await wait_for_chains(swarm[0], GPT)
             plan = swarm[0].chains.plan(GPT)
             assert plan.peers == (swarm[0].peer_id, swarm[0].peer_id, swarm[1].peer_id)
             assert "no hop" in plan.hops[1].reason
@@ -143,7 +134,7 @@ async def test_a_middle_stage_peer_killed_mid_generation_is_replaced(
     with trio.fail_after(120):
         async with open_swarm(5, models=models, base=_base(repo, tmp_path)) as swarm:
             await swarm.wait_converged()
-            await _converged_with_stages(swarm, 0, GPT)
+            await wait_for_chains(swarm[0], GPT)
             chains = swarm[0].chains
             used = chains.plan(GPT).peers[1]
             victim = next(i for i in (2, 3) if swarm[i].peer_id == used)
@@ -168,7 +159,7 @@ async def test_no_node_can_hold_the_whole_model_yet_jobs_succeed(
         base = _base(repo, tmp_path, executor=executor)
         async with open_swarm(3, models=models, base=base) as swarm:
             await swarm.wait_converged()
-            await _converged_with_stages(swarm, 0, GPT)
+            await wait_for_chains(swarm[0], GPT)
             for i in range(3):
                 assert swarm[i].executor.models.used_bytes <= budget * (1 << 20)
             tokens = [t async for t in swarm[0].chains.generate(GPT, PROMPT, 30)]
@@ -189,7 +180,7 @@ async def test_a_job_on_a_model_served_only_as_stages_goes_through_the_chain(
     with trio.fail_after(60):
         async with open_swarm(3, models=models, base=_base(repo, tmp_path)) as swarm:
             await swarm.wait_converged()
-            await _converged_with_stages(swarm, 0, MINILM)
+            await wait_for_chains(swarm[0], MINILM)
             async with Client.connect(swarm[0].addrs[0]) as client:
                 result = await client.submit(MINILM, feeds)
     assert result.executor == swarm[2].peer_id  # the last stage's peer answered
@@ -209,7 +200,7 @@ async def test_generate_protocol_runs_a_generation_through_the_chain(
     with trio.fail_after(60):
         async with open_swarm(3, models=models, base=_base(repo, tmp_path)) as swarm:
             await swarm.wait_converged()
-            await _converged_with_stages(swarm, 0, GPT)
+            await wait_for_chains(swarm[0], GPT)
             async with Client.connect(swarm[0].addrs[0]) as client:
                 async with client.generate(prompt, GPT, max_tokens=24) as generation:
                     text = await generation.text()
@@ -273,7 +264,7 @@ async def test_bad_stage_steps_get_typed_errors_and_the_node_goes_on(
             channel = Channel(stream, 1 << 20)
             await channel.send(b"\x81\xa1s\xa4nope")
             await channel.discard()
-            await _converged_with_stages(swarm, 0, MINILM)
+            await wait_for_chains(swarm[0], MINILM)
             ids = np.array([[101, 2023, 102]], np.int64)
             feeds = {
                 "input_ids": ids,
@@ -299,7 +290,7 @@ async def test_a_frozen_stage_peer_is_replaced_when_the_failure_detector_drops_i
     with trio.fail_after(90):
         async with open_swarm(5, models=models, base=base) as swarm:
             await swarm.wait_converged()
-            await _converged_with_stages(swarm, 0, GPT)
+            await wait_for_chains(swarm[0], GPT)
             chains = swarm[0].chains
             used = chains.plan(GPT).peers[1]
             victim = next(i for i in (2, 3) if swarm[i].peer_id == used)

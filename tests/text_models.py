@@ -10,10 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import trio
 from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from p2p_node import bundled_models_dir
+from p2p_node._node import Node
+from scheduler import JobError
 
 WORDS = [
     "the",
@@ -164,3 +167,14 @@ def copy_minilm(source: Path, root: Path, model_id: str, max_tokens: int | None 
         lines.append(line)
     (model_dir / "model.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return model_dir
+
+
+async def wait_for_chains(node: Node, *parents: str) -> None:
+    """Until `node`'s view holds a complete chain of stages of each of `parents`."""
+    for parent in parents:
+        while True:
+            try:
+                node.chains.plan(parent)
+                break
+            except JobError:
+                await trio.sleep(0.05)
