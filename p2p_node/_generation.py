@@ -261,6 +261,9 @@ class _Engine:
         # token: what tells whether the next runs on the event loop's thread.
         self._alone_ms = math.inf
         self._prefill_ms_per_token = math.inf
+        self._prefills: list[_Prefill] = []  # prompts waiting for the prefill run
+        self._prefill_lock = trio.Lock()
+        self.prefill_runs = 0
         self._batch = batch
         self._wake = trio.Event()
         self._turn = 0
@@ -360,17 +363,55 @@ class _Engine:
                 s.take(choose_token(last[row], s.sampling, s.rng))
 
     async def prefill(self, session: ort.InferenceSession, prompt: list[int]) -> Step:
-        """The logits and presents of `prompt`'s prefill. It runs on the event loop's
-        thread when it is small, and, while no other session runs, when it is up to
+        """The logits and presents of `prompt`'s prefill ([1, ...] each, the presents
+        `len(prompt)` long).
+
+        One prefill runs at a time. The prompts that come meanwhile wait, and
+        the first of them to run takes all the others waiting into one run, left-
+        padded and masked as decode steps are: 16 sessions that come at once
+        cost two runs, not 16. A prompt that comes alone runs alone, unpadded."""
+        ticket = _Prefill(prompt)
+        self._prefills.append(ticket)
+        try:
+            async with self._prefill_lock:
+                if ticket.out is None and ticket.error is None:
+                    tickets, self._prefills = self._prefills, []
+                    # Shielded: the prompts of others ride on this run (it is short).
+                    with trio.CancelScope(shield=True):
+                        await self._run_prefills(session, tickets)
+        finally:
+            if ticket in self._prefills:  # cancelled while it waited
+                self._prefills.remove(ticket)
+        if ticket.error is not None:
+            raise ticket.error
+        assert ticket.out is not None
+        return ticket.out
+
+    async def _run_prefills(self, session: ort.InferenceSession, tickets: list[_Prefill]) -> None:
+        """Prefill `tickets`' prompts in one run. It runs on the event loop's thread
+        when it is small, and, while no other session runs, when it is up to
         IDLE_INLINE_FACTOR times that: then nothing waits for the loop but this
         session's first token, which the hop to a worker thread and back delayed
         by a few tenths of a millisecond."""
-        estimate = self._prefill_ms_per_token * len(prompt)
+        layout = self.generator.layout
+        feeds, longest = prefill_batch_feeds([t.prompt for t in tickets], layout)
+        tokens = len(tickets) * longest
+        estimate = self._prefill_ms_per_token * tokens
         limit = self._inline_below_ms * (1 if self.sessions else IDLE_INLINE_FACTOR)
-        feeds = prefill_feeds(prompt, self.generator.layout)
-        out, took = await self._timed(session, feeds, estimate < limit)
-        self._prefill_ms_per_token = took / len(prompt)
-        return out
+        try:
+            (logits, presents), took = await self._timed(session, feeds, estimate < limit)
+        except JobError as error:
+            for ticket in tickets:
+                ticket.error = error
+            return
+        self._prefill_ms_per_token = took / tokens
+        self.prefill_runs += 1
+        for row, ticket in enumerate(tickets):
+            n = len(ticket.prompt)
+            ticket.out = (
+                logits[row : row + 1],
+                [p[row : row + 1, :, longest - n :, :] for p in presents],
+            )
 
     async def compute(
         self, session: ort.InferenceSession, feeds: dict[str, Array], inline: bool
@@ -399,6 +440,15 @@ class _Engine:
 
 
 Step = tuple[Array, list[Array]]
+
+
+@dataclass(slots=True, eq=False)
+class _Prefill:
+    """A prompt waiting for its prefill, and then its logits and presents (or error)."""
+
+    prompt: list[int]
+    out: Step | None = None
+    error: JobError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,6 +516,30 @@ def decode_feeds(batch: Sequence[_Session], layout: DecoderLayout) -> tuple[dict
     for i in range(layout.layers):
         feeds[f"past_key_values.{i}.key"] = past[i, 0]
         feeds[f"past_key_values.{i}.value"] = past[i, 1]
+    return feeds, longest
+
+
+def prefill_batch_feeds(
+    prompts: Sequence[Sequence[int]], layout: DecoderLayout
+) -> tuple[dict[str, Array], int]:
+    """One prefill run's inputs for `prompts`, and the longest's length: each prompt
+    left-padded to the longest, the padding masked off, positions counted from
+    each prompt's first token. One prompt is not padded (`prefill_feeds`)."""
+    if len(prompts) == 1:
+        return prefill_feeds(prompts[0], layout), len(prompts[0])
+    longest = max(len(p) for p in prompts)
+    ids: Array = np.zeros((len(prompts), longest), np.int64)
+    mask: Array = np.zeros((len(prompts), longest), np.int64)
+    positions: Array = np.zeros((len(prompts), longest), np.int64)
+    for row, prompt in enumerate(prompts):
+        n = len(prompt)
+        ids[row, longest - n :] = prompt
+        mask[row, longest - n :] = 1
+        positions[row, longest - n :] = np.arange(n)
+    empty = np.zeros((len(prompts), layout.heads, 0, layout.head_dim), np.float32)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    for name in past_names(layout.layers):
+        feeds[name] = empty
     return feeds, longest
 
 

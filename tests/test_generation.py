@@ -133,6 +133,7 @@ async def test_continuous_batching_gives_the_tokens_of_sessions_run_alone(
     assert got == expected
     assert engine.batched_rows > engine.steps  # some steps ran several sessions at once
     assert engine.rebuilds < engine.steps  # some fed the last step's caches back as they were
+    assert engine.prefill_runs < len(PROMPTS)  # prompts of different lengths shared a run
 
 
 async def test_sessions_that_pause_or_leave_the_batch_still_give_their_own_tokens(
