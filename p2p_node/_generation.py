@@ -104,8 +104,8 @@ class _Session:
         self.queued = trio.lowlevel.ParkingLot()
         self.wanted = 1
         self.client_waiting = False  # for a fuller frame: the client is there, not idle
-        # The client came back after its first piece (sent it): until then its decode
-        # steps leave the event loop to that first frame.
+        # The client came back after its first piece (sent it): until then it makes
+        # no more, leaving the CPU to that first frame.
         self.first_sent = False
         self.session: ort.InferenceSession | None = None
         self.waiting_since = trio.current_time()  # the oldest untaken piece's wait began
@@ -122,7 +122,13 @@ class _Session:
             and self.error is None
             and self.cache is not None
             and len(self.queue) < BUFFERED_TOKENS
+            and self.first_sent  # (see Generation.next_pieces)
         )
+
+    @property
+    def awaiting_client(self) -> bool:
+        """Whether it waits for its client: to take a piece, or to send its first."""
+        return bool(self.queue) or (not self.first_sent and bool(self.generated))
 
     def take(self, token: int) -> None:
         """`token` was chosen: queue it for the client, or end the generation."""
@@ -183,7 +189,9 @@ class Generation:
         """The next piece, or None when the generation is done. Raises its JobError."""
         s = self._session
         s.wanted = 1
-        s.first_sent = s.first_sent or self._first_taken
+        if self._first_taken and not s.first_sent:
+            s.first_sent = True
+            self._on_taken()  # its decode steps may start
         self._first_taken = True
         while not s.queue:
             if s.error is not None:
@@ -198,13 +206,19 @@ class Generation:
 
     async def next_pieces(self) -> list[Piece]:
         """The pieces made and not taken yet: at least one, or none once the generation
-        is done. Raises its JobError. The first piece comes alone, at once. After it,
-        while other sessions share its model's batches, it waits for `FRAME_TOKENS`
-        of them: a frame costs the node far more than a row of a decode step, so a
-        busy node sends fewer, fuller frames (vLLM's stream interval)."""
+        is done. Raises its JobError. The first piece comes alone, at once, and the
+        session makes the next ones only once this is called again (the first frame
+        is out): decode steps while the first frame went out, through a forwarding
+        node too, took the cores it needed, and the time to first token rose by
+        half. After it, while other sessions share its model's batches, it waits
+        for `FRAME_TOKENS` of them: a frame costs the node far more than a row of a
+        decode step, so a busy node sends fewer, fuller frames (vLLM's stream
+        interval)."""
         s = self._session
         s.wanted = FRAME_TOKENS if self._first_taken and self._sharing() > 1 else 1
-        s.first_sent = s.first_sent or self._first_taken
+        if self._first_taken and not s.first_sent:
+            s.first_sent = True
+            self._on_taken()  # its decode steps may start
         self._first_taken = True
         s.client_waiting = True
         try:
@@ -334,9 +348,10 @@ class _Engine:
                 kept.copy_back(layout.layers)
             feeds, _ = decode_feeds(batch, layout)
             self.rebuilds += 1
-        # A lone session's small steps run inline, once its first frame is out: inline
-        # steps between the first frame's sends doubled the time to first token.
-        inline = len(batch) == 1 and batch[0].first_sent
+        # A lone session's small steps run inline (its first frame is out by now: a
+        # session is ready only then; inline steps between the first frame's sends
+        # doubled the time to first token).
+        inline = len(batch) == 1
         try:
             logits, presents = await self.compute(
                 session, feeds, inline and self._alone_ms < self._inline_below_ms
@@ -804,7 +819,7 @@ class Generations:
         """End `s` when its client has left a piece untaken for `session_idle_s`."""
         idle_s = self._config.session_idle_s
         while True:
-            if not s.queue:
+            if not s.awaiting_client:
                 await s.queued.park()
                 continue
             if trio.current_time() < s.waiting_since + idle_s:
