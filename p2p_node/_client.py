@@ -80,7 +80,7 @@ from ._rpc import (
     open_rpc,
     run_host,
 )
-from ._stream_gen import GENERATE_PROTOCOL, GenerationStream, open_generation
+from ._stream_gen import GeneratePipes, GenerationStream, open_generation
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 FAILOVER_DIAL_TIMEOUT_S = 2.0
@@ -111,7 +111,7 @@ class Client:
         self._dial_timeout = dial_timeout
         self._failing_over = trio.Lock()  # jobs that lose their node together move once
         self.failovers = 0
-        self._max_reply_bytes = rpc.limits.max_reply_bytes
+        self._generate_pipes = GeneratePipes(rpc)  # one kept generate stream per node
 
     @classmethod
     @asynccontextmanager
@@ -321,10 +321,7 @@ class Client:
         peer_id = self.peer_id
         with trio.fail_after(timeout + REPLY_GRACE_S) if timeout else nullcontext():
             async with open_generation(
-                lambda: self._rpc.open_stream(peer_id, GENERATE_PROTOCOL, self._dial_timeout),
-                peer_id,
-                request,
-                self._max_reply_bytes,
+                self._generate_pipes, peer_id, request, self._dial_timeout
             ) as generation:
                 yield generation
 

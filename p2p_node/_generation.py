@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 MB = 1 << 20
 BUFFERED_TOKENS = 16  # generated but not taken by the client; past it the session waits
 FRAME_TOKENS = 8  # pieces a frame waits for while other sessions share the batches
+IDLE_INLINE_FACTOR = 4  # a prefill inline on an idle engine: up to this x inline_below_ms
 
 Array = np.ndarray[Any, Any]
 
@@ -91,7 +92,9 @@ class _Session:
         self.cache: Array | None = np.zeros(shape, np.float32)
         self.length = 0  # tokens in the cache
         self.generated: list[int] = []
-        self.emitted = ""  # the text sent in pieces so far
+        # Decoding from `_prefix_at`, the text up to `_read_at` has been sent in pieces.
+        self._prefix_at = 0
+        self._read_at = 0
         self.queue: deque[Piece] = deque()
         self.finish: str | None = None  # "eos" or "length" once it is done
         self.error: JobError | None = None
@@ -101,8 +104,8 @@ class _Session:
         self.queued = trio.lowlevel.ParkingLot()
         self.wanted = 1
         self.client_waiting = False  # for a fuller frame: the client is there, not idle
-        # The client came back after its first piece (sent it): until then its decode
-        # steps leave the event loop to that first frame.
+        # The client came back after its first piece (sent it): until then it makes
+        # no more, leaving the CPU to that first frame.
         self.first_sent = False
         self.session: ort.InferenceSession | None = None
         self.waiting_since = trio.current_time()  # the oldest untaken piece's wait began
@@ -119,7 +122,13 @@ class _Session:
             and self.error is None
             and self.cache is not None
             and len(self.queue) < BUFFERED_TOKENS
+            and self.first_sent  # (see Generation.next_pieces)
         )
+
+    @property
+    def awaiting_client(self) -> bool:
+        """Whether it waits for its client: to take a piece, or to send its first."""
+        return bool(self.queue) or (not self.first_sent and bool(self.generated))
 
     def take(self, token: int) -> None:
         """`token` was chosen: queue it for the client, or end the generation."""
@@ -145,12 +154,20 @@ class _Session:
 
     def _next_text(self) -> str:
         """The text the newest token completes. Byte-level tokens may end inside a
-        character: its text waits (decoded as U+FFFD) for the bytes still to come."""
-        text = self.generator.tokenizer.decode(self.generated)
-        if text.endswith("\ufffd") or not text.startswith(self.emitted):
+        character: its text waits (decoded as U+FFFD) for the bytes still to come.
+
+        Only the last few tokens are decoded (as vLLM detokenizes): the text of
+        the tokens since `_prefix_at`, against that of those already sent. Both
+        start at the same token, so a decoder that treats a first token apart
+        (dropping a leading space) treats both alike. Decoding every token from
+        the first cost a step of 16 sessions more than its onnxruntime run."""
+        decode, tokens = self.generator.tokenizer.decode, self.generated
+        sent = decode(tokens[self._prefix_at : self._read_at])
+        text = decode(tokens[self._prefix_at :])
+        if text.endswith("\ufffd") or not text.startswith(sent):
             return ""
-        piece, self.emitted = text[len(self.emitted) :], text
-        return piece
+        self._prefix_at, self._read_at = self._read_at, len(tokens)
+        return text[len(sent) :]
 
     @property
     def text(self) -> str:
@@ -172,7 +189,9 @@ class Generation:
         """The next piece, or None when the generation is done. Raises its JobError."""
         s = self._session
         s.wanted = 1
-        s.first_sent = s.first_sent or self._first_taken
+        if self._first_taken and not s.first_sent:
+            s.first_sent = True
+            self._on_taken()  # its decode steps may start
         self._first_taken = True
         while not s.queue:
             if s.error is not None:
@@ -187,13 +206,19 @@ class Generation:
 
     async def next_pieces(self) -> list[Piece]:
         """The pieces made and not taken yet: at least one, or none once the generation
-        is done. Raises its JobError. The first piece comes alone, at once. After it,
-        while other sessions share its model's batches, it waits for `FRAME_TOKENS`
-        of them: a frame costs the node far more than a row of a decode step, so a
-        busy node sends fewer, fuller frames (vLLM's stream interval)."""
+        is done. Raises its JobError. The first piece comes alone, at once, and the
+        session makes the next ones only once this is called again (the first frame
+        is out): decode steps while the first frame went out, through a forwarding
+        node too, took the cores it needed, and the time to first token rose by
+        half. After it, while other sessions share its model's batches, it waits
+        for `FRAME_TOKENS` of them: a frame costs the node far more than a row of a
+        decode step, so a busy node sends fewer, fuller frames (vLLM's stream
+        interval)."""
         s = self._session
         s.wanted = FRAME_TOKENS if self._first_taken and self._sharing() > 1 else 1
-        s.first_sent = s.first_sent or self._first_taken
+        if self._first_taken and not s.first_sent:
+            s.first_sent = True
+            self._on_taken()  # its decode steps may start
         self._first_taken = True
         s.client_waiting = True
         try:
@@ -250,6 +275,9 @@ class _Engine:
         # token: what tells whether the next runs on the event loop's thread.
         self._alone_ms = math.inf
         self._prefill_ms_per_token = math.inf
+        self._prefills: list[_Prefill] = []  # prompts waiting for the prefill run
+        self._prefill_lock = trio.Lock()
+        self.prefill_runs = 0
         self._batch = batch
         self._wake = trio.Event()
         self._turn = 0
@@ -257,6 +285,7 @@ class _Engine:
         self.steps = 0
         self.batched_rows = 0
         self.rebuilds = 0  # steps whose batch was built from the sessions' caches
+        self.narrowed = 0  # steps that took some rows of the last step's caches
 
     def wake(self) -> None:
         self._wake.set()
@@ -273,7 +302,7 @@ class _Engine:
         while True:
             ready = [s for s in self.sessions if s.ready]
             if not ready:
-                self._kept = None  # its memory goes with the sessions
+                self._drop_kept()  # its memory goes with the sessions
                 self._wake = trio.Event()
                 await self._wake.wait()
                 continue
@@ -282,27 +311,47 @@ class _Engine:
                 ready = [ready[self._turn]]
             await self._step(ready)
 
+    def _drop_kept(self) -> None:
+        """Copy the kept batch's caches back into its sessions' own, and drop it."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            kept.copy_back(self.generator.layout.layers)
+
     async def _step(self, batch: list[_Session]) -> None:
-        """One token for each session of `batch`. When the batch is the last step's,
-        the caches the model returned are its inputs as they are; else they are
-        built again from the sessions' own (a session joined, left or paused)."""
+        """One token for each session of `batch`.
+
+        The caches the model returned at the last step (the kept batch) are this
+        step's inputs as they are when the batch is the same, or their rows when
+        sessions left it; the sessions' own caches are brought up to date only
+        when others join it (or it stops), and it is then built again from them.
+        Copying each step's new keys and values into every session's cache cost
+        about as much as a step's onnxruntime run at 16 sessions."""
         layout = self.generator.layout
         session = next(s.session for s in batch if s.session is not None)
         kept, self._kept = self._kept, None
-        if kept is not None and kept.rows == batch:
-            mask = np.concatenate([kept.mask, np.ones((len(batch), 1), np.int64)], axis=1)
+        rows = kept.rows_of(batch) if kept is not None else None
+        if kept is not None and rows is not None:
+            past, mask = kept.past, kept.mask
+            if rows != list(range(len(kept.rows))):  # sessions left (or paused)
+                kept.copy_back(layout.layers, but=rows)  # the paused keep their caches
+                past, mask = kept.take(rows)
+                self.narrowed += 1
+            mask = np.concatenate([mask, np.ones((len(batch), 1), np.int64)], axis=1)
             feeds = {
                 "input_ids": np.array([[s.generated[-1]] for s in batch], np.int64),
                 "attention_mask": mask,
                 "position_ids": np.array([[s.length] for s in batch], np.int64),
-                **kept.past,
+                **past,
             }
         else:
+            if kept is not None:
+                kept.copy_back(layout.layers)
             feeds, _ = decode_feeds(batch, layout)
             self.rebuilds += 1
-        # A lone session's small steps run inline, once its first frame is out: inline
-        # steps between the first frame's sends doubled the time to first token.
-        inline = len(batch) == 1 and batch[0].first_sent
+        # A lone session's small steps run inline (its first frame is out by now: a
+        # session is ready only then; inline steps between the first frame's sends
+        # doubled the time to first token).
+        inline = len(batch) == 1
         try:
             logits, presents = await self.compute(
                 session, feeds, inline and self._alone_ms < self._inline_below_ms
@@ -317,21 +366,67 @@ class _Engine:
         self._kept = _KeptBatch(
             list(batch), dict(zip(names, presents, strict=True)), feeds["attention_mask"]
         )
-        new = stack_layers([p[:, :, -1, :] for p in presents], layout.layers)
+        last = logits[:, -1]
+        greedy = np.argmax(last, axis=-1)  # one call for the rows that take the likeliest
         for row, s in enumerate(batch):
+            s.length += 1  # (its cache is the kept batch's row until copied back)
             if s.cache is None or s.finish is not None:  # left while the step ran
                 continue
-            s.cache[:, :, :, s.length, :] = new[:, :, row]
-            s.length += 1
-            s.take(choose_token(logits[row, -1], s.sampling, s.rng))
+            if s.sampling.temperature == 0:
+                s.take(int(greedy[row]))
+            else:
+                s.take(choose_token(last[row], s.sampling, s.rng))
 
     async def prefill(self, session: ort.InferenceSession, prompt: list[int]) -> Step:
-        """The logits and presents of `prompt`'s prefill."""
-        estimate = self._prefill_ms_per_token * len(prompt)
-        feeds = prefill_feeds(prompt, self.generator.layout)
-        out, took = await self._timed(session, feeds, estimate < self._inline_below_ms)
-        self._prefill_ms_per_token = took / len(prompt)
-        return out
+        """The logits and presents of `prompt`'s prefill ([1, ...] each, the presents
+        `len(prompt)` long).
+
+        One prefill runs at a time. The prompts that come meanwhile wait, and
+        the first of them to run takes all the others waiting into one run, left-
+        padded and masked as decode steps are: 16 sessions that come at once
+        cost two runs, not 16. A prompt that comes alone runs alone, unpadded."""
+        ticket = _Prefill(prompt)
+        self._prefills.append(ticket)
+        try:
+            async with self._prefill_lock:
+                if ticket.out is None and ticket.error is None:
+                    tickets, self._prefills = self._prefills, []
+                    # Shielded: the prompts of others ride on this run (it is short).
+                    with trio.CancelScope(shield=True):
+                        await self._run_prefills(session, tickets)
+        finally:
+            if ticket in self._prefills:  # cancelled while it waited
+                self._prefills.remove(ticket)
+        if ticket.error is not None:
+            raise ticket.error
+        assert ticket.out is not None
+        return ticket.out
+
+    async def _run_prefills(self, session: ort.InferenceSession, tickets: list[_Prefill]) -> None:
+        """Prefill `tickets`' prompts in one run. It runs on the event loop's thread
+        when it is small, and, while no other session runs, when it is up to
+        IDLE_INLINE_FACTOR times that: then nothing waits for the loop but this
+        session's first token, which the hop to a worker thread and back delayed
+        by a few tenths of a millisecond."""
+        layout = self.generator.layout
+        feeds, longest = prefill_batch_feeds([t.prompt for t in tickets], layout)
+        tokens = len(tickets) * longest
+        estimate = self._prefill_ms_per_token * tokens
+        limit = self._inline_below_ms * (1 if self.sessions else IDLE_INLINE_FACTOR)
+        try:
+            (logits, presents), took = await self._timed(session, feeds, estimate < limit)
+        except JobError as error:
+            for ticket in tickets:
+                ticket.error = error
+            return
+        self._prefill_ms_per_token = took / tokens
+        self.prefill_runs += 1
+        for row, ticket in enumerate(tickets):
+            n = len(ticket.prompt)
+            ticket.out = (
+                logits[row : row + 1],
+                [p[row : row + 1, :, longest - n :, :] for p in presents],
+            )
 
     async def compute(
         self, session: ort.InferenceSession, feeds: dict[str, Array], inline: bool
@@ -362,14 +457,49 @@ class _Engine:
 Step = tuple[Array, list[Array]]
 
 
+@dataclass(slots=True, eq=False)
+class _Prefill:
+    """A prompt waiting for its prefill, and then its logits and presents (or error)."""
+
+    prompt: list[int]
+    out: Step | None = None
+    error: JobError | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class _KeptBatch:
     """The sessions of the last decode step, in row order, with the caches the model
-    returned for them (left-padded) and their attention mask."""
+    returned for them (left-padded: a row's cache is its last `length` positions)
+    and their attention mask (the new token's column not yet added)."""
 
     rows: list[_Session]
     past: dict[str, Array]
     mask: Array
+
+    def rows_of(self, batch: list[_Session]) -> list[int] | None:
+        """The rows of `batch`'s sessions, in order, if all of them are here."""
+        where = {id(s): row for row, s in enumerate(self.rows)}
+        rows = [where.get(id(s), -1) for s in batch]
+        return None if -1 in rows else rows
+
+    def take(self, rows: list[int]) -> tuple[dict[str, Array], Array]:
+        """The caches and mask of `rows` only, without the padding none of them needs."""
+        mask = self.mask[rows]
+        width = mask.shape[1]
+        start = width - max(self.rows[row].length for row in rows)
+        past = {name: value[rows, :, start:, :] for name, value in self.past.items()}
+        return past, mask[:, start:]
+
+    def copy_back(self, layers: int, but: Sequence[int] = ()) -> None:
+        """Bring each live session's own cache up to date from its row (but `but`'s)."""
+        names = past_names(layers)
+        for row, s in enumerate(self.rows):
+            if s.cache is None or s.finish is not None or row in but:
+                continue
+            n = s.length
+            for i in range(layers):
+                for kv in range(2):
+                    s.cache[i, kv, :, :n, :] = self.past[names[2 * i + kv]][row, :, -n:, :]
 
 
 def past_names(layers: int) -> list[str]:
@@ -401,6 +531,30 @@ def decode_feeds(batch: Sequence[_Session], layout: DecoderLayout) -> tuple[dict
     for i in range(layout.layers):
         feeds[f"past_key_values.{i}.key"] = past[i, 0]
         feeds[f"past_key_values.{i}.value"] = past[i, 1]
+    return feeds, longest
+
+
+def prefill_batch_feeds(
+    prompts: Sequence[Sequence[int]], layout: DecoderLayout
+) -> tuple[dict[str, Array], int]:
+    """One prefill run's inputs for `prompts`, and the longest's length: each prompt
+    left-padded to the longest, the padding masked off, positions counted from
+    each prompt's first token. One prompt is not padded (`prefill_feeds`)."""
+    if len(prompts) == 1:
+        return prefill_feeds(prompts[0], layout), len(prompts[0])
+    longest = max(len(p) for p in prompts)
+    ids: Array = np.zeros((len(prompts), longest), np.int64)
+    mask: Array = np.zeros((len(prompts), longest), np.int64)
+    positions: Array = np.zeros((len(prompts), longest), np.int64)
+    for row, prompt in enumerate(prompts):
+        n = len(prompt)
+        ids[row, longest - n :] = prompt
+        mask[row, longest - n :] = 1
+        positions[row, longest - n :] = np.arange(n)
+    empty = np.zeros((len(prompts), layout.heads, 0, layout.head_dim), np.float32)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    for name in past_names(layout.layers):
+        feeds[name] = empty
     return feeds, longest
 
 
@@ -665,7 +819,7 @@ class Generations:
         """End `s` when its client has left a piece untaken for `session_idle_s`."""
         idle_s = self._config.session_idle_s
         while True:
-            if not s.queue:
+            if not s.awaiting_client:
                 await s.queued.park()
                 continue
             if trio.current_time() < s.waiting_since + idle_s:

@@ -77,7 +77,13 @@ from ._rpc import (
 )
 from ._serve import Server
 from ._stages import ANSWER_PROTOCOL, STAGE_PROTOCOL, serve_answers, serve_stage
-from ._stream_gen import GENERATE_PROTOCOL, serve_generate
+from ._stream_gen import (
+    GENERATE_PIPE_PROTOCOL,
+    GENERATE_PROTOCOL,
+    GeneratePipes,
+    serve_generate,
+    serve_generate_pipe,
+)
 from ._text import TextModel, TextModels
 from ._tracker_store import load_tracker, save_periodically, save_tracker
 
@@ -102,6 +108,7 @@ class Node:
         self.boot_id = uuid.uuid4().hex[:16]
         self._rpc = rpc
         self._server = server
+        self.generate_pipes = GeneratePipes(rpc)  # kept generate streams to peers
         self._executor = executor
         self._gpus = gpus
         self._capabilities = config.capabilities or capabilities(gpus)
@@ -135,6 +142,10 @@ class Node:
         # Set by open_node once gossip and membership run.
         self.gossip: Gossip
         self.membership: Membership
+
+    @property
+    def server(self) -> Server:
+        return self._server
 
     @property
     def peer_id(self) -> str:
@@ -553,6 +564,7 @@ async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator
                 node.gossip = gossip
                 host.set_stream_handler(BEAT_PROTOCOL, node._on_beat_stream)
                 server.serve_stream(GENERATE_PROTOCOL, partial(serve_generate, node))
+                host.set_stream_handler(GENERATE_PIPE_PROTOCOL, partial(serve_generate_pipe, node))
                 host.set_stream_handler(FETCH_PROTOCOL, node.fetches.serve)
                 host.set_stream_handler(STAGE_PROTOCOL, partial(serve_stage, node))
                 host.set_stream_handler(ANSWER_PROTOCOL, partial(serve_answers, node))

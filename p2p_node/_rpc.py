@@ -16,7 +16,7 @@ is called one exchange per stream, as before. The other end is `_serve.Server`.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -230,6 +230,14 @@ class Rpc:
                 ErrorCode.DEADLINE_EXCEEDED, f"no stream within {timeout:g} s", peer=peer_id
             ) from None
         return channel.stream
+
+    def start_soon(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run `fn` in the background until the Rpc closes (a kept stream's reader)."""
+        self._tasks.start_soon(fn)
+
+    def speaks(self, peer_id: str, protocol: TProtocol) -> bool:
+        """False once `peer_id` refused to open a stream of `protocol`."""
+        return (peer_id, protocol) not in self._unspoken
 
     async def _exchange(self, peer_id: str, protocol: TProtocol, payload: bytes) -> bytes:
         pipelined = PIPELINED.get(protocol)

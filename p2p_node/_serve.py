@@ -134,6 +134,15 @@ class Server:
 
         self.host.set_stream_handler(protocol, on_stream)
 
+    def take_slot(self, protocol: TProtocol, peer: str) -> str | None:
+        """Take an inbound slot for one exchange that a handler of its own serves (a
+        generation on a kept generate stream): None, or why it is refused. Give it
+        back with `release_slot`."""
+        return None if self._take_inbound(protocol, peer) else self._inbound_full()
+
+    def release_slot(self) -> None:
+        self._inbound_slots.release()
+
     def _take_inbound(self, protocol: TProtocol, peer: str) -> bool:
         try:
             self._inbound_slots.acquire_nowait()

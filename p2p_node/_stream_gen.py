@@ -13,14 +13,25 @@ ends the generation.
 Hanging up is how a client stops a generation: a stream reset, or closed, while
 the generation runs cancels it on every node it passed through, and the
 executing node's session ends and frees its cache at once.
+
+Callers keep one stream per peer for all their generations
+(`GENERATE_PIPE_PROTOCOL`, `/2.0.0`): each generation is an exchange on it,
+tagged as on the pipelined job protocols (`_pipeline`), its frames REPLY frames
+of its exchange, a hang-up a CANCEL (a reset stream hangs up all of them). A
+generation then costs no stream opening (a round trip of multistream-select,
+~2-3 ms per hop, most of the time to first token), and the frames of all the
+generations that share a node's decode steps go out in one write per step,
+not one per generation (`FrameWriter`). `/1.0.0`, one generation per stream,
+is still served, and spoken to a peer that does not speak `/2.0.0`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -31,10 +42,10 @@ from libp2p.custom_types import TProtocol
 from scheduler import ErrorCode, JobError
 
 from . import _codec
-from ._channel import TRANSPORT_ERRORS, Channel
+from ._channel import READ_CHUNK, TRANSPORT_ERRORS, Channel, only_transport_errors
 from ._decoder import Sampling
-from ._errors import unwrap_single_errors
-from ._framing import FrameError
+from ._errors import leaves, unwrap_single_errors
+from ._framing import FrameError, Kind, Tagged, TaggedBuffer
 from ._messages import (
     ErrorReply,
     GeneratedPiece,
@@ -43,13 +54,18 @@ from ._messages import (
     Reply,
     WireError,
 )
+from ._pipeline import FrameWriter
+from ._rpc import CLIENT_IDLE_S
+from ._serve import SERVER_IDLE_S
 
 if TYPE_CHECKING:
     from ._node import Node
+    from ._rpc import Rpc
 
 logger = logging.getLogger(__name__)
 
 GENERATE_PROTOCOL = TProtocol("/p2p-node/generate/1.0.0")
+GENERATE_PIPE_PROTOCOL = TProtocol("/p2p-node/generate/2.0.0")  # kept, many generations
 REQUEST_WAIT_S = 10.0  # for the request, once a stream is open
 MAX_CANDIDATES = 4  # peers tried for one generation before its first token
 
@@ -73,7 +89,7 @@ async def serve_generate(node: Node, stream: INetStream) -> None:
             payload = await channel.receive()
         with unwrap_single_errors():
             async with _until_hang_up(channel):
-                await _answer(node, payload, peer, channel)
+                await _answer(node, payload, peer, channel.send)
     except (_HungUp, trio.TooSlowError, FrameError, *TRANSPORT_ERRORS) as error:
         logger.debug("generate stream from %s ended: %r", peer, error)
         await channel.discard()
@@ -81,7 +97,7 @@ async def serve_generate(node: Node, stream: INetStream) -> None:
         await channel.close()
 
 
-async def _answer(node: Node, payload: bytes, peer: str, channel: Channel) -> None:
+async def _answer(node: Node, payload: bytes, peer: str, send: Send) -> None:
     started = time.perf_counter()
     try:
         request = _codec.decode_request(payload)
@@ -93,23 +109,131 @@ async def _answer(node: Node, payload: bytes, peer: str, channel: Channel) -> No
         with trio.move_on_after(request.timeout_ms / 1000) as timer:
             if request.forward:
                 node.admission.admit_job(peer, trio.current_time())
-                await coordinate(node, request, channel.send)
+                await coordinate(node, request, send)
             else:
                 await _admit_placed(node, peer)
-                await run_here(node, request, channel.send, started)
+                await run_here(node, request, send, started)
         if timer.cancelled_caught:
             raise JobError(
                 ErrorCode.DEADLINE_EXCEEDED,
                 f"generation {request.job_id} did not finish within {request.timeout_ms} ms",
             )
     except JobError as error:
-        await channel.send(_codec.encode(ErrorReply.from_error(error, node.peer_id)))
+        await send(_codec.encode(ErrorReply.from_error(error, node.peer_id)))
     except TRANSPORT_ERRORS:
         raise  # the stream is gone: nothing to answer on
     except Exception:  # a bug: the caller still gets an answer, the node goes on
         logger.exception("generation for %s failed", peer)
         reply = ErrorReply(ErrorCode.INTERNAL, "internal error; see the node's log", node.peer_id)
-        await channel.send(_codec.encode(reply))
+        await send(_codec.encode(reply))
+
+
+async def serve_generate_pipe(node: Node, stream: INetStream) -> None:
+    """Answer the generations a caller sends on its kept stream, each as it runs,
+    until the caller leaves (every generation on it then ends) or the stream idles
+    with none running. A generation the caller cancels ends alone. Bytes that
+    cannot be split into frames end the stream, with a GOAWAY that says why.
+
+    Each generation holds an inbound slot while it runs (`max_concurrent_inbound`),
+    as a stream of `/1.0.0` does; past the limit it is answered OVERLOADED."""
+    peer = str(stream.muxed_conn.peer_id)
+    writer = FrameWriter(stream)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            async with trio.open_nursery() as work:  # cancelled, with the work, on a hang-up
+                why = await _read_pipe(node, stream, writer, work, peer)
+            if why is not None:
+                writer.send(Tagged(Kind.GOAWAY, 0, _codec.encode(why)).encode())
+            await writer.flush()
+            nursery.cancel_scope.cancel()
+    except Exception as error:
+        if not only_transport_errors(error):  # a bug: log it, drop the stream, go on
+            logger.exception("generate stream from %s failed", peer)
+        else:
+            logger.debug("generate stream from %s ended: %r", peer, error)
+        await _reset(stream)
+    else:
+        with trio.CancelScope(shield=True), trio.move_on_after(1), suppress(*TRANSPORT_ERRORS):
+            await stream.close()
+
+
+async def _read_pipe(
+    node: Node, stream: INetStream, writer: FrameWriter, work: trio.Nursery, peer: str
+) -> ErrorReply | None:
+    """Read requests and start their generations until the stream idles with none
+    running (None) or cannot be read further (why). Transport errors raise."""
+    frames = TaggedBuffer(node.config.max_request_bytes)
+    running: dict[int, trio.CancelScope] = {}
+
+    def answer_now(exchange: int, reply: ErrorReply) -> None:
+        writer.send(Tagged(Kind.REPLY, exchange, _codec.encode(reply)).encode())
+
+    while True:
+        with trio.move_on_after(SERVER_IDLE_S) as idle:
+            data = await stream.read(READ_CHUNK)
+        if idle.cancelled_caught:
+            if running:
+                continue
+            return None
+        if not data:
+            raise EOFError("the caller closed the stream")
+        frames.feed(data)
+        while True:
+            try:
+                frame = frames.next_frame()
+            except FrameError as error:
+                if not error.too_large:
+                    logger.info("unreadable generate stream from %s: %s", peer, error)
+                    return ErrorReply(ErrorCode.MALFORMED_MESSAGE, str(error), node.peer_id)
+                answer_now(
+                    error.exchange,
+                    ErrorReply(
+                        ErrorCode.MESSAGE_TOO_LARGE,
+                        f"a generate request over this node's limit of "
+                        f"{node.config.max_request_bytes} bytes (max_request_bytes): {error}",
+                        node.peer_id,
+                    ),
+                )
+                continue
+            if frame is None:
+                break
+            if frame.kind is Kind.CANCEL:
+                if (scope := running.get(frame.exchange)) is not None:
+                    scope.cancel()
+            elif frame.kind is not Kind.REQUEST:
+                why = f"a caller sent a {frame.kind.name} frame"
+                return ErrorReply(ErrorCode.MALFORMED_MESSAGE, why, node.peer_id)
+            elif frame.exchange in running:
+                why = f"exchange {frame.exchange} is already running on this stream"
+                refused = ErrorReply(ErrorCode.MALFORMED_MESSAGE, why, node.peer_id)
+                answer_now(frame.exchange, refused)
+            elif (full := node.server.take_slot(GENERATE_PIPE_PROTOCOL, peer)) is not None:
+                answer_now(frame.exchange, ErrorReply(ErrorCode.OVERLOADED, full, node.peer_id))
+            else:
+                running[frame.exchange] = trio.CancelScope()
+                work.start_soon(_answer_exchange, node, frame, writer, running, peer)
+
+
+async def _answer_exchange(
+    node: Node,
+    request: Tagged,
+    writer: FrameWriter,
+    running: dict[int, trio.CancelScope],
+    peer: str,
+) -> None:
+    """One generation of a kept stream, its frames tagged with its exchange."""
+    exchange = request.exchange
+
+    async def send(frame: bytes) -> None:
+        await writer.write(Tagged(Kind.REPLY, exchange, frame).encode())
+
+    try:
+        with running[exchange]:
+            await _answer(node, request.body, peer, send)
+    finally:
+        del running[exchange]
+        node.server.release_slot()
 
 
 async def _admit_placed(node: Node, sender: str) -> None:
@@ -215,26 +339,19 @@ class _Relay:
 
 async def _run_on_peer(node: Node, peer_id: str, request: GenerateRequest, relay: _Relay) -> None:
     """Relay the frames `peer_id` answers `request` with; its error is raised."""
-    stream = await node.open_stream(peer_id, GENERATE_PROTOCOL, node.config.dial_timeout)
-    channel = Channel(stream, node.config.max_reply_bytes)
-    done = False
-    try:
-        await channel.send(_codec.encode(request))
+    async with open_frames(
+        node.generate_pipes, peer_id, request, node.config.dial_timeout
+    ) as frames:
         while True:
-            frame = await channel.receive()
+            frame = await frames.receive()
             reply = _read_reply(frame, peer_id)
             if isinstance(reply, ErrorReply):
+                frames.ended = True
                 raise reply.to_error()
-            done = isinstance(reply, GenerateSummary)
+            frames.ended = isinstance(reply, GenerateSummary)
             await relay.send(frame)
-            if done:
+            if frames.ended:
                 return
-    except (FrameError, *TRANSPORT_ERRORS) as error:
-        raise JobError(
-            ErrorCode.PEER_UNREACHABLE, f"generate stream broke: {error!r}", peer=peer_id
-        ) from None
-    finally:
-        await (channel.close() if done else channel.discard())
 
 
 def _read_reply(frame: bytes, peer_id: str) -> Reply:
@@ -277,6 +394,249 @@ async def _until_hang_up(channel: Channel) -> AsyncIterator[None]:
 # --- calling ----------------------------------------------------------------------------
 
 
+class Frames:
+    """The frames of one generation, as its caller reads them: on a kept stream
+    (an exchange of a `GeneratePipe`) or on a stream of its own (`/1.0.0`).
+    `ended` once its summary or error came: leaving then is no hang-up."""
+
+    def __init__(self, peer_id: str) -> None:
+        self.peer_id = peer_id
+        self.ended = False
+
+    async def receive(self) -> bytes:
+        """The next frame. Raises JobError when the stream breaks."""
+        raise NotImplementedError
+
+
+class _ChannelFrames(Frames):
+    def __init__(self, channel: Channel, peer_id: str) -> None:
+        super().__init__(peer_id)
+        self.channel = channel
+
+    async def receive(self) -> bytes:
+        try:
+            return await self.channel.receive()
+        except (FrameError, *TRANSPORT_ERRORS) as error:
+            raise JobError(
+                ErrorCode.PEER_UNREACHABLE, f"generate stream broke: {error!r}", peer=self.peer_id
+            ) from None
+
+
+class _Exchange(Frames):
+    def __init__(self, pipe: GeneratePipe, number: int) -> None:
+        super().__init__(pipe.peer_id)
+        self._pipe = pipe
+        self.number = number
+        # Unbounded, so that one slow reader never holds up the others' frames; the
+        # executing node makes at most BUFFERED_TOKENS more than the caller took.
+        self.send, self._receive = trio.open_memory_channel[bytes](math.inf)
+
+    async def receive(self) -> bytes:
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:  # the pipe failed (and said why)
+            assert self._pipe.failure is not None
+            raise self._pipe.failure from None
+
+
+class GeneratePipe:
+    """A caller's kept generate stream to one peer, carrying any number of
+    generations at once, each an exchange (see the module's docstring).
+
+    Run `run` in a task for as long as the stream is used. Once the stream fails,
+    every generation on it raises the failure, and so does every later one."""
+
+    def __init__(self, stream: INetStream, max_reply: int, peer_id: str) -> None:
+        self.stream = stream
+        self.peer_id = peer_id
+        self.failure: JobError | None = None
+        self.last_used = trio.current_time()
+        self._frames = TaggedBuffer(max_reply)
+        self._writer = FrameWriter(stream)
+        self._exchanges: dict[int, _Exchange] = {}
+        self._next = 1
+        self._scope = trio.CancelScope()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._exchanges)
+
+    @property
+    def usable(self) -> bool:
+        if self.failure is not None:
+            return False
+        closing = getattr(getattr(self.stream, "muxed_conn", None), "event_shutting_down", None)
+        if closing is not None and closing.is_set():
+            return False
+        # The server closes a stream idle for SERVER_IDLE_S; we never reuse one near that.
+        return bool(self._exchanges) or trio.current_time() - self.last_used < CLIENT_IDLE_S
+
+    @asynccontextmanager
+    async def exchange(self, payload: bytes) -> AsyncIterator[Frames]:
+        """Send `payload` (an encoded GenerateRequest); yields its frames. Leaving
+        before they ended cancels the generation. Raises JobError."""
+        if self.failure is not None:
+            raise self.failure
+        number, self._next = self._next, self._next + 1
+        exchange = self._exchanges[number] = _Exchange(self, number)
+        try:
+            self._writer.send(Tagged(Kind.REQUEST, number, payload).encode())
+            yield exchange
+        finally:
+            self.last_used = trio.current_time()
+            del self._exchanges[number]
+            if not exchange.ended and self.failure is None:  # a hang-up
+                self._writer.send(Tagged(Kind.CANCEL, number, b"").encode())
+
+    def close(self) -> None:
+        """Reset the stream: every generation on it fails now."""
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer.run)
+                    await self._read()
+        except Exception as error:
+            self.failure = self.failure or self._failure(error)
+        finally:
+            self.failure = self.failure or JobError(
+                ErrorCode.PEER_UNREACHABLE, "the generate stream was closed", peer=self.peer_id
+            )
+            for exchange in self._exchanges.values():
+                exchange.send.close()
+            await _reset(self.stream)
+
+    def _failure(self, error: Exception) -> JobError:
+        found = list(leaves(error))
+        for leaf in found:
+            if isinstance(leaf, FrameError):
+                return JobError(
+                    ErrorCode.MALFORMED_MESSAGE, f"bad generate frame: {leaf}", peer=self.peer_id
+                )
+        if not only_transport_errors(error):
+            logger.error("generate stream to %s failed", self.peer_id, exc_info=error)
+        why = f"generate stream broke: {found[0] or type(found[0]).__name__}"
+        return JobError(ErrorCode.PEER_UNREACHABLE, why, peer=self.peer_id)
+
+    async def _read(self) -> None:
+        while True:
+            data = await self.stream.read(READ_CHUNK)
+            if not data:
+                raise EOFError("stream closed by the peer")
+            self._frames.feed(data)
+            while True:
+                try:
+                    frame = self._frames.next_frame()
+                except FrameError as error:
+                    if not error.too_large:
+                        raise
+                    why = f"a generate frame over this caller's limit: {error}"
+                    reply = ErrorReply(ErrorCode.MESSAGE_TOO_LARGE, why, self.peer_id)
+                    self._deliver(error.exchange, _codec.encode(reply))
+                    continue
+                if frame is None:
+                    break
+                if frame.kind is Kind.REPLY:
+                    self._deliver(frame.exchange, frame.body)
+                elif frame.kind is Kind.GOAWAY:  # its body answers every generation on it
+                    self.failure = JobError(
+                        ErrorCode.PEER_UNREACHABLE, "the peer closed the stream", peer=self.peer_id
+                    )
+                    for number in list(self._exchanges):
+                        self._deliver(number, frame.body)
+                else:
+                    raise FrameError(f"a server sent a {frame.kind.name} frame")
+
+    def _deliver(self, number: int, body: bytes) -> None:
+        exchange = self._exchanges.get(number)
+        if exchange is not None:  # else its caller left meanwhile
+            exchange.send.send_nowait(body)
+
+
+class GeneratePipes:
+    """The kept generate streams of one caller (a client, or a node that forwards
+    generations), one per peer, opened when first needed."""
+
+    def __init__(self, rpc: Rpc) -> None:
+        self._rpc = rpc
+        self.max_reply_bytes = rpc.limits.max_reply_bytes
+        self._pipes: dict[str, GeneratePipe] = {}
+        self._opening: dict[str, trio.Lock] = {}
+
+    async def pipe(self, peer_id: str, timeout: float) -> GeneratePipe | None:
+        """The kept stream to `peer_id`; None if it speaks only `/1.0.0`. Raises JobError."""
+        pipe = self._pipes.get(peer_id)
+        if pipe is not None and pipe.usable:
+            return pipe
+        async with self._opening.setdefault(peer_id, trio.Lock()):
+            pipe = self._pipes.get(peer_id)
+            if pipe is not None and pipe.usable:
+                return pipe
+            if pipe is not None:
+                self._drop(peer_id)
+            if not self._rpc.speaks(peer_id, GENERATE_PIPE_PROTOCOL):
+                return None
+            try:
+                stream = await self._rpc.open_stream(peer_id, GENERATE_PIPE_PROTOCOL, timeout)
+            except JobError:
+                if not self._rpc.speaks(peer_id, GENERATE_PIPE_PROTOCOL):
+                    logger.info("%s does not speak %s", peer_id, GENERATE_PIPE_PROTOCOL)
+                    return None
+                raise
+            pipe = self._pipes[peer_id] = GeneratePipe(stream, self.max_reply_bytes, peer_id)
+            self._rpc.start_soon(lambda: self._run(peer_id, pipe))
+            return pipe
+
+    async def open_stream(self, peer_id: str, timeout: float) -> INetStream:
+        return await self._rpc.open_stream(peer_id, GENERATE_PROTOCOL, timeout)
+
+    async def _run(self, peer_id: str, pipe: GeneratePipe) -> None:
+        try:
+            await pipe.run()
+        finally:
+            if self._pipes.get(peer_id) is pipe:
+                del self._pipes[peer_id]
+
+    def _drop(self, peer_id: str) -> None:
+        pipe = self._pipes.pop(peer_id, None)
+        if pipe is not None:
+            pipe.close()
+
+
+@asynccontextmanager
+async def open_frames(
+    pipes: GeneratePipes, peer_id: str, request: GenerateRequest, timeout: float
+) -> AsyncIterator[Frames]:
+    """Send `request` to `peer_id`, on its kept stream where it has one; yields the
+    generation's frames. Leaving before they ended hangs up. Raises JobError."""
+    payload = _codec.encode(request)
+    pipe = await pipes.pipe(peer_id, timeout)
+    if pipe is not None:
+        async with pipe.exchange(payload) as frames:
+            yield frames
+        return
+    stream = await pipes.open_stream(peer_id, timeout)
+    channel = Channel(stream, pipes.max_reply_bytes)
+    own = _ChannelFrames(channel, peer_id)
+    try:
+        try:
+            await channel.send(payload)
+        except TRANSPORT_ERRORS as error:
+            raise JobError(
+                ErrorCode.PEER_UNREACHABLE, f"generate stream broke: {error!r}", peer=peer_id
+            ) from None
+        yield own
+    finally:
+        await (channel.close() if own.ended else channel.discard())
+
+
+async def _reset(stream: INetStream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(1), suppress(*TRANSPORT_ERRORS):
+        await stream.reset()
+
+
 class GenerationStream:
     """A generation's frames, as a caller reads them from the node it asked.
 
@@ -287,9 +647,9 @@ class GenerationStream:
     stops wherever it runs, and its cache is freed.
     """
 
-    def __init__(self, channel: Channel, peer_id: str, started: float) -> None:
-        self._channel = channel
-        self._peer_id = peer_id
+    def __init__(self, frames: Frames, started: float) -> None:
+        self._frames = frames
+        self._peer_id = frames.peer_id
         self._started = started
         self._first: float | None = None
         self.tokens: list[int] = []
@@ -309,19 +669,14 @@ class GenerationStream:
         """The next piece, or None after the summary. Raises JobError."""
         if self.summary is not None:
             return None
-        try:
-            frame = await self._channel.receive()
-        except (FrameError, *TRANSPORT_ERRORS) as error:
-            raise JobError(
-                ErrorCode.PEER_UNREACHABLE,
-                f"generate stream broke: {error!r}",
-                peer=self._peer_id,
-            ) from None
+        frame = await self._frames.receive()
         reply = _read_reply(frame, self._peer_id)
         now = time.perf_counter()
         if isinstance(reply, ErrorReply):
+            self._frames.ended = True
             raise reply.to_error()
         if isinstance(reply, GenerateSummary):
+            self._frames.ended = True
             first = self._first if self._first is not None else now
             self.summary = replace(
                 reply,
@@ -346,23 +701,9 @@ class GenerationStream:
 
 @asynccontextmanager
 async def open_generation(
-    open_stream: Callable[[], Awaitable[INetStream]],
-    peer_id: str,
-    request: GenerateRequest,
-    max_reply_bytes: int,
+    pipes: GeneratePipes, peer_id: str, request: GenerateRequest, timeout: float
 ) -> AsyncIterator[GenerationStream]:
-    """Send `request` on a new stream; yields its frames. Raises JobError."""
+    """Send `request` to `peer_id`; yields its frames. Raises JobError."""
     started = time.perf_counter()
-    stream = await open_stream()
-    channel = Channel(stream, max_reply_bytes)
-    generation = GenerationStream(channel, peer_id, started)
-    try:
-        try:
-            await channel.send(_codec.encode(request))
-        except TRANSPORT_ERRORS as error:
-            raise JobError(
-                ErrorCode.PEER_UNREACHABLE, f"generate stream broke: {error!r}", peer=peer_id
-            ) from None
-        yield generation
-    finally:
-        await (channel.close() if generation.summary is not None else channel.discard())
+    async with open_frames(pipes, peer_id, request, timeout) as frames:
+        yield GenerationStream(frames, started)

@@ -133,6 +133,47 @@ async def test_continuous_batching_gives_the_tokens_of_sessions_run_alone(
     assert got == expected
     assert engine.batched_rows > engine.steps  # some steps ran several sessions at once
     assert engine.rebuilds < engine.steps  # some fed the last step's caches back as they were
+    assert engine.prefill_runs < len(PROMPTS)  # prompts of different lengths shared a run
+
+
+async def test_sessions_that_pause_or_leave_the_batch_still_give_their_own_tokens(
+    tiny_models: Path,
+) -> None:
+    """A client that stops reading pauses its session out of the batches, one that
+    hangs up leaves them; the others go on with their rows of the last step's
+    caches, and the paused one, back, with its own cache: every session gives
+    the tokens it gives alone."""
+    with trio.fail_after(60):
+        async with generations(tiny_models, batch_decode=False) as alone:
+            expected = [await generate(alone, p, 40) for p in PROMPTS]
+        assert len(expected[0]) > 1 + generation_module.BUFFERED_TOKENS  # it must pause
+        async with generations(tiny_models) as batched:
+            engine = batched.engine(MODEL_ID)
+            got: list[list[int]] = [[] for _ in PROMPTS]
+            others_done = trio.Event()
+            finished = 0
+
+            async def one(i: int) -> None:
+                nonlocal finished
+                async with batched.open_session(MODEL_ID, PROMPTS[i], 40, GREEDY) as generation:
+                    while (piece := await generation.next()) is not None:
+                        got[i].append(piece.token)
+                        if i == 0 and len(got[0]) == 1:
+                            await others_done.wait()  # meanwhile its queue fills: it pauses
+                        if i == 1 and len(got[1]) == 5:
+                            break  # hangs up
+                if i > 0:
+                    finished += 1
+                    if finished == len(PROMPTS) - 1:
+                        others_done.set()
+
+            async with trio.open_nursery() as nursery:
+                for i in range(len(PROMPTS)):
+                    nursery.start_soon(one, i)
+            assert batched.cache_bytes == 0
+    assert got[0] == expected[0] and got[2:] == expected[2:]
+    assert got[1] == expected[1][:5]
+    assert engine.narrowed > 0  # some steps went on with rows of the last step's caches
 
 
 async def test_sessions_sharing_batches_take_their_pieces_in_fuller_frames(

@@ -21,6 +21,7 @@ from tiny_decoder import MODEL_ID, tiny_tokenizer, write_tiny_decoder
 from p2p_node import Client, NodeConfig
 from p2p_node._channel import Channel
 from p2p_node._codec import decode_reply, decode_request, encode
+from p2p_node._framing import Kind, Tagged, TaggedBuffer
 from p2p_node._messages import (
     ErrorReply,
     GeneratedPiece,
@@ -30,7 +31,7 @@ from p2p_node._messages import (
     RunRequest,
     WireError,
 )
-from p2p_node._stream_gen import GENERATE_PROTOCOL
+from p2p_node._stream_gen import GENERATE_PIPE_PROTOCOL, GENERATE_PROTOCOL
 from p2p_node.testing import Swarm, open_swarm
 from scheduler import ErrorCode, InferenceRequest, JobError
 
@@ -363,6 +364,85 @@ async def test_a_peer_s_bad_frame_on_the_generate_protocol_gets_a_typed_error(
                 assert await client.generate_text("Hello", MODEL_ID, max_tokens=3)
     assert isinstance(reply, ErrorReply)
     assert reply.code is ErrorCode.MALFORMED_MESSAGE and says in reply.message
+
+
+async def test_generations_share_one_kept_stream_and_a_hang_up_ends_only_its_own(
+    tmp_path: Path,
+) -> None:
+    models_dir = tmp_path / "models"
+    write_tiny_decoder(models_dir, context=4096)
+    base = _base(models_dir, tmp_path / "nodes", max_new_tokens=4000)
+    with trio.fail_after(60):
+        async with open_swarm(2, models=[NOBODY, TINY], base=base) as swarm:
+            await swarm.wait_converged()
+            generations = swarm[1].generations
+            async with Client.connect(swarm[0].addrs[0]) as client:
+                async with client.generate("Hello", MODEL_ID, max_tokens=4000) as kept:
+                    await kept.next_piece()
+                    async with client.generate("Hi", MODEL_ID, max_tokens=4000) as left:
+                        await left.next_piece()
+                        pipe = swarm[0].generate_pipes._pipes[swarm[1].peer_id]
+                        in_flight = pipe.in_flight
+                    await generations.wait_until(lambda g: g.cancelled == 1)
+                    assert generations.sessions == 1
+                    before = len(kept.tokens)
+                    await kept.next_piece()
+                    assert len(kept.tokens) > before  # the other one goes on
+            await _wait_for_zero_cache(swarm, 1)
+    assert in_flight == 2  # both on the forwarder's one kept stream to the executor
+
+
+async def test_a_peer_without_kept_generate_streams_gets_a_stream_per_generation(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    """A node of a version before `/2.0.0` is still asked, on `/1.0.0`."""
+    base = _base(tiny_models, tmp_path)
+    with trio.fail_after(30):
+        async with open_swarm(1, base=base) as swarm:
+            swarm[0]._rpc.host.remove_stream_handler(GENERATE_PIPE_PROTOCOL)
+            async with Client.connect(swarm[0].addrs[0]) as client:
+                first = await client.generate_text("Hello", MODEL_ID, max_tokens=5)
+                second = await client.generate_text("Hello", MODEL_ID, max_tokens=5)
+                speaks = client._rpc.speaks(swarm[0].peer_id, GENERATE_PIPE_PROTOCOL)
+            await _wait_for_zero_cache(swarm, 0)
+            assert swarm[0].generations.finished == 2
+    assert first and first == second
+    assert not speaks
+
+
+async def test_bad_frames_on_a_kept_generate_stream_get_typed_errors(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    """A request that is no GenerateRequest is answered on its exchange; bytes that
+    are no frame end the stream with a GOAWAY; the node serves on."""
+    base = _base(tiny_models, tmp_path)
+    run = encode(RunRequest("job", MODEL_ID, {"x": np.zeros(1, np.float32)}, 1000))
+    with trio.fail_after(30):
+        async with open_swarm(1, base=base) as swarm:
+            async with Client.connect(swarm[0].addrs[0]) as client:
+                stream = await client._rpc.open_stream(swarm[0].peer_id, GENERATE_PIPE_PROTOCOL, 5)
+                frames = TaggedBuffer(1 << 20)
+                got: list[Tagged] = []
+
+                async def next_frame() -> Tagged:
+                    while (frame := frames.next_frame()) is None:
+                        frames.feed(await stream.read(4096))
+                    return frame
+
+                await stream.write(Tagged(Kind.REQUEST, 7, run).encode())
+                got.append(await next_frame())
+                await stream.write(bytes([9, 1, 0]))  # a kind no frame has
+                got.append(await next_frame())
+                await stream.reset()
+                assert await client.generate_text("Hello", MODEL_ID, max_tokens=3)
+    answer, goaway = got
+    assert answer.kind is Kind.REPLY and answer.exchange == 7
+    reply = decode_reply(answer.body)
+    assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.MALFORMED_MESSAGE
+    assert "takes GenerateRequest, not RunRequest" in reply.message
+    assert goaway.kind is Kind.GOAWAY
+    why = decode_reply(goaway.body)
+    assert isinstance(why, ErrorReply) and why.code is ErrorCode.MALFORMED_MESSAGE
 
 
 _VALID = [
