@@ -584,6 +584,34 @@ def _noise_reads_in_bulk() -> None:
     vars(yamux)["read_exactly"] = _read_exactly
 
 
+_TUNING: dict[tuple[str, str], str] = {}  # PY_YAMUX_* settings read, by (name, default)
+
+
+def _yamux_setting(name: str, default: str = "") -> str:
+    """py-libp2p 0.8.1's `_py_yamux_env`, reading each PY_YAMUX_* variable once.
+
+    yamux reads its tuning variables from the environment on every frame it
+    takes or sends (the DATA body timeout, the window rules): about three
+    environment lookups a message. They are the perf harness's knobs, set before
+    a process starts; here they are read the first time they are asked for.
+    """
+    key = (name, default)
+    value = _TUNING.get(key)
+    if value is None:
+        value = _TUNING[key] = REPLACED["_py_yamux_env"](name, default)
+    return value
+
+
+def _yamux_settings_read_once() -> None:
+    patch = "yamux settings read once"
+    if vars(yamux).get("_py_yamux_env") is _yamux_setting:
+        return
+    _expect_shape(patch, yamux, "_py_yamux_env", "(name, default='')", is_async=False)
+    _expect_uses(patch, yamux._yamux_data_read_timeout, "_py_yamux_env")
+    REPLACED["_py_yamux_env"] = vars(yamux)["_py_yamux_env"]
+    vars(yamux)["_py_yamux_env"] = _yamux_setting
+
+
 def apply_to_process() -> None:
     """The patches that change py-libp2p's classes for the whole process. Idempotent."""
     _yamux_frames_fit_one_noise_message()
@@ -591,6 +619,7 @@ def apply_to_process() -> None:
     _yamux_writers_wait_for_window()
     _quick_locks()
     _noise_reads_in_bulk()
+    _yamux_settings_read_once()
 
 
 # --- per host ---------------------------------------------------------------------------

@@ -331,3 +331,14 @@ def test_a_reshaped_secure_session_is_refused_loudly(monkeypatch: pytest.MonkeyP
     monkeypatch.delattr(SecureSession, "_drain")
     with pytest.raises(Libp2pChanged, match=r"SecureSession\._drain is gone"):
         apply_to_process()
+
+
+def test_yamux_settings_are_read_from_the_environment_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    apply_to_process()
+    monkeypatch.setattr(_libp2p, "_TUNING", {})
+    monkeypatch.setenv("PY_YAMUX_DATA_READ_TIMEOUT", "7")
+    assert yamux._yamux_data_read_timeout() == 7.0
+    monkeypatch.setenv("PY_YAMUX_DATA_READ_TIMEOUT", "9")  # after the start: not seen
+    assert yamux._yamux_data_read_timeout() == 7.0
