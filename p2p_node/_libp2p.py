@@ -418,7 +418,7 @@ def _quick_locks() -> None:
         owner.__init__ = quick_init  # type: ignore[misc]
 
 
-RECEIVE_BYTES = 256 * 1024  # what one socket read asks for, for Noise messages
+RECEIVE_BYTES = 64 * 1024  # what one socket read asks for, for Noise messages
 _NOISE_LENGTH = noise_io.SIZE_NOISE_MESSAGE_LEN
 
 
