@@ -16,7 +16,13 @@ from libp2p.network.stream.exceptions import StreamError
 from ._errors import leaves
 from ._framing import FrameBuffer, encode_frame
 
-READ_CHUNK = 64 * 1024
+# The most a stream read asks for: more than a yamux receive window (16 MiB) holds,
+# so that a read takes everything buffered. py-libp2p then clears its stream
+# buffer; a read of less cuts it from the front, and the muxer's next append
+# moved what was left: with a grown window, a quarter of a node's CPU taking a
+# 16 MiB request went to those moves. A read returns only what has arrived.
+READ_CHUNK = 32 * 1024 * 1024
+SKIP_CHUNK = 64 * 1024  # what `skip` drops per read
 SEND_TIMEOUT_S = 30.0
 
 TRANSPORT_ERRORS = (
@@ -132,7 +138,7 @@ class Channel:
         with trio.move_on_after(within):
             while count > 0:
                 try:
-                    data = await self.stream.read(min(READ_CHUNK, count))
+                    data = await self.stream.read(min(SKIP_CHUNK, count))
                 except TRANSPORT_ERRORS:
                     return False
                 if not data:

@@ -87,7 +87,8 @@ class FrameBuffer:
             end = i + 1 + length
             if len(self._buffer) < end:
                 return None
-            frame = bytes(self._buffer[i + 1 : end])
+            with memoryview(self._buffer) as view:  # one copy, not two
+                frame = bytes(view[i + 1 : end])
             del self._buffer[:end]
             return frame
         if len(self._buffer) >= MAX_VARINT_BYTES:
@@ -218,10 +219,12 @@ class TaggedBuffer:
         if held < size:
             if size > COLLECT_ABOVE:  # collect it in pieces from now on
                 self._head = (kind, exchange[0])
-                self._pieces = [bytes(self._buffer[start:])]
+                with memoryview(self._buffer) as view:
+                    self._pieces = [bytes(view[start:])]
                 self._missing = size - held
                 del self._buffer[:]
             return None
-        body = bytes(self._buffer[start : start + size])
+        with memoryview(self._buffer) as view:  # one copy, not two
+            body = bytes(view[start : start + size])
         del self._buffer[: start + size]
         return Tagged(kind, exchange[0], body)

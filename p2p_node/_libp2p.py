@@ -27,12 +27,16 @@ import multiaddr
 import trio
 from google.protobuf.message import DecodeError
 from libp2p.abc import IHost, INetStream
+from libp2p.io import trio as libp2p_trio_io
+from libp2p.io import utils as libp2p_io_utils
+from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise import io as noise_io
+from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.stream_muxer.yamux import yamux
 from libp2p.transport.exceptions import SecurityUpgradeFailure
@@ -255,7 +259,7 @@ async def _write_woken_by_window(self: yamux.YamuxStream, data: bytes) -> None:
     while sent < total:
         frame: bytes | None = None
         while frame is None:
-            async with self.rw_lock.write_lock():
+            async with _write_lock_of(self):
                 if self.send_closed:
                     raise MuxedStreamError("Stream is closed for sending")
                 async with self.window_lock:
@@ -282,10 +286,10 @@ async def _write_frame_quietly(self: yamux.Yamux, data: bytes) -> None:
     """py-libp2p 0.8.1's `Yamux._write_frame` without its per-frame debug line, which
     unpacked the header and formatted a string for every frame whether or not
     debug logging was on (a few percent of a node's CPU at thousands of jobs a
-    second)."""
+    second), and without its checkpoint after the write: the socket write that
+    sends it is one already (a scheduling round per frame)."""
     async with self._write_lock:
         await self.secured_conn.write(data)
-    await trio.lowlevel.checkpoint()
 
 
 def _yamux_writers_wait_for_window() -> None:
@@ -327,11 +331,295 @@ def _yamux_writers_wait_for_window() -> None:
     yamux.Yamux._write_frame = _write_frame_quietly  # type: ignore[method-assign]
 
 
+# --- process wide: fewer scheduling rounds and copies per message -------------------------
+
+
+class QuickLock:
+    """A `trio.Lock` whose acquire yields only when it must wait.
+
+    `async with trio.Lock()` is a checkpoint even when the lock is free: the task
+    goes to the back of the run queue for a whole scheduling round (an epoll
+    call and a pass over every runnable task). py-libp2p takes four to six such
+    locks for every message it writes or reads (the TCP stream's read and write
+    locks, yamux's connection write lock, a stream's window and write locks),
+    which made a small message cost about a dozen rounds: two hosts in one
+    process passed a 600-byte message back and forth in ~500 us. These locks
+    guard only the ordering of writes and bookkeeping; none relies on the
+    checkpoint, and every path through them reaches a socket call, which is one.
+    Contended, it waits (fairly) as trio.Lock does.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    async def acquire(self) -> None:
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    def acquire_nowait(self) -> None:
+        self._lock.acquire_nowait()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def statistics(self) -> Any:
+        return self._lock.statistics()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+
+def _write_lock_of(stream: yamux.YamuxStream) -> QuickLock:
+    """The lock a stream's frames are written under (it replaces py-libp2p's
+    `rw_lock`, which only its `write`, replaced here, takes: for writing)."""
+    lock: QuickLock | None = stream.__dict__.get("_p2p_write_lock")
+    if lock is None:
+        lock = stream.__dict__["_p2p_write_lock"] = QuickLock()
+    return lock
+
+
+# Locks swapped for QuickLocks as each object is built: (class, attributes).
+_QUICK_LOCKS: tuple[tuple[type, tuple[str, ...]], ...] = (
+    (yamux.Yamux, ("_write_lock", "streams_lock")),
+    (yamux.YamuxStream, ("window_lock",)),
+    (libp2p_trio_io.TrioTCPStream, ("read_lock", "write_lock")),
+)
+
+
+def _quick_locks() -> None:
+    patch = "locks that do not yield when free"
+    for owner, names in _QUICK_LOCKS:
+        init = vars(owner)["__init__"]
+        if getattr(init, "_p2p_quick", False):
+            continue
+        _expect_uses(patch, init, *names)
+
+        def quick_init(
+            self: Any, *args: Any, __init: Any = init, __names: Any = names, **kwargs: Any
+        ) -> None:
+            __init(self, *args, **kwargs)
+            for name in __names:
+                if isinstance(getattr(self, name, None), trio.Lock):
+                    setattr(self, name, QuickLock())
+
+        quick_init._p2p_quick = True  # type: ignore[attr-defined]
+        quick_init.__wrapped__ = init  # type: ignore[attr-defined]
+        REPLACED[f"{owner.__name__}.__init__"] = init
+        owner.__init__ = quick_init  # type: ignore[misc]
+
+
+RECEIVE_BYTES = 64 * 1024  # what one socket read asks for, for Noise messages
+_NOISE_LENGTH = noise_io.SIZE_NOISE_MESSAGE_LEN
+
+
+class _Inbox:
+    """Bytes read from a connection but not yet decrypted: whole Noise messages,
+    and the start of the next."""
+
+    __slots__ = ("data", "start")
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.start = 0  # where the first message not yet taken begins
+
+
+async def _read_noise_message(
+    self: noise_io.NoiseTransportReadWriter, prefix_encoded: bool = False
+) -> bytes:
+    """py-libp2p 0.8.1's `NoiseTransportReadWriter.read_msg`, reading the connection
+    in large pieces instead of exactly each message's 2-byte length, then its body.
+
+    Two socket reads per message (each a scheduling round, and more for a body
+    the kernel hands over in parts), through `read_exactly`'s buffer copies,
+    were most of what a message cost to receive; a 16 MiB request came as 256
+    messages and 512 reads. Now one read takes whatever has arrived, up to
+    RECEIVE_BYTES, and the messages in it are decrypted in turn without another.
+    Only the transport phase reads ahead: after the handshake, nothing else
+    reads this connection.
+    """
+    inbox: _Inbox | None = self.__dict__.get("_p2p_inbox")
+    if inbox is None:
+        inbox = self.__dict__["_p2p_inbox"] = _Inbox()
+    data = inbox.data
+    conn = self.read_writer.read_write_closer
+    while True:
+        start = inbox.start
+        held = len(data) - start
+        if held >= _NOISE_LENGTH:
+            size = int.from_bytes(data[start : start + _NOISE_LENGTH], "big")
+            end = start + _NOISE_LENGTH + size
+            if len(data) >= end:
+                message = bytes(data[start + _NOISE_LENGTH : end])
+                if end == len(data):
+                    data.clear()
+                    inbox.start = 0
+                else:
+                    inbox.start = end
+                if prefix_encoded:
+                    message = message[len(self.prefix) :]
+                return self.decrypt(message)
+            wanted = end - len(data)
+        else:
+            wanted = _NOISE_LENGTH - held
+        if start:  # keep only the unread part before reading more
+            del data[:start]
+            inbox.start = 0
+        piece = await conn.read(max(wanted, RECEIVE_BYTES))
+        if not piece:
+            got = len(data)
+            raise IncompleteReadError(
+                f"connection closed with {got} bytes of a Noise message read",
+                expected_bytes=got + wanted,
+                received_bytes=got,
+            )
+        data += piece
+
+
+async def _read_session(self: SecureSession, n: int | None = None) -> bytes:
+    """py-libp2p 0.8.1's `SecureSession.read`: the next `n` bytes of plaintext (or
+    what remains of the last message, or the next message, when `n` is None),
+    without its BytesIO buffer. It copied each message in and out again, and
+    returned exact reads through two more copies: a yamux frame's header and
+    body, read separately, cost four copies of each 64 KiB message. Here the
+    rest of a message is kept as it is, and a read that takes all of it takes
+    the object itself."""
+    if n == 0:
+        return b""
+    held = self.__dict__
+    rest: bytes = held.get("_p2p_rest", b"")
+    if not rest:
+        rest = await self.conn.read_msg()
+        if not rest:
+            raise ConnectionClosedError("Connection closed")
+    if n is None or n == len(rest):
+        held["_p2p_rest"] = b""
+        return rest
+    if n < len(rest):
+        held["_p2p_rest"] = rest[n:]
+        return rest[:n]
+    parts = [rest]
+    got = len(rest)
+    held["_p2p_rest"] = b""
+    while got < n:
+        message = await self.conn.read_msg()
+        if not message:
+            return b"".join(parts)  # closed part way: what arrived, as before
+        if got + len(message) > n:
+            held["_p2p_rest"] = message[n - got :]
+            message = message[: n - got]
+        parts.append(message)
+        got += len(message)
+    return b"".join(parts)
+
+
+async def _read_exactly(reader: Any, n: int, retry_count: int = 100) -> bytes:
+    """py-libp2p 0.8.1's `read_exactly`, which copied every read twice (into a
+    bytearray, then out as bytes) even when the first read returned all `n`.
+    After a short first read, the original goes on (its loop and its errors)."""
+    data: bytes = await reader.read(n)
+    if len(data) == n:
+        return data
+    rest: bytes = await REPLACED["read_exactly"](_Replay(reader, data), n, retry_count)
+    return rest
+
+
+class _Replay:
+    """`reader`, whose next read returns `first` (bytes already read from it)."""
+
+    def __init__(self, reader: Any, first: bytes) -> None:
+        self._reader = reader
+        self._first: bytes | None = first
+
+    async def read(self, n: int | None = None) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        data: bytes = await self._reader.read(n)
+        return data
+
+    def __getattr__(self, name: str) -> Any:  # conn_state, for the error message
+        return getattr(self._reader, name)
+
+
+def _noise_reads_in_bulk() -> None:
+    patch = "Noise and secure-session reads in bulk"
+    reader = noise_io.NoiseTransportReadWriter
+    if reader.read_msg is _read_noise_message:
+        return
+    _expect_shape(patch, reader, "read_msg", "(self, prefix_encoded=False)", is_async=True)
+    _expect_uses(patch, noise_io.BaseNoiseMsgReadWriter.__init__, "read_writer")
+    _expect(
+        patch,
+        _NOISE_LENGTH == 2 == noise_io.NoisePacketReadWriter.size_len_bytes
+        and noise_io.BYTE_ORDER == "big",
+        "Noise messages no longer have a 2-byte big-endian length",
+    )
+    _expect_uses(patch, noise_io.BaseNoiseMsgReadWriter.read_msg, "read_writer", "decrypt")
+    _expect_shape(patch, SecureSession, "read", "(self, n=None)", is_async=True)
+    _expect_uses(patch, SecureSession.read, "conn", "read_msg", "_drain")
+    _expect_shape(patch, SecureSession, "_drain", "(self, n)", is_async=False)
+    _expect_shape(
+        patch, libp2p_io_utils, "read_exactly", "(reader, n, retry_count=100)", is_async=True
+    )
+    _expect(
+        patch,
+        vars(yamux).get("read_exactly") is libp2p_io_utils.read_exactly,
+        "yamux has its own read_exactly",
+    )
+    REPLACED["NoiseTransportReadWriter.read_msg"] = reader.read_msg
+    REPLACED["SecureSession.read"] = SecureSession.read
+    REPLACED["read_exactly"] = libp2p_io_utils.read_exactly
+    reader.read_msg = _read_noise_message  # type: ignore[method-assign,assignment]
+    SecureSession.read = _read_session  # type: ignore[method-assign]
+    vars(yamux)["read_exactly"] = _read_exactly
+
+
+_TUNING: dict[tuple[str, str], str] = {}  # PY_YAMUX_* settings read, by (name, default)
+
+
+def _yamux_setting(name: str, default: str = "") -> str:
+    """py-libp2p 0.8.1's `_py_yamux_env`, reading each PY_YAMUX_* variable once.
+
+    yamux reads its tuning variables from the environment on every frame it
+    takes or sends (the DATA body timeout, the window rules): about three
+    environment lookups a message. They are the perf harness's knobs, set before
+    a process starts; here they are read the first time they are asked for.
+    """
+    key = (name, default)
+    value = _TUNING.get(key)
+    if value is None:
+        value = _TUNING[key] = REPLACED["_py_yamux_env"](name, default)
+    return value
+
+
+def _yamux_settings_read_once() -> None:
+    patch = "yamux settings read once"
+    if vars(yamux).get("_py_yamux_env") is _yamux_setting:
+        return
+    _expect_shape(patch, yamux, "_py_yamux_env", "(name, default='')", is_async=False)
+    _expect_uses(patch, yamux._yamux_data_read_timeout, "_py_yamux_env")
+    REPLACED["_py_yamux_env"] = vars(yamux)["_py_yamux_env"]
+    vars(yamux)["_py_yamux_env"] = _yamux_setting
+
+
 def apply_to_process() -> None:
     """The patches that change py-libp2p's classes for the whole process. Idempotent."""
     _yamux_frames_fit_one_noise_message()
     _yamux_credits_once_half_read()
     _yamux_writers_wait_for_window()
+    _quick_locks()
+    _noise_reads_in_bulk()
+    _yamux_settings_read_once()
 
 
 # --- per host ---------------------------------------------------------------------------

@@ -48,6 +48,13 @@ logger = logging.getLogger(__name__)
 # forwarded, 0 rounds gather 18 frames per write and 1 or 2 gather 21 to 23,
 # but each round is a pass of trio's loop for every message at c=1.
 GATHER_ROUNDS = 0
+# Scheduling rounds the writer waits after each write before the next: frames
+# that come one a round (answers finishing one after another) then share a write.
+# py-libp2p's write path used to take about seven rounds (a checkpoint per lock
+# it took), which did the same; with its locks no longer yielding when free
+# (`_libp2p.QuickLock`) a write takes two, and 32 staggered answers went out
+# in 16 messages instead of 7; with these rounds, 10 or 11 (tests/test_pipeline.py).
+LINGER_ROUNDS = 3
 
 INFER_PROTOCOL = TProtocol("/p2p-node/infer/1.0.0")
 JOB_PROTOCOL = TProtocol("/p2p-node/job/1.0.0")
@@ -125,6 +132,8 @@ class FrameWriter:
                 continue
             frames, self._queued = self._queued, []
             await self._write(frames)
+            for _ in range(LINGER_ROUNDS):
+                await trio.lowlevel.checkpoint()
 
     async def _write(self, frames: list[bytes]) -> None:
         self._writing = True

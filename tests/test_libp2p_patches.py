@@ -13,7 +13,11 @@ import pytest
 import trio
 import trio.testing
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
+from libp2p.io.trio import TrioTCPStream
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise import io as noise_io
+from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.stream_muxer.yamux import yamux
 
@@ -190,3 +194,151 @@ def test_a_host_whose_upgrader_changed_is_refused_loudly() -> None:
     host.get_network().upgrader.upgrade_security = upgrade_security  # type: ignore[attr-defined]
     with pytest.raises(Libp2pChanged, match=r"upgrade_security is now"):
         _libp2p.refuse_peers(host, lambda peer_id: True)
+
+
+class _Pieces:
+    """A connection whose reads return the given pieces, then EOF."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = list(pieces)
+        self.asked: list[int | None] = []
+
+    async def read(self, n: int | None = None) -> bytes:
+        self.asked.append(n)
+        await trio.lowlevel.checkpoint()
+        return self.pieces.pop(0) if self.pieces else b""
+
+
+class _Plain:
+    """A Noise state that 'decrypts' by reversing, so a skipped step would show."""
+
+    def decrypt(self, data: bytes) -> bytes:
+        assert isinstance(data, bytes)
+        return data[::-1]
+
+
+def _noise_reader(conn: _Pieces) -> Any:
+    reader = noise_io.NoiseTransportReadWriter.__new__(noise_io.NoiseTransportReadWriter)
+    reader.read_writer = noise_io.NoisePacketReadWriter(conn)  # type: ignore[arg-type]
+    reader.noise_state = _Plain()  # type: ignore[assignment]
+    return reader
+
+
+def _noise_wire(*messages: bytes) -> bytes:
+    return b"".join(len(m).to_bytes(2, "big") + m[::-1] for m in messages)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 7, 1000])
+async def test_noise_messages_read_in_bulk_come_out_whole_however_the_bytes_arrive(
+    cut: int,
+) -> None:
+    messages = [b"a" * 5, b"", b"bc" * 300, b"d"]
+    wire = _noise_wire(*messages)
+    conn = _Pieces([wire[i : i + cut] for i in range(0, len(wire), cut)])
+    reader = _noise_reader(conn)
+    with trio.fail_after(5):
+        got = [await _libp2p._read_noise_message(reader) for _ in messages]
+        assert got == messages
+        with pytest.raises(IncompleteReadError) as closed:
+            await _libp2p._read_noise_message(reader)
+    assert closed.value.is_clean_close  # EOF between messages, as py-libp2p says it
+    if cut == 1000:
+        assert len(conn.asked) == 2  # one read for all four messages, one for the EOF
+
+
+async def test_a_connection_closed_inside_a_noise_message_is_not_a_clean_close() -> None:
+    reader = _noise_reader(_Pieces([_noise_wire(b"hello")[:4]]))
+    with trio.fail_after(5), pytest.raises(IncompleteReadError) as closed:
+        await _libp2p._read_noise_message(reader)
+    assert not closed.value.is_clean_close
+
+
+class _Messages:
+    def __init__(self, messages: list[bytes]) -> None:
+        self.messages = list(messages)
+
+    async def read_msg(self) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return self.messages.pop(0) if self.messages else b""
+
+
+async def test_a_secure_session_reads_exact_sizes_across_messages() -> None:
+    session: Any = SecureSession.__new__(SecureSession)
+    session.conn = _Messages([b"0123456789", b"abc", b"defgh"])
+    with trio.fail_after(5):
+        assert await _libp2p._read_session(session, 4) == b"0123"
+        assert await _libp2p._read_session(session, 6) == b"456789"  # the rest, as it is
+        assert await _libp2p._read_session(session, 5) == b"abcde"  # across two messages
+        assert await _libp2p._read_session(session, None) == b"fgh"  # what is left
+        assert await _libp2p._read_session(session, 0) == b""
+        with pytest.raises(ConnectionClosedError):
+            await _libp2p._read_session(session, 3)
+
+
+async def test_a_secure_session_closed_part_way_returns_what_arrived() -> None:
+    session: Any = SecureSession.__new__(SecureSession)
+    session.conn = _Messages([b"abc"])
+    with trio.fail_after(5):
+        assert await _libp2p._read_session(session, 10) == b"abc"
+
+
+async def test_read_exactly_goes_on_after_a_short_first_read() -> None:
+    apply_to_process()
+    with trio.fail_after(5):
+        assert await _libp2p._read_exactly(_Pieces([b"ab", b"c", b"def"]), 6) == b"abcdef"
+        with pytest.raises(IncompleteReadError):
+            await _libp2p._read_exactly(_Pieces([b"ab"]), 6)
+
+
+async def test_a_free_quick_lock_does_not_yield_and_a_held_one_waits_its_turn() -> None:
+    lock = _libp2p.QuickLock()
+    order: list[str] = []
+
+    async def other(name: str) -> None:
+        order.append(name)
+        async with lock:
+            order.append(f"{name} has it")
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other, "first")
+            async with lock:  # free: no checkpoint, so "first" has not run yet
+                assert order == []
+                await trio.testing.wait_all_tasks_blocked()
+                assert order == ["first"]  # it waits for the lock
+            await trio.testing.wait_all_tasks_blocked()
+            assert order == ["first", "first has it"]
+
+
+def test_hosts_get_quick_locks_where_py_libp2p_made_trio_locks() -> None:
+    apply_to_process()
+    stream = yamux.YamuxStream(1, None, True)  # type: ignore[arg-type]
+    assert isinstance(stream.window_lock, _libp2p.QuickLock)
+    tcp = TrioTCPStream(None)  # type: ignore[arg-type]
+    assert isinstance(tcp.read_lock, _libp2p.QuickLock)
+    assert isinstance(tcp.write_lock, _libp2p.QuickLock)
+
+
+def test_a_reshaped_secure_session_is_refused_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    apply_to_process()
+    # As if this process had not patched them yet.
+    replaced = _libp2p.REPLACED
+    monkeypatch.setattr(
+        noise_io.NoiseTransportReadWriter, "read_msg", replaced["NoiseTransportReadWriter.read_msg"]
+    )
+    monkeypatch.setattr(SecureSession, "read", replaced["SecureSession.read"])
+    monkeypatch.setitem(vars(yamux), "read_exactly", replaced["read_exactly"])
+    monkeypatch.delattr(SecureSession, "_drain")
+    with pytest.raises(Libp2pChanged, match=r"SecureSession\._drain is gone"):
+        apply_to_process()
+
+
+def test_yamux_settings_are_read_from_the_environment_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    apply_to_process()
+    monkeypatch.setattr(_libp2p, "_TUNING", {})
+    monkeypatch.setenv("PY_YAMUX_DATA_READ_TIMEOUT", "7")
+    assert yamux._yamux_data_read_timeout() == 7.0
+    monkeypatch.setenv("PY_YAMUX_DATA_READ_TIMEOUT", "9")  # after the start: not seen
+    assert yamux._yamux_data_read_timeout() == 7.0
