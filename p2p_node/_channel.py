@@ -24,6 +24,9 @@ from ._framing import FrameBuffer, encode_frame
 READ_CHUNK = 32 * 1024 * 1024
 SKIP_CHUNK = 64 * 1024  # what `skip` drops per read
 SEND_TIMEOUT_S = 30.0
+# A caller drops a kept stream idle this long; a server closes one idle longer
+# (_serve.SERVER_IDLE_S), so a caller never reuses a stream the server is closing.
+CLIENT_IDLE_S = 30.0
 
 TRANSPORT_ERRORS = (
     StreamError,

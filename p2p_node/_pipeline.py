@@ -21,7 +21,9 @@ network can be upgraded a node at a time.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from typing import Any, Generic, TypeVar, cast
 
 import trio
 from libp2p.abc import INetStream
@@ -30,6 +32,7 @@ from libp2p.custom_types import TProtocol
 from scheduler import ErrorCode, JobError
 
 from ._channel import (
+    CLIENT_IDLE_S,
     READ_CHUNK,
     SEND_TIMEOUT_S,
     TRANSPORT_ERRORS,
@@ -41,6 +44,7 @@ from ._errors import leaves
 from ._framing import FrameError, Kind, Tagged, TaggedBuffer
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Scheduling rounds a pipelined stream's writer waits, once woken, for more frames
 # to share its write (see FrameWriter). Its wake-up is already a round: every
@@ -157,22 +161,18 @@ class FrameWriter:
                 self._more.set()
 
 
-class _Waiter:
-    __slots__ = ("done", "error", "reply")
+class KeptPipe(Generic[T]):
+    """A caller's end of one kept stream of tagged exchanges, each an entry of
+    `_open` (what its frames go to) while it is in flight.
 
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.reply = b""
-        self.error: JobError | None = None
-
-
-class CallerPipe:
-    """The caller's end of one pipelined stream: sends requests, routes replies.
-
-    Run `run` in a task for as long as the stream is used; `exchange` from any
-    number of tasks. Once the stream fails, every exchange on it raises the
-    failure, and so does every later one (`failure`).
+    Run `run` in a task for as long as the stream is used. Once the stream fails,
+    every exchange on it raises the failure, and so does every later one
+    (`failure`). Subclasses say what a reply does to an exchange (`_reply`,
+    `_refuse`) and how a failure ends them all (`_end_all`).
     """
+
+    FRAME = "reply"  # what a frame is called in errors
+    STREAM = "stream"  # and the stream
 
     def __init__(
         self, stream: INetStream, max_reply: int, peer_id: str, counts: Bytes | None = None
@@ -184,31 +184,24 @@ class CallerPipe:
         self.last_used = trio.current_time()
         self._frames = TaggedBuffer(max_reply)
         self._writer = FrameWriter(stream, self._counts)
-        self._waiting: dict[int, _Waiter] = {}
+        self._open: dict[int, T] = {}
         self._next = 1
         self._scope = trio.CancelScope()
 
     @property
     def in_flight(self) -> int:
-        return len(self._waiting)
+        return len(self._open)
 
-    async def exchange(self, payload: bytes) -> bytes:
-        """The reply to `payload` (an encoded request). Raises JobError."""
+    @property
+    def usable(self) -> bool:
         if self.failure is not None:
-            raise self.failure
-        exchange, self._next = self._next, self._next + 1
-        waiter = self._waiting[exchange] = _Waiter()
-        try:
-            await self._writer.write(Tagged(Kind.REQUEST, exchange, payload).encode())
-            await waiter.done.wait()
-        except BaseException:  # the caller left: so does the server, for this one
-            if self._waiting.pop(exchange, None) is not None and self.failure is None:
-                self._writer.send(Tagged(Kind.CANCEL, exchange, b"").encode())
-            raise
-        self.last_used = trio.current_time()
-        if waiter.error is not None:
-            raise waiter.error
-        return waiter.reply
+            return False
+        conn = getattr(self.stream, "muxed_conn", None)
+        closing = getattr(conn, "event_shutting_down", None)
+        if closing is not None and closing.is_set():
+            return False
+        # The server closes a stream idle for SERVER_IDLE_S; we never reuse one near that.
+        return bool(self._open) or trio.current_time() - self.last_used < CLIENT_IDLE_S
 
     def close(self) -> None:
         """Reset the stream: every exchange on it fails now."""
@@ -224,12 +217,9 @@ class CallerPipe:
             self.failure = self.failure or self._failure(error)
         finally:
             self.failure = self.failure or JobError(
-                ErrorCode.PEER_UNREACHABLE, "the stream was closed", peer=self.peer_id
+                ErrorCode.PEER_UNREACHABLE, f"the {self.STREAM} was closed", peer=self.peer_id
             )
-            for waiter in self._waiting.values():
-                waiter.error = self.failure
-                waiter.done.set()
-            self._waiting.clear()
+            self._end_all()
             with trio.CancelScope(shield=True), trio.move_on_after(1), suppress(*TRANSPORT_ERRORS):
                 await self.stream.reset()
 
@@ -239,14 +229,14 @@ class CallerPipe:
         for leaf in found:
             if isinstance(leaf, FrameError):
                 return JobError(
-                    ErrorCode.MALFORMED_MESSAGE, f"bad reply: {leaf}", peer=self.peer_id
+                    ErrorCode.MALFORMED_MESSAGE, f"bad {self.FRAME}: {leaf}", peer=self.peer_id
                 )
         for leaf in found:
             if isinstance(leaf, SendTimedOut):  # a live peer that is slow: not "gone"
                 return JobError(ErrorCode.DEADLINE_EXCEEDED, str(leaf), peer=self.peer_id)
         if not only_transport_errors(error):
-            logger.error("pipelined stream to %s failed", self.peer_id, exc_info=error)
-        why = f"stream broke: {found[0] or type(found[0]).__name__}"
+            logger.error("%s to %s failed", self.STREAM, self.peer_id, exc_info=error)
+        why = f"{self.STREAM} broke: {found[0] or type(found[0]).__name__}"
         return JobError(ErrorCode.PEER_UNREACHABLE, why, peer=self.peer_id)
 
     async def _read(self) -> None:
@@ -262,29 +252,139 @@ class CallerPipe:
                 except FrameError as error:
                     if not error.too_large:
                         raise
-                    self._answer(
-                        error.exchange,
-                        error=JobError(
-                            ErrorCode.MESSAGE_TOO_LARGE, f"bad reply: {error}", peer=self.peer_id
-                        ),
-                    )
+                    why = f"bad {self.FRAME}: {error}"
+                    refusal = JobError(ErrorCode.MESSAGE_TOO_LARGE, why, peer=self.peer_id)
+                    self._refuse(error.exchange, refusal)
                     continue
                 if frame is None:
                     break
                 if frame.kind is Kind.REPLY:
-                    self._answer(frame.exchange, reply=frame.body)
+                    self._reply(frame.exchange, frame.body)
                 elif frame.kind is Kind.GOAWAY:  # its body answers whatever is unanswered
                     self.failure = JobError(
                         ErrorCode.PEER_UNREACHABLE, "the peer closed the stream", peer=self.peer_id
                     )
-                    for exchange in list(self._waiting):
-                        self._answer(exchange, reply=frame.body)
+                    for exchange in list(self._open):
+                        self._reply(exchange, frame.body)
                 else:
                     raise FrameError(f"a server sent a {frame.kind.name} frame")
 
+    def _reply(self, exchange: int, body: bytes) -> None:
+        raise NotImplementedError
+
+    def _refuse(self, exchange: int, error: JobError) -> None:
+        raise NotImplementedError
+
+    def _end_all(self) -> None:
+        raise NotImplementedError
+
+
+class _Waiter:
+    __slots__ = ("done", "error", "reply")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.reply = b""
+        self.error: JobError | None = None
+
+
+class CallerPipe(KeptPipe[_Waiter]):
+    """A kept stream of pipelined jobs: one reply per exchange; `exchange` from
+    any number of tasks."""
+
+    async def exchange(self, payload: bytes) -> bytes:
+        """The reply to `payload` (an encoded request). Raises JobError."""
+        if self.failure is not None:
+            raise self.failure
+        exchange, self._next = self._next, self._next + 1
+        waiter = self._open[exchange] = _Waiter()
+        try:
+            await self._writer.write(Tagged(Kind.REQUEST, exchange, payload).encode())
+            await waiter.done.wait()
+        except BaseException:  # the caller left: so does the server, for this one
+            if self._open.pop(exchange, None) is not None and self.failure is None:
+                self._writer.send(Tagged(Kind.CANCEL, exchange, b"").encode())
+            raise
+        self.last_used = trio.current_time()
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.reply
+
+    def _reply(self, exchange: int, body: bytes) -> None:
+        self._answer(exchange, reply=body)
+
+    def _refuse(self, exchange: int, error: JobError) -> None:
+        self._answer(exchange, error=error)
+
+    def _end_all(self) -> None:
+        for waiter in self._open.values():
+            waiter.error = self.failure
+            waiter.done.set()
+        self._open.clear()
+
     def _answer(self, exchange: int, *, reply: bytes = b"", error: JobError | None = None) -> None:
-        waiter = self._waiting.pop(exchange, None)
+        waiter = self._open.pop(exchange, None)
         if waiter is None:  # cancelled by its caller meanwhile
             return
         waiter.reply, waiter.error = reply, error
         waiter.done.set()
+
+
+P = TypeVar("P", bound=KeptPipe[Any])
+
+
+class KeptPipes:
+    """A caller's kept pipes, one per (peer, protocol), opened when first needed
+    and dropped when they fail, idle past CLIENT_IDLE_S, or their peer goes.
+
+    `start_soon` runs each pipe's `run` (in the caller's nursery)."""
+
+    def __init__(self, start_soon: Callable[[Callable[[], Awaitable[None]]], None]) -> None:
+        self._start_soon = start_soon
+        self._pipes: dict[tuple[str, TProtocol], KeptPipe[Any]] = {}
+        self._opening: dict[tuple[str, TProtocol], trio.Lock] = {}
+
+    def __getitem__(self, key: tuple[str, TProtocol]) -> KeptPipe[Any]:
+        return self._pipes[key]
+
+    async def get(
+        self, key: tuple[str, TProtocol], open_pipe: Callable[[], Awaitable[P | None]]
+    ) -> P | None:
+        """The usable pipe for `key`, else the one `open_pipe` opens (None: none)."""
+        pipe = self._pipes.get(key)
+        if pipe is not None and pipe.usable:
+            return cast(P, pipe)
+        async with self._opening.setdefault(key, trio.Lock()):  # the others wait and share it
+            pipe = self._pipes.get(key)
+            if pipe is not None and pipe.usable:
+                return cast(P, pipe)
+            if pipe is not None:
+                self._drop(key)
+            opened = await open_pipe()
+            if opened is not None:
+                self._pipes[key] = opened
+                self._start_soon(lambda: self._run(key, opened))
+            return opened
+
+    def drop_peer(self, peer_id: str) -> None:
+        """Reset `peer_id`'s pipes: every exchange on them fails now."""
+        for key in [k for k in self._pipes if k[0] == peer_id]:
+            self._drop(key)
+
+    def forget_peer(self, peer_id: str) -> None:
+        self.drop_peer(peer_id)
+        for key in [k for k in self._opening if k[0] == peer_id]:
+            if not self._opening[key].locked():
+                del self._opening[key]
+
+    async def _run(self, key: tuple[str, TProtocol], pipe: KeptPipe[Any]) -> None:
+        try:
+            await pipe.run()
+        finally:
+            if self._pipes.get(key) is pipe:
+                del self._pipes[key]
+
+    def _drop(self, key: tuple[str, TProtocol]) -> None:
+        pipe = self._pipes.pop(key, None)
+        if pipe is not None:
+            pipe.close()

@@ -34,7 +34,7 @@ from libp2p.transport.exceptions import SecurityUpgradeFailure
 from scheduler import ErrorCode, InferenceRequest, InferenceResult, JobError
 
 from . import _codec
-from ._channel import TRANSPORT_ERRORS, Channel, MessageLimits, SendTimedOut, Traffic
+from ._channel import CLIENT_IDLE_S, TRANSPORT_ERRORS, Channel, MessageLimits, SendTimedOut, Traffic
 from ._framing import FrameError
 from ._host import new_libp2p_host as new_libp2p_host  # where callers have found it
 from ._host import run_host as run_host
@@ -42,7 +42,7 @@ from ._libp2p import PeerRefused, caused_by
 from ._messages import ErrorReply, Reply, Request, RunRequest, WireError
 from ._pipeline import INFER_PROTOCOL as INFER_PROTOCOL
 from ._pipeline import JOB_PROTOCOL as JOB_PROTOCOL
-from ._pipeline import PIPELINED, CallerPipe
+from ._pipeline import PIPELINED, CallerPipe, KeptPipes
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +55,6 @@ SYNC_PROTOCOL = TProtocol("/p2p-node/sync/1.0.0")  # sync?: records swapped on c
 
 # How long past a request's own deadline we wait for the peer's DEADLINE_EXCEEDED.
 REPLY_GRACE_S = 2.0
-# A caller drops a pooled stream idle this long; a server closes one idle longer
-# (_serve.SERVER_IDLE_S), so a caller never reuses a stream the server is closing.
-CLIENT_IDLE_S = 30.0
 MAX_IDLE_STREAMS_PER_PEER = 64
 OPEN_TIMEOUT_S = 10.0
 
@@ -135,8 +132,7 @@ class Rpc:
         self._calls: dict[str, dict[trio.CancelScope, str]] = {}
         self.traffic = Traffic()  # bytes of our requests and their replies, per protocol
         # Pipelined streams by (peer, pipelined protocol), and those a peer does not speak.
-        self._pipes: dict[tuple[str, TProtocol], CallerPipe] = {}
-        self._pipe_opening: dict[tuple[str, TProtocol], trio.Lock] = {}
+        self.pipes = KeptPipes(self.start_soon)
         self._unspoken: set[tuple[str, TProtocol]] = set()
 
     async def connect(self, addr: multiaddr.Multiaddr, timeout: float) -> str:
@@ -296,46 +292,15 @@ class Rpc:
     async def _pipe(self, peer_id: str, protocol: TProtocol) -> CallerPipe:
         """The pipelined stream to `peer_id` for `protocol`, opened if there is none
         (or the one there failed, or idled past CLIENT_IDLE_S). Raises JobError."""
-        key = (peer_id, protocol)
-        pipe = self._pipes.get(key)
-        if pipe is not None and self._usable(pipe):
-            return pipe
-        opening = self._pipe_opening.setdefault(key, trio.Lock())
-        async with opening:  # one opening at a time: the others wait and share it
-            pipe = self._pipes.get(key)
-            if pipe is not None and self._usable(pipe):
-                return pipe
-            if pipe is not None:
-                self._drop_pipe(key)
+
+        async def open_pipe() -> CallerPipe:
             channel = await self._open(peer_id, protocol)
-            pipe = self._pipes[key] = CallerPipe(
-                channel.stream, self.limits.max_reply_bytes, peer_id, self.traffic.of(protocol)
-            )
-            self._tasks.start_soon(self._run_pipe, key, pipe)
-            return pipe
+            counts = self.traffic.of(protocol)
+            return CallerPipe(channel.stream, self.limits.max_reply_bytes, peer_id, counts)
 
-    @staticmethod
-    def _usable(pipe: CallerPipe) -> bool:
-        if pipe.failure is not None:
-            return False
-        conn = getattr(pipe.stream, "muxed_conn", None)
-        closing = getattr(conn, "event_shutting_down", None)
-        if closing is not None and closing.is_set():
-            return False
-        # The server closes a stream idle for SERVER_IDLE_S; we never reuse one near that.
-        return bool(pipe.in_flight) or trio.current_time() - pipe.last_used < CLIENT_IDLE_S
-
-    async def _run_pipe(self, key: tuple[str, TProtocol], pipe: CallerPipe) -> None:
-        try:
-            await pipe.run()
-        finally:
-            if self._pipes.get(key) is pipe:
-                del self._pipes[key]
-
-    def _drop_pipe(self, key: tuple[str, TProtocol]) -> None:
-        pipe = self._pipes.pop(key, None)
-        if pipe is not None:
-            pipe.close()
+        pipe = await self.pipes.get((peer_id, protocol), open_pipe)
+        assert pipe is not None
+        return pipe
 
     async def _keep_idle(self, key: tuple[str, TProtocol], channel: Channel) -> None:
         channel.idle_since = trio.current_time()
@@ -428,13 +393,9 @@ class Rpc:
         self._fail_calls(peer_id, "the connection to the peer was lost")
         for key in [k for k in self._idle if k[0] == peer_id]:
             del self._idle[key]
-        for key in [k for k in self._pipes if k[0] == peer_id]:
-            self._drop_pipe(key)
+        self.pipes.forget_peer(peer_id)
         # It may come back upgraded.
         self._unspoken = {k for k in self._unspoken if k[0] != peer_id}
-        for key in [k for k in self._pipe_opening if k[0] == peer_id]:
-            if not self._pipe_opening[key].locked():
-                del self._pipe_opening[key]
 
     def abandon(self, peer_id: str, why: str) -> None:
         """Give up on `peer_id` though its connection stays: every exchange in flight
@@ -449,8 +410,7 @@ class Rpc:
         new stream.
         """
         self._fail_calls(peer_id, why)
-        for key in [k for k in self._pipes if k[0] == peer_id]:
-            self._drop_pipe(key)
+        self.pipes.drop_peer(peer_id)
         for key in [k for k in self._idle if k[0] == peer_id]:
             for channel in self._idle.pop(key):
                 self._tasks.start_soon(channel.discard)

@@ -38,7 +38,7 @@ from ._pipeline import PIPELINED, FrameWriter
 logger = logging.getLogger(__name__)
 
 # A server closes a kept stream idle this long; a caller drops one idle for less
-# (_rpc.CLIENT_IDLE_S), so it never reuses a stream the server is closing.
+# (_channel.CLIENT_IDLE_S), so it never reuses a stream the server is closing.
 SERVER_IDLE_S = 60.0
 # After refusing an oversize request, how long we read and drop the rest of it so
 # that the caller, still writing, gets to read the refusal (then the stream is reset).

@@ -44,7 +44,7 @@ from scheduler import ErrorCode, JobError
 from . import _codec
 from ._channel import READ_CHUNK, TRANSPORT_ERRORS, Channel, only_transport_errors
 from ._decoder import Sampling
-from ._errors import leaves, unwrap_single_errors
+from ._errors import unwrap_single_errors
 from ._framing import FrameError, Kind, Tagged, TaggedBuffer
 from ._messages import (
     ErrorReply,
@@ -54,8 +54,7 @@ from ._messages import (
     Reply,
     WireError,
 )
-from ._pipeline import FrameWriter
-from ._rpc import CLIENT_IDLE_S
+from ._pipeline import FrameWriter, KeptPipe
 from ._serve import SERVER_IDLE_S
 
 if TYPE_CHECKING:
@@ -439,37 +438,12 @@ class _Exchange(Frames):
             raise self._pipe.failure from None
 
 
-class GeneratePipe:
+class GeneratePipe(KeptPipe[_Exchange]):
     """A caller's kept generate stream to one peer, carrying any number of
-    generations at once, each an exchange (see the module's docstring).
+    generations at once, each an exchange (see the module's docstring)."""
 
-    Run `run` in a task for as long as the stream is used. Once the stream fails,
-    every generation on it raises the failure, and so does every later one."""
-
-    def __init__(self, stream: INetStream, max_reply: int, peer_id: str) -> None:
-        self.stream = stream
-        self.peer_id = peer_id
-        self.failure: JobError | None = None
-        self.last_used = trio.current_time()
-        self._frames = TaggedBuffer(max_reply)
-        self._writer = FrameWriter(stream)
-        self._exchanges: dict[int, _Exchange] = {}
-        self._next = 1
-        self._scope = trio.CancelScope()
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._exchanges)
-
-    @property
-    def usable(self) -> bool:
-        if self.failure is not None:
-            return False
-        closing = getattr(getattr(self.stream, "muxed_conn", None), "event_shutting_down", None)
-        if closing is not None and closing.is_set():
-            return False
-        # The server closes a stream idle for SERVER_IDLE_S; we never reuse one near that.
-        return bool(self._exchanges) or trio.current_time() - self.last_used < CLIENT_IDLE_S
+    FRAME = "generate frame"
+    STREAM = "generate stream"
 
     @asynccontextmanager
     async def exchange(self, payload: bytes) -> AsyncIterator[Frames]:
@@ -478,81 +452,27 @@ class GeneratePipe:
         if self.failure is not None:
             raise self.failure
         number, self._next = self._next, self._next + 1
-        exchange = self._exchanges[number] = _Exchange(self, number)
+        exchange = self._open[number] = _Exchange(self, number)
         try:
             self._writer.send(Tagged(Kind.REQUEST, number, payload).encode())
             yield exchange
         finally:
             self.last_used = trio.current_time()
-            del self._exchanges[number]
+            del self._open[number]
             if not exchange.ended and self.failure is None:  # a hang-up
                 self._writer.send(Tagged(Kind.CANCEL, number, b"").encode())
 
-    def close(self) -> None:
-        """Reset the stream: every generation on it fails now."""
-        self._scope.cancel()
+    def _reply(self, exchange: int, body: bytes) -> None:
+        frames = self._open.get(exchange)
+        if frames is not None:  # else its caller left meanwhile
+            frames.send.send_nowait(body)
 
-    async def run(self) -> None:
-        try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer.run)
-                    await self._read()
-        except Exception as error:
-            self.failure = self.failure or self._failure(error)
-        finally:
-            self.failure = self.failure or JobError(
-                ErrorCode.PEER_UNREACHABLE, "the generate stream was closed", peer=self.peer_id
-            )
-            for exchange in self._exchanges.values():
-                exchange.send.close()
-            await _reset(self.stream)
+    def _refuse(self, exchange: int, error: JobError) -> None:
+        self._reply(exchange, _codec.encode(ErrorReply(error.code, error.message, self.peer_id)))
 
-    def _failure(self, error: Exception) -> JobError:
-        found = list(leaves(error))
-        for leaf in found:
-            if isinstance(leaf, FrameError):
-                return JobError(
-                    ErrorCode.MALFORMED_MESSAGE, f"bad generate frame: {leaf}", peer=self.peer_id
-                )
-        if not only_transport_errors(error):
-            logger.error("generate stream to %s failed", self.peer_id, exc_info=error)
-        why = f"generate stream broke: {found[0] or type(found[0]).__name__}"
-        return JobError(ErrorCode.PEER_UNREACHABLE, why, peer=self.peer_id)
-
-    async def _read(self) -> None:
-        while True:
-            data = await self.stream.read(READ_CHUNK)
-            if not data:
-                raise EOFError("stream closed by the peer")
-            self._frames.feed(data)
-            while True:
-                try:
-                    frame = self._frames.next_frame()
-                except FrameError as error:
-                    if not error.too_large:
-                        raise
-                    why = f"a generate frame over this caller's limit: {error}"
-                    reply = ErrorReply(ErrorCode.MESSAGE_TOO_LARGE, why, self.peer_id)
-                    self._deliver(error.exchange, _codec.encode(reply))
-                    continue
-                if frame is None:
-                    break
-                if frame.kind is Kind.REPLY:
-                    self._deliver(frame.exchange, frame.body)
-                elif frame.kind is Kind.GOAWAY:  # its body answers every generation on it
-                    self.failure = JobError(
-                        ErrorCode.PEER_UNREACHABLE, "the peer closed the stream", peer=self.peer_id
-                    )
-                    for number in list(self._exchanges):
-                        self._deliver(number, frame.body)
-                else:
-                    raise FrameError(f"a server sent a {frame.kind.name} frame")
-
-    def _deliver(self, number: int, body: bytes) -> None:
-        exchange = self._exchanges.get(number)
-        if exchange is not None:  # else its caller left meanwhile
-            exchange.send.send_nowait(body)
+    def _end_all(self) -> None:
+        for frames in self._open.values():
+            frames.send.close()
 
 
 class GeneratePipes:
@@ -562,20 +482,11 @@ class GeneratePipes:
     def __init__(self, rpc: Rpc) -> None:
         self._rpc = rpc
         self.max_reply_bytes = rpc.limits.max_reply_bytes
-        self._pipes: dict[str, GeneratePipe] = {}
-        self._opening: dict[str, trio.Lock] = {}
 
     async def pipe(self, peer_id: str, timeout: float) -> GeneratePipe | None:
         """The kept stream to `peer_id`; None if it speaks only `/1.0.0`. Raises JobError."""
-        pipe = self._pipes.get(peer_id)
-        if pipe is not None and pipe.usable:
-            return pipe
-        async with self._opening.setdefault(peer_id, trio.Lock()):
-            pipe = self._pipes.get(peer_id)
-            if pipe is not None and pipe.usable:
-                return pipe
-            if pipe is not None:
-                self._drop(peer_id)
+
+        async def open_pipe() -> GeneratePipe | None:
             if not self._rpc.speaks(peer_id, GENERATE_PIPE_PROTOCOL):
                 return None
             try:
@@ -585,24 +496,12 @@ class GeneratePipes:
                     logger.info("%s does not speak %s", peer_id, GENERATE_PIPE_PROTOCOL)
                     return None
                 raise
-            pipe = self._pipes[peer_id] = GeneratePipe(stream, self.max_reply_bytes, peer_id)
-            self._rpc.start_soon(lambda: self._run(peer_id, pipe))
-            return pipe
+            return GeneratePipe(stream, self.max_reply_bytes, peer_id)
+
+        return await self._rpc.pipes.get((peer_id, GENERATE_PIPE_PROTOCOL), open_pipe)
 
     async def open_stream(self, peer_id: str, timeout: float) -> INetStream:
         return await self._rpc.open_stream(peer_id, GENERATE_PROTOCOL, timeout)
-
-    async def _run(self, peer_id: str, pipe: GeneratePipe) -> None:
-        try:
-            await pipe.run()
-        finally:
-            if self._pipes.get(peer_id) is pipe:
-                del self._pipes[peer_id]
-
-    def _drop(self, peer_id: str) -> None:
-        pipe = self._pipes.pop(peer_id, None)
-        if pipe is not None:
-            pipe.close()
 
 
 @asynccontextmanager

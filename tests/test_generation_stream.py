@@ -381,7 +381,7 @@ async def test_generations_share_one_kept_stream_and_a_hang_up_ends_only_its_own
                     await kept.next_piece()
                     async with client.generate("Hi", MODEL_ID, max_tokens=4000) as left:
                         await left.next_piece()
-                        pipe = swarm[0].generate_pipes._pipes[swarm[1].peer_id]
+                        pipe = swarm[0]._rpc.pipes[swarm[1].peer_id, GENERATE_PIPE_PROTOCOL]
                         in_flight = pipe.in_flight
                     await generations.wait_until(lambda g: g.cancelled == 1)
                     assert generations.sessions == 1
