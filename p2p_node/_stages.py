@@ -820,6 +820,7 @@ class StageBatcher:
         self.runs = 0  # onnxruntime runs of decode steps
         self.rows = 0  # decode steps they ran
         self.largest = 0  # the most rows in one run
+        self.sent = 0  # steps sent on in frames of rows
 
     async def step(
         self,
@@ -929,6 +930,7 @@ class StageBatcher:
             except JobError:
                 continue  # too large together: each goes on its own
             failure = await group[0][1].send_payload(payload)
+            self.sent += len(group)
             for w, _ in group:
                 w.sent = (failure,)
 
