@@ -607,8 +607,10 @@ class Downstream:
                 self.batch = True
                 return stream
             except JobError:
-                old.add(self.peer)  # and try /1.0.0 (a peer that is gone fails it too)
-        return await self.node.open_stream(self.peer, STAGE_PROTOCOL, HOP_DIAL_S)
+                pass  # a peer that is gone fails /1.0.0 too
+        stream = await self.node.open_stream(self.peer, STAGE_PROTOCOL, HOP_DIAL_S)
+        old.add(self.peer)
+        return stream
 
     async def send_payload(self, payload: bytes) -> StageFailure | None:
         """Send a frame (a step, or rows of sessions whose streams go to this peer too),

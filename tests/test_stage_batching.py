@@ -215,3 +215,35 @@ def test_frames_of_rows_round_trip_and_bad_ones_are_value_errors() -> None:
     for body in packed:
         with pytest.raises(ValueError):
             decode_frame(msgpack.packb(body), True)
+
+
+async def test_a_stage_peer_that_speaks_only_stage_1_0_0_gets_each_step_alone(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from p2p_node import _node
+
+    # The stage peers serve /1.1.0 under another name: as an older peer, they do not speak it.
+    monkeypatch.setattr(_node, "STAGE_BATCH_PROTOCOL", "/p2p-node/stage/0.0.0-none")
+    monkeypatch.setattr(_stages, "GATHER_S", 30.0)
+    monkeypatch.setattr(_stages, "GATHER_RUNS", 1e6)
+    k, steps = 3, 12
+    models = [frozenset()] + [frozenset({f"{GPT}@{i}of{k}"}) for i in range(1, k + 1)]
+    config = NodeConfig(data_dir=tmp_path, shutdown_grace=1.0, target_degree=0, models_dir=repo)
+    got: dict[int, list[int]] = {}
+    with trio.fail_after(120):
+        async with open_swarm(k + 1, models=models, base=config) as swarm:
+            await swarm.wait_converged()
+            await wait_for_chains(swarm[0], GPT)
+
+            async def one(i: int) -> None:
+                got[i] = [t async for t in swarm[0].chains.generate(GPT, PROMPTS[i], steps)]
+
+            async with trio.open_nursery() as nursery:
+                for i in range(len(PROMPTS)):
+                    nursery.start_soon(one, i)
+            batchers = [swarm[j].chains.batchers[stage_id(GPT, j - 1, k)] for j in (1, 2, 3)]
+            unbatched = [swarm[j].chains.stage_unbatched for j in (0, 1, 2)]
+    assert got == {i: _greedy_whole(p, steps) for i, p in enumerate(PROMPTS)}
+    assert unbatched == [{swarm[j + 1].peer_id} for j in (0, 1, 2)]
+    assert [b.sent for b in batchers] == [0, 0, 0]
+    assert all(b.runs < b.rows for b in batchers)  # each stage still batches
