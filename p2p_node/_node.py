@@ -77,6 +77,7 @@ from ._rpc import (
 )
 from ._serve import Server
 from ._stages import (
+    ANSWER_BATCH_PROTOCOL,
     ANSWER_PROTOCOL,
     STAGE_BATCH_PROTOCOL,
     STAGE_PROTOCOL,
@@ -577,6 +578,9 @@ async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator
                     STAGE_BATCH_PROTOCOL, partial(serve_stage, node, batch=True)
                 )
                 host.set_stream_handler(ANSWER_PROTOCOL, partial(serve_answers, node))
+                host.set_stream_handler(
+                    ANSWER_BATCH_PROTOCOL, partial(serve_answers, node, batch=True)
+                )
                 executor.models.on_change = gossip.changed  # announce loads and unloads soon
                 node.membership = Membership(
                     dial=node.connect,

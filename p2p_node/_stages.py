@@ -58,6 +58,9 @@ STAGE_PROTOCOL = TProtocol("/p2p-node/stage/1.0.0")
 # next peer as one frame of rows (`StageRows`), on any one of their streams.
 STAGE_BATCH_PROTOCOL = TProtocol("/p2p-node/stage/1.1.0")
 ANSWER_PROTOCOL = TProtocol("/p2p-node/stage-answer/1.0.0")
+# /1.1.0: as /1.0.0, and a frame may be the answers of several of the coordinator's
+# sessions (`encode_answer_rows`), a batch's, on any one of their streams.
+ANSWER_BATCH_PROTOCOL = TProtocol("/p2p-node/stage-answer/1.1.0")
 STATE_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 MAX_HOPS = 16
@@ -264,6 +267,29 @@ def encode_answer(answer: dict[str, Array] | StageFailure, limit: int) -> bytes:
             limit,
         )
     return payload
+
+
+def encode_answer_rows(rows: Sequence[tuple[str, dict[str, Array]]], limit: int) -> bytes:
+    """The answers of several sessions in one frame (stage-answer /1.1.0); JobError
+    (MESSAGE_TOO_LARGE) if larger than `limit`."""
+    return _limited({"rows": [[sid, _tensors_to_wire(t)] for sid, t in rows]}, limit)
+
+
+def decode_answer_rows(raw: dict[str, Any]) -> list[tuple[str, dict[str, Array]]]:
+    """Raises ValueError for anything but well-formed rows of answers."""
+    rows_raw = raw["rows"]
+    if set(raw) != {"rows"} or not isinstance(rows_raw, list):
+        raise ValueError("rows of answers are a map of rows alone")
+    if not 0 < len(rows_raw) <= MAX_ROWS:
+        raise ValueError(f"rows must be a list of 1 to {MAX_ROWS}")
+    rows = []
+    for row in rows_raw:
+        if not isinstance(row, list) or len(row) != 2:
+            raise ValueError("a row is [session id, tensors]")
+        if not isinstance(row[0], str) or not 0 < len(row[0]) <= 128:
+            raise ValueError("a session id is a string")
+        rows.append((row[0], _tensors_from_wire(row[1])))
+    return rows
 
 
 def decode_answer(payload: bytes) -> dict[str, Array] | StageFailure:
@@ -656,6 +682,7 @@ class ReplyStream:
         self.coordinator = coordinator
         self.session_id = session_id
         self.channel: Channel | None = None
+        self.batch = False  # the coordinator speaks /1.1.0: rows of answers may go to it
 
     async def send(self, answer: Answer) -> None:
         """Raises a transport error (or JobError) when the coordinator is gone."""
@@ -664,10 +691,26 @@ class ReplyStream:
             return
         if self.channel is None:
             await _dial(self.node, self.coordinator)
-            stream = await self.node.open_stream(self.coordinator, ANSWER_PROTOCOL, HOP_DIAL_S)
+            stream = await self._open()
             self.channel = Channel(stream, self.node.config.max_request_bytes)
             await self.channel.send(msgpack.packb({"s": self.session_id}))
         await self.channel.send(encode_answer(answer, self.node.config.max_reply_bytes))
+
+    async def _open(self) -> INetStream:
+        """A stream on /1.1.0, or /1.0.0 to a coordinator that does not speak it."""
+        old = self.node.chains.answer_unbatched
+        if self.coordinator not in old:
+            try:
+                stream = await self.node.open_stream(
+                    self.coordinator, ANSWER_BATCH_PROTOCOL, HOP_DIAL_S
+                )
+                self.batch = True
+                return stream
+            except JobError:
+                pass
+        stream = await self.node.open_stream(self.coordinator, ANSWER_PROTOCOL, HOP_DIAL_S)
+        old.add(self.coordinator)
+        return stream
 
     async def close(self) -> None:
         if self.channel is not None:
@@ -823,6 +866,7 @@ class StageBatcher:
         self.rows = 0  # decode steps they ran
         self.largest = 0  # the most rows in one run
         self.sent = 0  # steps sent on in frames of rows
+        self.answered = 0  # steps whose answers went in frames of rows
 
     async def step(
         self,
@@ -923,6 +967,7 @@ class StageBatcher:
             down = w.session.down if w.session is not None else None
             if w.result is not None and down is not None and down.batch and not down.closed:
                 by_peer.setdefault((down.peer, w.last_only), []).append((w, down))
+        await self._answer(batch)
         for (_, last_only), group in by_peer.items():
             if len(group) < 2:
                 continue
@@ -935,6 +980,42 @@ class StageBatcher:
             self.sent += len(group)
             for w, _ in group:
                 w.sent = (failure,)
+
+    async def _answer(self, batch: list[_Waiting]) -> None:
+        """Send the answers of the steps that ran, of sessions that end here (this
+        stage alone of theirs here) and answer one coordinator that speaks /1.1.0,
+        to it in one frame of rows (two or more of them)."""
+        by_peer: dict[str, list[tuple[_Waiting, ReplyStream]]] = {}
+        for w in batch:
+            session = w.session
+            reply = session.reply if session is not None else None
+            if (
+                w.result is not None
+                and reply is not None
+                and reply.batch
+                and reply.channel is not None
+                and len(session.mine) == 1  # type: ignore[union-attr]
+            ):
+                by_peer.setdefault(reply.coordinator, []).append((w, reply))
+        for group in by_peer.values():
+            if len(group) < 2:
+                continue
+            rows = [(reply.session_id, w.result[1]) for w, reply in group]  # type: ignore[index]
+            try:
+                payload = encode_answer_rows(rows, self.node.config.max_reply_bytes)
+            except JobError:
+                continue  # too large together: each goes on its own
+            channel = group[0][1].channel
+            assert channel is not None
+            try:
+                await channel.send(payload)
+            except (FrameError, EOFError, *TRANSPORT_ERRORS) as error:
+                for w, _ in group:  # the coordinator is gone: the sessions end
+                    w.error = JobError(ErrorCode.PEER_UNREACHABLE, f"coordinator: {error!r}")
+                continue
+            self.answered += len(group)
+            for w, _ in group:
+                w.sent = (None,)
 
 
 async def _run_rows(
@@ -1092,8 +1173,9 @@ async def serve_stage(node: Node, stream: INetStream, batch: bool = False) -> No
                 await channel.discard()
 
 
-async def serve_answers(node: Node, stream: INetStream) -> None:
-    """The last stage's answers for one of this node's chain sessions."""
+async def serve_answers(node: Node, stream: INetStream, batch: bool = False) -> None:
+    """The last stage's answers for one of this node's chain sessions (`batch`: on
+    /1.1.0, and rows of answers of any of them)."""
     peer = str(stream.muxed_conn.peer_id)
     channel = Channel(stream, node.config.max_reply_bytes)
     try:
@@ -1103,7 +1185,13 @@ async def serve_answers(node: Node, stream: INetStream) -> None:
         if set(opening) != {"s"} or not isinstance(session_id, str):
             raise ValueError("an answer stream opens with its session id")
         while True:
-            answer = decode_answer(await channel.receive())
+            payload = await channel.receive()
+            if batch and "rows" in (raw := _unpack(payload)):
+                # Each to its session if it is open and `peer` is its last stage's.
+                for sid, tensors in decode_answer_rows(raw):
+                    node.chains.deliver(sid, peer, tensors)
+                continue
+            answer = decode_answer(payload)
             if not node.chains.deliver(session_id, peer, answer):
                 break
     except (ValueError, trio.TooSlowError, FrameError, EOFError, *TRANSPORT_ERRORS) as error:

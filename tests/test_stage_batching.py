@@ -140,6 +140,8 @@ async def test_concurrent_sessions_share_batches_at_each_stage_peer(
         return
     # Each stage but the last sent its batches' steps on to the next in frames of rows.
     assert all(b is not None and b.sent > 0 for b in batchers[:-1])
+    # ... and the last sent the answers of its batches to the coordinator in frames of rows.
+    assert batchers[-1] is not None and batchers[-1].answered > 0
     for b in batchers:
         assert b is not None
         # Every decode step ran, and some of them together: fewer runs than steps.
@@ -215,6 +217,21 @@ def test_frames_of_rows_round_trip_and_bad_ones_are_value_errors() -> None:
     for body in packed:
         with pytest.raises(ValueError):
             decode_frame(msgpack.packb(body), True)
+    from p2p_node._stages import decode_answer_rows, encode_answer_rows
+
+    answers = decode_answer_rows(msgpack.unpackb(encode_answer_rows([("s1", a)], 1 << 20)))
+    assert [sid for sid, _ in answers] == ["s1"]
+    assert np.array_equal(answers[0][1]["input_ids"], a["input_ids"])
+    for body in (
+        {"rows": []},
+        {"rows": [["", {}]]},
+        {"rows": [[1, {}]]},
+        {"rows": [["s", {}]], "t": {}},
+        {"rows": [["s", {"x": 1}]]},
+        {"rows": "s"},
+    ):
+        with pytest.raises(ValueError):
+            decode_answer_rows(body)
 
 
 async def test_a_stage_peer_that_speaks_only_stage_1_0_0_gets_each_step_alone(
@@ -224,6 +241,7 @@ async def test_a_stage_peer_that_speaks_only_stage_1_0_0_gets_each_step_alone(
 
     # The stage peers serve /1.1.0 under another name: as an older peer, they do not speak it.
     monkeypatch.setattr(_node, "STAGE_BATCH_PROTOCOL", "/p2p-node/stage/0.0.0-none")
+    monkeypatch.setattr(_node, "ANSWER_BATCH_PROTOCOL", "/p2p-node/stage-answer/0.0.0-none")
     monkeypatch.setattr(_stages, "GATHER_S", 30.0)
     monkeypatch.setattr(_stages, "GATHER_RUNS", 1e6)
     k, steps = 3, 12
@@ -243,7 +261,9 @@ async def test_a_stage_peer_that_speaks_only_stage_1_0_0_gets_each_step_alone(
                     nursery.start_soon(one, i)
             batchers = [swarm[j].chains.batchers[stage_id(GPT, j - 1, k)] for j in (1, 2, 3)]
             unbatched = [swarm[j].chains.stage_unbatched for j in (0, 1, 2)]
+            answers_unbatched = swarm[3].chains.answer_unbatched
     assert got == {i: _greedy_whole(p, steps) for i, p in enumerate(PROMPTS)}
     assert unbatched == [{swarm[j + 1].peer_id} for j in (0, 1, 2)]
-    assert [b.sent for b in batchers] == [0, 0, 0]
+    assert answers_unbatched == {swarm[0].peer_id}
+    assert [(b.sent, b.answered) for b in batchers] == [(0, 0)] * 3
     assert all(b.runs < b.rows for b in batchers)  # each stage still batches
