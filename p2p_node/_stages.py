@@ -292,9 +292,11 @@ def decode_answer_rows(raw: dict[str, Any]) -> list[tuple[str, dict[str, Array]]
     return rows
 
 
-def decode_answer(payload: bytes) -> dict[str, Array] | StageFailure:
-    """Raises ValueError for anything but a well-formed answer."""
-    raw = _unpack(payload)
+def decode_answer(
+    payload: bytes, raw: dict[str, Any] | None = None
+) -> dict[str, Array] | StageFailure:
+    """Raises ValueError for anything but a well-formed answer (`raw`: unpacked)."""
+    raw = _unpack(payload) if raw is None else raw
     if "t" in raw and set(raw) == {"t"}:
         return _tensors_from_wire(raw["t"])
     if set(raw) - {"err", "msg", "peer"} or "err" not in raw:
@@ -1186,12 +1188,13 @@ async def serve_answers(node: Node, stream: INetStream, batch: bool = False) -> 
             raise ValueError("an answer stream opens with its session id")
         while True:
             payload = await channel.receive()
-            if batch and "rows" in (raw := _unpack(payload)):
+            raw = _unpack(payload)
+            if batch and "rows" in raw:
                 # Each to its session if it is open and `peer` is its last stage's.
                 for sid, tensors in decode_answer_rows(raw):
                     node.chains.deliver(sid, peer, tensors)
                 continue
-            answer = decode_answer(payload)
+            answer = decode_answer(payload, raw)
             if not node.chains.deliver(session_id, peer, answer):
                 break
     except (ValueError, trio.TooSlowError, FrameError, EOFError, *TRANSPORT_ERRORS) as error:
