@@ -585,6 +585,7 @@ class Downstream:
         self.closed = False
         self.key = next(_KEYS)  # this session's key at the next peer (on /1.1.0)
         self.batch = False  # the next peer speaks /1.1.0: rows may go to it in one frame
+        self.carried = False  # rows of other sessions have gone on this stream
 
     @property
     def peer(self) -> str:
@@ -672,7 +673,11 @@ class Downstream:
 
     async def close(self) -> None:
         self.closed = True
-        if self.channel is not None:
+        if self.channel is not None and self.carried:
+            # Its stream may have carried other sessions' rows just now: a reset could
+            # drop them unread at the next peer; what was written is read, then EOF.
+            await self.channel.close()
+        elif self.channel is not None:
             await self.channel.discard()
 
 
@@ -978,6 +983,7 @@ class StageBatcher:
                 payload = encode_rows(rows, self.node.config.max_request_bytes)
             except JobError:
                 continue  # too large together: each goes on its own
+            group[0][1].carried = True
             failure = await group[0][1].send_payload(payload)
             self.sent += len(group)
             for w, _ in group:
