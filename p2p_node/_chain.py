@@ -167,6 +167,10 @@ class Chains:
         self.rtt_ms: dict[str, float] = {}
         self.compute_ms: dict[str, float] = {}  # this node's stages: EWMA of a run, ms
         self.batchers: dict[str, StageBatcher] = {}  # stage model id -> its decode batches
+        # Stage sessions here by (the peer before, its key): their rows come in one frame.
+        self.stage_keys: dict[tuple[str, int], StageSession] = {}
+        self.stage_unbatched: set[str] = set()  # peers that do not speak stage /1.1.0
+        self.answer_unbatched: set[str] = set()  # ... nor stage-answer /1.1.0
         self.times = HopTimes()
         self.last_executor = ""  # the last stage's peer of the last job
         # Open sessions: id -> (the last stage's peer, where its answers go).

@@ -76,7 +76,14 @@ from ._rpc import (
     open_rpc,
 )
 from ._serve import Server
-from ._stages import ANSWER_PROTOCOL, STAGE_PROTOCOL, serve_answers, serve_stage
+from ._stages import (
+    ANSWER_BATCH_PROTOCOL,
+    ANSWER_PROTOCOL,
+    STAGE_BATCH_PROTOCOL,
+    STAGE_PROTOCOL,
+    serve_answers,
+    serve_stage,
+)
 from ._stream_gen import (
     GENERATE_PIPE_PROTOCOL,
     GENERATE_PROTOCOL,
@@ -567,7 +574,13 @@ async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator
                 host.set_stream_handler(GENERATE_PIPE_PROTOCOL, partial(serve_generate_pipe, node))
                 host.set_stream_handler(FETCH_PROTOCOL, node.fetches.serve)
                 host.set_stream_handler(STAGE_PROTOCOL, partial(serve_stage, node))
+                host.set_stream_handler(
+                    STAGE_BATCH_PROTOCOL, partial(serve_stage, node, batch=True)
+                )
                 host.set_stream_handler(ANSWER_PROTOCOL, partial(serve_answers, node))
+                host.set_stream_handler(
+                    ANSWER_BATCH_PROTOCOL, partial(serve_answers, node, batch=True)
+                )
                 executor.models.on_change = gossip.changed  # announce loads and unloads soon
                 node.membership = Membership(
                     dial=node.connect,

@@ -24,6 +24,7 @@ Everything from a peer is checked; a bad frame is a typed error, never a crash.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -52,11 +53,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STAGE_PROTOCOL = TProtocol("/p2p-node/stage/1.0.0")
+# /1.1.0: as /1.0.0, and the first step carries the sender's key for the session
+# ("k"), so that the decode steps of many sessions that ran as one batch go on to the
+# next peer as one frame of rows (`StageRows`), on any one of their streams.
+STAGE_BATCH_PROTOCOL = TProtocol("/p2p-node/stage/1.1.0")
 ANSWER_PROTOCOL = TProtocol("/p2p-node/stage-answer/1.0.0")
+# /1.1.0: as /1.0.0, and a frame may be the answers of several of the coordinator's
+# sessions (`encode_answer_rows`), a batch's, on any one of their streams.
+ANSWER_BATCH_PROTOCOL = TProtocol("/p2p-node/stage-answer/1.1.0")
 STATE_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 MAX_HOPS = 16
 MAX_STAGE_TENSORS = 256
+MAX_ROWS = 256  # sessions in one frame of rows
 STEP_WAIT_S = 300.0  # a session's next step (a client reading slowly)
 HOP_DIAL_S = 5.0
 GATHER_S = 0.002  # the most a decode step waits for others to join its batch
@@ -86,6 +95,16 @@ class StageStep:
     hops: tuple[Hop, ...] = ()
     last_only: bool = False
     reply: tuple[str, str] | None = None  # first step: (coordinator, session id)
+    key: int | None = None  # first step on /1.1.0: the sender's key for the session
+
+
+@dataclass(slots=True)
+class StageRows:
+    """Decode steps of several sessions from one peer in one frame (/1.1.0 only): each
+    row is the sender's key of a session (its first step's `key`) and its tensors."""
+
+    rows: list[tuple[int, dict[str, Array]]]
+    last_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +157,20 @@ def encode_step(step: StageStep, limit: int) -> bytes:
         body["last"] = True
     if step.reply is not None:
         body["reply"] = list(step.reply)
+    if step.key is not None:
+        body["k"] = step.key
+    return _limited(body, limit)
+
+
+def encode_rows(rows: StageRows, limit: int) -> bytes:
+    """A frame of rows; JobError(MESSAGE_TOO_LARGE) naming `limit` if it is larger."""
+    body: dict[str, Any] = {"rows": [[k, _tensors_to_wire(t)] for k, t in rows.rows]}
+    if rows.last_only:
+        body["last"] = True
+    return _limited(body, limit)
+
+
+def _limited(body: dict[str, Any], limit: int) -> bytes:
     payload: bytes = msgpack.packb(body, use_bin_type=True)
     if len(payload) > limit:
         raise JobError(
@@ -148,10 +181,42 @@ def encode_step(step: StageStep, limit: int) -> bytes:
     return payload
 
 
-def decode_step(payload: bytes) -> StageStep:
-    """Raises ValueError for anything but a well-formed step."""
+def _key(value: object) -> int:
+    if type(value) is not int or not 0 <= value < 2**63:
+        raise ValueError("a session's key is an int in [0, 2**63)")
+    return value
+
+
+def decode_frame(payload: bytes, batch: bool) -> StageStep | StageRows:
+    """A step, or (`batch`: on /1.1.0) a frame of rows. Raises ValueError for anything
+    else."""
     raw = _unpack(payload)
-    if set(raw) - {"t", "hops", "last", "reply"} or "t" not in raw:
+    if not batch or "rows" not in raw:
+        return decode_step(payload, batch, raw)
+    if set(raw) - {"rows", "last"}:
+        raise ValueError(f"a frame of rows has fields rows, last; got {sorted(raw)}")
+    rows_raw, last = raw["rows"], raw.get("last", False)
+    if not isinstance(rows_raw, list) or not 0 < len(rows_raw) <= MAX_ROWS:
+        raise ValueError(f"rows must be a list of 1 to {MAX_ROWS}")
+    if type(last) is not bool:
+        raise ValueError("last must be a bool")
+    rows = []
+    for row in rows_raw:
+        if not isinstance(row, list) or len(row) != 2:
+            raise ValueError("a row is [session key, tensors]")
+        rows.append((_key(row[0]), _tensors_from_wire(row[1])))
+    if len({k for k, _ in rows}) != len(rows):
+        raise ValueError("a session has one row in a frame")
+    return StageRows(rows, last)
+
+
+def decode_step(
+    payload: bytes, batch: bool = False, raw: dict[str, Any] | None = None
+) -> StageStep:
+    """Raises ValueError for anything but a well-formed step (with a key: `batch`)."""
+    raw = _unpack(payload) if raw is None else raw
+    fields = {"t", "hops", "last", "reply"} | ({"k"} if batch else set())
+    if set(raw) - fields or "t" not in raw:
         raise ValueError(f"a stage step has fields t, hops, last, reply; got {sorted(raw)}")
     hops_raw = raw.get("hops", [])
     if not isinstance(hops_raw, list) or len(hops_raw) > MAX_HOPS:
@@ -176,7 +241,11 @@ def decode_step(payload: bytes) -> StageStep:
     ):
         raise ValueError("reply is [coordinator peer id, session id]")
     return StageStep(
-        _tensors_from_wire(raw["t"]), tuple(hops), last, (reply[0], reply[1]) if reply else None
+        _tensors_from_wire(raw["t"]),
+        tuple(hops),
+        last,
+        (reply[0], reply[1]) if reply else None,
+        _key(raw["k"]) if "k" in raw else None,
     )
 
 
@@ -200,9 +269,34 @@ def encode_answer(answer: dict[str, Array] | StageFailure, limit: int) -> bytes:
     return payload
 
 
-def decode_answer(payload: bytes) -> dict[str, Array] | StageFailure:
-    """Raises ValueError for anything but a well-formed answer."""
-    raw = _unpack(payload)
+def encode_answer_rows(rows: Sequence[tuple[str, dict[str, Array]]], limit: int) -> bytes:
+    """The answers of several sessions in one frame (stage-answer /1.1.0); JobError
+    (MESSAGE_TOO_LARGE) if larger than `limit`."""
+    return _limited({"rows": [[sid, _tensors_to_wire(t)] for sid, t in rows]}, limit)
+
+
+def decode_answer_rows(raw: dict[str, Any]) -> list[tuple[str, dict[str, Array]]]:
+    """Raises ValueError for anything but well-formed rows of answers."""
+    rows_raw = raw["rows"]
+    if set(raw) != {"rows"} or not isinstance(rows_raw, list):
+        raise ValueError("rows of answers are a map of rows alone")
+    if not 0 < len(rows_raw) <= MAX_ROWS:
+        raise ValueError(f"rows must be a list of 1 to {MAX_ROWS}")
+    rows = []
+    for row in rows_raw:
+        if not isinstance(row, list) or len(row) != 2:
+            raise ValueError("a row is [session id, tensors]")
+        if not isinstance(row[0], str) or not 0 < len(row[0]) <= 128:
+            raise ValueError("a session id is a string")
+        rows.append((row[0], _tensors_from_wire(row[1])))
+    return rows
+
+
+def decode_answer(
+    payload: bytes, raw: dict[str, Any] | None = None
+) -> dict[str, Array] | StageFailure:
+    """Raises ValueError for anything but a well-formed answer (`raw`: unpacked)."""
+    raw = _unpack(payload) if raw is None else raw
     if "t" in raw and set(raw) == {"t"}:
         return _tensors_from_wire(raw["t"])
     if set(raw) - {"err", "msg", "peer"} or "err" not in raw:
@@ -475,6 +569,7 @@ def run_chain_locally(
 # --- serving --------------------------------------------------------------------------------
 
 Answer = dict[str, Array] | StageFailure
+_KEYS = itertools.count()
 
 
 class Downstream:
@@ -488,6 +583,9 @@ class Downstream:
         self.channel: Channel | None = None
         self.opened = trio.Event()
         self.closed = False
+        self.key = next(_KEYS)  # this session's key at the next peer (on /1.1.0)
+        self.batch = False  # the next peer speaks /1.1.0: rows may go to it in one frame
+        self.carried = False  # rows of other sessions have gone on this stream
 
     @property
     def peer(self) -> str:
@@ -496,6 +594,24 @@ class Downstream:
     async def send(self, step: StageStep) -> StageFailure | None:
         """Send `step` on; a failure naming the next peer if it cannot be."""
         first = self.channel is None
+        try:  # checked before the stream opens (the key, after: as the peer speaks)
+            encode_step(step, self.node.config.max_request_bytes) if first else None
+        except JobError as error:
+            return StageFailure(error.code, error.message)
+        try:
+            if first:
+                await _dial(self.node, self.peer)
+                stream = await self._open()
+                self.channel = Channel(stream, self.node.config.max_reply_bytes)
+                self.opened.set()
+        except JobError as error:
+            return StageFailure(
+                ErrorCode.PEER_UNREACHABLE, f"stage peer {self.peer}: {error}", self.peer
+            )
+        except (trio.TooSlowError, *TRANSPORT_ERRORS) as error:
+            return StageFailure(
+                ErrorCode.PEER_UNREACHABLE, f"stage peer {self.peer} failed: {error!r}", self.peer
+            )
         try:
             payload = encode_step(
                 StageStep(
@@ -503,17 +619,33 @@ class Downstream:
                     self.hops if first else (),
                     step.last_only,
                     self.reply if first else None,
+                    self.key if first and self.batch else None,
                 ),
                 self.node.config.max_request_bytes,
             )
         except JobError as error:
             return StageFailure(error.code, error.message)
+        return await self.send_payload(payload)
+
+    async def _open(self) -> INetStream:
+        """A stream on /1.1.0, or /1.0.0 to a peer that does not speak it."""
+        old = self.node.chains.stage_unbatched
+        if self.peer not in old:
+            try:
+                stream = await self.node.open_stream(self.peer, STAGE_BATCH_PROTOCOL, HOP_DIAL_S)
+                self.batch = True
+                return stream
+            except JobError:
+                pass  # a peer that is gone fails /1.0.0 too
+        stream = await self.node.open_stream(self.peer, STAGE_PROTOCOL, HOP_DIAL_S)
+        old.add(self.peer)
+        return stream
+
+    async def send_payload(self, payload: bytes) -> StageFailure | None:
+        """Send a frame (a step, or rows of sessions whose streams go to this peer too),
+        on this session's stream; a failure naming the next peer if it cannot be."""
         try:
-            if self.channel is None:
-                await _dial(self.node, self.peer)
-                stream = await self.node.open_stream(self.peer, STAGE_PROTOCOL, HOP_DIAL_S)
-                self.channel = Channel(stream, self.node.config.max_reply_bytes)
-                self.opened.set()
+            assert self.channel is not None
             await self.channel.send(payload)
         except JobError as error:
             return StageFailure(
@@ -541,7 +673,11 @@ class Downstream:
 
     async def close(self) -> None:
         self.closed = True
-        if self.channel is not None:
+        if self.channel is not None and self.carried:
+            # Its stream may have carried other sessions' rows just now: a reset could
+            # drop them unread at the next peer; what was written is read, then EOF.
+            await self.channel.close()
+        elif self.channel is not None:
             await self.channel.discard()
 
 
@@ -553,6 +689,7 @@ class ReplyStream:
         self.coordinator = coordinator
         self.session_id = session_id
         self.channel: Channel | None = None
+        self.batch = False  # the coordinator speaks /1.1.0: rows of answers may go to it
 
     async def send(self, answer: Answer) -> None:
         """Raises a transport error (or JobError) when the coordinator is gone."""
@@ -561,10 +698,26 @@ class ReplyStream:
             return
         if self.channel is None:
             await _dial(self.node, self.coordinator)
-            stream = await self.node.open_stream(self.coordinator, ANSWER_PROTOCOL, HOP_DIAL_S)
+            stream = await self._open()
             self.channel = Channel(stream, self.node.config.max_request_bytes)
             await self.channel.send(msgpack.packb({"s": self.session_id}))
         await self.channel.send(encode_answer(answer, self.node.config.max_reply_bytes))
+
+    async def _open(self) -> INetStream:
+        """A stream on /1.1.0, or /1.0.0 to a coordinator that does not speak it."""
+        old = self.node.chains.answer_unbatched
+        if self.coordinator not in old:
+            try:
+                stream = await self.node.open_stream(
+                    self.coordinator, ANSWER_BATCH_PROTOCOL, HOP_DIAL_S
+                )
+                self.batch = True
+                return stream
+            except JobError:
+                pass
+        stream = await self.node.open_stream(self.coordinator, ANSWER_PROTOCOL, HOP_DIAL_S)
+        old.add(self.coordinator)
+        return stream
 
     async def close(self) -> None:
         if self.channel is not None:
@@ -584,14 +737,31 @@ class StageSession:
             b.sessions += 1
         self.down = Downstream(node, rest, reply) if rest else None
         self.reply = None if rest else ReplyStream(node, *reply)
+        self.stepped = trio.current_time()  # when a step last came
+        self.broken = trio.Event()  # set when a step that came in rows failed or ended it
+        self.failure: StageFailure | None = None  # ... and what to report up its stream
 
-    async def step(self, step: StageStep) -> StageFailure | None:
+    def fail(self, failure: StageFailure | None) -> None:
+        """End this session's stream (reporting `failure` up it, if any)."""
+        if not self.broken.is_set():
+            self.failure = failure
+            self.broken.set()
+
+    async def step(self, step: StageStep, expect: int = 1) -> StageFailure | None:
         """Run this node's stages on `step`; send the activations on, or the answer
-        to the coordinator. A failure to report upstream, or None."""
+        to the coordinator. A failure to report upstream, or None. `expect`: this many
+        sessions' steps came at once (in rows) and may run as one batch."""
+        self.stepped = trio.current_time()
         received = step.tensors
         final: dict[str, Array] = {}
-        for card, state in self.mine:
-            received, made = await _run_one(self.node, card, state, received, step.last_only)
+        for i, (card, state) in enumerate(self.mine):
+            last = i == len(self.mine) - 1
+            run = await _run_one(
+                self.node, card, state, received, step.last_only, self if last else None, expect
+            )
+            received, made = run.result
+            if run.sent is not None:  # in one frame of rows with the rest of its batch
+                return run.sent[0]
             final.update(made)
         if self.down is not None:
             return await self.down.send(StageStep(received, (), step.last_only))
@@ -609,13 +779,27 @@ class StageSession:
             await self.reply.close()
 
 
+@dataclass(slots=True)
+class _Ran:
+    result: tuple[dict[str, Array], dict[str, Array]]  # what goes on, the parent's outputs
+    sent: tuple[StageFailure | None] | None = None  # sent on in rows: (the failure,)
+
+
 async def _run_one(
-    node: Node, card: ModelCard, state: StageState, received: dict[str, Array], last_only: bool
-) -> tuple[dict[str, Array], dict[str, Array]]:
+    node: Node,
+    card: ModelCard,
+    state: StageState,
+    received: dict[str, Array],
+    last_only: bool,
+    session: StageSession | None = None,
+    expect: int = 1,
+) -> _Ran:
+    """One stage on one session's step; a decode step joins the stage's batch, whose
+    leader may send it on (with `session`: its last stage here) in one frame of rows."""
     assert card.stage is not None
     if node.config.executor.batch_decode and decode_rows(card.stage, received, state) >= 0:
-        return await batcher(node, card).step(received, state, last_only)
-    return (await _compute(node, card, [(received, state, last_only)]))[0]
+        return await batcher(node, card).step(received, state, last_only, session, expect)
+    return _Ran((await _compute(node, card, [(received, state, last_only)]))[0])
 
 
 def batcher(node: Node, card: ModelCard) -> StageBatcher:
@@ -665,9 +849,11 @@ class _Waiting:
     received: Mapping[str, Array]
     state: StageState
     last_only: bool
+    session: StageSession | None = None  # sent on by the leader if it can be (`_forward`)
     woken: trio.Event = field(default_factory=trio.Event)
     result: tuple[dict[str, Array], dict[str, Array]] | None = None
     error: JobError | None = None
+    sent: tuple[StageFailure | None] | None = None
 
 
 class StageBatcher:
@@ -686,11 +872,18 @@ class StageBatcher:
         self.runs = 0  # onnxruntime runs of decode steps
         self.rows = 0  # decode steps they ran
         self.largest = 0  # the most rows in one run
+        self.sent = 0  # steps sent on in frames of rows
+        self.answered = 0  # steps whose answers went in frames of rows
 
     async def step(
-        self, received: Mapping[str, Array], state: StageState, last_only: bool
-    ) -> tuple[dict[str, Array], dict[str, Array]]:
-        me = _Waiting(received, state, last_only)
+        self,
+        received: Mapping[str, Array],
+        state: StageState,
+        last_only: bool,
+        session: StageSession | None = None,
+        expect: int = 1,
+    ) -> _Ran:
+        me = _Waiting(received, state, last_only, session)
         self.waiting.append(me)
         try:
             if self.leader is None:
@@ -698,13 +891,13 @@ class StageBatcher:
             else:
                 await me.woken.wait()
             if self.leader is me:
-                await self._gather()
+                await self._gather(expect)
                 batch, self.waiting = self.waiting, []
                 await self._run(batch)
             if me.error is not None:
                 raise me.error
             assert me.result is not None
-            return me.result
+            return _Ran(me.result, me.sent)
         finally:
             if me in self.waiting:  # cancelled before its run
                 self.waiting.remove(me)
@@ -713,11 +906,17 @@ class StageBatcher:
                 if self.leader is not None:
                     self.leader.woken.set()
 
-    async def _gather(self) -> None:
-        """Let the steps that arrived with the leader's join its run: with other
-        sessions open here, until every other task waits (their frames read), for at
-        most a run's time (waiting longer costs more than a second run) and
-        `GATHER_S`; else one checkpoint."""
+    async def _gather(self, expect: int) -> None:
+        """Let the steps that arrived with the leader's join its run: those that came
+        in the same frame of rows (`expect` in all: they join at the next checkpoint),
+        or, with other sessions open here, until every other task waits (their frames
+        read), for at most a run's time (waiting longer costs more than a second run)
+        and `GATHER_S`; else one checkpoint."""
+        if expect > 1:
+            with trio.move_on_after(GATHER_S):
+                while len(self.waiting) < expect:
+                    await trio.lowlevel.checkpoint()
+            return
         if self.sessions <= len(self.waiting):
             await trio.lowlevel.checkpoint()
             return
@@ -760,11 +959,110 @@ class StageBatcher:
         try:
             for group in groups.values():
                 await self._run_group(group)
+            await self._forward(batch)
         finally:
             for w in batch:
                 if w.result is None and w.error is None:
                     w.error = JobError(ErrorCode.INTERNAL, "the stage's batch did not run")
                 w.woken.set()
+
+    async def _forward(self, batch: list[_Waiting]) -> None:
+        """Send the steps that ran, of sessions whose streams go on to one peer that
+        speaks /1.1.0, to that peer in one frame of rows (two or more of them)."""
+        by_peer: dict[tuple[str, bool], list[tuple[_Waiting, Downstream]]] = {}
+        for w in batch:
+            down = w.session.down if w.session is not None else None
+            if w.result is not None and down is not None and down.batch and not down.closed:
+                by_peer.setdefault((down.peer, w.last_only), []).append((w, down))
+        await self._answer(batch)
+        for (_, last_only), group in by_peer.items():
+            if len(group) < 2:
+                continue
+            rows = StageRows([(down.key, w.result[0]) for w, down in group], last_only)  # type: ignore[index]
+            try:
+                payload = encode_rows(rows, self.node.config.max_request_bytes)
+            except JobError:
+                continue  # too large together: each goes on its own
+            group[0][1].carried = True
+            failure = await group[0][1].send_payload(payload)
+            self.sent += len(group)
+            for w, _ in group:
+                w.sent = (failure,)
+
+    async def _answer(self, batch: list[_Waiting]) -> None:
+        """Send the answers of the steps that ran, of sessions that end here (this
+        stage alone of theirs here) and answer one coordinator that speaks /1.1.0,
+        to it in one frame of rows (two or more of them)."""
+        by_peer: dict[str, list[tuple[_Waiting, ReplyStream]]] = {}
+        for w in batch:
+            session = w.session
+            reply = session.reply if session is not None else None
+            if (
+                w.result is not None
+                and reply is not None
+                and reply.batch
+                and reply.channel is not None
+                and len(session.mine) == 1  # type: ignore[union-attr]
+            ):
+                by_peer.setdefault(reply.coordinator, []).append((w, reply))
+        for group in by_peer.values():
+            if len(group) < 2:
+                continue
+            rows = [(reply.session_id, w.result[1]) for w, reply in group]  # type: ignore[index]
+            try:
+                payload = encode_answer_rows(rows, self.node.config.max_reply_bytes)
+            except JobError:
+                continue  # too large together: each goes on its own
+            channel = group[0][1].channel
+            assert channel is not None
+            try:
+                await channel.send(payload)
+            except (FrameError, EOFError, *TRANSPORT_ERRORS) as error:
+                for w, _ in group:  # the coordinator is gone: the sessions end
+                    w.error = JobError(ErrorCode.PEER_UNREACHABLE, f"coordinator: {error!r}")
+                continue
+            self.answered += len(group)
+            for w, _ in group:
+                w.sent = (None,)
+
+
+async def _run_rows(
+    node: Node, peer: str, frame: StageRows, own: StageSession
+) -> StageFailure | None:
+    """Run the rows from `peer` (each its session's step, as one batch where they can
+    be); end the sessions whose steps failed. The failure of `own` (the session of the
+    stream they came on), or None. Raises ValueError naming a key `peer` has not
+    opened, having run nothing."""
+    found = []
+    for key, tensors in frame.rows:
+        session = node.chains.stage_keys.get((peer, key))
+        if session is None:
+            raise ValueError(f"no session of key {key} from this peer")
+        found.append((session, tensors))
+    failures: list[tuple[StageSession, StageFailure | None]] = []
+
+    async def one(session: StageSession, tensors: dict[str, Array]) -> None:
+        try:
+            failure = await session.step(StageStep(tensors, (), frame.last_only), len(found))
+        except JobError as error:
+            failure = StageFailure(error.code, error.message)
+        except (FrameError, EOFError, *TRANSPORT_ERRORS) as error:  # its coordinator is gone
+            logger.debug("stage session from %s ended: %r", peer, error)
+            failures.append((session, None))
+            return
+        if failure is not None:
+            failures.append((session, failure))
+
+    async with trio.open_nursery() as nursery:
+        for session, tensors in found:
+            nursery.start_soon(one, session, tensors)
+    mine: StageFailure | None = None
+    for session, failure in failures:
+        if session is own and failure is not None:
+            mine = failure
+        else:
+            session.fail(failure)
+    return mine
 
 
 async def _dial(node: Node, peer: str) -> None:
@@ -781,10 +1079,13 @@ async def _dial(node: Node, peer: str) -> None:
             continue
 
 
-async def serve_stage(node: Node, stream: INetStream) -> None:
+async def serve_stage(node: Node, stream: INetStream, batch: bool = False) -> None:
     """Run the steps of one chain session from `stream` until the caller hangs up;
-    report a failure (here or after this hop) back up the stream, and end."""
+    report a failure (here or after this hop) back up the stream, and end. `batch`
+    (/1.1.0): the session may have a key, and frames of rows come on the stream."""
     peer = str(stream.muxed_conn.peer_id)
+    keys = node.chains.stage_keys
+    keyed: tuple[str, int] | None = None
     channel = Channel(stream, node.config.max_request_bytes)
     lock = trio.Lock()
     sessions: list[StageSession] = []
@@ -802,21 +1103,56 @@ async def serve_stage(node: Node, stream: INetStream) -> None:
             await report(failure)
         scope.cancel()
 
-    async def steps(nursery: trio.Nursery) -> None:
+    async def broken(session: StageSession, scope: trio.CancelScope) -> None:
+        await session.broken.wait()
+        if session.failure is not None:
+            await report(session.failure)
+        scope.cancel()
+
+    async def idle(session: StageSession) -> None:
+        """A keyed session's steps may come on other streams: it ends after
+        `STEP_WAIT_S` without any."""
         while True:
-            with trio.fail_after(STEP_WAIT_S):
+            await trio.sleep_until(session.stepped + STEP_WAIT_S)
+            if trio.current_time() >= session.stepped + STEP_WAIT_S:
+                raise trio.TooSlowError
+
+    async def steps(nursery: trio.Nursery) -> None:
+        nonlocal keyed
+        while True:
+            if keyed is None:
+                with trio.fail_after(STEP_WAIT_S):
+                    payload = await channel.receive()
+            else:
                 payload = await channel.receive()
             failure: StageFailure | None
             try:
-                step = decode_step(payload)
+                frame = decode_frame(payload, batch)
+                if isinstance(frame, StageRows):
+                    if not sessions:
+                        raise ValueError("a session's first step comes before rows")
+                    failure = await _run_rows(node, peer, frame, sessions[0])
+                    if failure is not None:
+                        await report(failure)
+                        return
+                    continue
+                step = frame
                 if not sessions:
                     if step.reply is None:
                         raise ValueError("a session's first step names its coordinator")
-                    sessions.append(StageSession(node, step.hops, step.reply))
-                    if sessions[0].down is not None:
-                        nursery.start_soon(watch, sessions[0].down, nursery.cancel_scope)
-                elif step.hops or step.reply:
-                    raise ValueError("hops and reply go on a session's first step only")
+                    if step.key is not None and (peer, step.key) in keys:
+                        raise ValueError(f"key {step.key} is another session's")
+                    session = StageSession(node, step.hops, step.reply)
+                    sessions.append(session)
+                    nursery.start_soon(broken, session, nursery.cancel_scope)
+                    if step.key is not None:
+                        keyed = (peer, step.key)
+                        keys[keyed] = session
+                        nursery.start_soon(idle, session)
+                    if session.down is not None:
+                        nursery.start_soon(watch, session.down, nursery.cancel_scope)
+                elif step.hops or step.reply or step.key is not None:
+                    raise ValueError("hops, reply and key go on a session's first step only")
                 failure = await sessions[0].step(step)
             except ValueError as error:
                 failure = StageFailure(ErrorCode.MALFORMED_MESSAGE, f"bad stage step: {error}")
@@ -834,6 +1170,8 @@ async def serve_stage(node: Node, stream: INetStream) -> None:
         # Also when they come with the node's own shutdown (Cancelled goes on).
         logger.debug("stage stream from %s ended: %r", peer, group.exceptions)
     finally:
+        if keyed is not None:
+            del keys[keyed]
         with trio.CancelScope(shield=True):
             for session in sessions:
                 await session.close()
@@ -843,8 +1181,9 @@ async def serve_stage(node: Node, stream: INetStream) -> None:
                 await channel.discard()
 
 
-async def serve_answers(node: Node, stream: INetStream) -> None:
-    """The last stage's answers for one of this node's chain sessions."""
+async def serve_answers(node: Node, stream: INetStream, batch: bool = False) -> None:
+    """The last stage's answers for one of this node's chain sessions (`batch`: on
+    /1.1.0, and rows of answers of any of them)."""
     peer = str(stream.muxed_conn.peer_id)
     channel = Channel(stream, node.config.max_reply_bytes)
     try:
@@ -854,7 +1193,14 @@ async def serve_answers(node: Node, stream: INetStream) -> None:
         if set(opening) != {"s"} or not isinstance(session_id, str):
             raise ValueError("an answer stream opens with its session id")
         while True:
-            answer = decode_answer(await channel.receive())
+            payload = await channel.receive()
+            raw = _unpack(payload)
+            if batch and "rows" in raw:
+                # Each to its session if it is open and `peer` is its last stage's.
+                for sid, tensors in decode_answer_rows(raw):
+                    node.chains.deliver(sid, peer, tensors)
+                continue
+            answer = decode_answer(payload, raw)
             if not node.chains.deliver(session_id, peer, answer):
                 break
     except (ValueError, trio.TooSlowError, FrameError, EOFError, *TRANSPORT_ERRORS) as error:

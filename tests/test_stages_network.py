@@ -227,11 +227,14 @@ async def test_bad_stage_steps_get_typed_errors_and_the_node_goes_on(
     from p2p_node._channel import Channel
     from p2p_node._stages import (
         ANSWER_PROTOCOL,
+        STAGE_BATCH_PROTOCOL,
         STAGE_PROTOCOL,
         Hop,
         StageFailure,
+        StageRows,
         StageStep,
         decode_answer,
+        encode_rows,
         encode_step,
     )
 
@@ -259,6 +262,27 @@ async def test_bad_stage_steps_get_typed_errors_and_the_node_goes_on(
                 assert isinstance(answer, StageFailure)
                 codes.append(answer.code)
                 await channel.discard()
+            # On /1.1.0: rows before a session's first step, or of a key never opened.
+            ids = np.array([[101, 2023, 102]], np.int64)
+            feeds = {
+                "input_ids": ids,
+                "attention_mask": np.ones_like(ids),
+                "token_type_ids": 0 * ids,
+            }
+            hops = (Hop(target, f"{MINILM}@1of2"), Hop(swarm[2].peer_id, f"{MINILM}@2of2"))
+            first = StageStep(feeds, hops, reply=(swarm[0].peer_id, "nobody's"), key=1)
+            for frames in (
+                [encode_rows(StageRows([(1, {})]), 1 << 20)],
+                [encode_step(first, 1 << 20), encode_rows(StageRows([(2, {})]), 1 << 20)],
+            ):
+                stream = await swarm[0].open_stream(target, STAGE_BATCH_PROTOCOL, 5)
+                channel = Channel(stream, 1 << 20)
+                for payload in frames:
+                    await channel.send(payload)
+                answer = decode_answer(await channel.receive())
+                assert isinstance(answer, StageFailure)
+                codes.append(answer.code)
+                await channel.discard()
             # Answers for a session nobody opened are dropped.
             stream = await swarm[0].open_stream(target, ANSWER_PROTOCOL, 5)
             channel = Channel(stream, 1 << 20)
@@ -277,6 +301,8 @@ async def test_bad_stage_steps_get_typed_errors_and_the_node_goes_on(
         ErrorCode.UNKNOWN_MODEL,
         ErrorCode.MALFORMED_MESSAGE,
         ErrorCode.INVALID_INPUT,
+        ErrorCode.MALFORMED_MESSAGE,
+        ErrorCode.MALFORMED_MESSAGE,
     ]
     assert staged["sentence_embedding"].shape == (1, 384)
 
