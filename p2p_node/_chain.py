@@ -263,14 +263,23 @@ class Chains:
             return await self.node.orchestrator.run_distributed_inference(
                 request, strategy, hedge=hedge
             )
+        result: InferenceResult
         if request.texts:
-            return await self.run_text_job(
+            result = await self.run_text_job(
                 request.job_id, model_id, request.texts, request.truncate, timeout
             )
-        result: InferenceResult = await self.run_job(
-            request.job_id, model_id, request.inputs, timeout
-        )
-        return result
+        else:
+            result = await self.run_job(request.job_id, model_id, request.inputs, timeout)
+        if not request.outputs:
+            return result
+        unknown = [name for name in request.outputs if name not in result.outputs]
+        if unknown:
+            raise JobError(
+                ErrorCode.INVALID_INPUT,
+                f"model {model_id} has no output {unknown[0]!r}; "
+                f"its outputs are {sorted(result.outputs)}",
+            )
+        return replace(result, outputs={name: result.outputs[name] for name in request.outputs})
 
     async def run_job(
         self, job_id: str, model_id: str, tensors: Mapping[str, Array], timeout: float

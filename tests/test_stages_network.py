@@ -183,8 +183,14 @@ async def test_a_job_on_a_model_served_only_as_stages_goes_through_the_chain(
             await wait_for_chains(swarm[0], MINILM)
             async with Client.connect(swarm[0].addrs[0]) as client:
                 result = await client.submit(MINILM, feeds)
+                named = await client.submit(MINILM, feeds, outputs=["sentence_embedding"])
+                with pytest.raises(JobError) as unknown:
+                    await client.submit(MINILM, feeds, outputs=["logits"])
     assert result.executor == swarm[2].peer_id  # the last stage's peer answered
     np.testing.assert_allclose(result.outputs["sentence_embedding"], whole, atol=1e-5, rtol=0)
+    assert list(named.outputs) == ["sentence_embedding"]
+    assert unknown.value.code is ErrorCode.INVALID_INPUT
+    assert "'logits'" in unknown.value.message and "sentence_embedding" in unknown.value.message
 
 
 async def test_generate_protocol_runs_a_generation_through_the_chain(
