@@ -452,11 +452,13 @@ class Node:
         period = self.config.gossip.anti_entropy_s
         while True:
             await trio.sleep(period * rng.uniform(0.5, 1.5))
-            # Nodes, not clients: peers we hold a record of, alive or departed (a
-            # link back after a partition: the record that says it was reported
-            # reaches it, and it answers with a newer one).
-            known = self.view.last_record
-            candidates = sorted(p for p in self.connected_peers() if known(p) is not None)
+            # Any connected peer that speaks the protocol (clients refuse it once):
+            # one we hold no record of too (a node whose first syncs failed has
+            # an empty view), and one we hold as departed (a link back after a
+            # partition: the record that reported it reaches it, and it answers
+            # with a newer one).
+            speaks = self._rpc.speaks
+            candidates = sorted(p for p in self.connected_peers() if speaks(p, SYNC_PROTOCOL))
             if candidates:
                 await self.sync_once(rng.choice(candidates))
 
