@@ -232,7 +232,8 @@ class Rpc:
         self._tasks.start_soon(fn)
 
     def speaks(self, peer_id: str, protocol: TProtocol) -> bool:
-        """False once `peer_id` refused to open a stream of `protocol`."""
+        """False once `peer_id` refused to open a stream of `protocol` (a refusal,
+        not a negotiation that timed out; until its connection closes)."""
         return (peer_id, protocol) not in self._unspoken
 
     async def _exchange(self, peer_id: str, protocol: TProtocol, payload: bytes) -> bytes:
@@ -388,10 +389,6 @@ class Rpc:
             )
         self._watcher.watch(stream, peer_id)
         return Channel(stream, self.limits.max_reply_bytes, self.traffic.of(protocol))
-
-    def speaks(self, peer_id: str, protocol: TProtocol) -> bool:
-        """False once `peer_id` refused `protocol` (until its connection closes)."""
-        return (peer_id, protocol) not in self._unspoken
 
     def peer_gone(self, peer_id: str) -> None:
         """The connection to `peer_id` closed: fail its exchanges now, forget its streams.
