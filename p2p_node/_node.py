@@ -452,13 +452,18 @@ class Node:
         period = self.config.gossip.anti_entropy_s
         while True:
             await trio.sleep(period * rng.uniform(0.5, 1.5))
-            # Any connected peer that speaks the protocol (clients refuse it once):
-            # one we hold no record of too (a node whose first syncs failed has
-            # an empty view), and one we hold as departed (a link back after a
-            # partition: the record that reported it reaches it, and it answers
-            # with a newer one).
+            # A connected peer we hold a record of, alive or departed (a link back
+            # after a partition: the record that reported it reaches it, and it
+            # answers with a newer one). Only where there is none (a node whose
+            # first syncs failed has an empty view), a peer we dialed. Never a
+            # client (no record, and it dialed us): asking one costs it a refusal,
+            # and one hanging up mid-negotiation makes py-libp2p log a raw line.
             speaks = self._rpc.speaks
-            candidates = sorted(p for p in self.connected_peers() if speaks(p, SYNC_PROTOCOL))
+            last_record = self.gossip.view.last_record
+            connected = sorted(p for p in self.connected_peers() if speaks(p, SYNC_PROTOCOL))
+            candidates = [p for p in connected if last_record(p) is not None] or [
+                p for p in connected if p in self._in_touch
+            ]
             if candidates:
                 await self.sync_once(rng.choice(candidates))
 
