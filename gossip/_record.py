@@ -516,6 +516,30 @@ def is_newer(record: PeerRecord, previous: PeerRecord) -> bool:
     return record.issued_at > previous.issued_at
 
 
+DigestEntry = tuple[str, str, int, float]  # peer id, boot id, seq, issued at
+
+
+def digest_entry(record: PeerRecord) -> DigestEntry:
+    """What a digest says of a record: enough to tell which of two is newer."""
+    return (record.peer_id, record.boot_id, record.seq, record.issued_at)
+
+
+def is_newer_than_entry(record: PeerRecord, entry: DigestEntry) -> bool:
+    """Whether `record` supersedes the record a digest entry names (as `is_newer`)."""
+    _, boot_id, seq, issued_at = entry
+    if record.boot_id == boot_id:
+        return record.seq > seq
+    return record.issued_at > issued_at
+
+
+def is_entry_newer(entry: DigestEntry, record: PeerRecord) -> bool:
+    """Whether the record a digest entry names supersedes `record` (as `is_newer`)."""
+    _, boot_id, seq, issued_at = entry
+    if record.boot_id == boot_id:
+        return seq > record.seq
+    return issued_at > record.issued_at
+
+
 def check_record(data: bytes, signer: str, previous: PeerRecord | None) -> PeerRecord:
     """Decode and accept a record signed by `signer`, or raise RecordError saying why not.
 

@@ -113,6 +113,10 @@ class PeerView:
         known = self._peers.get(peer_id)
         return known.record if known else self._tombstones.get(peer_id)
 
+    def departed(self, limit: int) -> list[PeerRecord]:
+        """The last records of the (at most `limit`) peers that left most recently."""
+        return list(self._tombstones.values())[-limit:] if limit > 0 else []
+
     def expires_at(self, known: KnownPeer) -> float:
         at = known.received_at + self.ttl_factor * known.record.interval
         if known.suspect_since is not None and self.suspect_ttl is not None:

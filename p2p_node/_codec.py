@@ -44,6 +44,8 @@ from ._messages import (
     MAX_ID_LENGTH,
     MAX_TENSORS,
     VERSION,
+    DigestReply,
+    DigestRequest,
     ErrorReply,
     FeedbackReply,
     FeedbackRequest,
@@ -490,3 +492,5 @@ register("stats", StatsReply)
 register("generate", GenerateRequest)
 register("piece", GeneratedPiece)
 register("generated", GenerateSummary)
+register("digest?", DigestRequest)
+register("digest", DigestReply)

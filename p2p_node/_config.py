@@ -92,6 +92,7 @@ class GossipConfig:
     degree_high: int = 12
     heartbeat_s: int = 2  # GossipSub mesh upkeep; py-libp2p takes whole seconds
     ttl_factor: float = 3.0  # a peer silent for ttl_factor x its interval is dead
+    anti_entropy_s: float = 2.0  # a digest sync with one random neighbour this often
 
     @property
     def liveness_ttl(self) -> float:
@@ -109,6 +110,8 @@ class GossipConfig:
             raise ConfigError(f"network name must be 1-64 characters without '/': {self.network!r}")
         if not (self.interval > 0 and self.budget > 0 and self.heartbeat_s >= 1):
             raise ConfigError("interval, budget and heartbeat must be positive")
+        if not 0 < self.anti_entropy_s < float("inf"):
+            raise ConfigError(f"anti_entropy_s must be positive, got {self.anti_entropy_s}")
         if not self.refresh >= self.interval:
             raise ConfigError(
                 f"refresh ({self.refresh} s) must be at least the interval ({self.interval} s)"

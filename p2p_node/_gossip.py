@@ -20,15 +20,20 @@ from typing import Any
 
 import trio
 from libp2p.abc import IHost
+from libp2p.host.exceptions import StreamFailure
+from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
+from libp2p.protocol_muxer.exceptions import MultiselectClientError
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11
 from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.validators import signature_validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from gossip import (
     MAX_DEPARTED,
     Departure,
+    DigestEntry,
     PeerRecord,
     PeerState,
     PeerView,
@@ -36,18 +41,23 @@ from gossip import (
     RecordError,
     Rejection,
     check_record,
+    digest_entry,
     encode_record,
+    is_entry_newer,
     is_newer,
+    is_newer_than_entry,
     publish_interval,
 )
 
 from ._config import GossipConfig
-from ._libp2p import GuardedGossipSub, GuardedPubsub
+from ._libp2p import GuardedGossipSub, GuardedPubsub, _expect_shape, _expect_uses
 
 logger = logging.getLogger(__name__)
 
 
 MESHED_AFTER_HEARTBEATS = 3
+NEW_LINK_GRACE_S = 10.0  # a new link's first beat may come this much later than the ttl
+MAX_DIGEST_DEPARTED = 256  # left peers a digest names, most recent first
 
 RecordMaker = Callable[[float, tuple[Departure, ...]], PeerRecord]
 
@@ -153,6 +163,19 @@ class Gossip:
         """A beat from neighbour `peer_id` arrived (on a stream of a live connection)."""
         self._heard[peer_id] = trio.current_time()
 
+    def linked(self, peer_id: str) -> None:
+        """A connection to `peer_id` opened: its link's clock starts, with a grace.
+
+        A link's first beat needs a stream opened and negotiated through both
+        peers' loops; in a burst of nodes starting (many in one process, each
+        loading its models) that alone can take longer than the ttl, and each
+        neighbour so reported would be refuted, republished and flooded again,
+        which is more of the load that made it late. A peer that dies drops its
+        connection, which is reported at once; only a silent one waits the grace.
+        """
+        # A beat may have come first (the connection event is queued): keep it.
+        self._heard.setdefault(peer_id, trio.current_time() + NEW_LINK_GRACE_S)
+
     def _hears(self, peer_id: str, now: float) -> bool:
         """Whether our own link to `peer_id` says it is alive: connected, and not
         silent past the ttl (if it beats to us at all)."""
@@ -222,10 +245,59 @@ class Gossip:
 
     def signed_messages(self) -> tuple[bytes, ...]:
         """Our record and every alive peer's, as the signed messages they published."""
+        return tuple(m.SerializeToString() for m in self._held().values())
+
+    def _held(self) -> dict[str, rpc_pb2.Message]:
+        """The signed message of our record and of every alive peer's, by peer id."""
         alive = {p.peer_id for p in self.view.snapshot().alive()} | {self._my_id}
         for peer_id in [p for p in self._signed if p not in alive]:
             del self._signed[peer_id]
-        return tuple(m.SerializeToString() for m in self._signed.values())
+        return self._signed
+
+    # --- anti-entropy: digests -----------------------------------------------------------
+
+    def digest(self) -> tuple[DigestEntry, ...]:
+        """What records this node holds, one (peer id, boot id, seq, issued at) each:
+        ours, every peer's in the view, and the last records of the peers that left
+        most recently (so that a peer does not send us again what we dropped)."""
+        entries: dict[str, DigestEntry] = {}
+        for record in self.view.departed(MAX_DIGEST_DEPARTED):
+            entries[record.peer_id] = digest_entry(record)
+        for peer_id, known in self.view.snapshot().peers.items():
+            entries[peer_id] = digest_entry(known.record)
+        if self._mine is not None:
+            entries[self._my_id] = digest_entry(self._mine)
+        return tuple(entries.values())
+
+    def newer_than(self, digest: Sequence[DigestEntry]) -> tuple[bytes, ...]:
+        """The signed messages we hold (ours, alive peers') that a peer whose digest
+        this is lacks, or holds an older record of."""
+        theirs = {entry[0]: entry for entry in digest}
+        out = []
+        for peer_id, msg in self._held().items():
+            record = self._mine if peer_id == self._my_id else self.view.last_record(peer_id)
+            entry = theirs.get(peer_id)
+            if record is not None and (entry is None or is_newer_than_entry(record, entry)):
+                out.append(msg.SerializeToString())
+        return tuple(out)
+
+    def wanted(self, digest: Sequence[DigestEntry]) -> tuple[str, ...]:
+        """The peers of which a digest names a newer record than we hold (or any,
+        where we hold none); never ourselves."""
+        out: dict[str, None] = {}
+        for entry in digest:
+            peer_id = entry[0]
+            if peer_id == self._my_id:
+                continue
+            held = self.view.last_record(peer_id)
+            if held is None or is_entry_newer(entry, held):
+                out[peer_id] = None
+        return tuple(out)
+
+    def messages_of(self, peer_ids: Sequence[str]) -> tuple[bytes, ...]:
+        """The signed messages we hold of these peers (alive ones, or ours)."""
+        held = self._held()
+        return tuple(held[p].SerializeToString() for p in dict.fromkeys(peer_ids) if p in held)
 
     async def take_synced(self, messages: Sequence[bytes], sender: str) -> int:
         """Check and apply records a peer passed on; returns how many were new here.
@@ -393,6 +465,36 @@ class Gossip:
         self.published += 1
 
 
+class _Pubsub(GuardedPubsub):
+    """GuardedPubsub, retrying a peer's pubsub stream whose opening timed out.
+
+    py-libp2p opens its pubsub stream to each new peer, retrying while connected,
+    but only on a SwarmException: a multistream negotiation that timed out
+    (StreamFailure), as when a burst of nodes starting in one process holds
+    its loop past the 5 s negotiation timeout, was final. The two peers then
+    stayed connected with no pubsub between them, for good: a node whose every
+    link failed so heard no record and sent none. Now it is retried like the
+    rest; a peer that refuses the protocol is still given up on.
+    """
+
+    async def _handle_new_peer(self, peer_id: ID) -> None:
+        try:
+            await super()._handle_new_peer(peer_id)
+        except StreamFailure as error:
+            cause = error.__cause__
+            if isinstance(cause, MultiselectClientError) and str(cause).startswith(
+                "protocols not supported"
+            ):
+                raise
+            raise SwarmException(f"no pubsub stream to {peer_id} yet: {cause or error}") from error
+
+
+def _check_retry_shape() -> None:
+    _expect_shape("pubsub retry", Pubsub, "_handle_new_peer", "(self, peer_id)", is_async=True)
+    _expect_uses("pubsub retry", Pubsub._handle_new_peer_with_retry, "_handle_new_peer")
+    _expect_uses("pubsub retry", Pubsub.handle_peer_queue, "_handle_new_peer_with_retry")
+
+
 @asynccontextmanager
 async def open_gossip(
     host: IHost, view: PeerView, config: GossipConfig, make_record: RecordMaker
@@ -415,7 +517,8 @@ async def open_gossip(
     # mesh over its high degree, as when nodes join in a burst) refuse each
     # other's GRAFTs from then on, and records stop flowing over their link.
     router.graft_flood_threshold = 0.0
-    pubsub = GuardedPubsub(host, router, strict_signing=True)
+    _check_retry_shape()
+    pubsub = _Pubsub(host, router, strict_signing=True)
     # py-libp2p's service shutdown turns an exception passing through it into
     # Cancelled, which an enclosing cancelled scope then absorbs: the body's own
     # error would vanish. Hold it across the shutdown and raise it after.

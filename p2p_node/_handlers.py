@@ -16,6 +16,8 @@ from selection import SelectionContext
 
 from ._jobs import fingerprint, request_bytes
 from ._messages import (
+    DigestReply,
+    DigestRequest,
     FeedbackReply,
     FeedbackRequest,
     LoadReply,
@@ -66,6 +68,7 @@ def serve_node(server: Server, node: Node) -> None:
     server.serve(SELECT_PROTOCOL, FeedbackRequest, handlers.feedback)
     server.serve(LOAD_PROTOCOL, LoadRequest, handlers.load)
     server.serve(SYNC_PROTOCOL, SyncRequest, handlers.sync)
+    server.serve(SYNC_PROTOCOL, DigestRequest, handlers.digest)
 
 
 class NodeHandlers:
@@ -229,6 +232,12 @@ class NodeHandlers:
         gossip = self.node.gossip
         await gossip.take_synced(request.messages, sender)
         return SyncReply(gossip.signed_messages())
+
+    async def digest(self, request: DigestRequest, sender: str) -> DigestReply:
+        """Take the records the sender pushed, then send what its digest lacks."""
+        gossip = self.node.gossip
+        await gossip.take_synced(request.messages, sender)
+        return DigestReply(gossip.newer_than(request.digest), gossip.wanted(request.digest))
 
 
 def to_inference(request: RunRequest) -> InferenceRequest:

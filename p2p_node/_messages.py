@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, TypeAlias
 
-from gossip import ModelDescriptor, PeerRecord
+from gossip import MAX_BOOT_ID_LENGTH, DigestEntry, ModelDescriptor, PeerRecord
 from scheduler import (
     NO_REQUIREMENTS,
     Candidate,
@@ -71,6 +71,14 @@ Id: TypeAlias = Annotated[str, Text()]
 Count: TypeAlias = Annotated[int, Int(0, MAX_LOAD)]
 REASON = Text(MAX_MESSAGE_LENGTH, label="reason")
 NON_NEGATIVE = Number(lo=0.0)
+DIGEST_ENTRY = Row(
+    (
+        Text(label="peer id"),
+        Text(MAX_BOOT_ID_LENGTH, label="boot id"),
+        Int(0, MAX_INT, label="seq"),
+        Number(lo=0.0, label="issued at"),
+    )
+)
 
 
 class Request:
@@ -178,6 +186,16 @@ class SyncRequest(Request):
     Exchanged once when two peers connect, so neither waits for a refresh."""
 
     messages: Annotated[tuple[bytes, ...], Items(MAX_PEERS)]
+
+
+@dataclass(frozen=True, slots=True)
+class DigestRequest(Request):
+    """Which records I hold, one (peer id, boot id, seq, issued at) each, and the
+    records you asked me for (signed GossipSub messages): send me the records I
+    lack or hold older, and name those you lack. Anti-entropy, on the sync protocol."""
+
+    digest: Annotated[tuple[DigestEntry, ...], Items(MAX_PEERS, DIGEST_ENTRY)]
+    messages: Annotated[tuple[bytes, ...], Items(MAX_PEERS)] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +315,14 @@ class StatsReply(Response):
 @dataclass(frozen=True, slots=True)
 class SyncReply(Response):
     messages: Annotated[tuple[bytes, ...], Items(MAX_PEERS)]
+
+
+@dataclass(frozen=True, slots=True)
+class DigestReply(Response):
+    """The records the digest's sender lacks, and the peers whose records it should send."""
+
+    messages: Annotated[tuple[bytes, ...], Items(MAX_PEERS)]
+    wants: Annotated[tuple[str, ...], Items(MAX_PEERS, Text(label="peer id"))]
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,7 +61,7 @@ from ._jobs import JobOnce
 from ._libp2p import PeerGate
 from ._mdns import lan_addrs, run_mdns
 from ._membership import Found, Membership
-from ._messages import LoadReply, LoadRequest, SyncReply, SyncRequest
+from ._messages import DigestReply, DigestRequest, LoadReply, LoadRequest
 from ._metrics import NodeMetrics, node_families, serve_metrics
 from ._repository import ModelCard, bundled_models_dir, read_repository
 from ._rpc import (
@@ -414,23 +414,58 @@ class Node:
         that join in a burst publish their first records before they have a mesh,
         and what the first sync passed on went into a mesh still forming; the
         second sync fills the gaps and passes on what is still missing."""
-        await self._sync_once(peer_id)
+        await self.sync_once(peer_id)
         await trio.sleep(2 * self.config.gossip.heartbeat_s)
         if peer_id in self.connected_peers():
-            await self._sync_once(peer_id)
+            await self.sync_once(peer_id)
 
-    async def _sync_once(self, peer_id: str) -> None:
+    async def sync_once(self, peer_id: str) -> None:
+        """Swap with `peer_id` the records that either lacks, by digests: ours goes
+        out, its reply brings what we lack and names what it lacks, which we then
+        send. A record is sent only where it is missing or older, so a sync between
+        two nodes that agree costs a digest each way (a record is ~10 KB; a digest
+        entry ~100 bytes)."""
+        timeout = 10 * self.config.gossip.interval
+        gossip = self.gossip
         try:
             reply = await self._rpc.call(
-                peer_id,
-                SYNC_PROTOCOL,
-                SyncRequest(self.gossip.signed_messages()),
-                10 * self.config.gossip.interval,
+                peer_id, SYNC_PROTOCOL, DigestRequest(gossip.digest()), timeout
             )
-            synced: SyncReply = expect_reply(reply, SyncReply, peer_id)
-            await self.gossip.take_synced(synced.messages, peer_id)
+            got: DigestReply = expect_reply(reply, DigestReply, peer_id)
+            await gossip.take_synced(got.messages, peer_id)
+            wanted = gossip.messages_of(got.wants)
+            if wanted:
+                reply = await self._rpc.call(
+                    peer_id, SYNC_PROTOCOL, DigestRequest(gossip.digest(), wanted), timeout
+                )
+                got = expect_reply(reply, DigestReply, peer_id)
+                await gossip.take_synced(got.messages, peer_id)
         except JobError as error:  # no verdict on the link: beats decide
             logger.debug("no sync with %s: %s", peer_id, error.message)
+
+    async def _repair_forever(self, rng: random.Random) -> None:
+        """Anti-entropy: every `anti_entropy_s` (jittered), sync by digests with one
+        connected node, picked at random. A record that GossipSub lost
+        on the way (a full queue, a stream that failed to open in a start-up
+        burst, a mesh still forming) is then repaired within a few periods,
+        instead of at the sender's next refresh (`refresh`, 120 s)."""
+        period = self.config.gossip.anti_entropy_s
+        while True:
+            await trio.sleep(period * rng.uniform(0.5, 1.5))
+            # A connected peer we hold a record of, alive or departed (a link back
+            # after a partition: the record that reported it reaches it, and it
+            # answers with a newer one). Only where there is none (a node whose
+            # first syncs failed has an empty view), a peer we dialed. Never a
+            # client (no record, and it dialed us): asking one costs it a refusal,
+            # and one hanging up mid-negotiation makes py-libp2p log a raw line.
+            speaks = self._rpc.speaks
+            last_record = self.gossip.view.last_record
+            connected = sorted(p for p in self.connected_peers() if speaks(p, SYNC_PROTOCOL))
+            candidates = [p for p in connected if last_record(p) is not None] or [
+                p for p in connected if p in self._in_touch
+            ]
+            if candidates:
+                await self.sync_once(rng.choice(candidates))
 
     async def _beat_with(self, peer_id: str) -> None:
         period = self.config.gossip.beat_period
@@ -441,9 +476,13 @@ class Node:
                 try:
                     stream = await self._rpc.open_stream(peer_id, BEAT_PROTOCOL, self.gossip.ttl)
                 except JobError as error:
-                    if not beaten and error.code is not ErrorCode.DEADLINE_EXCEEDED:
+                    # Only a peer that refused the protocol is given up on: a stream
+                    # that did not open in time (both loops busy in a start-up
+                    # burst, a link cut for a while) is tried again next period.
+                    if not beaten and not self._rpc.speaks(peer_id, BEAT_PROTOCOL):
                         logger.debug("no beats with %s: %s", peer_id, error.message)
                         return
+                    logger.debug("no beat stream to %s yet: %s", peer_id, error.message)
                 else:
                     beaten = True
                     await lead_beats(stream, peer_id, self.gossip)
@@ -462,7 +501,7 @@ class Node:
             if connected:
                 # The link's clock starts now, either side: a link on which no beat
                 # ever comes (cut before its first) is reported as a silent one is.
-                self.gossip.heard_from(peer_id)
+                self.gossip.linked(peer_id)
                 if self._gate is not None and not self._gate(peer_id):
                     # Connected while its handshake was under way as the gate closed.
                     await self.disconnect(peer_id)
@@ -596,6 +635,7 @@ async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator
                 token = node.orchestrator.activate()
                 selector_token = node.selector.activate()
                 nursery.start_soon(node.membership.run)
+                nursery.start_soon(node._repair_forever, random.Random())
                 if config.mdns:
                     await nursery.start(run_mdns, host, node.addrs, found_send)
                 if config.fetch.models:

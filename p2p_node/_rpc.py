@@ -232,7 +232,8 @@ class Rpc:
         self._tasks.start_soon(fn)
 
     def speaks(self, peer_id: str, protocol: TProtocol) -> bool:
-        """False once `peer_id` refused to open a stream of `protocol`."""
+        """False once `peer_id` refused to open a stream of `protocol` (a refusal,
+        not a negotiation that timed out; until its connection closes)."""
         return (peer_id, protocol) not in self._unspoken
 
     async def _exchange(self, peer_id: str, protocol: TProtocol, payload: bytes) -> bytes:
@@ -371,11 +372,16 @@ class Rpc:
                     peer=peer_id,
                 )
         except StreamFailure as error:
-            if isinstance(error.__cause__, MultiselectClientError):
+            cause = error.__cause__
+            # Only a refusal says the peer does not speak it; a negotiation that
+            # timed out or broke off (a peer's loop busy in a start-up burst) does not.
+            if isinstance(cause, MultiselectClientError) and str(cause).startswith(
+                "protocols not supported"
+            ):
                 message = f"peer does not speak {protocol}"
                 self._unspoken.add((peer_id, protocol))
             else:
-                message = f"cannot open a stream: {error}"
+                message = f"cannot open a stream: {cause or error}"
             return JobError(ErrorCode.PEER_UNREACHABLE, message, peer=peer_id)
         except Exception as error:  # dialing raises many unrelated libp2p types
             return JobError(

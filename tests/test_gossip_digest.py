@@ -1,0 +1,167 @@
+"""Anti-entropy by digests: the wire messages, bad input, and repair on real nodes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+from test_view import record as view_record
+
+from gossip import (
+    PeerState,
+    Rejection,
+    digest_entry,
+    encode_record,
+    is_entry_newer,
+    is_newer_than_entry,
+)
+from p2p_node._codec import decode_reply, decode_request, encode
+from p2p_node._config import ConfigError, GossipConfig
+from p2p_node._messages import DigestReply, DigestRequest, InvalidMessage, WireError
+from p2p_node._rpc import SYNC_PROTOCOL
+from p2p_node.testing import open_swarm
+
+PEER = "12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"
+ENTRY = (PEER, "0123456789abcdef", 7, 1.7e9)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        DigestRequest(()),
+        DigestRequest((ENTRY,), (b"signed", b"")),
+        DigestReply((b"\x00",), (PEER,)),
+        DigestReply((), ()),
+    ],
+    ids=["empty digest?", "digest?", "digest", "empty digest"],
+)
+def test_digest_messages_round_trip(message: Any) -> None:
+    decode = decode_request if isinstance(message, DigestRequest) else decode_reply
+    assert decode(encode(message)) == message
+
+
+@pytest.mark.parametrize(
+    "digest",
+    [
+        "notalist",
+        [[PEER, "boot", 1]],  # a row short
+        [[PEER, "boot", 1, 1.0, "extra"]],
+        [[PEER, "boot", -1, 1.0]],  # negative seq
+        [[PEER, "b" * 65, 1, 1.0]],  # boot id over its limit
+        [["p" * 129, "boot", 1, 1.0]],  # peer id over its limit
+        [["", "boot", 1, 1.0]],
+        [[PEER, "boot", 1, float("nan")]],
+        [[PEER, "boot", 2**63, 1.0]],  # past MAX_INT
+        [[7, "boot", 1, 1.0]],
+    ],
+)
+def test_a_malformed_digest_is_refused_with_a_typed_error(digest: object) -> None:
+    payload = msgpack.packb({"v": 1, "kind": "digest?", "digest": digest})
+    with pytest.raises(WireError):
+        decode_request(payload)
+
+
+def test_a_digest_reply_of_anything_but_peer_ids_is_refused() -> None:
+    with pytest.raises(WireError):
+        decode_reply(msgpack.packb({"v": 1, "kind": "digest", "messages": [], "wants": [1]}))
+    with pytest.raises(InvalidMessage):
+        DigestReply((), ("",))
+
+
+def test_entries_compare_as_records_do() -> None:
+    record = view_record(PEER, 5)
+    same = digest_entry(record)
+    assert not is_newer_than_entry(record, same) and not is_entry_newer(same, record)
+    older = replace(record, seq=record.seq - 1)
+    assert is_newer_than_entry(record, digest_entry(older))
+    assert is_entry_newer(same, older)
+    # Across boots the issue time decides.
+    reboot = view_record(PEER, 0, boot="another", at=record.issued_at + 1)
+    assert is_newer_than_entry(reboot, same) and is_entry_newer(digest_entry(reboot), record)
+
+
+def test_the_anti_entropy_period_must_be_positive() -> None:
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ConfigError):
+            GossipConfig(anti_entropy_s=bad)
+
+
+async def test_a_record_lost_on_the_way_is_repaired_by_anti_entropy_alone() -> None:
+    """Node 0 loses node 2's record (as when GossipSub dropped it in a start-up
+    burst); nothing is published again, yet the periodic digest sync brings it
+    back from a neighbour, and only what was missing travels."""
+    with trio.fail_after(60):
+        async with open_swarm(3, topology="ring") as swarm:
+            await swarm.wait_converged()
+            lost = swarm[2].peer_id
+            published = [swarm[i].gossip.published for i in swarm.live]
+            view = swarm[0].view
+            view._remove(lost)  # no departure: the record never came
+            view._tombstones.pop(lost)
+            swarm[0].gossip._signed.pop(lost, None)
+            await view.wait_until(lambda v: lost in v.peers)
+            assert view.snapshot().peers[lost].state is PeerState.ALIVE
+            assert [swarm[i].gossip.published for i in swarm.live] == published
+
+
+async def test_a_sync_between_nodes_that_agree_sends_no_record() -> None:
+    with trio.fail_after(60):
+        async with open_swarm(2, topology="full") as swarm:
+            await swarm.wait_converged()
+            a, b = swarm[0], swarm[1]
+            reply = await a._rpc.call(
+                b.peer_id, SYNC_PROTOCOL, DigestRequest(a.gossip.digest()), 10
+            )
+    assert isinstance(reply, DigestReply)
+    assert reply.messages == () and reply.wants == ()
+
+
+async def test_forged_digests_and_records_change_nothing() -> None:
+    """A peer that lies in its digest gets at most what it asked for; records it
+    pushes that are not signed by their peer are rejected and counted; the
+    target's view and its own record stay as they were."""
+    with trio.fail_after(60):
+        async with open_swarm(3, topology="full") as swarm:
+            await swarm.wait_converged()
+            target, liar, victim = swarm[0], swarm[1], swarm[2]
+            before = target.view.snapshot()
+            published = target.gossip.published
+            forged = replace(victim.make_record(1.0, ()), seq=10**6)
+            victims_msg = target.gossip._signed[victim.peer_id]
+            tampered = replace_data(victims_msg, encode_record(forged))
+            fake_peers = tuple((f"12D3KooWfake{i}", "boot", 10**9, 1e12) for i in range(2000))
+            lies = (
+                # Claims newer records of everyone (and of peers that do not exist).
+                DigestRequest(
+                    tuple((p, "boot", 10**9, 1e12) for p in [*before.peers, target.peer_id])
+                    + fake_peers,
+                    (tampered, b"\x93garbage", b"", b"\x00" * 20_000),
+                ),
+                DigestRequest(((target.peer_id, "boot", 10**9, 1e12),)),  # the target's own
+            )
+            replies = [await liar._rpc.call(target.peer_id, SYNC_PROTOCOL, lie, 10) for lie in lies]
+            after = target.view.snapshot()
+            rejects = dict(target.gossip.rejects)
+    first, second = replies
+    assert isinstance(first, DigestReply) and isinstance(second, DigestReply)
+    assert first.messages == ()  # it claims to hold newer: nothing to send it
+    assert set(first.wants) >= {p for p, *_ in fake_peers}  # asked for: nothing changes
+    assert target.peer_id not in second.wants  # a node never asks for its own record
+    assert {p: k.record for p, k in after.peers.items()} == {
+        p: k.record for p, k in before.peers.items()
+    }
+    assert target.gossip.published == published
+    assert rejects.get(Rejection.FORGED, 0) >= 1 and rejects.get(Rejection.MALFORMED, 0) >= 2
+
+
+def replace_data(msg: Any, data: bytes) -> bytes:
+    """The signed message with its payload swapped: the signature no longer holds."""
+    from libp2p.pubsub.pb import rpc_pb2
+
+    copy = rpc_pb2.Message()
+    copy.CopyFrom(msg)
+    copy.data = data
+    return copy.SerializeToString()
