@@ -604,14 +604,8 @@ class Downstream:
                 stream = await self._open()
                 self.channel = Channel(stream, self.node.config.max_reply_bytes)
                 self.opened.set()
-        except JobError as error:
-            return StageFailure(
-                ErrorCode.PEER_UNREACHABLE, f"stage peer {self.peer}: {error}", self.peer
-            )
-        except (trio.TooSlowError, *TRANSPORT_ERRORS) as error:
-            return StageFailure(
-                ErrorCode.PEER_UNREACHABLE, f"stage peer {self.peer} failed: {error!r}", self.peer
-            )
+        except (JobError, trio.TooSlowError, *TRANSPORT_ERRORS) as error:
+            return self._unreachable(error)
         try:
             payload = encode_step(
                 StageStep(
@@ -641,20 +635,22 @@ class Downstream:
         old.add(self.peer)
         return stream
 
+    def _unreachable(self, error: Exception) -> StageFailure:
+        """The failure that names this session's next peer as unreachable."""
+        if isinstance(error, JobError):
+            why = f"stage peer {self.peer}: {error}"
+        else:
+            why = f"stage peer {self.peer} failed: {error!r}"
+        return StageFailure(ErrorCode.PEER_UNREACHABLE, why, self.peer)
+
     async def send_payload(self, payload: bytes) -> StageFailure | None:
         """Send a frame (a step, or rows of sessions whose streams go to this peer too),
         on this session's stream; a failure naming the next peer if it cannot be."""
         try:
             assert self.channel is not None
             await self.channel.send(payload)
-        except JobError as error:
-            return StageFailure(
-                ErrorCode.PEER_UNREACHABLE, f"stage peer {self.peer}: {error}", self.peer
-            )
-        except (trio.TooSlowError, *TRANSPORT_ERRORS) as error:
-            return StageFailure(
-                ErrorCode.PEER_UNREACHABLE, f"stage peer {self.peer} failed: {error!r}", self.peer
-            )
+        except (JobError, trio.TooSlowError, *TRANSPORT_ERRORS) as error:
+            return self._unreachable(error)
         return None
 
     async def watch(self) -> StageFailure:
