@@ -55,6 +55,7 @@ MB = 1 << 20
 BUFFERED_TOKENS = 16  # generated but not taken by the client; past it the session waits
 FRAME_TOKENS = 8  # pieces a frame waits for while other sessions share the batches
 IDLE_INLINE_FACTOR = 4  # a prefill inline on an idle engine: up to this x inline_below_ms
+STEP_INLINE_FACTOR = 4  # a decode step inline: up to this x inline_below_ms (see _Engine._step)
 
 Array = np.ndarray[Any, Any]
 
@@ -271,9 +272,9 @@ class _Engine:
         self.sessions: list[_Session] = []
         self._limiter = limiter
         self._inline_below_ms = inline_below_ms
-        # The compute of the last one-row decode step, and of a prefill per prompt
-        # token: what tells whether the next runs on the event loop's thread.
-        self._alone_ms = math.inf
+        # The compute of the last decode step of each batch size, and of a prefill
+        # per prompt token: what tells whether the next runs on the event loop's thread.
+        self._step_ms: dict[int, float] = {}
         self._prefill_ms_per_token = math.inf
         self._prefills: list[_Prefill] = []  # prompts waiting for the prefill run
         self._prefill_lock = trio.Lock()
@@ -286,6 +287,7 @@ class _Engine:
         self.batched_rows = 0
         self.rebuilds = 0  # steps whose batch was built from the sessions' caches
         self.narrowed = 0  # steps that took some rows of the last step's caches
+        self.inline_steps = 0  # steps run on the event loop's thread
 
     def wake(self) -> None:
         self._wake.set()
@@ -348,14 +350,17 @@ class _Engine:
                 kept.copy_back(layout.layers)
             feeds, _ = decode_feeds(batch, layout)
             self.rebuilds += 1
-        # A lone session's small steps run inline (its first frame is out by now: a
-        # session is ready only then; inline steps between the first frame's sends
-        # doubled the time to first token).
-        inline = len(batch) == 1
+        # A step whose last run at this size was short runs inline. Steps follow
+        # each other without a pause, and each one's hop to a worker thread and
+        # back, with the wait for the busy event loop to take its result, cost
+        # 0.3-0.4 ms: a quarter of the tokens/s at 16 sessions (bench.text). The
+        # loop's other tasks run between steps, so an inline step holds them up
+        # by at most STEP_INLINE_FACTOR x inline_below_ms. (A session's first
+        # frame is out before its own steps run: a session is ready only then.)
+        limit = self._inline_below_ms * STEP_INLINE_FACTOR
+        inline = self._step_ms.get(len(batch), math.inf) < limit
         try:
-            logits, presents = await self.compute(
-                session, feeds, inline and self._alone_ms < self._inline_below_ms
-            )
+            logits, presents = await self.compute(session, feeds, inline)
         except JobError as error:
             for s in batch:
                 s.fail(error)
@@ -433,8 +438,8 @@ class _Engine:
     ) -> Step:
         """One decode step."""
         out, took = await self._timed(session, feeds, inline)
-        if feeds["input_ids"].shape[0] == 1:
-            self._alone_ms = took
+        self._step_ms[feeds["input_ids"].shape[0]] = took
+        self.inline_steps += inline
         return out
 
     async def _timed(
