@@ -355,10 +355,14 @@ class _Engine:
         # back, with the wait for the busy event loop to take its result, cost
         # 0.3-0.4 ms: a quarter of the tokens/s at 16 sessions (bench.text). The
         # loop's other tasks run between steps, so an inline step holds them up
-        # by at most STEP_INLINE_FACTOR x inline_below_ms. (A session's first
-        # frame is out before its own steps run: a session is ready only then.)
+        # by at most STEP_INLINE_FACTOR x inline_below_ms. But not while a
+        # session's first frame is on its way (a session is ready only once it
+        # is out): its sending took a pass of the loop per step, and 16 sessions
+        # prefilled together joined the batch over 8 ms instead of at once.
         limit = self._inline_below_ms * STEP_INLINE_FACTOR
-        inline = self._step_ms.get(len(batch), math.inf) < limit
+        inline = self._step_ms.get(len(batch), math.inf) < limit and all(
+            s.first_sent for s in self.sessions
+        )
         try:
             logits, presents = await self.compute(session, feeds, inline)
         except JobError as error:
