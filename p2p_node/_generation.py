@@ -98,8 +98,7 @@ class _Session:
         self.prompt = prompt
         self.max_new = max_new
         self.sampling = sampling
-        seed = sampling.seed if sampling.seed is not None else secrets.randbits(64)
-        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self._rng: np.random.Generator | None = None  # made when first drawn from
         capacity = len(prompt) + max_new
         shape = (layout.layers, 2, layout.heads, capacity, layout.head_dim)
         self.cache: Array | None = np.zeros(shape, np.float32)
@@ -122,6 +121,22 @@ class _Session:
         self.first_sent = False
         self.session: ort.InferenceSession | None = None
         self.waiting_since = trio.current_time()  # the oldest untaken piece's wait began
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """Its seeded generator (made when first needed: greedy sessions never draw)."""
+        if self._rng is None:
+            seed = self.sampling.seed
+            self._rng = np.random.Generator(
+                np.random.PCG64(seed if seed is not None else secrets.randbits(64))
+            )
+        return self._rng
+
+    def choose(self, logits: Array) -> int:
+        """The next token from its row of `logits`."""
+        if self.sampling.temperature == 0:
+            return int(np.argmax(logits))
+        return choose_token(logits, self.sampling, self.rng)
 
     @property
     def nbytes(self) -> int:
@@ -406,7 +421,7 @@ class _Engine:
             if s.sampling.temperature == 0:
                 s.take(int(greedy[row]))
             else:
-                s.take(choose_token(last[row], s.sampling, s.rng))
+                s.take(s.choose(last[row]))
 
     async def prefill(self, session: ort.InferenceSession, prompt: list[int]) -> Step:
         """The logits and presents of `prompt`'s prefill ([1, ...] each, the presents
@@ -535,11 +550,6 @@ class _KeptBatch:
 
 def past_names(layers: int) -> list[str]:
     return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-
-
-def stack_layers(arrays: Sequence[Array], layers: int) -> Array:
-    """Per-layer keys and values, in the model's output order, as [layers, 2, ...]."""
-    return np.stack([np.stack(arrays[2 * i : 2 * i + 2]) for i in range(layers)])
 
 
 def decode_feeds(batch: Sequence[_Session], layout: DecoderLayout) -> tuple[dict[str, Array], int]:
@@ -842,9 +852,11 @@ class Generations:
             s.fail(error)
             raise
         n = len(s.prompt)
-        s.cache[:, :, :, :n, :] = stack_layers(presents, layout.layers)[:, :, 0]
+        for i in range(layout.layers):  # (no stacked copy of all layers first)
+            for kv in range(2):
+                s.cache[i, kv, :, :n, :] = presents[2 * i + kv][0]
         s.length = n
-        s.take(choose_token(logits[0, -1], s.sampling, s.rng))
+        s.take(s.choose(logits[0, -1]))
 
     async def _end_when_idle(self, s: _Session, scope: trio.CancelScope) -> None:
         """End `s` when its client has left a piece untaken for `session_idle_s`."""
