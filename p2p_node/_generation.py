@@ -55,6 +55,7 @@ MB = 1 << 20
 BUFFERED_TOKENS = 16  # generated but not taken by the client; past it the session waits
 FRAME_TOKENS = 8  # pieces a frame waits for while other sessions share the batches
 IDLE_INLINE_FACTOR = 4  # a prefill inline on an idle engine: up to this x inline_below_ms
+STEP_INLINE_FACTOR = 4  # a decode step inline: up to this x inline_below_ms (see _Engine._step)
 
 Array = np.ndarray[Any, Any]
 
@@ -68,6 +69,18 @@ class Piece:
 
     token: int
     text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pieces:
+    """Generated tokens taken together (a frame's), and the text they complete; as
+    many (false) as there are tokens."""
+
+    tokens: tuple[int, ...]
+    text: str
+
+    def __len__(self) -> int:
+        return len(self.tokens)
 
 
 class _Session:
@@ -85,8 +98,7 @@ class _Session:
         self.prompt = prompt
         self.max_new = max_new
         self.sampling = sampling
-        seed = sampling.seed if sampling.seed is not None else secrets.randbits(64)
-        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self._rng: np.random.Generator | None = None  # made when first drawn from
         capacity = len(prompt) + max_new
         shape = (layout.layers, 2, layout.heads, capacity, layout.head_dim)
         self.cache: Array | None = np.zeros(shape, np.float32)
@@ -95,7 +107,7 @@ class _Session:
         # Decoding from `_prefix_at`, the text up to `_read_at` has been sent in pieces.
         self._prefix_at = 0
         self._read_at = 0
-        self.queue: deque[Piece] = deque()
+        self.queue: deque[int] = deque()  # tokens made, not taken by the client yet
         self.finish: str | None = None  # "eos" or "length" once it is done
         self.error: JobError | None = None
         # Its client waits on `changed` for `wanted` pieces (or the end); the idle
@@ -109,6 +121,22 @@ class _Session:
         self.first_sent = False
         self.session: ort.InferenceSession | None = None
         self.waiting_since = trio.current_time()  # the oldest untaken piece's wait began
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """Its seeded generator (made when first needed: greedy sessions never draw)."""
+        if self._rng is None:
+            seed = self.sampling.seed
+            self._rng = np.random.Generator(
+                np.random.PCG64(seed if seed is not None else secrets.randbits(64))
+            )
+        return self._rng
+
+    def choose(self, logits: Array) -> int:
+        """The next token from its row of `logits`."""
+        if self.sampling.temperature == 0:
+            return int(np.argmax(logits))
+        return choose_token(logits, self.sampling, self.rng)
 
     @property
     def nbytes(self) -> int:
@@ -139,7 +167,7 @@ class _Session:
                 self.waiting_since = trio.current_time()
             if not self.queue:
                 self.queued.unpark_all()
-            self.queue.append(Piece(token, self._next_text()))
+            self.queue.append(token)
         if eos:
             self.finish = "eos"
         elif len(self.generated) >= self.max_new:
@@ -152,22 +180,33 @@ class _Session:
         self.changed.unpark_all()
         self.queued.unpark_all()
 
-    def _next_text(self) -> str:
-        """The text the newest token completes. Byte-level tokens may end inside a
-        character: its text waits (decoded as U+FFFD) for the bytes still to come.
+    def text_until(self, end: int) -> str:
+        """The text that the tokens up to `end` (of those generated) complete, past
+        what was taken before. Byte-level tokens may end inside a character: its
+        text waits (decoded as U+FFFD) for the bytes still to come.
 
         Only the last few tokens are decoded (as vLLM detokenizes): the text of
-        the tokens since `_prefix_at`, against that of those already sent. Both
+        the tokens since `_prefix_at`, against that of those already taken. Both
         start at the same token, so a decoder that treats a first token apart
         (dropping a leading space) treats both alike. Decoding every token from
-        the first cost a step of 16 sessions more than its onnxruntime run."""
+        the first cost a step of 16 sessions more than its onnxruntime run; and
+        the text is made only when the client takes the tokens, once for all
+        those it takes together (a frame's), not once per token as they are made:
+        two decodes per token were a tenth of a 16-row step."""
         decode, tokens = self.generator.tokenizer.decode, self.generated
         sent = decode(tokens[self._prefix_at : self._read_at])
-        text = decode(tokens[self._prefix_at :])
+        text = decode(tokens[self._prefix_at : end])
         if text.endswith("\ufffd") or not text.startswith(sent):
             return ""
-        self._prefix_at, self._read_at = self._read_at, len(tokens)
+        self._prefix_at, self._read_at = self._read_at, end
         return text[len(sent) :]
+
+    def take_tokens(self, count: int) -> list[int]:
+        """The first `count` tokens the client has not taken, now taken."""
+        queue = self.queue
+        taken = [queue.popleft() for _ in range(count)]
+        self.waiting_since = trio.current_time()
+        return taken
 
     @property
     def text(self) -> str:
@@ -199,12 +238,12 @@ class Generation:
             if s.finish is not None:
                 return None
             await s.changed.park()
-        piece = s.queue.popleft()
-        s.waiting_since = trio.current_time()
+        end = len(s.generated) - len(s.queue) + 1
+        (token,) = s.take_tokens(1)
         self._on_taken()
-        return piece
+        return Piece(token, s.text_until(end))
 
-    async def next_pieces(self) -> list[Piece]:
+    async def next_pieces(self) -> Pieces:
         """The pieces made and not taken yet: at least one, or none once the generation
         is done. Raises its JobError. The first piece comes alone, at once, and the
         session makes the next ones only once this is called again (the first frame
@@ -230,15 +269,14 @@ class Generation:
             raise s.error
         return self.take_queued()
 
-    def take_queued(self) -> list[Piece]:
+    def take_queued(self) -> Pieces:
         """The pieces made and not taken yet, without waiting (maybe none)."""
         s = self._session
-        pieces = list(s.queue)
-        s.queue.clear()
-        if pieces:
-            s.waiting_since = trio.current_time()
-            self._on_taken()
-        return pieces
+        if not s.queue:
+            return Pieces((), "")
+        tokens = tuple(s.take_tokens(len(s.queue)))
+        self._on_taken()
+        return Pieces(tokens, s.text_until(len(s.generated)))
 
     @property
     def text(self) -> str:
@@ -271,9 +309,9 @@ class _Engine:
         self.sessions: list[_Session] = []
         self._limiter = limiter
         self._inline_below_ms = inline_below_ms
-        # The compute of the last one-row decode step, and of a prefill per prompt
-        # token: what tells whether the next runs on the event loop's thread.
-        self._alone_ms = math.inf
+        # The compute of the last decode step of each batch size, and of a prefill
+        # per prompt token: what tells whether the next runs on the event loop's thread.
+        self._step_ms: dict[int, float] = {}
         self._prefill_ms_per_token = math.inf
         self._prefills: list[_Prefill] = []  # prompts waiting for the prefill run
         self._prefill_lock = trio.Lock()
@@ -286,6 +324,7 @@ class _Engine:
         self.batched_rows = 0
         self.rebuilds = 0  # steps whose batch was built from the sessions' caches
         self.narrowed = 0  # steps that took some rows of the last step's caches
+        self.inline_steps = 0  # steps run on the event loop's thread
 
     def wake(self) -> None:
         self._wake.set()
@@ -348,14 +387,21 @@ class _Engine:
                 kept.copy_back(layout.layers)
             feeds, _ = decode_feeds(batch, layout)
             self.rebuilds += 1
-        # A lone session's small steps run inline (its first frame is out by now: a
-        # session is ready only then; inline steps between the first frame's sends
-        # doubled the time to first token).
-        inline = len(batch) == 1
+        # A step whose last run at this size was short runs inline. Steps follow
+        # each other without a pause, and each one's hop to a worker thread and
+        # back, with the wait for the busy event loop to take its result, cost
+        # 0.3-0.4 ms: a quarter of the tokens/s at 16 sessions (bench.text). The
+        # loop's other tasks run between steps, so an inline step holds them up
+        # by at most STEP_INLINE_FACTOR x inline_below_ms. But not while a
+        # session's first frame is on its way (a session is ready only once it
+        # is out): its sending took a pass of the loop per step, and 16 sessions
+        # prefilled together joined the batch over 8 ms instead of at once.
+        limit = self._inline_below_ms * STEP_INLINE_FACTOR
+        inline = self._step_ms.get(len(batch), math.inf) < limit and all(
+            s.first_sent for s in self.sessions
+        )
         try:
-            logits, presents = await self.compute(
-                session, feeds, inline and self._alone_ms < self._inline_below_ms
-            )
+            logits, presents = await self.compute(session, feeds, inline)
         except JobError as error:
             for s in batch:
                 s.fail(error)
@@ -375,7 +421,7 @@ class _Engine:
             if s.sampling.temperature == 0:
                 s.take(int(greedy[row]))
             else:
-                s.take(choose_token(last[row], s.sampling, s.rng))
+                s.take(s.choose(last[row]))
 
     async def prefill(self, session: ort.InferenceSession, prompt: list[int]) -> Step:
         """The logits and presents of `prompt`'s prefill ([1, ...] each, the presents
@@ -433,8 +479,8 @@ class _Engine:
     ) -> Step:
         """One decode step."""
         out, took = await self._timed(session, feeds, inline)
-        if feeds["input_ids"].shape[0] == 1:
-            self._alone_ms = took
+        self._step_ms[feeds["input_ids"].shape[0]] = took
+        self.inline_steps += inline
         return out
 
     async def _timed(
@@ -504,11 +550,6 @@ class _KeptBatch:
 
 def past_names(layers: int) -> list[str]:
     return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-
-
-def stack_layers(arrays: Sequence[Array], layers: int) -> Array:
-    """Per-layer keys and values, in the model's output order, as [layers, 2, ...]."""
-    return np.stack([np.stack(arrays[2 * i : 2 * i + 2]) for i in range(layers)])
 
 
 def decode_feeds(batch: Sequence[_Session], layout: DecoderLayout) -> tuple[dict[str, Array], int]:
@@ -811,9 +852,11 @@ class Generations:
             s.fail(error)
             raise
         n = len(s.prompt)
-        s.cache[:, :, :, :n, :] = stack_layers(presents, layout.layers)[:, :, 0]
+        for i in range(layout.layers):  # (no stacked copy of all layers first)
+            for kv in range(2):
+                s.cache[i, kv, :, :n, :] = presents[2 * i + kv][0]
         s.length = n
-        s.take(choose_token(logits[0, -1], s.sampling, s.rng))
+        s.take(s.choose(logits[0, -1]))
 
     async def _end_when_idle(self, s: _Session, scope: trio.CancelScope) -> None:
         """End `s` when its client has left a piece untaken for `session_idle_s`."""

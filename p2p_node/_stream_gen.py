@@ -255,9 +255,7 @@ async def run_here(node: Node, request: GenerateRequest, send: Send, started: fl
         ) as generation:
             # What was made while the last frame went out goes in one frame.
             while pieces := await generation.next_pieces():
-                tokens = tuple(p.token for p in pieces)
-                text = "".join(p.text for p in pieces)
-                await send(_codec.encode(GeneratedPiece(tokens, text)))
+                await send(_codec.encode(GeneratedPiece(pieces.tokens, pieces.text)))
                 if ttft_ms is None:
                     ttft_ms = (time.perf_counter() - started) * 1e3
                     # A session is load while it runs: tell peers (after the first

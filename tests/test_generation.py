@@ -176,6 +176,60 @@ async def test_sessions_that_pause_or_leave_the_batch_still_give_their_own_token
     assert engine.narrowed > 0  # some steps went on with rows of the last step's caches
 
 
+async def test_steps_run_on_the_loops_thread_but_not_while_a_first_frame_is_on_its_way(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode step runs inline once a step of its size is known to be short; but
+    while a session that joined has its first frame on its way, the others' steps
+    run in a worker thread, leaving the event loop to send it."""
+    lengths = {p: len(reference_tokens(tiny_models / MODEL_ID, p, 40)) for p in PROMPTS}
+    prompt = max(PROMPTS, key=lengths.__getitem__)
+    paused_at = 2 + generation_module.BUFFERED_TOKENS  # its client takes 2, then stops
+    assert lengths[prompt] > paused_at + 1  # it has steps to run after the pause
+    steps: list[tuple[bool, bool]] = []  # each step: inline, a first frame on its way
+    compute = generation_module._Engine.compute
+    stepped = trio.lowlevel.ParkingLot()
+
+    async def recorded(self: Any, session: Any, feeds: Any, inline: bool) -> Any:
+        steps.append((inline, not all(s.first_sent for s in self.sessions)))
+        stepped.unpark_all()
+        return await compute(self, session, feeds, inline)
+
+    monkeypatch.setattr(generation_module._Engine, "compute", recorded)
+    got: list[int] = []
+    go_on = trio.Event()
+
+    async def read_first(generation: Any) -> None:
+        while (piece := await generation.next()) is not None:
+            got.append(piece.token)
+            if len(got) == 2:
+                await go_on.wait()
+
+    with trio.fail_after(60):
+        async with generations(tiny_models, inline_below_ms=1000.0) as service:
+            async with (
+                service.open_session(MODEL_ID, prompt, 40, GREEDY) as first,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(read_first, first)
+                while len(steps) < paused_at - 1:  # its tokens but the prefill's
+                    await stepped.park()
+                async with service.open_session(MODEL_ID, PROMPTS[0], 40, GREEDY) as second:
+                    assert await second.next() is not None  # its first frame is on its way
+                    joined = len(steps)
+                    go_on.set()  # the first session's steps go on meanwhile
+                    while len(steps) == joined:
+                        await stepped.park()
+                    while await second.next() is not None:  # (its first frame is out)
+                        pass
+            assert service.cache_bytes == 0
+    assert got == reference_tokens(tiny_models / MODEL_ID, prompt, 40)
+    assert steps[:joined] == [(False, False)] + [(True, False)] * (joined - 1)
+    assert not any(inline and pending for inline, pending in steps)
+    assert (False, True) in steps[joined:]  # stepped in a thread while it was on its way
+    assert (True, False) in steps[joined:]  # and inline again once it was out
+
+
 async def test_sessions_sharing_batches_take_their_pieces_in_fuller_frames(
     tiny_models: Path,
 ) -> None:
