@@ -87,6 +87,9 @@ from ._schema import (
 )
 
 MAX_DIM = 2**31 - 1
+# A tensor this large goes to msgpack as a view of the array, not a copy of its bytes,
+# and its message is packed into a buffer sized for it.
+LARGE_TENSOR_BYTES = 64 * 1024
 _ENVELOPE = frozenset({"v", "kind"})
 
 ToWire = Callable[[Any], Any]
@@ -100,7 +103,19 @@ def encode(message: Request | Reply) -> bytes:
     body: dict[str, Any] = {"kind": kind}
     shape.put(message, body)
     body["v"] = VERSION
-    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    large = 0
+    for key in shape.tensor_keys:
+        for tensor in body.get(key) or ():
+            large += len(body[key][tensor]["data"])
+    if large < LARGE_TENSOR_BYTES:
+        packed: bytes = msgpack.packb(body, use_bin_type=True)
+        return packed
+    # msgpack's buffer, grown by doubling from 256 KiB, was three fresh buffers of
+    # the payload's size, each paying a page fault per 4 KiB on first touch: made
+    # big enough at once, the tensors are copied into it once.
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False, buf_size=large + 64 * 1024)
+    packer.pack(body)
+    packed = packer.bytes()
     return packed
 
 
@@ -164,6 +179,7 @@ class _Shape:
         self.keys: frozenset[str] = envelope
         self.sparse: frozenset[str] = frozenset()
         self.converters: list[tuple[ToWire | None, FromWire | None]] = []
+        self.tensor_keys: tuple[str, ...] = ()  # the keys of its tensor maps, spread ones too
         # the source of `put(value, body)` and `take(raw)`: a line or two per field
         namespace: dict[str, Any] = {"build": self._build}
         put = ["def put(value, body):", "    pass"]
@@ -189,7 +205,10 @@ class _Shape:
             put.append(f"    put{i}({get}, body)")
             take.append(f"    values[{name}] = take{i}(raw)")
             self.keys |= inner.keys
+            self.tensor_keys += inner.tensor_keys
             return
+        if isinstance(f.spec.bound, TensorMap):
+            self.tensor_keys += (f.key,)
         if f.sparse:  # on the wire only when set: never None there
             to_wire, from_wire = _plain_converters(f.spec)
             from_wire = _then_check(from_wire, f.spec.check_set)
@@ -418,11 +437,11 @@ def _tensors_to_wire(tensors: Tensors) -> dict[str, Any]:
         little = _LITTLE[dtype_name]
         if array.dtype != little:
             array = array.astype(little)
-        wire[name] = {
-            "dtype": dtype_name,
-            "shape": list(array.shape),
-            "data": array.tobytes(),  # C order, whatever the array's own
-        }
+        if array.nbytes >= LARGE_TENSOR_BYTES and array.flags.c_contiguous:
+            data: bytes | memoryview = array.data.cast("B")  # no copy: packed at once
+        else:
+            data = array.tobytes()  # C order, whatever the array's own
+        wire[name] = {"dtype": dtype_name, "shape": list(array.shape), "data": data}
     return wire
 
 
