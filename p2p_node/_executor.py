@@ -20,6 +20,7 @@ from gossip import ModelDescriptor, ModelPerformance, TensorSpec
 from scheduler import ErrorCode, JobError, Tensors
 
 from ._batching import (
+    COMPANY_EXPECTED,
     Answer,
     Batch,
     BatchPolicy,
@@ -332,8 +333,9 @@ class Executor:
             await self._counted.park()
 
     def _count(self, **increments: int) -> None:
+        counts = self._counts
         for name, n in increments.items():
-            self._counts[name] += n
+            counts[name] += n
         if self._counted:  # someone waits in wait_counters
             self._counted.unpark_all()
 
@@ -369,12 +371,21 @@ class Executor:
             )
         self._admitted += 1
         self._count(admitted=1)
-        stats = self._stats.setdefault(model_id, _ModelStats())
+        stats = self._stats.get(model_id)
+        if stats is None:
+            stats = self._stats[model_id] = _ModelStats()
         admitted_at = time.perf_counter()
         request = Request(feeds, names)
         try:
-            async with self.models.use(model_id) as model:
-                answer = await self._serve(model, request)
+            model = self.models.hold(model_id)
+            if model is None:  # not in memory: loaded first
+                async with self.models.use(model_id) as model:
+                    answer = await self._serve(model, request)
+            else:
+                try:
+                    answer = await self._serve(model, request)
+                finally:
+                    self.models.release(model_id)
             if answer.error is not None:
                 raise answer.error
         except JobError:
@@ -443,7 +454,8 @@ class Executor:
         if inline:
             # Requests started with it queue meanwhile. Waking here, it finds out whether
             # a batch took it: no cancel needed to tell it.
-            await trio.lowlevel.checkpoint()
+            if COMPANY_EXPECTED.get() or len(lane) > 1:
+                await trio.lowlevel.checkpoint()
             if request.batch is None and lane.waits_for(request):
                 with taken_along(request):
                     await lane.gather(request)
