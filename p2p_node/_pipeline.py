@@ -356,10 +356,15 @@ class CallerPipe(KeptPipe[_Waiter]):
         exchange, self._next = self._next, self._next + 1
         waiter = self._open[exchange] = _Waiter()
         try:
-            # Queued, not waited for: its reply cannot come before it is written, and a
-            # writer that fails ends every exchange on the stream (`_end_all`). Waiting
-            # for the write cost each exchange another wake-up.
-            self._writer.send(Tagged(Kind.REQUEST, exchange, payload).encode())
+            # Not waited for: its reply cannot come before it is written, and a writer
+            # that fails ends every exchange on the stream (`_end_all`). Waiting for the
+            # write cost each exchange another wake-up. Alone on the stream, it is
+            # written at once, in this task (its peer has read all it was sent).
+            frame = Tagged(Kind.REQUEST, exchange, payload).encode()
+            if len(self._open) == 1:
+                await self._writer.send_now(frame)
+            else:
+                self._writer.send(frame)
             await waiter.done.wait()
         except BaseException:  # the caller left: so does the server, for this one
             if self._open.pop(exchange, None) is not None and self.failure is None:
