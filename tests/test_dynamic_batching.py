@@ -20,7 +20,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gossip import ModelDescriptor, TensorSpec
 from p2p_node import ErrorCode, ExecutorConfig, JobError, bundled_models_dir
-from p2p_node._batching import BatchPolicy, Lane, Request, execute, mixes_rows, taken_along
+from p2p_node._batching import (
+    COMPANY_EXPECTED,
+    BatchPolicy,
+    Lane,
+    Request,
+    execute,
+    mixes_rows,
+    taken_along,
+)
 from p2p_node._executor import Execution, Executor, load_model
 from p2p_node._repository import ModelCard, RepositoryError, read_model_card, read_repository
 
@@ -671,6 +679,29 @@ async def test_a_run_waits_for_company_only_when_its_model_asks(
                 nursery.start_soon(ex.run, "digits-mlp", {"input": x[i : i + 1]})
         assert trio.current_time() - before == pytest.approx(waited_s)
     assert ex.runs == 2  # the warm-up, and one for all
+
+
+@pytest.mark.parametrize(("company", "runs"), [(True, 1), (False, 2)])
+async def test_a_request_known_to_come_alone_runs_without_waiting_a_round(
+    digits, company: bool, runs: int
+) -> None:
+    """The pipelined server clears COMPANY_EXPECTED for a request that came alone: it
+    runs at once, so a request started in the same round no longer joins its run
+    (and by default, both queue first and share one)."""
+    x, _ = digits
+    ex = executor([card("digits-mlp")], WAITING)
+
+    async def first() -> None:
+        COMPANY_EXPECTED.set(company)  # in this task's context only
+        await ex.run("digits-mlp", {"input": x[:1]})
+
+    with trio.fail_after(30):
+        await _warm(ex, "digits-mlp", x)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            nursery.start_soon(ex.run, "digits-mlp", {"input": x[1:2]})
+    assert ex.runs == 1 + runs and ex.counters.completed == 3
+    assert COMPANY_EXPECTED.get()
 
 
 async def test_a_waiting_run_takes_what_arrives_before_its_deadline(

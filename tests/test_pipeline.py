@@ -372,3 +372,80 @@ async def test_frames_sent_in_one_scheduling_round_share_one_write() -> None:
             nursery.cancel_scope.cancel()
     assert len(stream.writes) == 1  # not the first frame alone, then the 31 others
     assert sorted(stream.writes[0]) == sorted(b"".join(frames))
+
+
+class _BreakingStream:
+    """A stream whose first write waits until `broken` is set, then fails (a reset)."""
+
+    def __init__(self) -> None:
+        self.started = trio.Event()
+        self.broken = trio.Event()
+
+    async def write(self, data: bytes) -> None:
+        self.started.set()
+        await self.broken.wait()
+        raise trio.BrokenResourceError("reset")
+
+
+async def test_a_sent_frames_hook_runs_once_it_is_written_and_not_before() -> None:
+    stream = _RecordingStream()
+    writer = FrameWriter(stream)  # type: ignore[arg-type]
+    done: list[int] = []
+    with trio.fail_after(10):
+        writer.send(b"one", lambda: done.append(1))
+        writer.send(b"two", lambda: done.append(2))
+        assert done == []  # queued, not written: the request still holds its slot
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            await writer.flush()
+            nursery.cancel_scope.cancel()
+    assert stream.writes == [b"onetwo"] and done == [1, 2]
+
+
+async def test_a_failed_write_runs_the_hooks_of_every_frame_it_will_never_write() -> None:
+    stream = _BreakingStream()
+    writer = FrameWriter(stream)  # type: ignore[arg-type]
+    done: list[str] = []
+    failed = False
+    with trio.fail_after(10):
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.run)
+                writer.send(b"being-written", lambda: done.append("first"))
+                await stream.started.wait()
+                writer.send(b"queued", lambda: done.append("queued"))
+                assert done == []
+                stream.broken.set()
+        except* trio.BrokenResourceError:
+            failed = True  # `run` raises the writer's failure
+    assert failed and done == ["first", "queued"]
+    writer.send(b"late", lambda: done.append("late"))  # never to be written: freed at once
+    assert done == ["first", "queued", "late"]
+
+
+async def test_dropping_a_writer_runs_the_hooks_of_frames_it_never_wrote() -> None:
+    """The server drops its writer when a stream ends: each reply still queued frees
+    its request's slot then."""
+    writer = FrameWriter(_RecordingStream())  # type: ignore[arg-type]
+    done: list[str] = []
+    writer.send(b"queued", lambda: done.append("queued"))
+    assert done == []
+    writer.drop()
+    assert done == ["queued"]
+
+
+async def test_send_now_writes_in_the_callers_task_only_when_the_writer_is_idle() -> None:
+    stream = _RecordingStream()
+    writer = FrameWriter(stream)  # type: ignore[arg-type]
+    done: list[str] = []
+    with trio.fail_after(10):
+        await writer.send_now(b"alone", lambda: done.append("alone"))  # no writer task runs
+        assert stream.writes == [b"alone"] and done == ["alone"]
+        writer.send(b"queued")
+        await writer.send_now(b"behind", lambda: done.append("behind"))
+        assert stream.writes == [b"alone"] and done == ["alone"]  # queued behind the first
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            await writer.flush()
+            nursery.cancel_scope.cancel()
+    assert stream.writes == [b"alone", b"queuedbehind"] and done == ["alone", "behind"]
