@@ -96,10 +96,6 @@ class FrameWriter:
     def __init__(self, stream: INetStream, counts: Bytes | None = None) -> None:
         self._stream = stream
         self._counts = counts or Bytes()  # where the bytes it writes are counted
-        # Whether more frames may come soon (exchanges in flight besides the one just
-        # written): only then does the writer linger after a write. At concurrency 1
-        # the rounds bought nothing and cost three passes of trio's loop a write.
-        self.busy: Callable[[], bool] = lambda: True
         self._queued: list[bytes] = []
         # (frame number, what to call once that frame is written or never will be)
         self._hooks: list[tuple[int, Callable[[], None]]] = []
@@ -189,9 +185,8 @@ class FrameWriter:
                 continue
             frames, self._queued = self._queued, []
             await self._write(frames)
-            if self.busy():
-                for _ in range(LINGER_ROUNDS):
-                    await trio.lowlevel.checkpoint()
+            for _ in range(LINGER_ROUNDS):
+                await trio.lowlevel.checkpoint()
 
     async def _write(self, frames: list[bytes]) -> None:
         self._writing = True
@@ -242,7 +237,6 @@ class KeptPipe(Generic[T]):
         self._open: dict[int, T] = {}
         self._next = 1
         self._scope = trio.CancelScope()
-        self._writer.busy = lambda: len(self._open) > 1
         conn = getattr(stream, "muxed_conn", None)
         self._closing: trio.Event | None = getattr(conn, "event_shutting_down", None)
 

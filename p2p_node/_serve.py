@@ -259,7 +259,6 @@ class Server:
         flight (None) or cannot be read further (why). Transport errors raise."""
         frames = TaggedBuffer(self.limits.request_limit(protocol))
         working: dict[int, trio.CancelScope] = {}
-        writer.busy = lambda: bool(working)
         while True:
             with trio.move_on_after(SERVER_IDLE_S) as idle:
                 data = await stream.read(READ_CHUNK)
