@@ -49,6 +49,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,13 @@ from ._repository import ModelCard
 from ._residency import LoadedModel
 
 logger = logging.getLogger(__name__)
+
+# Whether requests that could merge with this task's may come in the same scheduling
+# round (True unless whoever started the task knows better). A model run inline
+# waits one round for them to queue; the pipelined server clears it for a request
+# that came alone, with nothing else in flight on its stream, so that a lone job
+# (concurrency 1) does not pay that round.
+COMPANY_EXPECTED: ContextVar[bool] = ContextVar("company_expected", default=True)
 
 Array = np.ndarray[Any, Any]
 Key = tuple[tuple[str, tuple[int, ...]], ...]  # per input: its name and trailing dims
@@ -170,7 +178,9 @@ class Request:
         # and cancelled when another request's batch takes it.
         self.scope: trio.CancelScope | None = None
         self.batch: Batch | None = None
-        self.options = ort.RunOptions()  # terminates its own run when it leaves
+        # Terminates its own run when it leaves. Made only for a run of its own after a
+        # merged run failed (`execute`); a batch of one runs with the batch's.
+        self.options: ort.RunOptions | None = None
         self.began = False  # set by the run, in its thread
         self.left = False  # cancelled after it was taken into a batch
         self.done = trio.Event()
@@ -202,7 +212,8 @@ class Batch:
         """`request` was cancelled: its part is not run if the run has not begun, and
         discarded if it has; the run is told to stop once no request is left in it."""
         request.left = True
-        request.options.terminate = True
+        if request.options is not None:
+            request.options.terminate = True
         if all(r.left for r in self.members):
             self.options.terminate = True
 
@@ -223,12 +234,14 @@ class Lane:
     def queue(self, request: Request) -> None:
         request.lane = self
         request.queued_at = trio.current_time()
-        rows = {array.shape[0] for array in request.feeds.values()}
-        if self.policy.merges and len(rows) == 1:
-            (request.rows,) = rows
-            request.key = tuple((n, a.shape[1:]) for n, a in sorted(request.feeds.items()))
+        if self.policy.merges:
+            rows = {array.shape[0] for array in request.feeds.values()}
+            if len(rows) == 1:
+                (request.rows,) = rows
+                request.key = tuple((n, a.shape[1:]) for n, a in sorted(request.feeds.items()))
         self._queued.append(request)
-        self._arrived.unpark_all()
+        if self._arrived:  # a run waits for company (max_batch_wait_us)
+            self._arrived.unpark_all()
 
     def remove(self, request: Request) -> None:
         if request in self._queued:
@@ -292,6 +305,9 @@ def execute(model: LoadedModel, batch: Batch) -> BatchResult:
     active = [r for r in batch.members if not r.left]
     for r in active:
         r.began = True
+    if len(batch.members) == 1 and active:  # alone: its leaving terminates the batch's run
+        answer = _run_alone(model, active[0], batch.options)
+        return BatchResult({active[0]: answer}, (_ms(answer),))
     run_ms: list[float] = []
     split_failed = False
     if len(active) > 1:
@@ -309,8 +325,11 @@ def execute(model: LoadedModel, batch: Batch) -> BatchResult:
         )
     answers = {}
     for r in active:
+        # Its own options before it checks `left`: a leave() then either is seen here
+        # or sees the options, and terminates the run.
+        r.options = ort.RunOptions()
         if not r.left:  # leaving between retries skips its own
-            answers[r] = _run_alone(model, r)
+            answers[r] = _run_alone(model, r, r.options)
             run_ms.append(_ms(answers[r]))
     return BatchResult(answers, tuple(run_ms), split_failed)
 
@@ -342,10 +361,10 @@ def _run_merged(
     return answers
 
 
-def _run_alone(model: LoadedModel, request: Request) -> Answer:
+def _run_alone(model: LoadedModel, request: Request, options: ort.RunOptions) -> Answer:
     started = time.perf_counter()
     try:
-        values = model.session.run(request.names, request.feeds, request.options)
+        values = model.session.run(request.names, request.feeds, options)
     except Exception as error:  # onnxruntime's pybind error types share no useful base
         return Answer({}, _job_error(model, error), started, time.perf_counter(), shared=False)
     outputs = dict(zip(request.names, values, strict=True))

@@ -20,6 +20,7 @@ from gossip import ModelDescriptor, ModelPerformance, TensorSpec
 from scheduler import ErrorCode, JobError, Tensors
 
 from ._batching import (
+    COMPANY_EXPECTED,
     Answer,
     Batch,
     BatchPolicy,
@@ -127,33 +128,72 @@ def validate_inputs(
     leading dimension is the model's batch axis (not fixed) may have at most
     `max_rows` rows.
     """
-    if set(inputs) == {UNNAMED_INPUT} and len(model.inputs) == 1:
-        inputs = {model.inputs[0].name: inputs[UNNAMED_INPUT]}
-    expected = {spec.name: spec for spec in model.inputs}
-    if set(inputs) != set(expected):
+    checks = _input_checks(model)
+    if len(checks) == 1 and len(inputs) == 1 and UNNAMED_INPUT in inputs:
+        inputs = {checks[0].spec.name: inputs[UNNAMED_INPUT]}
+    if len(inputs) != len(checks) or any(c.spec.name not in inputs for c in checks):
         raise JobError(
             ErrorCode.INVALID_INPUT,
             f"model {model.id} takes inputs {_describe(model.inputs)}; "
             f"got {sorted(inputs) or 'none'}",
         )
     feeds = {}
-    for name, spec in expected.items():
-        array = np.asarray(inputs[name])
-        shape_ok = len(array.shape) == len(spec.shape) and all(
-            want is None or want == got for want, got in zip(spec.shape, array.shape, strict=True)
-        )
-        if not shape_ok or not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
-            got = f"{name} {array.dtype.name} [{', '.join(map(str, array.shape))}]"
+    for check in checks:
+        spec, name = check.spec, check.spec.name
+        array = inputs[name]
+        if type(array) is not np.ndarray:
+            array = np.asarray(array)
+        shape = array.shape
+        shape_ok = len(shape) == check.ndim and all(shape[i] == want for i, want in check.fixed)
+        same = array.dtype == check.dtype
+        if not shape_ok or not (same or np.can_cast(array.dtype, check.dtype, casting="same_kind")):
+            got = f"{name} {array.dtype.name} [{', '.join(map(str, shape))}]"
             raise JobError(
                 ErrorCode.INVALID_INPUT,
                 f"model {model.id} expects {spec.describe()}; got {got}",
             )
-        if 0 in array.shape:
+        if 0 in shape:
             raise JobError(ErrorCode.INVALID_INPUT, f"model {model.id}: input {name!r} is empty")
-        if max_rows is not None and spec.shape and spec.shape[0] is None:
-            _check_rows(model.id, name, array.shape[0], max_rows)
-        feeds[name] = array.astype(spec.dtype, copy=False)
+        if max_rows is not None and check.batch_axis:
+            _check_rows(model.id, name, shape[0], max_rows)
+        feeds[name] = array if same else array.astype(check.dtype, copy=False)
     return feeds
+
+
+@dataclass(frozen=True, slots=True)
+class _InputCheck:
+    """One declared input, as `validate_inputs` checks it."""
+
+    spec: TensorSpec
+    dtype: np.dtype[Any]
+    ndim: int
+    fixed: tuple[tuple[int, int], ...]  # (axis, size) of each fixed dimension
+    batch_axis: bool  # a leading dimension that is not fixed
+
+
+# Per descriptor (by identity, kept alive with it): what validating its inputs checks,
+# worked out once, not for each small job.
+_CHECKS: dict[int, tuple[ModelDescriptor, tuple[_InputCheck, ...]]] = {}
+
+
+def _input_checks(model: ModelDescriptor) -> tuple[_InputCheck, ...]:
+    known = _CHECKS.get(id(model))
+    if known is not None and known[0] is model:
+        return known[1]
+    checks = tuple(
+        _InputCheck(
+            spec,
+            np.dtype(spec.dtype),
+            len(spec.shape),
+            tuple((i, d) for i, d in enumerate(spec.shape) if d is not None),
+            bool(spec.shape) and spec.shape[0] is None,
+        )
+        for spec in model.inputs
+    )
+    if len(_CHECKS) > 1024:  # descriptors come and go only as models are (re)loaded
+        _CHECKS.clear()
+    _CHECKS[id(model)] = (model, checks)
+    return checks
 
 
 def _check_rows(model_id: str, name: str, rows: int, max_rows: int) -> None:
@@ -332,8 +372,9 @@ class Executor:
             await self._counted.park()
 
     def _count(self, **increments: int) -> None:
+        counts = self._counts
         for name, n in increments.items():
-            self._counts[name] += n
+            counts[name] += n
         if self._counted:  # someone waits in wait_counters
             self._counted.unpark_all()
 
@@ -369,12 +410,21 @@ class Executor:
             )
         self._admitted += 1
         self._count(admitted=1)
-        stats = self._stats.setdefault(model_id, _ModelStats())
+        stats = self._stats.get(model_id)
+        if stats is None:
+            stats = self._stats[model_id] = _ModelStats()
         admitted_at = time.perf_counter()
         request = Request(feeds, names)
         try:
-            async with self.models.use(model_id) as model:
-                answer = await self._serve(model, request)
+            model = self.models.hold(model_id)
+            if model is None:  # not in memory: loaded first
+                async with self.models.use(model_id) as model:
+                    answer = await self._serve(model, request)
+            else:
+                try:
+                    answer = await self._serve(model, request)
+                finally:
+                    self.models.release(model_id)
             if answer.error is not None:
                 raise answer.error
         except JobError:
@@ -443,7 +493,8 @@ class Executor:
         if inline:
             # Requests started with it queue meanwhile. Waking here, it finds out whether
             # a batch took it: no cancel needed to tell it.
-            await trio.lowlevel.checkpoint()
+            if COMPANY_EXPECTED.get() or len(lane) > 1:
+                await trio.lowlevel.checkpoint()
             if request.batch is None and lane.waits_for(request):
                 with taken_along(request):
                     await lane.gather(request)

@@ -87,7 +87,7 @@ class NodeHandlers:
             sender,
             request.job_id,
             lambda: fingerprint(request),
-            lambda: self._with_load_notes(self._coordinate, request),
+            lambda: self._coordinate(request),
             holds=request_bytes(request),
         )
 
@@ -96,6 +96,7 @@ class NodeHandlers:
         node = self.node
         strategy = request.strategy or node.config.strategy
         started = trio.current_time()
+        node.note_load()
         try:
             result = await self._place_and_run(request, strategy)
         except JobError as error:
@@ -105,6 +106,8 @@ class NodeHandlers:
             outcome = "cancelled" if isinstance(error, trio.Cancelled) else "internal"
             node.metrics.job_failed(request.model_id, strategy.value, outcome)
             raise
+        finally:
+            node.note_load()
         node.metrics.job_answered(
             strategy.value,
             trio.current_time() - started,

@@ -63,7 +63,7 @@ def request_bytes(request: RunRequest) -> int:
     return sum(int(np.asarray(v).nbytes) for v in request.inputs.values())
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     print_: Print
     done: trio.Event

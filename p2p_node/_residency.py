@@ -53,6 +53,7 @@ class _Slot:
     __slots__ = (
         "card",
         "descriptor",
+        "held",
         "last_used",
         "memory_bytes",
         "mixes_rows",
@@ -68,6 +69,7 @@ class _Slot:
         self.session: ort.InferenceSession | None = model.session
         self.running = 0  # requests using the session now: never unloaded under them
         self.last_used = 0
+        self.held: LoadedModel | None = None  # what `hold` gave last, for its session
 
 
 class ResidentModels:
@@ -156,6 +158,25 @@ class ResidentModels:
         self._slots[model.descriptor.id] = slot
 
     # --- on demand ----------------------------------------------------------------------
+
+    def hold(self, model_id: str) -> LoadedModel | None:
+        """`use` without awaiting, for a model in memory: held (never unloaded) until
+        `release(model_id)`; None, holding nothing, if it is not loaded now (then
+        `use` loads it). A small job's run is a few microseconds of Python; the
+        async context manager around it cost about as much again."""
+        slot = self._slots[model_id]
+        session = slot.session
+        if session is None:
+            return None
+        slot.running += 1
+        slot.last_used = next(self._tick)
+        held = slot.held
+        if held is None or held.session is not session:
+            held = slot.held = LoadedModel(slot.descriptor, session, slot.card, slot.mixes_rows)
+        return held
+
+    def release(self, model_id: str) -> None:
+        self._slots[model_id].running -= 1
 
     @asynccontextmanager
     async def use(self, model_id: str) -> AsyncIterator[LoadedModel]:

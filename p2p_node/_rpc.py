@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import multiaddr
 import trio
@@ -239,6 +239,9 @@ class Rpc:
     async def _exchange(self, peer_id: str, protocol: TProtocol, payload: bytes) -> bytes:
         pipelined = PIPELINED.get(protocol)
         if pipelined is not None and (peer_id, pipelined) not in self._unspoken:
+            kept = self.pipes.usable((peer_id, pipelined))
+            if kept is not None:
+                return await cast(CallerPipe, kept).exchange(payload)
             try:
                 pipe = await self._pipe(peer_id, pipelined)
             except JobError:

@@ -22,6 +22,7 @@ from libp2p.custom_types import TProtocol
 from scheduler import ErrorCode, JobError
 
 from . import _codec
+from ._batching import COMPANY_EXPECTED
 from ._channel import (
     READ_CHUNK,
     SEND_TIMEOUT_S,
@@ -234,14 +235,17 @@ class Server:
         answered, then a GOAWAY says why.
         """
         writer = FrameWriter(channel.stream, self.traffic.of(PIPELINED[protocol]))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run)
-            async with trio.open_nursery() as work:  # cancelled, with the work, on a hang-up
-                why = await self._read_pipelined(channel.stream, writer, work, peer, protocol)
-            if why is not None:
-                writer.send(Tagged(Kind.GOAWAY, 0, self._encode_reply(why)).encode())
-            await writer.flush()
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.run)
+                async with trio.open_nursery() as work:  # cancelled, with the work, on a hang-up
+                    why = await self._read_pipelined(channel.stream, writer, work, peer, protocol)
+                if why is not None:
+                    writer.send(Tagged(Kind.GOAWAY, 0, self._encode_reply(why)).encode())
+                await writer.flush()
+                nursery.cancel_scope.cancel()
+        finally:
+            writer.drop()  # replies never written free their requests' slots now
 
     async def _read_pipelined(
         self,
@@ -291,8 +295,12 @@ class Server:
                         Tagged(Kind.REPLY, frame.exchange, self._encode_reply(refused)).encode()
                     )
                 else:
+                    # Alone: nothing else in flight on the stream, nor behind it in this read.
+                    alone = not working and not len(frames)
                     working[frame.exchange] = trio.CancelScope()
-                    work.start_soon(self._answer_tagged, frame, writer, working, peer, protocol)
+                    work.start_soon(
+                        self._answer_tagged, frame, writer, working, peer, protocol, alone
+                    )
 
     def _admit(self, exchange: int, working: dict[int, trio.CancelScope]) -> ErrorReply | None:
         """Take an inbound slot for a pipelined request; or why it is refused."""
@@ -317,9 +325,18 @@ class Server:
         working: dict[int, trio.CancelScope],
         peer: str,
         protocol: TProtocol,
+        alone: bool,
     ) -> None:
-        """Answer one pipelined request, unless its caller cancels it first."""
+        """Answer one pipelined request, unless its caller cancels it first.
+
+        The task ends once its reply is queued; the request holds its inbound slot
+        (and counts as in flight, for `drain`) until the writer has written the
+        reply, or failed to. A request that came `alone` runs its model without
+        waiting a round for others to merge with (`COMPANY_EXPECTED`)."""
         self._answering += 1
+        queued = False
+        if alone:
+            COMPANY_EXPECTED.set(False)  # in this task's own context
         try:
             reply: Reply
             if self._closing:
@@ -332,15 +349,23 @@ class Server:
                 if scope.cancelled_caught:
                     return
             del working[request.exchange]  # the exchange id is free again
-            await writer.write(
-                Tagged(Kind.REPLY, request.exchange, self._encode_reply(reply)).encode()
-            )
+            frame = Tagged(Kind.REPLY, request.exchange, self._encode_reply(reply)).encode()
+            queued = True
+            if working:  # others will answer soon: share the writer's next write
+                writer.send(frame, self._answered)
+            else:
+                await writer.send_now(frame, self._answered)
         finally:
-            working.pop(request.exchange, None)
-            self._inbound_slots.release()
-            self._answering -= 1
-            if self._closing and self._answering == 0:
-                self._all_answered.set()
+            if not queued:
+                working.pop(request.exchange, None)
+                self._answered()
+
+    def _answered(self) -> None:
+        """A pipelined request is done with: its reply written, or never to be."""
+        self._inbound_slots.release()
+        self._answering -= 1
+        if self._closing and self._answering == 0:
+            self._all_answered.set()
 
     async def _refuse_frame(
         self, channel: Channel, error: FrameError, peer: str, protocol: TProtocol

@@ -20,7 +20,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gossip import ModelDescriptor, TensorSpec
 from p2p_node import ErrorCode, ExecutorConfig, JobError, bundled_models_dir
-from p2p_node._batching import BatchPolicy, Lane, Request, execute, mixes_rows, taken_along
+from p2p_node._batching import (
+    COMPANY_EXPECTED,
+    BatchPolicy,
+    Lane,
+    Request,
+    execute,
+    mixes_rows,
+    taken_along,
+)
 from p2p_node._executor import Execution, Executor, load_model
 from p2p_node._repository import ModelCard, RepositoryError, read_model_card, read_repository
 
@@ -538,7 +546,7 @@ async def test_a_request_cancelled_mid_run_on_its_own_terminates_the_run(digits)
     batch = lane.take(request, request, None)
     request.began = True
     batch.leave(request)
-    assert request.options.terminate and batch.options.terminate
+    assert batch.options.terminate  # a run of one runs with its batch's options
 
 
 # --- bounds: rows and the wait -------------------------------------------------------------
@@ -671,6 +679,36 @@ async def test_a_run_waits_for_company_only_when_its_model_asks(
                 nursery.start_soon(ex.run, "digits-mlp", {"input": x[i : i + 1]})
         assert trio.current_time() - before == pytest.approx(waited_s)
     assert ex.runs == 2  # the warm-up, and one for all
+
+
+@pytest.mark.parametrize("company", [True, False])
+async def test_a_request_known_to_come_alone_runs_without_waiting_a_round(
+    digits, company: bool
+) -> None:
+    """The pipelined server clears COMPANY_EXPECTED for a request that came alone: an
+    inline run then starts at once, where by default it waits a scheduling round
+    for requests to merge with (seen here as the checkpoint a cancelled caller
+    stops at)."""
+    x, _ = digits
+    ex = executor([card("digits-mlp")], WAITING)
+    answered: list[Execution] = []
+
+    async def lone() -> None:
+        COMPANY_EXPECTED.set(company)  # in this task's context only
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            answered.append(await ex.run("digits-mlp", {"input": x[:1]}))
+
+    with trio.fail_after(30):
+        await _warm(ex, "digits-mlp", x)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lone)
+    counters = ex.counters
+    if company:
+        assert not answered and counters.cancelled_waiting == 1 and ex.runs == 1
+    else:
+        assert len(answered) == 1 and counters.completed == 2 and ex.runs == 2
+    assert COMPANY_EXPECTED.get()
 
 
 async def test_a_waiting_run_takes_what_arrives_before_its_deadline(
