@@ -6,7 +6,6 @@ The server has checked each request's type before a handler sees it (see
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -51,8 +50,6 @@ from ._serve import Server
 
 if TYPE_CHECKING:
     from ._node import Node
-
-_RunFn = Callable[[RunRequest], Awaitable[InferenceResult]]
 
 
 def serve_node(server: Server, node: Node) -> None:
@@ -144,7 +141,7 @@ class NodeHandlers:
                 ErrorCode.MALFORMED_MESSAGE,
                 "the infer protocol runs a named model; submit task jobs on the job protocol",
             )
-        return await self._with_load_notes(self._run_here_within_deadline, request)
+        return await self._run_here_within_deadline(request)
 
     async def _admit_infer(self, sender: str) -> None:
         """Peers of the network may have this node run models; so may allowed clients
@@ -165,21 +162,18 @@ class NodeHandlers:
             return
         raise node.admission.unauthorized(sender, "send infer requests")
 
-    async def _with_load_notes(self, run: _RunFn, request: RunRequest) -> InferenceResult:
+    async def _run_here_within_deadline(self, request: RunRequest) -> InferenceResult:
         self.node.note_load()
         try:
-            return await run(request)
+            with trio.move_on_after(request.timeout_ms / 1000):
+                return await self.node.run_local(to_inference(request))
+            raise JobError(
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"model {request.model_id} did not finish within {request.timeout_ms} ms",
+                peer=self.node.peer_id,
+            )
         finally:
             self.node.note_load()
-
-    async def _run_here_within_deadline(self, request: RunRequest) -> InferenceResult:
-        with trio.move_on_after(request.timeout_ms / 1000):
-            return await self.node.run_local(to_inference(request))
-        raise JobError(
-            ErrorCode.DEADLINE_EXCEEDED,
-            f"model {request.model_id} did not finish within {request.timeout_ms} ms",
-            peer=self.node.peer_id,
-        )
 
     async def load(self, request: LoadRequest, sender: str) -> LoadReply:
         node = self.node

@@ -185,14 +185,12 @@ class ResidentModels:
         slot = self._slots[model_id]
         if slot.session is None:
             await self._load_on_demand(slot)
-        session = slot.session
-        assert session is not None  # loaded above, and never unloaded while running > 0
-        slot.running += 1
-        slot.last_used = next(self._tick)
+        model = self.hold(model_id)
+        assert model is not None  # loaded above, and never unloaded while running > 0
         try:
-            yield LoadedModel(slot.descriptor, session, slot.card, slot.mixes_rows)
+            yield model
         finally:
-            slot.running -= 1
+            self.release(model_id)
 
     async def _load_on_demand(self, slot: _Slot) -> None:
         async with self._loading:

@@ -425,7 +425,7 @@ async def test_a_failed_write_runs_the_hooks_of_every_frame_it_will_never_write(
     assert done == ["first", "queued", "late"]
 
 
-async def test_dropping_a_writer_runs_the_hooks_of_frames_it_never_wrote() -> None:
+def test_dropping_a_writer_runs_the_hooks_of_frames_it_never_wrote() -> None:
     """The server drops its writer when a stream ends: each reply still queued frees
     its request's slot then."""
     writer = FrameWriter(_RecordingStream())  # type: ignore[arg-type]
