@@ -17,8 +17,10 @@ Three parts, each printed as a table (`--quick`: smaller sizes, a few minutes):
   pydoc-gpt-small) with 1, 4, 16 and 64 concurrent greedy sessions on one
   node: continuous batching on ("batched"), off ("alone": one session per
   decode step, in turn), and the same sessions sent one after another ("one at
-  a time"); each the best of `--repeats` runs. Also the time to first token
-  and per output token (p50) as the clients see them.
+  a time"); each the best of `--repeats` runs. Beside them, the same ratio of
+  batched to one at a time for onnxruntime alone, called here with no node: what
+  batching can gain at most on this machine. Also the time to first token and
+  per output token (p50) as the clients see them.
 - latency: one generation at a time, local and forwarded one hop: time to
   first token (TTFT) and time per output token (TPOT), p50 and p99 over
   `--rounds` generations each, against the prefill's own compute (onnxruntime
@@ -52,6 +54,7 @@ import trio
 from tokenizers import Tokenizer
 
 from p2p_node import Client, JobError, NodeConfig, open_node
+from p2p_node._decoder import TextGenerator
 from p2p_node._repository import bundled_models_dir
 from p2p_node.testing import open_swarm
 
@@ -346,10 +349,9 @@ class Latency:
     tpot_ms: list[float]
 
 
-def prefill_ms(model_dir: Path, prompt: str, rounds: int) -> float:
-    """The median time onnxruntime here takes for `prompt`'s prefill (one thread)."""
+def _direct_generator(model_dir: Path) -> tuple[TextGenerator, ort.InferenceSession]:
+    """The generator of `model_dir` and an onnxruntime session of it here (one thread)."""
     from p2p_node._decoder import load_text_generator
-    from p2p_node._generation import prefill_feeds
     from p2p_node._repository import read_repository
 
     card = next(c for c in read_repository(model_dir.parent) if c.onnx_path.parent == model_dir)
@@ -359,6 +361,50 @@ def prefill_ms(model_dir: Path, prompt: str, rounds: int) -> float:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(card.onnx_path), options, providers=["CPUExecutionProvider"])
+    return generator, session
+
+
+def direct_generation(model_dir: Path, sessions: int, tokens: int, repeats: int) -> float:
+    """What continuous batching can gain at most here: onnxruntime alone, with no node,
+    decoding `sessions` greedy generations of `tokens` tokens as one batch (one
+    prefill, then a step per token) against the same one after another; the
+    ratio of their tokens/s, each the best of `repeats`."""
+    from p2p_node._generation import past_names, prefill_batch_feeds
+
+    generator, session = _direct_generator(model_dir)
+    layout = generator.layout
+    prompts = [generator.tokenizer.encode(PROMPTS[i % len(PROMPTS)]).ids for i in range(sessions)]
+    pasts = past_names(layout.layers)
+    names = ["logits"] + [name.replace("past_key_values.", "present.") for name in pasts]
+
+    def decode(batch: list[list[int]]) -> float:
+        started = time.perf_counter()
+        feeds, _ = prefill_batch_feeds(batch, layout)
+        out = session.run(names, feeds)
+        mask, positions = feeds["attention_mask"], feeds["position_ids"][:, -1:]
+        for _ in range(tokens - 1):
+            mask = np.concatenate([mask, np.ones((len(batch), 1), np.int64)], axis=1)
+            positions = positions + 1
+            feeds = {
+                "input_ids": out[0][:, -1].argmax(axis=-1)[:, None].astype(np.int64),
+                "attention_mask": mask,
+                "position_ids": positions,
+            }
+            feeds.update(zip(pasts, out[1:], strict=True))  # presents are the next pasts
+            out = session.run(names, feeds)
+        return time.perf_counter() - started
+
+    decode(prompts)  # warm up
+    batched = min(decode(prompts) for _ in range(repeats))
+    alone = min(sum(decode([p]) for p in prompts) for _ in range(repeats))
+    return alone / batched
+
+
+def prefill_ms(model_dir: Path, prompt: str, rounds: int) -> float:
+    """The median time onnxruntime here takes for `prompt`'s prefill (one thread)."""
+    from p2p_node._generation import prefill_feeds
+
+    generator, session = _direct_generator(model_dir)
     feeds = prefill_feeds(generator.tokenizer.encode(prompt).ids, generator.layout)
     times = []
     for _ in range(rounds + 3):
@@ -430,7 +476,11 @@ async def run(args: argparse.Namespace, data: Path) -> None:
             data / "gen",
             not args.in_process,
         )
-        print_generation(args, results)
+        ceiling = [
+            direct_generation(models_dir / args.generator, n, args.tokens, args.repeats)
+            for n in args.sessions
+        ]
+        print_generation(args, results, ceiling)
 
 
 @contextlib.asynccontextmanager
@@ -480,23 +530,28 @@ def print_embeddings(args: argparse.Namespace, rows: list[EmbedRow]) -> None:
         )
 
 
-def print_generation(args: argparse.Namespace, results: dict[str, list[Figures]]) -> None:
+def print_generation(
+    args: argparse.Namespace, results: dict[str, list[Figures]], ceiling: list[float]
+) -> None:
     print(
         f"\ngeneration with {args.generator}, {args.tokens} greedy tokens per session, one "
         f"node ({'in this process' if args.in_process else 'a process of its own'}), "
         f"best of {args.repeats}"
     )
     print("aggregate tokens/s: batched = continuous batching on; alone = off (one session")
-    print("per step); one at a time = the same sessions sent one after another")
+    print("per step); one at a time = the same sessions sent one after another;")
+    print("onnxruntime alone = the same batched against one at a time, with no node (the")
+    print("most batching can gain here: onnxruntime called directly in this process)")
     print(
         f"{'sessions':>8}  {'batched':>9}  {'alone':>9}  {'one at a time':>13}  "
-        f"{'batched/alone':>13}  {'batched/one at a time':>21}"
+        f"{'batched/alone':>13}  {'batched/one at a time':>21}  {'onnxruntime alone':>17}"
     )
-    rows = zip(results["batched"], results["alone"], results["one at a time"], strict=True)
-    for on, off, serial in rows:
+    rows = zip(results["batched"], results["alone"], results["one at a time"], ceiling, strict=True)
+    for on, off, serial, direct in rows:
         print(
             f"{on.sessions:>8}  {on.per_s:>9.1f}  {off.per_s:>9.1f}  {serial.per_s:>13.1f}  "
-            f"{on.per_s / off.per_s:>12.2f}x  {on.per_s / serial.per_s:>20.2f}x"
+            f"{on.per_s / off.per_s:>12.2f}x  {on.per_s / serial.per_s:>20.2f}x  "
+            f"{direct:>16.2f}x"
         )
     print("time to first token and per output token, p50 ms, as the clients see them")
     print(
