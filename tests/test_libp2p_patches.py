@@ -15,6 +15,7 @@ import trio.testing
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
 from libp2p.io.trio import TrioTCPStream
+from libp2p.network.stream.net_stream import NetStream
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise import io as noise_io
 from libp2p.security.secure_session import SecureSession
@@ -317,6 +318,8 @@ def test_hosts_get_quick_locks_where_py_libp2p_made_trio_locks() -> None:
     tcp = TrioTCPStream(None)  # type: ignore[arg-type]
     assert isinstance(tcp.read_lock, _libp2p.QuickLock)
     assert isinstance(tcp.write_lock, _libp2p.QuickLock)
+    net = NetStream(stream, None)  # type: ignore[arg-type]
+    assert isinstance(net._state_lock, _libp2p.QuickLock)
 
 
 def test_a_reshaped_secure_session_is_refused_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -342,3 +345,29 @@ def test_yamux_settings_are_read_from_the_environment_once(
     assert yamux._yamux_data_read_timeout() == 7.0
     monkeypatch.setenv("PY_YAMUX_DATA_READ_TIMEOUT", "9")  # after the start: not seen
     assert yamux._yamux_data_read_timeout() == 7.0
+
+
+async def test_a_quick_lock_waiter_cancelled_while_waiting_never_holds_it() -> None:
+    lock = _libp2p.QuickLock()
+    got: list[str] = []
+
+    async def wait_for_it(name: str, scope: trio.CancelScope) -> None:
+        with scope:
+            async with lock:
+                got.append(name)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            first, second = trio.CancelScope(), trio.CancelScope()
+            await lock.acquire()
+            nursery.start_soon(wait_for_it, "first", first)
+            nursery.start_soon(wait_for_it, "second", second)
+            await trio.testing.wait_all_tasks_blocked()
+            first.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            lock.release()  # handed to "second", the one still waiting
+            await trio.testing.wait_all_tasks_blocked()
+    assert got == ["second"]
+    assert not lock.locked()
+    with pytest.raises(RuntimeError):
+        lock.release()
