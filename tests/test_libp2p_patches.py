@@ -318,7 +318,7 @@ def test_hosts_get_quick_locks_where_py_libp2p_made_trio_locks() -> None:
     tcp = TrioTCPStream(None)  # type: ignore[arg-type]
     assert isinstance(tcp.read_lock, _libp2p.QuickLock)
     assert isinstance(tcp.write_lock, _libp2p.QuickLock)
-    net = NetStream(stream, None)  # type: ignore[arg-type]
+    net = NetStream(stream, None, None)  # type: ignore[arg-type]
     assert isinstance(net._state_lock, _libp2p.QuickLock)
 
 
