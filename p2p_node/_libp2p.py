@@ -40,7 +40,7 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise import io as noise_io
 from libp2p.security.secure_session import SecureSession
-from libp2p.stream_muxer.exceptions import MuxedStreamError
+from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamError, MuxedStreamReset
 from libp2p.stream_muxer.yamux import yamux
 from libp2p.transport.exceptions import SecurityUpgradeFailure
 from libp2p.transport.upgrader import TransportUpgrader
@@ -984,6 +984,53 @@ async def _handle_incoming(self: yamux.Yamux) -> None:
             await trio.sleep(0.01)
 
 
+# sha256 of py-libp2p 0.8.1's `Yamux.read_stream`, which `_read_stream` copies.
+_READ_STREAM_SHA256 = "d07c99299384666ddcec8f96a18caf56c71aa957197dd68a99a84c806844310d"
+
+
+async def _read_stream(self: yamux.Yamux, stream_id: int, n: int = -1) -> bytes:
+    """py-libp2p 0.8.1's `Yamux.read_stream`, branch for branch, less the four
+    f-string debug lines it built on every read whether or not debug logging
+    is on (about 6% of a ping-pong's CPU, the largest of yamux's own code)."""
+    if n is None:
+        n = -1
+    while True:
+        async with self.streams_lock:
+            stream = self.streams.get(stream_id)
+            if stream is None:
+                raise MuxedStreamEOF("Stream closed")
+            if self.event_shutting_down.is_set():
+                raise MuxedStreamEOF("Connection shut down")
+            buffer = self.stream_buffers.get(stream_id)
+            if buffer is None:
+                if stream.reset_received:
+                    raise MuxedStreamReset("Stream was reset")
+                raise MuxedStreamEOF("Stream buffer closed")
+            # py-libp2p: data buffered is returned if the stream is closed for
+            # receiving, else only if it was not reset.
+            if buffer and (stream.recv_closed or not stream.reset_received):
+                if n == -1 or n >= len(buffer):
+                    data = bytes(buffer)
+                    buffer.clear()
+                else:
+                    data = bytes(buffer[:n])
+                    del buffer[:n]
+                if stream.closed:
+                    self._finalize_stream_locked(stream, fully_closed=True)
+                return data
+            if stream.reset_received:
+                raise MuxedStreamReset("Stream was reset")
+            if stream.recv_closed:
+                raise MuxedStreamEOF("Stream is closed for receiving")
+            if stream.closed:
+                raise MuxedStreamReset("Stream is reset or closed")
+        try:
+            await self.stream_events[stream_id].wait()
+            self.stream_events[stream_id] = trio.Event()
+        except KeyError:
+            raise MuxedStreamEOF("Stream was removed") from None
+
+
 def _source_sha256(function: Any) -> str:
     return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
 
@@ -1009,8 +1056,22 @@ def _lean_yamux_reader() -> None:
         is_async=False,
     )
     _expect(patch, vars(yamux).get("RawConnError") is RawConnError, "yamux's RawConnError changed")
+    _expect_shape(patch, yamux.Yamux, "read_stream", "(self, stream_id, n=-1)", is_async=True)
+    _expect(
+        patch,
+        _source_sha256(yamux.Yamux.read_stream) == _READ_STREAM_SHA256,
+        "Yamux.read_stream's code changed (the patch is a copy of it)",
+    )
+    for name in ("MuxedStreamEOF", "MuxedStreamReset"):
+        _expect(
+            patch,
+            vars(yamux).get(name) is globals()[name],
+            f"yamux's {name} is not libp2p.stream_muxer.exceptions'",
+        )
     REPLACED["Yamux.handle_incoming"] = yamux.Yamux.handle_incoming
+    REPLACED["Yamux.read_stream"] = yamux.Yamux.read_stream
     yamux.Yamux.handle_incoming = _handle_incoming  # type: ignore[method-assign]
+    yamux.Yamux.read_stream = _read_stream  # type: ignore[method-assign]
 
 
 def apply_to_process() -> None:

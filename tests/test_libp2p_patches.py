@@ -77,6 +77,8 @@ def _yamux_patched() -> tuple[Any, ...]:
         yamux.YamuxStream.write,
         yamux.Yamux._write_frame,
         vars(yamux.YamuxStream).get("send_window"),
+        yamux.Yamux.handle_incoming,
+        yamux.Yamux.read_stream,
     )
 
 
@@ -88,6 +90,7 @@ def test_applying_twice_changes_nothing_more() -> None:
     assert once[1] is _libp2p._window_update_when_half_read
     assert once[2] is _libp2p._write_woken_by_window
     assert once[3] is _libp2p._write_frame_quietly
+    assert once[5:] == (_libp2p._handle_incoming, _libp2p._read_stream)
 
 
 async def test_a_writer_out_of_window_wakes_when_the_window_grows_not_by_polling(

@@ -80,6 +80,11 @@ def _reader(name: str) -> Any:
     return _libp2p._handle_incoming if name == "lean" else _libp2p.REPLACED["Yamux.handle_incoming"]
 
 
+def _read_stream(name: str) -> Any:
+    apply_to_process()
+    return _libp2p._read_stream if name == "lean" else _libp2p.REPLACED["Yamux.read_stream"]
+
+
 @pytest.mark.parametrize("name", READERS)
 async def test_the_lean_reader_does_what_py_libp2p_s_reader_does(name: str) -> None:
     reader = _reader(name)
@@ -155,3 +160,66 @@ def test_a_changed_py_libp2p_reader_is_refused_loudly(monkeypatch: pytest.Monkey
     monkeypatch.setattr(yamux.Yamux, "handle_incoming", handle_incoming)
     with pytest.raises(_libp2p.Libp2pChanged, match="handle_incoming's code changed"):
         apply_to_process()
+
+
+def _with_stream(muxer: yamux.Yamux, stream_id: int, data: bytes, **state: bool) -> Any:
+    stream = yamux.YamuxStream(stream_id, muxer, False)
+    for name, value in state.items():
+        setattr(stream, name, value)
+    muxer.streams[stream_id] = stream
+    muxer.stream_buffers[stream_id] = bytearray(data)
+    muxer.stream_events[stream_id] = trio.Event()
+    return stream
+
+
+async def _outcome(read: Any, *args: Any) -> Any:
+    try:
+        return await read(*args)
+    except Exception as error:
+        return type(error).__name__, str(error)
+
+
+@pytest.mark.parametrize("name", READERS)
+async def test_the_lean_stream_read_does_what_py_libp2p_s_does(name: str) -> None:
+    read = _read_stream(name)
+    muxer = _muxer(_Script([]))
+    _with_stream(muxer, 2, b"abcdef")
+    _with_stream(muxer, 4, b"left", reset_received=True)
+    _with_stream(muxer, 6, b"last", reset_received=True, recv_closed=True, closed=True)
+    _with_stream(muxer, 8, b"", recv_closed=True)
+    _with_stream(muxer, 10, b"", closed=True)
+    with trio.fail_after(5):
+        got = [
+            await _outcome(read, muxer, 2, 4),
+            await _outcome(read, muxer, 2, -1),
+            await _outcome(read, muxer, 4, -1),
+            await _outcome(read, muxer, 6, 2),
+            await _outcome(read, muxer, 6, 10),
+            await _outcome(read, muxer, 6, 10),  # drained and closed: forgotten
+            await _outcome(read, muxer, 8, 1),
+            await _outcome(read, muxer, 10, 1),
+            await _outcome(read, muxer, 12, 1),
+        ]
+        async with trio.open_nursery() as nursery:  # a read that waits, then is woken
+            waited: list[Any] = []
+
+            async def wait() -> None:
+                waited.append(await _outcome(read, muxer, 2, -1))
+
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not waited
+            muxer.stream_buffers[2].extend(b"more")
+            muxer.stream_events[2].set()
+    assert got == [
+        b"abcd",
+        b"ef",
+        ("MuxedStreamReset", "Stream was reset"),
+        b"la",
+        b"st",
+        ("MuxedStreamEOF", "Stream closed"),
+        ("MuxedStreamEOF", "Stream is closed for receiving"),
+        ("MuxedStreamReset", "Stream is reset or closed"),
+        ("MuxedStreamEOF", "Stream closed"),
+    ]
+    assert waited == [b"more"]
