@@ -15,6 +15,7 @@ import trio.testing
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
 from libp2p.io.trio import TrioTCPStream
+from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.stream.net_stream import NetStream
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise import io as noise_io
@@ -374,3 +375,43 @@ async def test_a_quick_lock_waiter_cancelled_while_waiting_never_holds_it() -> N
     assert not lock.locked()
     with pytest.raises(RuntimeError):
         lock.release()
+
+
+async def test_noise_messages_over_a_socket_are_read_from_it_directly_and_whole() -> None:
+    apply_to_process()
+    ours, theirs = trio.socket.socketpair()
+    stream = trio.SocketStream(ours)
+    reader = _noise_reader(RawConnection(TrioTCPStream(stream), False))  # type: ignore[arg-type]
+    messages = [b"a" * 5, b"bc" * 30_000, b"", b"d" * 65_000]
+    wire = _noise_wire(*messages)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                sender = trio.SocketStream(theirs)
+                for start in range(0, len(wire), 40_000):  # in pieces, across messages
+                    await sender.send_all(wire[start : start + 40_000])
+                    await trio.lowlevel.checkpoint()
+
+            nursery.start_soon(send)
+            got = [await _libp2p._read_noise_message(reader) for _ in messages]
+        assert got == messages
+        assert reader._p2p_inbox.sock is ours  # read from the socket, not through conn.read
+        theirs.close()
+        with pytest.raises(IncompleteReadError) as closed:
+            await _libp2p._read_noise_message(reader)
+        assert closed.value.is_clean_close
+
+
+async def test_a_socket_closed_here_while_its_reader_waits_ends_the_read_cleanly() -> None:
+    apply_to_process()
+    ours, theirs = trio.socket.socketpair()
+    stream = trio.SocketStream(ours)
+    reader = _noise_reader(RawConnection(TrioTCPStream(stream), False))  # type: ignore[arg-type]
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.aclose)  # once the reader waits
+            with pytest.raises(IncompleteReadError) as closed:
+                await _libp2p._read_noise_message(reader)
+    assert closed.value.is_clean_close
+    theirs.close()
