@@ -31,6 +31,7 @@ import multiaddr
 import trio
 from google.protobuf.message import DecodeError
 from libp2p.abc import IHost, INetStream
+from libp2p.io import msgio
 from libp2p.io import trio as libp2p_trio_io
 from libp2p.io import utils as libp2p_io_utils
 from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
@@ -711,6 +712,89 @@ def _noise_reads_in_bulk() -> None:
     vars(yamux)["read_exactly"] = _read_exactly
 
 
+async def _write_noise_message(
+    self: noise_io.NoiseTransportReadWriter, msg: bytes, prefix_encoded: bool = False
+) -> None:
+    """py-libp2p 0.8.1's `write_msg` for a message that fits one Noise message:
+    sealed, its 2-byte length put before it, and written, without the three
+    calls of its msgio layer between. Longer ones, and the handshake's prefixed
+    ones, go through py-libp2p's own."""
+    if prefix_encoded or len(msg) > noise_io.MAX_PLAINTEXT_LENGTH:
+        await REPLACED["NoiseTransportReadWriter.write_msg"](self, msg, prefix_encoded)
+        return
+    sealed = self.encrypt(msg)
+    await self.read_writer.read_write_closer.write(len(sealed).to_bytes(2, "big") + sealed)
+
+
+async def _tcp_write(self: libp2p_trio_io.TrioTCPStream, data: bytes) -> None:
+    """py-libp2p 0.8.1's `TrioTCPStream.write`, sending straight on the socket.
+
+    trio's `send_all` wraps each send in a conflict detector, two context
+    managers that translate errors, memoryviews and a helper that tries the
+    send and falls back to waiting: about a tenth of a small message's CPU
+    over the send itself. Here the send is tried once, between the same two
+    checkpoints as trio's (cancellation first, a scheduling round after), and
+    whatever it did not take goes through trio's `send_all` as before. Errors
+    read as py-libp2p's: a socket closed here is a silent no-op, a broken one
+    is a ConnectionClosedError.
+    """
+    stream = self.stream
+    sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+    raw = getattr(sock, "_sock", None)
+    if not isinstance(raw, socket.socket) or not data or sock.did_shutdown_SHUT_WR:
+        await REPLACED["TrioTCPStream.write"](self, data)
+        return
+    async with self.write_lock:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            try:
+                sent = raw.send(data)
+            except BlockingIOError:
+                sent = 0
+        except OSError as error:
+            if error.errno in _CLOSED_ERRNOS:
+                return
+            raise ConnectionClosedError(
+                f"TCP connection reset by remote peer: {error}", transport="tcp"
+            ) from error
+        if sent == len(data):
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        try:
+            await stream.send_all(memoryview(data)[sent:])
+        except trio.BrokenResourceError as error:
+            raise ConnectionClosedError(
+                f"TCP connection reset by remote peer: {error}", transport="tcp"
+            ) from error
+        except trio.ClosedResourceError:
+            return
+
+
+def _direct_writes() -> None:
+    patch = "Noise and TCP writes direct"
+    writer, tcp = noise_io.NoiseTransportReadWriter, libp2p_trio_io.TrioTCPStream
+    if tcp.write is _tcp_write:
+        return
+    _expect_shape(patch, writer, "write_msg", "(self, msg, prefix_encoded=False)", is_async=True)
+    _expect_uses(patch, writer.write_msg, "encrypt", "read_writer", "write_msg", "prefix")
+    _expect_uses(patch, msgio.BaseMsgReadWriter.write_msg, "encode_msg", "read_write_closer")
+    _expect_uses(patch, msgio.FixedSizeLenMsgReadWriter.encode_msg, "encode_msg_with_length")
+    _expect(
+        patch,
+        isinstance(getattr(noise_io, "MAX_PLAINTEXT_LENGTH", None), int),
+        "noise io.MAX_PLAINTEXT_LENGTH is gone",
+    )
+    _expect_shape(patch, tcp, "write", "(self, data)", is_async=True)
+    _expect_uses(
+        patch, tcp.write, "write_lock", "send_all", "BrokenResourceError", "ClosedResourceError"
+    )
+    _expect_uses(patch, tcp.__init__, "stream", "write_lock")
+    REPLACED["NoiseTransportReadWriter.write_msg"] = writer.write_msg
+    REPLACED["TrioTCPStream.write"] = tcp.write
+    writer.write_msg = _write_noise_message  # type: ignore[method-assign,assignment]
+    tcp.write = _tcp_write  # type: ignore[method-assign]
+
+
 _TUNING: dict[tuple[str, str], str] = {}  # PY_YAMUX_* settings read, by (name, default)
 
 
@@ -1164,6 +1248,7 @@ def apply_to_process() -> None:
     _noise_reads_in_bulk()
     _yamux_settings_read_once()
     _lean_yamux_reader()
+    _direct_writes()
 
 
 # --- per host ---------------------------------------------------------------------------

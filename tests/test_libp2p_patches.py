@@ -92,6 +92,8 @@ def test_applying_twice_changes_nothing_more() -> None:
     assert once[2] is _libp2p._write_woken_by_window
     assert once[3] is _libp2p._write_frame_quietly
     assert once[5:] == (_libp2p._handle_incoming, _libp2p._read_stream)
+    assert TrioTCPStream.write is _libp2p._tcp_write
+    assert noise_io.NoiseTransportReadWriter.write_msg is _libp2p._write_noise_message
 
 
 async def test_a_writer_out_of_window_wakes_when_the_window_grows_not_by_polling(
@@ -415,3 +417,64 @@ async def test_a_socket_closed_here_while_its_reader_waits_ends_the_read_cleanly
                 await _libp2p._read_noise_message(reader)
     assert closed.value.is_clean_close
     theirs.close()
+
+
+async def _receive_all(sock: Any, size: int) -> bytes:
+    got = bytearray()
+    while len(got) < size:
+        piece = await sock.recv(1 << 20)
+        assert piece, "closed early"
+        got += piece
+    return bytes(got)
+
+
+async def test_tcp_writes_sent_on_the_socket_arrive_whole_however_much_it_takes() -> None:
+    apply_to_process()
+    ours, theirs = trio.socket.socketpair()
+    tcp = TrioTCPStream(trio.SocketStream(ours))
+    small, large = b"x" * 600, bytes(range(256)) * 16_384  # 4 MiB: more than one send takes
+    with trio.fail_after(10):
+        await tcp.write(small)
+        assert await _receive_all(theirs, len(small)) == small
+        async with trio.open_nursery() as nursery:
+            got: list[bytes] = []
+
+            async def receive() -> None:
+                got.append(await _receive_all(theirs, len(large)))
+
+            nursery.start_soon(receive)
+            await tcp.write(large)
+        assert got == [large]
+        theirs.close()
+        with pytest.raises(ConnectionClosedError):  # the peer is gone
+            for _ in range(100):
+                await tcp.write(small)
+        await tcp.close()
+        await tcp.write(small)  # closed here: nothing, as py-libp2p does
+
+
+class _Sealer:
+    def encrypt(self, data: bytes) -> bytes:
+        return b"<" + data[::-1] + b">"
+
+
+async def test_a_noise_message_is_written_sealed_after_its_length_in_one_write() -> None:
+    apply_to_process()
+    conn = _Written()
+    writer = noise_io.NoiseTransportReadWriter.__new__(noise_io.NoiseTransportReadWriter)
+    writer.read_writer = noise_io.NoisePacketReadWriter(conn)  # type: ignore[arg-type]
+    writer.noise_state = _Sealer()  # type: ignore[assignment]
+    with trio.fail_after(5):
+        await writer.write_msg(b"abc")
+        longest = noise_io.MAX_PLAINTEXT_LENGTH
+        await writer.write_msg(b"y" * (longest + 1))  # two messages, as py-libp2p cuts it
+    assert conn.writes[0] == b"\x00\x05<cba>"
+    assert [len(w) for w in conn.writes[1:]] == [2 + longest + 2, 2 + 1 + 2]
+
+
+class _Written:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    async def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
