@@ -77,19 +77,20 @@ def _parse_peer_id(peer_id: str) -> ID | None:
         return None
 
 
-def worth_pushing(record: PeerRecord, sender: str, wall_now: float) -> bool:
+def worth_pushing(record: PeerRecord, sender: str, wall_now: float, revives: bool) -> bool:
     """Whether a record new here by a sync is news to the network, to pass into
     GossipSub: the sender's own record (a newcomer's, which it published before
-    it had a mesh), or one issued within `PUSH_YOUNGER_THAN_S`.
+    it had a mesh), one that `revives` a peer this node had dropped (reports
+    reach every node, so the others dropped it too: the far side of a healed
+    partition), or one issued within `PUSH_YOUNGER_THAN_S`.
 
     GossipSub carries a record to every node within seconds of its publication,
     so an older one we lacked is most likely our own gap (a newcomer filling its
     view, records lost on a busy link), which the rest of the network has: each
     such push went to every mesh neighbour, which read it (a few KB) to drop it
     as seen. In a burst of nodes starting these were most of the records moved.
-    What the network does lack is still repaired by anti-entropy, and a healed
-    partition by the refutations the two sides' reports bring about (young)."""
-    return record.peer_id == sender or wall_now - record.issued_at < PUSH_YOUNGER_THAN_S
+    What the network does lack is still repaired by anti-entropy."""
+    return record.peer_id == sender or revives or wall_now - record.issued_at < PUSH_YOUNGER_THAN_S
 
 
 class Gossip:
@@ -137,6 +138,7 @@ class Gossip:
         self.reported = 0  # neighbours reported departed by this node (silent or link lost)
         self.unreported = 0  # links lost, or silent, before their first beat: not reported
         self.unpushed = 0  # records new here by a sync, not passed into GossipSub (old)
+        self._held_back: list[tuple[ID, rpc_pb2.Message]] = []  # see push_held_back
         self._beat = trio.Event()  # set, and replaced, once per beat period
         self._started_at = trio.current_time()
 
@@ -383,7 +385,7 @@ class Gossip:
         mesh, or the other side's records after a partition), and does not go
         back to `sender`, which has it.
         """
-        fresh: list[tuple[PeerRecord, rpc_pb2.Message]] = []
+        fresh: list[tuple[PeerRecord, rpc_pb2.Message, bool]] = []
         now = trio.current_time()
         for data in messages:
             try:
@@ -408,24 +410,43 @@ class Gossip:
                 self.rejects[Rejection.MALFORMED] += 1
                 logger.debug("rejected a message synced by %s: %r", sender, error)
                 continue
+            revives = previous is not None and signer not in self.view.snapshot().peers
             if self._take(record, msg, now):
-                fresh.append((record, msg))
-        if trio.current_time() - self._started_at < self._meshed_after:
-            # Just started: what is fresh here is old news to the network (and a
-            # burst of it overflows py-libp2p's 100-message queue per peer, which
-            # then drops new records). Our own late record covers the rest.
-            return len(fresh)
+                fresh.append((record, msg, revives))
         forwarder = _parse_peer_id(sender) or self._pubsub.my_id
         wall = time.time()
-        for record, msg in fresh:
-            if not worth_pushing(record, sender, wall):
+        just_started = trio.current_time() - self._started_at < self._meshed_after
+        for record, msg, revives in fresh:
+            if just_started and record.peer_id == sender:
+                # A newcomer's own record, and no mesh yet to pass it to: held
+                # until there is (`push_held_back`). The rest is old news to the
+                # network (a burst of it overflowed py-libp2p's queue per peer).
+                self._held_back.append((forwarder, msg))
+            elif just_started or not worth_pushing(record, sender, wall, revives):
                 self.unpushed += 1
-                continue
-            try:  # GossipSub skips what it has seen, and forwards the rest
-                await self._pubsub.push_msg(forwarder, msg)
-            except Exception as error:  # checked above; a failure here is no reason to stop
-                logger.debug("could not pass a synced record to GossipSub: %r", error)
+            else:
+                await self._push(forwarder, msg)
         return len(fresh)
+
+    async def _push(self, forwarder: ID, msg: rpc_pb2.Message) -> None:
+        try:  # GossipSub skips what it has seen, and forwards the rest
+            await self._pubsub.push_msg(forwarder, msg)
+        except Exception as error:  # checked when taken; a failure here is no reason to stop
+            logger.debug("could not pass a synced record to GossipSub: %r", error)
+
+    async def push_held_back(self) -> None:
+        """When GossipSub's mesh has had time to form (a few heartbeats after
+        start), pass into it the records a sync brought meanwhile that are news
+        (a newcomer's own, sent by its peer): its first record went out before it
+        had a mesh. A newcomer so reaches every node once, by its neighbours; it
+        no longer publishes a second record for that (each start cost two floods
+        of a few KB through the whole network, then, in a burst of joins)."""
+        await trio.sleep_until(self._started_at + self._meshed_after)
+        held, self._held_back = self._held_back, []
+        for forwarder, msg in held:
+            signer = ID(msg.from_id).to_base58()
+            if self._signed.get(signer) is msg:  # still the newest we hold
+                await self._push(forwarder, msg)
 
     # --- validation, receiving, publishing --------------------------------------------
 
@@ -486,15 +507,6 @@ class Gossip:
         if mine is not None and gone.boot_id == mine.boot_id and gone.seq >= mine.seq:
             logger.info("reported departed by a neighbour while alive: publishing again")
             self.changed()
-
-    async def publish_once_meshed(self) -> None:
-        """Publish once more when GossipSub's mesh has had time to form (a few
-        heartbeats after start). A node's first record goes out before it has a
-        mesh, and in a burst of joins its neighbours' meshes are still forming
-        too, so it reaches only a part of the network; a sync fills the gaps
-        only between neighbours. One more record per start closes them."""
-        await trio.sleep_until(self._started_at + self._meshed_after)
-        self.changed()
 
     @property
     def _meshed_after(self) -> float:
@@ -672,7 +684,7 @@ async def open_gossip(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(gossip.receive, subscription)
                 nursery.start_soon(gossip.publish_forever)
-                nursery.start_soon(gossip.publish_once_meshed)
+                nursery.start_soon(gossip.push_held_back)
                 nursery.start_soon(gossip.tick_forever)
                 try:
                     yield gossip

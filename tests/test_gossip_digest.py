@@ -170,12 +170,14 @@ def replace_data(msg: Any, data: bytes) -> bytes:
     return copy.SerializeToString()
 
 
-def test_a_synced_record_is_pushed_on_when_its_own_peer_sent_it_or_it_is_young() -> None:
+def test_a_synced_record_is_pushed_on_when_its_own_peer_sent_it_it_revives_or_is_young() -> None:
     old = view_record(PEER, 3, at=1000.0)
     other = "12D3KooWother"
-    assert worth_pushing(old, PEER, 1000.0 + 3600)  # its own peer sent it: a newcomer's
-    assert worth_pushing(old, other, 1000.0 + PUSH_YOUNGER_THAN_S / 2)  # news still
-    assert not worth_pushing(old, other, 1000.0 + PUSH_YOUNGER_THAN_S + 1)  # our gap
+    later = 1000.0 + PUSH_YOUNGER_THAN_S + 1
+    assert worth_pushing(old, PEER, 1000.0 + 3600, False)  # its own peer sent it
+    assert worth_pushing(old, other, later, True)  # brings back a peer we had dropped
+    assert worth_pushing(old, other, 1000.0 + PUSH_YOUNGER_THAN_S / 2, False)  # news still
+    assert not worth_pushing(old, other, later, False)  # our own gap
 
 
 async def test_a_sync_carries_the_senders_own_record() -> None:
