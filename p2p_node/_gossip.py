@@ -136,7 +136,7 @@ class Gossip:
         self._beaten: set[str] = set()  # neighbours whose beats came on their live connection
         self._lateness = 0.0  # how late this node's timer woke lately (see tick_forever)
         self.reported = 0  # neighbours reported departed by this node (silent or link lost)
-        self.unreported = 0  # links lost, or silent, before their first beat: not reported
+        self.unreported = 0  # links lost before their first beat: not reported
         self.unpushed = 0  # records new here by a sync, not passed into GossipSub (old)
         self._held_back: list[tuple[ID, rpc_pb2.Message]] = []  # see push_held_back
         self._beat = trio.Event()  # set, and replaced, once per beat period
@@ -282,14 +282,6 @@ class Gossip:
                 del self._heard[peer_id]  # connection_lost reports it
             elif known is None or known.state is not PeerState.ALIVE:
                 continue  # not in the view (a client, or already reported)
-            elif peer_id not in self._beaten:
-                # No beat yet on this link (its stream still opening in a busy
-                # start-up): no verdict, as for a lost link (see connection_lost).
-                if now - heard > self.ttl:
-                    self.unreported += 1
-                    self._heard[peer_id] = now + NEW_LINK_GRACE_S  # count it once a grace
-                    logger.debug("no beat yet from %s: not reported", peer_id)
-                look_at = min(look_at, self._heard[peer_id] + self.ttl)
             else:
                 # A record it just published is a sign of life too (after a stall,
                 # its record may come before its next beat). While this node is
