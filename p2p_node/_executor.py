@@ -6,9 +6,12 @@ import contextlib
 import functools
 import logging
 import math
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,14 +82,44 @@ def choose_providers(available: Iterable[str], use_gpu: bool) -> list[str]:
     return [*chosen, "CPUExecutionProvider"]
 
 
-def load_model(card: ModelCard, config: ExecutorConfig) -> LoadedModel:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = config.intra_op_threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+# Sessions shared by the nodes of one process (a swarm of many nodes, see
+# p2p_node.testing): one per model file, content and session settings, held
+# weakly, so a session lives while some node has it loaded. onnxruntime's `run`
+# is thread-safe. Each node still counts the model's memory in its own budget.
+SessionKey = tuple[str, str, int, tuple[str, ...]]
+_sessions: weakref.WeakValueDictionary[SessionKey, ort.InferenceSession] = (
+    weakref.WeakValueDictionary()
+)
+_session_locks: dict[SessionKey, threading.Lock] = {}
+_sessions_lock = threading.Lock()
+
+
+def shared_session(card: ModelCard, config: ExecutorConfig) -> ort.InferenceSession:
+    """The process's session of `card` with `config`'s settings, made if none is held."""
     providers = choose_providers(ort.get_available_providers(), config.use_gpu)
+    key = (str(card.onnx_path), card.sha256, config.intra_op_threads, tuple(providers))
+    with _sessions_lock:
+        lock = _session_locks.setdefault(key, threading.Lock())
+    with lock:  # two nodes loading one model at once make it once
+        session = _sessions.get(key)
+        if session is None:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = config.intra_op_threads
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            session = ort.InferenceSession(str(card.onnx_path), options, providers=providers)
+            _sessions[key] = session
+        return session
+
+
+@functools.lru_cache(maxsize=256)
+def _mixes_rows(onnx_path: str, sha256: str) -> bool:
+    return mixes_rows(Path(onnx_path))
+
+
+def load_model(card: ModelCard, config: ExecutorConfig) -> LoadedModel:
     try:
-        session = ort.InferenceSession(str(card.onnx_path), options, providers=providers)
+        session = shared_session(card, config)
     except Exception as error:  # onnxruntime raises its own unrelated types
         raise RepositoryError(f"{card.onnx_path}: onnxruntime cannot load it: {error}") from None
     descriptor = ModelDescriptor(
@@ -103,7 +136,7 @@ def load_model(card: ModelCard, config: ExecutorConfig) -> LoadedModel:
         inputs=tuple(_spec(card, node) for node in session.get_inputs()),
         outputs=tuple(_spec(card, node) for node in session.get_outputs()),
     )
-    return LoadedModel(descriptor, session, card, mixes_rows(card.onnx_path))
+    return LoadedModel(descriptor, session, card, _mixes_rows(str(card.onnx_path), card.sha256))
 
 
 def _spec(card: ModelCard, node: Any) -> TensorSpec:

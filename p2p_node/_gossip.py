@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -26,7 +27,8 @@ from libp2p.peer.id import ID
 from libp2p.protocol_muxer.exceptions import MultiselectClientError
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.pubsub import Pubsub, ValidationCache, ValidationResult
+from libp2p.pubsub.rpc_queue import PriorityQueue, RpcQueue
 from libp2p.pubsub.validators import signature_validator
 from libp2p.tools.anyio_service import background_trio_service
 
@@ -50,14 +52,19 @@ from gossip import (
 )
 
 from ._config import GossipConfig
-from ._libp2p import GuardedGossipSub, GuardedPubsub, _expect_shape, _expect_uses
+from ._libp2p import GuardedGossipSub, GuardedPubsub, _expect, _expect_shape, _expect_uses
 
 logger = logging.getLogger(__name__)
 
 
 MESHED_AFTER_HEARTBEATS = 3
 NEW_LINK_GRACE_S = 10.0  # a new link's first beat may come this much later than the ttl
+# A neighbour is reported silent only past ttl + LATE_SLACK x this node's recent
+# lateness (how late its own timer woke, the largest lately, halving every ttl).
+LATE_SLACK = 4.0
 MAX_DIGEST_DEPARTED = 256  # left peers a digest names, most recent first
+PUSH_YOUNGER_THAN_S = 10.0  # a record new here by a sync is pushed on if this young
+PEER_QUEUE_SIZE = 256  # RPCs waiting to be written to one peer (py-libp2p's: 32)
 
 RecordMaker = Callable[[float, tuple[Departure, ...]], PeerRecord]
 
@@ -68,6 +75,22 @@ def _parse_peer_id(peer_id: str) -> ID | None:
         return ID.from_base58(peer_id)
     except Exception:  # not a peer id
         return None
+
+
+def worth_pushing(record: PeerRecord, sender: str, wall_now: float, revives: bool) -> bool:
+    """Whether a record new here by a sync is news to the network, to pass into
+    GossipSub: the sender's own record (a newcomer's, which it published before
+    it had a mesh), one that `revives` a peer this node had dropped (reports
+    reach every node, so the others dropped it too: the far side of a healed
+    partition), or one issued within `PUSH_YOUNGER_THAN_S`.
+
+    GossipSub carries a record to every node within seconds of its publication,
+    so an older one we lacked is most likely our own gap (a newcomer filling its
+    view, records lost on a busy link), which the rest of the network has: each
+    such push went to every mesh neighbour, which read it (a few KB) to drop it
+    as seen. In a burst of nodes starting these were most of the records moved.
+    What the network does lack is still repaired by anti-entropy."""
+    return record.peer_id == sender or revives or wall_now - record.issued_at < PUSH_YOUNGER_THAN_S
 
 
 class Gossip:
@@ -110,6 +133,12 @@ class Gossip:
         # The signed GossipSub message of each record in the view (and ours): what a sync sends.
         self._signed: dict[str, rpc_pb2.Message] = {}
         self._heard: dict[str, float] = {}  # neighbour -> when its last beat came (local clock)
+        self._beaten: set[str] = set()  # neighbours whose beats came on their live connection
+        self._lateness = 0.0  # how late this node's timer woke lately (see tick_forever)
+        self.reported = 0  # neighbours reported departed by this node (silent or link lost)
+        self.unreported = 0  # links lost before their first beat: not reported
+        self.unpushed = 0  # records new here by a sync, not passed into GossipSub (old)
+        self._held_back: list[tuple[ID, rpc_pb2.Message]] = []  # see push_held_back
         self._beat = trio.Event()  # set, and replaced, once per beat period
         self._started_at = trio.current_time()
 
@@ -129,15 +158,31 @@ class Gossip:
         self._wake.set()
 
     def connection_lost(self, peer_id: str) -> None:
-        """A peer we were connected to is gone: it is suspect here, and we tell the others."""
+        """A peer we were connected to is gone: it is suspect here, and we tell the others.
+
+        Only if the link had carried a beat. A connection that drops before its
+        first beat (a dial whose upgrade timed out in a start-up burst, the other
+        side closing a duplicate) says nothing about the peer; reporting it would
+        drop the peer from every view and make it publish again to come back,
+        flooding a record twice through a network that is already behind, which
+        is how a burst of nodes starting turned into a storm that never settled.
+        A peer that is gone drops its other links too, and its record expires.
+        """
         self._heard.pop(peer_id, None)
+        beaten = peer_id in self._beaten
+        self._beaten.discard(peer_id)
         known = self.view.snapshot().peers.get(peer_id)
         if known is None:
             return  # a client, or a peer we never heard from
+        if not beaten:
+            self.unreported += 1
+            logger.debug("link to %s lost before its first beat: not reported", peer_id)
+            return
         self.view.suspect(peer_id, trio.current_time())
         self._report_departed(known.record)
 
     def _report_departed(self, record: PeerRecord) -> None:
+        self.reported += 1
         departure = Departure(record.peer_id, record.boot_id, record.seq)
         self._departures[record.peer_id] = (departure, trio.current_time())
         self.changed()
@@ -162,6 +207,7 @@ class Gossip:
     def heard_from(self, peer_id: str) -> None:
         """A beat from neighbour `peer_id` arrived (on a stream of a live connection)."""
         self._heard[peer_id] = trio.current_time()
+        self._beaten.add(peer_id)
 
     def linked(self, peer_id: str) -> None:
         """A connection to `peer_id` opened: its link's clock starts, with a grace.
@@ -196,15 +242,23 @@ class Gossip:
 
         Not while this node is itself too slow to tell (as Lifeguard does for
         SWIM): when this loop wakes late by over half an interval, beats were
-        likely read late too, so no one is reported for one ttl after.
+        likely read late too, so no one is reported for one ttl after. And a
+        loop that wakes late by less, but often (a process holding many nodes,
+        all busy), reads every beat later by several such delays (the socket,
+        the muxer, the stream, each a pass of the loop): the ttl stretches by
+        `LATE_SLACK` x the largest lateness of late (halving every ttl), which
+        on an idle loop is a few milliseconds.
         """
         period = self.config.beat_period
         woke_late_at = -float("inf")
-        wake_at = next_beat = trio.current_time()
+        wake_at = next_beat = woke_at = trio.current_time()
         while True:
             now = trio.current_time()
-            if now - wake_at > self.config.interval / 2:
-                logger.info("event loop %.1f s late: no neighbour reported for now", now - wake_at)
+            late = max(0.0, now - wake_at)
+            self._lateness = max(late, self._lateness * 0.5 ** ((now - woke_at) / self.ttl))
+            woke_at = now
+            if late > self.config.interval / 2:
+                logger.info("event loop %.1f s late: no neighbour reported for now", late)
                 woke_late_at = now
             if now >= next_beat:
                 self._beat.set()
@@ -233,12 +287,13 @@ class Gossip:
                 # its record may come before its next beat). While this node is
                 # silenced it leads no beats, so none are answered: no verdict.
                 since = max(heard, known.received_at, woke_late_at, self._silent_until)
-                if now - since > self.ttl:
+                ttl = self.ttl + LATE_SLACK * self._lateness
+                if now - since > ttl:
                     logger.info("peer %s silent for %.1f s: departed", peer_id, now - since)
                     self.view.depart(peer_id, known.record.boot_id, known.record.seq)
                     self._report_departed(known.record)
                 else:
-                    look_at = min(look_at, since + self.ttl)
+                    look_at = min(look_at, since + ttl)
         return look_at
 
     # --- records swapped on connecting ------------------------------------------------
@@ -294,6 +349,17 @@ class Gossip:
                 out[peer_id] = None
         return tuple(out)
 
+    def own_message(self) -> tuple[bytes, ...]:
+        """Our latest record as we signed and published it (none before the first).
+
+        A sync sends it with its digest, not only when the reply asks for it: in
+        a burst of nodes starting, a first reply (every record the peer holds)
+        can take longer than the call's timeout through two busy loops, and the
+        newcomer's record, sent only after it, then reached no one but by gossip,
+        which it had published before it had a mesh."""
+        msg = self._signed.get(self._my_id)
+        return () if msg is None else (msg.SerializeToString(),)
+
     def messages_of(self, peer_ids: Sequence[str]) -> tuple[bytes, ...]:
         """The signed messages we hold of these peers (alive ones, or ours)."""
         held = self._held()
@@ -305,12 +371,13 @@ class Gossip:
         Each must be a message signed by the record's own peer on our topic, so
         a peer can pass on others' records but not forge them. Records we
         already hold are skipped without a count: a sync repeats them by design.
-        Each new one is then passed into GossipSub as if `sender` had forwarded
-        it there, so it reaches every node that missed it (a newcomer's first
-        record, published before it had a mesh, or the other side's records after
-        a partition), and does not go back to `sender`, which has it.
+        Each new one that is news (see `worth_pushing`) is then passed into
+        GossipSub as if `sender` had forwarded it there, so it reaches every node
+        that missed it (a newcomer's first record, published before it had a
+        mesh, or the other side's records after a partition), and does not go
+        back to `sender`, which has it.
         """
-        fresh: list[rpc_pb2.Message] = []
+        fresh: list[tuple[PeerRecord, rpc_pb2.Message, bool]] = []
         now = trio.current_time()
         for data in messages:
             try:
@@ -335,20 +402,43 @@ class Gossip:
                 self.rejects[Rejection.MALFORMED] += 1
                 logger.debug("rejected a message synced by %s: %r", sender, error)
                 continue
+            revives = previous is not None and signer not in self.view.snapshot().peers
             if self._take(record, msg, now):
-                fresh.append(msg)
-        if trio.current_time() - self._started_at < self._meshed_after:
-            # Just started: what is fresh here is old news to the network (and a
-            # burst of it overflows py-libp2p's 100-message queue per peer, which
-            # then drops new records). Our own late record covers the rest.
-            return len(fresh)
+                fresh.append((record, msg, revives))
         forwarder = _parse_peer_id(sender) or self._pubsub.my_id
-        for msg in fresh:
-            try:  # GossipSub skips what it has seen, and forwards the rest
-                await self._pubsub.push_msg(forwarder, msg)
-            except Exception as error:  # checked above; a failure here is no reason to stop
-                logger.debug("could not pass a synced record to GossipSub: %r", error)
+        wall = time.time()
+        just_started = trio.current_time() - self._started_at < self._meshed_after
+        for record, msg, revives in fresh:
+            if just_started and record.peer_id == sender:
+                # A newcomer's own record, and no mesh yet to pass it to: held
+                # until there is (`push_held_back`). The rest is old news to the
+                # network (a burst of it overflowed py-libp2p's queue per peer).
+                self._held_back.append((forwarder, msg))
+            elif just_started or not worth_pushing(record, sender, wall, revives):
+                self.unpushed += 1
+            else:
+                await self._push(forwarder, msg)
         return len(fresh)
+
+    async def _push(self, forwarder: ID, msg: rpc_pb2.Message) -> None:
+        try:  # GossipSub skips what it has seen, and forwards the rest
+            await self._pubsub.push_msg(forwarder, msg)
+        except Exception as error:  # checked when taken; a failure here is no reason to stop
+            logger.debug("could not pass a synced record to GossipSub: %r", error)
+
+    async def push_held_back(self) -> None:
+        """When GossipSub's mesh has had time to form (a few heartbeats after
+        start), pass into it the records a sync brought meanwhile that are news
+        (a newcomer's own, sent by its peer): its first record went out before it
+        had a mesh. A newcomer so reaches every node once, by its neighbours; it
+        no longer publishes a second record for that (each start cost two floods
+        of a few KB through the whole network, then, in a burst of joins)."""
+        await trio.sleep_until(self._started_at + self._meshed_after)
+        held, self._held_back = self._held_back, []
+        for forwarder, msg in held:
+            signer = ID(msg.from_id).to_base58()
+            if self._signed.get(signer) is msg:  # still the newest we hold
+                await self._push(forwarder, msg)
 
     # --- validation, receiving, publishing --------------------------------------------
 
@@ -410,15 +500,6 @@ class Gossip:
             logger.info("reported departed by a neighbour while alive: publishing again")
             self.changed()
 
-    async def publish_once_meshed(self) -> None:
-        """Publish once more when GossipSub's mesh has had time to form (a few
-        heartbeats after start). A node's first record goes out before it has a
-        mesh, and in a burst of joins its neighbours' meshes are still forming
-        too, so it reaches only a part of the network; a sync fills the gaps
-        only between neighbours. One more record per start closes them."""
-        await trio.sleep_until(self._started_at + self._meshed_after)
-        self.changed()
-
     @property
     def _meshed_after(self) -> float:
         return MESHED_AFTER_HEARTBEATS * self.config.heartbeat_s
@@ -465,6 +546,53 @@ class Gossip:
         self.published += 1
 
 
+class _ValidationCache(ValidationCache):
+    """py-libp2p's cache of validation results, least recently used order kept in an
+    OrderedDict instead of a list: its list made every put (one per record taken)
+    and every hit scan up to 1,000 ids, a top cost of a node when records flow."""
+
+    def __init__(self, ttl: int, max_size: int) -> None:
+        super().__init__(ttl, max_size)
+        self._order: OrderedDict[bytes, None] = OrderedDict()
+
+    def get(self, msg_id: bytes) -> ValidationResult | None:
+        result = self.cache.get(msg_id)
+        if result is None:
+            return None
+        if time.time() - result.timestamp > self.ttl:
+            self._remove(msg_id)
+            return None
+        self._order.move_to_end(msg_id)
+        return result
+
+    def put(self, msg_id: bytes, result: ValidationResult) -> None:
+        while len(self.cache) >= self.max_size and self._order:
+            oldest, _ = self._order.popitem(last=False)
+            self.cache.pop(oldest, None)
+        self.cache[msg_id] = result
+        self._order[msg_id] = None
+        self._order.move_to_end(msg_id)
+
+    def _remove(self, msg_id: bytes) -> None:
+        self.cache.pop(msg_id, None)
+        self._order.pop(msg_id, None)
+
+
+class _RoomyQueues(dict[ID, RpcQueue]):
+    """Pubsub's queue of RPCs to write, per peer, each made to hold `PEER_QUEUE_SIZE`.
+
+    py-libp2p drops an RPC that finds its peer's queue full (32, go-libp2p's
+    default). A new peer is sent the recent records at once, and in a burst of
+    nodes starting a busy loop writes slower than records come: dropped records
+    reached no one beyond, until anti-entropy found them missing, seconds later.
+    A record is a few KB: a longer queue costs little memory and loses none."""
+
+    def __setitem__(self, peer_id: ID, queue: RpcQueue) -> None:
+        inner = queue._queue
+        inner.max_size = max(inner.max_size, PEER_QUEUE_SIZE)
+        super().__setitem__(peer_id, queue)
+
+
 class _Pubsub(GuardedPubsub):
     """GuardedPubsub, retrying a peer's pubsub stream whose opening timed out.
 
@@ -474,8 +602,16 @@ class _Pubsub(GuardedPubsub):
     its loop past the 5 s negotiation timeout, was final. The two peers then
     stayed connected with no pubsub between them, for good: a node whose every
     link failed so heard no record and sent none. Now it is retried like the
-    rest; a peer that refuses the protocol is still given up on.
+    rest; a peer that refuses the protocol is still given up on. Its validation
+    cache is `_ValidationCache`, and its queues of RPCs to write to each peer hold
+    `PEER_QUEUE_SIZE` (see `_RoomyQueues`).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        old = self.validation_cache
+        self.validation_cache = _ValidationCache(old.ttl, old.max_size)
+        self.peer_queues = _RoomyQueues(self.peer_queues)
 
     async def _handle_new_peer(self, peer_id: ID) -> None:
         try:
@@ -493,6 +629,12 @@ def _check_retry_shape() -> None:
     _expect_shape("pubsub retry", Pubsub, "_handle_new_peer", "(self, peer_id)", is_async=True)
     _expect_uses("pubsub retry", Pubsub._handle_new_peer_with_retry, "_handle_new_peer")
     _expect_uses("pubsub retry", Pubsub.handle_peer_queue, "_handle_new_peer_with_retry")
+    for name in ("get", "put", "_remove", "clear_expired"):
+        _expect("validation cache", hasattr(ValidationCache, name), f"no ValidationCache.{name}")
+    _expect_uses("validation cache", ValidationCache.clear_expired, "_remove")
+    _expect_uses("peer queues", Pubsub._handle_new_peer, "RpcQueue", "peer_queues")
+    _expect_uses("peer queues", RpcQueue.__init__, "PriorityQueue", "_queue")
+    _expect_uses("peer queues", PriorityQueue.push, "max_size")
 
 
 @asynccontextmanager
@@ -534,7 +676,7 @@ async def open_gossip(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(gossip.receive, subscription)
                 nursery.start_soon(gossip.publish_forever)
-                nursery.start_soon(gossip.publish_once_meshed)
+                nursery.start_soon(gossip.push_held_back)
                 nursery.start_soon(gossip.tick_forever)
                 try:
                     yield gossip

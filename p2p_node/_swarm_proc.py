@@ -1,8 +1,9 @@
 """The swarm harness across worker processes (`open_swarm(n, processes=k)`).
 
 Each worker is `python -m p2p_node._swarm_proc FD`: its own trio loop holding a
-block of the swarm's nodes (worker w holds nodes w*n/k .. (w+1)*n/k - 1, so a
-partition by index ranges matches whole workers). The test's trio loop drives
+share of the swarm's nodes (node i in worker i mod k; with namespaces a block,
+worker w holding nodes w*n/k .. (w+1)*n/k - 1, so that a partition by index
+ranges matches whole workers: `testing.worker_of_node`). The test's trio loop drives
 them over one socketpair per worker, outside the nodes' own libp2p traffic.
 
 Frames on that channel are a 4-byte length and a pickle: (call id, function,

@@ -8,11 +8,13 @@ from typing import Any
 import msgpack
 import pytest
 import trio
+from libp2p.pubsub.pb import rpc_pb2
 from test_view import record as view_record
 
 from gossip import (
     PeerState,
     Rejection,
+    decode_record,
     digest_entry,
     encode_record,
     is_entry_newer,
@@ -20,6 +22,7 @@ from gossip import (
 )
 from p2p_node._codec import decode_reply, decode_request, encode
 from p2p_node._config import ConfigError, GossipConfig
+from p2p_node._gossip import PUSH_YOUNGER_THAN_S, worth_pushing
 from p2p_node._messages import DigestReply, DigestRequest, InvalidMessage, WireError
 from p2p_node._rpc import SYNC_PROTOCOL
 from p2p_node.testing import open_swarm
@@ -165,3 +168,40 @@ def replace_data(msg: Any, data: bytes) -> bytes:
     copy.CopyFrom(msg)
     copy.data = data
     return copy.SerializeToString()
+
+
+def test_a_synced_record_is_pushed_on_when_its_own_peer_sent_it_it_revives_or_is_young() -> None:
+    old = view_record(PEER, 3, at=1000.0)
+    other = "12D3KooWother"
+    later = 1000.0 + PUSH_YOUNGER_THAN_S + 1
+    assert worth_pushing(old, PEER, 1000.0 + 3600, False)  # its own peer sent it
+    assert worth_pushing(old, other, later, True)  # brings back a peer we had dropped
+    assert worth_pushing(old, other, 1000.0 + PUSH_YOUNGER_THAN_S / 2, False)  # news still
+    assert not worth_pushing(old, other, later, False)  # our own gap
+
+
+async def test_a_sync_carries_the_senders_own_record() -> None:
+    """A node's record goes with its digest, not only when the reply asks for it:
+    a reply to a newcomer (every record the peer holds) can take longer than the
+    call's timeout in a start-up burst, and the request for its record came after."""
+    with trio.fail_after(60):
+        quiet = GossipConfig(refresh=600.0, anti_entropy_s=600.0)
+        async with open_swarm(2, topology="full", gossip=quiet) as swarm:
+            await swarm.wait_converged()
+            a, b = swarm[1], swarm[0]
+            b.gossip.wanted = lambda digest: ()  # b's reply asks for nothing
+            pushed: list[tuple[bytes, ...]] = []
+            take = b.gossip.take_synced
+
+            async def taking(messages: Any, sender: str) -> int:
+                if sender == a.peer_id:
+                    pushed.append(tuple(messages))
+                return await take(messages, sender)
+
+            b.gossip.take_synced = taking  # type: ignore[method-assign]
+            await a.sync_once(b.peer_id)
+            (own,) = a.gossip.own_message()
+    # (node 1's own syncs on connecting may land here too: they carry it as well)
+    assert pushed and all(messages == (own,) for messages in pushed)
+    signed = rpc_pb2.Message.FromString(own)
+    assert decode_record(signed.data).seq == a._seq

@@ -115,3 +115,38 @@ async def test_synced_records_are_checked_like_gossiped_ones() -> None:
     assert taken == 0
     assert rejects == {Rejection.FORGED: 1, Rejection.MALFORMED: 2}
     assert after == held
+
+
+async def test_a_link_lost_before_its_first_beat_is_not_reported() -> None:
+    # A connection that drops before any beat came over it (in a start-up burst: a
+    # dial whose upgrade timed out) says nothing about the peer. Reporting it made
+    # the peer leave every view and publish again: two floods per lost link.
+    with trio.fail_after(90):
+        async with open_swarm(3, topology="full", gossip=SLOW_REFRESH) as swarm:
+            await swarm.wait_converged()
+            quiet, target = swarm[0], swarm[2]
+            # Node 0 stops answering beats: a new link of node 2 to it carries none.
+            quiet._rpc.host.remove_stream_handler(BEAT_PROTOCOL)
+            await swarm.block(0, [target.peer_id])  # reported: that link had beats
+            await swarm.heal()  # node 2 dials node 0 again (it is its bootstrap peer)
+            await swarm.wait_converged()
+            while target.peer_id not in quiet.connected_peers():  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            reported, seq = quiet.gossip.reported, target._seq
+            events = swarm[1].view.subscribe()
+            lost = quiet.gossip.unreported
+            await swarm.block(0, [target.peer_id])  # the new link, beatless, drops
+            while quiet.gossip.unreported == lost:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            assert quiet.gossip.reported == reported
+            assert target._seq == seq  # nothing to refute
+            assert quiet.view.snapshot().peers[target.peer_id].state is PeerState.ALIVE
+            left = []
+            while True:
+                try:
+                    event = events.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                if event.peer_id == target.peer_id:
+                    left.append(event.kind)
+            assert EventKind.LEFT not in left and EventKind.SUSPECT not in left

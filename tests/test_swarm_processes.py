@@ -12,7 +12,13 @@ from gossip import PeerState, ViewSnapshot
 from p2p_node import Node
 from p2p_node._config import GossipConfig
 from p2p_node._swarm_proc import crash
-from p2p_node.testing import NodeHandle, ProcessSwarm, SwarmWorkerError, open_swarm
+from p2p_node.testing import (
+    NodeHandle,
+    ProcessSwarm,
+    SwarmWorkerError,
+    open_swarm,
+    worker_of_node,
+)
 
 FAST = GossipConfig(interval=0.5)
 
@@ -86,3 +92,10 @@ async def test_a_worker_that_dies_fails_the_swarm() -> None:
         async with open_swarm(4, processes=2, gossip=FAST) as swarm:
             swarm.workers[0].process.kill()
             await swarm.wait_converged()  # would hang on the dead worker's nodes
+
+
+def test_nodes_take_workers_in_turn_and_in_blocks_with_namespaces() -> None:
+    # In turn, each worker holds old nodes (the hubs of a random topology) and new.
+    assert [worker_of_node(i, 6, 2, namespaces=False) for i in range(6)] == [0, 1, 0, 1, 0, 1]
+    # With namespaces a partition by index ranges must cut whole workers.
+    assert [worker_of_node(i, 6, 2, namespaces=True) for i in range(6)] == [0, 0, 0, 1, 1, 1]
