@@ -833,6 +833,21 @@ _YAMUX_HEADER = struct.Struct(yamux.YAMUX_HEADER_FORMAT)
 _HANDLE_INCOMING_SHA256 = "ad15ff6943feac206c7abfbf77f2142a64bb5edbe9085e3ccdda371736abdc7b"
 
 
+def _buffer(self: yamux.Yamux, stream: yamux.YamuxStream, data: Any) -> None:
+    """`data` arrived for `stream` (its lock held): buffered, taken from its receive
+    window (a peer that overran it is logged and the window floored at 0, as
+    py-libp2p does), and its reader woken."""
+    stream_id = stream.stream_id
+    self.stream_buffers[stream_id].extend(data)
+    stream.recv_window -= len(data)
+    if stream.recv_window < 0:
+        logger.warning(
+            "Stream %d: peer exceeded receive window by %d bytes", stream_id, -stream.recv_window
+        )
+        stream.recv_window = 0
+    self.stream_events[stream_id].set()
+
+
 async def _handle_incoming(self: yamux.Yamux) -> None:
     """py-libp2p 0.8.1's `Yamux.handle_incoming`, frame for frame the same, less
     what it spent per frame on nothing: about a dozen f-string debug lines built
@@ -926,16 +941,7 @@ async def _handle_incoming(self: yamux.Yamux) -> None:
                     async with self.streams_lock:
                         stream = self.streams.get(stream_id)  # type: ignore[assignment]
                         if stream is not None:
-                            self.stream_buffers[stream_id].extend(data)
-                            stream.recv_window -= len(data)
-                            if stream.recv_window < 0:
-                                logger.warning(
-                                    "Stream %d: peer exceeded receive window by %d bytes",
-                                    stream_id,
-                                    -stream.recv_window,
-                                )
-                                stream.recv_window = 0
-                            self.stream_events[stream_id].set()
+                            _buffer(self, stream, data)
                             if flags & fin:
                                 stream.recv_closed = True
                                 if stream.send_closed:
@@ -982,16 +988,7 @@ async def _handle_incoming(self: yamux.Yamux) -> None:
                             async with stream.window_lock:
                                 stream.send_window += length
                         elif typ == data_type and length > 0:
-                            self.stream_buffers[stream_id].extend(syn_payload)
-                            stream.recv_window -= len(syn_payload)
-                            if stream.recv_window < 0:
-                                logger.warning(
-                                    "Stream %d: peer exceeded receive window by %d bytes",
-                                    stream_id,
-                                    -stream.recv_window,
-                                )
-                                stream.recv_window = 0
-                            self.stream_events[stream_id].set()
+                            _buffer(self, stream, syn_payload)
                         if flags & fin:
                             stream.recv_closed = True
                             if stream.send_closed:
@@ -1041,16 +1038,7 @@ async def _handle_incoming(self: yamux.Yamux) -> None:
                                 if stream_id in self.stream_events:
                                     self.stream_events[stream_id].set()
                             else:
-                                self.stream_buffers[stream_id].extend(ack_payload)
-                                stream.recv_window -= len(ack_payload)
-                                if stream.recv_window < 0:
-                                    logger.warning(
-                                        "Stream %d: peer exceeded receive window by %d bytes",
-                                        stream_id,
-                                        -stream.recv_window,
-                                    )
-                                    stream.recv_window = 0
-                                self.stream_events[stream_id].set()
+                                _buffer(self, stream, ack_payload)
             elif typ == yamux.TYPE_GO_AWAY:
                 error_code = length
                 if error_code == yamux.GO_AWAY_PROTOCOL_ERROR:
