@@ -671,11 +671,7 @@ def _output_names(text: str | None) -> tuple[str, ...]:
 # ms over everything libp2p and onnxruntime made, every second or two. The
 # young generations keep their thresholds (their pauses stay short).
 # (gc.freeze() of start-up's objects made every young collection take ~17 ms.)
-# The youngest collects every 5,000 allocations, not 700: at 700, with 32 jobs in
-# flight, each collection scanned and promoted the objects of jobs still running
-# (a collection every ~20 jobs), and collections took 7.1% of an entry node's CPU
-# at concurrency 32 (gc.callbacks timed); at 5,000, 2.5%.
-GC_THRESHOLDS = (5000, 10, 1000)
+GC_THRESHOLDS = (700, 10, 1000)
 
 
 async def _start(args: argparse.Namespace) -> int:
