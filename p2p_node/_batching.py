@@ -235,10 +235,16 @@ class Lane:
         request.lane = self
         request.queued_at = trio.current_time()
         if self.policy.merges:
-            rows = {array.shape[0] for array in request.feeds.values()}
-            if len(rows) == 1:
-                (request.rows,) = rows
-                request.key = tuple((n, a.shape[1:]) for n, a in sorted(request.feeds.items()))
+            feeds = request.feeds
+            if len(feeds) == 1:  # most models: the same key, without a set, a sort, a generator
+                ((name, array),) = feeds.items()
+                request.rows = array.shape[0]
+                request.key = ((name, array.shape[1:]),)
+            else:
+                rows = {array.shape[0] for array in feeds.values()}
+                if len(rows) == 1:
+                    (request.rows,) = rows
+                    request.key = tuple((n, a.shape[1:]) for n, a in sorted(feeds.items()))
         self._queued.append(request)
         if self._arrived:  # a run waits for company (max_batch_wait_us)
             self._arrived.unpark_all()

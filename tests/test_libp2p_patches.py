@@ -453,6 +453,37 @@ async def test_tcp_writes_sent_on_the_socket_arrive_whole_however_much_it_takes(
         await tcp.write(small)  # closed here: nothing, as py-libp2p does
 
 
+async def test_a_whole_tcp_write_takes_no_scheduling_round_but_one_in_sixteen_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    apply_to_process()
+    monkeypatch.setattr(_libp2p, "_unyielded_writes", 0)
+    ours, theirs = trio.socket.socketpair()
+    tcp = TrioTCPStream(trio.SocketStream(ours))
+    ran: list[int] = []
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: _note(ran))
+            writes = 0
+            while not ran:
+                await tcp.write(b"x" * 600)
+                writes += 1
+        # No round before the 16th write; at it, trio may step this task before or
+        # after the other (it shuffles each batch), so that one runs by the 32nd.
+        assert writes in (_libp2p.DIRECT_WRITES_PER_YIELD, 2 * _libp2p.DIRECT_WRITES_PER_YIELD)
+        assert await _receive_all(theirs, 600 * writes) == b"x" * 600 * writes
+        with trio.CancelScope() as scope:  # a cancelled write sends nothing
+            scope.cancel()
+            await tcp.write(b"y")
+        with pytest.raises(BlockingIOError):
+            theirs._sock.recv(1)
+    theirs.close()
+
+
+async def _note(ran: list[int]) -> None:
+    ran.append(1)
+
+
 class _Sealer:
     def encrypt(self, data: bytes) -> bytes:
         return b"<" + data[::-1] + b">"

@@ -16,7 +16,7 @@ from libp2p.peer.id import ID
 
 from p2p_node import ErrorCode, JobError, _serve
 from p2p_node._batching import COMPANY_EXPECTED
-from p2p_node._channel import MessageLimits
+from p2p_node._channel import SEND_TIMEOUT_S, MessageLimits, SendTimedOut
 from p2p_node._codec import decode_reply, encode
 from p2p_node._framing import Kind, Tagged, TaggedBuffer
 from p2p_node._host import new_libp2p_host, run_host
@@ -423,6 +423,42 @@ async def test_a_failed_write_runs_the_hooks_of_every_frame_it_will_never_write(
     assert failed and done == ["first", "queued"]
     writer.send(b"late", lambda: done.append("late"))  # never to be written: freed at once
     assert done == ["first", "queued", "late"]
+
+
+class _StuckStream:
+    """A stream whose writes never finish unless cancelled (a peer that stopped reading)."""
+
+    def __init__(self) -> None:
+        self.started = trio.Event()
+        self.cut = False
+
+    async def write(self, data: bytes) -> None:
+        self.started.set()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            self.cut = True
+            raise
+
+
+async def test_a_write_is_shielded_from_its_caller_and_cut_only_by_the_send_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stream = _StuckStream()
+    writer = FrameWriter(stream)  # type: ignore[arg-type]
+    timed_out = False
+    with trio.fail_after(SEND_TIMEOUT_S + 10):
+        started = trio.current_time()
+        with trio.move_on_after(1):  # the caller's deadline does not cut the write...
+            await writer.send_now(b"frame")
+        assert stream.cut  # ...its own timeout does
+        assert trio.current_time() - started == pytest.approx(SEND_TIMEOUT_S)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.run)
+        except* SendTimedOut:
+            timed_out = True  # `run` raises the failure, whichever task wrote
+    assert timed_out
 
 
 def test_dropping_a_writer_runs_the_hooks_of_frames_it_never_wrote() -> None:
