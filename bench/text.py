@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import statistics
 import subprocess
 import sys
@@ -395,8 +396,10 @@ def direct_generation(model_dir: Path, sessions: int, tokens: int, repeats: int)
         return time.perf_counter() - started
 
     decode(prompts)  # warm up
-    batched = min(decode(prompts) for _ in range(repeats))
-    alone = min(sum(decode([p]) for p in prompts) for _ in range(repeats))
+    batched = alone = math.inf
+    for _ in range(repeats):  # interleaved, so that the machine's drifting load falls on both
+        batched = min(batched, decode(prompts))
+        alone = min(alone, sum(decode([p]) for p in prompts))
     return alone / batched
 
 

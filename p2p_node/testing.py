@@ -214,8 +214,7 @@ async def open_swarm(
 
     `processes=1` (the default) runs every node in this trio loop on loopback and
     yields a `Swarm` of the nodes themselves. `processes=k > 1` spreads them over
-    k worker processes (node i in worker i mod k; with namespaces, in blocks of
-    consecutive indices, see `worker_of_node`), and yields a
+    k worker processes (node i in worker i mod k, see `worker_of_node`), and yields a
     `ProcessSwarm`: the same API, with `NodeHandle`s for nodes (reach a node with
     `await swarm.run(i, fn, *args)`). `namespaces=True` (Linux, root; implies
     worker processes) runs each worker in a network namespace of its own, with
@@ -278,14 +277,15 @@ async def open_swarm(
 STARTS_PER_WORKER = 4
 
 
-def worker_of_node(i: int, n: int, k: int, namespaces: bool) -> int:
-    """Which of k workers holds node i of n. In turn (i mod k), so that each holds
-    as many old nodes as new: the first nodes are the hubs of a "random"
-    topology (each node dials earlier ones), and in blocks the first worker held
-    them all, saturated while the others idled (at 200 nodes in 2 workers: loop
-    lag 100-250 ms against 5 ms). With namespaces, in blocks of consecutive
-    indices, so that a partition by index ranges cuts whole workers."""
-    return i * k // n if namespaces else i % k
+def worker_of_node(i: int, k: int) -> int:
+    """Which of k workers holds node i: in turn (i mod k), so that each holds as
+    many old nodes as new. The first nodes are the hubs of a "random" topology
+    (each node dials earlier ones): in blocks of consecutive indices the first
+    worker held them all, saturated while the others idled (at 200 nodes in 2
+    workers: loop lag 100-250 ms against 5 ms; with namespaces, views never
+    converged). With namespaces a partition cuts whole workers: its groups are
+    the workers' nodes (`ProcessSwarm.owner`)."""
+    return i % k
 
 
 @asynccontextmanager
@@ -298,7 +298,7 @@ async def _open_process_swarm(
     logs: Path,
 ) -> AsyncIterator[ProcessSwarm]:
 
-    owner = [worker_of_node(i, n, k, namespaces) for i in range(n)]
+    owner = [worker_of_node(i, k) for i in range(n)]
     netns: Namespaces | None = None
     if namespaces:
         from ._swarm_netns import Namespaces, unavailable

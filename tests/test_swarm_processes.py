@@ -94,8 +94,7 @@ async def test_a_worker_that_dies_fails_the_swarm() -> None:
             await swarm.wait_converged()  # would hang on the dead worker's nodes
 
 
-def test_nodes_take_workers_in_turn_and_in_blocks_with_namespaces() -> None:
-    # In turn, each worker holds old nodes (the hubs of a random topology) and new.
-    assert [worker_of_node(i, 6, 2, namespaces=False) for i in range(6)] == [0, 1, 0, 1, 0, 1]
-    # With namespaces a partition by index ranges must cut whole workers.
-    assert [worker_of_node(i, 6, 2, namespaces=True) for i in range(6)] == [0, 0, 0, 1, 1, 1]
+def test_nodes_take_workers_in_turn() -> None:
+    # Each worker holds old nodes (the hubs of a random topology) and new.
+    assert [worker_of_node(i, 2) for i in range(6)] == [0, 1, 0, 1, 0, 1]
+    assert [worker_of_node(i, 3) for i in range(7)] == [0, 1, 2, 0, 1, 2, 0]
