@@ -37,7 +37,7 @@ from . import _swarm_proc
 from ._config import GossipConfig, NodeConfig
 from ._node import Node, open_node
 from ._psk import PreSharedKey
-from ._swarm_proc import NodeHandle, ProcessSwarm, RemoteError, SwarmWorkerError
+from ._swarm_proc import NodeHandle, ProcessSwarm, RemoteError, SwarmWorkerError, partition_cuts
 
 if TYPE_CHECKING:
     # libp2p pulls in trio-typing, whose trio stubs shadow trio's own annotations.
@@ -161,10 +161,8 @@ class Swarm:
 
     async def partition(self, groups: Iterable[Iterable[int]]) -> None:
         """Cut every connection between groups, and keep them cut until `heal()`."""
-        member = {i: g for g, group in enumerate(groups) for i in group}
-        for i in self.live:
-            others = [self.nodes[j].peer_id for j in self.live if member.get(j) != member.get(i)]
-            await self.block(i, others)
+        cuts = partition_cuts(groups, self.live, [node.peer_id for node in self.nodes])
+        await block_nodes([(self.nodes[i], self.blocklists[i], cut) for i, cut in cuts])
 
     async def heal(self) -> None:
         """Lift every block at once; the nodes that had blocked dial their peers again."""
@@ -377,10 +375,20 @@ async def kill_node(node: Node, scope: trio.CancelScope) -> None:
 
 
 async def block_node(node: Node, blocklist: Blocklist, peer_ids: Collection[str]) -> None:
-    blocklist.peers |= set(peer_ids)
-    node.membership.block(peer_ids)
-    for peer_id in set(peer_ids) & node.connected_peers():
-        await node.disconnect(peer_id)
+    await block_nodes([(node, blocklist, peer_ids)])
+
+
+async def block_nodes(blocks: Sequence[tuple[Node, Blocklist, Collection[str]]]) -> None:
+    """Block each node's peers, all of them before any connection is cut: a cut made
+    node by node let records cross by links not yet cut, which revived on the far
+    side the peers already cut off there."""
+    for node, blocklist, peer_ids in blocks:
+        blocklist.peers |= set(peer_ids)
+        node.membership.block(peer_ids)
+    async with trio.open_nursery() as nursery:
+        for node, _, peer_ids in blocks:
+            for peer_id in set(peer_ids) & node.connected_peers():
+                nursery.start_soon(node.disconnect, peer_id)
 
 
 def unblock_node(node: Node, blocklist: Blocklist) -> None:
