@@ -231,10 +231,14 @@ class NodeHandlers:
         return SyncReply(gossip.signed_messages())
 
     async def digest(self, request: DigestRequest, sender: str) -> DigestReply:
-        """Take the records the sender pushed, then send what its digest lacks."""
+        """Take the records the sender pushed, then send what its digest lacks; name
+        the sender itself among the records wanted if we hold it departed."""
         gossip = self.node.gossip
         await gossip.take_synced(request.messages, sender)
-        return DigestReply(gossip.newer_than(request.digest), gossip.wanted(request.digest))
+        wants = gossip.wanted(request.digest)
+        if gossip.holds_gone(sender, request.digest):
+            wants += (sender,)
+        return DigestReply(gossip.newer_than(request.digest), wants)
 
 
 def to_inference(request: RunRequest) -> InferenceRequest:

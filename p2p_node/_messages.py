@@ -319,7 +319,9 @@ class SyncReply(Response):
 
 @dataclass(frozen=True, slots=True)
 class DigestReply(Response):
-    """The records the digest's sender lacks, and the peers whose records it should send."""
+    """The records the digest's sender lacks, and the peers whose records it should send:
+    the sender itself among them if its current record is held here as of a peer
+    gone (it should publish a newer one)."""
 
     messages: Annotated[tuple[bytes, ...], Items(MAX_PEERS)]
     wants: Annotated[tuple[str, ...], Items(MAX_PEERS, Text(label="peer id"))]

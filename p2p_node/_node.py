@@ -437,7 +437,7 @@ class Node:
             )
             got: DigestReply = expect_reply(reply, DigestReply, peer_id)
             await gossip.take_synced(got.messages, peer_id)
-            wanted = gossip.messages_of(got.wants)
+            wanted = gossip.messages_wanted(got.wants)
             if wanted:
                 reply = await self._rpc.call(
                     peer_id, SYNC_PROTOCOL, DigestRequest(gossip.digest(), wanted), timeout

@@ -205,3 +205,31 @@ async def test_a_sync_carries_the_senders_own_record() -> None:
     assert pushed and all(messages == (own,) for messages in pushed)
     signed = rpc_pb2.Message.FromString(own)
     assert decode_record(signed.data).seq == a._seq
+
+
+async def test_a_peer_held_departed_publishes_again_when_a_sync_says_so() -> None:
+    """Behind a cut link a peer never sees the report that dropped it, and after the
+    heal a sync moves only newer records: the node holding it departed names it
+    among the records it wants, and it publishes a newer one, which brings it back."""
+    with trio.fail_after(60):
+        quiet = GossipConfig(refresh=600.0, anti_entropy_s=600.0)
+        async with open_swarm(2, topology="full", gossip=quiet) as swarm:
+            await swarm.wait_converged()
+            a, b = swarm[0], swarm[1]
+            seq = a._seq
+            # b took a report against a that a never saw (a partition's far side).
+            record = b.view.last_record(a.peer_id)
+            assert record is not None
+            assert b.view.depart(a.peer_id, record.boot_id, record.seq)
+            reply = await a._rpc.call(
+                b.peer_id, SYNC_PROTOCOL, DigestRequest(a.gossip.digest()), 10
+            )
+            assert isinstance(reply, DigestReply) and reply.wants == (a.peer_id,)
+            await a.sync_once(b.peer_id)
+            await b.view.wait_until(lambda view: a.peer_id in view.peers)
+            assert a._seq > seq and a.gossip.revived_by_sync >= 1
+            # Alive again at b: a sync no longer names it.
+            reply = await a._rpc.call(
+                b.peer_id, SYNC_PROTOCOL, DigestRequest(a.gossip.digest()), 10
+            )
+    assert isinstance(reply, DigestReply) and reply.wants == ()
