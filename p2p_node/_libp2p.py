@@ -723,8 +723,19 @@ async def _write_noise_message(
     if prefix_encoded or len(msg) > noise_io.MAX_PLAINTEXT_LENGTH:
         await REPLACED["NoiseTransportReadWriter.write_msg"](self, msg, prefix_encoded)
         return
+    # A cancellation is taken before the message is sealed, never after: sealing
+    # spends a nonce, and a sealed message not sent breaks the connection for every
+    # stream on it (the peer's next decryption fails). The TCP write checked for
+    # cancellation again, after sealing: under load a caller's deadline fell in
+    # between (test_rpc's calls cut short by their deadline, 1 failure in a suite).
+    await trio.lowlevel.checkpoint_if_cancelled()
     sealed = self.encrypt(msg)
-    await self.read_writer.read_write_closer.write(len(sealed).to_bytes(2, "big") + sealed)
+    frame = len(sealed).to_bytes(2, "big") + sealed
+    tcp = self.read_writer.read_write_closer
+    if isinstance(tcp, libp2p_trio_io.TrioTCPStream):
+        await _tcp_send(tcp, frame, sealed=True)
+    else:
+        await tcp.write(frame)
 
 
 # Whole writes (the socket took all of it at once) before one takes a scheduling
@@ -734,6 +745,10 @@ _unyielded_writes = 0
 
 
 async def _tcp_write(self: libp2p_trio_io.TrioTCPStream, data: bytes) -> None:
+    await _tcp_send(self, data, sealed=False)
+
+
+async def _tcp_send(self: libp2p_trio_io.TrioTCPStream, data: bytes, *, sealed: bool) -> None:
     """py-libp2p 0.8.1's `TrioTCPStream.write`, sending straight on the socket.
 
     trio's `send_all` wraps each send in a conflict detector, two context
@@ -749,6 +764,9 @@ async def _tcp_write(self: libp2p_trio_io.TrioTCPStream, data: bytes) -> None:
     node's eight (a round is a pass of trio's loop and an epoll call). Errors
     read as py-libp2p's: a socket closed here is a silent no-op, a broken one
     is a ConnectionClosedError.
+
+    `sealed` data (a Noise message, its nonce spent) is not cancelled before its
+    first byte is sent, nor while it waits for the lock: see `_write_noise_message`.
     """
     stream = self.stream
     sock = stream.socket if isinstance(stream, trio.SocketStream) else None
@@ -756,8 +774,11 @@ async def _tcp_write(self: libp2p_trio_io.TrioTCPStream, data: bytes) -> None:
     if not isinstance(raw, socket.socket) or not data or sock.did_shutdown_SHUT_WR:
         await REPLACED["TrioTCPStream.write"](self, data)
         return
-    async with self.write_lock:
-        await trio.lowlevel.checkpoint_if_cancelled()
+    with trio.CancelScope(shield=sealed):
+        await self.write_lock.acquire()
+    try:
+        if not sealed:
+            await trio.lowlevel.checkpoint_if_cancelled()
         try:
             try:
                 sent = raw.send(data)
@@ -784,6 +805,8 @@ async def _tcp_write(self: libp2p_trio_io.TrioTCPStream, data: bytes) -> None:
             ) from error
         except trio.ClosedResourceError:
             return
+    finally:
+        self.write_lock.release()
 
 
 def _direct_writes() -> None:

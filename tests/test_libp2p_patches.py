@@ -7,6 +7,7 @@ import importlib.util
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -509,3 +510,42 @@ class _Written:
 
     async def write(self, data: bytes) -> None:
         self.writes.append(bytes(data))
+
+
+class _CountingSealer:
+    """Seals as `_Sealer` does, counting the nonces spent; `then` runs after each."""
+
+    def __init__(self, then: Callable[[], object] = lambda: None) -> None:
+        self.sealed = 0
+        self.then = then
+
+    def encrypt(self, data: bytes) -> bytes:
+        self.sealed += 1
+        self.then()
+        return b"<" + data[::-1] + b">"
+
+
+async def test_a_noise_message_is_cancelled_before_it_is_sealed_never_after() -> None:
+    # A sealed message spends a nonce: one not sent breaks the connection (the
+    # peer's next decryption fails), so a deadline passing once it is sealed must
+    # not stop it. Here the caller's scope is cancelled while the message is sealed.
+    apply_to_process()
+    ours, theirs = trio.socket.socketpair()
+    writer = noise_io.NoiseTransportReadWriter.__new__(noise_io.NoiseTransportReadWriter)
+    tcp = TrioTCPStream(trio.SocketStream(ours))
+    writer.read_writer = noise_io.NoisePacketReadWriter(tcp)  # type: ignore[arg-type]
+    with trio.fail_after(5):
+        sealer = _CountingSealer()
+        writer.noise_state = sealer  # type: ignore[assignment]
+        with trio.CancelScope() as scope:  # cancelled before: nothing sealed, nothing sent
+            scope.cancel()
+            await writer.write_msg(b"abc")
+        assert scope.cancelled_caught and sealer.sealed == 0
+        with pytest.raises(BlockingIOError):
+            theirs._sock.recv(1)
+        with trio.CancelScope() as scope:
+            sealer.then = scope.cancel  # the deadline passes while it is sealed
+            await writer.write_msg(b"abc")
+        assert sealer.sealed == 1
+        assert await _receive_all(theirs, 7) == b"\x00\x05<cba>"  # sent whole all the same
+    theirs.close()
