@@ -774,8 +774,11 @@ async def _tcp_send(self: libp2p_trio_io.TrioTCPStream, data: bytes, *, sealed: 
     if not isinstance(raw, socket.socket) or not data or sock.did_shutdown_SHUT_WR:
         await REPLACED["TrioTCPStream.write"](self, data)
         return
-    with trio.CancelScope(shield=sealed):
-        await self.write_lock.acquire()
+    try:
+        self.write_lock.acquire_nowait()  # free: no cancel scope on the way
+    except trio.WouldBlock:
+        with trio.CancelScope(shield=sealed):
+            await self.write_lock.acquire()
     try:
         if not sealed:
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -911,6 +914,18 @@ async def _handle_incoming(self: yamux.Yamux) -> None:
             body = await self._read_data_body(length)
         return body
 
+    async def optional_body(
+        typ: int, length: int, flag: str, stream_id: int
+    ) -> tuple[Any, IncompleteReadError | None]:
+        """A SYN's or ACK's DATA body, if any, and the error that cut it short."""
+        if typ != data_type or length <= 0:
+            return b"", None
+        try:
+            return await body_of(length), None
+        except IncompleteReadError as e:
+            logger.error("Incomplete read for %s data on stream %d: %s", flag, stream_id, e)
+            return b"", e
+
     while not self.event_shutting_down.is_set():
         try:
             try:
@@ -1000,14 +1015,7 @@ async def _handle_incoming(self: yamux.Yamux) -> None:
                                 self.streams[stream_id].closed = True
                             self.stream_events[stream_id].set()
             elif typ in (data_type, window_type) and flags & syn:
-                syn_payload: Any = b""
-                syn_payload_err: IncompleteReadError | None = None
-                if typ == data_type and length > 0:
-                    try:
-                        syn_payload = await body_of(length)
-                    except IncompleteReadError as e:
-                        syn_payload_err = e
-                        logger.error("Incomplete read for SYN data on stream %d: %s", stream_id, e)
+                syn_payload, syn_payload_err = await optional_body(typ, length, "SYN", stream_id)
                 rst_header: bytes | None = None
                 ack_header: bytes | None = None
                 new_stream_notify: yamux.YamuxStream | None = None
@@ -1053,14 +1061,7 @@ async def _handle_incoming(self: yamux.Yamux) -> None:
                 elif new_stream_notify is not None:
                     await self.new_stream_send_channel.send(new_stream_notify)
             elif typ in (data_type, window_type) and flags & ack:
-                ack_payload: Any = b""
-                ack_payload_err: IncompleteReadError | None = None
-                if typ == data_type and length > 0:
-                    try:
-                        ack_payload = await body_of(length)
-                    except IncompleteReadError as e:
-                        ack_payload_err = e
-                        logger.error("Incomplete read for ACK data on stream %d: %s", stream_id, e)
+                ack_payload, ack_payload_err = await optional_body(typ, length, "ACK", stream_id)
                 async with self.streams_lock:
                     if stream_id in self.streams:
                         stream = self.streams[stream_id]
