@@ -63,6 +63,7 @@ NEW_LINK_GRACE_S = 10.0  # a new link's first beat may come this much later than
 # lateness (how late its own timer woke, the largest lately, halving every ttl).
 LATE_SLACK = 4.0
 MAX_DIGEST_DEPARTED = 256  # left peers a digest names, most recent first
+SPREAD_AFTER_S = 0.5  # revivals a sync brought wait this long for more, then go on together
 PUSH_YOUNGER_THAN_S = 10.0  # a record new here by a sync is pushed on if this young
 PEER_QUEUE_SIZE = 256  # RPCs waiting to be written to one peer (py-libp2p's: 32)
 
@@ -77,12 +78,12 @@ def _parse_peer_id(peer_id: str) -> ID | None:
         return None
 
 
-def worth_pushing(record: PeerRecord, sender: str, wall_now: float, revives: bool) -> bool:
+def worth_pushing(record: PeerRecord, sender: str, wall_now: float) -> bool:
     """Whether a record new here by a sync is news to the network, to pass into
     GossipSub: the sender's own record (a newcomer's, which it published before
-    it had a mesh), one that `revives` a peer this node had dropped (reports
-    reach every node, so the others dropped it too: the far side of a healed
-    partition), or one issued within `PUSH_YOUNGER_THAN_S`.
+    it had a mesh), or one issued within `PUSH_YOUNGER_THAN_S`. (A record that
+    brings back a peer this node had dropped is news too, but it travels by
+    syncs: see `Gossip.take_synced`.)
 
     GossipSub carries a record to every node within seconds of its publication,
     so an older one we lacked is most likely our own gap (a newcomer filling its
@@ -90,7 +91,7 @@ def worth_pushing(record: PeerRecord, sender: str, wall_now: float, revives: boo
     such push went to every mesh neighbour, which read it (a few KB) to drop it
     as seen. In a burst of nodes starting these were most of the records moved.
     What the network does lack is still repaired by anti-entropy."""
-    return record.peer_id == sender or revives or wall_now - record.issued_at < PUSH_YOUNGER_THAN_S
+    return record.peer_id == sender or wall_now - record.issued_at < PUSH_YOUNGER_THAN_S
 
 
 class Gossip:
@@ -139,6 +140,10 @@ class Gossip:
         self.unreported = 0  # links lost before their first beat: not reported
         self.unpushed = 0  # records new here by a sync, not passed into GossipSub (old)
         self.revived_by_sync = 0  # records published since a peer held us departed
+        self.refuted = 0  # records published since a peer reported us departed
+        self.revivals = 0  # records new here by a sync that brought back a dropped peer
+        self._news = trio.Event()  # set when a sync brought revivals (see `next_news`)
+        self._news_from: set[str] = set()
         self._held_back: list[tuple[ID, rpc_pb2.Message]] = []  # see push_held_back
         self._beat = trio.Event()  # set, and replaced, once per beat period
         self._started_at = trio.current_time()
@@ -403,11 +408,18 @@ class Gossip:
         Each must be a message signed by the record's own peer on our topic, so
         a peer can pass on others' records but not forge them. Records we
         already hold are skipped without a count: a sync repeats them by design.
-        Each new one that is news (see `worth_pushing`) is then passed into
-        GossipSub as if `sender` had forwarded it there, so it reaches every node
-        that missed it (a newcomer's first record, published before it had a
-        mesh, or the other side's records after a partition), and does not go
-        back to `sender`, which has it.
+
+        What is news to the network goes on. A newcomer's first record (published
+        before it had a mesh) and any record issued lately (see `worth_pushing`)
+        are passed into GossipSub as if `sender` had forwarded them there, so they
+        reach every node that missed them and do not go back to `sender`. Records
+        that bring back peers this node had dropped go on by syncs instead
+        (`next_news`): they come in bulk, the far side's records when a partition
+        heals, and every node of this side lacks them all. A sync carries them
+        in one message to each neighbour that lacks them, where GossipSub would
+        flood each one by itself to every node, every node reading it once per
+        mesh neighbour: at 200 nodes a heal moved ~170 such floods, and that was
+        the whole of its time.
         """
         fresh: list[tuple[PeerRecord, rpc_pb2.Message, bool]] = []
         now = trio.current_time()
@@ -439,18 +451,33 @@ class Gossip:
                 fresh.append((record, msg, revives))
         forwarder = _parse_peer_id(sender) or self._pubsub.my_id
         wall = time.time()
-        just_started = trio.current_time() - self._started_at < self._meshed_after
+        just_started = trio.current_time() < self.meshed_at
         for record, msg, revives in fresh:
             if just_started and record.peer_id == sender:
                 # A newcomer's own record, and no mesh yet to pass it to: held
                 # until there is (`push_held_back`). The rest is old news to the
                 # network (a burst of it overflowed py-libp2p's queue per peer).
                 self._held_back.append((forwarder, msg))
-            elif just_started or not worth_pushing(record, sender, wall, revives):
+            elif revives and not just_started:
+                self.revivals += 1
+                self._news_from.add(sender)
+                self._news.set()
+            elif just_started or not worth_pushing(record, sender, wall):
                 self.unpushed += 1
             else:
                 await self._push(forwarder, msg)
         return len(fresh)
+
+    async def next_news(self) -> frozenset[str]:
+        """Wait until syncs bring records that revive dropped peers; returns the
+        peers that sent them since the last call. The node then syncs with its
+        other neighbours, which so take the revivals they lack in one reply
+        each, and pass them on the same way."""
+        await self._news.wait()
+        await trio.sleep(SPREAD_AFTER_S)  # news comes in waves: one round for a wave
+        self._news = trio.Event()
+        senders, self._news_from = frozenset(self._news_from), set()
+        return senders
 
     async def _push(self, forwarder: ID, msg: rpc_pb2.Message) -> None:
         try:  # GossipSub skips what it has seen, and forwards the rest
@@ -465,7 +492,7 @@ class Gossip:
         had a mesh. A newcomer so reaches every node once, by its neighbours; it
         no longer publishes a second record for that (each start cost two floods
         of a few KB through the whole network, then, in a burst of joins)."""
-        await trio.sleep_until(self._started_at + self._meshed_after)
+        await trio.sleep_until(self.meshed_at)
         held, self._held_back = self._held_back, []
         for forwarder, msg in held:
             signer = ID(msg.from_id).to_base58()
@@ -530,11 +557,14 @@ class Gossip:
         mine = self._mine
         if mine is not None and gone.boot_id == mine.boot_id and gone.seq >= mine.seq:
             logger.info("reported departed by a neighbour while alive: publishing again")
+            self.refuted += 1
             self.changed()
 
     @property
-    def _meshed_after(self) -> float:
-        return MESHED_AFTER_HEARTBEATS * self.config.heartbeat_s
+    def meshed_at(self) -> float:
+        """When GossipSub's mesh has had time to form (trio's clock): until then a
+        record a sync brought is not passed into GossipSub (`take_synced`)."""
+        return self._started_at + MESHED_AFTER_HEARTBEATS * self.config.heartbeat_s
 
     async def publish_forever(self) -> None:
         pacer = PublishPacer()

@@ -123,6 +123,8 @@ class Node:
         self._seq = 0
         self._announced_in_flight = 0
         self._in_touch: set[str] = set()  # peers _keep_in_touch runs for
+        self.spread_rounds = 0  # rounds of syncs that passed revivals on (see _spread_forever)
+        self.spread_syncs = 0
         self._gate = gate
         self.admission = Admission(config.admission, rpc.peer_id)
         self._index = NodeIndex(())
@@ -471,6 +473,28 @@ class Node:
             if candidates:
                 await self.sync_once(rng.choice(candidates))
 
+    async def _spread_forever(self) -> None:
+        """When syncs bring records that revive peers this node had dropped (the far
+        side of a healed partition), sync with every other connected node: each
+        takes in one reply the revivals it lacks, and passes them on the same
+        way (`Gossip.take_synced`). News that comes during a round makes one
+        more round after it."""
+        gossip = self.gossip
+        while True:
+            senders = await gossip.next_news()
+            speaks = self._rpc.speaks
+            last_record = gossip.view.last_record
+            others = [
+                p
+                for p in sorted(self.connected_peers())
+                if p not in senders and speaks(p, SYNC_PROTOCOL) and last_record(p) is not None
+            ]
+            self.spread_rounds += 1
+            self.spread_syncs += len(others)
+            async with trio.open_nursery() as nursery:
+                for peer_id in others:
+                    nursery.start_soon(self.sync_once, peer_id)
+
     async def _beat_with(self, peer_id: str) -> None:
         period = self.config.gossip.beat_period
         beaten = False
@@ -640,6 +664,7 @@ async def _open_node(config: NodeConfig, gate: PeerGate | None) -> AsyncIterator
                 selector_token = node.selector.activate()
                 nursery.start_soon(node.membership.run)
                 nursery.start_soon(node._repair_forever, random.Random())
+                nursery.start_soon(node._spread_forever)
                 if config.mdns:
                     await nursery.start(run_mdns, host, node.addrs, found_send)
                 if config.fetch.models:

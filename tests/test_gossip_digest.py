@@ -9,6 +9,7 @@ import msgpack
 import pytest
 import trio
 from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import PUBSUB_SIGNING_PREFIX
 from test_view import record as view_record
 
 from gossip import (
@@ -24,6 +25,7 @@ from p2p_node._codec import decode_reply, decode_request, encode
 from p2p_node._config import ConfigError, GossipConfig
 from p2p_node._gossip import PUSH_YOUNGER_THAN_S, worth_pushing
 from p2p_node._messages import DigestReply, DigestRequest, InvalidMessage, WireError
+from p2p_node._node import Node
 from p2p_node._rpc import SYNC_PROTOCOL
 from p2p_node.testing import open_swarm
 
@@ -162,22 +164,62 @@ async def test_forged_digests_and_records_change_nothing() -> None:
 
 def replace_data(msg: Any, data: bytes) -> bytes:
     """The signed message with its payload swapped: the signature no longer holds."""
-    from libp2p.pubsub.pb import rpc_pb2
-
     copy = rpc_pb2.Message()
     copy.CopyFrom(msg)
     copy.data = data
     return copy.SerializeToString()
 
 
-def test_a_synced_record_is_pushed_on_when_its_own_peer_sent_it_it_revives_or_is_young() -> None:
+def test_a_synced_record_is_pushed_on_when_its_own_peer_sent_it_or_is_young() -> None:
     old = view_record(PEER, 3, at=1000.0)
     other = "12D3KooWother"
     later = 1000.0 + PUSH_YOUNGER_THAN_S + 1
-    assert worth_pushing(old, PEER, 1000.0 + 3600, False)  # its own peer sent it
-    assert worth_pushing(old, other, later, True)  # brings back a peer we had dropped
-    assert worth_pushing(old, other, 1000.0 + PUSH_YOUNGER_THAN_S / 2, False)  # news still
-    assert not worth_pushing(old, other, later, False)  # our own gap
+    assert worth_pushing(old, PEER, 1000.0 + 3600)  # its own peer sent it
+    assert worth_pushing(old, other, 1000.0 + PUSH_YOUNGER_THAN_S / 2)  # news still
+    assert not worth_pushing(old, other, later)  # our own gap
+
+
+def signed_unpublished(node: Node) -> bytes:
+    """A newer record of `node`, signed by it as GossipSub would sign it, never
+    published: the record a peer behind a cut published while no one heard."""
+    pubsub = node.gossip._pubsub
+    record = node.make_record(node.config.gossip.refresh, ())
+    msg = rpc_pb2.Message(
+        data=encode_record(record),
+        topicIDs=[node.config.gossip.topic],
+        from_id=pubsub.my_id.to_bytes(),
+        seqno=pubsub._next_seqno(),
+    )
+    msg.signature = pubsub.sign_key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
+    msg.key = pubsub.host.get_public_key().serialize()
+    return msg.SerializeToString()
+
+
+async def test_records_that_revive_peers_go_on_by_syncs_not_gossipsub() -> None:
+    """Nodes 0, 1 and 2 of a ring hold node 3 departed (as a partition's far side
+    does), and 0 alone takes 3's newer record by a sync (as across a healed
+    cut). 0 passes it on by syncing with its other neighbours, who do the same:
+    it reaches 1 and 2 though no one published it (anti-entropy and refreshes
+    are off, and a push into GossipSub would have reached them as a gossiped
+    record, not a synced one)."""
+    quiet = GossipConfig(refresh=600.0, anti_entropy_s=600.0, heartbeat_s=1)
+    with trio.fail_after(60):
+        async with open_swarm(4, topology="ring", gossip=quiet) as swarm:
+            await swarm.wait_converged()
+            # Past the first heartbeats, when a node holds a synced record back
+            # until its mesh has formed, then pushes it into GossipSub.
+            await trio.sleep_until(max(swarm[i].gossip.meshed_at for i in swarm.live))
+            far = swarm[3]
+            for i in (0, 1, 2):
+                held = swarm[i].view.last_record(far.peer_id)
+                assert held is not None
+                assert swarm[i].view.depart(far.peer_id, held.boot_id, held.seq)
+            published = far.gossip.published
+            assert await swarm[0].gossip.take_synced([signed_unpublished(far)], far.peer_id) == 1
+            for i in (1, 2):
+                await swarm[i].view.wait_until(lambda view: far.peer_id in view.peers)
+                assert swarm[i].gossip.revivals == 1  # it came by a sync
+            assert swarm[0].spread_rounds >= 1 and far.gossip.published == published
 
 
 async def test_a_sync_carries_the_senders_own_record() -> None:
