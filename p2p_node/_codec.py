@@ -450,13 +450,36 @@ def _tensors_from_wire(raw: object) -> dict[str, np.ndarray[Any, Any]]:
         raise SchemaError(f"tensors must be a map of name to tensor, got {type(raw).__name__}")
     if len(raw) > MAX_TENSORS:
         raise SchemaError(f"{len(raw)} tensors > limit {MAX_TENSORS}")
-    return {
-        check_text("tensor name", name, MAX_ID_LENGTH, allow_empty=True): _tensor_from_wire(name, t)
-        for name, t in raw.items()
-    }
+    tensors = {}
+    for name, t in raw.items():
+        if type(name) is not str or len(name) > MAX_ID_LENGTH:
+            check_text("tensor name", name, MAX_ID_LENGTH, allow_empty=True)  # says why
+        tensors[name] = _tensor_from_wire(name, t)
+    return tensors
 
 
 def _tensor_from_wire(name: str, raw: object) -> np.ndarray[Any, Any]:
+    """The tensor `raw` holds. A well-formed one takes the straight path below, with
+    the same checks as `_checked_tensor` but no label built and no call per check
+    (a third of decoding a small job's reply); anything else goes there to be
+    refused with its reason."""
+    if type(raw) is dict and raw.keys() == _TENSOR_KEYS:
+        dtype_name = raw["dtype"]
+        dtype = _LITTLE.get(dtype_name) if type(dtype_name) is str else None
+        dims, data = raw["shape"], raw["data"]
+        if dtype is not None and type(dims) is list and len(dims) <= MAX_RANK:
+            size = dtype.itemsize
+            for d in dims:
+                if type(d) is not int or not 0 <= d <= MAX_DIM:
+                    break
+                size *= d
+            else:
+                if type(data) is bytes and size == len(data):
+                    return np.frombuffer(data, dtype=dtype).reshape(dims)
+    return _checked_tensor(name, raw)
+
+
+def _checked_tensor(name: str, raw: object) -> np.ndarray[Any, Any]:
     f = expect_map(raw, _TENSOR_KEYS, f"tensor {name!r}")
     dtype_name, shape, data = f["dtype"], f["shape"], f["data"]
     if type(dtype_name) is not str or dtype_name not in TENSOR_DTYPES:
