@@ -336,12 +336,36 @@ class KeptPipe(Generic[T]):
 
 
 class _Waiter:
-    __slots__ = ("done", "error", "reply")
+    """One exchange's answer, and the task waiting for it. The task parks itself
+    (`wait`) and the reader reschedules it (`answer`): a trio.Event and its
+    parking lot per exchange cost about 2 us more per job, on a client and on a
+    node forwarding jobs alike."""
+
+    __slots__ = ("done", "error", "reply", "task")
 
     def __init__(self) -> None:
-        self.done = trio.Event()
+        self.done = False
         self.reply = b""
         self.error: JobError | None = None
+        self.task: trio.lowlevel.Task | None = None  # parked in `wait`
+
+    async def wait(self) -> None:
+        """Until `answer` (a checkpoint, as trio.Event.wait is, if it came already)."""
+        if self.done:
+            await trio.lowlevel.checkpoint()
+            return
+        self.task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        self.task = None  # cancelled: `answer` must not wake it
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def answer(self, reply: bytes, error: JobError | None) -> None:
+        self.reply, self.error, self.done = reply, error, True
+        task, self.task = self.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
 
 
 class CallerPipe(KeptPipe[_Waiter]):
@@ -369,7 +393,7 @@ class CallerPipe(KeptPipe[_Waiter]):
                 await self._writer.send_now(frame)
             else:
                 self._writer.send(frame)
-            await waiter.done.wait()
+            await waiter.wait()
         except BaseException:  # the caller left: so does the server, for this one
             if self._open.pop(exchange, None) is not None and self.failure is None:
                 self._writer.send(Tagged(Kind.CANCEL, exchange, b"").encode())
@@ -387,16 +411,14 @@ class CallerPipe(KeptPipe[_Waiter]):
 
     def _end_all(self) -> None:
         for waiter in self._open.values():
-            waiter.error = self.failure
-            waiter.done.set()
+            waiter.answer(b"", self.failure)
         self._open.clear()
 
     def _answer(self, exchange: int, *, reply: bytes = b"", error: JobError | None = None) -> None:
         waiter = self._open.pop(exchange, None)
         if waiter is None:  # cancelled by its caller meanwhile
             return
-        waiter.reply, waiter.error = reply, error
-        waiter.done.set()
+        waiter.answer(reply, error)
 
 
 P = TypeVar("P", bound=KeptPipe[Any])
