@@ -91,6 +91,13 @@ MAX_DIM = 2**31 - 1
 # and its message is packed into a buffer sized for it.
 LARGE_TENSOR_BYTES = 64 * 1024
 _ENVELOPE = frozenset({"v", "kind"})
+# Replies decoded to be passed on as they came (a result a node forwarded a job for,
+# on its way back to the job's client), by id, with their bytes: `encode` gives
+# those bytes again, not encoding the same values a second time. Small ones only,
+# the newest PASS_KEEP; one never passed on (failed over, replaced) just ages out.
+PASS_KEEP = 1024
+PASS_MAX_BYTES = 4096
+_PASSED: dict[int, tuple[object, bytes]] = {}
 
 ToWire = Callable[[Any], Any]
 FromWire = Callable[[Any], Any]
@@ -99,6 +106,10 @@ FromWire = Callable[[Any], Any]
 def encode(message: Request | Reply) -> bytes:
     """The message's bytes. Raises JobError INVALID_INPUT for a tensor of a dtype the
     wire cannot carry."""
+    if _PASSED:
+        passed = _PASSED.pop(id(message), None)
+        if passed is not None and passed[0] is message:  # held, so its id is its own
+            return passed[1]
     kind, shape = _KIND_OF[type(message)]
     body: dict[str, Any] = {"kind": kind}
     shape.put(message, body)
@@ -124,9 +135,15 @@ def decode_request(payload: bytes) -> Request:
     return cast(Request, _decode(payload, _REQUESTS))  # its kind picked its type
 
 
-def decode_reply(payload: bytes) -> Reply:
-    """Decode a reply; raises `WireError` on anything but a valid one."""
-    return cast(Reply, _decode(payload, _REPLIES))  # its kind picked its type
+def decode_reply(payload: bytes, *, pass_on: bool = False) -> Reply:
+    """Decode a reply; raises `WireError` on anything but a valid one. With `pass_on`,
+    encoding the reply itself (not a copy or a changed one) gives `payload` back."""
+    reply = cast(Reply, _decode(payload, _REPLIES))  # its kind picked its type
+    if pass_on and len(payload) <= PASS_MAX_BYTES:
+        if len(_PASSED) >= PASS_KEEP:
+            del _PASSED[next(iter(_PASSED))]
+        _PASSED[id(reply)] = (reply, payload)
+    return reply
 
 
 def _decode(payload: bytes, kinds: Mapping[str, _Shape]) -> object:

@@ -176,14 +176,24 @@ class Rpc:
             texts=request.texts,
             truncate=request.truncate or None,
         )
-        reply = await self.call(peer_id, INFER_PROTOCOL, message, timeout + REPLY_GRACE_S)
+        # Its result goes back to the job's client as it came, unless changed on the way.
+        reply = await self.call(
+            peer_id, INFER_PROTOCOL, message, timeout + REPLY_GRACE_S, pass_on=True
+        )
         result: InferenceResult = expect_reply(reply, InferenceResult, peer_id)
         return result
 
     async def call(
-        self, peer_id: str, protocol: TProtocol, request: Request, timeout: float
+        self,
+        peer_id: str,
+        protocol: TProtocol,
+        request: Request,
+        timeout: float,
+        *,
+        pass_on: bool = False,
     ) -> Reply:
-        """One exchange with `peer_id`. Every failure raises `JobError`."""
+        """One exchange with `peer_id`. Every failure raises `JobError`. `pass_on`: the
+        reply will be sent on as it is (`_codec.decode_reply`)."""
         payload = _codec.encode(request)
         limit = self.limits.request_limit(protocol)
         if len(payload) > limit:
@@ -211,7 +221,7 @@ class Rpc:
                 ErrorCode.DEADLINE_EXCEEDED, f"no reply within {timeout:g} s", peer=peer_id
             )
         try:
-            return _codec.decode_reply(reply)
+            return _codec.decode_reply(reply, pass_on=pass_on)
         except WireError as error:
             raise JobError(error.code, f"bad reply: {error.message}", peer=peer_id) from None
 
