@@ -183,8 +183,10 @@ class Request:
         self.options: ort.RunOptions | None = None
         self.began = False  # set by the run, in its thread
         self.left = False  # cancelled after it was taken into a batch
-        self.done = trio.Event()
-        self.answer: Answer | None = None
+        self.answer: Answer | None = None  # set once, when it is answered
+        # Made only when its task must wait for the answer: at c=32 inline, one
+        # request's run answers the others before they look.
+        self.done: trio.Event | None = None
 
 
 @contextmanager

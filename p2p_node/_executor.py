@@ -538,9 +538,10 @@ class Executor:
         else:
             with taken_along(request):
                 await self._run_in_thread(model, lane, request)
-        if not request.done.is_set():
+        if request.answer is None:
+            request.done = trio.Event()
             await request.done.wait()
-        assert request.answer is not None  # set with `done`
+        assert request.answer is not None  # set before `done` is
         return request.answer
 
     async def _run_in_thread(self, model: LoadedModel, lane: Lane, request: Request) -> None:
@@ -594,7 +595,8 @@ class Executor:
             if request.left:
                 continue
             request.answer = result.answers.get(request) or _no_answer(lane.model_id)
-            request.done.set()
+            if request.done is not None:
+                request.done.set()
         self.runs += len(result.run_ms)
 
     def _leave(self, request: Request) -> str:
