@@ -168,7 +168,8 @@ def _decode(payload: bytes, kinds: Mapping[str, _Shape]) -> object:
             f"unexpected message kind {kind!r}; expected one of {sorted(kinds)}",
         )
     try:
-        return kinds[kind].take(raw, f"{kind!r} message")
+        shape = kinds[kind]
+        return shape.take(raw, shape.message)
     except (SchemaError, InvalidMessage) as error:  # the checks a message is built with
         message = error.message if isinstance(error, InvalidMessage) else str(error)
         raise WireError(ErrorCode.MALFORMED_MESSAGE, message) from None
@@ -189,6 +190,7 @@ class _Shape:
         table = schema(cls)
         self.cls = cls
         self.label = table.label
+        self.message = self.label  # what a message of this shape is called in errors
         self.row = table.row
         self.checks = None if table.checks_itself else table.check_fields
         self.names = [f.name for f in table.fields]
@@ -525,6 +527,7 @@ _KIND_OF: dict[type, tuple[str, _Shape]] = {}
 def register(kind: str, cls: type[Request | Response] | type[InferenceResult]) -> None:
     """Put `cls` on the wire as `kind`: a request or a reply, by its base class."""
     shape = _Shape(cls, _ENVELOPE)
+    shape.message = f"{kind!r} message"  # built once, not per message decoded
     (_REQUESTS if issubclass(cls, Request) else _REPLIES)[kind] = shape
     _KIND_OF[cls] = (kind, shape)
 
