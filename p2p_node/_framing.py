@@ -98,6 +98,8 @@ class FrameBuffer:
 
 def encode_varint(n: int) -> bytes:
     """`n` (>= 0) as unsigned LEB128."""
+    if n < 0x4000:  # an exchange id, a small body's length: no loop (every frame has two)
+        return _ONE_BYTE[n] if n < 0x80 else bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while True:
         byte = n & 0x7F
@@ -106,6 +108,9 @@ def encode_varint(n: int) -> bytes:
             out.append(byte)
             return bytes(out)
         out.append(byte | 0x80)
+
+
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
 
 
 def _read_varint(buffer: bytearray, start: int) -> tuple[int, int] | None:

@@ -19,6 +19,11 @@ def test_prefix_matches_libp2p_varint(size: int) -> None:
     assert encode_frame(payload) == encode_uvarint(size) + payload
 
 
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 255, 16383, 16384, 2**21 - 1, 2**21, 2**40])
+def test_a_varint_is_libp2ps_on_both_sides_of_the_short_forms(n: int) -> None:
+    assert _framing.encode_varint(n) == encode_uvarint(n)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     frames=st.lists(st.binary(max_size=600), max_size=8),
