@@ -43,13 +43,17 @@ class InferenceRequest:
             raise ValueError("model_id must not be empty")
         if not self.timeout > 0:
             raise ValueError(f"timeout must be > 0, got {self.timeout}")
-        if type(self.outputs) is not tuple or not all(
-            type(name) is str and name for name in self.outputs
+        # The checks of each name skipped when there are none (most requests): their
+        # generators were 3% of a node's CPU at c=32 (one request built per job).
+        if type(self.outputs) is not tuple or (
+            self.outputs and not all(type(name) is str and name for name in self.outputs)
         ):
             raise ValueError(f"outputs must be a tuple of output names, got {self.outputs!r}")
-        if len(set(self.outputs)) != len(self.outputs):
+        if self.outputs and len(set(self.outputs)) != len(self.outputs):
             raise ValueError(f"outputs names one output twice: {self.outputs!r}")
-        if type(self.texts) is not tuple or not all(type(t) is str for t in self.texts):
+        if type(self.texts) is not tuple or (
+            self.texts and not all(type(t) is str for t in self.texts)
+        ):
             raise ValueError(f"texts must be a tuple of strings, got {type(self.texts).__name__}")
         if self.texts and self.inputs:
             raise ValueError("a request carries texts or input tensors, not both")
