@@ -494,7 +494,9 @@ def _tensor_from_wire(name: str, raw: object) -> np.ndarray[Any, Any]:
                 size *= d
             else:
                 if type(data) is bytes and size == len(data):
-                    return np.frombuffer(data, dtype=dtype).reshape(dims)
+                    # what frombuffer(...).reshape(dims) gives (read-only, a view of
+                    # `data`), in one call, not two
+                    return np.ndarray(dims, dtype, data)
     return _checked_tensor(name, raw)
 
 
