@@ -137,6 +137,10 @@ class Kind(IntEnum):
     # that answers every exchange still unanswered
 
 
+_KINDS = tuple(sorted(Kind))  # by number
+assert [kind.value for kind in _KINDS] == list(range(len(_KINDS)))  # numbered 0, 1, ...
+
+
 @dataclass(frozen=True, slots=True)
 class Tagged:
     kind: Kind
@@ -199,10 +203,10 @@ class TaggedBuffer:
             return Tagged(head[0], head[1], body)
         if not self._buffer:
             return None
-        try:
-            kind = Kind(self._buffer[0])
-        except ValueError:
-            raise FrameError(f"unknown frame kind {self._buffer[0]}") from None
+        first = self._buffer[0]
+        if first >= len(_KINDS):
+            raise FrameError(f"unknown frame kind {first}")
+        kind = _KINDS[first]  # a tuple's item, not Kind(first)'s enum lookup per frame
         exchange = _read_varint(self._buffer, 1)
         if exchange is None:
             return None
