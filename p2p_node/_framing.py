@@ -148,12 +148,13 @@ class Tagged:
     body: bytes
 
     def encode(self) -> bytes:
-        return (
-            bytes((self.kind,))
-            + encode_varint(self.exchange)
-            + encode_varint(len(self.body))
-            + self.body
-        )
+        return tagged_frame(self.kind, self.exchange, self.body)
+
+
+def tagged_frame(kind: Kind, exchange: int, body: bytes) -> bytes:
+    """`Tagged(kind, exchange, body).encode()` without building the frozen dataclass
+    (a request's frame on a caller, a reply's on a server: one per job each)."""
+    return bytes((kind,)) + encode_varint(exchange) + encode_varint(len(body)) + body
 
 
 class TaggedBuffer:

@@ -42,7 +42,7 @@ from ._channel import (
     only_transport_errors,
 )
 from ._errors import leaves
-from ._framing import FrameError, Kind, Tagged, TaggedBuffer
+from ._framing import FrameError, Kind, Tagged, TaggedBuffer, tagged_frame
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -388,7 +388,7 @@ class CallerPipe(KeptPipe[_Waiter]):
             # written at once it split each round in two (its peer ran and answered
             # it alone, the others in a second write and run), forwarded jobs at
             # concurrency 8 losing 10 to 25% of their rate.
-            frame = Tagged(Kind.REQUEST, exchange, payload).encode()
+            frame = tagged_frame(Kind.REQUEST, exchange, payload)
             if len(self._open) == 1 and not COMPANY_EXPECTED.get():
                 await self._writer.send_now(frame)
             else:

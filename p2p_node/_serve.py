@@ -32,7 +32,7 @@ from ._channel import (
     Traffic,
     only_transport_errors,
 )
-from ._framing import FrameError, Kind, Tagged, TaggedBuffer
+from ._framing import FrameError, Kind, Tagged, TaggedBuffer, tagged_frame
 from ._messages import ErrorReply, Reply, Request, WireError
 from ._pipeline import PIPELINED, FrameWriter
 
@@ -349,7 +349,7 @@ class Server:
                 if scope.cancelled_caught:
                     return
             del working[request.exchange]  # the exchange id is free again
-            frame = Tagged(Kind.REPLY, request.exchange, self._encode_reply(reply)).encode()
+            frame = tagged_frame(Kind.REPLY, request.exchange, self._encode_reply(reply))
             queued = True
             if working:  # others will answer soon: share the writer's next write
                 writer.send(frame, self._answered)
