@@ -418,8 +418,8 @@ class Gossip:
         heals, and every node of this side lacks them all. A sync carries them
         in one message to each neighbour that lacks them, where GossipSub would
         flood each one by itself to every node, every node reading it once per
-        mesh neighbour: at 200 nodes a heal moved ~170 such floods, and that was
-        the whole of its time.
+        mesh neighbour: at 200 nodes a heal moved ~170 such floods, most of its
+        time.
         """
         fresh: list[tuple[PeerRecord, rpc_pb2.Message, bool]] = []
         now = trio.current_time()

@@ -124,7 +124,6 @@ class Node:
         self._announced_in_flight = 0
         self._in_touch: set[str] = set()  # peers _keep_in_touch runs for
         self.spread_rounds = 0  # rounds of syncs that passed revivals on (see _spread_forever)
-        self.spread_syncs = 0
         self._gate = gate
         self.admission = Admission(config.admission, rpc.peer_id)
         self._index = NodeIndex(())
@@ -490,7 +489,6 @@ class Node:
                 if p not in senders and speaks(p, SYNC_PROTOCOL) and last_record(p) is not None
             ]
             self.spread_rounds += 1
-            self.spread_syncs += len(others)
             async with trio.open_nursery() as nursery:
                 for peer_id in others:
                     nursery.start_soon(self.sync_once, peer_id)
