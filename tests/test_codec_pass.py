@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 
 import msgpack
 import numpy as np
+import pytest
 
 from p2p_node import _codec
 from scheduler import InferenceResult
+
+
+@pytest.fixture(autouse=True)
+def _nothing_kept() -> Iterator[None]:
+    """Each test starts and ends with no reply held to be passed on."""
+    _codec._PASSED.clear()
+    yield
+    _codec._PASSED.clear()
 
 
 def _result_bytes(load: int = 3) -> bytes:
@@ -42,5 +52,4 @@ def test_replies_never_passed_on_age_out() -> None:
     ]
     assert len(_codec._PASSED) <= _codec.PASS_KEEP
     assert _codec.encode(kept[0]) != _result_bytes(0)  # the oldest aged out
-    assert _codec.encode(kept[-1]) is not None
-    _codec._PASSED.clear()
+    assert _codec.encode(kept[-1]) == _result_bytes(_codec.PASS_KEEP + 9)  # the newest kept
