@@ -61,18 +61,38 @@ __all__ = [
 ]
 
 
-def edges(n: int, topology: Topology, degree: int = 4, seed: int = 0) -> set[tuple[int, int]]:
-    """Undirected edges (i, j) with j < i: who dials whom when the swarm starts."""
+def edges(
+    n: int, topology: Topology, degree: int = 4, seed: int = 0, groups: int = 1
+) -> set[tuple[int, int]]:
+    """Undirected edges (i, j) with j < i: who dials whom when the swarm starts.
+
+    "random": node i dials node i - `groups` (the one before it in its worker,
+    when nodes are dealt to `groups` workers in turn; i - 1 in one process) and
+    degree/2 - 1 random earlier nodes (degree/2 before it has such a node), so
+    degree `degree` on average. The chain keeps every worker's nodes, and any
+    range of indices, connected: a partition by workers or by index ranges cuts
+    links, and leaves no node without one on its side. With random links only
+    (each node dialing degree/2 earlier ones), a 100/100 cut of 200 nodes left
+    22 of them with no link on their side, unheard there until the heal."""
     if topology == "full":
         return {(i, j) for i in range(n) for j in range(i)}
     if topology == "ring":
         return {(i, i - 1) for i in range(1, n)} | ({(n - 1, 0)} if n > 2 else set())
     if topology == "random":
+        if groups < 1:
+            raise ValueError(f"groups must be at least 1, got {groups}")
         rng = random.Random(seed)
         out = set()
+        picks = max(1, degree // 2)
         for i in range(1, n):
-            for j in rng.sample(range(i), min(i, max(1, degree // 2))):
-                out.add((i, j))
+            if i >= groups:
+                out.add((i, i - groups))
+                others = [j for j in range(i) if j != i - groups]
+                for j in rng.sample(others, min(len(others), max(1, picks - 1))):
+                    out.add((i, j))
+            else:
+                for j in rng.sample(range(i), min(i, picks)):
+                    out.add((i, j))
         return out
     raise ValueError(f"unknown topology {topology!r}; use full, ring or random")
 
@@ -226,7 +246,8 @@ async def open_swarm(
     logs = os.environ.get("P2P_NODE_SWARM_LOGS")
     if processes < 1:
         raise ValueError("a swarm needs at least one process")
-    links = edges(n, topology, degree, seed)
+    workers = min(processes, n) if processes > 1 or namespaces else 1
+    links = edges(n, topology, degree, seed, groups=workers)
     with tempfile.TemporaryDirectory(prefix="p2p-node-swarm-") as tmp:
         root = data_root or Path(tmp)
         template = base or NodeConfig(data_dir=root, shutdown_grace=1.0, target_degree=0)
@@ -246,7 +267,7 @@ async def open_swarm(
 
         if processes > 1 or namespaces:
             async with _open_process_swarm(
-                n, min(processes, n), namespaces, links, config_of, Path(logs or tmp)
+                n, workers, namespaces, links, config_of, Path(logs or tmp)
             ) as process_swarm:
                 yield process_swarm
             return

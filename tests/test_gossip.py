@@ -41,6 +41,36 @@ def test_topologies_are_connected_graphs(topology) -> None:
         assert len(links) == 12
 
 
+def _connected(links: set[tuple[int, int]], nodes: set[int]) -> bool:
+    """Whether `nodes` form one component over the links among themselves."""
+    start = min(nodes)
+    reached, frontier = {start}, [start]
+    while frontier:
+        node = frontier.pop()
+        for a, b in links:
+            for x, y in ((a, b), (b, a)):
+                if x == node and y in nodes and y not in reached:
+                    reached.add(y)
+                    frontier.append(y)
+    return reached == nodes
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_a_random_topology_cut_by_workers_or_halves_leaves_each_side_connected(
+    groups, seed
+) -> None:
+    # A cut that leaves a node no link on its side measures that node, unheard
+    # until the heal, more than the protocol (the 100/100 heal of bench.gossip).
+    n = 200
+    links = edges(n, "random", degree=4, seed=seed, groups=groups)
+    assert 2 * len(links) / n == pytest.approx(4, abs=0.1)
+    sides = [set(range(n // 2)), set(range(n // 2, n))]
+    sides += [{i for i in range(n) if i % groups == w} for w in range(groups)]
+    for side in sides:
+        assert _connected(links, side)
+
+
 async def test_ten_nodes_converge_and_views_carry_the_records() -> None:
     with trio.fail_after(60):
         async with open_swarm(N, topology="random", degree=4, seed=3) as swarm:
