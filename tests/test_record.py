@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gossip import ModelDescriptor, SchemaError, TensorSpec
+from gossip import _record as record_module
 from gossip._record import (
     MAX_ADDRS,
     MAX_BOOT_ID_LENGTH,
@@ -430,13 +431,34 @@ def test_wrong_value_is_malformed(path: tuple[str | int, ...], value: object) ->
 
 
 def test_a_model_entry_seen_before_is_reused_and_its_lookalikes_are_still_checked() -> None:
-    data = encode_record(REALISTIC)
-    first, again = decode_record(data), decode_record(data)
-    assert again == REALISTIC
+    first = decode_record(encode_record(REALISTIC))
+    later = dataclasses.replace(REALISTIC, seq=REALISTIC.seq + 1)  # other bytes, same models
+    again = decode_record(encode_record(later))
+    assert again == later
     assert all(a is b for a, b in zip(first.models, again.models, strict=True))  # kept
     # Entries that equal a kept one in Python (1 == 1.0 == True) are other bytes:
     _rejects(_mutated(("models", 0, "loaded"), 1))
     _rejects(_mutated(("models", 0, "model", "inputs", 0, "shape", 1), 64.0))
+
+
+def test_a_record_decoded_before_is_kept_by_its_bytes_and_bad_bytes_never_are() -> None:
+    data = encode_record(_record(seq=7_001))
+    assert decode_record(data) is decode_record(bytes(bytearray(data)))  # equal bytes
+    bad = data[:-1]
+    for _ in range(2):  # refused each time, and not kept
+        with pytest.raises(RecordError):
+            decode_record(bad)
+    assert bad not in record_module._decoded
+
+
+def test_the_records_kept_are_the_latest_few() -> None:
+    first = encode_record(_record(seq=8_000))
+    kept = decode_record(first)
+    for seq in range(8_001, 8_001 + record_module.DECODED_KEPT):
+        decode_record(encode_record(_record(seq=seq)))
+    assert len(record_module._decoded) == record_module.DECODED_KEPT
+    again = decode_record(first)  # fell out: decoded afresh, to an equal record
+    assert again == kept and again is not kept
 
 
 _EXT = {
