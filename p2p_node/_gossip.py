@@ -42,6 +42,7 @@ from gossip import (
     PublishPacer,
     RecordError,
     Rejection,
+    ViewSnapshot,
     check_record,
     digest_entry,
     encode_record,
@@ -76,6 +77,30 @@ def _parse_peer_id(peer_id: str) -> ID | None:
         return ID.from_base58(peer_id)
     except Exception:  # not a peer id
         return None
+
+
+VERIFIED_KEPT = 1024  # messages whose good signature a process keeps (see _signed_by_sender)
+_verified: OrderedDict[tuple[object, ...], None] = OrderedDict()
+
+
+def _signed_by_sender(msg: rpc_pb2.Message) -> bool:
+    """Whether `msg` bears its sender's signature (py-libp2p's `signature_validator`).
+
+    Good signatures of the last `VERIFIED_KEPT` messages checked in this process
+    are kept, by every field the signature covers or that names its key, so a
+    message is checked once however many syncs bring it: to one node, and to
+    each node of a process that runs many (see `gossip.decode_record`). A bad
+    one is checked every time, as before."""
+    key = (msg.from_id, msg.seqno, msg.data, tuple(msg.topicIDs), msg.key, msg.signature)
+    if key in _verified:
+        _verified.move_to_end(key)
+        return True
+    if not signature_validator(msg):
+        return False
+    _verified[key] = None
+    if len(_verified) > VERIFIED_KEPT:
+        _verified.popitem(last=False)
+    return True
 
 
 def worth_pushing(record: PeerRecord, sender: str, wall_now: float) -> bool:
@@ -144,6 +169,7 @@ class Gossip:
         self.revivals = 0  # records new here by a sync that brought back a dropped peer
         self._news = trio.Event()  # set when a sync brought revivals (see `next_news`)
         self._news_from: set[str] = set()
+        self._digest: tuple[ViewSnapshot, PeerRecord | None, tuple[DigestEntry, ...]] | None = None
         self._held_back: list[tuple[ID, rpc_pb2.Message]] = []  # see push_held_back
         self._beat = trio.Event()  # set, and replaced, once per beat period
         self._started_at = trio.current_time()
@@ -321,14 +347,20 @@ class Gossip:
         """What records this node holds, one (peer id, boot id, seq, issued at) each:
         ours, every peer's in the view, and the last records of the peers that left
         most recently (so that a peer does not send us again what we dropped)."""
+        snapshot = self.view.snapshot()  # a new one whenever records or departures change
+        cached = self._digest
+        if cached is not None and cached[0] is snapshot and cached[1] is self._mine:
+            return cached[2]  # (a spread round syncs with every neighbour at once)
         entries: dict[str, DigestEntry] = {}
         for record in self.view.departed(MAX_DIGEST_DEPARTED):
             entries[record.peer_id] = digest_entry(record)
-        for peer_id, known in self.view.snapshot().peers.items():
+        for peer_id, known in snapshot.peers.items():
             entries[peer_id] = digest_entry(known.record)
         if self._mine is not None:
             entries[self._my_id] = digest_entry(self._mine)
-        return tuple(entries.values())
+        digest = tuple(entries.values())
+        self._digest = (snapshot, self._mine, digest)
+        return digest
 
     def newer_than(self, digest: Sequence[DigestEntry]) -> tuple[bytes, ...]:
         """The signed messages we hold (ours, alive peers') that a peer whose digest
@@ -436,7 +468,7 @@ class Gossip:
                 record = check_record(msg.data, signer, None)
                 if previous is not None and not is_newer(record, previous):
                     continue
-                if not signature_validator(msg):
+                if not _signed_by_sender(msg):
                     raise RecordError(Rejection.FORGED, "bad signature")
             except RecordError as error:
                 self.rejects[error.reason] += 1

@@ -8,6 +8,8 @@ from typing import Any
 import msgpack
 import pytest
 import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import PUBSUB_SIGNING_PREFIX
 from test_view import record as view_record
@@ -23,7 +25,7 @@ from gossip import (
 )
 from p2p_node._codec import decode_reply, decode_request, encode
 from p2p_node._config import ConfigError, GossipConfig
-from p2p_node._gossip import PUSH_YOUNGER_THAN_S, worth_pushing
+from p2p_node._gossip import PUSH_YOUNGER_THAN_S, _signed_by_sender, worth_pushing
 from p2p_node._messages import DigestReply, DigestRequest, InvalidMessage, WireError
 from p2p_node._node import Node
 from p2p_node._rpc import SYNC_PROTOCOL
@@ -193,6 +195,37 @@ def signed_unpublished(node: Node) -> bytes:
     msg.signature = pubsub.sign_key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
     msg.key = pubsub.host.get_public_key().serialize()
     return msg.SerializeToString()
+
+
+def test_a_good_signature_kept_passes_nothing_else_it_does_not_cover() -> None:
+    """A good signature is checked once per process and kept; a message that
+    differs from it in any field the signature covers is checked afresh, and
+    refused."""
+    keys = create_new_key_pair()
+    other = create_new_key_pair()
+    msg = rpc_pb2.Message(
+        data=b"record", topicIDs=["t"], from_id=ID.from_pubkey(keys.public_key).to_bytes()
+    )
+    msg.seqno = b"\x00" * 8
+    msg.signature = keys.private_key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
+    msg.key = keys.public_key.serialize()
+    assert _signed_by_sender(msg) and _signed_by_sender(msg)  # checked, then kept
+    forged = {
+        "data": {"data": b"record!"},
+        "topic": {"topicIDs": ["u"]},
+        "seqno": {"seqno": b"\x00" * 7 + b"\x01"},
+        "from": {"from_id": ID.from_pubkey(other.public_key).to_bytes()},
+    }
+    for name, change in forged.items():
+        copy = rpc_pb2.Message()
+        copy.CopyFrom(msg)
+        for field, value in change.items():
+            if field == "topicIDs":
+                del copy.topicIDs[:]
+                copy.topicIDs.extend(value)
+            else:
+                setattr(copy, field, value)
+        assert not _signed_by_sender(copy), name
 
 
 async def test_records_that_revive_peers_go_on_by_syncs_not_gossipsub() -> None:
