@@ -63,6 +63,7 @@ def new_libp2p_host(
     if psk is not None:
         _libp2p.log_refused_handshakes(host, psk)
     _libp2p.cache_addrs(host)
+    _libp2p.bound_retransmission(host)
     return host
 
 

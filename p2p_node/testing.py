@@ -35,6 +35,7 @@ from gossip import Capabilities, PeerState, ViewSnapshot
 
 from . import _swarm_proc
 from ._config import GossipConfig, NodeConfig
+from ._libp2p import tcp_socket
 from ._node import Node, open_node
 from ._psk import PreSharedKey
 from ._swarm_proc import NodeHandle, ProcessSwarm, RemoteError, SwarmWorkerError, partition_cuts
@@ -419,12 +420,9 @@ def unblock_node(node: Node, blocklist: Blocklist) -> None:
 
 def _close_socket(conn: object) -> None:
     """Close the TCP socket under a libp2p connection (SwarmConn > Yamux > Noise > TCP)."""
-    for name in ("muxed_conn", "secured_conn", "conn", "conn", "stream", "stream", "socket"):
-        if isinstance(conn, trio.socket.SocketType):
-            break
-        conn = getattr(conn, name, conn)
-    if isinstance(conn, trio.socket.SocketType):
-        conn.close()
+    sock = tcp_socket(conn)
+    if sock is not None:
+        sock.close()
 
 
 async def _run_node(

@@ -549,3 +549,45 @@ async def test_a_noise_message_is_cancelled_before_it_is_sealed_never_after() ->
         assert sealer.sealed == 1
         assert await _receive_all(theirs, 7) == b"\x00\x05<cba>"  # sent whole all the same
     theirs.close()
+
+
+def _kernel_caps_retransmission() -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _libp2p.TCP_RTO_MAX_MS, _libp2p.RTO_MAX_MS)
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.skipif(not _kernel_caps_retransmission(), reason="the kernel has no TCP_RTO_MAX_MS")
+async def test_both_ends_of_a_connection_cap_their_retransmission_timer() -> None:
+    """So that a link that dropped packets (a partition) resumes within a second of
+    coming back, not at TCP's next try, up to 120 s later."""
+    import socket
+
+    from p2p_node.testing import open_swarm
+
+    with trio.fail_after(30):
+        async with open_swarm(2, topology="full") as swarm:
+            await swarm.wait_converged()
+            caps = []
+            for i in swarm.live:
+                for conns in swarm[i]._rpc.host.get_network().connections.values():
+                    for conn in conns:
+                        sock = _libp2p.tcp_socket(conn)
+                        assert sock is not None
+                        caps.append(sock.getsockopt(socket.IPPROTO_TCP, _libp2p.TCP_RTO_MAX_MS))
+    assert caps == [_libp2p.RTO_MAX_MS] * 2
+
+
+def test_a_kernel_without_the_cap_leaves_connections_as_they_are(monkeypatch) -> None:
+    class OldKernelSocket(trio.socket.SocketType):  # type: ignore[misc]
+        def setsockopt(self, *args: Any) -> None:
+            raise OSError(92, "Protocol not available")  # ENOPROTOOPT
+
+    monkeypatch.setattr(_libp2p, "_rto_cap_unsupported", False)
+    _libp2p.cap_retransmission(OldKernelSocket.__new__(OldKernelSocket))  # no error
+    assert _libp2p._rto_cap_unsupported  # and later connections are not asked again
