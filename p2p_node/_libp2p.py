@@ -1322,7 +1322,7 @@ def bound_retransmission(host: IHost) -> None:
     120 s. When the link comes back, its connections stay silent until their
     next try: beats, syncs and jobs on them wait, and membership sees no reason
     to redial. 200 nodes over 2 namespaced workers, cut 100/100 for 30 s, were
-    not whole 120 s after the heal; with the cap, 4.3 s. The cost: on a path
+    not whole 120 s after the heal; with the cap, 5.0 s. The cost: on a path
     whose round trip exceeds a second, TCP retransmits more than it needs to.
     """
     patch = "bounded retransmission"

@@ -69,8 +69,8 @@ def edges(
 
     "random": node i dials node i - `groups` (the one before it in its worker,
     when nodes are dealt to `groups` workers in turn; i - 1 in one process) and
-    degree/2 - 1 random earlier nodes (degree/2 before it has such a node), so
-    degree `degree` on average. The chain keeps every worker's nodes, and any
+    max(1, degree/2 - 1) random earlier nodes (degree/2 while it is first in its
+    worker): degree `degree` on average. The chain keeps every worker's nodes, and any
     range of indices, connected: a partition by workers or by index ranges cuts
     links, and leaves no node without one on its side. With random links only
     (each node dialing degree/2 earlier ones), a 100/100 cut of 200 nodes left
