@@ -131,6 +131,7 @@ class Run:
     cpu_pct_total: float | None = None
     partition_split_s: float | None = None
     heal_s: float | None = None
+    false_deaths_after_heal: int | None = None
     records_per_node_s: float | None = None
     lag_p50: float | None = None
     lag_p99: float | None = None
@@ -443,7 +444,12 @@ async def measure_steady(swarm: AnySwarm, run: Run, seconds: float) -> None:
     )
 
 
-async def measure_partition(swarm: AnySwarm, run: Run, split_s: float, timeout: float) -> None:
+AFTER_HEAL_S = 10.0  # how long views are watched for false deaths once whole after a heal
+
+
+async def measure_partition(
+    swarm: AnySwarm, run: Run, split_s: float, timeout: float, watch_s: float = AFTER_HEAL_S
+) -> None:
     """Cut the live nodes 50/50 (by index; with namespaces, by whole workers), wait
     until each side has dropped the other (at most `split_s`: a node left without
     a link on its side learns nothing until records expire), then heal: the time
@@ -476,9 +482,25 @@ async def measure_partition(swarm: AnySwarm, run: Run, split_s: float, timeout: 
     with trio.move_on_after(timeout):
         await swarm.wait_converged()
         run.heal_s = trio.current_time() - t1
+    if run.heal_s is not None:  # then no view may lose a live peer (a false death)
+        alive = frozenset(_alive_ids(swarm))
+        deaths: list[tuple[str, str]] = []
+
+        async def watch(i: int) -> None:
+            deaths.extend((await swarm.run(i, _steady_watch, alive, watch_s))[0])
+
+        async with trio.open_nursery() as nursery:
+            for i in swarm.live:
+                nursery.start_soon(watch, i)
+        run.false_deaths_after_heal = len(deaths)
     run.notes.append(
         f"partition {len(left)}/{len(right)}: every node dropped the other side after "
         f"{_fmt(run.partition_split_s)} s; whole again {_fmt(run.heal_s)} s after the heal"
+        + (
+            f", then {run.false_deaths_after_heal} false deaths in {watch_s:g} s"
+            if run.false_deaths_after_heal is not None
+            else ""
+        )
     )
 
 
