@@ -1310,6 +1310,18 @@ def cache_addrs(host: IHost) -> None:
     host.get_addrs = get_addrs  # type: ignore[method-assign]
 
 
+def _security_upgrader(host: IHost, patch: str) -> Any:
+    """The host's TransportUpgrader, whose `upgrade_security` every connection goes
+    through, dialed or accepted, as `patch` expects it."""
+    network: Any = host.get_network()
+    upgrader = network.upgrader
+    _expect(patch, isinstance(upgrader, TransportUpgrader), "the swarm has no TransportUpgrader")
+    _expect_shape(
+        patch, upgrader, "upgrade_security", "(raw_conn, is_initiator, peer_id=None)", is_async=True
+    )
+    return upgrader
+
+
 _rto_cap_unsupported = False  # set when the kernel refused TCP_RTO_MAX_MS once
 
 
@@ -1325,13 +1337,7 @@ def bound_retransmission(host: IHost) -> None:
     not whole 120 s after the heal; with the cap, 5.0 s. The cost: on a path
     whose round trip exceeds a second, TCP retransmits more than it needs to.
     """
-    patch = "bounded retransmission"
-    network: Any = host.get_network()
-    upgrader = network.upgrader
-    _expect(patch, isinstance(upgrader, TransportUpgrader), "the swarm has no TransportUpgrader")
-    _expect_shape(
-        patch, upgrader, "upgrade_security", "(raw_conn, is_initiator, peer_id=None)", is_async=True
-    )
+    upgrader = _security_upgrader(host, "bounded retransmission")
     upgrade = upgrader.upgrade_security
 
     async def upgrade_security(raw_conn: Any, is_initiator: bool, peer_id: ID | None = None) -> Any:
@@ -1378,12 +1384,7 @@ def refuse_peers(host: IHost, allows: PeerGate) -> None:
     comes from a new ephemeral port each time. A refused dialer sees its dial fail.
     """
     patch = "refuse peers after the handshake"
-    network: Any = host.get_network()
-    upgrader = network.upgrader
-    _expect(patch, isinstance(upgrader, TransportUpgrader), "the swarm has no TransportUpgrader")
-    _expect_shape(
-        patch, upgrader, "upgrade_security", "(raw_conn, is_initiator, peer_id=None)", is_async=True
-    )
+    upgrader = _security_upgrader(host, patch)
     # Both ways in go through it, and call it on the swarm's upgrader each time.
     _expect_uses(patch, Swarm.upgrade_inbound_raw_conn, "upgrader", "upgrade_security")
     _expect_uses(patch, Swarm.upgrade_outbound_raw_conn, "upgrader", "upgrade_security")
