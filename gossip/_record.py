@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -389,29 +388,22 @@ _GONE_KEYS = frozenset({"peer", "boot", "seq"})
 
 
 DECODED_KEPT = 1024  # records whose decoding a process keeps (~7 KB each, and the record)
-_decoded: OrderedDict[bytes, PeerRecord] = OrderedDict()
 
 
 def decode_record(data: bytes) -> PeerRecord:
     """The record in `data`; RecordError(OVERSIZE or MALFORMED) for anything else.
 
     The last `DECODED_KEPT` records decoded in this process are kept by their bytes
-    (records are immutable), so a record is decoded once however many times it
-    comes: by GossipSub and by syncs, and, where one process runs many nodes (the
-    test harness, 100 per process), at each of them. When a healed partition sends
-    ~13,000 records across 200 such nodes, decoding each once per node was, with
-    its signature checks, a third of the heal."""
-    record = _decoded.get(data)
-    if record is not None:
-        _decoded.move_to_end(data)
-        return record
-    record = _decode_record(data)
-    _decoded[data] = record
-    if len(_decoded) > DECODED_KEPT:
-        _decoded.popitem(last=False)
-    return record
+    (decoding is pure and records are immutable, as for model entries below), so a
+    record is decoded once however many times it comes: by GossipSub and by syncs,
+    and, where one process runs many nodes (the test harness, 100 per process), at
+    each of them. When a healed partition sends ~13,000 records across 200 such
+    nodes, decoding each once per node was, with its signature checks, a third of
+    the heal. Bytes that raise are never kept."""
+    return _decode_record(data)
 
 
+@functools.lru_cache(maxsize=DECODED_KEPT)
 def _decode_record(data: bytes) -> PeerRecord:
     if len(data) > MAX_RECORD_BYTES:
         raise RecordError(

@@ -28,15 +28,7 @@ def alive_everywhere(swarm: Swarm, peer_id: str) -> bool:
 @pytest.mark.parametrize("topology", ["full", "ring", "random"])
 def test_topologies_are_connected_graphs(topology) -> None:
     links = edges(12, topology, degree=4, seed=1)
-    reached, frontier = {0}, [0]
-    while frontier:
-        node = frontier.pop()
-        for a, b in links:
-            for x, y in ((a, b), (b, a)):
-                if x == node and y not in reached:
-                    reached.add(y)
-                    frontier.append(y)
-    assert reached == set(range(12))
+    assert _connected(links, set(range(12)))
     if topology == "ring":
         assert len(links) == 12
 

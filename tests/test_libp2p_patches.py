@@ -4,6 +4,7 @@ refused loudly where py-libp2p no longer has the shape they were written for."""
 from __future__ import annotations
 
 import importlib.util
+import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +28,7 @@ from libp2p.stream_muxer.yamux import yamux
 from p2p_node import _libp2p
 from p2p_node._host import new_libp2p_host
 from p2p_node._libp2p import Libp2pChanged, apply_to_process
+from p2p_node.testing import open_swarm
 
 # The codec and everything importing the package pulls in (the host, the caller, the node).
 IMPORTS = ["p2p_node._codec", "p2p_node._messages", "p2p_node"]
@@ -552,8 +554,6 @@ async def test_a_noise_message_is_cancelled_before_it_is_sealed_never_after() ->
 
 
 def _kernel_caps_retransmission() -> bool:
-    import socket
-
     with socket.socket() as sock:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, _libp2p.TCP_RTO_MAX_MS, _libp2p.RTO_MAX_MS)
@@ -566,10 +566,6 @@ def _kernel_caps_retransmission() -> bool:
 async def test_both_ends_of_a_connection_cap_their_retransmission_timer() -> None:
     """So that a link that dropped packets (a partition) resumes within a second of
     coming back, not at TCP's next try, up to 120 s later."""
-    import socket
-
-    from p2p_node.testing import open_swarm
-
     with trio.fail_after(30):
         async with open_swarm(2, topology="full") as swarm:
             await swarm.wait_converged()

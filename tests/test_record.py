@@ -445,10 +445,11 @@ def test_a_record_decoded_before_is_kept_by_its_bytes_and_bad_bytes_never_are() 
     data = encode_record(_record(seq=7_001))
     assert decode_record(data) is decode_record(bytes(bytearray(data)))  # equal bytes
     bad = data[:-1]
+    kept = record_module._decode_record.cache_info().currsize
     for _ in range(2):  # refused each time, and not kept
         with pytest.raises(RecordError):
             decode_record(bad)
-    assert bad not in record_module._decoded
+    assert record_module._decode_record.cache_info().currsize == kept
 
 
 def test_the_records_kept_are_the_latest_few() -> None:
@@ -456,7 +457,7 @@ def test_the_records_kept_are_the_latest_few() -> None:
     kept = decode_record(first)
     for seq in range(8_001, 8_001 + record_module.DECODED_KEPT):
         decode_record(encode_record(_record(seq=seq)))
-    assert len(record_module._decoded) == record_module.DECODED_KEPT
+    assert record_module._decode_record.cache_info().currsize == record_module.DECODED_KEPT
     again = decode_record(first)  # fell out: decoded afresh, to an equal record
     assert again == kept and again is not kept
 
