@@ -150,6 +150,11 @@ class FrameWriter:
             n += 1
         del hooks[:n]
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, nothing being written."""
+        return not self._queued and not self._writing
+
     async def write(self, frame: bytes) -> None:
         """Send `frame` and wait until it is written (or the writer failed: `run`
         raises that)."""

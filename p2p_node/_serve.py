@@ -45,8 +45,30 @@ SERVER_IDLE_S = 60.0
 # that the caller, still writing, gets to read the refusal (then the stream is reset).
 SKIP_OVERSIZE_S = 10.0
 
+# A pipelined stream's requests go to work in groups of at most GROUP_REQUESTS: past
+# that many in flight, the next waits until they are all answered (and the answers
+# written), or for
+# GROUP_ROUNDS scheduling rounds (so a slow request holds up the rest for no
+# longer). Thirty-two requests that come in one read, all started at once, were
+# answered in one write after all of them were done: the caller sat idle while the
+# node worked, then the node while the caller read the answers and sent the next
+# ones, one core busy of two. In groups, the caller takes one group's answers
+# while the node works on the next (bench.overhead at c=32, alternated: 5,200 ->
+# 6,000 jobs/s local, 2,800 -> 3,800 forwarded).
+GROUP_REQUESTS = 16
+GROUP_ROUNDS = 8
+
 R = TypeVar("R", bound=Request)
 _AnyHandler = Callable[[Any, str], Awaitable[Reply]]
+
+
+async def _let_group_out(working: dict[int, trio.CancelScope], writer: FrameWriter) -> None:
+    """Wait until every request in `working` is answered and its answer written, or
+    GROUP_ROUNDS rounds."""
+    for _ in range(GROUP_ROUNDS):
+        await trio.lowlevel.checkpoint()
+        if not working and writer.idle:
+            return
 
 
 class _InboundSession:
@@ -290,11 +312,14 @@ class Server:
                 elif frame.kind is not Kind.REQUEST:
                     why = f"a caller sent a {frame.kind.name} frame"
                     return ErrorReply(ErrorCode.MALFORMED_MESSAGE, why, self.peer_id)
-                elif (refused := self._admit(frame.exchange, working)) is not None:
-                    writer.send(
-                        Tagged(Kind.REPLY, frame.exchange, self._encode_reply(refused)).encode()
-                    )
                 else:
+                    if len(working) >= GROUP_REQUESTS:
+                        await _let_group_out(working, writer)
+                    if (refused := self._admit(frame.exchange, working)) is not None:
+                        writer.send(
+                            Tagged(Kind.REPLY, frame.exchange, self._encode_reply(refused)).encode()
+                        )
+                        continue
                     # Alone: nothing else in flight on the stream, nor behind it in this read.
                     alone = not working and not len(frames)
                     working[frame.exchange] = trio.CancelScope()

@@ -118,6 +118,78 @@ async def test_concurrent_exchanges_share_one_stream_and_few_messages_in_any_ord
     assert messages[0] <= 16
 
 
+def _count_server_messages(rpc: Rpc, server: Server) -> list[int]:
+    """Counts, in [0], the Noise messages the server writes to `rpc` from now on."""
+    counted = [0]
+    (conn,) = server.host.get_network().connections[ID.from_base58(rpc.peer_id)]
+    secured = conn.muxed_conn.secured_conn
+    write = secured.write
+
+    async def counting(data: bytes) -> None:
+        counted[0] += 1
+        await write(data)
+
+    secured.write = counting
+    return counted
+
+
+async def _send_in_one_write(caller: Rpc, server: Server, names: list[str]) -> dict[str, Reply]:
+    """Call `names` at once (the caller writes them together) and gather the replies."""
+    replies: dict[str, Reply] = {}
+
+    async def one(name: str) -> None:
+        replies[name] = await caller.call(server.peer_id, INFER_PROTOCOL, job(name), 10)
+
+    async with trio.open_nursery() as nursery:
+        for name in names:
+            nursery.start_soon(one, name)
+    return replies
+
+
+async def test_requests_that_come_together_are_answered_in_groups_not_all_at_the_end() -> None:
+    # What the server had written when each request began: a group's answers go
+    # out before the next group starts, so the caller can take them meanwhile.
+    written_when_started: list[int] = []
+    messages = [0]
+
+    async def quick(request: RunRequest, sender: str) -> Reply:
+        written_when_started.append(messages[0])
+        await trio.lowlevel.checkpoint()
+        return echo(request)
+
+    group = _serve.GROUP_REQUESTS
+    names = [f"job-{i}" for i in range(2 * group)]
+    with trio.fail_after(30):
+        async with pipe_pair(quick) as (caller, server):
+            await caller.call(server.peer_id, INFER_PROTOCOL, job("warm"), 5)
+            written_when_started.clear()
+            messages = _count_server_messages(caller, server)
+            replies = await _send_in_one_write(caller, server, names)
+    assert replies == {name: ModelsReply(name, ()) for name in names}
+    assert written_when_started[:group] == [0] * group  # the first group starts at once
+    assert written_when_started[group] >= 1  # the next once its answers are written
+
+
+async def test_a_group_that_is_slow_to_answer_holds_up_the_next_a_few_rounds_only() -> None:
+    group = _serve.GROUP_REQUESTS
+    started = [0]
+    last_started = trio.Event()
+
+    async def first_group_waits_for_the_last(request: RunRequest, sender: str) -> Reply:
+        started[0] += 1
+        if started[0] > group:
+            last_started.set()
+        else:
+            await last_started.wait()
+        return echo(request)
+
+    names = [f"job-{i}" for i in range(group + 1)]
+    with trio.fail_after(30):
+        async with pipe_pair(first_group_waits_for_the_last) as (caller, server):
+            replies = await _send_in_one_write(caller, server, names)
+    assert replies == {name: ModelsReply(name, ()) for name in names}
+
+
 async def test_a_cancelled_exchange_is_cancelled_on_the_server_and_the_others_go_on() -> None:
     started: set[str] = set()
     all_started, one_cancelled, release = trio.Event(), trio.Event(), trio.Event()
