@@ -1,6 +1,6 @@
 """What the network costs: a direct onnxruntime call against jobs through real nodes.
 
-Usage: python -m bench.overhead [--model digits-mlp] [--jobs 300]
+Usage: python -m bench.overhead [--model digits-mlp] [--jobs 300] [--seconds 2]
                                 [--concurrency 1,8,32,256] [--bulk 3] [--plot DIR]
 
 Two `p2p-node start` processes run on this machine: A serves the model, B does
@@ -11,11 +11,13 @@ not. Measured side by side in one run:
 - forwarded: a job sent to B, which forwards it to A (one extra hop).
 
 At each concurrency c in `--concurrency`, c jobs are kept in flight for
-`--jobs` x 2 jobs (at least 4 per worker), and throughput and latency p50/p99
-are taken from that run. Up to 32 concurrent jobs go over one client
-connection; more come from c / 32 clients (256: 8 clients of 32), each its own
-libp2p host. Every job must be answered exactly once; any error (OVERLOADED
-included: the nodes run with a queue limit above the largest c) fails the run.
+`--jobs` x 2 jobs (at least 4 per worker) and for at least `--seconds`, and
+throughput and latency p50/p99 are taken from that run. (At concurrency 32,
+600 jobs took about 0.1 s, and two runs of the same code differed by a third.)
+Up to 32 concurrent jobs go over one client connection; more come from c / 32
+clients (256: 8 clients of 32), each its own libp2p host. Every job must be
+answered exactly once; any error (OVERLOADED included: the nodes run with a
+queue limit above the largest c) fails the run.
 
 Bulk: `--bulk` requests of 16 MiB (a batch of rows, the largest the default
 request limit takes) through one hop (client to the entry node, which runs
@@ -104,9 +106,10 @@ def direct_session(model_id: str) -> ort.InferenceSession:
 
 
 async def measure_jobs(
-    addr: str, model_id: str, row: np.ndarray, jobs: int, concurrency: int
+    addr: str, model_id: str, row: np.ndarray, jobs: int, concurrency: int, seconds: float = 0.0
 ) -> Figures:
-    """`concurrency` jobs kept in flight until about 2 x `jobs` are answered.
+    """`concurrency` jobs kept in flight until about 2 x `jobs` are answered, and for
+    at least `seconds`.
 
     Each job must be answered exactly once: an error of any kind is counted in
     `failed` (and printed beside the table)."""
@@ -122,9 +125,14 @@ async def measure_jobs(
             for _ in range(20):  # warm up: connection, streams, sessions
                 await client.submit(model_id, inputs)
 
+        sent = 0
+
         async def worker(client: Client) -> None:
-            nonlocal answered
-            for _ in range(per_worker):
+            nonlocal answered, sent
+            done = 0
+            while done < per_worker or time.perf_counter() < until:
+                done += 1
+                sent += 1
                 started = time.perf_counter()
                 try:
                     await client.submit(model_id, inputs)
@@ -135,11 +143,12 @@ async def measure_jobs(
                 answered += 1
 
         started = time.perf_counter()
+        until = started + seconds
         async with trio.open_nursery() as nursery:
             for i in range(concurrency):
                 nursery.start_soon(worker, connected[i % clients])
-        per_s = per_worker * concurrency / (time.perf_counter() - started)
-    assert answered + len(failed) == per_worker * concurrency
+        per_s = sent / (time.perf_counter() - started)
+    assert answered + len(failed) == sent
     print(
         f"  {addr[-8:]} c={concurrency}: {per_s:.0f} jobs/s, {len(failed)} failed", file=sys.stderr
     )
@@ -263,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="digits-mlp")
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument(
+        "--seconds", type=float, default=2.0, help="least time per path and concurrency"
+    )
+    parser.add_argument(
         "--concurrency",
         type=lambda text: [int(c) for c in text.split(",")],
         default=[1, 8, 32, 256],
@@ -287,19 +299,23 @@ def main(argv: list[str] | None = None) -> None:
         with node_process(Path(tmp) / "a", "--serve", args.model) as a:
             with node_process(Path(tmp) / "b", "--serve", other, "--bootstrap", a) as b:
                 run(wait_for_forwarding, b, args.model, row)
+                measure = functools.partial(measure_jobs, model_id=args.model, row=row)
                 for name, addr in (("job run by entry node", a), ("job forwarded 1 hop", b)):
                     for c in args.concurrency:
-                        results.append(
-                            (name, c, run(measure_jobs, addr, args.model, row, args.jobs, c))
+                        figures = run(
+                            functools.partial(
+                                measure, addr, jobs=args.jobs, concurrency=c, seconds=args.seconds
+                            )
                         )
+                        results.append((name, c, figures))
                 if args.bulk:
                     bulk, moved = run(measure_bulk, a, args.model, batch, args.bulk)
         if args.bulk:
             raw = run(measure_raw_tcp, batch.nbytes, args.bulk)
     print(
         f"model {args.model}; c jobs in flight ({CLIENT_CONCURRENCY} per client), "
-        f"{args.jobs} x 2 jobs per row; + = added to the direct call; "
-        "x = ratio to the direct call"
+        f"{args.jobs} x 2 jobs and {args.seconds:g} s or more per row; "
+        "+ = added to the direct call; x = ratio to the direct call"
     )
     print(table([("direct onnxruntime", 1, direct), *results], direct))
     for name, c, f in results:
