@@ -189,8 +189,34 @@ def validate_inputs(
             raise JobError(ErrorCode.INVALID_INPUT, f"model {model.id}: input {name!r} is empty")
         if max_rows is not None and check.batch_axis:
             _check_rows(model.id, name, shape[0], max_rows)
-        feeds[name] = array if same else array.astype(check.dtype, copy=False)
+        feeds[name] = array if same else _cast(model.id, name, array, check.dtype)
     return feeds
+
+
+def _cast(model_id: str, name: str, array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    """`array` as `dtype`; refused where a value does not fit, which a cast would
+    silently change: an integer past the narrower type's range (it would wrap), a
+    float past it (it would become inf)."""
+    if dtype.kind in "iu" and array.dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        low, high = int(array.min()), int(array.max())
+        if low < info.min or high > info.max:
+            raise JobError(
+                ErrorCode.INVALID_INPUT,
+                f"model {model_id}: input {name!r} holds {low if low < info.min else high}, "
+                f"outside {dtype.name}'s range [{info.min}, {info.max}]",
+            )
+        return array.astype(dtype, copy=False)
+    with np.errstate(over="raise"):
+        try:
+            return array.astype(dtype, copy=False)
+        except FloatingPointError:
+            limit = float(np.finfo(dtype).max)
+            raise JobError(
+                ErrorCode.INVALID_INPUT,
+                f"model {model_id}: input {name!r} holds values beyond {dtype.name}'s range "
+                f"(+-{limit:.4g})",
+            ) from None
 
 
 @dataclass(frozen=True, slots=True)

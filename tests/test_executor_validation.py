@@ -43,6 +43,7 @@ PAIR = _model(
 FIXED = _model(TensorSpec("image", "uint8", (1, 8, 8)), model_id="fixed")
 SCALAR = _model(TensorSpec("threshold", "float64", ()), model_id="scalar")
 INTEGER = _model(TensorSpec("tokens", "int64", (None, 16)), model_id="tokens")
+NARROW = _model(TensorSpec("ids", "int32", (None,)), model_id="narrow")
 
 
 def _f32(*shape: int) -> np.ndarray[Any, Any]:
@@ -88,6 +89,15 @@ _ACCEPTED = [
     ),
     pytest.param(
         SINGLE, {"input": [[0.5] * 64, [1.5] * 64]}, {"input": (2, 64)}, id="nested-lists"
+    ),
+    pytest.param(
+        NARROW,
+        {"ids": np.array([-(2**31), 2**31 - 1], np.int64)},
+        {"ids": (2,)},
+        id="int64-to-int32-in-range",
+    ),
+    pytest.param(
+        SINGLE, {"input": np.full((1, 64), np.inf)}, {"input": (1, 64)}, id="inf-stays-inf"
     ),
 ]
 
@@ -198,6 +208,25 @@ _REFUSED = [
         {"image": np.zeros((1, 8, 8), np.int16)},
         ["expects image uint8 [1, 8, 8]", "got image int16 [1, 8, 8]"],
         id="signed-to-unsigned",
+    ),
+    # values a cast would change: wrapped, or made inf
+    pytest.param(
+        NARROW,
+        {"ids": np.array([1, 2**31], np.int64)},
+        ["input 'ids' holds 2147483648", "outside int32's range [-2147483648, 2147483647]"],
+        id="int64-past-int32",
+    ),
+    pytest.param(
+        NARROW,
+        {"ids": np.array([-(2**40), 1], np.int64)},
+        ["holds -1099511627776", "outside int32's range"],
+        id="int64-below-int32",
+    ),
+    pytest.param(
+        SINGLE,
+        {"input": np.full((1, 64), 1e300)},
+        ["input 'input' holds values beyond float32's range (+-3.403e+38)"],
+        id="float64-past-float32",
     ),
 ]
 
