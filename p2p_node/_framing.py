@@ -194,6 +194,25 @@ class TaggedBuffer:
     def __len__(self) -> int:
         return len(self._buffer) + sum(len(piece) for piece in self._pieces)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing held: no bytes of a frame, no body being skipped or collected."""
+        return not self._buffer and not self._skip and self._head is None
+
+    def next_kind(self) -> Kind | None:
+        """The kind of the next frame, if its first byte has come and names one."""
+        if self._head is not None or not self._buffer or self._buffer[0] >= len(_KINDS):
+            return None
+        return _KINDS[self._buffer[0]]
+
+    def take_back(self) -> bytes:
+        """The bytes held, which no frame was taken from yet; the buffer is then empty.
+        Only between whole frames: not while a body is skipped or collected."""
+        assert not self._skip and self._head is None
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
     def next_frame(self) -> Tagged | None:
         """The next whole frame, or None until more bytes arrive."""
         if self._head is not None:

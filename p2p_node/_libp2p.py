@@ -24,7 +24,7 @@ import struct
 import time
 from collections.abc import Callable
 from importlib.metadata import version
-from typing import Any
+from typing import Any, Protocol
 from weakref import WeakKeyDictionary
 
 import multiaddr
@@ -875,19 +875,86 @@ _YAMUX_HEADER = struct.Struct(yamux.YAMUX_HEADER_FORMAT)
 _HANDLE_INCOMING_SHA256 = "ad15ff6943feac206c7abfbf77f2142a64bb5edbe9085e3ccdda371736abdc7b"
 
 
-def _buffer(self: yamux.Yamux, stream: yamux.YamuxStream, data: Any) -> None:
-    """`data` arrived for `stream` (its lock held): buffered, taken from its receive
-    window (a peer that overran it is logged and the window floored at 0, as
-    py-libp2p does), and its reader woken."""
+def _buffer(self: yamux.Yamux, stream: yamux.YamuxStream, data: Any, *, taps: bool = True) -> int:
+    """`data` arrived for `stream` (its lock held): taken from its receive window (a
+    peer that overran it is logged and the window floored at 0, as py-libp2p
+    does), then given to the stream's tap, if it has one and nothing is buffered
+    before it (see `tap`); what the tap leaves is buffered and its reader woken.
+    Returns how many bytes the tap took, which count as read."""
     stream_id = stream.stream_id
-    self.stream_buffers[stream_id].extend(data)
     stream.recv_window -= len(data)
     if stream.recv_window < 0:
         logger.warning(
             "Stream %d: peer exceeded receive window by %d bytes", stream_id, -stream.recv_window
         )
         stream.recv_window = 0
+    buffer = self.stream_buffers[stream_id]
+    taken = 0
+    consumer = _TAPS.get(stream) if taps else None
+    if consumer is not None and consumer.waiting and not buffer and not stream.reset_received:
+        left = consumer.on_data(data)
+        if left is None:
+            return len(data)
+        taken = len(data) - len(left)
+        data = left
+    buffer.extend(data)
     self.stream_events[stream_id].set()
+    return taken
+
+
+class Tap(Protocol):
+    """A consumer of a stream's data as it arrives (see `tap`)."""
+
+    # Set by the consumer before it reads the stream, cleared when a read returns:
+    # data is given to `on_data` only while the consumer waits for its next read.
+    waiting: bool
+
+    def on_data(self, data: bytes) -> bytes | None:
+        """Take `data`; return None, or the bytes from the first one not taken."""
+        ...
+
+
+# The streams whose data goes straight to a consumer as it arrives (see `tap`).
+_TAPS: WeakKeyDictionary[yamux.YamuxStream, Tap] = WeakKeyDictionary()
+
+
+def tap(stream: Any, consumer: Tap) -> bool:
+    """Have `consumer.on_data(data)` take the data that arrives on `stream` (a
+    NetStream over our yamux) while the consumer waits for its next read of it,
+    in the connection's reader task, as it arrives. False if the stream is not
+    one (it is read as usual then).
+
+    `on_data` runs synchronously, with the connection's stream lock held: it
+    must not block. It returns None when it took all of `data`, or the bytes
+    from the first one it did not take: those are buffered for the consumer's
+    read as before. It is given data only when nothing is buffered and the
+    consumer waits for a read (`waiting`, which a read that returns data
+    clears), so the stream's bytes reach the consumer in order either way. The
+    bytes it takes count as read for the stream's receive window. End of
+    stream and reset still reach the consumer's read.
+
+    A stream's reader wakes in the scheduling round after its data arrives; a
+    consumer that takes a message at once saves that round, a pass of trio's
+    loop for every message.
+    """
+    muxed = getattr(stream, "muxed_stream", None)
+    ours = yamux.Yamux.handle_incoming is _handle_incoming  # patched: it calls _buffer
+    if not (ours and isinstance(muxed, yamux.YamuxStream)):
+        return False
+    _TAPS[muxed] = consumer
+    return True
+
+
+def untap(stream: Any) -> None:
+    muxed = getattr(stream, "muxed_stream", None)
+    if isinstance(muxed, yamux.YamuxStream):
+        _TAPS.pop(muxed, None)
+
+
+async def _credit_taken(stream: yamux.YamuxStream, taken: int) -> None:
+    """Bytes a tap took count as read: credit the sender as a read of them would."""
+    if stream.target_recv_window - stream.recv_window >= max(stream._grow_threshold(), 1):
+        await stream._auto_tune_and_send_window_update(bytes_read=taken)
 
 
 async def _handle_incoming(self: yamux.Yamux) -> None:
@@ -992,20 +1059,24 @@ async def _handle_incoming(self: yamux.Yamux) -> None:
                                 if stream_id in self.stream_events:
                                     self.stream_events[stream_id].set()
                         continue
+                    taken = 0
                     async with self.streams_lock:
                         stream = self.streams.get(stream_id)  # type: ignore[assignment]
                         if stream is not None:
-                            _buffer(self, stream, data)
+                            taken = _buffer(self, stream, data)
                             if flags & fin:
                                 stream.recv_closed = True
                                 if stream.send_closed:
                                     stream.closed = True
+                                self.stream_events[stream_id].set()  # even if tapped
                             if flags & rst:
                                 stream.closed = True
                                 stream.reset_received = True
                                 self.stream_events[stream_id].set()
                             if stream.closed:
                                 self._finalize_stream_locked(stream, fully_closed=True)
+                    if taken:
+                        await _credit_taken(stream, taken)
                 except trio.TooSlowError:
                     raise
                 except Exception as e:
@@ -1035,7 +1106,7 @@ async def _handle_incoming(self: yamux.Yamux) -> None:
                             async with stream.window_lock:
                                 stream.send_window += length
                         elif typ == data_type and length > 0:
-                            _buffer(self, stream, syn_payload)
+                            _buffer(self, stream, syn_payload, taps=False)
                         if flags & fin:
                             stream.recv_closed = True
                             if stream.send_closed:
@@ -1078,7 +1149,7 @@ async def _handle_incoming(self: yamux.Yamux) -> None:
                                 if stream_id in self.stream_events:
                                     self.stream_events[stream_id].set()
                             else:
-                                _buffer(self, stream, ack_payload)
+                                _buffer(self, stream, ack_payload, taps=False)
             elif typ == yamux.TYPE_GO_AWAY:
                 error_code = length
                 if error_code == yamux.GO_AWAY_PROTOCOL_ERROR:
@@ -1208,6 +1279,9 @@ async def _read_stream(self: yamux.Yamux, stream_id: int, n: int = -1) -> bytes:
                     del buffer[:n]
                 if stream.closed:
                     self._finalize_stream_locked(stream, fully_closed=True)
+                consumer = _TAPS.get(stream)
+                if consumer is not None:  # it takes no more until it has this
+                    consumer.waiting = False
                 return data
             if stream.reset_received:
                 raise MuxedStreamReset("Stream was reset")

@@ -21,7 +21,7 @@ from libp2p.custom_types import TProtocol
 
 from scheduler import ErrorCode, JobError
 
-from . import _codec
+from . import _codec, _libp2p
 from ._batching import COMPANY_EXPECTED
 from ._channel import (
     READ_CHUNK,
@@ -81,6 +81,124 @@ class _InboundSession:
     def hang_up(self) -> None:
         self.hung_up = True
         self.work.cancel()
+
+
+class _RequestReader:
+    """What reads one pipelined stream's requests: the frames that came, the requests
+    in flight (each with its cancel scope), and what starts their work.
+
+    While it waits for its next read, data that arrives is given to it at once in
+    the connection's reader task (`_libp2p.tap`, `on_data`), which saves the
+    scheduling round a read takes to wake; what it cannot handle there (a
+    request that must wait for its group, anything that is not a request or a
+    cancel) it gives back, and its read takes it.
+    """
+
+    def __init__(
+        self,
+        server: Server,
+        writer: FrameWriter,
+        work: trio.Nursery,
+        peer: str,
+        protocol: TProtocol,
+    ) -> None:
+        self.server = server
+        self.writer = writer
+        self.work = work
+        self.peer = peer
+        self.protocol = protocol
+        self.frames = TaggedBuffer(server.limits.request_limit(protocol))
+        self.working: dict[int, trio.CancelScope] = {}
+        self.counts = server.traffic.of(PIPELINED[protocol])
+        self.waiting = False  # for its next read (see _libp2p.Tap)
+        self.last_data = trio.current_time()
+
+    async def run(self, stream: INetStream) -> ErrorReply | None:
+        frames, working = self.frames, self.working
+        while True:
+            self.waiting = True
+            with trio.move_on_after(SERVER_IDLE_S) as idle:
+                data = await stream.read(READ_CHUNK)
+            self.waiting = False
+            if idle.cancelled_caught:
+                if working or trio.current_time() - self.last_data < SERVER_IDLE_S:
+                    continue
+                return None
+            if not data:
+                raise EOFError("the caller closed the stream")
+            self.last_data = trio.current_time()
+            self.counts.received += len(data)
+            frames.feed(data)
+            while (why := self.take()) is True:
+                await _let_group_out(working, self.writer)
+                why = self.take(waited=True)
+                if why is not True:
+                    break
+            if why is not False:
+                return why
+
+    def on_data(self, data: bytes) -> bytes | None:
+        """Data that came while the reader waits for it (see the class)."""
+        frames = self.frames
+        if not frames.idle:  # a frame in part, a body skipped or collected: the reader's
+            return data
+        self.last_data = trio.current_time()
+        frames.feed(data)
+        if self.take(tapped=True) is False:
+            self.counts.received += len(data)
+            return None
+        left = frames.take_back()
+        self.counts.received += len(data) - len(left)
+        return left
+
+    def take(self, *, tapped: bool = False, waited: bool = False) -> ErrorReply | bool:
+        """Handle the whole frames buffered: False once none is left, True when the
+        next request must wait until its group is out (`_let_group_out`; `waited`:
+        the next has waited), or why the stream cannot be read further. `tapped`:
+        also True before anything but a request or a cancel, which the reader
+        handles."""
+        frames, working, writer, server = self.frames, self.working, self.writer, self.server
+        while True:
+            if len(working) >= GROUP_REQUESTS and len(frames) and not waited:
+                return True
+            waited = False
+            if tapped and len(frames) and frames.next_kind() not in _TAPPED_KINDS:
+                return True
+            try:
+                frame = frames.next_frame()
+            except FrameError as error:
+                if not error.too_large:
+                    if tapped:
+                        return True
+                    logger.info("unreadable %s stream from %s: %s", self.protocol, self.peer, error)
+                    return ErrorReply(ErrorCode.MALFORMED_MESSAGE, str(error), server.peer_id)
+                reply = server._too_large(error, self.peer, self.protocol)
+                writer.send(
+                    Tagged(Kind.REPLY, error.exchange, server._encode_reply(reply)).encode()
+                )
+                continue
+            if frame is None:
+                return False
+            if frame.kind is Kind.CANCEL:
+                if (scope := working.get(frame.exchange)) is not None:
+                    scope.cancel()
+            elif frame.kind is not Kind.REQUEST:
+                why = f"a caller sent a {frame.kind.name} frame"
+                return ErrorReply(ErrorCode.MALFORMED_MESSAGE, why, server.peer_id)
+            elif (refused := server._admit(frame.exchange, working)) is not None:
+                writer.send(
+                    Tagged(Kind.REPLY, frame.exchange, server._encode_reply(refused)).encode()
+                )
+            else:
+                # Alone: nothing else in flight on the stream, nor behind it in this read.
+                alone = not working and not len(frames)
+                working[frame.exchange] = trio.CancelScope()
+                self.work.start_soon(
+                    server._answer_tagged, frame, writer, working, self.peer, self.protocol, alone
+                )
+
+
+_TAPPED_KINDS = (Kind.REQUEST, Kind.CANCEL)
 
 
 class Server:
@@ -279,53 +397,13 @@ class Server:
     ) -> ErrorReply | None:
         """Read requests and start their work until the stream idles with nothing in
         flight (None) or cannot be read further (why). Transport errors raise."""
-        frames = TaggedBuffer(self.limits.request_limit(protocol))
-        working: dict[int, trio.CancelScope] = {}
-        while True:
-            with trio.move_on_after(SERVER_IDLE_S) as idle:
-                data = await stream.read(READ_CHUNK)
-            if idle.cancelled_caught:
-                if working:
-                    continue
-                return None
-            if not data:
-                raise EOFError("the caller closed the stream")
-            self.traffic.of(PIPELINED[protocol]).received += len(data)
-            frames.feed(data)
-            while True:
-                try:
-                    frame = frames.next_frame()
-                except FrameError as error:
-                    if not error.too_large:
-                        logger.info("unreadable %s stream from %s: %s", protocol, peer, error)
-                        return ErrorReply(ErrorCode.MALFORMED_MESSAGE, str(error), self.peer_id)
-                    reply = self._too_large(error, peer, protocol)
-                    writer.send(
-                        Tagged(Kind.REPLY, error.exchange, self._encode_reply(reply)).encode()
-                    )
-                    continue
-                if frame is None:
-                    break
-                if frame.kind is Kind.CANCEL:
-                    if (scope := working.get(frame.exchange)) is not None:
-                        scope.cancel()
-                elif frame.kind is not Kind.REQUEST:
-                    why = f"a caller sent a {frame.kind.name} frame"
-                    return ErrorReply(ErrorCode.MALFORMED_MESSAGE, why, self.peer_id)
-                else:
-                    if len(working) >= GROUP_REQUESTS:
-                        await _let_group_out(working, writer)
-                    if (refused := self._admit(frame.exchange, working)) is not None:
-                        writer.send(
-                            Tagged(Kind.REPLY, frame.exchange, self._encode_reply(refused)).encode()
-                        )
-                        continue
-                    # Alone: nothing else in flight on the stream, nor behind it in this read.
-                    alone = not working and not len(frames)
-                    working[frame.exchange] = trio.CancelScope()
-                    work.start_soon(
-                        self._answer_tagged, frame, writer, working, peer, protocol, alone
-                    )
+        reader = _RequestReader(self, writer, work, peer, protocol)
+        tapped = _libp2p.tap(stream, reader)
+        try:
+            return await reader.run(stream)
+        finally:
+            if tapped:
+                _libp2p.untap(stream)
 
     def _admit(self, exchange: int, working: dict[int, trio.CancelScope]) -> ErrorReply | None:
         """Take an inbound slot for a pipelined request; or why it is refused."""
