@@ -31,6 +31,7 @@ from libp2p.custom_types import TProtocol
 
 from scheduler import ErrorCode, JobError
 
+from . import _libp2p
 from ._batching import COMPANY_EXPECTED
 from ._channel import (
     CLIENT_IDLE_S,
@@ -243,6 +244,7 @@ class KeptPipe(Generic[T]):
         self.failure: JobError | None = None
         self.last_used = trio.current_time()
         self._frames = TaggedBuffer(max_reply)
+        self.waiting = False  # for its next read (see _libp2p.Tap)
         self._writer = FrameWriter(stream, self._counts)
         self._open: dict[int, T] = {}
         self._next = 1
@@ -301,34 +303,69 @@ class KeptPipe(Generic[T]):
         return JobError(ErrorCode.PEER_UNREACHABLE, why, peer=self.peer_id)
 
     async def _read(self) -> None:
-        while True:
-            data = await self.stream.read(READ_CHUNK)
-            if not data:
-                raise EOFError("stream closed by the peer")
-            self._counts.received += len(data)
-            self._frames.feed(data)
+        """Read the replies until the stream ends. While this waits for its next read,
+        the replies that arrive are taken at once in the connection's reader task
+        (`_libp2p.tap`, `on_data`), which saves the round a read takes to wake."""
+        tapped = _libp2p.tap(self.stream, self)
+        try:
             while True:
-                try:
-                    frame = self._frames.next_frame()
-                except FrameError as error:
-                    if not error.too_large:
-                        raise
-                    why = f"bad {self.FRAME}: {error}"
-                    refusal = JobError(ErrorCode.MESSAGE_TOO_LARGE, why, peer=self.peer_id)
-                    self._refuse(error.exchange, refusal)
-                    continue
-                if frame is None:
-                    break
-                if frame.kind is Kind.REPLY:
-                    self._reply(frame.exchange, frame.body)
-                elif frame.kind is Kind.GOAWAY:  # its body answers whatever is unanswered
-                    self.failure = JobError(
-                        ErrorCode.PEER_UNREACHABLE, "the peer closed the stream", peer=self.peer_id
-                    )
-                    for exchange in list(self._open):
-                        self._reply(exchange, frame.body)
-                else:
-                    raise FrameError(f"a server sent a {frame.kind.name} frame")
+                self.waiting = True
+                data = await self.stream.read(READ_CHUNK)
+                self.waiting = False
+                if not data:
+                    raise EOFError("stream closed by the peer")
+                self._counts.received += len(data)
+                self._frames.feed(data)
+                self._take()
+        finally:
+            if tapped:
+                _libp2p.untap(self.stream)
+
+    def on_data(self, data: bytes) -> bytes | None:
+        """Replies that came while the reader waits for them; anything else (a GOAWAY,
+        a frame it cannot read) is given back for the reader's read."""
+        frames = self._frames
+        if not frames.idle:  # a frame in part, a body skipped or collected: the reader's
+            return data
+        frames.feed(data)
+        if not self._take(tapped=True):
+            self._counts.received += len(data)
+            return None
+        left = frames.take_back()
+        self._counts.received += len(data) - len(left)
+        return left
+
+    def _take(self, *, tapped: bool = False) -> bool:
+        """Answer the exchanges whose replies are buffered: False once none is left.
+        `tapped`: True, before anything but a reply, which the reader handles.
+        Raises FrameError for a stream that cannot be read further."""
+        frames = self._frames
+        while True:
+            if tapped and len(frames) and frames.next_kind() is not Kind.REPLY:
+                return True
+            try:
+                frame = frames.next_frame()
+            except FrameError as error:
+                if not error.too_large:
+                    if tapped:
+                        return True
+                    raise
+                why = f"bad {self.FRAME}: {error}"
+                refusal = JobError(ErrorCode.MESSAGE_TOO_LARGE, why, peer=self.peer_id)
+                self._refuse(error.exchange, refusal)
+                continue
+            if frame is None:
+                return False
+            if frame.kind is Kind.REPLY:
+                self._reply(frame.exchange, frame.body)
+            elif frame.kind is Kind.GOAWAY:  # its body answers whatever is unanswered
+                self.failure = JobError(
+                    ErrorCode.PEER_UNREACHABLE, "the peer closed the stream", peer=self.peer_id
+                )
+                for exchange in list(self._open):
+                    self._reply(exchange, frame.body)
+            else:
+                raise FrameError(f"a server sent a {frame.kind.name} frame")
 
     def _reply(self, exchange: int, body: bytes) -> None:
         raise NotImplementedError

@@ -207,3 +207,39 @@ def test_large_bodies_collected_in_pieces_come_back_whole(
     ]
     assert [o if isinstance(o, Tagged) else (o.exchange, o.length) for o in out] == expected
     assert len(buffer) == 0
+
+
+def test_bytes_held_between_whole_frames_can_be_taken_back_to_read_again() -> None:
+    first = Tagged(Kind.REQUEST, 1, b"one").encode()
+    second = Tagged(Kind.CANCEL, 2, b"").encode()
+    third = Tagged(Kind.REQUEST, 3, b"three").encode()
+    buffer = TaggedBuffer(max_body=64)
+    assert buffer.idle and buffer.next_kind() is None
+    buffer.feed(first + second + third[:4])
+    assert not buffer.idle
+    assert buffer.next_kind() is Kind.REQUEST
+    assert buffer.next_frame() == Tagged(Kind.REQUEST, 1, b"one")
+    assert buffer.next_kind() is Kind.CANCEL
+    left = buffer.take_back()
+    assert left == second + third[:4] and buffer.idle
+    again = TaggedBuffer(max_body=64)
+    again.feed(left + third[4:])
+    assert [again.next_frame(), again.next_frame(), again.next_frame()] == [
+        Tagged(Kind.CANCEL, 2, b""),
+        Tagged(Kind.REQUEST, 3, b"three"),
+        None,
+    ]
+
+
+def test_a_buffer_skipping_a_refused_body_is_not_idle() -> None:
+    buffer = TaggedBuffer(max_body=4)
+    buffer.feed(Tagged(Kind.REQUEST, 1, b"0123456789").encode()[:6])
+    with pytest.raises(FrameError):
+        buffer.next_frame()
+    assert len(buffer) == 0 and not buffer.idle  # four bytes of the body still to drop
+
+
+def test_an_unknown_kind_byte_names_no_kind() -> None:
+    buffer = TaggedBuffer(max_body=4)
+    buffer.feed(bytes([200, 1, 0]))
+    assert buffer.next_kind() is None

@@ -190,6 +190,48 @@ async def test_a_group_that_is_slow_to_answer_holds_up_the_next_a_few_rounds_onl
     assert replies == {name: ModelsReply(name, ()) for name in names}
 
 
+def _count_reads(stream: Any) -> list[int]:
+    """Counts, in [0], the reads of `stream` that return data, from now on."""
+    counted = [0]
+    read = stream.read
+
+    async def counting(n: int | None = None) -> bytes:
+        data: bytes = await read(n)
+        counted[0] += bool(data)
+        return data
+
+    stream.read = counting
+    return counted
+
+
+def _server_streams(rpc: Rpc, server: Server) -> list[Any]:
+    (conn,) = server.host.get_network().connections[ID.from_base58(rpc.peer_id)]
+    return [s for s in conn.get_streams() if s.get_protocol() == PIPELINED_INFER]
+
+
+async def test_messages_taken_as_they_arrive_still_credit_the_senders_receive_window() -> None:
+    # One exchange at a time, each request and reply about 1 KiB: both readers wait
+    # for their next read whenever a message comes, so both take every message as
+    # it arrives (_libp2p.tap) and neither reads one from its stream's buffer.
+    # Three windows' worth each way only flows if the bytes taken count as read.
+    reply = ErrorReply(ErrorCode.INTERNAL, "x" * 1024, "server")
+
+    async def big(request: RunRequest, sender: str) -> Reply:
+        return reply
+
+    count = 3 * 256 * 1024 // 1024
+    with trio.fail_after(60):
+        async with pipe_pair(big, max_request_bytes=4096) as (caller, server):
+            await caller.call(server.peer_id, INFER_PROTOCOL, job("warm"), 5)
+            (caller_side,) = _streams(caller, server)
+            (server_side,) = _server_streams(caller, server)
+            reads = [_count_reads(caller_side), _count_reads(server_side)]
+            for i in range(count):
+                got = await caller.call(server.peer_id, INFER_PROTOCOL, job(f"{i}", 1024), 10)
+                assert got == reply
+    assert reads[0][0] + reads[1][0] <= count // 10  # taken as they came, nearly all
+
+
 async def test_a_cancelled_exchange_is_cancelled_on_the_server_and_the_others_go_on() -> None:
     started: set[str] = set()
     all_started, one_cancelled, release = trio.Event(), trio.Event(), trio.Event()
