@@ -328,8 +328,13 @@ class KeptPipe(Generic[T]):
         if not frames.idle:  # a frame in part, a body skipped or collected: the reader's
             return data
         frames.feed(data)
-        if not self._take(tapped=True):
-            self._counts.received += len(data)
+        try:
+            if not self._take(tapped=True):
+                self._counts.received += len(data)
+                return None
+        except Exception as error:  # a bug: the stream fails, as if its reader had raised
+            self.failure = self.failure or self._failure(error)
+            self.close()
             return None
         left = frames.take_back()
         self._counts.received += len(data) - len(left)

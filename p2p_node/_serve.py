@@ -112,14 +112,19 @@ class _RequestReader:
         self.counts = server.traffic.of(PIPELINED[protocol])
         self.waiting = False  # for its next read (see _libp2p.Tap)
         self.last_data = trio.current_time()
+        self._reading = trio.CancelScope()  # the read in progress
+        self._broken: Exception | None = None  # what on_data raised
 
     async def run(self, stream: INetStream) -> ErrorReply | None:
         frames, working = self.frames, self.working
         while True:
             self.waiting = True
             with trio.move_on_after(SERVER_IDLE_S) as idle:
+                self._reading = idle
                 data = await stream.read(READ_CHUNK)
             self.waiting = False
+            if self._broken is not None:
+                raise self._broken
             if idle.cancelled_caught:
                 if working or trio.current_time() - self.last_data < SERVER_IDLE_S:
                     continue
@@ -144,8 +149,13 @@ class _RequestReader:
             return data
         self.last_data = trio.current_time()
         frames.feed(data)
-        if self.take(tapped=True) is False:
-            self.counts.received += len(data)
+        try:
+            if self.take(tapped=True) is False:
+                self.counts.received += len(data)
+                return None
+        except Exception as error:  # a bug: the reader raises it, as if it had read this
+            self._broken = error
+            self._reading.cancel()
             return None
         left = frames.take_back()
         self.counts.received += len(data) - len(left)

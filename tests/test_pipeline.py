@@ -18,6 +18,7 @@ from p2p_node import ErrorCode, JobError, _serve
 from p2p_node._batching import COMPANY_EXPECTED
 from p2p_node._channel import SEND_TIMEOUT_S, MessageLimits, SendTimedOut
 from p2p_node._codec import decode_reply, encode
+from p2p_node._errors import leaves
 from p2p_node._framing import Kind, Tagged, TaggedBuffer
 from p2p_node._host import new_libp2p_host, run_host
 from p2p_node._messages import ErrorReply, ModelsReply, Reply, RunRequest
@@ -230,6 +231,44 @@ async def test_messages_taken_as_they_arrive_still_credit_the_senders_receive_wi
                 got = await caller.call(server.peer_id, INFER_PROTOCOL, job(f"{i}", 1024), 10)
                 assert got == reply
     assert reads[0][0] + reads[1][0] <= count // 10  # taken as they came, nearly all
+
+
+@pytest.mark.parametrize("side", ["server", "caller"])
+async def test_a_bug_taking_a_message_as_it_arrives_ends_that_stream_alone(
+    side: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def answer(request: RunRequest, sender: str) -> Reply:
+        return echo(request)
+
+    with trio.fail_after(30):
+        async with pipe_pair(answer) as (caller, server):
+            await caller.call(server.peer_id, INFER_PROTOCOL, job("warm"), 5)
+            broken = [True]
+            if side == "server":
+                patched, name = Server, "_admit"
+            else:
+                patched, name = CallerPipe, "_reply"
+            original = getattr(patched, name)
+
+            def once_broken(self: Any, *args: Any) -> Any:
+                if broken.pop() if broken else False:
+                    raise RuntimeError("a bug")
+                return original(self, *args)
+
+            monkeypatch.setattr(patched, name, once_broken)
+            with pytest.raises(JobError) as failed:
+                await caller.call(server.peer_id, INFER_PROTOCOL, job("first"), 10)
+            after = await caller.call(server.peer_id, INFER_PROTOCOL, job("after"), 10)
+    # At once, not at the deadline, and a new stream serves the next.
+    assert failed.value.code is ErrorCode.PEER_UNREACHABLE
+    assert after == ModelsReply("after", ())
+    # Logged as the bug it is, with its traceback, not as a stream that ended.
+    bugs = [
+        record
+        for record in caplog.records
+        if record.exc_info and any(str(leaf) == "a bug" for leaf in leaves(record.exc_info[1]))
+    ]
+    assert bugs and all(record.levelname == "ERROR" for record in bugs)
 
 
 async def test_a_cancelled_exchange_is_cancelled_on_the_server_and_the_others_go_on() -> None:
