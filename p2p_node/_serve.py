@@ -46,10 +46,9 @@ SERVER_IDLE_S = 60.0
 SKIP_OVERSIZE_S = 10.0
 
 # A pipelined stream's requests go to work in groups of at most GROUP_REQUESTS: past
-# that many in flight, the next waits until they are all answered (and the answers
-# written), or for
-# GROUP_ROUNDS scheduling rounds (so a slow request holds up the rest for no
-# longer). Thirty-two requests that come in one read, all started at once, were
+# that many in flight, the next waits until they are all answered and the answers
+# written, or for GROUP_ROUNDS scheduling rounds (so a slow request holds up the
+# rest for no longer). Thirty-two requests that come in one read, all started at once, were
 # answered in one write after all of them were done: the caller sat idle while the
 # node worked, then the node while the caller read the answers and sent the next
 # ones, one core busy of two. In groups, the caller takes one group's answers
@@ -134,11 +133,10 @@ class _RequestReader:
             self.last_data = trio.current_time()
             self.counts.received += len(data)
             frames.feed(data)
-            while (why := self.take()) is True:
+            waited = False
+            while (why := self.take(waited=waited)) is True:
                 await _let_group_out(working, self.writer)
-                why = self.take(waited=True)
-                if why is not True:
-                    break
+                waited = True
             if why is not False:
                 return why
 
