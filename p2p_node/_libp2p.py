@@ -1253,7 +1253,9 @@ _READ_STREAM_SHA256 = "d9497aa737484fbf4187a9f10032f5734a8de47ebc75b3073508900ac
 async def _read_stream(self: yamux.Yamux, stream_id: int, n: int = -1) -> bytes:
     """py-libp2p 0.8.1's `Yamux.read_stream`, branch for branch, less the four
     f-string debug lines it built on every read whether or not debug logging
-    is on (about 6% of a ping-pong's CPU, the largest of yamux's own code)."""
+    is on (about 6% of a ping-pong's CPU, the largest of yamux's own code);
+    and a read that returns data stops the stream's tap, if any, from taking
+    more until its consumer reads again (see `tap`)."""
     if n is None:
         n = -1
     while True:
