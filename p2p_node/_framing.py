@@ -14,8 +14,10 @@ body: the stream stays in step and the other exchanges on it go on.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Literal
 
 MAX_VARINT_BYTES = 9  # enough for any length below 2**63
 COLLECT_ABOVE = 256 * 1024  # a TaggedBuffer collects a body larger than this in pieces
@@ -199,11 +201,23 @@ class TaggedBuffer:
         """Nothing held: no bytes of a frame, no body being skipped or collected."""
         return not self._buffer and not self._skip and self._head is None
 
-    def next_kind(self) -> Kind | None:
-        """The kind of the next frame, if its first byte has come and names one."""
-        if self._head is not None or not self._buffer or self._buffer[0] >= len(_KINDS):
-            return None
-        return _KINDS[self._buffer[0]]
+    def next_frame_of(self, kinds: Container[Kind]) -> Tagged | Literal[False] | None:
+        """`next_frame`, if that is one of `kinds`: False, and nothing taken, when the
+        next frame is of another kind or cannot be read. An oversize body raises
+        FrameError(too_large) as in `next_frame`."""
+        buffer = self._buffer
+        if (
+            self._head is None
+            and buffer
+            and (buffer[0] >= len(_KINDS) or _KINDS[buffer[0]] not in kinds)
+        ):
+            return False
+        try:
+            return self.next_frame()
+        except FrameError as error:
+            if error.too_large:
+                raise
+            return False
 
     def take_back(self) -> bytes:
         """The bytes held, which no frame was taken from yet; the buffer is then empty.

@@ -346,14 +346,10 @@ class KeptPipe(Generic[T]):
         Raises FrameError for a stream that cannot be read further."""
         frames = self._frames
         while True:
-            if tapped and len(frames) and frames.next_kind() is not Kind.REPLY:
-                return True
             try:
-                frame = frames.next_frame()
+                frame = frames.next_frame_of(_REPLIES) if tapped else frames.next_frame()
             except FrameError as error:
                 if not error.too_large:
-                    if tapped:
-                        return True
                     raise
                 why = f"bad {self.FRAME}: {error}"
                 refusal = JobError(ErrorCode.MESSAGE_TOO_LARGE, why, peer=self.peer_id)
@@ -361,6 +357,8 @@ class KeptPipe(Generic[T]):
                 continue
             if frame is None:
                 return False
+            if frame is False:
+                return True
             if frame.kind is Kind.REPLY:
                 self._reply(frame.exchange, frame.body)
             elif frame.kind is Kind.GOAWAY:  # its body answers whatever is unanswered
@@ -380,6 +378,9 @@ class KeptPipe(Generic[T]):
 
     def _end_all(self) -> None:
         raise NotImplementedError
+
+
+_REPLIES = (Kind.REPLY,)  # what a caller's tap takes (see KeptPipe.on_data)
 
 
 class _Waiter:

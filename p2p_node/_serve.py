@@ -170,14 +170,10 @@ class _RequestReader:
             if len(working) >= GROUP_REQUESTS and len(frames) and not waited:
                 return True
             waited = False
-            if tapped and len(frames) and frames.next_kind() not in _TAPPED_KINDS:
-                return True
             try:
-                frame = frames.next_frame()
+                frame = frames.next_frame_of(_TAPPED_KINDS) if tapped else frames.next_frame()
             except FrameError as error:
                 if not error.too_large:
-                    if tapped:
-                        return True
                     logger.info("unreadable %s stream from %s: %s", self.protocol, self.peer, error)
                     return ErrorReply(ErrorCode.MALFORMED_MESSAGE, str(error), server.peer_id)
                 reply = server._too_large(error, self.peer, self.protocol)
@@ -187,6 +183,8 @@ class _RequestReader:
                 continue
             if frame is None:
                 return False
+            if frame is False:
+                return True
             if frame.kind is Kind.CANCEL:
                 if (scope := working.get(frame.exchange)) is not None:
                     scope.cancel()

@@ -214,12 +214,11 @@ def test_bytes_held_between_whole_frames_can_be_taken_back_to_read_again() -> No
     second = Tagged(Kind.CANCEL, 2, b"").encode()
     third = Tagged(Kind.REQUEST, 3, b"three").encode()
     buffer = TaggedBuffer(max_body=64)
-    assert buffer.idle and buffer.next_kind() is None
+    assert buffer.idle
     buffer.feed(first + second + third[:4])
     assert not buffer.idle
-    assert buffer.next_kind() is Kind.REQUEST
-    assert buffer.next_frame() == Tagged(Kind.REQUEST, 1, b"one")
-    assert buffer.next_kind() is Kind.CANCEL
+    assert buffer.next_frame_of((Kind.REQUEST,)) == Tagged(Kind.REQUEST, 1, b"one")
+    assert buffer.next_frame_of((Kind.REQUEST,)) is False  # a CANCEL: not taken
     left = buffer.take_back()
     assert left == second + third[:4] and buffer.idle
     again = TaggedBuffer(max_body=64)
@@ -239,7 +238,17 @@ def test_a_buffer_skipping_a_refused_body_is_not_idle() -> None:
     assert len(buffer) == 0 and not buffer.idle  # four bytes of the body still to drop
 
 
-def test_an_unknown_kind_byte_names_no_kind() -> None:
+def test_a_frame_that_cannot_be_read_is_left_for_next_frame_to_refuse() -> None:
     buffer = TaggedBuffer(max_body=4)
     buffer.feed(bytes([200, 1, 0]))
-    assert buffer.next_kind() is None
+    assert buffer.next_frame_of(tuple(Kind)) is False
+    with pytest.raises(FrameError, match="unknown frame kind 200"):
+        buffer.next_frame()
+
+
+def test_an_oversize_body_is_refused_whatever_kinds_are_asked_for() -> None:
+    buffer = TaggedBuffer(max_body=4)
+    buffer.feed(Tagged(Kind.REPLY, 7, b"0123456789").encode())
+    with pytest.raises(FrameError) as refused:
+        buffer.next_frame_of((Kind.REPLY,))
+    assert refused.value.too_large and refused.value.exchange == 7
