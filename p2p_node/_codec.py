@@ -493,7 +493,7 @@ def _tensor_from_wire(name: str, raw: object) -> np.ndarray[Any, Any]:
                     break
                 size *= d
             else:
-                if type(data) is bytes and size == len(data):
+                if type(data) is bytes and size == len(data) and size:
                     # what frombuffer(...).reshape(dims) gives (read-only, a view of
                     # `data`), in one call, not two
                     return np.ndarray(dims, dtype, data)
@@ -516,7 +516,10 @@ def _checked_tensor(name: str, raw: object) -> np.ndarray[Any, Any]:
         raise SchemaError(
             f"tensor {name!r}: {dtype_name} {dims} needs {expected} bytes, got {len(data)}"
         )
-    return np.frombuffer(data, dtype=dtype).reshape(dims)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(dims)
+    except ValueError as error:  # empty, but the other dims' product past what numpy holds
+        raise SchemaError(f"tensor {name!r}: {dtype_name} {dims}: {error}") from None
 
 
 # --- the registry: one line per message --------------------------------------------------
