@@ -144,12 +144,18 @@ async def _window_update_when_half_read(self: yamux.YamuxStream, *, bytes_read: 
     async with self.window_lock:
         self._pending_recv_release += max(0, bytes_read)
         buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
-        threshold = self._grow_threshold()
-        if self.target_recv_window - (self.recv_window + buffered) >= max(threshold, 1):
+        if _half_read(self, buffered):
             delta = self._grow_to_delta(buffered) + _grow_target(self, buffered)
             self._pending_recv_release = 0
     if delta > 0:
         await self.send_window_update(delta, skip_lock=True)
+
+
+def _half_read(stream: yamux.YamuxStream, buffered: int) -> bool:
+    """Whether `stream`'s reader has taken half its receive window since the last
+    credit, with `buffered` bytes still unread."""
+    unread = stream.recv_window + buffered
+    return stream.target_recv_window - unread >= max(stream._grow_threshold(), 1)
 
 
 AUTOTUNE_MIN_RTT_S = 0.005  # the round trip a window update is timed against, at least
@@ -905,8 +911,8 @@ def _buffer(self: yamux.Yamux, stream: yamux.YamuxStream, data: Any, *, taps: bo
 class Tap(Protocol):
     """A consumer of a stream's data as it arrives (see `tap`)."""
 
-    # Set by the consumer before it reads the stream, cleared when a read returns:
-    # data is given to `on_data` only while the consumer waits for its next read.
+    # Set by `_read_stream` while the consumer's read waits with nothing buffered:
+    # data is given to `on_data` only then.
     waiting: bool
 
     def on_data(self, data: bytes) -> bytes | None:
@@ -927,9 +933,9 @@ def tap(stream: Any, consumer: Tap) -> bool:
     `on_data` runs synchronously, with the connection's stream lock held: it
     must not block. It returns None when it took all of `data`, or the bytes
     from the first one it did not take: those are buffered for the consumer's
-    read as before. It is given data only when nothing is buffered and the
-    consumer waits for a read (`waiting`, which a read that returns data
-    clears), so the stream's bytes reach the consumer in order either way. The
+    read as before. It is given data only while the consumer's read waits with
+    nothing buffered (`waiting`), so the stream's bytes reach the consumer in
+    order either way. The
     bytes it takes count as read for the stream's receive window. End of
     stream and reset still reach the consumer's read.
 
@@ -952,8 +958,9 @@ def untap(stream: Any) -> None:
 
 
 async def _credit_taken(stream: yamux.YamuxStream, taken: int) -> None:
-    """Bytes a tap took count as read: credit the sender as a read of them would."""
-    if stream.target_recv_window - stream.recv_window >= max(stream._grow_threshold(), 1):
+    """Bytes a tap took count as read: credit the sender as a read of them would
+    (checked here first, so that most messages skip the call and its lock)."""
+    if _half_read(stream, len(stream.conn.stream_buffers.get(stream.stream_id, b""))):
         await stream._auto_tune_and_send_window_update(bytes_read=taken)
 
 
@@ -1254,8 +1261,8 @@ async def _read_stream(self: yamux.Yamux, stream_id: int, n: int = -1) -> bytes:
     """py-libp2p 0.8.1's `Yamux.read_stream`, branch for branch, less the four
     f-string debug lines it built on every read whether or not debug logging
     is on (about 6% of a ping-pong's CPU, the largest of yamux's own code);
-    and a read that returns data stops the stream's tap, if any, from taking
-    more until its consumer reads again (see `tap`)."""
+    and while it waits with nothing buffered, the stream's tap, if any, may take
+    what arrives (see `tap`)."""
     if n is None:
         n = -1
     while True:
@@ -1281,9 +1288,6 @@ async def _read_stream(self: yamux.Yamux, stream_id: int, n: int = -1) -> bytes:
                     del buffer[:n]
                 if stream.closed:
                     self._finalize_stream_locked(stream, fully_closed=True)
-                consumer = _TAPS.get(stream)
-                if consumer is not None:  # it takes no more until it has this
-                    consumer.waiting = False
                 return data
             if stream.reset_received:
                 raise MuxedStreamReset("Stream was reset")
@@ -1291,11 +1295,17 @@ async def _read_stream(self: yamux.Yamux, stream_id: int, n: int = -1) -> bytes:
                 raise MuxedStreamEOF("Stream is closed for receiving")
             if stream.closed:
                 raise MuxedStreamReset("Stream is reset or closed")
+        consumer = _TAPS.get(stream)
+        if consumer is not None:  # parked with nothing buffered: data may go to it
+            consumer.waiting = True
         try:
             await self.stream_events[stream_id].wait()
             self.stream_events[stream_id] = trio.Event()
         except KeyError:
             raise MuxedStreamEOF("Stream was removed") from None
+        finally:
+            if consumer is not None:
+                consumer.waiting = False
 
 
 def _source_sha256(function: Any) -> str:

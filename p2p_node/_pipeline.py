@@ -244,7 +244,7 @@ class KeptPipe(Generic[T]):
         self.failure: JobError | None = None
         self.last_used = trio.current_time()
         self._frames = TaggedBuffer(max_reply)
-        self.waiting = False  # for its next read (see _libp2p.Tap)
+        self.waiting = False  # its read waits, nothing buffered (set by _libp2p)
         self._writer = FrameWriter(stream, self._counts)
         self._open: dict[int, T] = {}
         self._next = 1
@@ -309,9 +309,7 @@ class KeptPipe(Generic[T]):
         tapped = _libp2p.tap(self.stream, self)
         try:
             while True:
-                self.waiting = True
                 data = await self.stream.read(READ_CHUNK)
-                self.waiting = False
                 if not data:
                     raise EOFError("stream closed by the peer")
                 self._counts.received += len(data)

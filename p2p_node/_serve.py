@@ -109,7 +109,7 @@ class _RequestReader:
         self.frames = TaggedBuffer(server.limits.request_limit(protocol))
         self.working: dict[int, trio.CancelScope] = {}
         self.counts = server.traffic.of(PIPELINED[protocol])
-        self.waiting = False  # for its next read (see _libp2p.Tap)
+        self.waiting = False  # its read waits, nothing buffered (set by _libp2p)
         self.last_data = trio.current_time()
         self._reading = trio.CancelScope()  # the read in progress
         self._broken: Exception | None = None  # what on_data raised
@@ -117,11 +117,9 @@ class _RequestReader:
     async def run(self, stream: INetStream) -> ErrorReply | None:
         frames, working = self.frames, self.working
         while True:
-            self.waiting = True
             with trio.move_on_after(SERVER_IDLE_S) as idle:
                 self._reading = idle
                 data = await stream.read(READ_CHUNK)
-            self.waiting = False
             if self._broken is not None:
                 raise self._broken
             if idle.cancelled_caught:

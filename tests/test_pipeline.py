@@ -58,15 +58,21 @@ def echo(request: RunRequest) -> Reply:
     return ModelsReply(request.job_id, ())
 
 
-def _streams(rpc: Rpc, server: Server) -> list[Any]:
-    (conn,) = rpc.host.get_network().connections[ID.from_base58(server.peer_id)]
+def _streams(rpc: Rpc, server: Server, *, servers_side: bool = False) -> list[Any]:
+    """The pipelined infer streams between the two: the caller's ends, or the server's."""
+    host, other = (server.host, rpc.peer_id) if servers_side else (rpc.host, server.peer_id)
+    (conn,) = host.get_network().connections[ID.from_base58(other)]
     return [s for s in conn.get_streams() if s.get_protocol() == PIPELINED_INFER]
 
 
-def _count_messages(rpc: Rpc, server: Server) -> list[int]:
-    """Counts, in [0], the Noise messages both ends write on their connection from now on."""
+def _count_messages(rpc: Rpc, server: Server, *, callers: bool = True) -> list[int]:
+    """Counts, in [0], the Noise messages both ends (or the server alone) write on
+    their connection from now on."""
     counted = [0]
-    for host, other in ((rpc.host, server.peer_id), (server.host, rpc.peer_id)):
+    ends = [(server.host, rpc.peer_id)]
+    if callers:
+        ends.append((rpc.host, server.peer_id))
+    for host, other in ends:
         (conn,) = host.get_network().connections[ID.from_base58(other)]
         secured = conn.muxed_conn.secured_conn
         write = secured.write
@@ -119,21 +125,6 @@ async def test_concurrent_exchanges_share_one_stream_and_few_messages_in_any_ord
     assert messages[0] <= 16
 
 
-def _count_server_messages(rpc: Rpc, server: Server) -> list[int]:
-    """Counts, in [0], the Noise messages the server writes to `rpc` from now on."""
-    counted = [0]
-    (conn,) = server.host.get_network().connections[ID.from_base58(rpc.peer_id)]
-    secured = conn.muxed_conn.secured_conn
-    write = secured.write
-
-    async def counting(data: bytes) -> None:
-        counted[0] += 1
-        await write(data)
-
-    secured.write = counting
-    return counted
-
-
 async def _send_in_one_write(caller: Rpc, server: Server, names: list[str]) -> dict[str, Reply]:
     """Call `names` at once (the caller writes them together) and gather the replies."""
     replies: dict[str, Reply] = {}
@@ -164,7 +155,7 @@ async def test_requests_that_come_together_are_answered_in_groups_not_all_at_the
         async with pipe_pair(quick) as (caller, server):
             await caller.call(server.peer_id, INFER_PROTOCOL, job("warm"), 5)
             written_when_started.clear()
-            messages = _count_server_messages(caller, server)
+            messages = _count_messages(caller, server, callers=False)
             replies = await _send_in_one_write(caller, server, names)
     assert replies == {name: ModelsReply(name, ()) for name in names}
     assert written_when_started[:group] == [0] * group  # the first group starts at once
@@ -205,11 +196,6 @@ def _count_reads(stream: Any) -> list[int]:
     return counted
 
 
-def _server_streams(rpc: Rpc, server: Server) -> list[Any]:
-    (conn,) = server.host.get_network().connections[ID.from_base58(rpc.peer_id)]
-    return [s for s in conn.get_streams() if s.get_protocol() == PIPELINED_INFER]
-
-
 async def test_messages_taken_as_they_arrive_still_credit_the_senders_receive_window() -> None:
     # One exchange at a time, each request and reply about 1 KiB: both readers wait
     # for their next read whenever a message comes, so both take every message as
@@ -225,7 +211,7 @@ async def test_messages_taken_as_they_arrive_still_credit_the_senders_receive_wi
         async with pipe_pair(big, max_request_bytes=4096) as (caller, server):
             await caller.call(server.peer_id, INFER_PROTOCOL, job("warm"), 5)
             (caller_side,) = _streams(caller, server)
-            (server_side,) = _server_streams(caller, server)
+            (server_side,) = _streams(caller, server, servers_side=True)
             reads = [_count_reads(caller_side), _count_reads(server_side)]
             for i in range(count):
                 got = await caller.call(server.peer_id, INFER_PROTOCOL, job(f"{i}", 1024), 10)
