@@ -193,6 +193,16 @@ class TaggedBuffer:
             data = data[len(piece) :]
         self._buffer += data
 
+    def feed_body(self, data: bytes) -> bool:
+        """Feed `data` if it lies inside the large body being collected, short of its
+        end, and say so; else hold nothing of it. What a body's end completes is
+        for the reader that splits frames; its middle can only be more body."""
+        if self._skip or len(data) >= self._missing:  # _missing is 0 unless collecting
+            return False
+        self._pieces.append(data)
+        self._missing -= len(data)
+        return True
+
     def __len__(self) -> int:
         return len(self._buffer) + sum(len(piece) for piece in self._pieces)
 

@@ -323,8 +323,11 @@ class KeptPipe(Generic[T]):
         """Replies that came while the reader waits for them; anything else (a GOAWAY,
         a frame it cannot read) is given back for the reader's read."""
         frames = self._frames
-        if not frames.idle:  # a frame in part, a body skipped or collected: the reader's
-            return data
+        if not frames.idle:  # a frame in part, a body skipped or collected: the reader's,
+            if not frames.feed_body(data):  # but for more of a large body, short of its end
+                return data
+            self._counts.received += len(data)
+            return None
         frames.feed(data)
         try:
             if not self._take(tapped=True):

@@ -141,8 +141,12 @@ class _RequestReader:
     def on_data(self, data: bytes) -> bytes | None:
         """Data that came while the reader waits for it (see the class)."""
         frames = self.frames
-        if not frames.idle:  # a frame in part, a body skipped or collected: the reader's
-            return data
+        if not frames.idle:  # a frame in part, a body skipped or collected: the reader's,
+            if not frames.feed_body(data):  # but for more of a large body, short of its end
+                return data
+            self.last_data = trio.current_time()
+            self.counts.received += len(data)
+            return None
         self.last_data = trio.current_time()
         frames.feed(data)
         try:

@@ -230,6 +230,31 @@ def test_bytes_held_between_whole_frames_can_be_taken_back_to_read_again() -> No
     ]
 
 
+def test_the_middle_of_a_large_body_can_be_fed_alone_but_not_its_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_framing, "COLLECT_ABOVE", 16)
+    frame = Tagged(Kind.REQUEST, 9, bytes(range(100))).encode()
+    after = Tagged(Kind.CANCEL, 10, b"").encode()
+    buffer = TaggedBuffer(max_body=200)
+    assert not buffer.feed_body(frame[:10])  # no body being collected yet
+    buffer.feed(frame[:10])
+    assert buffer.next_frame() is None  # collecting from now on
+    assert buffer.feed_body(frame[10:50])  # more body, short of its end
+    assert not buffer.feed_body(frame[50:])  # its end: for feed and next_frame
+    assert not buffer.feed_body(frame[50:] + after)
+    buffer.feed(frame[50:] + after)
+    assert [buffer.next_frame(), buffer.next_frame()] == [
+        Tagged(Kind.REQUEST, 9, bytes(range(100))),
+        Tagged(Kind.CANCEL, 10, b""),
+    ]
+    skipping = TaggedBuffer(max_body=4)
+    skipping.feed(Tagged(Kind.REQUEST, 1, bytes(100)).encode()[:6])
+    with pytest.raises(FrameError):
+        skipping.next_frame()
+    assert not skipping.feed_body(b"\0")  # a body being dropped is not collected
+
+
 def test_a_buffer_skipping_a_refused_body_is_not_idle() -> None:
     buffer = TaggedBuffer(max_body=4)
     buffer.feed(Tagged(Kind.REQUEST, 1, b"0123456789").encode()[:6])
