@@ -40,6 +40,7 @@ from gossip._model import (
 )
 from scheduler import ErrorCode, InferenceResult, JobError, Tensors
 
+from ._large import LARGE_BYTES, pack_large, unpack_large
 from ._messages import (
     MAX_ID_LENGTH,
     MAX_TENSORS,
@@ -88,8 +89,8 @@ from ._schema import (
 
 MAX_DIM = 2**31 - 1
 # A tensor this large goes to msgpack as a view of the array, not a copy of its bytes,
-# and its message is packed into a buffer sized for it.
-LARGE_TENSOR_BYTES = 64 * 1024
+# and its bytes are not copied by msgpack either way (`_large`).
+LARGE_TENSOR_BYTES = LARGE_BYTES
 _ENVELOPE = frozenset({"v", "kind"})
 # Replies decoded to be passed on as they came (a result a node forwarded a job for,
 # on its way back to the job's client), by id, with their bytes: `encode` gives
@@ -114,19 +115,15 @@ def encode(message: Request | Reply) -> bytes:
     body: dict[str, Any] = {"kind": kind}
     shape.put(message, body)
     body["v"] = VERSION
-    large = 0
-    for key in shape.tensor_keys:
-        for tensor in body.get(key) or ():
-            large += len(body[key][tensor]["data"])
-    if large < LARGE_TENSOR_BYTES:
-        packed: bytes = msgpack.packb(body, use_bin_type=True)
-        return packed
-    # msgpack's buffer, grown by doubling from 256 KiB, was three fresh buffers of
-    # the payload's size, each paying a page fault per 4 KiB on first touch: made
-    # big enough at once, the tensors are copied into it once.
-    packer = msgpack.Packer(use_bin_type=True, autoreset=False, buf_size=large + 64 * 1024)
-    packer.pack(body)
-    packed = packer.bytes()
+    large = [
+        wire
+        for key in shape.tensor_keys
+        for wire in (body.get(key) or {}).values()
+        if len(wire["data"]) >= LARGE_TENSOR_BYTES
+    ]
+    packed = pack_large(body, large) if large else None
+    if packed is None:
+        packed = msgpack.packb(body, use_bin_type=True)
     return packed
 
 
@@ -148,8 +145,13 @@ def decode_reply(payload: bytes, *, pass_on: bool = False) -> Reply:
 
 def _decode(payload: bytes, kinds: Mapping[str, _Shape]) -> object:
     try:
-        raw = msgpack.unpackb(
-            payload, raw=False, strict_map_key=True, use_list=True, ext_hook=_no_ext
+        raw = unpack_large(
+            payload,
+            msgpack.unpackb,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            ext_hook=_no_ext,
         )
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as error:
         raise WireError(ErrorCode.MALFORMED_MESSAGE, f"not a msgpack message: {error}") from None
@@ -493,7 +495,7 @@ def _tensor_from_wire(name: str, raw: object) -> np.ndarray[Any, Any]:
                     break
                 size *= d
             else:
-                if type(data) is bytes and size == len(data) and size:
+                if (type(data) is bytes or type(data) is memoryview) and size == len(data) and size:
                     # what frombuffer(...).reshape(dims) gives (read-only, a view of
                     # `data`), in one call, not two
                     return np.ndarray(dims, dtype, data)
@@ -508,7 +510,7 @@ def _checked_tensor(name: str, raw: object) -> np.ndarray[Any, Any]:
     dims = expect_list(shape, f"tensor {name!r} shape", MAX_RANK)
     if any(type(d) is not int or not 0 <= d <= MAX_DIM for d in dims):
         raise SchemaError(f"tensor {name!r}: dims must be ints in [0, {MAX_DIM}], got {dims}")
-    if not isinstance(data, bytes):
+    if not isinstance(data, bytes | memoryview):  # a view: a large one (`unpack_large`)
         raise SchemaError(f"tensor {name!r}: data must be bytes")
     dtype = _LITTLE[dtype_name]
     expected = math.prod(dims) * dtype.itemsize
