@@ -558,7 +558,8 @@ async def _read_noise_message(
             size = int.from_bytes(data[start : start + _NOISE_LENGTH], "big")
             end = start + _NOISE_LENGTH + size
             if len(data) >= end:
-                message = bytes(data[start + _NOISE_LENGTH : end])
+                with memoryview(data) as view:  # one copy of the message, not two
+                    message = bytes(view[start + _NOISE_LENGTH : end])
                 if end == len(data):
                     data.clear()
                     inbox.start = 0
