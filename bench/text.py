@@ -2,10 +2,11 @@
 
 Usage: python -m bench.text [--quick] [--models DIR] [--embedder ID] [--generator ID]
                             [--batches 1 8 32 128] [--sessions 1 4 16 64] [--tokens 64]
-                            [--repeats 3] [--rounds 20] [--parts embeddings generation latency]
-                            [--in-process]
+                            [--repeats 3] [--rounds 20]
+                            [--parts embeddings generation latency steps] [--in-process]
 
-Three parts, each printed as a table (`--quick`: smaller sizes, a few minutes):
+Three parts, and a fourth on request, each printed as a table (`--quick`: smaller
+sizes, a few minutes):
 
 - embeddings: sentences/s of the embedding model (default: the bundled
   minilm-l6-v2) at each batch size, through the node that serves it (local),
@@ -21,6 +22,10 @@ Three parts, each printed as a table (`--quick`: smaller sizes, a few minutes):
   batched to one at a time for onnxruntime alone, called here with no node: what
   batching can gain at most on this machine. Also the time to first token and
   per output token (p50) as the clients see them.
+- steps (`--parts steps`, not run by default): onnxruntime alone, one decode
+  step of 1 to 32 rows with a cache of 8, 64 and 200 positions: ms per row,
+  and how much faster 16 rows go together than one at a time. Where the cost
+  per row stops falling, batching has nothing more to give on this machine.
 - latency: one generation at a time, local and forwarded one hop: time to
   first token (TTFT) and time per output token (TPOT), p50 and p99 over
   `--rounds` generations each, against the prefill's own compute (onnxruntime
@@ -403,6 +408,42 @@ def direct_generation(model_dir: Path, sessions: int, tokens: int, repeats: int)
     return alone / batched
 
 
+STEP_BATCHES = (1, 2, 4, 8, 16, 32)
+STEP_PASTS = (8, 64, 200)
+
+
+def decode_steps(model_dir: Path, rounds: int) -> dict[int, list[float]]:
+    """onnxruntime alone (one thread), one decode step at each of STEP_BATCHES rows:
+    ms per step, median of `rounds` x 10 runs, for a cache of each of STEP_PASTS
+    positions (random values: a step's cost does not depend on them)."""
+    from p2p_node._generation import past_names
+
+    generator, session = _direct_generator(model_dir)
+    layout = generator.layout
+    pasts = past_names(layout.layers)
+    names = ["logits"] + [name.replace("past_key_values.", "present.") for name in pasts]
+    rng = np.random.default_rng(0)
+    out: dict[int, list[float]] = {}
+    for past in STEP_PASTS:
+        out[past] = []
+        for rows in STEP_BATCHES:
+            cache = (rows, layout.heads, past, layout.head_dim)
+            feeds = {
+                "input_ids": np.ones((rows, 1), np.int64),
+                "attention_mask": np.ones((rows, past + 1), np.int64),
+                "position_ids": np.full((rows, 1), past, np.int64),
+            }
+            feeds.update({name: rng.random(cache, np.float32) for name in pasts})
+            times = []
+            for _ in range(rounds + 2):
+                started = time.perf_counter()
+                for _ in range(10):
+                    session.run(names, feeds)
+                times.append((time.perf_counter() - started) / 10)
+            out[past].append(statistics.median(times[2:]) * 1e3)
+    return out
+
+
 def prefill_ms(model_dir: Path, prompt: str, rounds: int) -> float:
     """The median time onnxruntime here takes for `prompt`'s prefill (one thread)."""
     from p2p_node._generation import prefill_feeds
@@ -484,6 +525,8 @@ async def run(args: argparse.Namespace, data: Path) -> None:
             for n in args.sessions
         ]
         print_generation(args, results, ceiling)
+    if "steps" in parts:
+        print_steps(args, decode_steps(models_dir / args.generator, args.rounds))
 
 
 @contextlib.asynccontextmanager
@@ -568,6 +611,22 @@ def print_generation(
         )
 
 
+def print_steps(args: argparse.Namespace, steps: dict[int, list[float]]) -> None:
+    print(
+        f"\ndecode steps of {args.generator}, onnxruntime alone (one thread): ms per row of "
+        f"a step of n rows, median of {args.rounds}; last column: 16 rows one at a time "
+        "against together, the most batching 16 sessions can gain at that cache length"
+    )
+    print(
+        f"{'cache':>5}  " + "  ".join(f"{f'n={n}':>7}" for n in STEP_BATCHES) + "  16 x n=1 / n=16"
+    )
+    sixteen = STEP_BATCHES.index(16)
+    for past, times in steps.items():
+        per_row = [t / n for t, n in zip(times, STEP_BATCHES, strict=True)]
+        gain = 16 * times[0] / times[sixteen]
+        print(f"{past:>5}  " + "  ".join(f"{t:>7.3f}" for t in per_row) + f"  {gain:>14.2f}x")
+
+
 def print_latency(args: argparse.Namespace, latency: dict[str, Latency], prefill: float) -> None:
     print(
         f"\nlatency with {args.generator}: one generation at a time of {args.tokens} greedy "
@@ -600,8 +659,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--parts",
         nargs="+",
-        choices=["embeddings", "generation", "latency"],
+        choices=["embeddings", "generation", "latency", "steps"],
         default=["embeddings", "generation", "latency"],
+        help="steps (not run by default): the cost of one decode step by rows and cache length",
     )
     parser.add_argument(
         "--in-process",
