@@ -30,9 +30,10 @@ about 8% slower. 7-bit signed weights (``reduce_range``) also avoid it, at
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -178,18 +179,31 @@ def quantize(
     prepared = int8_weights_only(smooth(fp32, dynamic, maxima), weight_only)
     prepared_path, int8_path = work / "prepared.onnx", work / "int8.onnx"
     onnx.save(prepared, prepared_path)
-    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic warns on the root logger
-    quantize_dynamic(
-        prepared_path,
-        int8_path,
-        per_channel=True,
-        weight_type=QuantType.QUInt8,  # not QInt8: see the module's docstring
-        nodes_to_exclude=[n.name for n in weight_only],
-    )
+    with _quiet_root_logger():
+        quantize_dynamic(
+            prepared_path,
+            int8_path,
+            per_channel=True,
+            weight_type=QuantType.QUInt8,  # not QInt8: see the module's docstring
+            nodes_to_exclude=[n.name for n in weight_only],
+        )
     return int8_path
 
 
 def quantize_plain(fp32_path: Path, int8_path: Path) -> None:
     """`quantize_dynamic` with its defaults, for comparison: what the shipped graph improves on."""
-    logging.getLogger().setLevel(logging.ERROR)
-    quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8)
+    with _quiet_root_logger():
+        quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """quantize_dynamic warns on the root logger; its level is put back after, so that
+    the builder run in a test leaves other tests' logging as it was."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
