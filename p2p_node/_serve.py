@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -27,6 +27,7 @@ from ._channel import (
     READ_CHUNK,
     SEND_TIMEOUT_S,
     TRANSPORT_ERRORS,
+    Bytes,
     Channel,
     MessageLimits,
     Traffic,
@@ -82,7 +83,33 @@ class _InboundSession:
         self.work.cancel()
 
 
-class _RequestReader:
+class PipeRequests(Protocol):
+    """What the requests of one pipelined stream are to the `RequestReader` that reads
+    them: how each is admitted, started and refused. The server's infer-like
+    protocols and the generate pipe differ only here."""
+
+    peer_id: str  # this node's, for its refusals
+    group: int  # requests in flight before the next waits for their answers; 0: no groups
+
+    def admit(self, exchange: int, working: dict[int, trio.CancelScope]) -> ErrorReply | None:
+        """Take what a request holds while it runs (its inbound slot); or why not."""
+        ...
+
+    def start(self, frame: Tagged, working: dict[int, trio.CancelScope], alone: bool) -> None:
+        """Start answering `frame`, whose cancel scope is `working[frame.exchange]`.
+        `alone`: nothing else is in flight on the stream, nor behind it."""
+        ...
+
+    def too_large(self, error: FrameError) -> ErrorReply:
+        """The answer to a request over the stream's limit."""
+        ...
+
+    def encode(self, reply: ErrorReply) -> bytes:
+        """A refusal's bytes."""
+        ...
+
+
+class RequestReader:
     """What reads one pipelined stream's requests: the frames that came, the requests
     in flight (each with its cancel scope), and what starts their work.
 
@@ -95,26 +122,37 @@ class _RequestReader:
 
     def __init__(
         self,
-        server: Server,
+        requests: PipeRequests,
         writer: FrameWriter,
-        work: trio.Nursery,
+        max_body: int,
+        counts: Bytes,
         peer: str,
-        protocol: TProtocol,
+        protocol: str,
     ) -> None:
-        self.server = server
+        self.requests = requests
         self.writer = writer
-        self.work = work
         self.peer = peer
         self.protocol = protocol
-        self.frames = TaggedBuffer(server.limits.request_limit(protocol))
+        self.frames = TaggedBuffer(max_body)
         self.working: dict[int, trio.CancelScope] = {}
-        self.counts = server.traffic.of(PIPELINED[protocol])
+        self.counts = counts
         self.waiting = False  # its read waits, nothing buffered (set by _libp2p)
         self.last_data = trio.current_time()
         self._reading = trio.CancelScope()  # the read in progress
         self._broken: Exception | None = None  # what on_data raised
 
     async def run(self, stream: INetStream) -> ErrorReply | None:
+        """Read requests and start their work until the stream idles with nothing in
+        flight (None) or cannot be read further (why). Transport errors raise.
+        Data that arrives while it waits is taken as it comes (`_libp2p.tap`)."""
+        tapped = _libp2p.tap(stream, self)
+        try:
+            return await self._run(stream)
+        finally:
+            if tapped:
+                _libp2p.untap(stream)
+
+    async def _run(self, stream: INetStream) -> ErrorReply | None:
         frames, working = self.frames, self.working
         while True:
             with trio.move_on_after(SERVER_IDLE_S) as idle:
@@ -167,9 +205,10 @@ class _RequestReader:
         the next has waited), or why the stream cannot be read further. `tapped`:
         also True before anything but a request or a cancel, which the reader
         handles."""
-        frames, working, writer, server = self.frames, self.working, self.writer, self.server
+        frames, working, writer, requests = self.frames, self.working, self.writer, self.requests
+        group = requests.group
         while True:
-            if len(working) >= GROUP_REQUESTS and len(frames) and not waited:
+            if group and len(working) >= group and len(frames) and not waited:
                 return True
             waited = False
             try:
@@ -177,11 +216,9 @@ class _RequestReader:
             except FrameError as error:
                 if not error.too_large:
                     logger.info("unreadable %s stream from %s: %s", self.protocol, self.peer, error)
-                    return ErrorReply(ErrorCode.MALFORMED_MESSAGE, str(error), server.peer_id)
-                reply = server._too_large(error, self.peer, self.protocol)
-                writer.send(
-                    Tagged(Kind.REPLY, error.exchange, server._encode_reply(reply)).encode()
-                )
+                    return ErrorReply(ErrorCode.MALFORMED_MESSAGE, str(error), requests.peer_id)
+                reply = requests.too_large(error)
+                writer.send(Tagged(Kind.REPLY, error.exchange, requests.encode(reply)).encode())
                 continue
             if frame is None:
                 return False
@@ -192,21 +229,51 @@ class _RequestReader:
                     scope.cancel()
             elif frame.kind is not Kind.REQUEST:
                 why = f"a caller sent a {frame.kind.name} frame"
-                return ErrorReply(ErrorCode.MALFORMED_MESSAGE, why, server.peer_id)
-            elif (refused := server._admit(frame.exchange, working)) is not None:
-                writer.send(
-                    Tagged(Kind.REPLY, frame.exchange, server._encode_reply(refused)).encode()
-                )
+                return ErrorReply(ErrorCode.MALFORMED_MESSAGE, why, requests.peer_id)
+            elif (refused := requests.admit(frame.exchange, working)) is not None:
+                writer.send(Tagged(Kind.REPLY, frame.exchange, requests.encode(refused)).encode())
             else:
                 # Alone: nothing else in flight on the stream, nor behind it in this read.
                 alone = not working and not len(frames)
                 working[frame.exchange] = trio.CancelScope()
-                self.work.start_soon(
-                    server._answer_tagged, frame, writer, working, self.peer, self.protocol, alone
-                )
+                requests.start(frame, working, alone)
 
 
 _TAPPED_KINDS = (Kind.REQUEST, Kind.CANCEL)
+
+
+class _ServedRequests:
+    """A server's pipelined protocol, as its streams' readers see it (`PipeRequests`)."""
+
+    group = GROUP_REQUESTS
+
+    def __init__(
+        self,
+        server: Server,
+        writer: FrameWriter,
+        work: trio.Nursery,
+        peer: str,
+        protocol: TProtocol,
+    ) -> None:
+        self.server = server
+        self.peer_id = server.peer_id
+        self.writer = writer
+        self.work = work
+        self.peer = peer
+        self.protocol = protocol
+
+    def admit(self, exchange: int, working: dict[int, trio.CancelScope]) -> ErrorReply | None:
+        return self.server._admit(exchange, working)
+
+    def start(self, frame: Tagged, working: dict[int, trio.CancelScope], alone: bool) -> None:
+        server, writer, peer, protocol = self.server, self.writer, self.peer, self.protocol
+        self.work.start_soon(server._answer_tagged, frame, writer, working, peer, protocol, alone)
+
+    def too_large(self, error: FrameError) -> ErrorReply:
+        return self.server._too_large(error, self.peer, self.protocol)
+
+    def encode(self, reply: ErrorReply) -> bytes:
+        return self.server._encode_reply(reply)
 
 
 class Server:
@@ -405,13 +472,15 @@ class Server:
     ) -> ErrorReply | None:
         """Read requests and start their work until the stream idles with nothing in
         flight (None) or cannot be read further (why). Transport errors raise."""
-        reader = _RequestReader(self, writer, work, peer, protocol)
-        tapped = _libp2p.tap(stream, reader)
-        try:
-            return await reader.run(stream)
-        finally:
-            if tapped:
-                _libp2p.untap(stream)
+        reader = RequestReader(
+            _ServedRequests(self, writer, work, peer, protocol),
+            writer,
+            self.limits.request_limit(protocol),
+            self.traffic.of(PIPELINED[protocol]),
+            peer,
+            protocol,
+        )
+        return await reader.run(stream)
 
     def _admit(self, exchange: int, working: dict[int, trio.CancelScope]) -> ErrorReply | None:
         """Take an inbound slot for a pipelined request; or why it is refused."""

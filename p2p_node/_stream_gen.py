@@ -42,10 +42,10 @@ from libp2p.custom_types import TProtocol
 from scheduler import ErrorCode, JobError
 
 from . import _codec
-from ._channel import READ_CHUNK, TRANSPORT_ERRORS, Channel, only_transport_errors
+from ._channel import TRANSPORT_ERRORS, Bytes, Channel, only_transport_errors
 from ._decoder import Sampling
 from ._errors import unwrap_single_errors
-from ._framing import FrameError, Kind, Tagged, TaggedBuffer
+from ._framing import FrameError, Kind, Tagged
 from ._messages import (
     ErrorReply,
     GeneratedPiece,
@@ -55,7 +55,7 @@ from ._messages import (
     WireError,
 )
 from ._pipeline import FrameWriter, KeptPipe
-from ._serve import SERVER_IDLE_S
+from ._serve import RequestReader
 
 if TYPE_CHECKING:
     from ._node import Node
@@ -162,56 +162,43 @@ async def _read_pipe(
 ) -> ErrorReply | None:
     """Read requests and start their generations until the stream idles with none
     running (None) or cannot be read further (why). Transport errors raise."""
-    frames = TaggedBuffer(node.config.max_request_bytes)
-    running: dict[int, trio.CancelScope] = {}
+    generations = _Generations(node, writer, work, peer)
+    limit = node.config.max_request_bytes
+    reader = RequestReader(generations, writer, limit, Bytes(), peer, GENERATE_PIPE_PROTOCOL)
+    return await reader.run(stream)
 
-    def answer_now(exchange: int, reply: ErrorReply) -> None:
-        writer.send(Tagged(Kind.REPLY, exchange, _codec.encode(reply)).encode())
 
-    while True:
-        with trio.move_on_after(SERVER_IDLE_S) as idle:
-            data = await stream.read(READ_CHUNK)
-        if idle.cancelled_caught:
-            if running:
-                continue
-            return None
-        if not data:
-            raise EOFError("the caller closed the stream")
-        frames.feed(data)
-        while True:
-            try:
-                frame = frames.next_frame()
-            except FrameError as error:
-                if not error.too_large:
-                    logger.info("unreadable generate stream from %s: %s", peer, error)
-                    return ErrorReply(ErrorCode.MALFORMED_MESSAGE, str(error), node.peer_id)
-                answer_now(
-                    error.exchange,
-                    ErrorReply(
-                        ErrorCode.MESSAGE_TOO_LARGE,
-                        f"a generate request over this node's limit of "
-                        f"{node.config.max_request_bytes} bytes (max_request_bytes): {error}",
-                        node.peer_id,
-                    ),
-                )
-                continue
-            if frame is None:
-                break
-            if frame.kind is Kind.CANCEL:
-                if (scope := running.get(frame.exchange)) is not None:
-                    scope.cancel()
-            elif frame.kind is not Kind.REQUEST:
-                why = f"a caller sent a {frame.kind.name} frame"
-                return ErrorReply(ErrorCode.MALFORMED_MESSAGE, why, node.peer_id)
-            elif frame.exchange in running:
-                why = f"exchange {frame.exchange} is already running on this stream"
-                refused = ErrorReply(ErrorCode.MALFORMED_MESSAGE, why, node.peer_id)
-                answer_now(frame.exchange, refused)
-            elif (full := node.server.take_slot(GENERATE_PIPE_PROTOCOL, peer)) is not None:
-                answer_now(frame.exchange, ErrorReply(ErrorCode.OVERLOADED, full, node.peer_id))
-            else:
-                running[frame.exchange] = trio.CancelScope()
-                work.start_soon(_answer_exchange, node, frame, writer, running, peer)
+class _Generations:
+    """A generate pipe's requests, as its reader sees them (`PipeRequests`). Each holds
+    an inbound slot while it runs; none waits for others to be answered (no
+    groups: a generation may run for minutes)."""
+
+    group = 0
+
+    def __init__(self, node: Node, writer: FrameWriter, work: trio.Nursery, peer: str) -> None:
+        self.node = node
+        self.peer_id = node.peer_id
+        self.writer = writer
+        self.work = work
+        self.peer = peer
+
+    def admit(self, exchange: int, working: dict[int, trio.CancelScope]) -> ErrorReply | None:
+        if exchange in working:
+            why = f"exchange {exchange} is already running on this stream"
+            return ErrorReply(ErrorCode.MALFORMED_MESSAGE, why, self.peer_id)
+        full = self.node.server.take_slot(GENERATE_PIPE_PROTOCOL, self.peer)
+        return None if full is None else ErrorReply(ErrorCode.OVERLOADED, full, self.peer_id)
+
+    def start(self, frame: Tagged, working: dict[int, trio.CancelScope], alone: bool) -> None:
+        self.work.start_soon(_answer_exchange, self.node, frame, self.writer, working, self.peer)
+
+    def too_large(self, error: FrameError) -> ErrorReply:
+        limit = self.node.config.max_request_bytes
+        why = f"a generate request over this node's limit of {limit} bytes (max_request_bytes)"
+        return ErrorReply(ErrorCode.MESSAGE_TOO_LARGE, f"{why}: {error}", self.peer_id)
+
+    def encode(self, reply: ErrorReply) -> bytes:
+        return _codec.encode(reply)
 
 
 async def _answer_exchange(

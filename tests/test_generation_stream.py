@@ -14,6 +14,7 @@ import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
+from libp2p.peer.id import ID
 from test_cli import p2p_node, running_node
 from test_generation import reference_tokens
 from tiny_decoder import MODEL_ID, tiny_tokenizer, write_tiny_decoder
@@ -390,6 +391,35 @@ async def test_generations_share_one_kept_stream_and_a_hang_up_ends_only_its_own
                     assert len(kept.tokens) > before  # the other one goes on
             await _wait_for_zero_cache(swarm, 1)
     assert in_flight == 2  # both on the forwarder's one kept stream to the executor
+
+
+async def test_generate_requests_on_a_kept_stream_are_taken_as_they_arrive(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    # The executing node's reader waits for its next read whenever a generation is
+    # asked for, so it takes each request as it arrives (_libp2p.tap), a scheduling
+    # round sooner, and reads none from its stream's buffer.
+    base = _base(tiny_models, tmp_path)
+    count = 8
+    with trio.fail_after(60):
+        async with open_swarm(1, base=base) as swarm:
+            async with Client.connect(swarm[0].addrs[0]) as client:
+                await client.generate_text("warm", MODEL_ID, max_tokens=2)
+                network = swarm[0]._rpc.host.get_network()
+                (conn,) = network.connections[ID.from_base58(client._rpc.peer_id)]
+                streams = conn.get_streams()
+                (served,) = [s for s in streams if s.get_protocol() == GENERATE_PIPE_PROTOCOL]
+                read, reads = served.read, [0]
+
+                async def counting(n: int | None = None) -> bytes:
+                    data: bytes = await read(n)
+                    reads[0] += bool(data)
+                    return data
+
+                served.read = counting
+                for i in range(count):
+                    assert await client.generate_text(f"Hello {i}", MODEL_ID, max_tokens=2)
+    assert reads[0] <= count // 4  # one a request, were they read from the buffer
 
 
 async def test_a_peer_without_kept_generate_streams_gets_a_stream_per_generation(
