@@ -166,14 +166,6 @@ class FrameWriter:
         while self._written < number and self._failed is None:
             await self._progress.wait()
 
-    async def write_now(self, frame: bytes) -> None:
-        """`write`, but written in this task at once when the writer is idle
-        (`send_now`): the writer's task takes a scheduling round to wake."""
-        if self._writing or self._queued or self._failed is not None:
-            await self.write(frame)
-        else:
-            await self.send_now(frame)
-
     async def flush(self) -> None:
         await self.written(self._sent)
 

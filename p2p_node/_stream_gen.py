@@ -212,11 +212,7 @@ async def _answer_exchange(
     exchange = request.exchange
 
     async def send(frame: bytes) -> None:
-        tagged = Tagged(Kind.REPLY, exchange, frame).encode()
-        if len(running) == 1:  # alone on the stream: written in this task, a round sooner
-            await writer.write_now(tagged)
-        else:  # others' frames of the same step share the writer's next write
-            await writer.write(tagged)
+        await writer.write(Tagged(Kind.REPLY, exchange, frame).encode())
 
     try:
         with running[exchange]:

@@ -660,23 +660,6 @@ async def test_send_now_writes_in_the_callers_task_only_when_the_writer_is_idle(
     assert stream.writes == [b"alone", b"queuedbehind"] and done == ["alone", "behind"]
 
 
-async def test_write_now_writes_in_the_callers_task_when_idle_and_waits_its_turn_if_not() -> None:
-    stream = _RecordingStream()
-    writer = FrameWriter(stream)  # type: ignore[arg-type]
-    with trio.fail_after(10):
-        await writer.write_now(b"alone")  # no writer task runs, yet it is written
-        assert stream.writes == [b"alone"]
-        writer.send(b"queued")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.write_now, b"behind")
-            await trio.testing.wait_all_tasks_blocked()
-            assert stream.writes == [b"alone"]  # waits for the writer, behind the queued
-            nursery.start_soon(writer.run)
-            await writer.flush()
-            nursery.cancel_scope.cancel()
-    assert stream.writes == [b"alone", b"queuedbehind"]
-
-
 async def _start_exchanges(pipe: CallerPipe, n: int, nursery: trio.Nursery) -> None:
     for i in range(n):
         nursery.start_soon(pipe.exchange, b"job%d" % i)
