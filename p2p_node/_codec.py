@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, cast
@@ -145,14 +146,12 @@ def decode_reply(payload: bytes, *, pass_on: bool = False) -> Reply:
 
 def _decode(payload: bytes, kinds: Mapping[str, _Shape]) -> object:
     try:
-        raw = unpack_large(
-            payload,
-            msgpack.unpackb,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            ext_hook=_no_ext,
-        )
+        if len(payload) < LARGE_TENSOR_BYTES:  # nearly every message: no walk, no kwargs dict
+            raw = msgpack.unpackb(
+                payload, raw=False, strict_map_key=True, use_list=True, ext_hook=_no_ext
+            )
+        else:
+            raw = unpack_large(payload, _unpack, ext_hook=_no_ext)
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as error:
         raise WireError(ErrorCode.MALFORMED_MESSAGE, f"not a msgpack message: {error}") from None
     if not isinstance(raw, dict):
@@ -175,6 +174,9 @@ def _decode(payload: bytes, kinds: Mapping[str, _Shape]) -> object:
     except (SchemaError, InvalidMessage) as error:  # the checks a message is built with
         message = error.message if isinstance(error, InvalidMessage) else str(error)
         raise WireError(ErrorCode.MALFORMED_MESSAGE, message) from None
+
+
+_unpack = functools.partial(msgpack.unpackb, raw=False, strict_map_key=True, use_list=True)
 
 
 def _no_ext(code: int, data: bytes) -> object:

@@ -89,6 +89,8 @@ class PipeRequests(Protocol):
     protocols and the generate pipe differ only here."""
 
     peer_id: str  # this node's, for its refusals
+    peer: str  # the caller's
+    protocol: TProtocol  # the stream's, for the log
     group: int  # requests in flight before the next waits for their answers; 0: no groups
 
     def admit(self, exchange: int, working: dict[int, trio.CancelScope]) -> ErrorReply | None:
@@ -126,13 +128,9 @@ class RequestReader:
         writer: FrameWriter,
         max_body: int,
         counts: Bytes,
-        peer: str,
-        protocol: str,
     ) -> None:
         self.requests = requests
         self.writer = writer
-        self.peer = peer
-        self.protocol = protocol
         self.frames = TaggedBuffer(max_body)
         self.working: dict[int, trio.CancelScope] = {}
         self.counts = counts
@@ -215,7 +213,9 @@ class RequestReader:
                 frame = frames.next_frame_of(_TAPPED_KINDS) if tapped else frames.next_frame()
             except FrameError as error:
                 if not error.too_large:
-                    logger.info("unreadable %s stream from %s: %s", self.protocol, self.peer, error)
+                    logger.info(
+                        "unreadable %s stream from %s: %s", requests.protocol, requests.peer, error
+                    )
                     return ErrorReply(ErrorCode.MALFORMED_MESSAGE, str(error), requests.peer_id)
                 reply = requests.too_large(error)
                 writer.send(Tagged(Kind.REPLY, error.exchange, requests.encode(reply)).encode())
@@ -477,8 +477,6 @@ class Server:
             writer,
             self.limits.request_limit(protocol),
             self.traffic.of(PIPELINED[protocol]),
-            peer,
-            protocol,
         )
         return await reader.run(stream)
 

@@ -164,7 +164,7 @@ async def _read_pipe(
     running (None) or cannot be read further (why). Transport errors raise."""
     generations = _Generations(node, writer, work, peer)
     limit = node.config.max_request_bytes
-    reader = RequestReader(generations, writer, limit, Bytes(), peer, GENERATE_PIPE_PROTOCOL)
+    reader = RequestReader(generations, writer, limit, Bytes())
     return await reader.run(stream)
 
 
@@ -174,6 +174,7 @@ class _Generations:
     groups: a generation may run for minutes)."""
 
     group = 0
+    protocol = GENERATE_PIPE_PROTOCOL
 
     def __init__(self, node: Node, writer: FrameWriter, work: trio.Nursery, peer: str) -> None:
         self.node = node
