@@ -18,8 +18,10 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 from tokenizers import Tokenizer
 
 from p2p_node import bundled_models_dir
@@ -268,11 +270,99 @@ def pad_past(cache: np.ndarray, length: int) -> np.ndarray:
     return np.pad(cache, ((0, 0), (0, 0), (pad, 0), (0, 0)))
 
 
+# --- the graph against a plain numpy GPT ------------------------------------------------
+
+
+def numpy_gpt(
+    weights: dict[str, np.ndarray],
+    g: Generator,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    positions: np.ndarray,
+    past: list[np.ndarray],
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """GPT-2's forward pass (pre-norm blocks, tanh GELU, output tied to the token
+    embedding) over a cache, in numpy from the graph's weights, written apart
+    from the graph: its logits and presents."""
+
+    def norm(x: np.ndarray, name: str) -> np.ndarray:
+        mean = x.mean(-1, keepdims=True)
+        scaled = (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
+        return scaled * weights[f"{name}.weight"] + weights[f"{name}.bias"]
+
+    def linear(x: np.ndarray, name: str) -> np.ndarray:
+        return x @ weights[f"{name}.matrix"] + weights[f"{name}.bias"]
+
+    def heads(t: np.ndarray) -> np.ndarray:  # [b, s, d] -> [b, heads, s, head_dim]
+        return t.reshape(*t.shape[:2], g.heads, g.head_dim).transpose(0, 2, 1, 3)
+
+    tokens = weights["model.token_embedding.weight"]
+    x = tokens[ids] + weights["model.position_embedding.weight"][positions]
+    seq, total = ids.shape[1], mask.shape[1]
+    causal = np.arange(total)[None, :] <= np.arange(total - seq, total)[:, None]
+    allowed = causal[None, None] & (mask[:, None, None, :] > 0)
+    presents = []
+    for i in range(g.layers):
+        p = f"model.blocks.{i}"
+        qkv = linear(norm(x, f"{p}.ln1"), f"{p}.attention.qkv")
+        q, k, v = (heads(t) for t in np.split(qkv, 3, axis=-1))
+        k = np.concatenate([past[2 * i], k], axis=2)
+        v = np.concatenate([past[2 * i + 1], v], axis=2)
+        presents += [k, v]
+        # Finite, as torch's masked_fill: a padded query sees no key, and its row stays finite.
+        scores = np.where(allowed, q @ k.transpose(0, 1, 3, 2) / np.sqrt(g.head_dim), -1e30)
+        scores = np.exp(scores - scores.max(-1, keepdims=True))
+        attended = (scores / scores.sum(-1, keepdims=True)) @ v
+        attended = attended.transpose(0, 2, 1, 3).reshape(x.shape)
+        x = x + linear(attended, f"{p}.attention.proj")
+        h = linear(norm(x, f"{p}.ln2"), f"{p}.mlp.0")
+        h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+        x = x + linear(h, f"{p}.mlp.2")
+    logits = norm(x, "model.ln_f") @ tokens.T
+    return logits, presents
+
+
+def test_the_graph_computes_a_gpt(generator: Generator) -> None:
+    """The committed graph (onnxruntime's fused attention) against numpy, on a
+    left-padded prefill and a decode step on its cache, at every position its mask
+    keeps (a padded position's logits mean nothing)."""
+    g = generator
+    model = onnx.load(str(g.dir / "model.onnx"))
+    weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    ids, mask, positions = left_padded([g.prompt(PROMPTS[1]), g.prompt("x")], g.eos)
+    steps = [(ids, mask, positions)]
+    step_mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+    steps.append((np.asarray([[5], [7]], np.int64), step_mask, positions[:, -1:] + 1))
+    past = g.empty_past(2)
+    for ids, mask, positions in steps:
+        logits, present = g.run(ids, mask, positions, past)
+        want, want_present = numpy_gpt(weights, g, ids, mask, positions, past)
+        kept = mask[:, -ids.shape[1] :] > 0
+        np.testing.assert_allclose(logits[kept], want[kept], rtol=0, atol=TOLERANCE)
+        for got, cache in zip(present, want_present, strict=True):
+            rows = got.transpose(0, 2, 1, 3)[mask > 0]
+            np.testing.assert_allclose(rows, cache.transpose(0, 2, 1, 3)[mask > 0], atol=TOLERANCE)
+        past = present
+
+
+def test_the_committed_graph_is_what_gpt_fused_writes(
+    generator: Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tools/gpt_fused.py reads back its own graph and writes it again, byte for byte:
+    the committed file is its output, and the builder's."""
+    monkeypatch.syspath_prepend(str(TOOLS))
+    import gpt_fused
+
+    committed = (generator.dir / "model.onnx").read_bytes()
+    assert gpt_fused.fuse(committed, generator.heads) == committed
+
+
 # --- the builder (needs the build extra) ----------------------------------------------
 
 
-def load_builder() -> ModuleType:
+def load_builder(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     pytest.importorskip("torch", reason="the generator builder needs the build extra (torch)")
+    monkeypatch.syspath_prepend(str(TOOLS))  # its sibling gpt_fused
     spec = importlib.util.spec_from_file_location("p2p_tools_gpt", TOOLS / "gpt.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -281,8 +371,10 @@ def load_builder() -> ModuleType:
     return module
 
 
-def test_the_builder_writes_a_generator_that_passes_these_checks(tmp_path: Path) -> None:
-    gpt = load_builder()
+def test_the_builder_writes_a_generator_that_passes_these_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gpt = load_builder(monkeypatch)
     tiny = gpt.GptSpec(
         "tiny-gpt",
         "A tiny test generator",
