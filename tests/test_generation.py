@@ -136,6 +136,43 @@ async def test_continuous_batching_gives_the_tokens_of_sessions_run_alone(
     assert engine.prefill_runs < len(PROMPTS)  # prompts of different lengths shared a run
 
 
+async def test_sessions_that_start_together_step_together_from_their_first_step(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions prefilled in one run come to the engine one by one, and join its
+    steps as each one's first piece is taken; the engine waits for them, so that
+    every step runs all of them: the batch is built once, then fed its own
+    caches, and none falls behind to finish alone. (JOIN_WAIT_S, the most it
+    waits, is raised here: a stalled machine must not change what is checked.)"""
+    monkeypatch.setattr(generation_module, "JOIN_WAIT_S", 60.0)
+    max_new = 12
+    for prompt in PROMPTS:  # none ends before max_new: every step has them all
+        assert len(reference_tokens(tiny_models / MODEL_ID, prompt, max_new)) == max_new
+    with trio.fail_after(30):
+        async with generations(tiny_models, max_new_tokens=max_new) as service:
+            done = await service.complete(MODEL_ID, PROMPTS)
+            engine = service.engine(MODEL_ID)
+            assert service.cache_bytes == 0
+    assert [tokens for _, tokens in done] == [max_new] * len(PROMPTS)
+    assert engine.prefill_runs == 1
+    assert engine.steps == max_new - 1  # the prefill made each one's first token
+    assert engine.batched_rows == len(PROMPTS) * engine.steps
+    assert (engine.rebuilds, engine.narrowed) == (1, 0)
+
+
+async def test_a_session_whose_first_frame_never_goes_out_holds_the_batch_up_once(
+    tiny_models: Path,
+) -> None:
+    """The engine waits for a joining session at most JOIN_WAIT_S: a client that
+    never comes back for its second piece does not stop the other sessions."""
+    with trio.fail_after(30):
+        async with generations(tiny_models) as service:
+            async with service.open_session(MODEL_ID, PROMPTS[0], 40, GREEDY) as stuck:
+                assert await stuck.next() is not None  # and never again
+                got = await generate(service, PROMPTS[1], 40)
+    assert got == reference_tokens(tiny_models / MODEL_ID, PROMPTS[1], 40)
+
+
 async def test_sessions_that_pause_or_leave_the_batch_still_give_their_own_tokens(
     tiny_models: Path,
 ) -> None:
