@@ -3,9 +3,10 @@
 Usage: python -m bench.text [--quick] [--models DIR] [--embedder ID] [--generator ID]
                             [--batches 1 8 32 128] [--sessions 1 4 16 64] [--tokens 64]
                             [--repeats 3] [--rounds 20]
-                            [--parts embeddings generation latency steps] [--in-process]
+                            [--parts embeddings generation latency steps engine]
+                            [--in-process]
 
-Three parts, and a fourth on request, each printed as a table (`--quick`: smaller
+Three parts, and two more on request, each printed as a table (`--quick`: smaller
 sizes, a few minutes):
 
 - embeddings: sentences/s of the embedding model (default: the bundled
@@ -26,6 +27,13 @@ sizes, a few minutes):
   step of 1 to 32 rows with a cache of 8, 64 and 200 positions: ms per row,
   and how much faster 16 rows go together than one at a time. Where the cost
   per row stops falling, batching has nothing more to give on this machine.
+- engine (`--parts engine`, not run by default): the generator's engine alone,
+  in this process, with no node and no network: the same counts of sessions
+  started together (`Generations.complete`, greedy, `--tokens` each), the
+  best of `--repeats` runs each. Per run: tokens/s, decode steps, steps that
+  built the batch from the sessions' caches and steps that narrowed it, and
+  the engine's own time per step (the run's time less onnxruntime's runs).
+  What the batching costs besides onnxruntime, without the transport's noise.
 - latency: one generation at a time, local and forwarded one hop: time to
   first token (TTFT) and time per output token (TPOT), p50 and p99 over
   `--rounds` generations each, against the prefill's own compute (onnxruntime
@@ -346,6 +354,80 @@ async def _run(
     return Figures(n, made, seconds, statistics.median(ttfts), statistics.median(tpots or [0.0]))
 
 
+# --- the engine alone ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    sessions: int
+    tokens: int
+    seconds: float
+    steps: int
+    builds: int
+    narrowed: int
+    run_ms: float  # in onnxruntime's runs
+
+    @property
+    def own_ms_per_step(self) -> float:
+        return (self.seconds * 1e3 - self.run_ms) / max(1, self.steps)
+
+
+async def engine_run(
+    models_dir: Path, model_id: str, sessions: int, tokens: int, repeats: int
+) -> EngineRun:
+    """`sessions` greedy generations of up to `tokens` tokens started together on the
+    engine alone (no node), the best of `repeats` runs after one to warm up."""
+    from p2p_node._config import ExecutorConfig
+    from p2p_node._executor import Executor
+    from p2p_node._generation import Generations
+    from p2p_node._repository import read_repository
+
+    config = ExecutorConfig(max_new_tokens=tokens, max_sessions=sessions)
+    cards = read_repository(models_dir, frozenset({model_id}))
+    service = Generations(Executor.from_cards(cards, config), cards, config)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(sessions)]
+    runs = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service.run)
+        engine = service.engine(model_id)
+        for repeat in range(repeats + 1):
+            before = (engine.steps, engine.rebuilds, engine.narrowed, engine.run_ms)
+            started = time.perf_counter()
+            done = await service.complete(model_id, prompts)
+            seconds = time.perf_counter() - started
+            if repeat:  # (the first warms up)
+                runs.append(
+                    EngineRun(
+                        sessions,
+                        sum(count for _, count in done),
+                        seconds,
+                        engine.steps - before[0],
+                        engine.rebuilds - before[1],
+                        engine.narrowed - before[2],
+                        engine.run_ms - before[3],
+                    )
+                )
+        nursery.cancel_scope.cancel()
+    return max(runs, key=lambda r: r.tokens / r.seconds)
+
+
+def print_engine(args: argparse.Namespace, rows: list[EngineRun]) -> None:
+    print()
+    print(
+        f"the engine alone with {args.generator}, in this process, no network: sessions "
+        f"started together, up to {args.tokens} greedy tokens each, best of {args.repeats}"
+    )
+    print(
+        f"{'sessions':>8}  {'tokens/s':>9}  {'steps':>5}  {'builds':>6}  {'narrowed':>8}  "
+        f"{'own ms/step':>11}"
+    )
+    for r in rows:
+        print(
+            f"{r.sessions:>8}  {r.tokens / r.seconds:>9.1f}  {r.steps:>5}  {r.builds:>6}  "
+            f"{r.narrowed:>8}  {r.own_ms_per_step:>11.3f}"
+        )
+
+
 # --- latency -------------------------------------------------------------------------------
 
 
@@ -527,6 +609,12 @@ async def run(args: argparse.Namespace, data: Path) -> None:
         print_generation(args, results, ceiling)
     if "steps" in parts:
         print_steps(args, decode_steps(models_dir / args.generator, args.rounds))
+    if "engine" in parts:
+        rows = [
+            await engine_run(models_dir, args.generator, n, args.tokens, args.repeats)
+            for n in args.sessions
+        ]
+        print_engine(args, rows)
 
 
 @contextlib.asynccontextmanager
@@ -659,9 +747,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--parts",
         nargs="+",
-        choices=["embeddings", "generation", "latency", "steps"],
+        choices=["embeddings", "generation", "latency", "steps", "engine"],
         default=["embeddings", "generation", "latency"],
-        help="steps (not run by default): the cost of one decode step by rows and cache length",
+        help="steps and engine are not run by default: the cost of one decode step by rows "
+        "and cache length; the engine's own cost per step, in this process",
     )
     parser.add_argument(
         "--in-process",

@@ -336,6 +336,7 @@ class _Engine:
         self.rebuilds = 0  # steps whose batch was built from the sessions' caches
         self.narrowed = 0  # steps that took some rows of the last step's caches
         self.inline_steps = 0  # steps run on the event loop's thread
+        self.run_ms = 0.0  # in onnxruntime's runs, prefills and steps (bench.text --parts engine)
 
     def wake(self) -> None:
         self._wake.set()
@@ -536,11 +537,13 @@ class _Engine:
         in a worker thread."""
         layers = self.generator.layout.layers
         if not inline:
-            return await trio.to_thread.run_sync(
+            out = await trio.to_thread.run_sync(
                 _timed_step, session, feeds, layers, limiter=self._limiter
             )
-        out = _timed_step(session, feeds, layers)
-        await trio.lowlevel.checkpoint()  # the sessions' senders go between steps
+        else:
+            out = _timed_step(session, feeds, layers)
+            await trio.lowlevel.checkpoint()  # the sessions' senders go between steps
+        self.run_ms += out[1]
         return out
 
 
