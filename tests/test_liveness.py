@@ -8,12 +8,12 @@ cannot come from a periodic record: only from the mechanism under test.
 from __future__ import annotations
 
 import trio
+from beats import first_beat
 from libp2p.pubsub.pb import rpc_pb2
 
 from gossip import EventKind, PeerState, Rejection, encode_record
 from p2p_node._beats import BEAT, BEAT_PROTOCOL
 from p2p_node._config import GossipConfig
-from p2p_node._node import Node
 from p2p_node.testing import open_swarm
 
 SLOW_REFRESH = GossipConfig(refresh=600.0)
@@ -80,7 +80,7 @@ async def test_a_peer_reported_departed_while_alive_refutes_it() -> None:
             # Only a link that carried a beat is reported when lost (a dial cut before
             # its first beat says nothing of the peer): wait for one. Blocking at once
             # after converging lost the link unreported about 1 run in 20.
-            await _first_beat(swarm[0], target.peer_id)
+            await first_beat(swarm[0], target.peer_id)
             # Node 0 loses its link to node 2 (and keeps it cut): it reports node 2
             # departed. Node 2 hears of it through node 1 and publishes anew.
             await swarm.block(0, [target.peer_id])
@@ -92,25 +92,6 @@ async def test_a_peer_reported_departed_while_alive_refutes_it() -> None:
                 )
             )
             assert not swarm[0].connected_peers() & {target.peer_id}
-
-
-async def _first_beat(node: Node, peer_id: str) -> None:
-    """Until `node` has had a beat from `peer_id` on their link."""
-    gossip = node.gossip
-    beaten = trio.Event()
-    heard = gossip.heard_from
-
-    def hearing(beater: str) -> None:
-        heard(beater)
-        if beater == peer_id:
-            beaten.set()
-
-    gossip.heard_from = hearing  # type: ignore[method-assign]
-    try:
-        if peer_id not in gossip._beaten:
-            await beaten.wait()
-    finally:
-        del gossip.heard_from  # the class's again
 
 
 async def test_synced_records_are_checked_like_gossiped_ones() -> None:
