@@ -93,7 +93,7 @@ class PipeRequests(Protocol):
     protocol: TProtocol  # the stream's, for the log
     group: int  # requests in flight before the next waits for their answers; 0: no groups
 
-    def admit(self, exchange: int, working: dict[int, trio.CancelScope]) -> ErrorReply | None:
+    def admit(self) -> ErrorReply | None:
         """Take what a request holds while it runs (its inbound slot); or why not."""
         ...
 
@@ -230,7 +230,11 @@ class RequestReader:
             elif frame.kind is not Kind.REQUEST:
                 why = f"a caller sent a {frame.kind.name} frame"
                 return ErrorReply(ErrorCode.MALFORMED_MESSAGE, why, requests.peer_id)
-            elif (refused := requests.admit(frame.exchange, working)) is not None:
+            elif frame.exchange in working:
+                why = f"exchange {frame.exchange} is already in flight on this stream"
+                twice = ErrorReply(ErrorCode.MALFORMED_MESSAGE, why, requests.peer_id)
+                writer.send(Tagged(Kind.REPLY, frame.exchange, requests.encode(twice)).encode())
+            elif (refused := requests.admit()) is not None:
                 writer.send(Tagged(Kind.REPLY, frame.exchange, requests.encode(refused)).encode())
             else:
                 # Alone: nothing else in flight on the stream, nor behind it in this read.
@@ -262,8 +266,8 @@ class _ServedRequests:
         self.peer = peer
         self.protocol = protocol
 
-    def admit(self, exchange: int, working: dict[int, trio.CancelScope]) -> ErrorReply | None:
-        return self.server._admit(exchange, working)
+    def admit(self) -> ErrorReply | None:
+        return self.server._admit()
 
     def start(self, frame: Tagged, working: dict[int, trio.CancelScope], alone: bool) -> None:
         server, writer, peer, protocol = self.server, self.writer, self.peer, self.protocol
@@ -480,11 +484,8 @@ class Server:
         )
         return await reader.run(stream)
 
-    def _admit(self, exchange: int, working: dict[int, trio.CancelScope]) -> ErrorReply | None:
+    def _admit(self) -> ErrorReply | None:
         """Take an inbound slot for a pipelined request; or why it is refused."""
-        if exchange in working:
-            why = f"exchange {exchange} is already in flight on this stream"
-            return ErrorReply(ErrorCode.MALFORMED_MESSAGE, why, self.peer_id)
         try:
             self._inbound_slots.acquire_nowait()
         except trio.WouldBlock:

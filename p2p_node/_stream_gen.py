@@ -183,10 +183,7 @@ class _Generations:
         self.work = work
         self.peer = peer
 
-    def admit(self, exchange: int, working: dict[int, trio.CancelScope]) -> ErrorReply | None:
-        if exchange in working:
-            why = f"exchange {exchange} is already running on this stream"
-            return ErrorReply(ErrorCode.MALFORMED_MESSAGE, why, self.peer_id)
+    def admit(self) -> ErrorReply | None:
         full = self.node.server.take_slot(GENERATE_PIPE_PROTOCOL, self.peer)
         return None if full is None else ErrorReply(ErrorCode.OVERLOADED, full, self.peer_id)
 

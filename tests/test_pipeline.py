@@ -447,6 +447,32 @@ async def test_an_oversize_or_malformed_request_is_refused_alone() -> None:
     assert held < 5000
 
 
+async def test_a_request_reusing_an_exchange_in_flight_is_refused_and_the_first_goes_on() -> None:
+    release = trio.Event()
+
+    async def held(request: RunRequest, sender: str) -> Reply:
+        await release.wait()
+        return echo(request)
+
+    with trio.fail_after(30):
+        async with pipe_pair(held) as (caller, server):
+            stream = await _raw_pipe(caller, server)
+            await stream.write(Tagged(Kind.REQUEST, 5, encode(job("first"))).encode())
+            await stream.write(Tagged(Kind.REQUEST, 5, encode(job("again"))).encode())
+            frames = TaggedBuffer(1 << 20)
+            got: list[Reply] = []
+            while len(got) < 2:
+                frames.feed(await stream.read(65536))
+                while (frame := frames.next_frame()) is not None:
+                    assert frame.exchange == 5
+                    got.append(decode_reply(frame.body))
+                    release.set()  # the refusal came first: now let the first answer
+    refused, answered = got
+    assert isinstance(refused, ErrorReply) and refused.code is ErrorCode.MALFORMED_MESSAGE
+    assert "exchange 5 is already in flight" in refused.message
+    assert answered == ModelsReply("first", ())
+
+
 async def test_unsplittable_bytes_end_the_stream_after_what_is_in_flight() -> None:
     async def answer(request: RunRequest, sender: str) -> Reply:
         await trio.sleep(0.05)
