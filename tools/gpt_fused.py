@@ -39,6 +39,7 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -163,21 +164,25 @@ def fused_graph(w: GptWeights, heads: int, like: onnx.ModelProto) -> onnx.ModelP
     # and `p2p-node shard` types the tensors crossing between stages from these.
     infos: list[onnx.ValueInfoProto] = []
     rows = ["batch_size", "sequence_length"]
+    d = w.d_model
 
     def weight(name: str, value: Array) -> str:
         inits.append(numpy_helper.from_array(np.ascontiguousarray(value, np.float32), name))
         return name
 
-    def node(op: str, inputs: Sequence[str], outputs: Sequence[str], **attrs: object) -> None:
+    def typed(name: str, width: int) -> None:
+        infos.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [*rows, width]))
+
+    def node(
+        op: str, inputs: Sequence[str], outputs: Sequence[str], width: int | None = d, **attrs: Any
+    ) -> None:
+        """A node; each output typed float [batch, seq, width] (None: typed elsewhere)."""
         domain = MS_DOMAIN if op in ("MultiHeadAttention", "FastGelu") else ""
         name = f"{outputs[0]}/{op}"
         nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
-        if op in ("Cast", "MultiHeadAttention"):
-            return  # the mask's type is given below; the presents are outputs
-        for out in outputs:
-            wide = out.endswith(".gelu") or ".mlp.0" in out
-            last = 3 * w.d_model if out.endswith(".qkv") else 4 * w.d_model if wide else w.d_model
-            infos.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [*rows, last]))
+        if width is not None:
+            for out in outputs:
+                typed(out, width)
 
     def norm(x: str, prefix: str, out: str) -> str:
         scale, bias = f"{prefix}.weight", f"{prefix}.bias"
@@ -189,11 +194,10 @@ def fused_graph(w: GptWeights, heads: int, like: onnx.ModelProto) -> onnx.ModelP
     node("Gather", ["model.token_embedding.weight", "input_ids"], ["tokens"])
     node("Gather", ["model.position_embedding.weight", "position_ids"], ["positions"])
     node("Add", ["tokens", "positions"], ["embedded"])
-    node("Cast", ["attention_mask"], ["key_padding_mask"], to=TensorProto.INT32)
+    node("Cast", ["attention_mask"], ["key_padding_mask"], None, to=TensorProto.INT32)
     total = "past_sequence_length + sequence_length"
     mask = helper.make_tensor_value_info("key_padding_mask", TensorProto.INT32, [rows[0], total])
     infos.append(mask)
-    d = w.d_model
     inits.append(numpy_helper.from_array(np.array([d, d, d], np.int64), "qkv_split"))
     x = "embedded"
     for i, layer in enumerate(w.layers):
@@ -201,7 +205,7 @@ def fused_graph(w: GptWeights, heads: int, like: onnx.ModelProto) -> onnx.ModelP
         for name, value in layer.items():
             weight(f"{p}.{name}", value)
         h = norm(x, f"{p}.ln1", f"{p}.ln1.out")
-        node("MatMul", [h, f"{p}.attention.qkv.matrix"], [f"{p}.qkv"])
+        node("MatMul", [h, f"{p}.attention.qkv.matrix"], [f"{p}.qkv"], 3 * d)
         node("Split", [f"{p}.qkv", "qkv_split"], [f"{p}.q", f"{p}.k", f"{p}.v"], axis=-1)
         node(
             "MultiHeadAttention",
@@ -216,18 +220,18 @@ def fused_graph(w: GptWeights, heads: int, like: onnx.ModelProto) -> onnx.ModelP
                 f"past_key_values.{i}.value",
             ],
             [f"{p}.attended", f"present.{i}.key", f"present.{i}.value"],
+            None,  # the presents are graph outputs
             num_heads=heads,
             unidirectional=1,
         )
-        attended = helper.make_tensor_value_info(f"{p}.attended", TensorProto.FLOAT, [*rows, d])
-        infos.append(attended)
+        typed(f"{p}.attended", d)
         node("MatMul", [f"{p}.attended", f"{p}.attention.proj.matrix"], [f"{p}.proj"])
         node("Add", [f"{p}.proj", f"{p}.attention.proj.bias"], [f"{p}.proj.out"])
         node("Add", [x, f"{p}.proj.out"], [f"{p}.mid"])
         h = norm(f"{p}.mid", f"{p}.ln2", f"{p}.ln2.out")
-        node("MatMul", [h, f"{p}.mlp.0.matrix"], [f"{p}.mlp.0"])
-        node("Add", [f"{p}.mlp.0", f"{p}.mlp.0.bias"], [f"{p}.mlp.0.out"])
-        node("FastGelu", [f"{p}.mlp.0.out"], [f"{p}.gelu"])  # GELU, tanh form
+        node("MatMul", [h, f"{p}.mlp.0.matrix"], [f"{p}.mlp.0"], 4 * d)
+        node("Add", [f"{p}.mlp.0", f"{p}.mlp.0.bias"], [f"{p}.mlp.0.out"], 4 * d)
+        node("FastGelu", [f"{p}.mlp.0.out"], [f"{p}.gelu"], 4 * d)  # GELU, tanh form
         node("MatMul", [f"{p}.gelu", f"{p}.mlp.2.matrix"], [f"{p}.mlp.2"])
         node("Add", [f"{p}.mlp.2", f"{p}.mlp.2.bias"], [f"{p}.mlp.2.out"])
         x = f"{p}.out"  # (named for its block: `p2p-node shard` cuts after it)
@@ -236,8 +240,7 @@ def fused_graph(w: GptWeights, heads: int, like: onnx.ModelProto) -> onnx.ModelP
     weight("model.ln_f.bias", w.ln_f[1])
     weight("model.lm_head.matrix", w.lm_head)
     norm(x, "model.ln_f", "final.norm")
-    node("MatMul", ["final.norm", "model.lm_head.matrix"], ["logits"])
-    infos = [i for i in infos if i.name != "logits"]
+    node("MatMul", ["final.norm", "model.lm_head.matrix"], ["logits"], None)  # an output
     graph = helper.make_graph(
         nodes,
         like.graph.name or "gpt",
