@@ -674,9 +674,15 @@ def _output_names(text: str | None) -> tuple[str, ...]:
 GC_THRESHOLDS = (700, 10, 1000)
 
 
+def tune_collector() -> None:
+    """Set the garbage collector as a node's process wants it (GC_THRESHOLDS): for
+    `p2p-node start`, and for any process that runs a node as its main work."""
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def _start(args: argparse.Namespace) -> int:
     config = _node_config(args)
-    gc.set_threshold(*GC_THRESHOLDS)
+    tune_collector()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_node(config) as node:
             for addr in node.addrs:
