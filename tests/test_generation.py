@@ -160,6 +160,39 @@ async def test_sessions_that_start_together_step_together_from_their_first_step(
     assert (engine.rebuilds, engine.narrowed) == (1, 0)
 
 
+async def test_sessions_prefilled_together_that_arrive_slowly_still_step_together(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine waits for each session of a prefill run up to JOIN_WAIT_S after the
+    one before it, not after the run: 64 sessions took longer than that to come
+    in, and the batch grew over six steps, each built again. Here each comes
+    0.6 JOIN_WAIT_S after the one before, the last 1.8 JOIN_WAIT_S after the
+    run (a waiting window counted from the run had closed on two of them)."""
+    wait = 2.0
+    monkeypatch.setattr(generation_module, "JOIN_WAIT_S", wait)
+    prompts = PROMPTS[:4]
+    max_new = 6
+    for prompt in prompts:
+        assert len(reference_tokens(tiny_models / MODEL_ID, prompt, max_new)) == max_new
+    prefill = Generations._prefill
+    order = iter(range(len(prompts)))
+
+    async def slow_to_arrive(self: Generations, session: Any) -> None:
+        await prefill(self, session)
+        await trio.sleep(next(order) * 0.6 * wait)  # then open_session adds it
+
+    monkeypatch.setattr(Generations, "_prefill", slow_to_arrive)
+    with trio.fail_after(30):
+        async with generations(tiny_models, max_new_tokens=max_new) as service:
+            done = await service.complete(MODEL_ID, prompts)
+            engine = service.engine(MODEL_ID)
+    assert [tokens for _, tokens in done] == [max_new] * len(prompts)
+    assert engine.prefill_runs == 1
+    assert engine.steps == max_new - 1
+    assert engine.batched_rows == len(prompts) * engine.steps
+    assert (engine.rebuilds, engine.narrowed) == (1, 0)
+
+
 async def test_a_session_whose_first_frame_never_goes_out_holds_the_batch_up_once(
     tiny_models: Path,
 ) -> None:
