@@ -159,6 +159,42 @@ def tagged_frame(kind: Kind, exchange: int, body: bytes) -> bytes:
     return bytes((kind,)) + encode_varint(exchange) + encode_varint(len(body)) + body
 
 
+# A body this large goes to a writer beside its frame's head, not copied after it.
+PARTS_ABOVE = 1 << 20
+
+# A frame as a writer takes it: its bytes, or its head and its (large) body.
+Frame = bytes | tuple[bytes, bytes]
+
+
+def tagged_parts(kind: Kind, exchange: int, body: bytes) -> Frame:
+    """`tagged_frame`, but a body above PARTS_ABOVE stays apart from its head: copying
+    16 MiB behind a few bytes of head took a client 2.2-2.9 ms (and the page
+    faults of a fresh 16 MiB) before its first byte went out."""
+    if len(body) <= PARTS_ABOVE:
+        return tagged_frame(kind, exchange, body)
+    return bytes((kind,)) + encode_varint(exchange) + encode_varint(len(body)), body
+
+
+def frame_writes(frames: list[Frame]) -> list[bytes]:
+    """What to write for `frames`, in order: the small ones (and heads) joined, each
+    large body written as it is."""
+    if len(frames) == 1 and type(frames[0]) is bytes:
+        return frames  # type: ignore[return-value]  # (the common case, at once)
+    writes: list[bytes] = []
+    small: list[bytes] = []
+    for frame in frames:
+        if type(frame) is tuple:
+            head, body = frame
+            small.append(head)
+            writes += (b"".join(small), body)
+            small = []
+        else:
+            small.append(frame)  # type: ignore[arg-type]
+    if small:
+        writes.append(small[0] if len(small) == 1 else b"".join(small))
+    return writes
+
+
 class TaggedBuffer:
     """Bytes received so far on a pipelined stream, and the tagged frames they complete.
 

@@ -43,7 +43,7 @@ from ._channel import (
     only_transport_errors,
 )
 from ._errors import leaves
-from ._framing import FrameError, Kind, Tagged, TaggedBuffer, tagged_frame
+from ._framing import Frame, FrameError, Kind, Tagged, TaggedBuffer, frame_writes, tagged_parts
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -100,7 +100,7 @@ class FrameWriter:
     def __init__(self, stream: INetStream, counts: Bytes | None = None) -> None:
         self._stream = stream
         self._counts = counts or Bytes()  # where the bytes it writes are counted
-        self._queued: list[bytes] = []
+        self._queued: list[Frame] = []
         # (frame number, what to call once that frame is written or never will be)
         self._hooks: list[tuple[int, Callable[[], None]]] = []
         self._sent = 0  # frames handed to send or write
@@ -110,7 +110,7 @@ class FrameWriter:
         self._more = trio.Event()
         self._progress = trio.Event()
 
-    def send(self, frame: bytes, done: Callable[[], None] | None = None) -> int:
+    def send(self, frame: Frame, done: Callable[[], None] | None = None) -> int:
         """Queue `frame`; returns its number, for `written`. `done` is called once the
         frame is written, or once it never will be (the writer failed or was
         dropped): a task that answers a request can then end at once, where
@@ -156,7 +156,7 @@ class FrameWriter:
         """Nothing queued, nothing being written."""
         return not self._queued and not self._writing
 
-    async def write(self, frame: bytes) -> None:
+    async def write(self, frame: Frame) -> None:
         """Send `frame` and wait until it is written (or the writer failed: `run`
         raises that)."""
         await self.written(self.send(frame))
@@ -169,7 +169,7 @@ class FrameWriter:
     async def flush(self) -> None:
         await self.written(self._sent)
 
-    async def send_now(self, frame: bytes, done: Callable[[], None] | None = None) -> None:
+    async def send_now(self, frame: Frame, done: Callable[[], None] | None = None) -> None:
         """`send`, but written in this task at once when the writer is idle (nothing
         queued, no write in progress), which saves the round the writer's task
         takes to wake. Shielded and bounded as every write is; a failure is the
@@ -197,18 +197,19 @@ class FrameWriter:
             for _ in range(LINGER_ROUNDS):
                 await trio.lowlevel.checkpoint()
 
-    async def _write(self, frames: list[bytes]) -> None:
+    async def _write(self, frames: list[Frame]) -> None:
         self._writing = True
         try:
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            writes = frame_writes(frames)
             # One scope, shielded from the callers' cancellations and cut only by its
             # own deadline: the same as a shield around a move_on_after, a scope less.
             deadline = trio.current_time() + SEND_TIMEOUT_S
             with trio.CancelScope(shield=True, deadline=deadline) as stuck:
-                await self._stream.write(data)
+                for data in writes:
+                    await self._stream.write(data)
             if stuck.cancelled_caught:
                 raise SendTimedOut("the peer did not take the message in time")
-            self._counts.sent += len(data)
+            self._counts.sent += sum(len(data) for data in writes)
         except Exception as error:
             self._failed = error
         else:
@@ -437,7 +438,7 @@ class CallerPipe(KeptPipe[_Waiter]):
             # written at once it split each round in two (its peer ran and answered
             # it alone, the others in a second write and run), forwarded jobs at
             # concurrency 8 losing 10 to 25% of their rate.
-            frame = tagged_frame(Kind.REQUEST, exchange, payload)
+            frame = tagged_parts(Kind.REQUEST, exchange, payload)
             if len(self._open) == 1 and not COMPANY_EXPECTED.get():
                 await self._writer.send_now(frame)
             else:

@@ -33,7 +33,7 @@ from ._channel import (
     Traffic,
     only_transport_errors,
 )
-from ._framing import FrameError, Kind, Tagged, TaggedBuffer, tagged_frame
+from ._framing import FrameError, Kind, Tagged, TaggedBuffer, tagged_parts
 from ._messages import ErrorReply, Reply, Request, WireError
 from ._pipeline import PIPELINED, FrameWriter
 
@@ -528,7 +528,7 @@ class Server:
                 if scope.cancelled_caught:
                     return
             del working[request.exchange]  # the exchange id is free again
-            frame = tagged_frame(Kind.REPLY, request.exchange, self._encode_reply(reply))
+            frame = tagged_parts(Kind.REPLY, request.exchange, self._encode_reply(reply))
             queued = True
             if working:  # others will answer soon: share the writer's next write
                 writer.send(frame, self._answered)

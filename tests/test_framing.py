@@ -277,3 +277,26 @@ def test_an_oversize_body_is_refused_whatever_kinds_are_asked_for() -> None:
     with pytest.raises(FrameError) as refused:
         buffer.next_frame_of((Kind.REPLY,))
     assert refused.value.too_large and refused.value.exchange == 7
+
+
+@settings(max_examples=50, deadline=None)
+@given(sizes=st.lists(st.sampled_from([0, 5, 1000, (1 << 20) + 1]), min_size=1, max_size=6))
+def test_frames_with_large_bodies_are_written_as_their_bytes_without_copying_the_bodies(
+    sizes: list[int],
+) -> None:
+    """A writer's writes of frames from `tagged_parts` are the frames' bytes, in order;
+    each body above PARTS_ABOVE is one of the writes itself (not copied), and the
+    small frames and heads between them share one write."""
+    bodies = [bytes([i]) * size for i, size in enumerate(sizes)]
+    frames = [_framing.tagged_parts(Kind.REPLY, i + 1, body) for i, body in enumerate(bodies)]
+    writes = _framing.frame_writes(frames)
+    expected = b"".join(Tagged(Kind.REPLY, i + 1, body).encode() for i, body in enumerate(bodies))
+    assert b"".join(writes) == expected
+    large = [body for body in bodies if len(body) > _framing.PARTS_ABOVE]
+    assert [w for w in writes if any(w is body for body in large)] == large
+    assert len(writes) <= 2 * len(large) + 1
+    buffer = TaggedBuffer(1 << 24)
+    for write in writes:
+        buffer.feed(write)
+    got = [buffer.next_frame() for _ in bodies]
+    assert [(t.exchange, t.body) for t in got if t] == [(i + 1, b) for i, b in enumerate(bodies)]
