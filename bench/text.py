@@ -40,9 +40,10 @@ sizes, a few minutes):
   here, the same prompt, median of as many runs).
 
 Each node runs in a process of its own, on loopback, as a node does (with
-`p2p-node start`'s collector thresholds), and the clients in this one; `--in-process` runs the nodes in this process too (then a
-figure counts the clients' work as the node's, but no message waits for
-another process to be scheduled). Compare figures of one run only (ratios),
+`p2p-node start`'s collector and allocator settings), and the clients in this
+one; `--in-process` runs the nodes in this process too (then a figure counts
+the clients' work as the node's, but no message waits for another process to
+be scheduled). Compare figures of one run only (ratios),
 since absolute times on a shared machine drift.
 """
 
@@ -68,8 +69,8 @@ import trio
 from tokenizers import Tokenizer
 
 from p2p_node import Client, JobError, NodeConfig, open_node
-from p2p_node._cli import tune_collector
 from p2p_node._decoder import TextGenerator
+from p2p_node._process import tune_process
 from p2p_node._repository import bundled_models_dir
 from p2p_node.testing import open_swarm
 
@@ -319,7 +320,7 @@ def serve_node(argv: Sequence[str]) -> None:
             print(node.addrs[0], flush=True)
             await trio.sleep_forever()
 
-    tune_collector()  # as `p2p-node start` does
+    tune_process()  # as `p2p-node start` does
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(serve)
 

@@ -20,7 +20,6 @@ ends the command quietly, exit 141, as a program killed by SIGPIPE.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
@@ -70,6 +69,7 @@ from ._flags import (
 from ._identity import IdentityError, create_identity_file, load_identity_file, peer_id_of
 from ._logging import LOG_FORMATS, LOG_LEVELS, configure_logging
 from ._node import open_node
+from ._process import tune_process
 from ._psk import PskError, read_psk_file, write_new_psk_file
 from ._repository import RepositoryError
 from ._top import DEFAULT_INTERVAL_S, run_top
@@ -665,24 +665,9 @@ def _output_names(text: str | None) -> tuple[str, ...]:
 # --- start ---------------------------------------------------------------------------
 
 
-# A node allocates a few hundred objects per job, and the caches of what it
-# answered (JobOnce, the selection tracker) keep thousands alive: under load the
-# collector's default thresholds (700, 10, 10) ran a full collection, 100 to 170
-# ms over everything libp2p and onnxruntime made, every second or two. The
-# young generations keep their thresholds (their pauses stay short).
-# (gc.freeze() of start-up's objects made every young collection take ~17 ms.)
-GC_THRESHOLDS = (700, 10, 1000)
-
-
-def tune_collector() -> None:
-    """Set the garbage collector as a node's process wants it (GC_THRESHOLDS): for
-    `p2p-node start`, and for any process that runs a node as its main work."""
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
 async def _start(args: argparse.Namespace) -> int:
     config = _node_config(args)
-    tune_collector()
+    tune_process()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_node(config) as node:
             for addr in node.addrs:

@@ -373,20 +373,3 @@ def test_a_node_from_a_config_file_logs_json_and_a_gone_reader_is_quiet(tmp_path
     logged = [json.loads(line) for line in node.stderr.read().splitlines()]
     assert {"time", "level", "logger", "message"} <= set(logged[-1])
     assert any(line["message"] == "SIGTERM: shutting down" for line in logged)
-
-
-def test_a_node_process_runs_full_collections_rarely() -> None:
-    """`p2p-node start` (and bench.text's node processes) set the collector so that a
-    full collection, 70-170 ms in a loaded node, comes 100x less often than by default."""
-    import gc
-
-    from p2p_node._cli import GC_THRESHOLDS, tune_collector
-
-    before = gc.get_threshold()
-    try:
-        gc.set_threshold(700, 10, 10)
-        tune_collector()
-        assert gc.get_threshold() == GC_THRESHOLDS
-        assert GC_THRESHOLDS[:2] == (700, 10) and GC_THRESHOLDS[2] >= 1000
-    finally:
-        gc.set_threshold(*before)
