@@ -24,9 +24,9 @@ request limit takes) through one hop (client to the entry node, which runs
 them), in MB/s of request bytes, against the same bytes sent over raw trio TCP on
 loopback to a reader that answers each with one byte, in the same run. The
 timed requests come after BULK_WARM_UP others, which bring the node to its
-steady state. Each request also runs the model on its 65,520 rows, which no transport can save, so
-the figure is printed a second time less the queue and run time the node reports
-(`queue_ms + compute_ms`).
+steady state. Each request also runs the model on its 65,520 rows, which no
+transport can save, so the figure is printed a second time less the queue and
+run time the node reports (`queue_ms + compute_ms`).
 
 Every figure is printed beside its ratio to the direct call (or to raw TCP for
 bulk), since absolute times drift on a shared machine.

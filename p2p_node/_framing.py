@@ -178,18 +178,19 @@ def tagged_parts(kind: Kind, exchange: int, body: bytes) -> Frame:
 def frame_writes(frames: list[Frame]) -> list[bytes]:
     """What to write for `frames`, in order: the small ones (and heads) joined, each
     large body written as it is."""
-    if len(frames) == 1 and type(frames[0]) is bytes:
-        return frames  # type: ignore[return-value]  # (the common case, at once)
+    first = frames[0]
+    if len(frames) == 1 and isinstance(first, bytes):
+        return [first]  # (the common case, at once)
     writes: list[bytes] = []
     small: list[bytes] = []
     for frame in frames:
-        if type(frame) is tuple:
+        if isinstance(frame, tuple):
             head, body = frame
             small.append(head)
             writes += (b"".join(small), body)
             small = []
         else:
-            small.append(frame)  # type: ignore[arg-type]
+            small.append(frame)
     if small:
         writes.append(small[0] if len(small) == 1 else b"".join(small))
     return writes
