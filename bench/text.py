@@ -43,8 +43,8 @@ Each node runs in a process of its own, on loopback, as a node does (with
 `p2p-node start`'s collector and allocator settings), and the clients in this
 one; `--in-process` runs the nodes in this process too (then a figure counts
 the clients' work as the node's, but no message waits for another process to
-be scheduled). Compare figures of one run only (ratios),
-since absolute times on a shared machine drift.
+be scheduled). Compare figures of one run only (ratios), since absolute times
+on a shared machine drift.
 """
 
 from __future__ import annotations

@@ -156,7 +156,11 @@ class Tagged:
 def tagged_frame(kind: Kind, exchange: int, body: bytes) -> bytes:
     """`Tagged(kind, exchange, body).encode()` without building the frozen dataclass
     (a request's frame on a caller, a reply's on a server: one per job each)."""
-    return bytes((kind,)) + encode_varint(exchange) + encode_varint(len(body)) + body
+    return _head(kind, exchange, len(body)) + body
+
+
+def _head(kind: Kind, exchange: int, size: int) -> bytes:
+    return bytes((kind,)) + encode_varint(exchange) + encode_varint(size)
 
 
 # A body this large goes to a writer beside its frame's head, not copied after it.
@@ -172,7 +176,7 @@ def tagged_parts(kind: Kind, exchange: int, body: bytes) -> Frame:
     faults of a fresh 16 MiB) before its first byte went out."""
     if len(body) <= PARTS_ABOVE:
         return tagged_frame(kind, exchange, body)
-    return bytes((kind,)) + encode_varint(exchange) + encode_varint(len(body)), body
+    return _head(kind, exchange, len(body)), body
 
 
 def frame_writes(frames: list[Frame]) -> list[bytes]:

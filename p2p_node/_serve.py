@@ -203,7 +203,7 @@ class RequestReader:
         the next has waited), or why the stream cannot be read further. `tapped`:
         also True before anything but a request or a cancel, which the reader
         handles."""
-        frames, working, writer, requests = self.frames, self.working, self.writer, self.requests
+        frames, working, requests = self.frames, self.working, self.requests
         group = requests.group
         while True:
             if group and len(working) >= group and len(frames) and not waited:
@@ -217,8 +217,7 @@ class RequestReader:
                         "unreadable %s stream from %s: %s", requests.protocol, requests.peer, error
                     )
                     return ErrorReply(ErrorCode.MALFORMED_MESSAGE, str(error), requests.peer_id)
-                reply = requests.too_large(error)
-                writer.send(Tagged(Kind.REPLY, error.exchange, requests.encode(reply)).encode())
+                self._answer(error.exchange, requests.too_large(error))
                 continue
             if frame is None:
                 return False
@@ -230,17 +229,25 @@ class RequestReader:
             elif frame.kind is not Kind.REQUEST:
                 why = f"a caller sent a {frame.kind.name} frame"
                 return ErrorReply(ErrorCode.MALFORMED_MESSAGE, why, requests.peer_id)
-            elif frame.exchange in working:
-                why = f"exchange {frame.exchange} is already in flight on this stream"
-                twice = ErrorReply(ErrorCode.MALFORMED_MESSAGE, why, requests.peer_id)
-                writer.send(Tagged(Kind.REPLY, frame.exchange, requests.encode(twice)).encode())
-            elif (refused := requests.admit()) is not None:
-                writer.send(Tagged(Kind.REPLY, frame.exchange, requests.encode(refused)).encode())
+            elif (refused := self._refusal(frame.exchange)) is not None:
+                self._answer(frame.exchange, refused)
             else:
                 # Alone: nothing else in flight on the stream, nor behind it in this read.
                 alone = not working and not len(frames)
                 working[frame.exchange] = trio.CancelScope()
                 requests.start(frame, working, alone)
+
+    def _refusal(self, exchange: int) -> ErrorReply | None:
+        """Why a request for `exchange` is refused before it runs (its id is already in
+        flight, or it cannot take what a request holds), or None: it is admitted."""
+        if exchange in self.working:
+            why = f"exchange {exchange} is already in flight on this stream"
+            return ErrorReply(ErrorCode.MALFORMED_MESSAGE, why, self.requests.peer_id)
+        return self.requests.admit()
+
+    def _answer(self, exchange: int, reply: ErrorReply) -> None:
+        """Answer `exchange` with `reply` without running it."""
+        self.writer.send(Tagged(Kind.REPLY, exchange, self.requests.encode(reply)).encode())
 
 
 _TAPPED_KINDS = (Kind.REQUEST, Kind.CANCEL)
