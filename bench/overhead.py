@@ -23,10 +23,12 @@ Bulk: `--bulk` requests of 16 MiB (a batch of rows, the largest the default
 request limit takes) through one hop (client to the entry node, which runs
 them), in MB/s of request bytes, against the same bytes sent over raw trio TCP on
 loopback to a reader that answers each with one byte, in the same run. The
-timed requests come after BULK_WARM_UP others, which bring the node to its
-steady state. Each request also runs the model on its 65,520 rows, which no
-transport can save, so the figure is printed a second time less the queue and
-run time the node reports (`queue_ms + compute_ms`).
+timed requests come once the node is in its steady state: warm-up requests go
+until one costs the node's process fewer than STEADY_FAULTS page faults (see
+BULK_WARM_UP_MAX), and the run prints how many it took. Each request also runs
+the model on its 65,520 rows, which no transport can save, so the figure is
+printed a second time less the queue and run time the node reports (`queue_ms +
+compute_ms`).
 
 Every figure is printed beside its ratio to the direct call (or to raw TCP for
 bulk), since absolute times drift on a shared machine.
@@ -64,10 +66,17 @@ HELDOUT = {"digits": "digits.npz", "cancer": "cancer.npz"}
 CLIENT_CONCURRENCY = 32  # jobs in flight per client; more come from more clients
 BULK_BYTES = 16 * 1024 * 1024  # the default max_request_bytes
 QUEUE_LIMIT = 1024  # the nodes' queue and inbound limits: above every c measured
-# Bulk requests sent before the timed ones: until JobOnce's budget of inputs kept
-# (64 MiB, four requests) is full and frees one as each comes, every body is a
-# block the node's process has never used, whose pages fault in on first touch.
-BULK_WARM_UP = 6
+# Bulk requests sent before the timed ones. A node's first dozen or so 16 MiB bodies
+# (11 here, alternating runs) each land on memory its process has never touched,
+# while glibc's heap grows until a freed block fits the next body (JobOnce keeps
+# the last few requests' inputs; replies and outputs of other sizes split what is
+# freed): 4,096 page faults a body, 15-20 ms of the node's time. Warm-up goes on
+# until a request costs the node fewer than STEADY_FAULTS faults (read from
+# /proc), for at least BULK_WARM_UP_MIN requests and at most BULK_WARM_UP_MAX
+# (all of them where /proc cannot be read).
+BULK_WARM_UP_MIN = 6
+BULK_WARM_UP_MAX = 32
+STEADY_FAULTS = 1024  # a quarter of a fresh body's pages
 
 
 @dataclass(frozen=True)
@@ -162,22 +171,46 @@ async def measure_jobs(
     )
 
 
-async def measure_bulk(
-    addr: str, model_id: str, batch: np.ndarray, count: int
-) -> tuple[float, float]:
-    """MB/s of request bytes: `count` jobs of `batch` each, one after another; and the
-    same less the time the node says each waited for and ran its model (queue_ms +
-    compute_ms), which no transport can save."""
+@dataclass(frozen=True)
+class Bulk:
+    mb_per_s: float
+    moved_mb_per_s: float  # less the node's queue and run time
+    warm_up: int  # requests sent before the timed ones
+
+
+async def measure_bulk(addr: str, model_id: str, batch: np.ndarray, count: int) -> Bulk:
+    """MB/s of request bytes: `count` jobs of `batch` each, one after another, once the
+    node is in its steady state (BULK_WARM_UP_MAX); and the same less the time the
+    node says each waited for and ran its model (queue_ms + compute_ms), which no
+    transport can save."""
+    faults = functools.partial(minor_faults, getattr(addr, "pid", None))
     async with Client.connect(addr) as client:
-        for _ in range(BULK_WARM_UP):
+        warm_up = 0
+        while warm_up < BULK_WARM_UP_MAX:
+            before = faults()
             await client.submit(model_id, {"input": batch})
+            warm_up += 1
+            after = faults()
+            steady = before is not None and after is not None and after - before < STEADY_FAULTS
+            if warm_up >= BULK_WARM_UP_MIN and steady:
+                break
         ran_s = 0.0
         started = time.perf_counter()
         for _ in range(count):
             result = await client.submit(model_id, {"input": batch})
             ran_s += (result.queue_ms + result.compute_ms) / 1e3
         took = time.perf_counter() - started
-        return count * batch.nbytes / took / 1e6, count * batch.nbytes / (took - ran_s) / 1e6
+    mb = count * batch.nbytes / 1e6
+    return Bulk(mb / took, mb / (took - ran_s), warm_up)
+
+
+def minor_faults(pid: int | None) -> int | None:
+    """Process `pid`'s minor page faults so far (Linux's /proc), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[7])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 async def measure_raw_tcp(size: int, count: int) -> float:
@@ -213,8 +246,14 @@ async def measure_raw_tcp(size: int, count: int) -> float:
     return per_s
 
 
+class NodeAddress(str):
+    """A node process's listening address, which also knows the process's id."""
+
+    pid: int
+
+
 @contextmanager
-def node_process(data_dir: Path, *args: str) -> Iterator[str]:
+def node_process(data_dir: Path, *args: str) -> Iterator[NodeAddress]:
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -240,7 +279,9 @@ def node_process(data_dir: Path, *args: str) -> Iterator[str]:
             selector.register(proc.stdout, selectors.EVENT_READ)
             if not selector.select(timeout=60):
                 raise RuntimeError("node did not start")
-        yield proc.stdout.readline().removeprefix("listening on ").strip()
+        address = NodeAddress(proc.stdout.readline().removeprefix("listening on ").strip())
+        address.pid = proc.pid
+        yield address
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
@@ -300,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     direct = measure_direct(args.model, row, args.jobs)
     run: Callable[..., Any] = trio.run
     results: list[tuple[str, int, Figures]] = []
-    bulk = moved = raw = 0.0
+    bulk: Bulk | None = None
+    raw = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         with node_process(Path(tmp) / "a", "--serve", args.model) as a:
             with node_process(Path(tmp) / "b", "--serve", other, "--bootstrap", a) as b:
@@ -315,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
                         )
                         results.append((name, c, figures))
                 if args.bulk:
-                    bulk, moved = run(measure_bulk, a, args.model, batch, args.bulk)
+                    bulk = run(measure_bulk, a, args.model, batch, args.bulk)
         if args.bulk:
             raw = run(measure_raw_tcp, batch.nbytes, args.bulk)
     print(
@@ -328,19 +370,20 @@ def main(argv: list[str] | None = None) -> None:
         if f.failed:
             counts = {code: f.failed.count(code) for code in sorted(set(f.failed))}
             print(f"NOT ANSWERED: {name} at c={c}: {counts}")
-    if args.bulk:
+    if bulk is not None:
         session = direct_session(args.model)
         started = time.perf_counter()
         session.run(None, {"input": batch})
         run_ms = (time.perf_counter() - started) * 1e3
         print(
             f"bulk: {args.bulk} x {batch.nbytes / 2**20:.1f} MiB requests ({rows} rows) through "
-            f"one hop: {bulk:.0f} MB/s; raw trio TCP on loopback: {raw:.0f} MB/s; "
-            f"ratio {bulk / raw:.3f} (a direct run of that batch takes {run_ms:.1f} ms)"
+            f"one hop, after {bulk.warm_up} to warm up: {bulk.mb_per_s:.0f} MB/s; raw trio TCP "
+            f"on loopback: {raw:.0f} MB/s; ratio {bulk.mb_per_s / raw:.3f} (a direct run of "
+            f"that batch takes {run_ms:.1f} ms)"
         )
         print(
-            f"bulk less the node's queue and run time: {moved:.0f} MB/s; "
-            f"ratio to raw TCP {moved / raw:.3f}"
+            f"bulk less the node's queue and run time: {bulk.moved_mb_per_s:.0f} MB/s; "
+            f"ratio to raw TCP {bulk.moved_mb_per_s / raw:.3f}"
         )
     if plots:
         by_path = {"direct onnxruntime": direct.samples_ms}
