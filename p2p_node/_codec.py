@@ -16,7 +16,7 @@ import dataclasses
 import enum
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import msgpack
@@ -41,7 +41,7 @@ from gossip._model import (
 )
 from scheduler import ErrorCode, InferenceResult, JobError, Tensors
 
-from ._large import LARGE_BYTES, pack_large, unpack_large
+from ._large import LARGE_BYTES, Buffer, joined, pack_large, unpack_large
 from ._messages import (
     MAX_ID_LENGTH,
     MAX_TENSORS,
@@ -108,10 +108,18 @@ FromWire = Callable[[Any], Any]
 def encode(message: Request | Reply) -> bytes:
     """The message's bytes. Raises JobError INVALID_INPUT for a tensor of a dtype the
     wire cannot carry."""
+    return joined(encode_parts(message))
+
+
+def encode_parts(message: Request | Reply) -> list[Buffer]:
+    """The message's bytes, in pieces: one, or for a message with large tensors the
+    pieces between them and each tensor's own bytes, not copied (`pack_large`).
+    Whoever writes them reads the tensors then: they must not change meanwhile.
+    Raises as `encode`."""
     if _PASSED:
         passed = _PASSED.pop(id(message), None)
         if passed is not None and passed[0] is message:  # held, so its id is its own
-            return passed[1]
+            return [passed[1]]
     kind, shape = _KIND_OF[type(message)]
     body: dict[str, Any] = {"kind": kind}
     shape.put(message, body)
@@ -124,8 +132,13 @@ def encode(message: Request | Reply) -> bytes:
     ]
     packed = pack_large(body, large) if large else None
     if packed is None:
-        packed = msgpack.packb(body, use_bin_type=True)
+        return [msgpack.packb(body, use_bin_type=True)]
     return packed
+
+
+def parts_size(parts: Sequence[Buffer]) -> int:
+    """The bytes of a message's pieces."""
+    return sum(len(part) for part in parts)
 
 
 def decode_request(payload: bytes) -> Request:

@@ -8,8 +8,9 @@ tensor copied out of the frame: each a fresh 16 MiB that pays a page fault per
 node's). Here the bytes msgpack would give are built around them instead:
 
 - `pack_large`: the message is packed with a small placeholder for each large bin,
-  and the bytes are joined in once where the placeholders were. The result is
-  the same bytes as msgpack's, byte for byte.
+  and the pieces around the placeholders are given with the bins' own bytes
+  between them, never copied: the writer sends them as they are. Joined, they
+  are msgpack's bytes, byte for byte.
 - `unpack_large`: the large bins are found by walking the message's structure (not
   its bytes), msgpack unpacks the message with a small extension in their
   place, and each comes back as a read-only view of the payload, which the
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
@@ -42,13 +43,14 @@ _BIN32 = b"\xc6"
 _MARK = os.urandom(14)
 
 Unpack = Callable[..., Any]
+Buffer = bytes | memoryview  # a message's piece; a memoryview of bytes ("B"): len is bytes
 
 
-def pack_large(body: dict[str, Any], large: list[dict[str, Any]]) -> bytes | None:
-    """msgpack's bytes of `body` (bins as `use_bin_type`), where `large` are the maps
-    in it whose "data" is at least LARGE_BYTES; None if a placeholder is not found
-    exactly once (then pack it as usual). Takes the maps' data for the time it
-    packs, and puts it back."""
+def pack_large(body: dict[str, Any], large: list[dict[str, Any]]) -> list[Buffer] | None:
+    """msgpack's bytes of `body` (bins as `use_bin_type`) in pieces, each large bin's
+    data one of them as it is, where `large` are the maps in it whose "data" is at
+    least LARGE_BYTES; None if a placeholder is not found exactly once (then pack
+    it as usual). Takes the maps' data for the time it packs, and puts it back."""
     datas = [wire["data"] for wire in large]
     marks = [b"\xc4\x10" + _MARK + i.to_bytes(2, "big") for i in range(len(large))]
     try:
@@ -65,12 +67,19 @@ def pack_large(body: dict[str, Any], large: list[dict[str, Any]]) -> bytes | Non
             return None
         spots.append((at, data))
     spots.sort(key=lambda spot: spot[0])
-    parts: list[Any] = []
+    parts: list[Buffer] = []
     done = 0
-    for at, data in spots:
-        parts += (packed[done:at], _BIN32, len(data).to_bytes(4, "big"), data)
+    for at, data in spots:  # each bin's head with the bytes before it, then its data
+        parts += (packed[done:at] + _BIN32 + len(data).to_bytes(4, "big"), data)
         done = at + 18
     parts.append(packed[done:])
+    return parts
+
+
+def joined(parts: Sequence[Buffer]) -> bytes:
+    """The bytes of `parts`, without a copy when that is one bytes already."""
+    if len(parts) == 1 and isinstance(parts[0], bytes):
+        return parts[0]
     return b"".join(parts)
 
 

@@ -21,7 +21,7 @@ network can be upgraded a node at a time.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from typing import Any, Generic, TypeVar, cast
 
@@ -43,7 +43,16 @@ from ._channel import (
     only_transport_errors,
 )
 from ._errors import leaves
-from ._framing import Frame, FrameError, Kind, Tagged, TaggedBuffer, frame_writes, tagged_parts
+from ._framing import (
+    Buffer,
+    Frame,
+    FrameError,
+    Kind,
+    Tagged,
+    TaggedBuffer,
+    frame_writes,
+    tagged_parts,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -205,8 +214,8 @@ class FrameWriter:
             # own deadline: the same as a shield around a move_on_after, a scope less.
             deadline = trio.current_time() + SEND_TIMEOUT_S
             with trio.CancelScope(shield=True, deadline=deadline) as stuck:
-                for data in writes:
-                    await self._stream.write(data)
+                for data in writes:  # a memoryview too: yamux's write takes any buffer
+                    await self._stream.write(data)  # type: ignore[arg-type]
             if stuck.cancelled_caught:
                 raise SendTimedOut("the peer did not take the message in time")
             self._counts.sent += sum(len(data) for data in writes)
@@ -422,8 +431,9 @@ class CallerPipe(KeptPipe[_Waiter]):
     """A kept stream of pipelined jobs: one reply per exchange; `exchange` from
     any number of tasks."""
 
-    async def exchange(self, payload: bytes) -> bytes:
-        """The reply to `payload` (an encoded request). Raises JobError."""
+    async def exchange(self, payload: bytes | Sequence[Buffer]) -> bytes:
+        """The reply to `payload` (an encoded request, or its pieces: see
+        `_codec.encode_parts`). Raises JobError."""
         if self.failure is not None:
             raise self.failure
         exchange, self._next = self._next, self._next + 1

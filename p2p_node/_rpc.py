@@ -16,7 +16,7 @@ is called one exchange per stream, as before. The other end is `_serve.Server`.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -35,7 +35,7 @@ from scheduler import ErrorCode, InferenceRequest, InferenceResult, JobError
 
 from . import _codec
 from ._channel import CLIENT_IDLE_S, TRANSPORT_ERRORS, Channel, MessageLimits, SendTimedOut, Traffic
-from ._framing import FrameError
+from ._framing import Buffer, FrameError, joined
 from ._host import new_libp2p_host as new_libp2p_host  # where callers have found it
 from ._host import run_host as run_host
 from ._libp2p import PeerRefused, caused_by
@@ -194,12 +194,12 @@ class Rpc:
     ) -> Reply:
         """One exchange with `peer_id`. Every failure raises `JobError`. `pass_on`: the
         reply will be sent on as it is (`_codec.decode_reply`)."""
-        payload = _codec.encode(request)
-        limit = self.limits.request_limit(protocol)
-        if len(payload) > limit:
+        payload = _codec.encode_parts(request)  # a large tensor's bytes are not copied
+        size, limit = _codec.parts_size(payload), self.limits.request_limit(protocol)
+        if size > limit:
             raise JobError(
                 ErrorCode.MESSAGE_TOO_LARGE,
-                f"a {protocol} request of {len(payload)} bytes exceeds the limit of {limit} "
+                f"a {protocol} request of {size} bytes exceeds the limit of {limit} "
                 "bytes for that protocol",
             )
         # One scope for both ends of the call: its deadline, and peer_gone or abandon
@@ -246,7 +246,9 @@ class Rpc:
         not a negotiation that timed out; until its connection closes)."""
         return (peer_id, protocol) not in self._unspoken
 
-    async def _exchange(self, peer_id: str, protocol: TProtocol, payload: bytes) -> bytes:
+    async def _exchange(
+        self, peer_id: str, protocol: TProtocol, payload: Sequence[Buffer]
+    ) -> bytes:
         pipelined = PIPELINED.get(protocol)
         if pipelined is not None and (peer_id, pipelined) not in self._unspoken:
             kept = self.pipes.usable((peer_id, pipelined))
@@ -260,6 +262,10 @@ class Rpc:
                 logger.info("%s does not speak %s; calling it on %s", peer_id, pipelined, protocol)
             else:
                 return await pipe.exchange(payload)
+        return await self._exchange_alone(peer_id, protocol, joined(payload))
+
+    async def _exchange_alone(self, peer_id: str, protocol: TProtocol, payload: bytes) -> bytes:
+        """One exchange on a stream of its own (a pooled one, or a new one)."""
         key = (peer_id, protocol)
         pooled = await self._take_idle(key)
         if pooled is not None:

@@ -33,7 +33,7 @@ from ._channel import (
     Traffic,
     only_transport_errors,
 )
-from ._framing import FrameError, Kind, Tagged, TaggedBuffer, tagged_parts
+from ._framing import Buffer, FrameError, Kind, Tagged, TaggedBuffer, joined, tagged_parts
 from ._messages import ErrorReply, Reply, Request, WireError
 from ._pipeline import PIPELINED, FrameWriter
 
@@ -535,7 +535,7 @@ class Server:
                 if scope.cancelled_caught:
                     return
             del working[request.exchange]  # the exchange id is free again
-            frame = tagged_parts(Kind.REPLY, request.exchange, self._encode_reply(reply))
+            frame = tagged_parts(Kind.REPLY, request.exchange, self._encode_reply_parts(reply))
             queued = True
             if working:  # others will answer soon: share the writer's next write
                 writer.send(frame, self._answered)
@@ -652,12 +652,17 @@ class Server:
         await channel.send(self._encode_reply(reply))
 
     def _encode_reply(self, reply: Reply) -> bytes:
-        payload = _codec.encode(reply)
-        limit = self.limits.max_reply_bytes
-        if len(payload) > limit:
-            message = f"reply of {len(payload)} bytes exceeds the limit of {limit}"
-            payload = _codec.encode(ErrorReply(ErrorCode.MESSAGE_TOO_LARGE, message, self.peer_id))
-        return payload
+        return joined(self._encode_reply_parts(reply))
+
+    def _encode_reply_parts(self, reply: Reply) -> list[Buffer]:
+        """`reply`'s pieces (`_codec.encode_parts`), or MESSAGE_TOO_LARGE's past the
+        reply limit."""
+        parts = _codec.encode_parts(reply)
+        size, limit = _codec.parts_size(parts), self.limits.max_reply_bytes
+        if size > limit:
+            message = f"reply of {size} bytes exceeds the limit of {limit}"
+            return [_codec.encode(ErrorReply(ErrorCode.MESSAGE_TOO_LARGE, message, self.peer_id))]
+        return parts
 
     async def _refuse(self, channel: Channel, why: str, *, pipelined: bool) -> None:
         reply = ErrorReply(ErrorCode.OVERLOADED, why, self.peer_id)

@@ -280,20 +280,34 @@ def test_an_oversize_body_is_refused_whatever_kinds_are_asked_for() -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(sizes=st.lists(st.sampled_from([0, 5, 1000, (1 << 20) + 1]), min_size=1, max_size=6))
+@given(
+    sizes=st.lists(st.sampled_from([0, 5, 1000, (1 << 20) + 1]), min_size=1, max_size=6),
+    in_parts=st.lists(st.booleans(), min_size=6, max_size=6),
+)
 def test_frames_with_large_bodies_are_written_as_their_bytes_without_copying_the_bodies(
-    sizes: list[int],
+    sizes: list[int], in_parts: list[bool]
 ) -> None:
     """A writer's writes of frames from `tagged_parts` are the frames' bytes, in order;
-    each body above PARTS_ABOVE is one of the writes itself (not copied), and the
-    small frames and heads between them share one write."""
+    each body above PARTS_ABOVE, or piece above it of a body given in pieces (a
+    message with a large tensor: `_codec.encode_parts`), is one of the writes
+    itself (not copied), and the small frames, heads and pieces between them
+    share one write."""
     bodies = [bytes([i]) * size for i, size in enumerate(sizes)]
-    frames = [_framing.tagged_parts(Kind.REPLY, i + 1, body) for i, body in enumerate(bodies)]
+    given: list[bytes | list[_framing.Buffer]] = []
+    large: list[_framing.Buffer] = []  # what must be written as it is
+    for body, split in zip(bodies, in_parts, strict=False):
+        if split:  # a small piece, the rest as a view, and a small piece again
+            pieces = [body[:3], memoryview(body)[3:-2], body[-2:]]
+            given.append(pieces)
+            large += [piece for piece in pieces if len(piece) > _framing.PARTS_ABOVE]
+        else:
+            given.append(body)
+            large += [body] if len(body) > _framing.PARTS_ABOVE else []
+    frames = [_framing.tagged_parts(Kind.REPLY, i + 1, body) for i, body in enumerate(given)]
     writes = _framing.frame_writes(frames)
     expected = b"".join(Tagged(Kind.REPLY, i + 1, body).encode() for i, body in enumerate(bodies))
     assert b"".join(writes) == expected
-    large = [body for body in bodies if len(body) > _framing.PARTS_ABOVE]
-    assert [w for w in writes if any(w is body for body in large)] == large
+    assert [w for w in writes if any(w is piece for piece in large)] == large
     assert len(writes) <= 2 * len(large) + 1
     buffer = TaggedBuffer(1 << 24)
     for write in writes:
