@@ -22,13 +22,14 @@ queue limit above the largest c) fails the run.
 Bulk: `--bulk` requests of 16 MiB (a batch of rows, the largest the default
 request limit takes) through one hop (client to the entry node, which runs
 them), in MB/s of request bytes, against the same bytes sent over raw trio TCP on
-loopback to a reader that answers each with one byte, in the same run. The
-timed requests come once the node is in its steady state: warm-up requests go
-until one costs the node's process fewer than STEADY_FAULTS page faults (see
-BULK_WARM_UP_MAX), and the run prints how many it took. Each request also runs
-the model on its 65,520 rows, which no transport can save, so the figure is
-printed a second time less the queue and run time the node reports (`queue_ms +
-compute_ms`).
+loopback to a reader that answers each with one byte, one such message after
+each request, so that both see the machine in the same seconds. The timed
+requests come once the node is in its steady state: warm-up requests go until a
+few in a row cost the node's process fewer than STEADY_FAULTS page faults each
+(see BULK_WARM_UP_MAX), and the run prints how many it took and the node's
+faults per timed request. Each request also runs the model on its 65,520 rows,
+which no transport can save, so the figure is printed a second time less the
+queue and run time the node reports (`queue_ms + compute_ms`).
 
 Every figure is printed beside its ratio to the direct call (or to raw TCP for
 bulk), since absolute times drift on a shared machine.
@@ -47,8 +48,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AsyncExitStack, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,12 +72,13 @@ QUEUE_LIMIT = 1024  # the nodes' queue and inbound limits: above every c measure
 # while glibc's heap grows until a freed block fits the next body (JobOnce keeps
 # the last few requests' inputs; replies and outputs of other sizes split what is
 # freed): 4,096 page faults a body, 15-20 ms of the node's time. Warm-up goes on
-# until a request costs the node fewer than STEADY_FAULTS faults (read from
-# /proc), for at least BULK_WARM_UP_MIN requests and at most BULK_WARM_UP_MAX
+# until STEADY_RUN requests in a row cost the node fewer than STEADY_FAULTS faults
+# each (read from /proc), for at least BULK_WARM_UP_MIN requests and at most BULK_WARM_UP_MAX
 # (all of them where /proc cannot be read).
 BULK_WARM_UP_MIN = 6
 BULK_WARM_UP_MAX = 32
 STEADY_FAULTS = 1024  # a quarter of a fresh body's pages
+STEADY_RUN = 3  # requests in a row under STEADY_FAULTS
 
 
 @dataclass(frozen=True)
@@ -175,33 +177,41 @@ async def measure_jobs(
 class Bulk:
     mb_per_s: float
     moved_mb_per_s: float  # less the node's queue and run time
+    raw_mb_per_s: float  # the same bytes over raw TCP, each message beside a request
     warm_up: int  # requests sent before the timed ones
+    node_faults: float | None  # the node's page faults per timed request (None: unknown)
 
 
 async def measure_bulk(addr: str, model_id: str, batch: np.ndarray, count: int) -> Bulk:
     """MB/s of request bytes: `count` jobs of `batch` each, one after another, once the
-    node is in its steady state (BULK_WARM_UP_MAX); and the same less the time the
-    node says each waited for and ran its model (queue_ms + compute_ms), which no
-    transport can save."""
+    node is in its steady state (BULK_WARM_UP_MAX); the same less the time the node
+    says each waited for and ran its model (queue_ms + compute_ms), which no
+    transport can save; and raw TCP's MB/s for the same bytes, one message of them
+    sent after each request (raw TCP alone moved between 0.9 and 1.7 GB/s from one
+    run to the next here: taken apart in time, the ratio swung with it)."""
     faults = functools.partial(minor_faults, getattr(addr, "pid", None))
-    async with Client.connect(addr) as client:
-        warm_up = 0
-        while warm_up < BULK_WARM_UP_MAX:
+    async with Client.connect(addr) as client, raw_tcp(batch.nbytes) as raw:
+        warm_up = steady = 0
+        while warm_up < BULK_WARM_UP_MAX and (warm_up < BULK_WARM_UP_MIN or steady < STEADY_RUN):
             before = faults()
             await client.submit(model_id, {"input": batch})
             warm_up += 1
             after = faults()
-            steady = before is not None and after is not None and after - before < STEADY_FAULTS
-            if warm_up >= BULK_WARM_UP_MIN and steady:
-                break
-        ran_s = 0.0
-        started = time.perf_counter()
+            few = before is not None and after is not None and after - before < STEADY_FAULTS
+            steady = steady + 1 if few else 0
+        before = faults()
+        await raw()
+        ran_s = took = raw_s = 0.0
         for _ in range(count):
+            started = time.perf_counter()
             result = await client.submit(model_id, {"input": batch})
+            took += time.perf_counter() - started
             ran_s += (result.queue_ms + result.compute_ms) / 1e3
-        took = time.perf_counter() - started
+            raw_s += await raw()
+        after = faults()
     mb = count * batch.nbytes / 1e6
-    return Bulk(mb / took, mb / (took - ran_s), warm_up)
+    faulted = None if before is None or after is None else (after - before) / count
+    return Bulk(mb / took, mb / (took - ran_s), mb / raw_s, warm_up, faulted)
 
 
 def minor_faults(pid: int | None) -> int | None:
@@ -216,6 +226,19 @@ def minor_faults(pid: int | None) -> int | None:
 async def measure_raw_tcp(size: int, count: int) -> float:
     """MB/s of `count` messages of `size` bytes over trio TCP on loopback, each
     read in full by the other end, which answers one byte."""
+    async with raw_tcp(size) as send:
+        await send()  # warm up
+        took = 0.0
+        for _ in range(count):
+            took += await send()
+    return count * size / took / 1e6
+
+
+@asynccontextmanager
+async def raw_tcp(size: int) -> AsyncIterator[Callable[[], Awaitable[float]]]:
+    """A function that sends one message of `size` bytes over trio TCP on loopback,
+    to a reader that takes it whole and answers one byte, and says how long that
+    took (s)."""
 
     async def reader(stream: trio.SocketStream) -> None:
         while True:
@@ -234,16 +257,16 @@ async def measure_raw_tcp(size: int, count: int) -> float:
         )
         port = listener.socket.getsockname()[1]
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            await stream.send_all(payload)  # warm up
-            await stream.receive_some(1)
+
+        async def send() -> float:
             started = time.perf_counter()
-            for _ in range(count):
-                await stream.send_all(payload)
-                await stream.receive_some(1)
-            per_s = count * size / (time.perf_counter() - started) / 1e6
+            await stream.send_all(payload)
+            await stream.receive_some(1)
+            return time.perf_counter() - started
+
+        async with stream:
+            yield send
         nursery.cancel_scope.cancel()
-    return per_s
 
 
 class NodeAddress(str):
@@ -342,7 +365,6 @@ def main(argv: list[str] | None = None) -> None:
     run: Callable[..., Any] = trio.run
     results: list[tuple[str, int, Figures]] = []
     bulk: Bulk | None = None
-    raw = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         with node_process(Path(tmp) / "a", "--serve", args.model) as a:
             with node_process(Path(tmp) / "b", "--serve", other, "--bootstrap", a) as b:
@@ -358,8 +380,6 @@ def main(argv: list[str] | None = None) -> None:
                         results.append((name, c, figures))
                 if args.bulk:
                     bulk = run(measure_bulk, a, args.model, batch, args.bulk)
-        if args.bulk:
-            raw = run(measure_raw_tcp, batch.nbytes, args.bulk)
     print(
         f"model {args.model}; c jobs in flight ({CLIENT_CONCURRENCY} per client), "
         f"{args.jobs} x 2 jobs and {args.seconds:g} s or more per row; "
@@ -375,15 +395,21 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         session.run(None, {"input": batch})
         run_ms = (time.perf_counter() - started) * 1e3
+        raw = bulk.raw_mb_per_s
         print(
             f"bulk: {args.bulk} x {batch.nbytes / 2**20:.1f} MiB requests ({rows} rows) through "
             f"one hop, after {bulk.warm_up} to warm up: {bulk.mb_per_s:.0f} MB/s; raw trio TCP "
-            f"on loopback: {raw:.0f} MB/s; ratio {bulk.mb_per_s / raw:.3f} (a direct run of "
-            f"that batch takes {run_ms:.1f} ms)"
+            f"on loopback, a message beside each: {raw:.0f} MB/s; ratio "
+            f"{bulk.mb_per_s / raw:.3f} (a direct run of that batch takes {run_ms:.1f} ms)"
         )
         print(
             f"bulk less the node's queue and run time: {bulk.moved_mb_per_s:.0f} MB/s; "
             f"ratio to raw TCP {bulk.moved_mb_per_s / raw:.3f}"
+            + (
+                ""
+                if bulk.node_faults is None
+                else f"; {bulk.node_faults:.0f} node page faults each"
+            )
         )
     if plots:
         by_path = {"direct onnxruntime": direct.samples_ms}
