@@ -738,13 +738,75 @@ async def _write_noise_message(
     # cancellation again, after sealing: under load a caller's deadline fell in
     # between (test_rpc's calls cut short by their deadline, 1 failure in a suite).
     await trio.lowlevel.checkpoint_if_cancelled()
-    sealed = self.encrypt(msg)
-    frame = len(sealed).to_bytes(2, "big") + sealed
+    sealer: _Sealer | None = self.__dict__.get("_p2p_sealer")
+    if sealer is None:
+        sealer = self.__dict__["_p2p_sealer"] = _Sealer.of(self)
+    frame = sealer.seal(msg)
     tcp = self.read_writer.read_write_closer
     if isinstance(tcp, libp2p_trio_io.TrioTCPStream):
         await _tcp_send(tcp, frame, sealed=True)
-    else:
-        await tcp.write(frame)
+    else:  # another transport may keep what it is given: not the sealer's buffer
+        await tcp.write(bytes(frame))
+
+
+class _Sealer:
+    """Seals a connection's outgoing Noise messages behind their 2-byte length.
+
+    py-libp2p's path (`encrypt`, through the noise library's connection, cipher
+    state and cipher) gives a fresh ciphertext, which the length is then put
+    before in another fresh copy. Where the cipher can seal in place
+    (cryptography's `encrypt_into`), a message is sealed straight into the
+    connection's own buffer, behind its length: about 6 us less per 64 KiB
+    message here (40 against 46), with the noise library's calls. The buffer is
+    used again for the next message: the connection's writes are one at a time
+    (yamux's write lock, held from sealing until the socket took the message).
+    The nonce is counted as the noise library counts it, in its cipher state.
+    """
+
+    __slots__ = ("_aead", "_nonce", "_state", "_view", "_writer")
+
+    def __init__(self, writer: noise_io.NoiseTransportReadWriter, state: Any = None) -> None:
+        self._writer = writer
+        self._state = state  # None: sealed by py-libp2p's own encrypt
+        if state is not None:
+            self._aead = state.cipher.cipher
+            self._nonce = state.cipher.format_nonce
+            self._view = memoryview(bytearray(_NOISE_LENGTH + _NOISE_MAX_MESSAGE))
+
+    @classmethod
+    def of(cls, writer: noise_io.NoiseTransportReadWriter) -> _Sealer:
+        """A sealer for `writer`'s connection, in place where its cipher can."""
+        noise = getattr(writer, "noise_state", None)
+        state = getattr(getattr(noise, "noise_protocol", None), "cipher_state_encrypt", None)
+        cipher = getattr(state, "cipher", None)
+        if (
+            getattr(noise, "handshake_finished", False)
+            and state is not None
+            and state.has_key()
+            and isinstance(getattr(state, "n", None), int)
+            and callable(getattr(cipher, "format_nonce", None))
+            and callable(getattr(getattr(cipher, "cipher", None), "encrypt_into", None))
+        ):
+            return cls(writer, state)
+        return cls(writer)
+
+    def seal(self, msg: bytes) -> bytes | memoryview:
+        """`msg` sealed behind its length; a view of the buffer until the next seal."""
+        state = self._state
+        if state is None or state.n >= _MAX_NONCE:  # (py-libp2p's raises at the last)
+            sealed = self._writer.encrypt(msg)
+            return len(sealed).to_bytes(_NOISE_LENGTH, "big") + sealed
+        size = len(msg) + _NOISE_TAG
+        frame = self._view[: _NOISE_LENGTH + size]
+        frame[:_NOISE_LENGTH] = size.to_bytes(_NOISE_LENGTH, "big")
+        self._aead.encrypt_into(self._nonce(state.n), msg, None, frame[_NOISE_LENGTH:])
+        state.n += 1
+        return frame
+
+
+_NOISE_TAG = 16  # ChaCha20-Poly1305's and AES-GCM's tag
+_NOISE_MAX_MESSAGE = 65535  # a Noise message's limit, tag included
+_MAX_NONCE = 2**64 - 1  # the noise library refuses to seal with it
 
 
 # Whole writes (the socket took all of it at once) before one takes a scheduling
@@ -757,7 +819,9 @@ async def _tcp_write(self: libp2p_trio_io.TrioTCPStream, data: bytes) -> None:
     await _tcp_send(self, data, sealed=False)
 
 
-async def _tcp_send(self: libp2p_trio_io.TrioTCPStream, data: bytes, *, sealed: bool) -> None:
+async def _tcp_send(
+    self: libp2p_trio_io.TrioTCPStream, data: bytes | memoryview, *, sealed: bool
+) -> None:
     """py-libp2p 0.8.1's `TrioTCPStream.write`, sending straight on the socket.
 
     trio's `send_all` wraps each send in a conflict detector, two context

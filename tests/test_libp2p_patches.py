@@ -553,6 +553,54 @@ async def test_a_noise_message_is_cancelled_before_it_is_sealed_never_after() ->
     theirs.close()
 
 
+def _noise_pair() -> tuple[Any, Any]:
+    """Two ends of a finished Noise handshake (the noise library py-libp2p uses)."""
+    from noise.connection import NoiseConnection
+
+    ends = [NoiseConnection.from_name(b"Noise_NN_25519_ChaChaPoly_SHA256") for _ in range(2)]
+    ends[0].set_as_initiator()
+    ends[1].set_as_responder()
+    for end in ends:
+        end.start_handshake()
+    ends[1].read_message(ends[0].write_message())
+    ends[0].read_message(ends[1].write_message())
+    assert all(end.handshake_finished for end in ends)
+    return ends[0], ends[1]
+
+
+async def test_noise_messages_sealed_in_place_open_at_the_other_end_in_order() -> None:
+    # Sealed into the connection's own buffer (cryptography's encrypt_into), and by
+    # py-libp2p's own path for a message longer than one Noise message: one nonce
+    # count for both, each message whole, the buffer used again for the next.
+    apply_to_process()
+    ours, theirs = trio.socket.socketpair()
+    sender, receiver = _noise_pair()
+    writer = noise_io.NoiseTransportReadWriter.__new__(noise_io.NoiseTransportReadWriter)
+    writer.read_writer = noise_io.NoisePacketReadWriter(TrioTCPStream(trio.SocketStream(ours)))  # type: ignore[arg-type]
+    writer.noise_state = sender
+    longest = noise_io.MAX_PLAINTEXT_LENGTH
+    messages = [b"abc", b"x" * longest, b"", b"y" * (longest + 5), b"z" * 1000]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_write_all, writer, messages)
+            wire = await _receive_all(theirs, sum(2 + len(m) + 16 for m in messages) + 2 + 16)
+    opened = []
+    while wire:  # the long one came as two messages
+        size = int.from_bytes(wire[:2], "big")
+        opened.append(receiver.decrypt(wire[2 : 2 + size]))
+        wire = wire[2 + size :]
+    assert writer.__dict__["_p2p_sealer"]._state is not None  # sealed in place
+    assert opened[:3] == messages[:3] and b"".join(opened[3:5]) == messages[3]
+    assert opened[5] == messages[4]
+    ours.close()
+    theirs.close()
+
+
+async def _write_all(writer: Any, messages: list[bytes]) -> None:
+    for message in messages:
+        await writer.write_msg(message)
+
+
 def _kernel_caps_retransmission() -> bool:
     with socket.socket() as sock:
         try:
