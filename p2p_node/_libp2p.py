@@ -29,6 +29,7 @@ from weakref import WeakKeyDictionary
 
 import multiaddr
 import trio
+from cryptography.exceptions import InvalidTag
 from google.protobuf.message import DecodeError
 from libp2p.abc import IHost, INetStream
 from libp2p.io import msgio
@@ -49,6 +50,9 @@ from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamError, Mux
 from libp2p.stream_muxer.yamux import yamux
 from libp2p.transport.exceptions import SecurityUpgradeFailure
 from libp2p.transport.upgrader import TransportUpgrader
+from noise.backends.default.ciphers import CryptographyCipher
+from noise.connection import NoiseConnection
+from noise.exceptions import NoiseInvalidMessage, NoiseMaxNonceError
 
 from ._errors import leaves
 from ._psk import PreSharedKey
@@ -463,10 +467,11 @@ class _Inbox:
     """Bytes read from a connection but not yet decrypted: whole Noise messages,
     and the start of the next; and how to read more (`_receive`)."""
 
-    __slots__ = ("data", "drained", "sock", "start", "unyielded")
+    __slots__ = ("data", "drained", "opener", "sock", "start", "unyielded")
 
     def __init__(self, conn: Any) -> None:
         self.data = bytearray()
+        self.opener: _Opener | None = None  # made at the first message (the handshake is done)
         self.start = 0  # where the first message not yet taken begins
         self.sock = _tcp_socket_of(conn)  # None: read through `conn` as py-libp2p does
         self.drained = True  # the last read took less than it asked: the kernel had no more
@@ -558,13 +563,24 @@ async def _read_noise_message(
             size = int.from_bytes(data[start : start + _NOISE_LENGTH], "big")
             end = start + _NOISE_LENGTH + size
             if len(data) >= end:
-                with memoryview(data) as view:  # one copy of the message, not two
-                    message = bytes(view[start + _NOISE_LENGTH : end])
+                opener = inbox.opener
+                if opener is None:
+                    opener = inbox.opener = _Opener.of(self)
+                in_place = opener.in_place and not prefix_encoded
+                with memoryview(data) as view:
+                    if in_place:  # opened where it lies (None: it failed authentication)
+                        plain = opener.open(view[start + _NOISE_LENGTH : end])
+                    else:  # one copy of the message, not two
+                        message = bytes(view[start + _NOISE_LENGTH : end])
                 if end == len(data):
                     data.clear()
                     inbox.start = 0
                 else:
                     inbox.start = end
+                if in_place:
+                    if plain is None:
+                        raise NoiseInvalidMessage("Failed authentication of message")
+                    return plain
                 if prefix_encoded:
                     message = message[len(self.prefix) :]
                 return self.decrypt(message)
@@ -776,19 +792,7 @@ class _Sealer:
     @classmethod
     def of(cls, writer: noise_io.NoiseTransportReadWriter) -> _Sealer:
         """A sealer for `writer`'s connection, in place where its cipher can."""
-        noise = getattr(writer, "noise_state", None)
-        state = getattr(getattr(noise, "noise_protocol", None), "cipher_state_encrypt", None)
-        cipher = getattr(state, "cipher", None)
-        if (
-            getattr(noise, "handshake_finished", False)
-            and state is not None
-            and state.has_key()
-            and isinstance(getattr(state, "n", None), int)
-            and callable(getattr(cipher, "format_nonce", None))
-            and callable(getattr(getattr(cipher, "cipher", None), "encrypt_into", None))
-        ):
-            return cls(writer, state)
-        return cls(writer)
+        return cls(writer, _cipher_state(writer, "cipher_state_encrypt"))
 
     def seal(self, msg: bytes) -> bytes | memoryview:
         """`msg` sealed behind its length; a view of the buffer until the next seal."""
@@ -802,6 +806,64 @@ class _Sealer:
         self._aead.encrypt_into(self._nonce(state.n), msg, None, frame[_NOISE_LENGTH:])
         state.n += 1
         return frame
+
+
+class _Opener:
+    """Opens a connection's incoming Noise messages where they lie in its buffer.
+
+    py-libp2p's path copies each message out of the buffer, then opens the copy
+    through the noise library's connection, cipher state and cipher. Where the
+    cipher is cryptography's (which opens any buffer), a message is opened as a
+    view of the buffer, with the nonce counted in the noise library's cipher
+    state as it counts it, and a message that fails authentication read past,
+    then refused with the noise library's error for it.
+    """
+
+    __slots__ = ("_aead", "_nonce", "_state", "in_place")
+
+    def __init__(self, state: Any = None) -> None:
+        self.in_place = state is not None
+        self._state = state
+        if state is not None:
+            self._aead = state.cipher.cipher
+            self._nonce = state.cipher.format_nonce
+
+    @classmethod
+    def of(cls, reader: noise_io.NoiseTransportReadWriter) -> _Opener:
+        """An opener for `reader`'s connection, in place where its cipher can."""
+        return cls(_cipher_state(reader, "cipher_state_decrypt"))
+
+    def open(self, sealed: memoryview) -> bytes | None:
+        """The message `sealed`, or None if it fails authentication (its nonce is
+        then not spent, as the noise library has it)."""
+        state = self._state
+        if state.n >= _MAX_NONCE:
+            raise NoiseMaxNonceError("Nonce has depleted!")
+        try:
+            plain: bytes = self._aead.decrypt(self._nonce(state.n), sealed, None)
+        except InvalidTag:
+            return None
+        state.n += 1
+        return plain
+
+
+def _cipher_state(writer: noise_io.NoiseTransportReadWriter, which: str) -> Any:
+    """The noise library's cipher state `which` of a connection whose handshake is done,
+    if its cipher is cryptography's and can seal in place; else None."""
+    noise = getattr(writer, "noise_state", None)
+    state = getattr(getattr(noise, "noise_protocol", None), which, None)
+    cipher = getattr(state, "cipher", None)
+    if (
+        isinstance(noise, NoiseConnection)
+        and noise.handshake_finished
+        and isinstance(cipher, CryptographyCipher)
+        and state is not None
+        and state.has_key()
+        and isinstance(state.n, int)
+        and callable(getattr(cipher.cipher, "encrypt_into", None))
+    ):
+        return state
+    return None
 
 
 _NOISE_TAG = 16  # ChaCha20-Poly1305's and AES-GCM's tag

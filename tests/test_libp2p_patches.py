@@ -24,6 +24,7 @@ from libp2p.security.noise import io as noise_io
 from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.stream_muxer.yamux import yamux
+from noise.exceptions import NoiseInvalidMessage
 
 from p2p_node import _libp2p
 from p2p_node._host import new_libp2p_host
@@ -568,32 +569,53 @@ def _noise_pair() -> tuple[Any, Any]:
     return ends[0], ends[1]
 
 
-async def test_noise_messages_sealed_in_place_open_at_the_other_end_in_order() -> None:
-    # Sealed into the connection's own buffer (cryptography's encrypt_into), and by
+async def test_noise_messages_sealed_and_opened_in_place_come_out_whole_and_in_order() -> None:
+    # Sealed into the connection's own buffer (cryptography's encrypt_into), or by
     # py-libp2p's own path for a message longer than one Noise message: one nonce
-    # count for both, each message whole, the buffer used again for the next.
+    # count for both, the buffer used again for the next. Opened where they lie in
+    # the reader's buffer, with the same count.
     apply_to_process()
     ours, theirs = trio.socket.socketpair()
     sender, receiver = _noise_pair()
-    writer = noise_io.NoiseTransportReadWriter.__new__(noise_io.NoiseTransportReadWriter)
-    writer.read_writer = noise_io.NoisePacketReadWriter(TrioTCPStream(trio.SocketStream(ours)))  # type: ignore[arg-type]
-    writer.noise_state = sender
+    writer = _noise_end(ours, sender)
+    reader = _noise_end(theirs, receiver)
     longest = noise_io.MAX_PLAINTEXT_LENGTH
     messages = [b"abc", b"x" * longest, b"", b"y" * (longest + 5), b"z" * 1000]
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_write_all, writer, messages)
-            wire = await _receive_all(theirs, sum(2 + len(m) + 16 for m in messages) + 2 + 16)
-    opened = []
-    while wire:  # the long one came as two messages
-        size = int.from_bytes(wire[:2], "big")
-        opened.append(receiver.decrypt(wire[2 : 2 + size]))
-        wire = wire[2 + size :]
+            opened = [await _libp2p._read_noise_message(reader) for _ in range(6)]
     assert writer.__dict__["_p2p_sealer"]._state is not None  # sealed in place
+    assert reader.__dict__["_p2p_inbox"].opener.in_place  # opened in place
     assert opened[:3] == messages[:3] and b"".join(opened[3:5]) == messages[3]
     assert opened[5] == messages[4]
     ours.close()
     theirs.close()
+
+
+async def test_a_noise_message_that_fails_authentication_is_refused_and_spends_no_nonce() -> None:
+    apply_to_process()
+    ours, theirs = trio.socket.socketpair()
+    sender, receiver = _noise_pair()
+    reader = _noise_end(theirs, receiver)
+    good = sender.encrypt(b"hello")
+    forged = bytearray(good)
+    forged[3] ^= 1
+    with trio.fail_after(5):
+        await ours.send(len(forged).to_bytes(2, "big") + forged)
+        with pytest.raises(NoiseInvalidMessage, match="Failed authentication"):
+            await _libp2p._read_noise_message(reader)
+        await ours.send(len(good).to_bytes(2, "big") + good)
+        assert await _libp2p._read_noise_message(reader) == b"hello"  # its nonce unspent
+    ours.close()
+    theirs.close()
+
+
+def _noise_end(sock: Any, noise: Any) -> Any:
+    end = noise_io.NoiseTransportReadWriter.__new__(noise_io.NoiseTransportReadWriter)
+    end.read_writer = noise_io.NoisePacketReadWriter(TrioTCPStream(trio.SocketStream(sock)))  # type: ignore[arg-type]
+    end.noise_state = noise
+    return end
 
 
 async def _write_all(writer: Any, messages: list[bytes]) -> None:
