@@ -787,7 +787,9 @@ class _Sealer:
         if state is not None:
             self._aead = state.cipher.cipher
             self._nonce = state.cipher.format_nonce
-            self._view = memoryview(bytearray(_NOISE_LENGTH + _NOISE_MAX_MESSAGE))
+            # Grown to the largest message sent so far (a 64 KiB Noise message at most):
+            # most of a swarm's connections only ever carry small ones.
+            self._view = memoryview(bytearray(_SEAL_FIRST_BYTES))
 
     @classmethod
     def of(cls, writer: noise_io.NoiseTransportReadWriter) -> _Sealer:
@@ -801,6 +803,9 @@ class _Sealer:
             sealed = self._writer.encrypt(msg)
             return len(sealed).to_bytes(_NOISE_LENGTH, "big") + sealed
         size = len(msg) + _NOISE_TAG
+        if _NOISE_LENGTH + size > len(self._view):
+            grown = min(max(2 * len(self._view), _NOISE_LENGTH + size), _SEAL_MAX_BYTES)
+            self._view = memoryview(bytearray(grown))
         frame = self._view[: _NOISE_LENGTH + size]
         frame[:_NOISE_LENGTH] = size.to_bytes(_NOISE_LENGTH, "big")
         self._aead.encrypt_into(self._nonce(state.n), msg, None, frame[_NOISE_LENGTH:])
@@ -867,7 +872,8 @@ def _cipher_state(writer: noise_io.NoiseTransportReadWriter, which: str) -> Any:
 
 
 _NOISE_TAG = 16  # ChaCha20-Poly1305's and AES-GCM's tag
-_NOISE_MAX_MESSAGE = 65535  # a Noise message's limit, tag included
+_SEAL_FIRST_BYTES = 4096  # a sealer's buffer to begin with
+_SEAL_MAX_BYTES = _NOISE_LENGTH + 65535  # and at most: a Noise message's limit, tag included
 _MAX_NONCE = 2**64 - 1  # the noise library refuses to seal with it
 
 
