@@ -52,10 +52,9 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import trio
 
@@ -64,6 +63,9 @@ from scheduler import ErrorCode, JobError
 
 from ._repository import ModelCard
 from ._residency import LoadedModel
+
+if TYPE_CHECKING:
+    import onnx
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +87,11 @@ ROW_MIXING_OPS = frozenset({"DynamicQuantizeLinear"})
 
 def mixes_rows(onnx_path: Path) -> bool:
     """Whether the graph (or a subgraph of it) has one of `ROW_MIXING_OPS`. Reads the
-    graph without its external weights; one `onnx` cannot read is taken to mix."""
+    graph without its external weights; one `onnx` cannot read is taken to mix.
+    (`onnx` is imported here, not with the module: it takes a second to import
+    here, which every command of the CLI paid, running a model or not.)"""
+    import onnx
+
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as error:  # protobuf's and onnx's errors share no base
@@ -94,11 +100,14 @@ def mixes_rows(onnx_path: Path) -> bool:
     return any(node.op_type in ROW_MIXING_OPS for node in _nodes(model.graph))
 
 
+_GRAPH = 5  # onnx.AttributeProto.GRAPH (its number in onnx.proto)
+
+
 def _nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
     for node in graph.node:
         yield node
         for attribute in node.attribute:  # If, Loop, Scan: their bodies
-            if attribute.type == onnx.AttributeProto.GRAPH:
+            if attribute.type == _GRAPH:
                 yield from _nodes(attribute.g)
             for subgraph in attribute.graphs:
                 yield from _nodes(subgraph)

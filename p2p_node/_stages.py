@@ -36,7 +36,6 @@ import msgpack
 import numpy as np
 import onnxruntime as ort
 import trio
-import trio.testing
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
@@ -917,8 +916,10 @@ class StageBatcher:
             await trio.lowlevel.checkpoint()
             return
         run_s = self.node.chains.compute_ms.get(self.card.id, 0.0) / 1e3
+        from trio.testing import wait_all_tasks_blocked  # (its import takes pytest's)
+
         with trio.move_on_after(min(GATHER_S, GATHER_RUNS * run_s)):
-            await trio.testing.wait_all_tasks_blocked()
+            await wait_all_tasks_blocked()
 
     async def _run_group(self, group: list[_Waiting]) -> None:
         """One run for `group`; runs per cache length if its masks cannot be padded."""

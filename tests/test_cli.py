@@ -134,6 +134,15 @@ def test_a_second_node_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.system
+def test_the_command_line_imports_neither_onnx_nor_pytest_until_it_needs_them() -> None:
+    # onnx (with ml_dtypes) took a second to import and trio.testing brought pytest:
+    # every command paid them, a client's `submit` as much as a node's start.
+    probe = "import sys, p2p_node._cli; print(sorted({'onnx', 'pytest'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_user_errors_are_one_line_without_traceback(tmp_path: Path, digits_npy: Path) -> None:
     bad_shape = tmp_path / "bad.json"
     bad_shape.write_text(json.dumps({"input": [[1.0, 2.0]]}))
