@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -178,7 +179,9 @@ def test_user_errors_are_one_line_without_traceback(tmp_path: Path, digits_npy: 
             "not an address": ("models", "--peer", "not-a-multiaddr"),
             "unreachable peer": ("models", "--peer", _closed_port_address(addr)),
         }
-        results = {name: p2p_node(*args) for name, args in cases.items()}
+        with ThreadPoolExecutor(len(cases)) as pool:  # at once: each mostly starts Python
+            futures = {name: pool.submit(p2p_node, *args) for name, args in cases.items()}
+            results = {name: future.result() for name, future in futures.items()}
     for name, done in results.items():
         assert done.returncode == 1, name
         assert done.stdout == "", name
