@@ -90,14 +90,31 @@ def test_two_processes_run_each_others_models(tmp_path: Path, digits_npy: Path) 
             b,
             b_addr,
         ):
-            on_b = submit_until_placed(a_addr, "digits-mlp", digits_npy)
-            on_a = submit_until_placed(b_addr, "digits-logreg", digits_npy)
-            text = p2p_node(
-                "submit", "--peer", a_addr, "--model", "digits-mlp", "--input", str(digits_npy)
-            )
-            listed = json.loads(p2p_node("models", "--peer", b_addr, "--json").stdout)
-            view = json.loads(p2p_node("peers", "--peer", a_addr, "--json").stdout)
-            table = p2p_node("peers", "--peer", a_addr).stdout
+            with ThreadPoolExecutor(4) as pool:  # at once: each mostly starts Python
+                placed_b = pool.submit(submit_until_placed, a_addr, "digits-mlp", digits_npy)
+                placed_a = pool.submit(submit_until_placed, b_addr, "digits-logreg", digits_npy)
+                on_b, on_a = placed_b.result(), placed_a.result()
+                asked = [
+                    pool.submit(p2p_node, *args)
+                    for args in (
+                        (
+                            "submit",
+                            "--peer",
+                            a_addr,
+                            "--model",
+                            "digits-mlp",
+                            "--input",
+                            str(digits_npy),
+                        ),
+                        ("models", "--peer", b_addr, "--json"),
+                        ("peers", "--peer", a_addr, "--json"),
+                        ("peers", "--peer", a_addr),
+                    )
+                ]
+                text, models, peers, shown = (future.result() for future in asked)
+            listed = json.loads(models.stdout)
+            view = json.loads(peers.stdout)
+            table = shown.stdout
     assert on_b["executor"] == b_addr.rsplit("/", 1)[1]
     assert on_a["executor"] == a_addr.rsplit("/", 1)[1]
     assert on_b["outputs"]["label"]["shape"] == [3]
