@@ -185,9 +185,13 @@ class Gossip:
         return self.config.liveness_ttl
 
     def changed(self) -> None:
-        """Something significant changed: publish soon (at once if the pacer allows)."""
-        self._dirty = True
-        self._wake.set()
+        """Something significant changed: publish soon (at once if the pacer allows).
+        Already due to publish, the publisher is not woken again: it sleeps until
+        the pacer lets it, whatever changes meanwhile (a generation's start and end
+        each woke it for a pass that found nothing to do)."""
+        if not self._dirty:
+            self._dirty = True
+            self._wake.set()
 
     def connection_lost(self, peer_id: str) -> None:
         """A peer we were connected to is gone: it is suspect here, and we tell the others.
