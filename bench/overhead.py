@@ -67,14 +67,14 @@ HELDOUT = {"digits": "digits.npz", "cancer": "cancer.npz"}
 CLIENT_CONCURRENCY = 32  # jobs in flight per client; more come from more clients
 BULK_BYTES = 16 * 1024 * 1024  # the default max_request_bytes
 QUEUE_LIMIT = 1024  # the nodes' queue and inbound limits: above every c measured
-# Bulk requests sent before the timed ones. A node's first dozen or so 16 MiB bodies
-# (11 here, alternating runs) each land on memory its process has never touched,
-# while glibc's heap grows until a freed block fits the next body (JobOnce keeps
-# the last few requests' inputs; replies and outputs of other sizes split what is
-# freed): 4,096 page faults a body, 15-20 ms of the node's time. Warm-up goes on
-# until STEADY_RUN requests in a row cost the node fewer than STEADY_FAULTS faults
-# each (read from /proc), for at least BULK_WARM_UP_MIN requests and at most BULK_WARM_UP_MAX
-# (all of them where /proc cannot be read).
+# Bulk requests sent before the timed ones. A node's first 11 to 19 bodies of 16 MiB
+# (here) each land on memory its process has never touched, while glibc's heap
+# grows until a freed block fits the next body (JobOnce keeps the last few
+# requests' inputs; replies and outputs of other sizes split what is freed): 4,096
+# page faults a body, 15-20 ms of the node's time. Warm-up goes on until
+# STEADY_RUN requests in a row cost the node fewer than STEADY_FAULTS faults each
+# (read from /proc), for at least BULK_WARM_UP_MIN requests and at most
+# BULK_WARM_UP_MAX (all of them where /proc cannot be read).
 BULK_WARM_UP_MIN = 6
 BULK_WARM_UP_MAX = 32
 STEADY_FAULTS = 1024  # a quarter of a fresh body's pages

@@ -100,14 +100,13 @@ def mixes_rows(onnx_path: Path) -> bool:
     return any(node.op_type in ROW_MIXING_OPS for node in _nodes(model.graph))
 
 
-_GRAPH = 5  # onnx.AttributeProto.GRAPH (its number in onnx.proto)
-
-
 def _nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
+    import onnx  # (imported by mixes_rows already)
+
     for node in graph.node:
         yield node
         for attribute in node.attribute:  # If, Loop, Scan: their bodies
-            if attribute.type == _GRAPH:
+            if attribute.type == onnx.AttributeProto.GRAPH:
                 yield from _nodes(attribute.g)
             for subgraph in attribute.graphs:
                 yield from _nodes(subgraph)

@@ -16,7 +16,7 @@ import dataclasses
 import enum
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import msgpack
@@ -134,11 +134,6 @@ def encode_parts(message: Request | Reply) -> list[Buffer]:
     if packed is None:
         return [msgpack.packb(body, use_bin_type=True)]
     return packed
-
-
-def parts_size(parts: Sequence[Buffer]) -> int:
-    """The bytes of a message's pieces."""
-    return sum(len(part) for part in parts)
 
 
 def decode_request(payload: bytes) -> Request:

@@ -76,6 +76,11 @@ def pack_large(body: dict[str, Any], large: list[dict[str, Any]]) -> list[Buffer
     return parts
 
 
+def size_of(parts: Sequence[Buffer]) -> int:
+    """The bytes of a message's pieces."""
+    return sum(len(part) for part in parts)
+
+
 def joined(parts: Sequence[Buffer]) -> bytes:
     """The bytes of `parts`, without a copy when that is one bytes already."""
     if len(parts) == 1 and isinstance(parts[0], bytes):

@@ -52,6 +52,7 @@ from libp2p.transport.exceptions import SecurityUpgradeFailure
 from libp2p.transport.upgrader import TransportUpgrader
 from noise.backends.default.ciphers import CryptographyCipher
 from noise.connection import NoiseConnection
+from noise.constants import MAX_MESSAGE_LEN, MAX_NONCE
 from noise.exceptions import NoiseInvalidMessage, NoiseMaxNonceError
 
 from ._errors import leaves
@@ -469,9 +470,9 @@ class _Inbox:
 
     __slots__ = ("data", "drained", "opener", "sock", "start", "unyielded")
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, opener: _Opener) -> None:
         self.data = bytearray()
-        self.opener: _Opener | None = None  # made at the first message (the handshake is done)
+        self.opener = opener
         self.start = 0  # where the first message not yet taken begins
         self.sock = _tcp_socket_of(conn)  # None: read through `conn` as py-libp2p does
         self.drained = True  # the last read took less than it asked: the kernel had no more
@@ -553,7 +554,8 @@ async def _read_noise_message(
     """
     inbox: _Inbox | None = self.__dict__.get("_p2p_inbox")
     if inbox is None:
-        inbox = self.__dict__["_p2p_inbox"] = _Inbox(self.read_writer.read_write_closer)
+        conn = self.read_writer.read_write_closer  # (first read: the handshake is done)
+        inbox = self.__dict__["_p2p_inbox"] = _Inbox(conn, _Opener.of(self))
     data = inbox.data
     conn = self.read_writer.read_write_closer
     while True:
@@ -563,13 +565,10 @@ async def _read_noise_message(
             size = int.from_bytes(data[start : start + _NOISE_LENGTH], "big")
             end = start + _NOISE_LENGTH + size
             if len(data) >= end:
-                opener = inbox.opener
-                if opener is None:
-                    opener = inbox.opener = _Opener.of(self)
-                in_place = opener.in_place and not prefix_encoded
+                in_place = inbox.opener.in_place and not prefix_encoded
                 with memoryview(data) as view:
                     if in_place:  # opened where it lies (None: it failed authentication)
-                        plain = opener.open(view[start + _NOISE_LENGTH : end])
+                        plain = inbox.opener.open(view[start + _NOISE_LENGTH : end])
                     else:  # one copy of the message, not two
                         message = bytes(view[start + _NOISE_LENGTH : end])
                 if end == len(data):
@@ -765,7 +764,22 @@ async def _write_noise_message(
         await tcp.write(bytes(frame))
 
 
-class _Sealer:
+class _InPlace:
+    """One direction of a connection's Noise cipher, used without the noise library's
+    calls where its cipher is cryptography's and can seal in place (`state`: the
+    noise library's cipher state, whose nonce count is kept; None: it cannot)."""
+
+    __slots__ = ("_aead", "_nonce", "_state", "in_place")
+
+    def __init__(self, state: Any = None) -> None:
+        self.in_place = state is not None
+        self._state = state
+        if state is not None:
+            self._aead = state.cipher.cipher
+            self._nonce = state.cipher.format_nonce
+
+
+class _Sealer(_InPlace):
     """Seals a connection's outgoing Noise messages behind their 2-byte length.
 
     py-libp2p's path (`encrypt`, through the noise library's connection, cipher
@@ -779,17 +793,14 @@ class _Sealer:
     The nonce is counted as the noise library counts it, in its cipher state.
     """
 
-    __slots__ = ("_aead", "_nonce", "_state", "_view", "_writer")
+    __slots__ = ("_view", "_writer")
 
     def __init__(self, writer: noise_io.NoiseTransportReadWriter, state: Any = None) -> None:
+        super().__init__(state)  # None: sealed by py-libp2p's own encrypt
         self._writer = writer
-        self._state = state  # None: sealed by py-libp2p's own encrypt
-        if state is not None:
-            self._aead = state.cipher.cipher
-            self._nonce = state.cipher.format_nonce
-            # Grown to the largest message sent so far (a 64 KiB Noise message at most):
-            # most of a swarm's connections only ever carry small ones.
-            self._view = memoryview(bytearray(_SEAL_FIRST_BYTES))
+        # Grown to the largest message sent so far (a 64 KiB Noise message at most):
+        # most of a swarm's connections only ever carry small ones.
+        self._view = memoryview(bytearray(_SEAL_FIRST_BYTES if state is not None else 0))
 
     @classmethod
     def of(cls, writer: noise_io.NoiseTransportReadWriter) -> _Sealer:
@@ -799,7 +810,7 @@ class _Sealer:
     def seal(self, msg: bytes) -> bytes | memoryview:
         """`msg` sealed behind its length; a view of the buffer until the next seal."""
         state = self._state
-        if state is None or state.n >= _MAX_NONCE:  # (py-libp2p's raises at the last)
+        if state is None or state.n >= MAX_NONCE:  # (py-libp2p's raises at the last)
             sealed = self._writer.encrypt(msg)
             return len(sealed).to_bytes(_NOISE_LENGTH, "big") + sealed
         size = len(msg) + _NOISE_TAG
@@ -813,7 +824,7 @@ class _Sealer:
         return frame
 
 
-class _Opener:
+class _Opener(_InPlace):
     """Opens a connection's incoming Noise messages where they lie in its buffer.
 
     py-libp2p's path copies each message out of the buffer, then opens the copy
@@ -824,14 +835,7 @@ class _Opener:
     then refused with the noise library's error for it.
     """
 
-    __slots__ = ("_aead", "_nonce", "_state", "in_place")
-
-    def __init__(self, state: Any = None) -> None:
-        self.in_place = state is not None
-        self._state = state
-        if state is not None:
-            self._aead = state.cipher.cipher
-            self._nonce = state.cipher.format_nonce
+    __slots__ = ()
 
     @classmethod
     def of(cls, reader: noise_io.NoiseTransportReadWriter) -> _Opener:
@@ -842,7 +846,7 @@ class _Opener:
         """The message `sealed`, or None if it fails authentication (its nonce is
         then not spent, as the noise library has it)."""
         state = self._state
-        if state.n >= _MAX_NONCE:
+        if state.n >= MAX_NONCE:
             raise NoiseMaxNonceError("Nonce has depleted!")
         try:
             plain: bytes = self._aead.decrypt(self._nonce(state.n), sealed, None)
@@ -873,8 +877,7 @@ def _cipher_state(writer: noise_io.NoiseTransportReadWriter, which: str) -> Any:
 
 _NOISE_TAG = 16  # ChaCha20-Poly1305's and AES-GCM's tag
 _SEAL_FIRST_BYTES = 4096  # a sealer's buffer to begin with
-_SEAL_MAX_BYTES = _NOISE_LENGTH + 65535  # and at most: a Noise message's limit, tag included
-_MAX_NONCE = 2**64 - 1  # the noise library refuses to seal with it
+_SEAL_MAX_BYTES = _NOISE_LENGTH + MAX_MESSAGE_LEN  # and at most (a Noise message, tag included)
 
 
 # Whole writes (the socket took all of it at once) before one takes a scheduling

@@ -431,8 +431,8 @@ class CallerPipe(KeptPipe[_Waiter]):
     """A kept stream of pipelined jobs: one reply per exchange; `exchange` from
     any number of tasks."""
 
-    async def exchange(self, payload: bytes | Sequence[Buffer]) -> bytes:
-        """The reply to `payload` (an encoded request, or its pieces: see
+    async def exchange(self, payload: Sequence[Buffer]) -> bytes:
+        """The reply to `payload` (an encoded request's pieces: see
         `_codec.encode_parts`). Raises JobError."""
         if self.failure is not None:
             raise self.failure

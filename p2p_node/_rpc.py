@@ -35,7 +35,7 @@ from scheduler import ErrorCode, InferenceRequest, InferenceResult, JobError
 
 from . import _codec
 from ._channel import CLIENT_IDLE_S, TRANSPORT_ERRORS, Channel, MessageLimits, SendTimedOut, Traffic
-from ._framing import Buffer, FrameError, joined
+from ._framing import Buffer, FrameError, joined, size_of
 from ._host import new_libp2p_host as new_libp2p_host  # where callers have found it
 from ._host import run_host as run_host
 from ._libp2p import PeerRefused, caused_by
@@ -195,7 +195,7 @@ class Rpc:
         """One exchange with `peer_id`. Every failure raises `JobError`. `pass_on`: the
         reply will be sent on as it is (`_codec.decode_reply`)."""
         payload = _codec.encode_parts(request)  # a large tensor's bytes are not copied
-        size, limit = _codec.parts_size(payload), self.limits.request_limit(protocol)
+        size, limit = size_of(payload), self.limits.request_limit(protocol)
         if size > limit:
             raise JobError(
                 ErrorCode.MESSAGE_TOO_LARGE,
@@ -262,15 +262,12 @@ class Rpc:
                 logger.info("%s does not speak %s; calling it on %s", peer_id, pipelined, protocol)
             else:
                 return await pipe.exchange(payload)
-        return await self._exchange_alone(peer_id, protocol, joined(payload))
-
-    async def _exchange_alone(self, peer_id: str, protocol: TProtocol, payload: bytes) -> bytes:
-        """One exchange on a stream of its own (a pooled one, or a new one)."""
+        data = joined(payload)  # one exchange on a stream of its own
         key = (peer_id, protocol)
         pooled = await self._take_idle(key)
         if pooled is not None:
             try:
-                return await self._round_trip(key, pooled, payload, reused=True)
+                return await self._round_trip(key, pooled, data, reused=True)
             except _Stale:
                 logger.debug("pooled stream to %s was dead; opening a new one", peer_id)
         channel = await self._open(peer_id, protocol)
@@ -279,7 +276,7 @@ class Rpc:
         except trio.Cancelled:  # opened for nothing: keep it for the next exchange
             await self._keep_idle(key, channel)
             raise
-        return await self._round_trip(key, channel, payload, reused=False)
+        return await self._round_trip(key, channel, data, reused=False)
 
     async def _round_trip(
         self, key: tuple[str, TProtocol], channel: Channel, payload: bytes, *, reused: bool

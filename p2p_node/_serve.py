@@ -33,7 +33,16 @@ from ._channel import (
     Traffic,
     only_transport_errors,
 )
-from ._framing import Buffer, FrameError, Kind, Tagged, TaggedBuffer, joined, tagged_parts
+from ._framing import (
+    Buffer,
+    FrameError,
+    Kind,
+    Tagged,
+    TaggedBuffer,
+    joined,
+    size_of,
+    tagged_parts,
+)
 from ._messages import ErrorReply, Reply, Request, WireError
 from ._pipeline import PIPELINED, FrameWriter
 
@@ -658,7 +667,7 @@ class Server:
         """`reply`'s pieces (`_codec.encode_parts`), or MESSAGE_TOO_LARGE's past the
         reply limit."""
         parts = _codec.encode_parts(reply)
-        size, limit = _codec.parts_size(parts), self.limits.max_reply_bytes
+        size, limit = size_of(parts), self.limits.max_reply_bytes
         if size > limit:
             message = f"reply of {size} bytes exceeds the limit of {limit}"
             return [_codec.encode(ErrorReply(ErrorCode.MESSAGE_TOO_LARGE, message, self.peer_id))]

@@ -293,15 +293,15 @@ def test_frames_with_large_bodies_are_written_as_their_bytes_without_copying_the
     itself (not copied), and the small frames, heads and pieces between them
     share one write."""
     bodies = [bytes([i]) * size for i, size in enumerate(sizes)]
-    given: list[bytes | list[_framing.Buffer]] = []
+    given: list[list[_framing.Buffer]] = []
     large: list[_framing.Buffer] = []  # what must be written as it is
     for body, split in zip(bodies, in_parts, strict=False):
         if split:  # a small piece, the rest as a view, and a small piece again
             pieces = [body[:3], memoryview(body)[3:-2], body[-2:]]
             given.append(pieces)
             large += [piece for piece in pieces if len(piece) > _framing.PARTS_ABOVE]
-        else:
-            given.append(body)
+        else:  # one piece
+            given.append([body])
             large += [body] if len(body) > _framing.PARTS_ABOVE else []
     frames = [_framing.tagged_parts(Kind.REPLY, i + 1, body) for i, body in enumerate(given)]
     writes = _framing.frame_writes(frames)

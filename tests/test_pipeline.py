@@ -688,7 +688,7 @@ async def test_send_now_writes_in_the_callers_task_only_when_the_writer_is_idle(
 
 async def _start_exchanges(pipe: CallerPipe, n: int, nursery: trio.Nursery) -> None:
     for i in range(n):
-        nursery.start_soon(pipe.exchange, b"job%d" % i)
+        nursery.start_soon(pipe.exchange, [b"job%d" % i])
     await trio.testing.wait_all_tasks_blocked()
 
 
