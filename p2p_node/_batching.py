@@ -26,7 +26,9 @@ never merged). A request with more rows than that still runs, alone: only the
 node's cap refuses a request, so batching never changes which requests are
 accepted. A run waits for company up to `max_batch_wait_us` (model.toml, 0
 by default) after the request it is formed for was queued: by default it takes
-what is queued and an idle node never waits.
+what is queued and an idle node never waits. A run on the event loop's thread
+(a small model's: `ExecutorConfig.inline_below_ms`) takes along only what
+keeps it within that bound, never a large request queued for a worker thread.
 
 A failing merged run is retried with each request alone: validation checks
 names, dtypes and shapes but not values, so one request's values can fail a
@@ -46,6 +48,7 @@ Any other model for which it is false (a sequence without a batch axis, say
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -173,11 +176,13 @@ class Request:
         "queued_at",
         "rows",
         "scope",
+        "size",
     )
 
     def __init__(self, feeds: dict[str, Array], names: list[str]) -> None:
         self.feeds = feeds
         self.names = names
+        self.size = sum(array.size for array in feeds.values())  # input elements
         self.rows = 0
         self.key: Key | None = None  # None: runs alone
         self.queued_at = 0.0  # trio time
@@ -286,17 +291,27 @@ class Lane:
     def _rows_with(self, first: Request) -> int:
         return sum(r.rows for r in self._queued if r.key == first.key)
 
-    def take(self, first: Request, caller: Request, slot: object | None) -> Batch:
+    def take(
+        self, first: Request, caller: Request, slot: object | None, max_size: float = math.inf
+    ) -> Batch:
         """A batch of `first` and the queued requests that stack with it, in queue
-        order, within `max_rows`. Each request taken but `caller` stops waiting."""
-        members, rows = [first], first.rows
+        order, within `max_rows` and `max_size` input elements (an inline run's
+        bound: a large request queued for a worker thread is not taken along).
+        Each request taken but `caller` stops waiting."""
+        members, rows, size = [first], first.rows, first.size
         if first.key is not None and self.merges:
             for r in self._queued:
                 if rows >= self.policy.max_rows:
                     break
-                if r is not first and r.key == first.key and rows + r.rows <= self.policy.max_rows:
+                if (
+                    r is not first
+                    and r.key == first.key
+                    and rows + r.rows <= self.policy.max_rows
+                    and size + r.size <= max_size
+                ):
                     members.append(r)
                     rows += r.rows
+                    size += r.size
         batch = Batch(members, slot)
         for r in members:
             r.batch = batch
@@ -311,7 +326,7 @@ class BatchResult:
     """What running a batch gave: an answer per request still in it when it began."""
 
     answers: dict[Request, Answer]
-    run_ms: tuple[float, ...]  # each onnxruntime run's time
+    runs: tuple[tuple[float, int], ...]  # each onnxruntime run's time (ms) and input size
     split_failed: bool = False  # a merged run's outputs did not split by rows
 
 
@@ -323,15 +338,16 @@ def execute(model: LoadedModel, batch: Batch) -> BatchResult:
         r.began = True
     if len(batch.members) == 1 and active:  # alone: its leaving terminates the batch's run
         answer = _run_alone(model, active[0], batch.options)
-        return BatchResult({active[0]: answer}, (_ms(answer),))
-    run_ms: list[float] = []
+        return BatchResult({active[0]: answer}, ((_ms(answer), active[0].size),))
+    runs: list[tuple[float, int]] = []
     split_failed = False
     if len(active) > 1:
         merged = _run_merged(model, active, batch.options)
+        size = sum(r.size for r in active)
         if isinstance(merged, dict):
-            return BatchResult(merged, (_ms(next(iter(merged.values()))),))
+            return BatchResult(merged, ((_ms(next(iter(merged.values()))), size),))
         reason, elapsed_ms = merged
-        run_ms.append(elapsed_ms)
+        runs.append((elapsed_ms, size))
         split_failed = reason is None
         logger.info(
             "model %s: a run of %d merged requests failed (%s); running each alone",
@@ -346,8 +362,8 @@ def execute(model: LoadedModel, batch: Batch) -> BatchResult:
         r.options = ort.RunOptions()
         if not r.left:  # leaving between retries skips its own
             answers[r] = _run_alone(model, r, r.options)
-            run_ms.append(_ms(answers[r]))
-    return BatchResult(answers, tuple(run_ms), split_failed)
+            runs.append((_ms(answers[r]), r.size))
+    return BatchResult(answers, tuple(runs), split_failed)
 
 
 def _run_merged(

@@ -32,9 +32,11 @@ class ExecutorConfig:
     bounds admitted requests (running + waiting); past it a request is answered
     OVERLOADED at once.
 
-    A model whose recent runs took under `inline_below_ms` runs on the event
-    loop's own thread: for a small model the hop to a worker thread and back
-    costs more than the run itself (see bench/overhead.py). 0 turns that off.
+    A request estimated to run under `inline_below_ms` runs on the event loop's
+    own thread: for a small model the hop to a worker thread and back costs more
+    than the run itself (see bench/overhead.py). The estimate is the model's
+    recent runs, scaled up by the request's input size when it is larger than
+    theirs. 0 turns that off.
 
     `model_memory_mb` bounds the memory of the models kept loaded (None: no
     bound). A model's memory is estimated by its files on disk, or given by

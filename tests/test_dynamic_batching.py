@@ -595,6 +595,29 @@ async def test_a_request_waiting_for_a_slot_stops_waiting_when_a_batch_takes_it(
     assert waiting.scope is None
 
 
+async def test_an_inline_run_takes_along_no_large_request_waiting_for_a_slot(digits) -> None:
+    """A small model's inline run takes along only what keeps it within
+    inline_below_ms: not a 60,000-row request queued for the worker slot."""
+    x, _ = digits
+    # 100 ms: see test_executor's test of a large request that does not run inline.
+    ex = executor([card("digits-mlp")], ExecutorConfig(workers=1, inline_below_ms=100.0))
+    large: list[Execution] = []
+    with trio.fail_after(30):
+        for i in range(4):  # the first in a worker thread, then inline
+            await ex.run("digits-mlp", {"input": x[i : i + 1]})
+        async with trio.open_nursery() as nursery:
+            async with ex.limiter:
+                rows = np.resize(x, (60_000, x.shape[1]))
+                nursery.start_soon(_append, large, ex.run("digits-mlp", {"input": rows}))
+                await ex.wait_counters(lambda c: c.admitted == 5)
+                await trio.testing.wait_all_tasks_blocked()  # queued for the slot
+                small = await ex.run("digits-mlp", {"input": x[:1]})  # inline
+                await trio.testing.wait_all_tasks_blocked()
+                assert (large, ex.in_flight) == ([], 1)  # not taken along
+    assert small.outputs["label"].shape == (1,)
+    assert large[0].outputs["label"].shape == (60_000,)
+
+
 async def test_requests_that_do_not_stack_are_not_taken(digits) -> None:
     x, _ = digits
     lane, requests = _lane_with("digits-mlp", x, [1, 1])

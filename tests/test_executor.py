@@ -8,7 +8,7 @@ import trio
 import trio.testing
 
 from p2p_node import ErrorCode, ExecutorConfig, JobError, bundled_models_dir
-from p2p_node._executor import Executor, load_model
+from p2p_node._executor import Executor, RunCost, load_model
 from p2p_node._repository import read_repository
 
 
@@ -118,6 +118,48 @@ async def test_a_model_that_runs_fast_runs_inline_without_a_worker_slot(digits) 
         async with limiter:  # no worker slot left, yet the next run completes
             execution = await ex.run("digits-logreg", {"input": x[:1]})
     assert execution.outputs["label"].shape == (1,)
+
+
+async def test_a_request_far_larger_than_the_models_recent_runs_does_not_run_inline(
+    digits,
+) -> None:
+    """A model whose one-row runs go inline still sends a 65,536-row request to a
+    worker thread: inline, it would hold the event loop for its whole run."""
+    x, _ = digits
+    limiter = trio.CapacityLimiter(1)
+    # 100 ms: a one-row run is far below; the large one is estimated 65,536 times one
+    # row's run, which no run of onnxruntime from Python (over 1.6 us) keeps below.
+    ex = executor(ExecutorConfig(workers=1, inline_below_ms=100.0), limiter)
+    large = np.resize(x, (65_536, x.shape[1]))
+    done = []
+
+    async def run_large() -> None:
+        done.append(await ex.run("digits-logreg", {"input": large}))
+
+    with trio.fail_after(30):
+        for i in range(4):  # the first in a worker thread, then inline
+            await ex.run("digits-logreg", {"input": x[i : i + 1]})
+        async with trio.open_nursery() as nursery:
+            async with limiter:
+                small = await ex.run("digits-logreg", {"input": x[:1]})  # inline: no slot
+                nursery.start_soon(run_large)
+                await trio.testing.wait_all_tasks_blocked()
+                assert (done, ex.in_flight) == ([], 1)  # waiting for the worker slot
+    assert small.outputs["label"].shape == (1,)
+    assert done[0].outputs["label"].shape == (65_536,)
+
+
+def test_a_models_run_cost_scales_with_the_input_size_and_never_below_its_runs() -> None:
+    cost = RunCost(0.2, 64)
+    assert cost.estimate(1) == cost.estimate(64) == 0.2
+    assert cost.estimate(6_400) == pytest.approx(20.0)
+    assert (
+        cost.estimate(int(cost.inline_size(5.0)))
+        <= 5.0
+        < cost.estimate(int(cost.inline_size(5.0)) + 64)
+    )
+    cost.record(1.2, 640)  # EWMA: a fifth of the way to each
+    assert (cost.ms, cost.size) == (pytest.approx(0.4), pytest.approx(179.2))
 
 
 async def test_with_inline_off_every_run_needs_a_worker_slot(digits) -> None:
