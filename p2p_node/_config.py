@@ -28,7 +28,9 @@ class ExecutorConfig:
 
     `workers` bounds concurrent ONNX runs, `intra_op_threads` the threads each run
     may use: keep workers x intra_op_threads near the cores this node may use so
-    that several nodes on one machine do not oversubscribe it. `queue_limit`
+    that several nodes on one machine do not oversubscribe it. A large request
+    (estimated at 5 ms or more) of a model whose rows run apart runs in parts at
+    once in the worker slots free when it starts. `queue_limit`
     bounds admitted requests (running + waiting); past it a request is answered
     OVERLOADED at once.
 

@@ -60,6 +60,10 @@ _ORT_DTYPES = {
 }
 GPU_PROVIDERS = ("CUDAExecutionProvider",)
 COMPUTE_EWMA_ALPHA = 0.2
+# A request estimated to take this long (ms) runs in parts at once where worker slots
+# are free, each part this many rows or more (Executor._spare_slots).
+SPLIT_ABOVE_MS = 5.0
+SPLIT_MIN_ROWS = 256
 UNNAMED_INPUT = ""  # the only input of a single-input model, named by the executor
 
 
@@ -322,6 +326,7 @@ class Executor:
         self._started = 0  # admitted requests in a batch that has been formed
         self.runs = 0  # onnxruntime runs: fewer than requests when requests merge
         self.merged = 0  # requests completed by a run shared with other requests
+        self.split = 0  # requests run in parts at once, in spare worker slots
         # Each model's recent runs; decide whether a request runs inline.
         self._costs: dict[str, RunCost] = {}
         self._stats: dict[str, _ModelStats] = {}
@@ -589,6 +594,7 @@ class Executor:
             self._limiter.release_on_behalf_of(slot)
             return
         batch = self._take(lane, first, request, slot)
+        batch.spare = self._spare_slots(lane, batch)
         token = trio.lowlevel.current_trio_token()
 
         def deliver(result: outcome.Outcome[BatchResult]) -> None:  # in the worker thread
@@ -611,10 +617,31 @@ class Executor:
         self._started += len(batch.members)
         return batch
 
+    def _spare_slots(self, lane: Lane, batch: Batch) -> list[object]:
+        """The worker slots free now, taken for `batch` if it is one request estimated
+        at SPLIT_ABOVE_MS or more, of rows that run apart: it then runs in parts at
+        once (`run_split`), one more per slot, each of SPLIT_MIN_ROWS rows or more.
+        Only slots free now: no request waits for them (one that comes meanwhile
+        waits for the shortened run)."""
+        if len(batch.members) != 1 or not lane.merges:
+            return []
+        (request,) = batch.members
+        cost = self._costs.get(lane.model_id)
+        if request.key is None or cost is None or cost.estimate(request.size) < SPLIT_ABOVE_MS:
+            return []
+        count = min(int(self._limiter.available_tokens), request.rows // SPLIT_MIN_ROWS - 1)
+        spare = [object() for _ in range(max(0, count))]
+        for slot in spare:
+            self._limiter.acquire_on_behalf_of_nowait(slot)
+        return spare
+
     def _finish(self, lane: Lane, batch: Batch, result: BatchResult) -> None:
-        """Answer the requests still in `batch`; free its worker slot."""
+        """Answer the requests still in `batch`; free its worker slots."""
         if batch.slot is not None:
             self._limiter.release_on_behalf_of(batch.slot)
+        for slot in batch.spare:
+            self._limiter.release_on_behalf_of(slot)
+        self.split += result.parts
         for compute_ms, size in result.runs:
             cost = self._costs.get(lane.model_id)
             if cost is None:

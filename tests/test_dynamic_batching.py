@@ -476,6 +476,84 @@ async def test_outputs_that_do_not_split_by_rows_are_answered_alone_and_merge_no
     assert ex.merged == 0
 
 
+# --- a large request in parts, in spare worker slots ----------------------------------------
+
+SPARE = ExecutorConfig(workers=2, inline_below_ms=0)
+
+
+async def _warm_small(ex: Executor, model_id: str, inputs: Inputs) -> None:
+    """One small run, so the executor knows the model's cost: a request of N times
+    its size is then estimated at N times its run, which for the large requests
+    below is over SPLIT_ABOVE_MS (5 ms) for any run of onnxruntime over 1.3 us."""
+    await ex.run(model_id, inputs)
+
+
+async def test_a_large_request_runs_in_parts_in_free_slots_and_answers_as_one_run(
+    digits,
+) -> None:
+    x, _ = digits
+    ex = executor([card("digits-mlp")], SPARE)
+    large = np.resize(x, (4_096, x.shape[1]))
+    with trio.fail_after(30):
+        await _warm_small(ex, "digits-mlp", {"input": x[:1]})
+        split = await ex.run("digits-mlp", {"input": large})
+        (whole,) = await run_alone("digits-mlp", [card("digits-mlp")], [({"input": large}, ())])
+    assert ex.split == 1 and ex.runs == 2
+    assert_same(split, whole)
+    assert ex.limiter.borrowed_tokens == 0  # both slots given back
+
+
+async def test_a_large_request_runs_whole_when_no_other_slot_is_free(digits) -> None:
+    x, _ = digits
+    ex = executor([card("digits-mlp")], SPARE)
+    with trio.fail_after(30):
+        await _warm_small(ex, "digits-mlp", {"input": x[:1]})
+        async with ex.limiter:  # one of the two slots: the request gets the other
+            result = await ex.run("digits-mlp", {"input": np.resize(x, (4_096, x.shape[1]))})
+    assert ex.split == 0
+    assert result.outputs["label"].shape == (4_096,)
+
+
+async def test_a_part_that_fails_fails_its_request_as_a_whole_run_would(tmp_path: Path) -> None:
+    lookup = gather_model(tmp_path)
+    ex = executor([lookup], SPARE)
+    bad = np.zeros(4_096, np.int64)
+    bad[-1] = 9  # in the last part only
+    with trio.fail_after(30):
+        await _warm_small(ex, "lookup", {"index": np.array([0])})
+        with pytest.raises(JobError) as failed:
+            await ex.run("lookup", {"index": bad})
+        with pytest.raises(JobError) as whole:
+            await executor([lookup], batching=False).run("lookup", {"index": bad})
+    assert failed.value.code is whole.value.code is ErrorCode.INVALID_INPUT
+    assert "idx=9" in failed.value.message
+    assert ex.limiter.borrowed_tokens == 0
+    assert ex.split == 1  # it did run in parts
+
+
+async def test_parts_whose_outputs_do_not_split_by_rows_are_run_again_whole(
+    tmp_path: Path,
+) -> None:
+    node = helper.make_node("Concat", ["x", "x"], ["twice"], axis=0)  # 2N rows for N
+    twice = onnx_model(
+        tmp_path,
+        "twice",
+        [node],
+        [V("x", TensorProto.FLOAT, ["N", 4])],
+        [V("twice", TensorProto.FLOAT, ["M", 4])],
+    )
+    ex = executor([twice], SPARE)
+    x = np.arange(4 * 1_024, dtype=np.float32).reshape(1_024, 4)
+    with trio.fail_after(30):
+        await _warm_small(ex, "twice", {"x": x[:1]})
+        result = await ex.run("twice", {"x": x})
+        again = await ex.run("twice", {"x": x})
+    for r in (result, again):
+        np.testing.assert_array_equal(r.outputs["twice"], np.concatenate([x, x]))
+    assert ex.split == 0
+    assert ex.runs == 3  # the warm-up, then each whole (the parts' run is not counted)
+
+
 # --- cancellation ------------------------------------------------------------------------
 
 
