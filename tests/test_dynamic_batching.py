@@ -449,19 +449,22 @@ async def test_a_failing_merged_run_is_retried_alone_so_only_the_bad_request_fai
     assert (c.completed, c.failed, ex.runs, ex.merged) == (3, 1, 5, 0)
 
 
-async def test_outputs_that_do_not_split_by_rows_are_answered_alone_and_merge_no_more(
-    tmp_path: Path,
-) -> None:
+def twice_model(tmp_path: Path) -> ModelCard:
     """twice = concat(x, x): 2N rows for N, declared with a dynamic leading dim."""
     node = helper.make_node("Concat", ["x", "x"], ["twice"], axis=0)
-    model_card = onnx_model(
+    return onnx_model(
         tmp_path,
         "twice",
         [node],
         [V("x", TensorProto.FLOAT, ["N", 4])],
         [V("twice", TensorProto.FLOAT, ["M", 4])],
     )
-    ex = executor([model_card])
+
+
+async def test_outputs_that_do_not_split_by_rows_are_answered_alone_and_merge_no_more(
+    tmp_path: Path,
+) -> None:
+    ex = executor([twice_model(tmp_path)])
     requests = [({"x": np.full((i + 1, 4), i, "f4")}, ()) for i in range(3)]
     with trio.fail_after(30):
         first = await run_held(ex, "twice", requests)
@@ -534,15 +537,7 @@ async def test_a_part_that_fails_fails_its_request_as_a_whole_run_would(tmp_path
 async def test_parts_whose_outputs_do_not_split_by_rows_are_run_again_whole(
     tmp_path: Path,
 ) -> None:
-    node = helper.make_node("Concat", ["x", "x"], ["twice"], axis=0)  # 2N rows for N
-    twice = onnx_model(
-        tmp_path,
-        "twice",
-        [node],
-        [V("x", TensorProto.FLOAT, ["N", 4])],
-        [V("twice", TensorProto.FLOAT, ["M", 4])],
-    )
-    ex = executor([twice], SPARE)
+    ex = executor([twice_model(tmp_path)], SPARE)
     x = np.arange(4 * 1_024, dtype=np.float32).reshape(1_024, 4)
     with trio.fail_after(30):
         await _warm_small(ex, "twice", {"x": x[:1]})
