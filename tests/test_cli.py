@@ -94,18 +94,11 @@ def test_two_processes_run_each_others_models(tmp_path: Path, digits_npy: Path) 
                 placed_b = pool.submit(submit_until_placed, a_addr, "digits-mlp", digits_npy)
                 placed_a = pool.submit(submit_until_placed, b_addr, "digits-logreg", digits_npy)
                 on_b, on_a = placed_b.result(), placed_a.result()
+                submit = ("submit", "--peer", a_addr, "--model", "digits-mlp", "--input")
                 asked = [
                     pool.submit(p2p_node, *args)
                     for args in (
-                        (
-                            "submit",
-                            "--peer",
-                            a_addr,
-                            "--model",
-                            "digits-mlp",
-                            "--input",
-                            str(digits_npy),
-                        ),
+                        (*submit, str(digits_npy)),
                         ("models", "--peer", b_addr, "--json"),
                         ("peers", "--peer", a_addr, "--json"),
                         ("peers", "--peer", a_addr),
@@ -151,7 +144,6 @@ def test_a_second_node_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
     assert "in use by another node" in second.stderr
 
 
-@pytest.mark.system
 def test_the_command_line_imports_neither_onnx_nor_pytest_until_it_needs_them() -> None:
     # onnx (with ml_dtypes) took a second to import and trio.testing brought pytest:
     # every command paid them, a client's `submit` as much as a node's start.
@@ -161,6 +153,7 @@ def test_the_command_line_imports_neither_onnx_nor_pytest_until_it_needs_them() 
     assert done.stdout.strip() == "[]"
 
 
+@pytest.mark.system
 def test_user_errors_are_one_line_without_traceback(tmp_path: Path, digits_npy: Path) -> None:
     bad_shape = tmp_path / "bad.json"
     bad_shape.write_text(json.dumps({"input": [[1.0, 2.0]]}))
