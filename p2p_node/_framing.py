@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Literal
 
-from ._large import Buffer as Buffer  # the pieces a body may come in
-from ._large import joined as joined
-from ._large import size_of as size_of
+from ._large import Buffer, joined, size_of  # the pieces a body may come in
 
 MAX_VARINT_BYTES = 9  # enough for any length below 2**63
 COLLECT_ABOVE = 256 * 1024  # a TaggedBuffer collects a body larger than this in pieces

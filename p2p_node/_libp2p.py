@@ -552,12 +552,11 @@ async def _read_noise_message(
     Only the transport phase reads ahead: after the handshake, nothing else
     reads this connection.
     """
+    conn = self.read_writer.read_write_closer
     inbox: _Inbox | None = self.__dict__.get("_p2p_inbox")
-    if inbox is None:
-        conn = self.read_writer.read_write_closer  # (first read: the handshake is done)
+    if inbox is None:  # the first read: the handshake is done
         inbox = self.__dict__["_p2p_inbox"] = _Inbox(conn, _Opener.of(self))
     data = inbox.data
-    conn = self.read_writer.read_write_closer
     while True:
         start = inbox.start
         held = len(data) - start

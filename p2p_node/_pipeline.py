@@ -43,16 +43,8 @@ from ._channel import (
     only_transport_errors,
 )
 from ._errors import leaves
-from ._framing import (
-    Buffer,
-    Frame,
-    FrameError,
-    Kind,
-    Tagged,
-    TaggedBuffer,
-    frame_writes,
-    tagged_parts,
-)
+from ._framing import Frame, FrameError, Kind, Tagged, TaggedBuffer, frame_writes, tagged_parts
+from ._large import Buffer
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -35,9 +35,10 @@ from scheduler import ErrorCode, InferenceRequest, InferenceResult, JobError
 
 from . import _codec
 from ._channel import CLIENT_IDLE_S, TRANSPORT_ERRORS, Channel, MessageLimits, SendTimedOut, Traffic
-from ._framing import Buffer, FrameError, joined, size_of
+from ._framing import FrameError
 from ._host import new_libp2p_host as new_libp2p_host  # where callers have found it
 from ._host import run_host as run_host
+from ._large import Buffer, joined, size_of
 from ._libp2p import PeerRefused, caused_by
 from ._messages import ErrorReply, Reply, Request, RunRequest, WireError
 from ._pipeline import INFER_PROTOCOL as INFER_PROTOCOL

@@ -33,16 +33,8 @@ from ._channel import (
     Traffic,
     only_transport_errors,
 )
-from ._framing import (
-    Buffer,
-    FrameError,
-    Kind,
-    Tagged,
-    TaggedBuffer,
-    joined,
-    size_of,
-    tagged_parts,
-)
+from ._framing import FrameError, Kind, Tagged, TaggedBuffer, tagged_parts
+from ._large import Buffer, joined, size_of
 from ._messages import ErrorReply, Reply, Request, WireError
 from ._pipeline import PIPELINED, FrameWriter
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from libp2p.utils.varint import encode_uvarint
 
-from p2p_node import _framing
+from p2p_node import _framing, _large
 from p2p_node._framing import FrameBuffer, FrameError, Kind, Tagged, TaggedBuffer, encode_frame
 
 
@@ -293,8 +293,8 @@ def test_frames_with_large_bodies_are_written_as_their_bytes_without_copying_the
     itself (not copied), and the small frames, heads and pieces between them
     share one write."""
     bodies = [bytes([i]) * size for i, size in enumerate(sizes)]
-    given: list[list[_framing.Buffer]] = []
-    large: list[_framing.Buffer] = []  # what must be written as it is
+    given: list[list[_large.Buffer]] = []
+    large: list[_large.Buffer] = []  # what must be written as it is
     for body, split in zip(bodies, in_parts, strict=False):
         if split:  # a small piece, the rest as a view, and a small piece again
             pieces = [body[:3], memoryview(body)[3:-2], body[-2:]]
