@@ -209,8 +209,21 @@ async def _answer_exchange(
     """One generation of a kept stream, its frames tagged with its exchange."""
     exchange = request.exchange
 
+    first = True
+
     async def send(frame: bytes) -> None:
-        await writer.write(Tagged(Kind.REPLY, exchange, frame).encode())
+        # The first piece of the stream's only generation is written at once, in
+        # this task: the round the writer's task takes to wake is time to first
+        # token (0.3-0.4 ms of the critical path's CPU here). Not the later pieces:
+        # those that come while one is written go out together in the next frame,
+        # and written each at once they went one token a frame, for more in all.
+        nonlocal first
+        tagged = Tagged(Kind.REPLY, exchange, frame).encode()
+        if first and len(running) == 1 and writer.idle:
+            await writer.send_now(tagged)
+        else:
+            await writer.write(tagged)
+        first = False
 
     try:
         with running[exchange]:
@@ -437,7 +450,11 @@ class GeneratePipe(KeptPipe[_Exchange]):
         number, self._next = self._next, self._next + 1
         exchange = self._open[number] = _Exchange(self, number)
         try:
-            self._writer.send(Tagged(Kind.REQUEST, number, payload).encode())
+            frame = Tagged(Kind.REQUEST, number, payload).encode()
+            if len(self._open) == 1:  # alone: written at once, in this task (not a round
+                await self._writer.send_now(frame)  # later, by the writer's task)
+            else:
+                self._writer.send(frame)
             yield exchange
         finally:
             self.last_used = trio.current_time()
