@@ -37,7 +37,10 @@ sizes, a few minutes):
 - latency: one generation at a time, local and forwarded one hop: time to
   first token (TTFT) and time per output token (TPOT), p50 and p99 over
   `--rounds` generations each, against the prefill's own compute (onnxruntime
-  here, the same prompt, median of as many runs).
+  here, the same prompt, median of as many runs). Beside them, a one-row job
+  of JOB_MODEL over the same path, one after each generation: what the hops
+  of a first token cost with next to nothing to run; the last column is what
+  is left of TTFT less the prefill and that job, the generation's own cost.
 
 Each node runs in a process of its own, on loopback, as a node does (with
 `p2p-node start`'s collector and allocator settings), and the clients in this
@@ -85,6 +88,7 @@ PROMPTS = [
     "Hello, world",
 ]
 LATENCY_PROMPT = "The built-in function"
+JOB_MODEL = "digits-mlp"  # the latency part's one-row job: the hops, with next to no run
 
 Array = np.ndarray[Any, Any]
 
@@ -438,6 +442,7 @@ def print_engine(args: argparse.Namespace, rows: list[EngineRun]) -> None:
 class Latency:
     ttft_ms: list[float]
     tpot_ms: list[float]
+    job_ms: list[float]  # a one-row job of JOB_MODEL on the same path
 
 
 def _direct_generator(model_dir: Path) -> tuple[TextGenerator, ort.InferenceSession]:
@@ -546,9 +551,12 @@ def prefill_ms(model_dir: Path, prompt: str, rounds: int) -> float:
 async def measure_latency(
     local: Client, forwarder: Client, model_id: str, tokens: int, rounds: int
 ) -> dict[str, Latency]:
-    out = {"local": Latency([], []), "forwarded": Latency([], [])}
+    out = {"local": Latency([], [], []), "forwarded": Latency([], [], [])}
+    row = {"input": np.zeros((1, 64), np.float32)}
     for client in (local, forwarder):
         await client.generate_text(LATENCY_PROMPT, model_id, max_tokens=4)
+        for _ in range(5):
+            await client.submit(JOB_MODEL, row)
     for _ in range(rounds):
         for name, client in (("local", local), ("forwarded", forwarder)):
             async with client.generate(LATENCY_PROMPT, model_id, max_tokens=tokens) as gen:
@@ -559,6 +567,9 @@ async def measure_latency(
             if summary.tokens > 1:
                 tpot = (summary.total_ms - summary.ttft_ms) / (summary.tokens - 1)
                 out[name].tpot_ms.append(tpot)
+            started = time.perf_counter()
+            await client.submit(JOB_MODEL, row)
+            out[name].job_ms.append((time.perf_counter() - started) * 1e3)
     return out
 
 
@@ -625,7 +636,7 @@ async def _two_nodes(args: argparse.Namespace, data: Path) -> AsyncIterator[tupl
     """A node serving the embedder and the generator, and one serving nothing that
     forwards to it: their addresses. Each in a process of its own unless
     `--in-process`."""
-    served = frozenset({args.embedder, args.generator})
+    served = frozenset({args.embedder, args.generator, JOB_MODEL})
     settings = (True, 64, args.tokens)
     if args.in_process:
         base = _node_config(args.models, served, *settings, data)
@@ -721,18 +732,20 @@ def print_steps(args: argparse.Namespace, steps: dict[int, list[float]]) -> None
 def print_latency(args: argparse.Namespace, latency: dict[str, Latency], prefill: float) -> None:
     print(
         f"\nlatency with {args.generator}: one generation at a time of {args.tokens} greedy "
-        f"tokens, {args.rounds} each, ms; prefill compute (onnxruntime here): {prefill:.2f} ms"
+        f"tokens, {args.rounds} each, ms; prefill compute (onnxruntime here): {prefill:.2f} ms; "
+        f"job = a one-row {JOB_MODEL} job on the same path after each generation; "
+        "- job = ttft p50 less the prefill and the job"
     )
     print(
         f"{'path':>9}  {'ttft p50':>8}  {'ttft p99':>8}  {'tpot p50':>8}  {'tpot p99':>8}  "
-        f"{'ttft p50 - prefill':>18}"
+        f"{'ttft p50 - prefill':>18}  {'job p50':>7}  {'- job':>5}"
     )
     for name, figures in latency.items():
-        ttft50 = pct(figures.ttft_ms, 50)
+        ttft50, job50 = pct(figures.ttft_ms, 50), pct(figures.job_ms, 50)
         print(
             f"{name:>9}  {ttft50:>8.2f}  {pct(figures.ttft_ms, 99):>8.2f}  "
             f"{pct(figures.tpot_ms, 50):>8.3f}  {pct(figures.tpot_ms, 99):>8.3f}  "
-            f"{ttft50 - prefill:>18.2f}"
+            f"{ttft50 - prefill:>18.2f}  {job50:>7.2f}  {ttft50 - prefill - job50:>5.2f}"
         )
 
 
