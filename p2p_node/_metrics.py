@@ -265,6 +265,23 @@ def node_families(node: Node, rpc_traffic: Traffic, server_traffic: Traffic) -> 
         requests.add_metric([field.name], getattr(executor.counters, field.name))
     yield requests
     yield _counter(
+        "p2p_node_executor_runs",
+        "onnxruntime runs of the executor's requests (one in parts counts once): fewer "
+        "than the requests completed where requests merged",
+        executor.runs,
+    )
+    yield _counter(
+        "p2p_node_executor_merged",
+        "Requests answered from a run shared with other requests (dynamic batching)",
+        executor.merged,
+    )
+    yield _counter(
+        "p2p_node_executor_split",
+        "Large requests run in parts at once, on worker slots that were free",
+        executor.split,
+    )
+    yield from _generation_families(node)
+    yield _counter(
         "p2p_node_job_duplicates",
         "Jobs sent again (a client failing over) and answered without running again",
         node.jobs.duplicates,
@@ -352,6 +369,42 @@ def node_families(node: Node, rpc_traffic: Traffic, server_traffic: Traffic) -> 
                 received.add_metric([protocol, side], moved.received)
     yield sent
     yield received
+
+
+def _generation_families(node: Node) -> Iterator[Metric]:
+    generations = node.generations
+    yield _gauge("p2p_node_generations_running", "Generations running now", generations.sessions)
+    yield _gauge(
+        "p2p_node_generation_cache_bytes",
+        "KV cache memory the running generations hold (counted in --model-memory-mb)",
+        generations.cache_bytes,
+    )
+    outcomes = CounterMetricFamily(
+        "p2p_node_generations",
+        "Generations this node ran: started, refused at the start (sessions or memory "
+        "full), and how those that ended did (finished, failed, cancelled: a hang-up)",
+        labels=["outcome"],
+    )
+    for outcome in ("started", "refused", "finished", "failed", "cancelled"):
+        outcomes.add_metric([outcome], getattr(generations, outcome))
+    yield outcomes
+    steps = CounterMetricFamily(
+        "p2p_node_decode_steps",
+        "Decode steps run, each one onnxruntime run for every session of its batch",
+        labels=["model"],
+    )
+    rows = CounterMetricFamily(
+        "p2p_node_decode_rows",
+        "Rows of those steps, a token each: rows / steps is the mean batch",
+        labels=["model"],
+    )
+    for model_id in generations.model_ids:
+        engine = generations.engine(model_id)
+        label = [node.metrics.model(model_id)]
+        steps.add_metric(label, engine.steps)
+        rows.add_metric(label, engine.batched_rows)
+    yield steps
+    yield rows
 
 
 def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:

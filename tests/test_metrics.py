@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 from test_cli import p2p_node, running_node
 from test_orchestrator import Fail, Ok, node, request, setup
+from tiny_decoder import MODEL_ID as TINY
+from tiny_decoder import write_tiny_decoder
 
 from p2p_node import Client, ErrorCode, JobError, NodeConfig, open_node
 from p2p_node._cli import parse_args
@@ -255,6 +258,10 @@ async def test_a_node_scraped_over_http_counts_the_jobs_it_answered(
     assert total >= compute + queue
     assert moved("p2p_node_executor_requests_total", outcome="completed") == jobs
     assert moved("p2p_node_executor_requests_total", outcome="admitted") == jobs
+    # One after another, each ran alone: a run each, none shared, none in parts.
+    assert moved("p2p_node_executor_runs_total") == jobs
+    assert moved("p2p_node_executor_merged_total") == 0
+    assert moved("p2p_node_executor_split_total") == 0
     assert value(after, "p2p_node_requests_running") == 0
     assert value(after, "p2p_node_requests_queued") == 0
     # The node, as server of the job protocol, took what the client sent and sent what
@@ -298,6 +305,57 @@ async def test_a_forwarded_job_is_remote_and_the_view_and_records_are_counted(
     infer = {"protocol": "/p2p-node/infer/2.0.0", "side": "caller"}  # pipelined
     assert value(got, "p2p_node_sent_bytes_total", **infer) > 3 * x[:1].nbytes
     assert value(got, "p2p_node_executor_requests_total", outcome="admitted") == 0
+
+
+async def test_generations_are_counted_by_outcome_with_their_cache_and_decode_steps(
+    tmp_path: Path,
+) -> None:
+    models_dir = tmp_path / "models"
+    write_tiny_decoder(models_dir, context=4096)  # long enough not to end by itself
+    config = NodeConfig(
+        data_dir=tmp_path / "node",
+        models_dir=models_dir,
+        metrics_listen=("127.0.0.1", 0),
+        shutdown_grace=1.0,
+    )
+    executor = replace(config.executor, max_sessions=1, max_new_tokens=4000)
+    config = replace(config, executor=executor)
+    with trio.fail_after(60):
+        async with open_node(config) as node, Client.connect(node.addrs[0]) as client:
+            assert node.metrics_addr is not None
+            port = node.metrics_addr[1]
+            async with client.generate("Hello world", TINY, max_tokens=20) as done:
+                await done.text()
+            ended = await scrape(port)
+            async with client.generate("Hello", TINY, max_tokens=4000) as running:
+                await running.next_piece()
+                with pytest.raises(JobError):  # max_sessions: OVERLOADED
+                    await client.generate_text("Hi", TINY, max_tokens=5)
+                held = node.generations.cache_bytes
+                during = await scrape(port)
+            await node.generations.wait_until(lambda g: g.sessions == 0)
+            after = await scrape(port)
+    summary = done.summary
+    assert summary is not None
+    # A lone generation: its first token from the prefill, each next one from a step
+    # of one row (and the end of text, if it came, from one more).
+    steps = summary.tokens - 1 + (summary.finish == "eos")
+    assert value(ended, "p2p_node_decode_steps_total", model=TINY) == steps
+    assert value(ended, "p2p_node_decode_rows_total", model=TINY) == steps
+    generations = "p2p_node_generations_total"
+    assert value(ended, generations, outcome="started") == 1
+    assert value(ended, generations, outcome="finished") == 1
+    assert value(ended, "p2p_node_generations_running") == 0
+    assert value(ended, "p2p_node_generation_cache_bytes") == 0
+    assert held > 0
+    assert value(during, "p2p_node_generations_running") == 1
+    assert value(during, "p2p_node_generation_cache_bytes") == held
+    assert value(during, generations, outcome="refused") == 1
+    assert value(after, generations, outcome="started") == 2  # the refused never started
+    assert value(after, generations, outcome="cancelled") == 1  # left before its end
+    assert value(after, generations, outcome="failed") == 0
+    assert value(after, "p2p_node_generations_running") == 0
+    assert value(after, "p2p_node_generation_cache_bytes") == 0
 
 
 @pytest.mark.system
