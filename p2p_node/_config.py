@@ -54,7 +54,11 @@ class ExecutorConfig:
     `session_idle_s` seconds ends (DEADLINE_EXCEEDED). Each holds its KV cache,
     counted against `model_memory_mb`. With `batch_decode`, the decode steps of
     all sessions of a model run as one batch (continuous batching); without it,
-    one session at a time (for comparison).
+    one session at a time (for comparison). With more than one worker, a
+    generator also loads a second session with the threads of every worker
+    (workers x intra_op_threads), counted in `model_memory_mb` (not made where
+    two of the model do not fit), for the steps of 8 rows or more that start
+    while no other run holds a worker.
     """
 
     workers: int = 2

@@ -17,6 +17,11 @@ whose client has not taken its last tokens sits out of the batches until it
 does; one idle for `session_idle_s` ends. Leaving the session's context (the
 client hung up, the deadline passed) frees its cache at once.
 
+A step of many rows (`WIDE_STEP_ROWS`) that starts while no other run holds a
+worker slot runs on the model's wide session (`LoadedModel.wide`), with the
+threads of every slot, which it takes for the step: its products are large
+enough to share between cores, where a step of one row's are not.
+
 Each session samples with its own seeded generator (see `_decoder.choose_token`).
 """
 
@@ -57,6 +62,7 @@ FRAME_TOKENS = 8  # pieces a frame waits for while other sessions share the batc
 IDLE_INLINE_FACTOR = 4  # a prefill inline on an idle engine: up to this x inline_below_ms
 STEP_INLINE_FACTOR = 4  # a decode step inline: up to this x inline_below_ms (see _Engine._step)
 JOIN_WAIT_S = 0.005  # the most the batch waits for sessions about to join it (_Engine.run)
+WIDE_STEP_ROWS = 8  # a decode step of this many rows may run wide (_Engine._take_wide)
 
 Array = np.ndarray[Any, Any]
 
@@ -122,6 +128,7 @@ class _Session:
         self.first_sent = False
         self.join_by = math.inf  # how long its engine may wait for it to join (`_Engine.run`)
         self.session: ort.InferenceSession | None = None
+        self.wide: ort.InferenceSession | None = None  # for wide steps (_Engine._take_wide)
         self.waiting_since = trio.current_time()  # the oldest untaken piece's wait began
 
     @property
@@ -336,6 +343,7 @@ class _Engine:
         self.rebuilds = 0  # steps whose batch was built from the sessions' caches
         self.narrowed = 0  # steps that took some rows of the last step's caches
         self.inline_steps = 0  # steps run on the event loop's thread
+        self.wide_steps = 0  # steps run with every worker slot's threads (_take_wide)
         self.run_ms = 0.0  # in onnxruntime's runs, prefills and steps (bench.text --parts engine)
 
     def wake(self) -> None:
@@ -450,12 +458,18 @@ class _Engine:
         inline = self._step_ms.get(len(batch), math.inf) < limit and all(
             s.first_sent for s in self.sessions
         )
+        wide = self._take_wide(batch, inline)
         try:
-            logits, presents = await self.compute(session, feeds, inline)
+            logits, presents = await self.compute(
+                session if wide is None else wide[0], feeds, inline
+            )
         except JobError as error:
             for s in batch:
                 s.fail(error)
             return
+        finally:
+            for slot in () if wide is None else wide[1]:
+                self._limiter.release_on_behalf_of(slot)
         self.steps += 1
         self.batched_rows += len(batch)
         names = past_names(layout.layers)
@@ -472,6 +486,27 @@ class _Engine:
                 s.take(int(greedy[row]))
             else:
                 s.take(s.choose(last[row]))
+
+    def _take_wide(
+        self, batch: list[_Session], inline: bool
+    ) -> tuple[ort.InferenceSession, list[object]] | None:
+        """For a step of WIDE_STEP_ROWS rows or more, whose model has a wide session
+        (`LoadedModel.wide`, with the threads of every worker slot): that session,
+        and every worker slot but the one a step in a worker thread takes itself
+        (`_timed`), if all are free now; else None, and the step runs as any
+        other. Only when no other run is going: none waits for the step, nor the
+        step for one, and no run starts while it uses every slot's threads."""
+        limiter = self._limiter
+        if len(batch) < WIDE_STEP_ROWS or limiter.available_tokens < limiter.total_tokens:
+            return None
+        wide = next((s.wide for s in batch if s.wide is not None), None)
+        if wide is None:
+            return None
+        slots = [object() for _ in range(int(limiter.total_tokens) - (not inline))]
+        for slot in slots:
+            limiter.acquire_on_behalf_of_nowait(slot)
+        self.wide_steps += 1
+        return wide, slots
 
     async def prefill(self, session: ort.InferenceSession, prompt: list[int]) -> Step:
         """The logits and presents of `prompt`'s prefill ([1, ...] each, the presents
@@ -780,7 +815,7 @@ class Generations:
         idle = False
         try:
             async with self._executor.models.use(model_id) as loaded, trio.open_nursery() as n:
-                session.session = loaded.session
+                session.session, session.wide = loaded.session, loaded.wide
                 n.start_soon(self._end_when_idle, session, n.cancel_scope)
                 await self._prefill(session)
                 engine.add(session)

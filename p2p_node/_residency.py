@@ -42,6 +42,14 @@ class LoadedModel:
     session: ort.InferenceSession
     card: ModelCard
     mixes_rows: bool = False  # a row's result depends on the others in its run
+    # A text generator's second session, for decode steps of many rows: with the
+    # threads of every worker slot (`_executor._wide_session`), loaded and unloaded
+    # with the first, and counted in the memory budget as a second copy.
+    wide: ort.InferenceSession | None = None
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.card.memory_bytes * (1 if self.wide is None else 2)
 
 
 LoadFn = Callable[[ModelCard, ExecutorConfig], LoadedModel]
@@ -59,17 +67,23 @@ class _Slot:
         "mixes_rows",
         "running",
         "session",
+        "wide",
     )
 
     def __init__(self, model: LoadedModel) -> None:
         self.card = model.card
         self.descriptor = model.descriptor
         self.mixes_rows = model.mixes_rows
-        self.memory_bytes = model.card.memory_bytes
+        self.memory_bytes = model.memory_bytes
         self.session: ort.InferenceSession | None = model.session
+        self.wide = model.wide
         self.running = 0  # requests using the session now: never unloaded under them
         self.last_used = 0
         self.held: LoadedModel | None = None  # what `hold` gave last, for its session
+
+    def unload(self) -> None:
+        """Drop its sessions (and the last `hold`'s model, which holds them too)."""
+        self.session = self.wide = self.held = None
 
 
 class ResidentModels:
@@ -153,7 +167,7 @@ class ResidentModels:
         slot = _Slot(model)
         budget = self.budget_bytes
         if budget is not None and self.used_bytes + self.held_bytes() + slot.memory_bytes > budget:
-            slot.session = None
+            slot.unload()
             logger.info("model %s stays on disk: the memory budget is full", model.card.id)
         self._slots[model.descriptor.id] = slot
 
@@ -172,7 +186,9 @@ class ResidentModels:
         slot.last_used = next(self._tick)
         held = slot.held
         if held is None or held.session is not session:
-            held = slot.held = LoadedModel(slot.descriptor, session, slot.card, slot.mixes_rows)
+            held = slot.held = LoadedModel(
+                slot.descriptor, session, slot.card, slot.mixes_rows, slot.wide
+            )
         return held
 
     def release(self, model_id: str) -> None:
@@ -205,7 +221,7 @@ class ResidentModels:
                 raise JobError(
                     ErrorCode.INTERNAL, f"model {slot.descriptor.id} failed to load: {error}"
                 ) from None
-            slot.session = model.session
+            slot.session, slot.wide = model.session, model.wide
             self.loads += 1
             self.loads_by_model[slot.descriptor.id] += 1
             logger.info(
@@ -252,7 +268,7 @@ class ResidentModels:
                 f"{' and '.join(holders) or 'nothing'}; try again shortly",
             )
         for victim in victims:
-            victim.session = None
+            victim.unload()
             self.unloads += 1
             self.unloads_by_model[victim.descriptor.id] += 1
             logger.info("unloaded model %s (least recently used)", victim.descriptor.id)

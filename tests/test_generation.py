@@ -4,8 +4,10 @@ sampling with a seed, the limits, and the cache memory after each way a session 
 
 from __future__ import annotations
 
+import gc
 import shutil
 import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -21,7 +23,7 @@ from tiny_decoder import EOS, HEAD_DIM, HEADS, LAYERS, MODEL_ID, tiny_tokenizer
 from p2p_node import _generation as generation_module
 from p2p_node._config import ExecutorConfig
 from p2p_node._decoder import Sampling, choose_token
-from p2p_node._executor import Executor
+from p2p_node._executor import Executor, load_model
 from p2p_node._generation import FRAME_TOKENS, Generations
 from p2p_node._repository import bundled_models_dir, read_repository
 from scheduler import ErrorCode, JobError
@@ -158,6 +160,94 @@ async def test_sessions_that_start_together_step_together_from_their_first_step(
     assert engine.steps == max_new - 1  # the prefill made each one's first token
     assert engine.batched_rows == len(PROMPTS) * engine.steps
     assert (engine.rebuilds, engine.narrowed) == (1, 0)
+
+
+async def test_steps_of_many_rows_run_wide_and_give_the_tokens_of_one_thread(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With two worker slots, a generator has a wide session too (both slots'
+    threads), and a step of WIDE_STEP_ROWS rows or more, with no other run going,
+    runs on it: the same tokens as on one thread, and as a plain decode loop."""
+    monkeypatch.setattr(generation_module, "WIDE_STEP_ROWS", 2)
+    max_new = 12
+    with trio.fail_after(60):
+        async with generations(tiny_models, workers=1, max_new_tokens=max_new) as narrow:
+            expected = await narrow.complete(MODEL_ID, PROMPTS)
+            assert narrow.engine(MODEL_ID).wide_steps == 0  # one slot: no wide session
+        async with generations(tiny_models, workers=2, max_new_tokens=max_new) as service:
+            got = await service.complete(MODEL_ID, PROMPTS)
+            engine = service.engine(MODEL_ID)
+    assert got == expected
+    decode = tiny_tokenizer().decode
+    assert [text for text, _ in got] == [
+        decode(reference_tokens(tiny_models / MODEL_ID, p, max_new)) for p in PROMPTS
+    ]
+    assert engine.wide_steps > 0
+
+
+def test_only_a_batching_generator_on_several_worker_slots_gets_a_wide_session(
+    tiny_models: Path,
+) -> None:
+    (card,) = read_repository(tiny_models)
+    loaded = load_model(card, ExecutorConfig(workers=2, intra_op_threads=2))
+    assert loaded.wide is not None
+    assert loaded.wide.get_session_options().intra_op_num_threads == 4
+    assert loaded.session.get_session_options().intra_op_num_threads == 2
+    assert loaded.memory_bytes == 2 * card.memory_bytes  # two of the model, in the budget
+    too_small = 1.5 * card.memory_bytes / (1 << 20)  # room for one of it, not two
+    for config in (
+        ExecutorConfig(workers=1),
+        ExecutorConfig(batch_decode=False),
+        ExecutorConfig(model_memory_mb=too_small),
+    ):
+        assert load_model(card, config).wide is None
+    (digits,) = read_repository(bundled_models_dir(), frozenset({"digits-mlp"}))
+    assert load_model(digits, ExecutorConfig(workers=2)).wide is None  # no generator
+
+
+async def test_a_wide_session_unloads_and_loads_again_with_its_model(tiny_models: Path) -> None:
+    (card,) = read_repository(tiny_models)
+    budget = 2.5 * card.memory_bytes / (1 << 20)
+    executor = Executor.from_cards([card], ExecutorConfig(workers=2, model_memory_mb=budget))
+    models = executor.models
+    assert models.used_bytes == 2 * card.memory_bytes
+    held = models.hold(MODEL_ID)
+    assert held is not None and held.wide is not None
+    wide = weakref.ref(held.wide)
+    models.release(MODEL_ID)
+    del held
+    models.make_room(models.budget_bytes or 0, "a test")  # unloads it, both sessions
+    assert (models.is_loaded(MODEL_ID), models.used_bytes) == (False, 0)
+    gc.collect()
+    assert wide() is None  # its memory is freed
+    with trio.fail_after(30):
+        async with models.use(MODEL_ID) as loaded:
+            assert loaded.wide is not None
+    assert models.used_bytes == 2 * card.memory_bytes
+
+
+async def test_a_step_runs_wide_only_while_no_other_run_holds_a_worker_slot(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(generation_module, "WIDE_STEP_ROWS", 2)
+    config = ExecutorConfig(workers=2, max_new_tokens=12)
+    cards = read_repository(tiny_models)
+    executor = Executor.from_cards(cards, config)
+    service = Generations(executor, cards, config)
+    busy = object()  # a job's run, holding one of the two slots
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.run)
+            engine = service.engine(MODEL_ID)
+            executor.limiter.acquire_on_behalf_of_nowait(busy)
+            held = await service.complete(MODEL_ID, PROMPTS)
+            assert (engine.wide_steps, executor.limiter.borrowed_tokens) == (0, 1)
+            executor.limiter.release_on_behalf_of(busy)
+            free = await service.complete(MODEL_ID, PROMPTS)
+            assert engine.wide_steps > 0
+            assert executor.limiter.borrowed_tokens == 0  # every slot a wide step took is back
+            nursery.cancel_scope.cancel()
+    assert held == free
 
 
 async def test_sessions_prefilled_together_that_arrive_slowly_still_step_together(
