@@ -57,8 +57,9 @@ class ExecutorConfig:
     one session at a time (for comparison). With more than one worker, a
     generator also loads a second session with the threads of every worker
     (workers x intra_op_threads), counted in `model_memory_mb` (not made where
-    two of the model do not fit), for the steps of 8 rows or more that start
-    while no other run holds a worker.
+    two of the model do not fit), for the decode steps of 8 rows or more and
+    the prefill runs of 64 tokens or more that start while no other run holds
+    a worker.
     """
 
     workers: int = 2

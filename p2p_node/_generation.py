@@ -17,10 +17,11 @@ whose client has not taken its last tokens sits out of the batches until it
 does; one idle for `session_idle_s` ends. Leaving the session's context (the
 client hung up, the deadline passed) frees its cache at once.
 
-A step of many rows (`WIDE_STEP_ROWS`) that starts while no other run holds a
-worker slot runs on the model's wide session (`LoadedModel.wide`), with the
-threads of every slot, which it takes for the step: its products are large
-enough to share between cores, where a step of one row's are not.
+A step of many rows (`WIDE_STEP_ROWS`), or a prefill run of many tokens
+(`WIDE_PREFILL_TOKENS`), that starts while no other run holds a worker slot
+runs on the model's wide session (`LoadedModel.wide`), with the threads of
+every slot, which it takes for the run: its products are large enough to share
+between cores, where a step of one row's are not.
 
 Each session samples with its own seeded generator (see `_decoder.choose_token`).
 """
@@ -63,6 +64,7 @@ IDLE_INLINE_FACTOR = 4  # a prefill inline on an idle engine: up to this x inlin
 STEP_INLINE_FACTOR = 4  # a decode step inline: up to this x inline_below_ms (see _Engine._step)
 JOIN_WAIT_S = 0.005  # the most the batch waits for sessions about to join it (_Engine.run)
 WIDE_STEP_ROWS = 8  # a decode step of this many rows may run wide (_Engine._take_wide)
+WIDE_PREFILL_TOKENS = 64  # and a prefill run of this many tokens (rows x longest prompt)
 
 Array = np.ndarray[Any, Any]
 
@@ -344,6 +346,7 @@ class _Engine:
         self.narrowed = 0  # steps that took some rows of the last step's caches
         self.inline_steps = 0  # steps run on the event loop's thread
         self.wide_steps = 0  # steps run with every worker slot's threads (_take_wide)
+        self.wide_prefills = 0  # prefill runs so
         self.run_ms = 0.0  # in onnxruntime's runs, prefills and steps (bench.text --parts engine)
 
     def wake(self) -> None:
@@ -458,18 +461,19 @@ class _Engine:
         inline = self._step_ms.get(len(batch), math.inf) < limit and all(
             s.first_sent for s in self.sessions
         )
-        wide = self._take_wide(batch, inline)
+        wide = next((s.wide for s in batch if s.wide is not None), None)
+        session, slots = self._take_wide(
+            session, wide if len(batch) >= WIDE_STEP_ROWS else None, inline
+        )
+        self.wide_steps += slots is not None
         try:
-            logits, presents = await self.compute(
-                session if wide is None else wide[0], feeds, inline
-            )
+            logits, presents = await self.compute(session, feeds, inline)
         except JobError as error:
             for s in batch:
                 s.fail(error)
             return
         finally:
-            for slot in () if wide is None else wide[1]:
-                self._limiter.release_on_behalf_of(slot)
+            self._give_back(slots)
         self.steps += 1
         self.batched_rows += len(batch)
         names = past_names(layout.layers)
@@ -488,29 +492,36 @@ class _Engine:
                 s.take(s.choose(last[row]))
 
     def _take_wide(
-        self, batch: list[_Session], inline: bool
-    ) -> tuple[ort.InferenceSession, list[object]] | None:
-        """For a step of WIDE_STEP_ROWS rows or more, whose model has a wide session
-        (`LoadedModel.wide`, with the threads of every worker slot): that session,
-        and every worker slot but the one a step in a worker thread takes itself
-        (`_timed`), if all are free now; else None, and the step runs as any
-        other. Only when no other run is going: none waits for the step, nor the
-        step for one, and no run starts while it uses every slot's threads."""
+        self, session: ort.InferenceSession, wide: ort.InferenceSession | None, inline: bool
+    ) -> tuple[ort.InferenceSession, list[object] | None]:
+        """The session a run goes on, and the worker slots it took for it (None: none).
+        `wide` (the model's wide session, `LoadedModel.wide`, with the threads of
+        every worker slot; None for a run too small for it) if every slot is free
+        now: it then takes all of them but the one a run in a worker thread takes
+        itself (`_timed`). Else `session`. Only when no other run is going: none
+        waits for this one, nor it for one, and none starts while it uses every
+        slot's threads."""
         limiter = self._limiter
-        if len(batch) < WIDE_STEP_ROWS or limiter.available_tokens < limiter.total_tokens:
-            return None
-        wide = next((s.wide for s in batch if s.wide is not None), None)
-        if wide is None:
-            return None
+        if wide is None or limiter.available_tokens < limiter.total_tokens:
+            return session, None
         slots = [object() for _ in range(int(limiter.total_tokens) - (not inline))]
         for slot in slots:
             limiter.acquire_on_behalf_of_nowait(slot)
-        self.wide_steps += 1
         return wide, slots
 
-    async def prefill(self, session: ort.InferenceSession, prompt: list[int]) -> Step:
+    def _give_back(self, slots: list[object] | None) -> None:
+        for slot in slots or ():
+            self._limiter.release_on_behalf_of(slot)
+
+    async def prefill(
+        self,
+        session: ort.InferenceSession,
+        prompt: list[int],
+        wide: ort.InferenceSession | None = None,
+    ) -> Step:
         """The logits and presents of `prompt`'s prefill ([1, ...] each, the presents
-        `len(prompt)` long).
+        `len(prompt)` long), run on `session`, or on `wide` (the model's wide
+        session) when the run has WIDE_PREFILL_TOKENS or more and `_take_wide` can.
 
         One prefill runs at a time. The prompts that come meanwhile wait, and
         the first of them to run takes all the others waiting into one run, left-
@@ -524,7 +535,7 @@ class _Engine:
                     tickets, self._prefills = self._prefills, []
                     # Shielded: the prompts of others ride on this run (it is short).
                     with trio.CancelScope(shield=True):
-                        await self._run_prefills(session, tickets)
+                        await self._run_prefills(session, tickets, wide)
         finally:
             if ticket in self._prefills:  # cancelled while it waited
                 self._prefills.remove(ticket)
@@ -533,7 +544,12 @@ class _Engine:
         assert ticket.out is not None
         return ticket.out
 
-    async def _run_prefills(self, session: ort.InferenceSession, tickets: list[_Prefill]) -> None:
+    async def _run_prefills(
+        self,
+        session: ort.InferenceSession,
+        tickets: list[_Prefill],
+        wide: ort.InferenceSession | None,
+    ) -> None:
         """Prefill `tickets`' prompts in one run. It runs on the event loop's thread
         when it is small, and, while no other session runs, when it is up to
         IDLE_INLINE_FACTOR times that: then nothing waits for the loop but this
@@ -544,12 +560,19 @@ class _Engine:
         tokens = len(tickets) * longest
         estimate = self._prefill_ms_per_token * tokens
         limit = self._inline_below_ms * (1 if self.sessions else IDLE_INLINE_FACTOR)
+        inline = estimate < limit
+        session, slots = self._take_wide(
+            session, wide if tokens >= WIDE_PREFILL_TOKENS else None, inline
+        )
+        self.wide_prefills += slots is not None
         try:
-            (logits, presents), took = await self._timed(session, feeds, estimate < limit)
+            (logits, presents), took = await self._timed(session, feeds, inline)
         except JobError as error:
             for ticket in tickets:
                 ticket.error = error
             return
+        finally:
+            self._give_back(slots)
         self._prefill_ms_per_token = took / tokens
         self.prefill_runs += 1
         self._arriving += len(tickets)  # each ticket's task adds its session
@@ -935,7 +958,7 @@ class Generations:
         layout = s.generator.layout
         try:
             logits, presents = await self._engines[s.generator.model_id].prefill(
-                s.session, s.prompt
+                s.session, s.prompt, s.wide
             )
         except JobError as error:
             s.fail(error)

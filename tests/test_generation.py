@@ -162,18 +162,21 @@ async def test_sessions_that_start_together_step_together_from_their_first_step(
     assert (engine.rebuilds, engine.narrowed) == (1, 0)
 
 
-async def test_steps_of_many_rows_run_wide_and_give_the_tokens_of_one_thread(
+async def test_runs_of_many_rows_go_wide_and_give_the_tokens_of_one_thread(
     tiny_models: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With two worker slots, a generator has a wide session too (both slots'
-    threads), and a step of WIDE_STEP_ROWS rows or more, with no other run going,
-    runs on it: the same tokens as on one thread, and as a plain decode loop."""
+    threads), and a step of WIDE_STEP_ROWS rows or more, or a prefill run of
+    WIDE_PREFILL_TOKENS, with no other run going, runs on it: the same tokens as
+    on one thread, and as a plain decode loop."""
     monkeypatch.setattr(generation_module, "WIDE_STEP_ROWS", 2)
+    monkeypatch.setattr(generation_module, "WIDE_PREFILL_TOKENS", 2)
     max_new = 12
     with trio.fail_after(60):
         async with generations(tiny_models, workers=1, max_new_tokens=max_new) as narrow:
             expected = await narrow.complete(MODEL_ID, PROMPTS)
-            assert narrow.engine(MODEL_ID).wide_steps == 0  # one slot: no wide session
+            engine = narrow.engine(MODEL_ID)
+            assert engine.wide_steps == engine.wide_prefills == 0  # one slot: no wide session
         async with generations(tiny_models, workers=2, max_new_tokens=max_new) as service:
             got = await service.complete(MODEL_ID, PROMPTS)
             engine = service.engine(MODEL_ID)
@@ -182,7 +185,7 @@ async def test_steps_of_many_rows_run_wide_and_give_the_tokens_of_one_thread(
     assert [text for text, _ in got] == [
         decode(reference_tokens(tiny_models / MODEL_ID, p, max_new)) for p in PROMPTS
     ]
-    assert engine.wide_steps > 0
+    assert engine.wide_steps > 0 and engine.wide_prefills > 0
 
 
 def test_only_a_batching_generator_on_several_worker_slots_gets_a_wide_session(
@@ -226,10 +229,11 @@ async def test_a_wide_session_unloads_and_loads_again_with_its_model(tiny_models
     assert models.used_bytes == 2 * card.memory_bytes
 
 
-async def test_a_step_runs_wide_only_while_no_other_run_holds_a_worker_slot(
+async def test_a_run_goes_wide_only_while_no_other_run_holds_a_worker_slot(
     tiny_models: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(generation_module, "WIDE_STEP_ROWS", 2)
+    monkeypatch.setattr(generation_module, "WIDE_PREFILL_TOKENS", 2)
     config = ExecutorConfig(workers=2, max_new_tokens=12)
     cards = read_repository(tiny_models)
     executor = Executor.from_cards(cards, config)
@@ -241,11 +245,12 @@ async def test_a_step_runs_wide_only_while_no_other_run_holds_a_worker_slot(
             engine = service.engine(MODEL_ID)
             executor.limiter.acquire_on_behalf_of_nowait(busy)
             held = await service.complete(MODEL_ID, PROMPTS)
-            assert (engine.wide_steps, executor.limiter.borrowed_tokens) == (0, 1)
+            assert (engine.wide_steps, engine.wide_prefills) == (0, 0)
+            assert executor.limiter.borrowed_tokens == 1
             executor.limiter.release_on_behalf_of(busy)
             free = await service.complete(MODEL_ID, PROMPTS)
-            assert engine.wide_steps > 0
-            assert executor.limiter.borrowed_tokens == 0  # every slot a wide step took is back
+            assert engine.wide_steps > 0 and engine.wide_prefills > 0
+            assert executor.limiter.borrowed_tokens == 0  # every slot a wide run took is back
             nursery.cancel_scope.cancel()
     assert held == free
 
