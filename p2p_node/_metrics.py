@@ -398,13 +398,20 @@ def _generation_families(node: Node) -> Iterator[Metric]:
         "Rows of those steps, a token each: rows / steps is the mean batch",
         labels=["model"],
     )
+    wide = CounterMetricFamily(
+        "p2p_node_decode_wide_steps",
+        "Of those steps, the ones run with every worker slot's threads (8 rows or more)",
+        labels=["model"],
+    )
     for model_id in generations.model_ids:
         engine = generations.engine(model_id)
         label = [node.metrics.model(model_id)]
         steps.add_metric(label, engine.steps)
         rows.add_metric(label, engine.batched_rows)
+        wide.add_metric(label, engine.wide_steps)
     yield steps
     yield rows
+    yield wide
 
 
 def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:

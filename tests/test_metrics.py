@@ -342,6 +342,7 @@ async def test_generations_are_counted_by_outcome_with_their_cache_and_decode_st
     steps = summary.tokens - 1 + (summary.finish == "eos")
     assert value(ended, "p2p_node_decode_steps_total", model=TINY) == steps
     assert value(ended, "p2p_node_decode_rows_total", model=TINY) == steps
+    assert value(ended, "p2p_node_decode_wide_steps_total", model=TINY) == 0  # of one row
     generations = "p2p_node_generations_total"
     assert value(ended, generations, outcome="started") == 1
     assert value(ended, generations, outcome="finished") == 1
