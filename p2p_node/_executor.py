@@ -150,11 +150,12 @@ def load_model(card: ModelCard, config: ExecutorConfig) -> LoadedModel:
 def _wide_session(card: ModelCard, config: ExecutorConfig) -> ort.InferenceSession | None:
     """For a text generator that batches its decode steps on the CPU: a second session
     of it whose runs use the threads of every worker slot (`workers` x
-    `intra_op_threads`), for the steps of many rows (`_generation.WIDE_STEP_ROWS`).
-    A step of 16 rows has products large enough to share between cores, where a
-    step of one row does not: on 2 cores, 16 sessions made 30-60% more tokens/s
-    (bench.text). None where it would not pay, or where two of the model would
-    not fit the memory budget (the second counts in it: `LoadedModel.memory_bytes`)."""
+    `intra_op_threads`), for the steps of many rows and the prefills of many
+    tokens (`_generation.WIDE_STEP_ROWS`, `WIDE_PREFILL_TOKENS`). A step of 16
+    rows has products large enough to share between cores, where a step of one
+    row does not (bench.text: see docs/design.md). None where it would not pay,
+    or where two of the model would not fit the memory budget (the second
+    counts in it: `LoadedModel.memory_bytes`)."""
     threads = config.workers * config.intra_op_threads
     if threads == config.intra_op_threads or not config.batch_decode:
         return None

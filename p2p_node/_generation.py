@@ -130,7 +130,7 @@ class _Session:
         self.first_sent = False
         self.join_by = math.inf  # how long its engine may wait for it to join (`_Engine.run`)
         self.session: ort.InferenceSession | None = None
-        self.wide: ort.InferenceSession | None = None  # for wide steps (_Engine._take_wide)
+        self.wide: ort.InferenceSession | None = None  # for wide runs (_Engine._take_wide)
         self.waiting_since = trio.current_time()  # the oldest untaken piece's wait began
 
     @property
@@ -346,7 +346,7 @@ class _Engine:
         self.narrowed = 0  # steps that took some rows of the last step's caches
         self.inline_steps = 0  # steps run on the event loop's thread
         self.wide_steps = 0  # steps run with every worker slot's threads (_take_wide)
-        self.wide_prefills = 0  # prefill runs so
+        self.wide_prefills = 0  # prefill runs run so
         self.run_ms = 0.0  # in onnxruntime's runs, prefills and steps (bench.text --parts engine)
 
     def wake(self) -> None:

@@ -42,9 +42,9 @@ class LoadedModel:
     session: ort.InferenceSession
     card: ModelCard
     mixes_rows: bool = False  # a row's result depends on the others in its run
-    # A text generator's second session, for decode steps of many rows: with the
-    # threads of every worker slot (`_executor._wide_session`), loaded and unloaded
-    # with the first, and counted in the memory budget as a second copy.
+    # A text generator's second session, for decode steps of many rows and prefills
+    # of many tokens: with the threads of every worker slot (`_executor._wide_session`),
+    # loaded and unloaded with the first, and counted in the memory budget as a copy.
     wide: ort.InferenceSession | None = None
 
     @property
