@@ -255,15 +255,13 @@ def node_families(node: Node, rpc_traffic: Traffic, server_traffic: Traffic) -> 
         "Requests from peers and clients being answered now, on every protocol",
         node.in_flight,
     )
-    requests = CounterMetricFamily(
+    yield _counters(
         "p2p_node_executor_requests",
         "Requests this node's executor admitted, and how those it finished ended "
         "(completed, failed, cancelled_waiting, cancelled_running)",
-        labels=["outcome"],
+        "outcome",
+        dataclasses.asdict(executor.counters),
     )
-    for field in dataclasses.fields(executor.counters):
-        requests.add_metric([field.name], getattr(executor.counters, field.name))
-    yield requests
     yield _counter(
         "p2p_node_executor_runs",
         "onnxruntime runs of the executor's requests (one in parts counts once): fewer "
@@ -309,12 +307,12 @@ def node_families(node: Node, rpc_traffic: Traffic, server_traffic: Traffic) -> 
         "Peers' records that passed validation, by GossipSub or a sync",
         gossip.received,
     )
-    rejected = CounterMetricFamily(
-        "p2p_node_records_rejected", "Peers' records refused, by reason", labels=["reason"]
+    yield _counters(
+        "p2p_node_records_rejected",
+        "Peers' records refused, by reason",
+        "reason",
+        {reason.value: gossip.rejects.get(reason, 0) for reason in Rejection},
     )
-    for reason in Rejection:
-        rejected.add_metric([reason.value], gossip.rejects.get(reason, 0))
-    yield rejected
 
     counts = node.orchestrator.counts
     for name, help_text, by_model in (
@@ -379,39 +377,44 @@ def _generation_families(node: Node) -> Iterator[Metric]:
         "KV cache memory the running generations hold (counted in --model-memory-mb)",
         generations.cache_bytes,
     )
-    outcomes = CounterMetricFamily(
+    outcomes = ("started", "refused", "finished", "failed", "cancelled")
+    yield _counters(
         "p2p_node_generations",
         "Generations this node ran: started, refused at the start (sessions or memory "
         "full), and how those that ended did (finished, failed, cancelled: a hang-up)",
-        labels=["outcome"],
+        "outcome",
+        {outcome: getattr(generations, outcome) for outcome in outcomes},
     )
-    for outcome in ("started", "refused", "finished", "failed", "cancelled"):
-        outcomes.add_metric([outcome], getattr(generations, outcome))
-    yield outcomes
-    steps = CounterMetricFamily(
-        "p2p_node_decode_steps",
-        "Decode steps run, each one onnxruntime run for every session of its batch",
-        labels=["model"],
-    )
-    rows = CounterMetricFamily(
-        "p2p_node_decode_rows",
-        "Rows of those steps, a token each: rows / steps is the mean batch",
-        labels=["model"],
-    )
-    wide = CounterMetricFamily(
-        "p2p_node_decode_wide_steps",
-        "Of those steps, the ones run with every worker slot's threads (8 rows or more)",
-        labels=["model"],
-    )
-    for model_id in generations.model_ids:
-        engine = generations.engine(model_id)
-        label = [node.metrics.model(model_id)]
-        steps.add_metric(label, engine.steps)
-        rows.add_metric(label, engine.batched_rows)
-        wide.add_metric(label, engine.wide_steps)
-    yield steps
-    yield rows
-    yield wide
+    engines = {node.metrics.model(m): generations.engine(m) for m in generations.model_ids}
+    for name, help_text, count in (
+        (
+            "p2p_node_decode_steps",
+            "Decode steps run, each one onnxruntime run for every session of its batch",
+            "steps",
+        ),
+        (
+            "p2p_node_decode_rows",
+            "Rows of those steps, a token each: rows / steps is the mean batch",
+            "batched_rows",
+        ),
+        (
+            "p2p_node_decode_wide_steps",
+            "Of those steps, the ones run with every worker slot's threads (8 rows or more)",
+            "wide_steps",
+        ),
+    ):
+        by_model = {label: getattr(engine, count) for label, engine in engines.items()}
+        yield _counters(name, help_text, "model", by_model)
+
+
+def _counters(
+    name: str, help_text: str, label: str, values: Mapping[str, float]
+) -> CounterMetricFamily:
+    """A counter family of one label: a sample per value of it."""
+    family = CounterMetricFamily(name, help_text, labels=[label])
+    for value, count in values.items():
+        family.add_metric([value], count)
+    return family
 
 
 def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
