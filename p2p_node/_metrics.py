@@ -385,7 +385,7 @@ def _generation_families(node: Node) -> Iterator[Metric]:
         "outcome",
         {outcome: getattr(generations, outcome) for outcome in outcomes},
     )
-    engines = {node.metrics.model(m): generations.engine(m) for m in generations.model_ids}
+    engines = {model_id: generations.engine(model_id) for model_id in generations.model_ids}
     for name, help_text, count in (
         (
             "p2p_node_decode_steps",
@@ -403,8 +403,8 @@ def _generation_families(node: Node) -> Iterator[Metric]:
             "wide_steps",
         ),
     ):
-        by_model = {label: getattr(engine, count) for label, engine in engines.items()}
-        yield _counters(name, help_text, "model", by_model)
+        by_model = {model_id: getattr(engine, count) for model_id, engine in engines.items()}
+        yield _counters(name, help_text, "model", node.metrics.by_model(by_model))
 
 
 def _counters(
