@@ -156,8 +156,7 @@ def _wide_session(card: ModelCard, config: ExecutorConfig) -> ort.InferenceSessi
     row does not (bench.text: see docs/design.md). None where it would not pay,
     or where two of the model would not fit the memory budget (the second
     counts in it: `LoadedModel.memory_bytes`)."""
-    threads = config.workers * config.intra_op_threads
-    if threads == config.intra_op_threads or not config.batch_decode:
+    if config.workers == 1 or not config.batch_decode:
         return None
     if choose_providers(ort.get_available_providers(), config.use_gpu)[0] != CPU_PROVIDER:
         return None
@@ -167,7 +166,23 @@ def _wide_session(card: ModelCard, config: ExecutorConfig) -> ort.InferenceSessi
     table = read_text_table(card)
     if table is None or table.get("postprocess") != "generate":
         return None
+    threads = config.workers * config.intra_op_threads
     return shared_session(card, replace(config, intra_op_threads=threads))
+
+
+def take_free_slots(limiter: trio.CapacityLimiter, count: int) -> list[object]:
+    """`count` of `limiter`'s slots, taken now: the caller knows they are free (a
+    run that takes the idle workers' slots for more threads or parts). Each is
+    an object of its own, for `give_back`."""
+    slots = [object() for _ in range(count)]
+    for slot in slots:
+        limiter.acquire_on_behalf_of_nowait(slot)
+    return slots
+
+
+def give_back(limiter: trio.CapacityLimiter, slots: Iterable[object]) -> None:
+    for slot in slots:
+        limiter.release_on_behalf_of(slot)
 
 
 def _spec(card: ModelCard, node: Any) -> TensorSpec:
@@ -657,17 +672,13 @@ class Executor:
         if request.key is None or cost is None or cost.estimate(request.size) < SPLIT_ABOVE_MS:
             return []
         count = min(int(self._limiter.available_tokens), request.rows // SPLIT_MIN_ROWS - 1)
-        spare = [object() for _ in range(max(0, count))]
-        for slot in spare:
-            self._limiter.acquire_on_behalf_of_nowait(slot)
-        return spare
+        return take_free_slots(self._limiter, max(0, count))
 
     def _finish(self, lane: Lane, batch: Batch, result: BatchResult) -> None:
         """Answer the requests still in `batch`; free its worker slots."""
         if batch.slot is not None:
             self._limiter.release_on_behalf_of(batch.slot)
-        for slot in batch.spare:
-            self._limiter.release_on_behalf_of(slot)
+        give_back(self._limiter, batch.spare)
         self.split += result.parts
         for compute_ms, size in result.runs:
             cost = self._costs.get(lane.model_id)

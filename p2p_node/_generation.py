@@ -52,7 +52,7 @@ from ._decoder import (
     choose_token,
     load_text_generator,
 )
-from ._executor import Executor
+from ._executor import Executor, give_back, take_free_slots
 from ._repository import ModelCard
 
 logger = logging.getLogger(__name__)
@@ -465,7 +465,7 @@ class _Engine:
         session, slots = self._take_wide(
             session, wide if len(batch) >= WIDE_STEP_ROWS else None, inline
         )
-        self.wide_steps += slots is not None
+        self.wide_steps += bool(slots)
         try:
             logits, presents = await self.compute(session, feeds, inline)
         except JobError as error:
@@ -473,7 +473,7 @@ class _Engine:
                 s.fail(error)
             return
         finally:
-            self._give_back(slots)
+            give_back(self._limiter, slots)
         self.steps += 1
         self.batched_rows += len(batch)
         names = past_names(layout.layers)
@@ -493,25 +493,18 @@ class _Engine:
 
     def _take_wide(
         self, session: ort.InferenceSession, wide: ort.InferenceSession | None, inline: bool
-    ) -> tuple[ort.InferenceSession, list[object] | None]:
-        """The session a run goes on, and the worker slots it took for it (None: none).
+    ) -> tuple[ort.InferenceSession, list[object]]:
+        """The session a run goes on, and the worker slots it took for it (`give_back`).
         `wide` (the model's wide session, `LoadedModel.wide`, with the threads of
         every worker slot; None for a run too small for it) if every slot is free
         now: it then takes all of them but the one a run in a worker thread takes
-        itself (`_timed`). Else `session`. Only when no other run is going: none
-        waits for this one, nor it for one, and none starts while it uses every
-        slot's threads."""
+        itself (`_timed`). Else `session`, and no slot. Only when no other run is
+        going: none waits for this one, nor it for one, and none starts while it
+        uses every slot's threads."""
         limiter = self._limiter
         if wide is None or limiter.available_tokens < limiter.total_tokens:
-            return session, None
-        slots = [object() for _ in range(int(limiter.total_tokens) - (not inline))]
-        for slot in slots:
-            limiter.acquire_on_behalf_of_nowait(slot)
-        return wide, slots
-
-    def _give_back(self, slots: list[object] | None) -> None:
-        for slot in slots or ():
-            self._limiter.release_on_behalf_of(slot)
+            return session, []
+        return wide, take_free_slots(limiter, int(limiter.total_tokens) - (not inline))
 
     async def prefill(
         self,
@@ -564,7 +557,7 @@ class _Engine:
         session, slots = self._take_wide(
             session, wide if tokens >= WIDE_PREFILL_TOKENS else None, inline
         )
-        self.wide_prefills += slots is not None
+        self.wide_prefills += bool(slots)
         try:
             (logits, presents), took = await self._timed(session, feeds, inline)
         except JobError as error:
@@ -572,7 +565,7 @@ class _Engine:
                 ticket.error = error
             return
         finally:
-            self._give_back(slots)
+            give_back(self._limiter, slots)
         self._prefill_ms_per_token = took / tokens
         self.prefill_runs += 1
         self._arriving += len(tickets)  # each ticket's task adds its session
