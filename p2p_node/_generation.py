@@ -19,9 +19,12 @@ client hung up, the deadline passed) frees its cache at once.
 
 A step of many rows (`WIDE_STEP_ROWS`), or a prefill run of many tokens
 (`WIDE_PREFILL_TOKENS`), that starts while no other run holds a worker slot
-runs on the model's wide session (`LoadedModel.wide`), with the threads of
-every slot, which it takes for the run: its products are large enough to share
-between cores, where a step of one row's are not.
+may run on the model's wide session (`LoadedModel.wide`), with the threads of
+every slot, which it takes for the run: its products may be large enough to
+share between cores, where a step of one row's are not. Whether they are
+depends on the size and on the machine, so each size class is measured: a run
+of it on each session, one after the other, every WIDE_PROBE_EVERY runs, and
+it goes wide while that was the faster by WIDE_MARGIN (`WideChoice`).
 
 Each session samples with its own seeded generator (see `_decoder.choose_token`).
 """
@@ -65,6 +68,8 @@ STEP_INLINE_FACTOR = 4  # a decode step inline: up to this x inline_below_ms (se
 JOIN_WAIT_S = 0.005  # the most the batch waits for sessions about to join it (_Engine.run)
 WIDE_STEP_ROWS = 8  # a decode step of this many rows may run wide (_Engine._take_wide)
 WIDE_PREFILL_TOKENS = 64  # and a prefill run of this many tokens (rows x longest prompt)
+WIDE_PROBE_EVERY = 32  # runs of one size between two probes of whether wide pays (WideChoice)
+WIDE_MARGIN = 0.9  # a size goes wide when that took at most this x a one-slot run's time
 
 Array = np.ndarray[Any, Any]
 
@@ -345,6 +350,7 @@ class _Engine:
         self.rebuilds = 0  # steps whose batch was built from the sessions' caches
         self.narrowed = 0  # steps that took some rows of the last step's caches
         self.inline_steps = 0  # steps run on the event loop's thread
+        self._wide_choices: dict[tuple[str, int], WideChoice] = {}  # by size class
         self.wide_steps = 0  # steps run with every worker slot's threads (_take_wide)
         self.wide_prefills = 0  # prefill runs run so
         self.run_ms = 0.0  # in onnxruntime's runs, prefills and steps (bench.text --parts engine)
@@ -462,9 +468,8 @@ class _Engine:
             s.first_sent for s in self.sessions
         )
         wide = next((s.wide for s in batch if s.wide is not None), None)
-        session, slots = self._take_wide(
-            session, wide if len(batch) >= WIDE_STEP_ROWS else None, inline
-        )
+        choice = self._wide_choice("step", len(batch), WIDE_STEP_ROWS, wide)
+        session, slots = self._take_wide(session, wide, choice, inline)
         self.wide_steps += bool(slots)
         try:
             logits, presents = await self.compute(session, feeds, inline)
@@ -474,6 +479,8 @@ class _Engine:
             return
         finally:
             give_back(self._limiter, slots)
+        if choice is not None:
+            choice.ran(bool(slots), self._step_ms[len(batch)])
         self.steps += 1
         self.batched_rows += len(batch)
         names = past_names(layout.layers)
@@ -491,19 +498,38 @@ class _Engine:
             else:
                 s.take(s.choose(last[row]))
 
+    def _wide_choice(
+        self, kind: str, size: int, least: int, wide: ort.InferenceSession | None
+    ) -> WideChoice | None:
+        """What tells whether a run of `size` (rows, or tokens) of `kind` goes wide:
+        None when it cannot (no wide session, fewer than `least`, or a worker slot
+        busy now), else its size class's measured choice (powers of two)."""
+        limiter = self._limiter
+        if wide is None or size < least or limiter.available_tokens < limiter.total_tokens:
+            return None
+        key = (kind, size.bit_length())
+        choice = self._wide_choices.get(key)
+        if choice is None:
+            choice = self._wide_choices[key] = WideChoice()
+        return choice
+
     def _take_wide(
-        self, session: ort.InferenceSession, wide: ort.InferenceSession | None, inline: bool
+        self,
+        session: ort.InferenceSession,
+        wide: ort.InferenceSession | None,
+        choice: WideChoice | None,
+        inline: bool,
     ) -> tuple[ort.InferenceSession, list[object]]:
         """The session a run goes on, and the worker slots it took for it (`give_back`).
         `wide` (the model's wide session, `LoadedModel.wide`, with the threads of
-        every worker slot; None for a run too small for it) if every slot is free
-        now: it then takes all of them but the one a run in a worker thread takes
-        itself (`_timed`). Else `session`, and no slot. Only when no other run is
-        going: none waits for this one, nor it for one, and none starts while it
-        uses every slot's threads."""
-        limiter = self._limiter
-        if wide is None or limiter.available_tokens < limiter.total_tokens:
+        every worker slot) where `choice` (`_wide_choice`: every slot free now)
+        says so: it then takes all of them but the one a run in a worker thread
+        takes itself (`_timed`). Else `session`, and no slot. Only when no other
+        run is going: none waits for this one, nor it for one, and none starts
+        while it uses every slot's threads."""
+        if wide is None or choice is None or not choice.wide():
             return session, []
+        limiter = self._limiter
         return wide, take_free_slots(limiter, int(limiter.total_tokens) - (not inline))
 
     async def prefill(
@@ -554,9 +580,8 @@ class _Engine:
         estimate = self._prefill_ms_per_token * tokens
         limit = self._inline_below_ms * (1 if self.sessions else IDLE_INLINE_FACTOR)
         inline = estimate < limit
-        session, slots = self._take_wide(
-            session, wide if tokens >= WIDE_PREFILL_TOKENS else None, inline
-        )
+        choice = self._wide_choice("prefill", tokens, WIDE_PREFILL_TOKENS, wide)
+        session, slots = self._take_wide(session, wide, choice, inline)
         self.wide_prefills += bool(slots)
         try:
             (logits, presents), took = await self._timed(session, feeds, inline)
@@ -566,6 +591,8 @@ class _Engine:
             return
         finally:
             give_back(self._limiter, slots)
+        if choice is not None:
+            choice.ran(bool(slots), took / tokens)  # (per token: the pair's sizes differ)
         self._prefill_ms_per_token = took / tokens
         self.prefill_runs += 1
         self._arriving += len(tickets)  # each ticket's task adds its session
@@ -606,6 +633,51 @@ class _Engine:
 
 
 Step = tuple[Array, list[Array]]
+
+
+class WideChoice:
+    """Whether the runs of one size class go on the wide session: measured, since
+    whether more threads pay depends on the run's size and on the machine. On
+    one 2-core VM, a step of 16 rows took 0.72 to 0.81 of one thread's time on
+    two threads one day, and 0.97 to 1.14 another (docs/design.md).
+
+    Every WIDE_PROBE_EVERY runs, a probe: the next two runs go one wide and one
+    not, one after the other (their sizes all but the same), and the ratio of
+    their times moves the class's ratio halfway to it. Between probes, runs go
+    wide while that ratio is at most WIDE_MARGIN: a wide run keeps every core
+    busy, so a tie goes to the one slot. The first runs of a class are a probe,
+    wide first."""
+
+    __slots__ = ("_half", "_left", "ratio")
+
+    def __init__(self) -> None:
+        self.ratio: float | None = None  # wide's time / one slot's, a running mean
+        self._left = 0  # runs until the next probe
+        self._half: tuple[bool, float] | None = None  # a probe's first run: (wide, ms)
+
+    def wide(self) -> bool:
+        """Whether the next run goes wide."""
+        if self._half is not None:
+            return not self._half[0]  # the probe's other run
+        if self._left <= 0:
+            return True
+        return self.ratio is not None and self.ratio <= WIDE_MARGIN
+
+    def ran(self, wide: bool, ms: float) -> None:
+        """A run of this class went wide (or not) and took `ms` (per unit of its size,
+        where the runs of a class differ much in size)."""
+        half = self._half
+        if half is None and self._left > 0:
+            self._left -= 1
+            return
+        if half is None or half[0] == wide:  # a probe starts (or starts again)
+            self._half = (wide, ms)
+            return
+        self._half = None
+        wide_ms, narrow_ms = (ms, half[1]) if wide else (half[1], ms)
+        ratio = wide_ms / max(narrow_ms, 1e-9)
+        self.ratio = ratio if self.ratio is None else (self.ratio + ratio) / 2
+        self._left = WIDE_PROBE_EVERY
 
 
 @dataclass(slots=True, eq=False)

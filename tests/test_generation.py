@@ -188,6 +188,43 @@ async def test_runs_of_many_rows_go_wide_and_give_the_tokens_of_one_thread(
     assert engine.wide_steps > 0 and engine.wide_prefills > 0
 
 
+def test_a_size_goes_wide_while_its_probes_find_wide_the_faster_by_the_margin() -> None:
+    """The first two runs of a size class are a probe, one each way; the runs
+    after it go as it found, until the next probe WIDE_PROBE_EVERY runs later,
+    which can turn the choice; a tie goes to the one slot."""
+    every = generation_module.WIDE_PROBE_EVERY
+    choice = generation_module.WideChoice()
+
+    def run(ms_wide: float, ms_narrow: float) -> bool:
+        wide = choice.wide()
+        choice.ran(wide, ms_wide if wide else ms_narrow)
+        return wide
+
+    assert [run(1.0, 2.0), run(1.0, 2.0)] == [True, False]  # the probe
+    assert choice.ratio == 0.5
+    assert all(run(1.0, 2.0) for _ in range(every))  # wide the faster
+    assert [run(3.0, 2.0), run(3.0, 2.0)] == [True, False]  # the next probe
+    assert choice.ratio == 1.0  # the mean of its probes: 0.5 and 1.5
+    assert not any(run(3.0, 2.0) for _ in range(every))  # a tie: the one slot
+    assert [run(3.0, 2.0), run(3.0, 2.0)] == [True, False]
+    assert choice.ratio == 1.25
+    assert not any(run(3.0, 2.0) for _ in range(every))
+
+
+def test_a_probe_pairs_two_runs_of_either_way_and_its_first_run_may_be_either() -> None:
+    """A probe's run that could not go as it asked (a slot was busy) starts it
+    again: only a pair of runs one each way is compared."""
+    choice = generation_module.WideChoice()
+    assert choice.wide()
+    choice.ran(False, 2.0)  # asked wide, ran on one slot
+    assert choice.wide()  # the pair's other run
+    choice.ran(False, 2.5)  # again one slot: the probe starts again from this one
+    assert choice.ratio is None and choice.wide()
+    choice.ran(True, 1.0)
+    assert choice.ratio == 1.0 / 2.5
+    assert choice.wide()
+
+
 def test_only_a_batching_generator_on_several_worker_slots_gets_a_wide_session(
     tiny_models: Path,
 ) -> None:
