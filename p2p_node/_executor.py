@@ -92,7 +92,7 @@ def choose_providers(available: Iterable[str], use_gpu: bool) -> list[str]:
 # p2p_node.testing): one per model file, content and session settings, held
 # weakly, so a session lives while some node has it loaded. onnxruntime's `run`
 # is thread-safe. Each node still counts the model's memory in its own budget.
-SessionKey = tuple[str, str, int, tuple[str, ...]]
+SessionKey = tuple[str, str, int, tuple[str, ...], bool]
 _sessions: weakref.WeakValueDictionary[SessionKey, ort.InferenceSession] = (
     weakref.WeakValueDictionary()
 )
@@ -100,10 +100,14 @@ _session_locks: dict[SessionKey, threading.Lock] = {}
 _sessions_lock = threading.Lock()
 
 
-def shared_session(card: ModelCard, config: ExecutorConfig) -> ort.InferenceSession:
-    """The process's session of `card` with `config`'s settings, made if none is held."""
+def shared_session(
+    card: ModelCard, config: ExecutorConfig, *, spinning: bool = True
+) -> ort.InferenceSession:
+    """The process's session of `card` with `config`'s settings, made if none is held.
+    Without `spinning`, its intra-op threads sleep as soon as they run out of work,
+    where onnxruntime's default has them spin for the next (`_wide_session`)."""
     providers = choose_providers(ort.get_available_providers(), config.use_gpu)
-    key = (str(card.onnx_path), card.sha256, config.intra_op_threads, tuple(providers))
+    key = (str(card.onnx_path), card.sha256, config.intra_op_threads, tuple(providers), spinning)
     with _sessions_lock:
         lock = _session_locks.setdefault(key, threading.Lock())
     with lock:  # two nodes loading one model at once make it once
@@ -113,6 +117,8 @@ def shared_session(card: ModelCard, config: ExecutorConfig) -> ort.InferenceSess
             options.intra_op_num_threads = config.intra_op_threads
             options.inter_op_num_threads = 1
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            if not spinning:
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = ort.InferenceSession(str(card.onnx_path), options, providers=providers)
             _sessions[key] = session
         return session
@@ -151,11 +157,16 @@ def _wide_session(card: ModelCard, config: ExecutorConfig) -> ort.InferenceSessi
     """For a text generator that batches its decode steps on the CPU: a second session
     of it whose runs use the threads of every worker slot (`workers` x
     `intra_op_threads`), for the steps of many rows and the prefills of many
-    tokens (`_generation.WIDE_STEP_ROWS`, `WIDE_PREFILL_TOKENS`). A step of 16
-    rows has products large enough to share between cores, where a step of one
-    row does not (bench.text: see docs/design.md). None where it would not pay,
-    or where two of the model would not fit the memory budget (the second
-    counts in it: `LoadedModel.memory_bytes`)."""
+    tokens (`_generation.WIDE_STEP_ROWS`, `WIDE_PREFILL_TOKENS`) whose products
+    may be large enough to share between cores, where a step of one row's are
+    not: each engine measures whether they are (`_generation.WideChoice`). None
+    where it cannot pay, or where two of the model would not fit the memory
+    budget (the second counts in it: `LoadedModel.memory_bytes`).
+
+    Its threads do not spin between runs: with onnxruntime's default, in a node
+    whose steps ran on the one-slot session, the wide session's idle thread
+    spun on a core of its own between its rare runs (0.94 of a core at 16
+    sessions, bench.text)."""
     if config.workers == 1 or not config.batch_decode:
         return None
     if choose_providers(ort.get_available_providers(), config.use_gpu)[0] != CPU_PROVIDER:
@@ -167,7 +178,7 @@ def _wide_session(card: ModelCard, config: ExecutorConfig) -> ort.InferenceSessi
     if table is None or table.get("postprocess") != "generate":
         return None
     threads = config.workers * config.intra_op_threads
-    return shared_session(card, replace(config, intra_op_threads=threads))
+    return shared_session(card, replace(config, intra_op_threads=threads), spinning=False)
 
 
 def take_free_slots(limiter: trio.CapacityLimiter, count: int) -> list[object]:
