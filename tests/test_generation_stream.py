@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from libp2p.peer.id import ID
 from test_cli import p2p_node, running_node
-from test_generation import reference_tokens
+from test_generation import PROMPTS, reference_tokens
 from tiny_decoder import MODEL_ID, tiny_tokenizer, write_tiny_decoder
 
 from p2p_node import Client, NodeConfig
+from p2p_node import _generation as generation_module
 from p2p_node._channel import Channel
 from p2p_node._codec import decode_reply, decode_request, encode
 from p2p_node._framing import Kind, Tagged, TaggedBuffer
@@ -391,6 +393,41 @@ async def test_generations_share_one_kept_stream_and_a_hang_up_ends_only_its_own
                     assert len(kept.tokens) > before  # the other one goes on
             await _wait_for_zero_cache(swarm, 1)
     assert in_flight == 2  # both on the forwarder's one kept stream to the executor
+
+
+async def test_generations_started_together_are_prefilled_together_and_step_together(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's generations started at once go in one write, and so do the ones
+    the forwarding node passes on: the executing node prefills them in one run
+    and steps them all together from the first step. Were the first written
+    alone, it would be prefilled alone and run ahead of the others, its cache
+    longer than theirs in every step after."""
+    monkeypatch.setattr(generation_module, "JOIN_WAIT_S", 60.0)  # (see test_generation)
+    max_new = 12
+    for prompt in PROMPTS:  # none ends before max_new: every step has them all
+        assert len(reference_tokens(tiny_models / MODEL_ID, prompt, max_new)) == max_new
+    base = _base(tiny_models, tmp_path, max_new_tokens=max_new)
+    with trio.fail_after(60):
+        async with open_swarm(2, models=[NOBODY, TINY], base=base) as swarm:
+            await swarm.wait_converged()
+            engine = swarm[1].generations.engine(MODEL_ID)
+            async with Client.connect(swarm[0].addrs[0]) as client:
+                await client.generate_text("warm up", MODEL_ID, max_tokens=2)
+                before = (engine.prefill_runs, engine.steps, engine.batched_rows)
+                generate = partial(client.generate_text, model_id=MODEL_ID, max_tokens=max_new)
+                async with trio.open_nursery() as nursery:
+                    for prompt in PROMPTS:
+                        nursery.start_soon(generate, prompt)
+            await _wait_for_zero_cache(swarm, 1)
+    prefills, steps, rows = (
+        now - then
+        for now, then in zip(
+            (engine.prefill_runs, engine.steps, engine.batched_rows), before, strict=True
+        )
+    )
+    assert (prefills, steps) == (1, max_new - 1)
+    assert rows == len(PROMPTS) * steps
 
 
 async def test_generate_requests_on_a_kept_stream_are_taken_as_they_arrive(
