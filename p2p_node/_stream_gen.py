@@ -460,6 +460,8 @@ class GeneratePipe(KeptPipe[_Exchange]):
             # came, 22 steps ahead of them ever after (their batches padded to its
             # cache): 84 steps where 63 do, and 8% fewer tokens/s (bench.text).
             await trio.lowlevel.checkpoint()
+            if self.failure is not None:  # the stream failed meanwhile
+                raise self.failure
             sent = True
             if len(self._open) == 1:
                 await self._writer.send_now(frame)
