@@ -101,13 +101,19 @@ _sessions_lock = threading.Lock()
 
 
 def shared_session(
-    card: ModelCard, config: ExecutorConfig, *, spinning: bool = True
+    card: ModelCard, config: ExecutorConfig, *, spin_after_runs: bool = True
 ) -> ort.InferenceSession:
     """The process's session of `card` with `config`'s settings, made if none is held.
-    Without `spinning`, its intra-op threads sleep as soon as they run out of work,
-    where onnxruntime's default has them spin for the next (`_wide_session`)."""
+    Without `spin_after_runs`, its intra-op threads sleep once a run ends, where
+    onnxruntime's default has them spin on for the next (`_wide_session`)."""
     providers = choose_providers(ort.get_available_providers(), config.use_gpu)
-    key = (str(card.onnx_path), card.sha256, config.intra_op_threads, tuple(providers), spinning)
+    key = (
+        str(card.onnx_path),
+        card.sha256,
+        config.intra_op_threads,
+        tuple(providers),
+        spin_after_runs,
+    )
     with _sessions_lock:
         lock = _session_locks.setdefault(key, threading.Lock())
     with lock:  # two nodes loading one model at once make it once
@@ -117,8 +123,8 @@ def shared_session(
             options.intra_op_num_threads = config.intra_op_threads
             options.inter_op_num_threads = 1
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            if not spinning:
-                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            if not spin_after_runs:
+                options.add_session_config_entry("session.force_spinning_stop", "1")
             session = ort.InferenceSession(str(card.onnx_path), options, providers=providers)
             _sessions[key] = session
         return session
@@ -163,10 +169,13 @@ def _wide_session(card: ModelCard, config: ExecutorConfig) -> ort.InferenceSessi
     where it cannot pay, or where two of the model would not fit the memory
     budget (the second counts in it: `LoadedModel.memory_bytes`).
 
-    Its threads do not spin between runs: with onnxruntime's default, in a node
-    whose steps ran on the one-slot session, the wide session's idle thread
-    spun on a core of its own between its rare runs (0.94 of a core at 16
-    sessions, bench.text)."""
+    Its threads spin only within a run, and sleep once it ends. With onnxruntime's
+    default they spin on after it, for tens of milliseconds: in a node whose
+    steps ran on the one-slot session, the wide session's idle thread spun on
+    a core of its own between its rare runs (0.94 of a core at 16 sessions,
+    bench.text), and each wide run found it spinning or asleep by chance, which
+    `WideChoice`'s probes then measured. Kept from spinning at all, a wide step
+    woke it for each of its products, and lost to one thread."""
     if config.workers == 1 or not config.batch_decode:
         return None
     if choose_providers(ort.get_available_providers(), config.use_gpu)[0] != CPU_PROVIDER:
@@ -178,7 +187,7 @@ def _wide_session(card: ModelCard, config: ExecutorConfig) -> ort.InferenceSessi
     if table is None or table.get("postprocess") != "generate":
         return None
     threads = config.workers * config.intra_op_threads
-    return shared_session(card, replace(config, intra_op_threads=threads), spinning=False)
+    return shared_session(card, replace(config, intra_op_threads=threads), spin_after_runs=False)
 
 
 def take_free_slots(limiter: trio.CapacityLimiter, count: int) -> list[object]:

@@ -232,8 +232,8 @@ def test_only_a_batching_generator_on_several_worker_slots_gets_a_wide_session(
     loaded = load_model(card, ExecutorConfig(workers=2, intra_op_threads=2))
     assert loaded.wide is not None
     assert loaded.wide.get_session_options().intra_op_num_threads == 4
-    spinning = "session.intra_op.allow_spinning"  # its idle threads sleep
-    assert loaded.wide.get_session_options().get_session_config_entry(spinning) == "0"
+    stop = "session.force_spinning_stop"  # its threads sleep once a run ends
+    assert loaded.wide.get_session_options().get_session_config_entry(stop) == "1"
     assert loaded.session.get_session_options().intra_op_num_threads == 2
     assert loaded.memory_bytes == 2 * card.memory_bytes  # two of the model, in the budget
     too_small = 1.5 * card.memory_bytes / (1 << 20)  # room for one of it, not two
