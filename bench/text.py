@@ -3,11 +3,11 @@
 Usage: python -m bench.text [--quick] [--models DIR] [--embedder ID] [--generator ID]
                             [--batches 1 8 32 128] [--sessions 1 4 16 64] [--tokens 64]
                             [--repeats 3] [--rounds 20]
-                            [--parts embeddings generation latency steps engine]
-                            [--in-process]
+                            [--parts embeddings generation latency steady steps engine]
+                            [--seconds 5] [--beside-jobs 0] [--in-process]
 
-Three parts, and two more on request, each printed as a table (`--quick`: smaller
-sizes, a few minutes):
+Three parts, and three more on request, each printed as a table (`--quick`:
+smaller sizes, a few minutes):
 
 - embeddings: sentences/s of the embedding model (default: the bundled
   minilm-l6-v2) at each batch size, through the node that serves it (local),
@@ -23,6 +23,13 @@ sizes, a few minutes):
   batched to one at a time for onnxruntime alone, called here with no node: what
   batching can gain at most on this machine. Also the time to first token and
   per output token (p50) as the clients see them.
+- steady (`--parts steady`, not run by default): runs of each count of
+  sessions one after another for `--seconds` on one batching node: their mean
+  tokens/s and the node process's CPU in cores over that time (Linux's /proc),
+  where `generation` takes the best of a few runs, which favours code whose
+  runs vary most. With `--beside-jobs K`, a second node on this machine
+  meanwhile serves K one-row JOB_MODEL jobs in flight, and its jobs/s show
+  what the generating node leaves to the machine's other processes.
 - steps (`--parts steps`, not run by default): onnxruntime alone, one decode
   step of 1 to 32 rows with a cache of 8, 64 and 200 positions: ms per row,
   and how much faster 16 rows go together than one at a time. Where the cost
@@ -55,6 +62,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -252,6 +260,106 @@ async def measure_generation(
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Steady:
+    sessions: int
+    tokens_per_s: float
+    node_cores: float  # the node process's CPU time over the wall time
+    jobs_per_s: float | None  # the node beside it, where there is one
+
+
+async def measure_steady(
+    models_dir: Path,
+    model_id: str,
+    sessions: list[int],
+    tokens: int,
+    seconds: float,
+    beside_jobs: int,
+    data: Path,
+) -> list[Steady]:
+    """Per count of sessions: runs of that many sessions, one after another, for
+    `seconds` on one node (batched, a process of its own), and their mean
+    tokens/s with the node's CPU over that time (Linux's /proc), where
+    `generation` takes the best of a few runs. With `beside_jobs`, a second node
+    on this machine meanwhile serves JOB_MODEL with that many one-row jobs in
+    flight, and its jobs/s are the last column: what the generating node leaves
+    to the other processes of its machine."""
+    out = []
+    async with contextlib.AsyncExitStack() as stack:
+        pids: list[int] = []
+        setting = (models_dir, frozenset({model_id}), True, max(sessions), tokens)
+        addr = await stack.enter_async_context(_node_process(*setting, data / "gen", pids=pids))
+        client = await stack.enter_async_context(Client.connect(addr))
+        jobs_client = None
+        if beside_jobs:
+            other = (models_dir, frozenset({JOB_MODEL}), True, 1, tokens, data / "jobs")
+            jobs_addr = await stack.enter_async_context(_node_process(*other))
+            jobs_client = await stack.enter_async_context(Client.connect(jobs_addr))
+        await client.generate_text("warm up", model_id, max_tokens=4)
+        for n in sessions:
+            await _run(client, model_id, n, tokens)  # warm up at this size
+            jobs = (jobs_client, beside_jobs) if jobs_client is not None else None
+            out.append(await _steady(client, model_id, n, tokens, seconds, pids[0], jobs))
+    return out
+
+
+async def _steady(
+    client: Client,
+    model_id: str,
+    n: int,
+    tokens: int,
+    seconds: float,
+    pid: int,
+    jobs: tuple[Client, int] | None,
+) -> Steady:
+    """Runs of `n` sessions for `seconds`, and `jobs` (a client and how many jobs it
+    keeps in flight) meanwhile."""
+    made = done = 0
+    row = {"input": np.zeros((1, 64), np.float32)}
+    started, cpu = time.perf_counter(), _cpu_s(pid)
+    until = started + seconds
+
+    async def generate() -> None:
+        nonlocal made
+        while time.perf_counter() < until:
+            made += (await _run(client, model_id, n, tokens)).tokens
+
+    async def job(jobs_client: Client) -> None:
+        nonlocal done
+        while time.perf_counter() < until:
+            await jobs_client.submit(JOB_MODEL, row)
+            done += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(generate)
+        if jobs is not None:
+            for _ in range(jobs[1]):
+                nursery.start_soon(job, jobs[0])
+    wall = time.perf_counter() - started
+    cores = (_cpu_s(pid) - cpu) / wall
+    return Steady(n, made / wall, cores, done / wall if jobs is not None else None)
+
+
+def _cpu_s(pid: int) -> float:
+    """Process `pid`'s CPU time so far, user and system (Linux's /proc), in s."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def print_steady(args: argparse.Namespace, rows: list[Steady]) -> None:
+    beside = f"; beside it, a node serving {JOB_MODEL} ({args.beside_jobs} jobs in flight)"
+    print(
+        f"\nsteady generation with {args.generator}: runs of n sessions of {args.tokens} "
+        f"greedy tokens, one after another for {args.seconds:g} s, one node (a process of "
+        f"its own){beside if args.beside_jobs else ''}; the mean over that time"
+    )
+    jobs_header = "  jobs/s" if args.beside_jobs else ""
+    print(f"{'sessions':>8}  {'tokens/s':>9}  {'node cores':>10}{jobs_header}")
+    for r in rows:
+        jobs = f"  {r.jobs_per_s:>6.0f}" if r.jobs_per_s is not None else ""
+        print(f"{r.sessions:>8}  {r.tokens_per_s:>9.1f}  {r.node_cores:>10.2f}{jobs}")
+
+
 def _node_config(
     models_dir: Path,
     model_ids: frozenset[str],
@@ -283,8 +391,10 @@ async def _node_process(
     tokens: int,
     data: Path,
     bootstrap: tuple[str, ...] = (),
+    pids: list[int] | None = None,
 ) -> AsyncIterator[str]:
-    """A node serving `model_ids` in a process of its own; yields its address."""
+    """A node serving `model_ids` in a process of its own; yields its address (and
+    appends its process id to `pids`)."""
     argv = [sys.executable, "-m", "bench.text", "--serve-node", str(models_dir)]
     argv += [",".join(sorted(model_ids)), str(int(batch)), str(sessions), str(tokens)]
     argv += [str(data), ",".join(bootstrap)]
@@ -298,6 +408,8 @@ async def _node_process(
                 check=False,
             )
         )
+        if pids is not None:
+            pids.append(process.pid)
         line = b""
         with trio.fail_after(60):
             while not line.endswith(b"\n"):
@@ -621,6 +733,17 @@ async def run(args: argparse.Namespace, data: Path) -> None:
             for n in args.sessions
         ]
         print_generation(args, results, ceiling)
+    if "steady" in parts:
+        steady = await measure_steady(
+            models_dir,
+            args.generator,
+            args.sessions,
+            args.tokens,
+            args.seconds,
+            args.beside_jobs,
+            data / "steady",
+        )
+        print_steady(args, steady)
     if "steps" in parts:
         print_steps(args, decode_steps(models_dir / args.generator, args.rounds))
     if "engine" in parts:
@@ -763,10 +886,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--parts",
         nargs="+",
-        choices=["embeddings", "generation", "latency", "steps", "engine"],
+        choices=["embeddings", "generation", "latency", "steady", "steps", "engine"],
         default=["embeddings", "generation", "latency"],
-        help="steps and engine are not run by default: the cost of one decode step by rows "
-        "and cache length; the engine's own cost per step, in this process",
+        help="steady, steps and engine are not run by default: tokens/s and the node's "
+        "cores over a stretch of runs; the cost of one decode step by rows and cache "
+        "length; the engine's own cost per step, in this process",
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="steady: the stretch for each count"
+    )
+    parser.add_argument(
+        "--beside-jobs",
+        type=int,
+        default=0,
+        help=f"steady: one-row {JOB_MODEL} jobs in flight to a second node meanwhile",
     )
     parser.add_argument(
         "--in-process",
