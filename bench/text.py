@@ -268,22 +268,16 @@ class Steady:
     jobs_per_s: float | None  # the node beside it, where there is one
 
 
-async def measure_steady(
-    models_dir: Path,
-    model_id: str,
-    sessions: list[int],
-    tokens: int,
-    seconds: float,
-    beside_jobs: int,
-    data: Path,
-) -> list[Steady]:
-    """Per count of sessions: runs of that many sessions, one after another, for
-    `seconds` on one node (batched, a process of its own), and their mean
-    tokens/s with the node's CPU over that time (Linux's /proc), where
-    `generation` takes the best of a few runs. With `beside_jobs`, a second node
-    on this machine meanwhile serves JOB_MODEL with that many one-row jobs in
-    flight, and its jobs/s are the last column: what the generating node leaves
-    to the other processes of its machine."""
+async def measure_steady(args: argparse.Namespace, data: Path) -> list[Steady]:
+    """Per count of sessions (`--sessions`): runs of that many sessions, one after
+    another, for `--seconds` on one node (batched, a process of its own), and
+    their mean tokens/s with the node's CPU over that time (Linux's /proc),
+    where `generation` takes the best of a few runs. With `--beside-jobs`, a
+    second node on this machine meanwhile serves JOB_MODEL with that many
+    one-row jobs in flight, and its jobs/s are the last column: what the
+    generating node leaves to the other processes of its machine."""
+    models_dir, model_id, sessions = args.models, args.generator, args.sessions
+    tokens, seconds, beside_jobs = args.tokens, args.seconds, args.beside_jobs
     out = []
     async with contextlib.AsyncExitStack() as stack:
         pids: list[int] = []
@@ -734,16 +728,7 @@ async def run(args: argparse.Namespace, data: Path) -> None:
         ]
         print_generation(args, results, ceiling)
     if "steady" in parts:
-        steady = await measure_steady(
-            models_dir,
-            args.generator,
-            args.sessions,
-            args.tokens,
-            args.seconds,
-            args.beside_jobs,
-            data / "steady",
-        )
-        print_steady(args, steady)
+        print_steady(args, await measure_steady(args, data / "steady"))
     if "steps" in parts:
         print_steps(args, decode_steps(models_dir / args.generator, args.rounds))
     if "engine" in parts:
