@@ -59,7 +59,8 @@ class ExecutorConfig:
     (workers x intra_op_threads), counted in `model_memory_mb` (not made where
     two of the model do not fit), for the decode steps of 8 rows or more and
     the prefill runs of 64 tokens or more that start while no other run holds
-    a worker.
+    a worker, where the node has measured that they go faster on it
+    (`_generation.WideChoice`).
     """
 
     workers: int = 2

@@ -468,8 +468,9 @@ class _Engine:
             s.first_sent for s in self.sessions
         )
         wide = next((s.wide for s in batch if s.wide is not None), None)
-        choice = self._wide_choice("step", len(batch), WIDE_STEP_ROWS, wide)
-        session, slots = self._take_wide(session, wide, choice, inline)
+        session, slots, choice = self._take_wide(
+            "step", len(batch), WIDE_STEP_ROWS, session, wide, inline
+        )
         self.wide_steps += bool(slots)
         try:
             logits, presents = await self.compute(session, feeds, inline)
@@ -498,39 +499,36 @@ class _Engine:
             else:
                 s.take(s.choose(last[row]))
 
-    def _wide_choice(
-        self, kind: str, size: int, least: int, wide: ort.InferenceSession | None
-    ) -> WideChoice | None:
-        """What tells whether a run of `size` (rows, or tokens) of `kind` goes wide:
-        None when it cannot (no wide session, fewer than `least`, or a worker slot
-        busy now), else its size class's measured choice (powers of two)."""
+    def _take_wide(
+        self,
+        kind: str,
+        size: int,
+        least: int,
+        session: ort.InferenceSession,
+        wide: ort.InferenceSession | None,
+        inline: bool,
+    ) -> tuple[ort.InferenceSession, list[object], WideChoice | None]:
+        """The session a run of `size` (rows, or tokens) of `kind` goes on, the worker
+        slots it took for it (`give_back`), and its size class's `WideChoice` (told
+        how the run went, `ran`; None where it could not go wide).
+
+        `wide` (the model's wide session, `LoadedModel.wide`, with the threads of
+        every worker slot) for a run of `least` or more while every slot is free,
+        where its class's choice says so (powers of two of `size`): it then takes
+        all of them but the one a run in a worker thread takes itself (`_timed`).
+        Else `session`, and no slot. Only when no other run is going: none waits
+        for this one, nor it for one, and none starts while it uses every slot's
+        threads."""
         limiter = self._limiter
         if wide is None or size < least or limiter.available_tokens < limiter.total_tokens:
-            return None
+            return session, [], None
         key = (kind, size.bit_length())
         choice = self._wide_choices.get(key)
         if choice is None:
             choice = self._wide_choices[key] = WideChoice()
-        return choice
-
-    def _take_wide(
-        self,
-        session: ort.InferenceSession,
-        wide: ort.InferenceSession | None,
-        choice: WideChoice | None,
-        inline: bool,
-    ) -> tuple[ort.InferenceSession, list[object]]:
-        """The session a run goes on, and the worker slots it took for it (`give_back`).
-        `wide` (the model's wide session, `LoadedModel.wide`, with the threads of
-        every worker slot) where `choice` (`_wide_choice`: every slot free now)
-        says so: it then takes all of them but the one a run in a worker thread
-        takes itself (`_timed`). Else `session`, and no slot. Only when no other
-        run is going: none waits for this one, nor it for one, and none starts
-        while it uses every slot's threads."""
-        if wide is None or choice is None or not choice.wide():
-            return session, []
-        limiter = self._limiter
-        return wide, take_free_slots(limiter, int(limiter.total_tokens) - (not inline))
+        if not choice.wide():
+            return session, [], choice
+        return wide, take_free_slots(limiter, int(limiter.total_tokens) - (not inline)), choice
 
     async def prefill(
         self,
@@ -540,7 +538,7 @@ class _Engine:
     ) -> Step:
         """The logits and presents of `prompt`'s prefill ([1, ...] each, the presents
         `len(prompt)` long), run on `session`, or on `wide` (the model's wide
-        session) when the run has WIDE_PREFILL_TOKENS or more and `_take_wide` can.
+        session) where `_take_wide` says so for a run of WIDE_PREFILL_TOKENS or more.
 
         One prefill runs at a time. The prompts that come meanwhile wait, and
         the first of them to run takes all the others waiting into one run, left-
@@ -580,8 +578,9 @@ class _Engine:
         estimate = self._prefill_ms_per_token * tokens
         limit = self._inline_below_ms * (1 if self.sessions else IDLE_INLINE_FACTOR)
         inline = estimate < limit
-        choice = self._wide_choice("prefill", tokens, WIDE_PREFILL_TOKENS, wide)
-        session, slots = self._take_wide(session, wide, choice, inline)
+        session, slots, choice = self._take_wide(
+            "prefill", tokens, WIDE_PREFILL_TOKENS, session, wide, inline
+        )
         self.wide_prefills += bool(slots)
         try:
             (logits, presents), took = await self._timed(session, feeds, inline)

@@ -167,8 +167,9 @@ async def test_runs_of_many_rows_go_wide_and_give_the_tokens_of_one_thread(
 ) -> None:
     """With two worker slots, a generator has a wide session too (both slots'
     threads), and a step of WIDE_STEP_ROWS rows or more, or a prefill run of
-    WIDE_PREFILL_TOKENS, with no other run going, runs on it: the same tokens as
-    on one thread, and as a plain decode loop."""
+    WIDE_PREFILL_TOKENS, with no other run going, may run on it (the first runs
+    of a size are a probe, wide first): the same tokens as on one thread, and as
+    a plain decode loop."""
     monkeypatch.setattr(generation_module, "WIDE_STEP_ROWS", 2)
     monkeypatch.setattr(generation_module, "WIDE_PREFILL_TOKENS", 2)
     max_new = 12
