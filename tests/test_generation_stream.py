@@ -412,20 +412,19 @@ async def test_generations_started_together_are_prefilled_together_and_step_toge
         async with open_swarm(2, models=[NOBODY, TINY], base=base) as swarm:
             await swarm.wait_converged()
             engine = swarm[1].generations.engine(MODEL_ID)
+
+            def counts() -> tuple[int, int, int]:
+                return engine.prefill_runs, engine.steps, engine.batched_rows
+
             async with Client.connect(swarm[0].addrs[0]) as client:
                 await client.generate_text("warm up", MODEL_ID, max_tokens=2)
-                before = (engine.prefill_runs, engine.steps, engine.batched_rows)
+                before = counts()
                 generate = partial(client.generate_text, model_id=MODEL_ID, max_tokens=max_new)
                 async with trio.open_nursery() as nursery:
                     for prompt in PROMPTS:
                         nursery.start_soon(generate, prompt)
             await _wait_for_zero_cache(swarm, 1)
-    prefills, steps, rows = (
-        now - then
-        for now, then in zip(
-            (engine.prefill_runs, engine.steps, engine.batched_rows), before, strict=True
-        )
-    )
+            prefills, steps, rows = (now - then for now, then in zip(counts(), before, strict=True))
     assert (prefills, steps) == (1, max_new - 1)
     assert rows == len(PROMPTS) * steps
 
