@@ -25,7 +25,7 @@ smaller sizes, a few minutes):
   per output token (p50) as the clients see them.
 - steady (`--parts steady`, not run by default): runs of each count of
   sessions one after another for `--seconds` on one batching node: their mean
-  tokens/s and the node process's CPU in cores over that time (Linux's /proc),
+  tokens/s and the node process's CPU in cores over that time,
   where `generation` takes the best of a few runs, which favours code whose
   runs vary most. With `--beside-jobs K`, a second node on this machine
   meanwhile serves K one-row JOB_MODEL jobs in flight, and its jobs/s show
@@ -62,7 +62,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -76,6 +75,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import psutil
 import trio
 from tokenizers import Tokenizer
 
@@ -271,7 +271,7 @@ class Steady:
 async def measure_steady(args: argparse.Namespace, data: Path) -> list[Steady]:
     """Per count of sessions (`--sessions`): runs of that many sessions, one after
     another, for `--seconds` on one node (batched, a process of its own), and
-    their mean tokens/s with the node's CPU over that time (Linux's /proc),
+    their mean tokens/s with the node's CPU over that time,
     where `generation` takes the best of a few runs. With `--beside-jobs`, a
     second node on this machine meanwhile serves JOB_MODEL with that many
     one-row jobs in flight, and its jobs/s are the last column: what the
@@ -335,9 +335,9 @@ async def _steady(
 
 
 def _cpu_s(pid: int) -> float:
-    """Process `pid`'s CPU time so far, user and system (Linux's /proc), in s."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """Process `pid`'s CPU time so far, user and system, in s."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 def print_steady(args: argparse.Namespace, rows: list[Steady]) -> None:
