@@ -17,7 +17,10 @@ throughput and latency p50/p99 are taken from that run. (At concurrency 32,
 Up to 32 concurrent jobs go over one client connection; more come from c / 32
 clients (256: 8 clients of 32), each its own libp2p host. Every job must be
 answered exactly once; any error (OVERLOADED included: the nodes run with a
-queue limit above the largest c) fails the run.
+queue limit above the largest c) fails the run. Each row also gives the CPU
+time (user and system, every thread, from psutil) that node A and node B took
+over it, per job: the figure to compare two versions of the node by, as it
+moves far less than throughput and latency with what else the machine runs.
 
 Bulk: `--bulk` requests of 16 MiB (a batch of rows, the largest the default
 request limit takes) through one hop (client to the entry node, which runs
@@ -48,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +59,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import psutil
 import trio
 
 from bench._plot import PLOT_HELP, cdf, plot_dir
@@ -88,6 +92,7 @@ class Figures:
     per_s: float
     samples_ms: tuple[float, ...]  # the latencies p50 and p99 are taken from
     failed: tuple[str, ...] = ()  # the error codes of jobs that were not answered
+    cpu_ms: tuple[float, ...] = ()  # each node process's CPU time per job sent (`measure_jobs`)
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -122,10 +127,19 @@ def direct_session(model_id: str) -> ort.InferenceSession:
 
 
 async def measure_jobs(
-    addr: str, model_id: str, row: np.ndarray, jobs: int, concurrency: int, seconds: float = 0.0
+    addr: str,
+    model_id: str,
+    row: np.ndarray,
+    jobs: int,
+    concurrency: int,
+    seconds: float = 0.0,
+    pids: Sequence[int] = (),
 ) -> Figures:
     """`concurrency` jobs kept in flight until about 2 x `jobs` are answered, and for
-    at least `seconds`.
+    at least `seconds`; and the CPU time (user and system, all threads) that each of
+    the processes `pids` took over them, per job. CPU time is what a node spends on
+    a job whatever else the machine runs, where throughput and latency on a shared
+    machine are not: it is what to compare two versions of the node by.
 
     Each job must be answered exactly once: an error of any kind is counted in
     `failed` (and printed beside the table)."""
@@ -158,19 +172,32 @@ async def measure_jobs(
                 samples.append((time.perf_counter() - started) * 1e3)
                 answered += 1
 
+        cpu = [_cpu_s(pid) for pid in pids]
         started = time.perf_counter()
         until = started + seconds
         async with trio.open_nursery() as nursery:
             for i in range(concurrency):
                 nursery.start_soon(worker, connected[i % clients])
         per_s = sent / (time.perf_counter() - started)
+        cpu_ms = tuple((_cpu_s(pid) - was) * 1e3 / sent for pid, was in zip(pids, cpu, strict=True))
     assert answered + len(failed) == sent
     print(
         f"  {addr[-8:]} c={concurrency}: {per_s:.0f} jobs/s, {len(failed)} failed", file=sys.stderr
     )
     return Figures(
-        percentile(samples, 50), percentile(samples, 99), per_s, tuple(samples), tuple(failed)
+        percentile(samples, 50),
+        percentile(samples, 99),
+        per_s,
+        tuple(samples),
+        tuple(failed),
+        cpu_ms,
     )
+
+
+def _cpu_s(pid: int) -> float:
+    """Process `pid`'s CPU time so far, user and system, in s."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 @dataclass(frozen=True)
@@ -327,12 +354,13 @@ async def wait_for_forwarding(addr: str, model_id: str, row: np.ndarray) -> None
 def table(rows: list[tuple[str, int, Figures]], direct: Figures) -> str:
     lines = [
         f"{'path':<22}{'c':>5}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}"
-        f"{'jobs/s':>10}{'jobs/s x':>10}"
+        f"{'jobs/s':>10}{'jobs/s x':>10}{'A cpu ms':>10}{'B cpu ms':>10}"
     ]
     for name, c, f in rows:
+        cpu = "".join(f"{ms:>10.3f}" for ms in f.cpu_ms)
         lines.append(
             f"{name:<22}{c:>5}{f.p50_ms:>9.3f}{f.p99_ms:>9.3f}{f.p50_ms - direct.p50_ms:>9.3f}"
-            f"{f.p99_ms - direct.p99_ms:>9.3f}{f.per_s:>10.0f}{f.per_s / direct.per_s:>10.4f}"
+            f"{f.p99_ms - direct.p99_ms:>9.3f}{f.per_s:>10.0f}{f.per_s / direct.per_s:>10.4f}{cpu}"
         )
     return "\n".join(lines)
 
@@ -369,7 +397,9 @@ def main(argv: list[str] | None = None) -> None:
         with node_process(Path(tmp) / "a", "--serve", args.model) as a:
             with node_process(Path(tmp) / "b", "--serve", other, "--bootstrap", a) as b:
                 run(wait_for_forwarding, b, args.model, row)
-                measure = functools.partial(measure_jobs, model_id=args.model, row=row)
+                measure = functools.partial(
+                    measure_jobs, model_id=args.model, row=row, pids=(a.pid, b.pid)
+                )
                 for name, addr in (("job run by entry node", a), ("job forwarded 1 hop", b)):
                     for c in args.concurrency:
                         figures = run(
@@ -383,7 +413,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"model {args.model}; c jobs in flight ({CLIENT_CONCURRENCY} per client), "
         f"{args.jobs} x 2 jobs and {args.seconds:g} s or more per row; "
-        "+ = added to the direct call; x = ratio to the direct call"
+        "+ = added to the direct call; x = ratio to the direct call; cpu ms = the CPU time "
+        "node A (serving the model, the entry node) and node B (forwarding to A) took per job"
     )
     print(table([("direct onnxruntime", 1, direct), *results], direct))
     for name, c, f in results:
