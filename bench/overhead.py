@@ -18,9 +18,10 @@ Up to 32 concurrent jobs go over one client connection; more come from c / 32
 clients (256: 8 clients of 32), each its own libp2p host. Every job must be
 answered exactly once; any error (OVERLOADED included: the nodes run with a
 queue limit above the largest c) fails the run. Each row also gives the CPU
-time (user and system, every thread, from psutil) that node A and node B took
-over it, per job: the figure to compare two versions of the node by, as it
-moves far less than throughput and latency with what else the machine runs.
+time (user and system, every thread, from psutil) that node A, node B and the
+clients (this process) took over it, per job: the figure to compare two
+versions of the node by, as it moves far less than throughput and latency with
+what else the machine runs.
 
 Bulk: `--bulk` requests of 16 MiB (a batch of rows, the largest the default
 request limit takes) through one hop (client to the entry node, which runs
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import selectors
 import signal
 import subprocess
@@ -354,7 +356,7 @@ async def wait_for_forwarding(addr: str, model_id: str, row: np.ndarray) -> None
 def table(rows: list[tuple[str, int, Figures]], direct: Figures) -> str:
     lines = [
         f"{'path':<22}{'c':>5}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}"
-        f"{'jobs/s':>10}{'jobs/s x':>10}{'A cpu ms':>10}{'B cpu ms':>10}"
+        f"{'jobs/s':>10}{'jobs/s x':>10}{'A cpu ms':>10}{'B cpu ms':>10}{'clients':>10}"
     ]
     for name, c, f in rows:
         cpu = "".join(f"{ms:>10.3f}" for ms in f.cpu_ms)
@@ -398,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
             with node_process(Path(tmp) / "b", "--serve", other, "--bootstrap", a) as b:
                 run(wait_for_forwarding, b, args.model, row)
                 measure = functools.partial(
-                    measure_jobs, model_id=args.model, row=row, pids=(a.pid, b.pid)
+                    measure_jobs, model_id=args.model, row=row, pids=(a.pid, b.pid, os.getpid())
                 )
                 for name, addr in (("job run by entry node", a), ("job forwarded 1 hop", b)):
                     for c in args.concurrency:
@@ -414,7 +416,8 @@ def main(argv: list[str] | None = None) -> None:
         f"model {args.model}; c jobs in flight ({CLIENT_CONCURRENCY} per client), "
         f"{args.jobs} x 2 jobs and {args.seconds:g} s or more per row; "
         "+ = added to the direct call; x = ratio to the direct call; cpu ms = the CPU time "
-        "node A (serving the model, the entry node) and node B (forwarding to A) took per job"
+        "node A (serving the model, the entry node), node B (forwarding to A) and the clients "
+        "(this process) took per job"
     )
     print(table([("direct onnxruntime", 1, direct), *results], direct))
     for name, c, f in results:
