@@ -571,7 +571,8 @@ def direct_generation(model_dir: Path, sessions: int, tokens: int, repeats: int)
     decoding `sessions` greedy generations of `tokens` tokens as one batch (one
     prefill, then a step per token) against the same one after another; the
     ratio of their tokens/s, each the best of `repeats`."""
-    from p2p_node._generation import past_names, prefill_batch_feeds
+    from p2p_node._decoder import past_names
+    from p2p_node._generation import prefill_batch_feeds
 
     generator, session = _direct_generator(model_dir)
     layout = generator.layout
@@ -612,7 +613,7 @@ def decode_steps(model_dir: Path, rounds: int) -> dict[int, list[float]]:
     """onnxruntime alone (one thread), one decode step at each of STEP_BATCHES rows:
     ms per step, median of `rounds` x 10 runs, for a cache of each of STEP_PASTS
     positions (random values: a step's cost does not depend on them)."""
-    from p2p_node._generation import past_names
+    from p2p_node._decoder import past_names
 
     generator, session = _direct_generator(model_dir)
     layout = generator.layout

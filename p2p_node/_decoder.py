@@ -21,6 +21,11 @@ from scheduler import ErrorCode, JobError
 from ._repository import ModelCard, RepositoryError
 
 FLOAT_BYTES = 4
+# Hugging Face Optimum's decoder layout: layer i's cache comes in as
+# `past_key_values.{i}.key` and `.value`, and goes out, a position longer, as
+# `present.{i}.key` and `.value`.
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
 
 Array = np.ndarray[Any, Any]
 
@@ -43,6 +48,16 @@ class DecoderLayout:
     def bytes_per_token(self) -> int:
         """Cache memory per token of one session: a key and a value per layer."""
         return 2 * self.layers * self.heads * self.head_dim * FLOAT_BYTES
+
+
+def past_names(layers: int) -> list[str]:
+    """The cache inputs of a decoder of `layers` layers, each layer's key then value."""
+    return [f"{PAST_PREFIX}{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def present_names(layers: int) -> list[str]:
+    """Its cache outputs, in the same order."""
+    return [f"{PRESENT_PREFIX}{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,7 +119,8 @@ async def _embed(chains: Any, model: str) -> str:
 
 
 def _greedy_whole(model: str, prompt: list[int], steps: int) -> list[int]:
-    from ._stages import PRESENT_PREFIX, STATE_PREFIX, empty_past
+    from ._decoder import PAST_PREFIX, PRESENT_PREFIX
+    from ._stages import empty_past
 
     session = ort.InferenceSession(
         str(bundled_models_dir() / model / "model.onnx"), providers=["CPUExecutionProvider"]
@@ -138,7 +139,7 @@ def _greedy_whole(model: str, prompt: list[int], steps: int) -> list[int]:
         }
         out = dict(zip(names, session.run(names, feeds), strict=True))
         past = {
-            STATE_PREFIX + k[len(PRESENT_PREFIX) :]: v
+            PAST_PREFIX + k[len(PRESENT_PREFIX) :]: v
             for k, v in out.items()
             if k.startswith(PRESENT_PREFIX)
         }

@@ -54,6 +54,8 @@ from ._decoder import (
     TextGenerator,
     choose_token,
     load_text_generator,
+    past_names,
+    present_names,
 )
 from ._executor import Executor, give_back, take_free_slots
 from ._repository import ModelCard
@@ -724,10 +726,6 @@ class _KeptBatch:
                     s.cache[i, kv, :, :n, :] = self.past[names[2 * i + kv]][row, :, -n:, :]
 
 
-def past_names(layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-
-
 def decode_feeds(batch: Sequence[_Session], layout: DecoderLayout) -> tuple[dict[str, Array], int]:
     """One decode step's inputs for `batch`: each session's last token at its own
     position, its cache left-padded to the longest, the padding masked off. Also
@@ -745,9 +743,8 @@ def decode_feeds(batch: Sequence[_Session], layout: DecoderLayout) -> tuple[dict
         "attention_mask": mask,
         "position_ids": np.array([[s.length] for s in batch], np.int64),
     }
-    for i in range(layout.layers):
-        feeds[f"past_key_values.{i}.key"] = past[i, 0]
-        feeds[f"past_key_values.{i}.value"] = past[i, 1]
+    # [layers, 2, ...] as [layers x 2, ...]: each layer's key, then its value
+    feeds.update(zip(past_names(layout.layers), past.reshape(-1, *past.shape[2:]), strict=True))
     return feeds, longest
 
 
@@ -783,9 +780,8 @@ def prefill_feeds(prompt: Sequence[int], layout: DecoderLayout) -> dict[str, Arr
         "attention_mask": np.ones((1, n), np.int64),
         "position_ids": np.arange(n, dtype=np.int64)[None, :],
     }
-    for i in range(layout.layers):
-        feeds[f"past_key_values.{i}.key"] = empty
-        feeds[f"past_key_values.{i}.value"] = empty
+    for name in past_names(layout.layers):
+        feeds[name] = empty
     return feeds
 
 
@@ -802,9 +798,7 @@ def _run_step(
 ) -> tuple[Array, list[Array]]:
     """In a worker thread: the logits, and every layer's present key and value, in
     that order ([batch, heads, total, head_dim] each)."""
-    names = ["logits"]
-    for i in range(layers):
-        names += [f"present.{i}.key", f"present.{i}.value"]
+    names = ["logits", *present_names(layers)]
     try:
         values = session.run(names, feeds)
     except Exception as error:  # onnxruntime's pybind errors share no useful base

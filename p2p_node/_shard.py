@@ -29,11 +29,11 @@ from typing import Any
 import onnx
 from onnx import helper, shape_inference
 
+from ._decoder import PAST_PREFIX, PRESENT_PREFIX
 from ._repository import RepositoryError, read_model_card
 
 _LAYER = re.compile(r"(?:^|[./_])(?:blocks|layer|layers|h)[./_](\d+)(?=[./_]|$)")
-_PRESENT = re.compile(r"^present\.(\d+)\.")
-STATE_PREFIX = "past_key_values."  # a decoder's cache: each stage keeps its own layers'
+_PRESENT = re.compile(rf"^{re.escape(PRESENT_PREFIX)}(\d+)\.")
 STAGE_SEPARATOR = "@"  # a stage's model id: parent id, "@", index, "of", k
 
 
@@ -168,7 +168,7 @@ def plan_stages(model: onnx.ModelProto, k: int) -> tuple[list[StagePlan], list[l
     # What crosses each boundary: every input of a later stage but its own cache
     # (stage 0 takes the parent's inputs from the client).
     boundary_in = [
-        [] if s == 0 else [x for x in ins if not x.startswith(STATE_PREFIX)]
+        [] if s == 0 else [x for x in ins if not x.startswith(PAST_PREFIX)]
         for s, (ins, _) in enumerate(interfaces)
     ]
     plans: list[StagePlan] = []

@@ -43,6 +43,7 @@ from scheduler import ErrorCode, JobError
 
 from ._channel import TRANSPORT_ERRORS, Channel
 from ._config import ConfigError
+from ._decoder import PAST_PREFIX, PRESENT_PREFIX
 from ._framing import FrameError
 from ._repository import ModelCard, StageSpec
 
@@ -60,8 +61,6 @@ ANSWER_PROTOCOL = TProtocol("/p2p-node/stage-answer/1.0.0")
 # /1.1.0: as /1.0.0, and a frame may be the answers of several of the coordinator's
 # sessions (`encode_answer_rows`), a batch's, on any one of their streams.
 ANSWER_BATCH_PROTOCOL = TProtocol("/p2p-node/stage-answer/1.1.0")
-STATE_PREFIX = "past_key_values."
-PRESENT_PREFIX = "present."
 MAX_HOPS = 16
 MAX_STAGE_TENSORS = 256
 MAX_ROWS = 256  # sessions in one frame of rows
@@ -334,7 +333,7 @@ def empty_past(session: ort.InferenceSession, batch: int) -> dict[str, Array]:
     """Zero-length caches for each `past_key_values.*` input of `session`."""
     past = {}
     for arg in session.get_inputs():
-        if arg.name.startswith(STATE_PREFIX):
+        if arg.name.startswith(PAST_PREFIX):
             dims = [d if isinstance(d, int) else 0 for d in arg.shape]
             dims[0] = batch
             past[arg.name] = np.zeros(dims, np.float32)
@@ -367,23 +366,23 @@ def run_stage(
     cache. Raises JobError(INVALID_INPUT) for missing inputs."""
     feeds = {}
     for name in spec.inputs:
-        if name.startswith(STATE_PREFIX):
+        if name.startswith(PAST_PREFIX):
             continue
         if name not in received:
             raise JobError(ErrorCode.INVALID_INPUT, f"stage {spec.index + 1} needs tensor {name!r}")
         feeds[name] = received[name]
-    if any(n.startswith(STATE_PREFIX) for n in spec.inputs):
+    if any(n.startswith(PAST_PREFIX) for n in spec.inputs):
         if state is None:
             state = StageState()
         if not state.past:
             rows = next(iter(feeds.values())).shape[0] if feeds else 1
             state.past = empty_past(session, rows)
-        feeds.update({n: state.past[n] for n in spec.inputs if n.startswith(STATE_PREFIX)})
+        feeds.update({n: state.past[n] for n in spec.inputs if n.startswith(PAST_PREFIX)})
     made = _run(session, spec, feeds)
     if state is not None:
         for name, value in made.items():
             if name.startswith(PRESENT_PREFIX):
-                state.past[STATE_PREFIX + name[len(PRESENT_PREFIX) :]] = value
+                state.past[PAST_PREFIX + name[len(PRESENT_PREFIX) :]] = value
     forward = {}
     for name in spec.boundary_out:
         forward[name] = made[name] if name in made else received[name]
@@ -401,11 +400,11 @@ def decode_rows(spec: StageSpec, received: Mapping[str, Array], state: StageStat
     """The cache length of `state` if `received` is one session's decode step that may
     share a batch (one row; one position, or as many as the cache plus one, as a mask
     has); else -1."""
-    if not state.past or not any(n.startswith(STATE_PREFIX) for n in spec.inputs):
+    if not state.past or not any(n.startswith(PAST_PREFIX) for n in spec.inputs):
         return -1
     length = int(next(iter(state.past.values())).shape[-2])
     for name in spec.inputs:
-        if name.startswith(STATE_PREFIX):
+        if name.startswith(PAST_PREFIX):
             continue
         value = received.get(name)
         if value is None or value.ndim < 2 or value.shape[0] != 1:
@@ -420,7 +419,7 @@ def batch_key(spec: StageSpec, received: Mapping[str, Array], length: int) -> tu
     dtype and shape but for the rows, and a mask's length (the cache's plus one)."""
     key: list[object] = []
     for name in spec.inputs:
-        if not name.startswith(STATE_PREFIX):
+        if not name.startswith(PAST_PREFIX):
             value = received[name]
             last = "mask" if value.shape[-1] == length + 1 else value.shape[-1]
             key.append((name, value.dtype.str, value.shape[1:-1], last))
@@ -463,12 +462,12 @@ def _batch_feeds(
     feeds: dict[str, Array] = {}
     for name in spec.inputs:
         values = [
-            state.past[name] if name.startswith(STATE_PREFIX) else received[name]
+            state.past[name] if name.startswith(PAST_PREFIX) else received[name]
             for received, state, _ in steps
         ]
         if same:
             feeds[name] = np.concatenate(values)
-        elif name.startswith(STATE_PREFIX):
+        elif name.startswith(PAST_PREFIX):
             first = values[0]
             padded = np.zeros((rows, *first.shape[1:-2], longest, first.shape[-1]), first.dtype)
             for row, (value, n) in enumerate(zip(values, lengths, strict=True)):
@@ -530,7 +529,7 @@ def run_stage_batch(
         mine = {}
         for name, value in made.items():
             if name.startswith(PRESENT_PREFIX):
-                state.past[STATE_PREFIX + name[len(PRESENT_PREFIX) :]] = value[
+                state.past[PAST_PREFIX + name[len(PRESENT_PREFIX) :]] = value[
                     row : row + 1, ..., cut:, :
                 ]
             else:
