@@ -9,6 +9,7 @@ same seed gives the same tokens on any node.
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from dataclasses import dataclass
 from typing import Any
@@ -50,14 +51,23 @@ class DecoderLayout:
         return 2 * self.layers * self.heads * self.head_dim * FLOAT_BYTES
 
 
-def past_names(layers: int) -> list[str]:
-    """The cache inputs of a decoder of `layers` layers, each layer's key then value."""
-    return [f"{PAST_PREFIX}{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+@functools.cache
+def past_names(layers: int) -> tuple[str, ...]:
+    """The cache inputs of a decoder of `layers` layers, each layer's key then value
+    (made once: a decode step names them all)."""
+    return tuple(f"{PAST_PREFIX}{i}.{kv}" for i in range(layers) for kv in ("key", "value"))
 
 
-def present_names(layers: int) -> list[str]:
+@functools.cache
+def present_names(layers: int) -> tuple[str, ...]:
     """Its cache outputs, in the same order."""
-    return [f"{PRESENT_PREFIX}{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return tuple(f"{PRESENT_PREFIX}{i}.{kv}" for i in range(layers) for kv in ("key", "value"))
+
+
+@functools.cache
+def step_outputs(layers: int) -> tuple[str, ...]:
+    """What a prefill or decode step asks for: the logits, then `present_names`."""
+    return ("logits", *present_names(layers))
 
 
 @dataclass(frozen=True, slots=True)

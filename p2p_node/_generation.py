@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import secrets
 import time
 from collections import deque
@@ -55,7 +56,7 @@ from ._decoder import (
     choose_token,
     load_text_generator,
     past_names,
-    present_names,
+    step_outputs,
 )
 from ._executor import Executor, give_back, take_free_slots
 from ._repository import ModelCard
@@ -491,13 +492,14 @@ class _Engine:
             list(batch), dict(zip(names, presents, strict=True)), feeds["attention_mask"]
         )
         last = logits[:, -1]
-        greedy = np.argmax(last, axis=-1)  # one call for the rows that take the likeliest
+        # One call for the rows that take the likeliest, as Python ints at once.
+        greedy: list[int] = np.argmax(last, axis=-1).tolist()
         for row, s in enumerate(batch):
             s.length += 1  # (its cache is the kept batch's row until copied back)
             if s.cache is None or s.finish is not None:  # left while the step ran
                 continue
             if s.sampling.temperature == 0:
-                s.take(int(greedy[row]))
+                s.take(greedy[row])
             else:
                 s.take(s.choose(last[row]))
 
@@ -702,7 +704,10 @@ class _KeptBatch:
 
     def rows_of(self, batch: list[_Session]) -> list[int] | None:
         """The rows of `batch`'s sessions, in order, if all of them are here."""
-        where = {id(s): row for row, s in enumerate(self.rows)}
+        kept = self.rows
+        if len(batch) == len(kept) and all(map(operator.is_, batch, kept)):
+            return list(range(len(kept)))  # the same batch: nearly every step
+        where = {id(s): row for row, s in enumerate(kept)}
         rows = [where.get(id(s), -1) for s in batch]
         return None if -1 in rows else rows
 
@@ -798,9 +803,8 @@ def _run_step(
 ) -> tuple[Array, list[Array]]:
     """In a worker thread: the logits, and every layer's present key and value, in
     that order ([batch, heads, total, head_dim] each)."""
-    names = ["logits", *present_names(layers)]
     try:
-        values = session.run(names, feeds)
+        values = session.run(step_outputs(layers), feeds)
     except Exception as error:  # onnxruntime's pybind errors share no useful base
         raise JobError(
             ErrorCode.INTERNAL, f"decoder step failed: {type(error).__name__}: {error}"
