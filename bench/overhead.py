@@ -19,9 +19,10 @@ clients (256: 8 clients of 32), each its own libp2p host. Every job must be
 answered exactly once; any error (OVERLOADED included: the nodes run with a
 queue limit above the largest c) fails the run. Each row also gives the CPU
 time (user and system, every thread, from psutil) that node A, node B and the
-clients (this process) took over it, per job: the figure to compare two
-versions of the node by, as it moves far less than throughput and latency with
-what else the machine runs.
+clients (this process) took over it, per job: what each spends on a job,
+whatever turns the processes took (at concurrency 1 a job's latency is about
+the sum of the three; at 32 the entry node's CPU per job bounds its rate). On a
+shared machine it moves too, by about a fifth from run to run here.
 
 Bulk: `--bulk` requests of 16 MiB (a batch of rows, the largest the default
 request limit takes) through one hop (client to the entry node, which runs
