@@ -114,19 +114,29 @@ class Placement:
     excluded: tuple[Excluded, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
 class _Context:
-    model_id: str
-    state: CoordinatorState
-    requirements: Requirements
-    rng: random.Random
-    power_of_two: bool
-    filters: bool = field(init=False)  # whether the requirements can leave anyone out
+    """What a placement's scorers read. A plain class: made for every job placed, and
+    a frozen dataclass's `__init__` (a `object.__setattr__` per field) cost a third
+    of `shortlist` for a model served by one node."""
 
-    def __post_init__(self) -> None:
-        needs = self.requirements
-        filters = bool(needs.min_memory_mb or needs.provider or needs.gpu is GpuNeed.REQUIRED)
-        object.__setattr__(self, "filters", filters)
+    __slots__ = ("filters", "model_id", "power_of_two", "requirements", "rng", "state")
+
+    def __init__(
+        self,
+        model_id: str,
+        state: CoordinatorState,
+        requirements: Requirements,
+        rng: random.Random,
+        power_of_two: bool,
+    ) -> None:
+        self.model_id = model_id
+        self.state = state
+        self.requirements = requirements
+        self.rng = rng
+        self.power_of_two = power_of_two
+        needs = requirements
+        # whether the requirements can leave anyone out
+        self.filters = bool(needs.min_memory_mb or needs.provider or needs.gpu is GpuNeed.REQUIRED)
 
 
 Scorer = Callable[[NodeInfo, _Context], Candidate]
@@ -157,7 +167,10 @@ def place(
     if strategy is DistributionStrategy.ROUND_ROBIN:
         ranked = _round_robin(usable, ctx)
     else:
-        ranked = sorted((_SCORERS[strategy](n, ctx) for n in usable), key=_by_score)
+        scorer = _SCORERS[strategy]
+        ranked = [scorer(n, ctx) for n in usable]
+        if len(ranked) > 1:
+            ranked.sort(key=_by_score)
         if power_of_two and len(ranked) > _P2C_ABOVE.get(strategy, len(ranked)):
             speed = {n.peer_id: speed_of(n, model_id) for n in usable}
             ranked = _two_choices(ranked, rng, [speed[c.peer_id] for c in ranked])
@@ -199,6 +212,8 @@ def shortlist(
                 model_id, tuple(sorted((scorer(n, ctx) for n in drawn), key=_by_score))
             )
     ranking = place(strategy, model_id, index, state, now=now, rng=rng, requirements=requirements)
+    if not exclude:  # a job's first try
+        return ranking
     kept = tuple(c for c in ranking.candidates if c.peer_id not in exclude)
     return Placement(model_id, kept, ranking.excluded)
 
