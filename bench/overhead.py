@@ -95,7 +95,7 @@ class Figures:
     per_s: float
     samples_ms: tuple[float, ...]  # the latencies p50 and p99 are taken from
     failed: tuple[str, ...] = ()  # the error codes of jobs that were not answered
-    cpu_ms: tuple[float, ...] = ()  # each node process's CPU time per job sent (`measure_jobs`)
+    cpu_ms: tuple[float, ...] = ()  # each of `measure_jobs`'s processes' CPU ms per job sent
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -140,9 +140,7 @@ async def measure_jobs(
 ) -> Figures:
     """`concurrency` jobs kept in flight until about 2 x `jobs` are answered, and for
     at least `seconds`; and the CPU time (user and system, all threads) that each of
-    the processes `pids` took over them, per job. CPU time is what a node spends on
-    a job whatever else the machine runs, where throughput and latency on a shared
-    machine are not: it is what to compare two versions of the node by.
+    the processes `pids` took over them, per job (see the module's docstring).
 
     Each job must be answered exactly once: an error of any kind is counted in
     `failed` (and printed beside the table)."""
