@@ -162,8 +162,7 @@ def place(
     else:
         scorer = _SCORERS[strategy]
         ranked = [scorer(n, ctx) for n in usable]
-        if len(ranked) > 1:
-            ranked.sort(key=_by_score)
+        ranked.sort(key=_by_score)
         if power_of_two and len(ranked) > _P2C_ABOVE.get(strategy, len(ranked)):
             speed = {n.peer_id: speed_of(n, model_id) for n in usable}
             ranked = _two_choices(ranked, rng, [speed[c.peer_id] for c in ranked])
