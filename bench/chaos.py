@@ -52,6 +52,7 @@ import numpy as np
 import onnxruntime as ort
 import trio
 
+from bench._common import HELDOUT
 from bench._plot import PLOT_HELP, plot_dir, timeline
 from p2p_node import Client, JobError, bundled_models_dir
 
@@ -64,7 +65,6 @@ MODELS = [
     "cancer-forest",
     "cancer-mlp",
 ]
-HELDOUT = {"digits": "digits.npz", "cancer": "cancer.npz"}
 CLIENTS = 3
 # Models sit on nodes j % 4 and (j + 1) % 4: nodes 1 and 3 share none, so while
 # one is dead and the other stopped, every model still has a live replica.

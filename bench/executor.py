@@ -25,11 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
+from bench._common import heldout_rows
 from p2p_node import ExecutorConfig, bundled_models_dir
 from p2p_node._executor import Executor
 from p2p_node._repository import read_repository
-
-HELDOUT = {"digits": "digits.npz", "cancer": "cancer.npz"}
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 256])
     parser.add_argument("--inline-below-ms", type=float, default=0.5)
     args = parser.parse_args(argv)
-    rows = np.load(bundled_models_dir() / "heldout" / HELDOUT[args.model.split("-")[0]])["x"]
+    rows = heldout_rows(args.model)
 
     print(
         f"model {args.model}, one-row requests, {args.requests} per measurement, "

@@ -25,16 +25,14 @@ import statistics
 import time
 import uuid
 
-import numpy as np
 import trio
 
-from p2p_node import bundled_models_dir
+from bench._common import heldout_rows
 from p2p_node._codec import decode_request, encode, encode_parts
 from p2p_node._handlers import NodeHandlers
 from p2p_node._messages import RunRequest
 from p2p_node.testing import open_swarm
 
-HELDOUT = {"digits": "digits.npz", "cancer": "cancer.npz"}
 TIMEOUT_MS = 10_000
 WARM_UP_JOBS = 200
 
@@ -43,8 +41,7 @@ async def measure(
     model_id: str, jobs: int, rounds: int, concurrencies: list[int]
 ) -> dict[int, list[float]]:
     """CPU us per job at each concurrency, one figure per round."""
-    data = np.load(bundled_models_dir() / "heldout" / HELDOUT[model_id.split("-")[0]])
-    row = data["x"][:1]
+    row = heldout_rows(model_id)[:1]
     figures: dict[int, list[float]] = {c: [] for c in concurrencies}
     async with open_swarm(1, models=[frozenset({model_id})]) as swarm:
         node = swarm.nodes[0]

@@ -62,14 +62,11 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import psutil
 import trio
 
+from bench._common import cpu_seconds, heldout_rows
 from bench._plot import PLOT_HELP, cdf, plot_dir
 from p2p_node import Client, ErrorCode, JobError, bundled_models_dir
-
-HELDOUT = {"digits": "digits.npz", "cancer": "cancer.npz"}
-
 
 CLIENT_CONCURRENCY = 32  # jobs in flight per client; more come from more clients
 BULK_BYTES = 16 * 1024 * 1024  # the default max_request_bytes
@@ -173,14 +170,15 @@ async def measure_jobs(
                 samples.append((time.perf_counter() - started) * 1e3)
                 answered += 1
 
-        cpu = [_cpu_s(pid) for pid in pids]
+        cpu = [cpu_seconds(pid) for pid in pids]
         started = time.perf_counter()
         until = started + seconds
         async with trio.open_nursery() as nursery:
             for i in range(concurrency):
                 nursery.start_soon(worker, connected[i % clients])
         per_s = sent / (time.perf_counter() - started)
-        cpu_ms = tuple((_cpu_s(pid) - was) * 1e3 / sent for pid, was in zip(pids, cpu, strict=True))
+        spent = [cpu_seconds(pid) - was for pid, was in zip(pids, cpu, strict=True)]
+        cpu_ms = tuple(s * 1e3 / sent for s in spent)
     assert answered + len(failed) == sent
     print(
         f"  {addr[-8:]} c={concurrency}: {per_s:.0f} jobs/s, {len(failed)} failed", file=sys.stderr
@@ -193,12 +191,6 @@ async def measure_jobs(
         tuple(failed),
         cpu_ms,
     )
-
-
-def _cpu_s(pid: int) -> float:
-    """Process `pid`'s CPU time so far, user and system, in s."""
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
 
 
 @dataclass(frozen=True)
@@ -383,11 +375,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path, metavar="DIR", help=PLOT_HELP)
     args = parser.parse_args(argv)
     plots = plot_dir(args.plot)
-    data = np.load(bundled_models_dir() / "heldout" / HELDOUT[args.model.split("-")[0]])
-    row = data["x"][:1]
+    heldout = heldout_rows(args.model)
+    row = heldout[:1]
     # The largest batch whose request fits the default limit, with room for its header.
     rows = (BULK_BYTES - 4096) // row.nbytes
-    batch = np.ascontiguousarray(np.resize(data["x"], (rows, row.shape[1])).astype(row.dtype))
+    batch = np.ascontiguousarray(np.resize(heldout, (rows, row.shape[1])).astype(row.dtype))
     other = "cancer-logreg" if args.model.startswith("digits") else "digits-logreg"
 
     direct = measure_direct(args.model, row, args.jobs)

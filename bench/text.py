@@ -75,10 +75,10 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import psutil
 import trio
 from tokenizers import Tokenizer
 
+from bench._common import cpu_seconds
 from p2p_node import Client, JobError, NodeConfig, open_node
 from p2p_node._decoder import TextGenerator
 from p2p_node._process import tune_process
@@ -310,7 +310,7 @@ async def _steady(
     keeps in flight) meanwhile."""
     made = done = 0
     row = {"input": np.zeros((1, 64), np.float32)}
-    started, cpu = time.perf_counter(), _cpu_s(pid)
+    started, cpu = time.perf_counter(), cpu_seconds(pid)
     until = started + seconds
 
     async def generate() -> None:
@@ -330,14 +330,8 @@ async def _steady(
             for _ in range(jobs[1]):
                 nursery.start_soon(job, jobs[0])
     wall = time.perf_counter() - started
-    cores = (_cpu_s(pid) - cpu) / wall
+    cores = (cpu_seconds(pid) - cpu) / wall
     return Steady(n, made / wall, cores, done / wall if jobs is not None else None)
-
-
-def _cpu_s(pid: int) -> float:
-    """Process `pid`'s CPU time so far, user and system, in s."""
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
 
 
 def print_steady(args: argparse.Namespace, rows: list[Steady]) -> None:
