@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 import secrets
 import time
 from collections import deque
@@ -704,10 +703,7 @@ class _KeptBatch:
 
     def rows_of(self, batch: list[_Session]) -> list[int] | None:
         """The rows of `batch`'s sessions, in order, if all of them are here."""
-        kept = self.rows
-        if len(batch) == len(kept) and all(map(operator.is_, batch, kept)):
-            return list(range(len(kept)))  # the same batch: nearly every step
-        where = {id(s): row for row, s in enumerate(kept)}
+        where = {id(s): row for row, s in enumerate(self.rows)}
         rows = [where.get(id(s), -1) for s in batch]
         return None if -1 in rows else rows
 
